@@ -1,0 +1,178 @@
+"""Configuration models for every stage. YAML loading rejects unknown keys, naming key and file.
+
+Configs name options ("vae", "hinge", "resize"); the ``build_*`` functions map names to code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medvae.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- ingestion
+class SplitConfig(StrictModel):
+    """Patient-level split fractions; a patient's split depends only on its id and the seed."""
+
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 0
+
+    @field_validator("test")
+    @classmethod
+    def _sum_to_one(cls, v: float, info) -> float:
+        total = v + info.data.get("train", 0) + info.data.get("val", 0)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {total:g}")
+        return v
+
+
+class DiscoverConfig(StrictModel):
+    modality: Literal["auto", "ct", "microscopy", "mr"] = "auto"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+
+class PrepareConfig(StrictModel):
+    """How volumes become normalized 2D patches."""
+
+    patch_size: Literal[128, 256] = 128
+    mode: Literal["resize", "tile"] = "resize"
+    stride: int | None = None  # tile mode; default = patch_size (no overlap)
+    ct_window: tuple[float, float] = (-160.0, 240.0)  # HU; abdominal W400/L40. MAISI uses (-1000, 1000)
+    microscopy_percentiles: tuple[float, float] = (1.0, 99.8)  # per stack, as CSBDeep
+    foreground_threshold: float = 0.1  # drop patches whose foreground fraction is below this
+    ct_body_hu: float = -500.0  # HU above which a CT pixel is body (foreground)
+    slice_step: int = 1  # take every n-th slice along z
+    dtype: Literal["float16", "uint16"] = "float16"
+    workers: int = 1
+
+
+# --------------------------------------------------------------------------- models
+class ModelConfig(StrictModel):
+    """Constructor config of a model; stored with its weights in every checkpoint."""
+
+    name: Literal["vae", "vaegan", "monai-vae", "monai-kl"] = "vae"
+    in_channels: int = 1
+    image_size: Literal[64, 128, 256] = 128
+    latent_dim: int = 128
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    res_units: int = 1  # residual units per stage
+    norm_groups: int = 8
+    upsample: Literal["nearest", "pixelshuffle", "transpose"] = "nearest"
+    likelihood: Literal["gaussian", "bernoulli", "cbernoulli", "l1", "l2"] = "gaussian"
+    fixed_scale: float = 0.1  # sigma for l1/l2 (Laplace/Gaussian with fixed scale)
+    # VAE-GAN discriminator
+    disc_channels: int = 64
+    disc_layers: int = 3
+    spectral_norm: bool = False
+
+
+class TrainConfig(StrictModel):
+    batch_size: int = 64
+    lr: float = 2e-4
+    disc_lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    max_steps: int | None = None
+    epochs: int = 10
+    warmup_steps: int = 100  # linear LR warm-up, then cosine decay
+    beta: float = 1.0  # KL weight after warm-up
+    beta_warmup_steps: int = 1000  # KL annealing from 0 to beta
+    free_bits: float = 0.0  # nats per latent dimension; 0 disables
+    grad_clip: float = 1.0
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    ema_decay: float = 0.0  # 0 disables EMA weights
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    max_bad_steps: int = 20  # non-finite steps tolerated before stopping
+    # VAE-GAN
+    gan_loss: Literal["hinge", "lsgan"] = "hinge"
+    adv_weight: float = 0.5  # multiplies the adaptive weight
+    feature_matching_weight: float = 1.0
+    disc_start: int = 500  # discriminator warm-up: adversarial terms start here
+    r1_gamma: float = 0.0  # 0 disables R1 penalty
+    val_batches: int = 8  # validation batches per epoch
+
+
+class TrainStageConfig(StrictModel):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- evaluation / generation
+class EvaluateConfig(StrictModel):
+    split: str = "test"
+    iwae_k: int = 64
+    mmd_samples: int = 1000  # model samples per modality for cohort MMD
+    mmd_permutations: int = 200
+    batch_size: int = 128
+    worst_patches: int = 4
+
+
+class GenerateConfig(StrictModel):
+    n: int = 100
+    seed: int = 0
+    format: Literal["nifti", "tiff", "png", "npy"] = "nifti"
+    batch_size: int = 64
+    temperature: float = 1.0
+    checkpoint: str = "best"
+    audit_percentile: float = 1.0  # flag samples closer than this percentile of real-real NN distances
+    drop_flagged: bool = False
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'; remove it or fix its spelling"
+    return f"{source}: bad value for '{key}': {first['msg']}"
+
+
+def parse_config(data: dict | None, model: type[T], source: str = "config") -> T:
+    """Validate a dict against ``model``; raise ConfigError naming the key and ``source``."""
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping; a missing or malformed file raises ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; check the path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def load_config(path: str | os.PathLike | None, model: type[T]) -> T:
+    """Load ``model`` from a YAML file (defaults when ``path`` is None)."""
+    if path is None:
+        return model()
+    return parse_config(load_yaml(path), model, str(path))

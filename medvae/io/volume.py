@@ -1,0 +1,43 @@
+"""The in-memory volume every reader returns (contract in ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Volume:
+    """A scan in memory.
+
+    Attributes:
+        array: float32 ``(Z, Y, X)``, or ``(C, Z, Y, X)`` when the stack has channels. CT in HU.
+        spacing: ``(z, y, x)`` voxel size, mm for CT/MR, µm for microscopy.
+        patient_id: the study's id (folder or file stem), never a DICOM PatientName.
+        modality: ``ct`` | ``mr`` | ``microscopy``.
+        source: the file or directory read.
+        orientation: axis codes of the array's (Z, Y, X) axes, e.g. ``"SPL"``/``"RAS"``-style
+            codes for CT/MR or ``"ZYX"`` for microscopy.
+        affine: 4x4 voxel-index (x, y, z order as in NIfTI) to world (mm) matrix, when known.
+        series_uid: DICOM SeriesInstanceUID, or "".
+        warnings: problems that did not stop the read (gaps, skipped files, ...).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    patient_id: str
+    modality: str
+    source: str
+    orientation: str = ""
+    affine: np.ndarray | None = None
+    series_uid: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def has_channels(self) -> bool:
+        return self.array.ndim == 4
+
+    @property
+    def n_slices(self) -> int:
+        return self.array.shape[-3]

@@ -1,0 +1,40 @@
+import pytest
+
+from medvae.config import PrepareConfig, SplitConfig, TrainStageConfig, load_config
+from medvae.errors import ConfigError
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("model:\n  latent_dmi: 64\n")
+    with pytest.raises(ConfigError, match=r"train\.yaml: unknown key 'model\.latent_dmi'"):
+        load_config(path, TrainStageConfig)
+
+
+def test_bad_value_names_key(tmp_path):
+    path = tmp_path / "prep.yaml"
+    path.write_text("patch_size: 100\n")
+    with pytest.raises(ConfigError, match="bad value for 'patch_size'"):
+        load_config(path, PrepareConfig)
+
+
+def test_valid_yaml_overrides_defaults(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("model:\n  name: vaegan\n  latent_dim: 64\ntrain:\n  batch_size: 8\n")
+    cfg = load_config(path, TrainStageConfig)
+    assert (cfg.model.name, cfg.model.latent_dim, cfg.train.batch_size) == ("vaegan", 64, 8)
+    assert cfg.train.lr == TrainStageConfig().train.lr
+
+
+def test_split_fractions_must_sum_to_one():
+    with pytest.raises(ValueError):
+        SplitConfig(train=0.5, val=0.2, test=0.2)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml", PrepareConfig)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, PrepareConfig)
