@@ -41,3 +41,24 @@ class Volume:
     @property
     def n_slices(self) -> int:
         return self.array.shape[-3]
+
+
+@dataclass
+class VolumeInfo:
+    """What a header-only look at a scan tells (for discovery: fast, no pixel decoding).
+
+    Attributes:
+        shape: ``(Z, Y, X)`` of the volume the full read would return (channels excluded).
+        spacing: ``(z, y, x)`` in mm (CT/MR) or µm (microscopy).
+        n_channels: 1 unless the stack has channels.
+        modality: ``ct`` | ``mr`` | ``microscopy``.
+        series_uid: DICOM SeriesInstanceUID, or "".
+        warnings: problems that would not stop the full read.
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    n_channels: int = 1
+    modality: str = ""
+    series_uid: str = ""
+    warnings: list[str] = field(default_factory=list)
