@@ -176,3 +176,22 @@ def load_config(path: str | os.PathLike | None, model: type[T]) -> T:
     if path is None:
         return model()
     return parse_config(load_yaml(path), model, str(path))
+
+
+# --------------------------------------------------------------------------- pipelines
+class PipelineGenerateConfig(GenerateConfig):
+    model: str = ""  # which of `models` to sample from; default: the last one listed
+    mix_ratio: float | None = None  # also write an augmented store with this synthetic:real ratio
+
+
+class PipelineConfig(StrictModel):
+    """A whole `medvae run` pipeline: one store, several models, one evaluation and generation."""
+
+    labels: str | None = None  # label directory, relative to --scans (found automatically if None)
+    reference: str | None = None  # reference manifest (e.g. data_manifests/tcia_pancreas_ct.csv)
+    device: str = "auto"  # auto | cpu | cuda
+    discover: DiscoverConfig = Field(default_factory=DiscoverConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    models: dict[str, TrainStageConfig] = Field(default_factory=lambda: {"vae": TrainStageConfig()})
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    generate: PipelineGenerateConfig = Field(default_factory=PipelineGenerateConfig)

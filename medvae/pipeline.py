@@ -1,0 +1,190 @@
+"""`medvae run`: discover -> prepare -> train (each model) -> evaluate -> generate.
+
+Every stage is recorded in ``RUN/state.json`` with a key: the hash of its inputs and config.
+Re-running skips stages whose key is unchanged, re-runs those whose inputs changed, and resumes
+an interrupted training stage from its last checkpoint.
+
+Layout of RUN: ``manifest.csv``, ``store/``, ``models/<name>/``, ``report/``, ``synthetic/``,
+``state.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from medvae.config import PipelineConfig, load_yaml, parse_config
+from medvae.errors import ConfigError, InputError
+from medvae.files import sha256_file, sha256_json, write_json
+
+log = logging.getLogger(__name__)
+
+REPO_PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
+    """Read and validate a pipeline YAML (unknown keys and bad values name key and file)."""
+    config = parse_config(load_yaml(path), PipelineConfig, str(path))
+    if not config.models:
+        raise ConfigError(f"{path}: 'models' is empty; name at least one model to train")
+    if config.generate.model and config.generate.model not in config.models:
+        raise ConfigError(
+            f"{path}: generate.model '{config.generate.model}' is not one of models: {', '.join(config.models)}"
+        )
+    return config
+
+
+def _beside(pipeline: str | os.PathLike, path: str) -> Path:
+    """A path from a pipeline YAML: as given if it exists, else relative to the YAML's folder."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else Path(pipeline).resolve().parent / p
+
+
+def _tree_fingerprint(root: Path) -> str:
+    """Hash of every file's relative path, size and mtime under ``root`` (no pixel reads)."""
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            st = os.stat(os.path.join(dirpath, name))
+            entries.append((os.path.relpath(os.path.join(dirpath, name), root), st.st_size, st.st_mtime_ns))
+    return sha256_json(entries)
+
+
+class StageRunner:
+    """Runs stages once per key and records them in state.json (written atomically)."""
+
+    def __init__(self, out: Path):
+        self.path = out / "state.json"
+        self.state: dict = {}
+        if self.path.exists():
+            import json
+
+            self.state = json.loads(self.path.read_text())
+
+    def _save(self) -> None:
+        write_json(self.path, self.state)
+
+    def previous(self, name: str) -> dict:
+        return self.state.get(name, {})
+
+    def run(self, name: str, key: str, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` unless stage ``name`` already finished with ``key``; return True if it ran."""
+        prev = self.previous(name)
+        if prev.get("key") == key and prev.get("status") == "done":
+            log.info("stage %s: up to date, skipped", name)
+            return False
+        log.info("stage %s: running", name)
+        started = time.time()
+        self.state[name] = {"key": key, "status": "running", "started": started}
+        self._save()
+        fn()
+        self.state[name].update(status="done", seconds=round(time.time() - started, 2))
+        self._save()
+        return True
+
+
+def _train_stage(runner: StageRunner, name: str, key: str, store: Path, run_dir: Path, cfg, device: str) -> None:
+    from medvae.engine.trainer import train
+
+    prev = runner.previous(f"train:{name}")
+    interrupted = prev.get("key") == key and prev.get("status") == "running"
+    resume = interrupted and (run_dir / "checkpoints" / "last.pt").exists()
+    if not resume and run_dir.exists() and prev.get("key") != key:
+        shutil.rmtree(run_dir)  # inputs changed: the old run belongs to other data or config
+    if resume:
+        log.info("stage train:%s: resuming the interrupted run from its last checkpoint", name)
+    runner.run(f"train:{name}", key, lambda: train(store, run_dir, cfg, device=device, resume=resume))
+
+
+def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str | os.PathLike) -> dict:
+    """Run every stage of ``pipeline`` on the scan directory ``scans`` into ``out``.
+
+    Returns:
+        The state dict (also in ``out/state.json``) with a ``paths`` entry naming the outputs.
+    """
+    from medvae.data.manifest import write_manifest
+    from medvae.data.store import prepare
+    from medvae.evaluate import evaluate
+    from medvae.generate import generate
+    from medvae.io.discover import discover
+
+    config = load_pipeline(pipeline)
+    scans, out = Path(scans), Path(out)
+    if not scans.is_dir():
+        raise InputError(f"{scans}: scan directory not found; pass the folder that holds the scans to --scans")
+    out.mkdir(parents=True, exist_ok=True)
+    runner = StageRunner(out)
+    labels = scans / config.labels if config.labels else None
+    reference = _beside(pipeline, config.reference) if config.reference else None
+    manifest, store_dir = out / "manifest.csv", out / "store"
+    model_dirs = {name: out / "models" / name for name in config.models}
+
+    discover_key = sha256_json([config.discover.model_dump(mode="json"), config.labels, config.reference,
+                                _tree_fingerprint(scans)])
+
+    def do_discover() -> None:
+        rows = discover(scans, labels=labels, modality=config.discover.modality, reference=reference,
+                        config=config.discover)
+        write_manifest(rows, manifest)
+
+    runner.run("discover", discover_key, do_discover)
+
+    prepare_key = sha256_json([sha256_file(manifest), config.prepare.model_dump(mode="json")])
+    runner.run("prepare", prepare_key, lambda: prepare(manifest, store_dir, config.prepare))
+    store_hash = prepare_key
+
+    for name, cfg in config.models.items():
+        key = sha256_json([store_hash, cfg.model_dump(mode="json")])
+        _train_stage(runner, name, key, store_dir, model_dirs[name], cfg, config.device)
+
+    def best(name: str) -> Path:
+        return model_dirs[name] / "checkpoints" / "best.pt"
+
+    report_dir = out / "report"
+    names = list(config.models)
+    evaluate_key = sha256_json([[sha256_file(best(n)) for n in names], config.evaluate.model_dump(mode="json")])
+    runner.run("evaluate", evaluate_key, lambda: evaluate(
+        model_dirs[names[0]], store_dir, report_dir, config.evaluate,
+        compare=[model_dirs[n] for n in names[1:]], device=config.device))
+
+    gen = config.generate
+    gen_model = gen.model or names[-1]
+    gen_cfg_dict = gen.model_dump(mode="json", exclude={"model", "mix_ratio"})
+    gen_key = sha256_json([sha256_file(best(gen_model)), gen_cfg_dict, gen.mix_ratio])
+    synthetic_dir = out / "synthetic"
+    from medvae.config import GenerateConfig
+
+    runner.run("generate", gen_key, lambda: generate(
+        model_dirs[gen_model], synthetic_dir, GenerateConfig(**gen_cfg_dict), device=config.device,
+        mix_with=store_dir if gen.mix_ratio else None, ratio=gen.mix_ratio or 1.0))
+
+    runner.state["paths"] = {
+        "manifest": str(manifest), "store": str(store_dir), "models": {n: str(p) for n, p in model_dirs.items()},
+        "report": str(report_dir / "report.html"), "synthetic": str(synthetic_dir),
+    }
+    runner._save()
+    return runner.state
+
+
+def demo(out: str | os.PathLike = "demo_out", pipeline: str | os.PathLike | None = None) -> dict:
+    """Write the phantom cohort (CT + microscopy) into ``out/scans`` and run demo.yaml on it."""
+    from medvae.io.phantoms import write_phantom_cohort
+
+    out = Path(out)
+    pipeline = Path(pipeline) if pipeline else REPO_PIPELINES / "demo.yaml"
+    if not pipeline.is_file():
+        raise ConfigError(f"{pipeline}: demo pipeline not found; run `medvae demo` from a medvae checkout")
+    scans, done = out / "scans", out / "scans" / ".phantom-complete"
+    if not done.exists():  # the marker makes an interrupted phantom write start over
+        shutil.rmtree(scans, ignore_errors=True)
+        summary = write_phantom_cohort(scans, ct_patients=6, microscopy_stacks=4, seed=0)
+        write_json(done, summary)
+    state = run_pipeline(pipeline, scans, out / "run")
+    paths = state["paths"]
+    print(f"\nreport:    {paths['report']}\nsynthetic: {paths['synthetic']}\n")
+    return state
