@@ -34,31 +34,42 @@ __all__ = [
 # ----------------------------------------------------------------------------- reconstruction
 
 
-def _gaussian_1d(size: int, sigma: float, device, dtype) -> torch.Tensor:
-    # Sampled and normalised, as skimage's gaussian_filter (truncate 3.5 -> 11 taps at sigma 1.5)
-    # and MONAI's gaussian_1d(approx="sampled", normalize=True).
-    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+@lru_cache(maxsize=32)
+def _window_matrix(n: int, win: int, sigma: float, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """(n - win + 1, n) banded matrix whose rows are the shifted 1-D Gaussian window.
+
+    The window is sampled and normalised, as skimage's gaussian_filter (truncate 3.5 -> 11 taps at
+    sigma 1.5) and MONAI's gaussian_1d(approx="sampled", normalize=True).
+    """
+    r = torch.arange(win, dtype=torch.float64) - (win - 1) / 2
     g = torch.exp(-(r**2) / (2 * sigma**2))
-    return (g / g.sum()).to(device=device, dtype=dtype)
+    g = g / g.sum()
+    out = n - win + 1
+    m = torch.zeros(out, n, dtype=torch.float64)
+    idx = torch.arange(out)[:, None] + torch.arange(win)[None, :]
+    m.scatter_(1, idx, g.expand(out, win).contiguous())
+    return m.to(device=device, dtype=dtype)
 
 
 def _ssim_cs_maps(x: torch.Tensor, y: torch.Tensor, data_range: float, win: int, sigma: float,
                   k1: float, k2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """SSIM and contrast-structure maps over the valid region: ``(B, C, H-win+1, W-win+1)``."""
-    b, c, h, w = x.shape
-    g = _gaussian_1d(win, sigma, x.device, x.dtype)
-    # The five local moments for all channels go through one grouped conv per direction.
-    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5C, H, W)
-    groups = 5 * c
-    out = F.conv2d(stack, g.view(1, 1, 1, win).expand(groups, 1, 1, win), groups=groups)
-    out = F.conv2d(out, g.view(1, 1, win, 1).expand(groups, 1, win, 1), groups=groups)
-    mu_x, mu_y, e_xx, e_yy, e_xy = out.split(c, dim=1)
+    """SSIM and contrast-structure maps over the valid region: ``(B, C, H-win+1, W-win+1)``.
+
+    The separable Gaussian filter is applied as two dense matrix products with banded window
+    matrices (Gh @ img @ Gw^T): on CPU, BLAS beats depthwise / grouped convolutions by 4-5x
+    for 11-tap windows on 128-pixel images even though it multiplies zeros. Only four local
+    moments are filtered: var_x + var_y needs E[x^2 + y^2], never E[x^2] and E[y^2] apart.
+    """
+    h, w = x.shape[-2:]
+    gh = _window_matrix(h, win, sigma, str(x.device), x.dtype)
+    gw = gh if w == h else _window_matrix(w, win, sigma, str(x.device), x.dtype)
+    stack = torch.stack([x, y, x * x + y * y, x * y])  # (4, B, C, H, W)
+    mu_x, mu_y, e_sq, e_xy = gh @ stack @ gw.T
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     mu_xy = mu_x * mu_y
-    mu_x2, mu_y2 = mu_x * mu_x, mu_y * mu_y
-    var_x, var_y, cov = e_xx - mu_x2, e_yy - mu_y2, e_xy - mu_xy
-    cs = (2 * cov + c2) / (var_x + var_y + c2)
-    lum = (2 * mu_xy + c1) / (mu_x2 + mu_y2 + c1)
+    mu_sq = mu_x * mu_x + mu_y * mu_y
+    cs = (2 * (e_xy - mu_xy) + c2) / (e_sq - mu_sq + c2)
+    lum = (2 * mu_xy + c1) / (mu_sq + c1)
     return lum * cs, cs
 
 
@@ -80,8 +91,12 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: in
     """
     _check_pair(x, y)
     x, y = _as_float(x), _as_float(y)
-    s, _ = _ssim_cs_maps(x, y, data_range, win_size, sigma, k1, k2)
-    return s.flatten(1).mean(1)
+    if min(x.shape[-2:]) < win_size:
+        raise ValueError(f"ssim needs images of at least {win_size} pixels, got {tuple(x.shape[-2:])}")
+    # Chunks keep the (4, chunk, C, H, W) moment stack cache- and memory-friendly.
+    chunk = max(1, (1 << 22) // (x[0].numel()))
+    return torch.cat([_ssim_cs_maps(x[i:i + chunk], y[i:i + chunk], data_range, win_size, sigma, k1, k2)[0]
+                      .flatten(1).mean(1) for i in range(0, x.shape[0], chunk)])
 
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli & Bovik (2003)

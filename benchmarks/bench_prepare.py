@@ -1,0 +1,159 @@
+"""Throughput of `medvae prepare` against a bare pydicom read, and of the patch loader.
+
+On a phantom cohort of 512x512 DICOM series (default 3 patients x 150 slices, cached in
+bench_out/), measures in the same run:
+
+- bare read: ``pydicom.dcmread(f).pixel_array`` over every file of the series (the reference:
+  decoding is the floor for any DICOM ingestion);
+- ``prepare`` (resize mode, 128², labels carried) with --workers 1 and 2: slices/s and the ratio
+  prepare time / bare read time (goal <= 1.5);
+- loader: ``PatchBatches`` random batches of 256 patches of 128² (float16 memmap -> float32
+  tensors) from a tile-mode store of the same cohort, against the same gathers from an in-memory
+  numpy array (the reference); goal >= 20,000 patches/s.
+
+Prints a table and writes bench_out/bench_prepare.json. ``--quick``: 2 patients x 40 slices.
+Run: ``.venv/bin/python benchmarks/bench_prepare.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cohort(out: Path, patients: int, slices: int) -> dict:
+    from medvae.io.phantoms import write_phantom_cohort
+
+    d = out / f"phantom_{patients}x{slices}"
+    summary_path = d / "summary.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text())
+    t = time.perf_counter()
+    s = write_phantom_cohort(d, ct_patients=patients, microscopy_stacks=0, seed=0, ct_size=512, ct_slices=slices)
+    summary_path.write_text(json.dumps(s))
+    print(f"wrote phantom cohort {d} in {time.perf_counter() - t:.1f} s")
+    return s
+
+
+def dicom_files(series: list[str]) -> list[Path]:
+    return [f for s in series for f in sorted(Path(s).iterdir()) if f.suffix == ".dcm"]
+
+
+def bare_read(files: list[Path]) -> float:
+    import pydicom
+
+    t = time.perf_counter()
+    for f in files:
+        pydicom.dcmread(f).pixel_array  # noqa: B018 -- decoding is the point
+    return time.perf_counter() - t
+
+
+def time_prepare(manifest: Path, out: Path, workers: int, mode: str = "resize") -> tuple[float, object]:
+    from medvae.config import PrepareConfig
+    from medvae.data.store import prepare
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = PrepareConfig(patch_size=128, mode=mode, workers=workers)
+    t = time.perf_counter()
+    store = prepare(manifest, out, cfg)
+    return time.perf_counter() - t, store
+
+
+def loader_rate(store, batch: int, min_seconds: float) -> tuple[float, float, int]:
+    """(PatchBatches patches/s, in-memory reference patches/s, patches read)."""
+    import torch
+
+    from medvae.data.loader import PatchBatches
+
+    pb = PatchBatches(store, None, batch, seed=0)
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < min_seconds:
+        for x in pb:
+            n += x.shape[0]
+    ours = n / (time.perf_counter() - t)
+    mem = np.asarray(store.patches)  # reference: the whole store in RAM, same gathers
+    rng = np.random.default_rng(0)
+    m, t = 0, time.perf_counter()
+    while time.perf_counter() - t < min_seconds:
+        for rows in np.array_split(rng.permutation(len(mem)), max(1, len(mem) // batch)):
+            torch.from_numpy(mem[rows]).float()
+            m += len(rows)
+    return ours, m / (time.perf_counter() - t), n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 patients x 40 slices")
+    ap.add_argument("--patients", type=int, default=3)
+    ap.add_argument("--slices", type=int, default=150)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench_out")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is reported")
+    args = ap.parse_args()
+    if args.quick:
+        args.patients, args.slices, args.repeats = 2, 40, 1
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from medvae.data.manifest import ManifestRow, write_manifest
+
+    s = cohort(args.out, args.patients, args.slices)
+    series = [c["series"] for c in s["ct"]]
+    rows = [ManifestRow(c["patient_id"], "ct", "dicom", c["series"], c["label"], split="train") for c in s["ct"]]
+    manifest = write_manifest(rows, args.out / f"bench_manifest_{args.patients}x{args.slices}.csv")
+    files = dicom_files(series)
+    n_slices = len(files)
+    for f in files:  # warm the page cache so both sides decode from memory
+        f.read_bytes()
+
+    results = {"machine": platform.node(), "cpus": os.cpu_count(), "patients": args.patients,
+               "slices": n_slices, "matrix": 512}
+    bare = min(bare_read(files) for _ in range(args.repeats))
+    results["bare_read_s"] = bare
+    results["bare_read_slices_per_s"] = n_slices / bare
+    time_prepare(manifest, args.out / "bench_store_warmup", 1)  # imports, reader construction
+    for workers in (1, 2):
+        dt = min(time_prepare(manifest, args.out / f"bench_store_w{workers}", workers)[0]
+                 for _ in range(args.repeats))
+        results[f"prepare_w{workers}_s"] = dt
+        results[f"prepare_w{workers}_slices_per_s"] = n_slices / dt
+        results[f"prepare_w{workers}_ratio_to_bare"] = dt / bare
+    dt_tile, tile_store = time_prepare(manifest, args.out / "bench_store_tile", 2, mode="tile")
+    results["tile_store_patches"] = len(tile_store)
+    ours, ref, n = loader_rate(tile_store, 256, 1.0 if args.quick else 3.0)
+    results.update(loader_patches_per_s=ours, loader_reference_in_memory_patches_per_s=ref,
+                   loader_ratio_to_in_memory=ours / ref, loader_goal_patches_per_s=20000)
+    shutil.rmtree(args.out / "bench_store_warmup", ignore_errors=True)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"prepare / loader throughput ({args.patients} x {args.slices} slices of 512², "
+                    f"{os.cpu_count()} CPUs)")
+    for col in ("what", "time s", "rate", "ratio", "goal"):
+        t.add_column(col)
+    t.add_row("bare pydicom dcmread().pixel_array", f"{bare:.2f}", f"{n_slices / bare:.0f} slices/s", "1.00", "")
+    for w in (1, 2):
+        t.add_row(f"medvae prepare --workers {w} (resize 128)", f"{results[f'prepare_w{w}_s']:.2f}",
+                  f"{results[f'prepare_w{w}_slices_per_s']:.0f} slices/s",
+                  f"{results[f'prepare_w{w}_ratio_to_bare']:.2f}", "<= 1.5")
+    t.add_row("in-memory numpy gather (reference)", "", f"{ref:,.0f} patches/s", "1.00", "")
+    t.add_row(f"PatchBatches 256 x 128² ({len(tile_store)} patch store)", "", f"{ours:,.0f} patches/s",
+              f"{ours / ref:.2f}", ">= 20,000/s")
+    Console().print(t)
+    out = args.out / ("bench_prepare_quick.json" if args.quick else "bench_prepare.json")
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""The on-disk patch store: memory-mapped ``patches.npy`` + ``index.csv`` + ``store.json`` (last).
+
+Layout of a store directory (contract in ARCHITECTURE.md / CONTRACTS.md)::
+
+    patches.npy   (N, C, H, W) in [0, 1], float16 or uint16 (x * 65535), memory-mapped
+    labels.npy    (N, 1, H, W) uint8, only when at least one volume has a label map
+    index.csv     patient_id, modality, split, slice_index, y, x, foreground_fraction, source
+    store.json    format_version, config, content_hash, n_patches, patch_size, channels, dtype,
+                  normalization {modality: {low, high, unit}}, spacing {modality: [sy, sx]},
+                  volumes [per-volume constants], created, problems
+
+A store is complete only when ``store.json`` exists: it is written last (atomically), and removed
+first when a store is rebuilt, so a crash mid-write leaves a store that ``open_store`` refuses.
+Building a store (``prepare``, ``merge_stores``) lives in ``medvae.data.prepare`` and is
+re-exported here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from medvae.errors import StoreError
+from medvae.files import atomic_open, write_json
+
+FORMAT_VERSION = 1
+INDEX_COLUMNS = ("patient_id", "modality", "split", "slice_index", "y", "x", "foreground_fraction", "source")
+_INT_COLUMNS = ("slice_index", "y", "x")
+_FLOAT_COLUMNS = ("foreground_fraction",)
+UINT16_SCALE = 65535.0
+
+
+class PatchStore:
+    """A complete patch store opened read-only; arrays stay on disk (memory-mapped).
+
+    Attributes:
+        path: the store directory.
+        patches: memmap ``(N, C, H, W)``, float16 in [0, 1] or uint16 (``x * 65535``).
+        labels: memmap ``(N, 1, H, W)`` uint8, or None.
+        index: column name -> ``(N,)`` array (str columns as object arrays).
+        meta: the ``store.json`` dict.
+        content_hash: hash of the inputs and config that built the store.
+    """
+
+    def __init__(self, path: Path, patches: np.ndarray, labels: np.ndarray | None, index: dict, meta: dict):
+        self.path = Path(path)
+        self.patches = patches
+        self.labels = labels
+        self.index = index
+        self.meta = meta
+        self.content_hash: str = meta["content_hash"]
+
+    def __len__(self) -> int:
+        return int(self.patches.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"PatchStore({str(self.path)!r}, n={len(self)}, shape={tuple(self.patches.shape[1:])}, "
+                f"dtype={self.patches.dtype}, modalities={self.modalities})")
+
+    @property
+    def scale(self) -> float:
+        """Divide stored values by this to get [0, 1] (65535 for uint16, 1 for float16)."""
+        return UINT16_SCALE if self.patches.dtype == np.uint16 else 1.0
+
+    def to_unit(self, raw: np.ndarray) -> np.ndarray:
+        """Stored values (any shape) -> float32 in [0, 1]."""
+        out = raw.astype(np.float32)
+        if self.scale != 1.0:
+            out *= np.float32(1.0 / self.scale)
+        return out
+
+    def get(self, idx) -> np.ndarray:
+        """Patches at ``idx`` (int, slice or index array) as float32 in [0, 1].
+
+        An index array is read in sorted order (sequential disk access) and returned in the
+        order given.
+        """
+        if isinstance(idx, (list, np.ndarray)):
+            idx = np.asarray(idx, dtype=np.int64)
+            order = np.argsort(idx, kind="stable")
+            raw = self.patches[idx[order]]
+            out = np.empty_like(raw)
+            out[order] = raw
+            return self.to_unit(out)
+        return self.to_unit(np.asarray(self.patches[idx]))
+
+    def select(self, split: str | None = None, modality: str | None = None) -> np.ndarray:
+        """Row indices (int64, ascending) of patches in ``split`` and/or ``modality`` (None = all)."""
+        mask = np.ones(len(self), dtype=bool)
+        if split is not None:
+            mask &= self.index["split"] == split
+        if modality is not None:
+            mask &= self.index["modality"] == modality
+        return np.flatnonzero(mask).astype(np.int64)
+
+    @property
+    def modalities(self) -> list[str]:
+        return sorted(set(self.index["modality"].tolist()))
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(set(self.index["split"].tolist()))
+
+    def patients(self, split: str | None = None) -> list[str]:
+        """Patient ids with at least one patch (in ``split``), sorted."""
+        ids = self.index["patient_id"] if split is None else self.index["patient_id"][self.index["split"] == split]
+        return sorted(set(ids.tolist()))
+
+    def normalization(self, modality: str, patient_id: str | None = None) -> dict:
+        """``{"low", "high", "unit"}`` mapping [0, 1] back to physical units.
+
+        Per modality (CT: the HU window; microscopy: the median of the stacks' percentiles); with
+        ``patient_id``, that volume's own constants (microscopy stacks are normalized one by one).
+        """
+        if patient_id is not None:
+            for vol in self.meta.get("volumes", []):
+                if vol["patient_id"] == patient_id and vol["modality"] == modality:
+                    return {"low": vol["low"], "high": vol["high"], "unit": vol["unit"]}
+            raise KeyError(f"{self.path}: no volume of patient {patient_id!r} ({modality}) in this store")
+        try:
+            return self.meta["normalization"][modality]
+        except KeyError:
+            raise KeyError(f"{self.path}: no normalization for modality {modality!r}; "
+                           f"store has {sorted(self.meta.get('normalization', {}))}") from None
+
+    def to_physical(self, x01: np.ndarray, modality: str, patient_id: str | None = None) -> np.ndarray:
+        """Map values in [0, 1] back to physical units: ``low + x * (high - low)`` (HU for CT).
+
+        Args:
+            x01: array of any shape in [0, 1] (e.g. ``(B, C, H, W)`` model output).
+            modality: ``ct`` | ``microscopy`` | ``mr``.
+            patient_id: use this volume's own constants instead of the modality's.
+        Returns: float32 array of the same shape.
+        """
+        norm = self.normalization(modality, patient_id)
+        lo, hi = float(norm["low"]), float(norm["high"])
+        return (lo + np.asarray(x01, dtype=np.float64) * (hi - lo)).astype(np.float32)
+
+    def spacing(self, modality: str) -> tuple[float, float]:
+        """In-plane ``(sy, sx)`` size of a patch pixel (mm or µm) after any resize."""
+        return tuple(self.meta["spacing"][modality])
+
+
+# --------------------------------------------------------------------------- reading
+def read_index(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """index.csv -> column name -> array (ints, floats, or object arrays of str)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or tuple(header[: len(INDEX_COLUMNS)]) != INDEX_COLUMNS:
+            raise StoreError(f"{path}: index.csv header is {header}, expected {list(INDEX_COLUMNS)}; "
+                             "re-run `medvae prepare`")
+        rows = list(reader)
+    cols = list(zip(*rows)) if rows else [()] * len(header)
+    index: dict[str, np.ndarray] = {}
+    for name, values in zip(header, cols):
+        if name in _INT_COLUMNS:
+            index[name] = np.asarray(values, dtype=np.int64)
+        elif name in _FLOAT_COLUMNS:
+            index[name] = np.asarray(values, dtype=np.float32)
+        else:
+            index[name] = np.asarray(values, dtype=object)
+    return index
+
+
+def open_store(path: str | os.PathLike) -> PatchStore:
+    """Open a complete store read-only (arrays memory-mapped).
+
+    Raises:
+        StoreError: the directory is missing, ``store.json`` is missing (an incomplete store:
+            ``prepare`` was interrupted), a file is missing, or sizes / version disagree.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise StoreError(f"{path}: no patch store here; create one with `medvae prepare manifest.csv --out {path}`")
+    meta_path = path / "store.json"
+    if not meta_path.is_file():
+        raise StoreError(f"{path}: incomplete patch store (store.json missing: `medvae prepare` was interrupted "
+                         "or is still running); re-run `medvae prepare`")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreError(f"{meta_path}: unreadable ({err}); re-run `medvae prepare`") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{meta_path}: store format version {meta.get('format_version')}, this medvae reads "
+                         f"{FORMAT_VERSION}; re-run `medvae prepare`")
+    for name in ("patches.npy", "index.csv"):
+        if not (path / name).is_file():
+            raise StoreError(f"{path / name}: missing from the store; re-run `medvae prepare`")
+    try:
+        patches = np.load(path / "patches.npy", mmap_mode="r")
+        labels = np.load(path / "labels.npy", mmap_mode="r") if (path / "labels.npy").is_file() else None
+    except (ValueError, OSError) as err:
+        raise StoreError(f"{path}: patches.npy/labels.npy unreadable ({err}); re-run `medvae prepare`") from None
+    index = read_index(path / "index.csv")
+    n = int(meta.get("n_patches", -1))
+    sizes = {"patches.npy": patches.shape[0], "index.csv": len(index["patient_id"])}
+    if labels is not None:
+        sizes["labels.npy"] = labels.shape[0]
+    if any(s != n for s in sizes.values()):
+        raise StoreError(f"{path}: store.json says {n} patches but {sizes}; re-run `medvae prepare`")
+    return PatchStore(path, patches, labels, index, meta)
+
+
+# --------------------------------------------------------------------------- writing
+def write_index(path: str | os.PathLike, index: dict[str, np.ndarray | list]) -> None:
+    """Atomically write index.csv with the contract's columns (plus any extra ones after them)."""
+    names = list(INDEX_COLUMNS) + [k for k in index if k not in INDEX_COLUMNS]
+    n = len(index["patient_id"])
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(names)
+        cols = [index[k] for k in names]
+        for i in range(n):
+            w.writerow([_fmt(c[i]) for c in cols])
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.6g}"
+    return str(v)
+
+
+def write_store(path: str | os.PathLike, patches: np.ndarray, index: dict, meta: dict,
+                labels: np.ndarray | None = None) -> PatchStore:
+    """Write a small store from in-memory arrays (tests, synthetic/augmented stores).
+
+    Args:
+        patches: ``(N, C, H, W)`` float in [0, 1]; stored as ``meta["dtype"]`` (default float16).
+        index: the INDEX_COLUMNS as sequences of length N.
+        meta: store.json keys; ``format_version``, ``n_patches``, ``patch_size``, ``channels``,
+            ``dtype`` and ``created`` are filled in; ``normalization`` and ``spacing`` per modality
+            and ``content_hash`` should be given (defaults: identity / 1.0 / hash of the arrays).
+        labels: ``(N, 1, H, W)`` uint8 or None.
+    """
+    import hashlib
+    import time
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "store.json").unlink(missing_ok=True)  # incomplete until written again, last
+    dtype = meta.get("dtype", "float16")
+    stored = to_stored(np.asarray(patches), dtype)
+    with atomic_path_npy(path / "patches.npy") as tmp:
+        np.save(tmp, stored)
+    if labels is not None:
+        with atomic_path_npy(path / "labels.npy") as tmp:
+            np.save(tmp, np.asarray(labels, dtype=np.uint8))
+    else:
+        (path / "labels.npy").unlink(missing_ok=True)
+    write_index(path / "index.csv", index)
+    modalities = sorted(set(map(str, index["modality"])))
+    full = {
+        "format_version": FORMAT_VERSION,
+        "config": {},
+        "content_hash": hashlib.sha256(stored.tobytes()).hexdigest(),
+        "normalization": {m: {"low": 0.0, "high": 1.0, "unit": "counts"} for m in modalities},
+        "spacing": {m: [1.0, 1.0] for m in modalities},
+        "volumes": [],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **meta,
+        "n_patches": int(stored.shape[0]),
+        "patch_size": int(stored.shape[-1]),
+        "channels": int(stored.shape[1]),
+        "dtype": dtype,
+    }
+    write_json(path / "store.json", full)
+    return open_store(path)
+
+
+def to_stored(x01: np.ndarray, dtype: str) -> np.ndarray:
+    """Values in [0, 1] -> the store's dtype (float16, or uint16 scaled by 65535 and rounded)."""
+    if dtype == "uint16":
+        return np.rint(np.clip(x01, 0.0, 1.0) * UINT16_SCALE).astype(np.uint16)
+    if dtype == "float16":
+        return np.asarray(x01, dtype=np.float16)
+    raise ValueError(f"unknown store dtype {dtype!r}")
+
+
+def atomic_path_npy(path: Path):
+    """Like medvae.files.atomic_path, for np.save (keeps the .npy suffix on the temp name)."""
+    from medvae.files import atomic_path
+
+    return atomic_path(path)
+
+
+def __getattr__(name: str):
+    # prepare/merge live in medvae.data.prepare (they import the readers, MONAI and the process pool);
+    # re-exported lazily so that opening a store stays a light import.
+    if name in ("prepare", "merge_stores", "prepare_cli", "parse_shard", "content_hash"):
+        from medvae.data import prepare as _prepare
+
+        return getattr(_prepare, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

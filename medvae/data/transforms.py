@@ -1,0 +1,268 @@
+"""MONAI transform chains that load a scan and normalize it to [0, 1] per modality.
+
+``build_transforms(modality, config, with_label, fmt)`` returns a ``monai.transforms.Compose``
+applied to ``{"image": path, "label": label_path}``:
+
+1. ``LoadImaged("image", reader=...)``: ``DicomSeriesReader`` (DICOM directory),
+   ``TiffStackReader`` (TIFF) from ``medvae.io``, or ``VolumeReader`` (NIfTI, and the fallback),
+   a thin MONAI reader over ``medvae.io.load_volume``. ``LoadImaged("label", reader=VolumeReader())``
+   reads a label NIfTI through ``read_nifti``.
+2. ``EnsureChannelFirstd`` then, for CT/MR, ``Orientationd(axcodes="SPL")``. The medvae readers
+   return medvae's ``(Z, Y, X)`` arrays with the affine's columns permuted to match (not MONAI's
+   usual ``(x, y, z)``), so the CONTRACTS convention (z to Superior, y to Posterior, x to patient
+   Left) reads "SPL" in MONAI's terms. Reorienting image *and* label, each with its own affine,
+   keeps them aligned voxel for voxel even if a file was stored in another orientation.
+   ``StripMetad`` then leaves plain ``(C, Z, Y, X)`` tensors and records ``spacing`` (z, y, x).
+3. ``ForegroundMaskd``: boolean ``(Z, Y, X)`` foreground on the *raw* values (CT: HU above
+   ``ct_body_hu``; microscopy: above the stack's Otsu threshold), stored as ``data["foreground"]``.
+4. ``RecordNormalizationd``: ``data["normalization"] = {"low", "high", "unit"}``, the constants
+   mapping [0, 1] back to physical units (``physical = low + x * (high - low)``).
+5. CT/MR: ``ScaleIntensityRanged(a_min=lo, a_max=hi, b_min=0, b_max=1, clip=True)`` with the HU
+   window ``config.ct_window``; microscopy: ``ScaleIntensityRangePercentilesd(lower=p1, upper=p2,
+   b_min=0, b_max=1, clip=True, relative=False, channel_wise=False)``: one pair of percentiles over
+   the whole stack (all channels), as CSBDeep's ``normalize`` with its default ``axis=None``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import ImageReader
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+)
+from monai.transforms.utils_pytorch_numpy_unification import percentile
+
+from medvae.config import PrepareConfig
+
+UNITS = {"ct": "HU", "mr": "a.u.", "microscopy": "counts"}
+
+# LoadImage instantiates all of MONAI's readers; the optional nvImageCodec DICOM plugin then logs and
+# warns on every construction on machines without it. medvae decodes DICOM with pydicom itself.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+
+
+class VolumeReader(ImageReader):
+    """MONAI reader over ``medvae.io.load_volume`` (DICOM directory, NIfTI, TIFF); used for NIfTI.
+
+    Same layout as ``medvae.io``'s DicomSeriesReader/TiffStackReader: the array is medvae's
+    ``(Z, Y, X)`` (``(C, Z, Y, X)`` with channels) and the meta ``affine`` has its columns permuted
+    to match (column ``a`` = world step of array axis ``a``, RAS), so ``Orientationd`` and
+    ``MetaTensor.pixdim`` see the true geometry.
+    """
+
+    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+        from medvae.io import scan_format
+
+        try:
+            return all(scan_format(f) in ("dicom", "nifti", "tiff") for f in _as_list(filename))
+        except Exception:
+            return False
+
+    def read(self, data, **kwargs):
+        from medvae.io import load_volume
+
+        vols = [load_volume(f) for f in _as_list(data)]
+        return vols[0] if len(vols) == 1 else vols
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        vol = img[0] if isinstance(img, list) else img
+        arr = np.asarray(vol.array)
+        if vol.affine is not None:  # RAS affine of the (i, j, k) = (x, y, z) grid -> columns of (z, y, x)
+            affine = np.asarray(vol.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
+        else:
+            affine = np.diag([*map(float, vol.spacing), 1.0])
+        meta = {
+            "affine": affine, "original_affine": affine.copy(), "spatial_shape": np.asarray(arr.shape[-3:]),
+            "original_channel_dim": 0 if arr.ndim == 4 else "no_channel", "space": "RAS",
+            "spacing": np.asarray(vol.spacing, dtype=np.float64), "patient_id": vol.patient_id,
+            "modality": vol.modality, "orientation": vol.orientation,
+        }
+        return arr, meta
+
+
+def _as_list(filename) -> list:
+    if isinstance(filename, (list, tuple)):
+        return list(filename)
+    return [filename]
+
+
+def image_reader(fmt: str) -> ImageReader:
+    """The MONAI reader for a manifest ``format`` (dicom | nifti | tiff)."""
+    if fmt == "dicom":
+        try:
+            from medvae.io.dicom import DicomSeriesReader
+        except ImportError:  # readers not installed in this checkout yet: same result through load_volume
+            return VolumeReader()
+        return DicomSeriesReader()
+    if fmt == "tiff":
+        try:
+            from medvae.io.tiff import TiffStackReader
+        except ImportError:
+            return VolumeReader()
+        return TiffStackReader()
+    return VolumeReader()
+
+
+class StripMetad(MapTransform):
+    """MetaTensors -> plain ``(C, Z, Y, X)`` tensors; records ``data["spacing"]`` (z, y, x) of the image."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if key == self.keys[0]:
+                d["spacing"] = _spacing_zyx(getattr(img, "meta", {}))
+            d[key] = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
+        return d
+
+
+def _spacing_zyx(meta: dict) -> tuple[float, float, float]:
+    aff = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
+    zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))  # world step of each array axis (z, y, x)
+    return tuple(float(s) for s in zooms)
+
+
+class ForegroundMaskd(MapTransform):
+    """``data["foreground"]``: bool ``(Z, Y, X)`` from the raw image (any channel above threshold).
+
+    CT/MR: value > ``config.ct_body_hu`` (the body, not the air around it); microscopy: value >
+    ``skimage.filters.threshold_otsu`` of the whole stack.
+    """
+
+    def __init__(self, keys: KeysCollection, modality: str, config: PrepareConfig):
+        super().__init__(keys)
+        self.modality, self.config = modality, config
+
+    def __call__(self, data):
+        d = dict(data)
+        img = d[self.keys[0]]
+        d["foreground"] = foreground_mask(img, self.modality, self.config)
+        return d
+
+
+def foreground_mask(img: torch.Tensor | np.ndarray, modality: str, config: PrepareConfig) -> torch.Tensor:
+    """Bool ``(Z, Y, X)`` foreground of a raw ``(C, Z, Y, X)`` or ``(Z, Y, X)`` volume."""
+    t = torch.as_tensor(img)
+    if t.ndim == 3:
+        t = t[None]
+    if modality == "microscopy":
+        thr = otsu_threshold(t)
+    else:
+        thr = float(config.ct_body_hu)
+    return (t > thr).any(dim=0)
+
+
+def otsu_threshold(img: torch.Tensor | np.ndarray) -> float:
+    """Otsu threshold of the whole stack (skimage.filters.threshold_otsu); constant stack -> its value."""
+    from skimage.filters import threshold_otsu
+
+    arr = np.asarray(img.numpy() if isinstance(img, torch.Tensor) else img)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo == hi:
+        return hi  # nothing above it: an empty stack has no foreground
+    return float(threshold_otsu(arr))
+
+
+class RecordNormalizationd(MapTransform):
+    """``data["normalization"] = {"low", "high", "unit"}`` for the normalization that follows."""
+
+    def __init__(self, keys: KeysCollection, modality: str, config: PrepareConfig):
+        super().__init__(keys)
+        self.modality, self.config = modality, config
+
+    def __call__(self, data):
+        d = dict(data)
+        d["normalization"] = normalization_constants(d[self.keys[0]], self.modality, self.config)
+        return d
+
+
+def normalization_constants(img, modality: str, config: PrepareConfig) -> dict:
+    """Constants mapping normalized [0, 1] values back to physical units.
+
+    Args:
+        img: the raw volume (HU for CT; counts for microscopy). Ignored for CT/MR.
+    Returns:
+        ``{"low", "high", "unit"}``: CT/MR the window ``config.ct_window`` in HU; microscopy the
+        stack's ``config.microscopy_percentiles`` (computed as ScaleIntensityRangePercentiles does).
+    """
+    if modality == "microscopy":
+        p_lo, p_hi = config.microscopy_percentiles
+        low, high = float(percentile(img, p_lo)), float(percentile(img, p_hi))
+    else:
+        low, high = (float(v) for v in config.ct_window)
+    return {"low": low, "high": high, "unit": UNITS.get(modality, "a.u.")}
+
+
+class LabelToUint8d(MapTransform):
+    """Label maps as uint8 ``(1, Z, Y, X)`` (class values kept; NaN/negative -> 0)."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            t = torch.nan_to_num(torch.as_tensor(d[key]).float(), nan=0.0).round().clamp(0, 255)
+            d[key] = t.to(torch.uint8)
+        return d
+
+
+def load_transforms(modality: str, with_label: bool = False, fmt: str | None = None) -> list:
+    """LoadImaged (+ label) -> channel first -> S,P,L axes (CT/MR) -> ``(C, z, y, x)`` tensors + ``spacing``."""
+    fmt = fmt or ("tiff" if modality == "microscopy" else "dicom")
+    keys = ["image", "label"] if with_label else ["image"]
+    chain = [LoadImaged("image", reader=image_reader(fmt), image_only=True, dtype=np.float32)]
+    if with_label:
+        chain.append(LoadImaged("label", reader=VolumeReader(), image_only=True, dtype=np.float32))
+    chain.append(EnsureChannelFirstd(keys))
+    if modality != "microscopy":
+        chain.append(Orientationd(keys, axcodes="SPL", labels=None))  # array (z, y, x) -> Superior, Posterior, Left
+    chain.append(StripMetad(keys))
+    return chain
+
+
+def normalize_transforms(modality: str, config: PrepareConfig, with_label: bool = False) -> list:
+    """Foreground mask + normalization constants + intensity scaling of raw ``(C, Z, Y, X)`` data."""
+    chain = [ForegroundMaskd("image", modality, config), RecordNormalizationd("image", modality, config)]
+    if modality == "microscopy":
+        p_lo, p_hi = config.microscopy_percentiles
+        chain.append(ScaleIntensityRangePercentilesd("image", lower=p_lo, upper=p_hi, b_min=0.0, b_max=1.0,
+                                                     clip=True, relative=False, channel_wise=False))
+    else:
+        lo, hi = config.ct_window
+        chain.append(ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    if with_label:
+        chain.append(LabelToUint8d("label"))
+    return chain
+
+
+def build_transforms(modality: str, config: PrepareConfig, with_label: bool = False,
+                     fmt: str | None = None, load: bool = True) -> Compose:
+    """The load + orient + mask + normalize chain for one modality.
+
+    Args:
+        modality: ``ct`` | ``mr`` | ``microscopy``.
+        config: window / percentiles / foreground settings.
+        with_label: also load ``data["label"]`` (a NIfTI on the image's grid).
+        fmt: the image's manifest format (dicom | nifti | tiff); picks the reader. Default: the
+            modality's usual one (CT -> dicom, microscopy -> tiff).
+        load: False leaves out the loading steps: the chain then takes raw ``(C, Z, Y, X)``
+            arrays/tensors (HU or counts) instead of paths.
+    Returns:
+        Compose mapping ``{"image": path[, "label": path]}`` to a dict with ``image``: float32
+        ``(C, Z, Y, X)`` in [0, 1], ``label``: uint8 ``(1, Z, Y, X)``, ``foreground``: bool
+        ``(Z, Y, X)``, ``normalization``: ``{"low", "high", "unit"}``, ``spacing``: ``(z, y, x)``.
+    """
+    chain = load_transforms(modality, with_label, fmt) if load else []
+    return Compose(chain + normalize_transforms(modality, config, with_label))

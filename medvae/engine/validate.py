@@ -1,0 +1,50 @@
+"""Validation during training: reconstruction SSIM / PSNR and the ELBO on the val split."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from medvae import metrics
+from medvae.data.store import PatchStore
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, store: PatchStore, batch_size: int, max_batches: int,
+             device: torch.device, seed: int = 0, channels_last: bool = False) -> dict[str, float]:
+    """Mean metrics over the first ``max_batches`` batches of the val split (store order).
+
+    The same patches and the same noise (a generator seeded with ``seed``) every time, so values
+    are comparable across validations, and the global RNG the training draws from is untouched.
+
+    Returns:
+        ``elbo``, ``nll``, ``kl`` (nats per image), ``ssim`` and ``psnr`` (dB) of the reconstruction
+        ``decode(mu)``, ``mse``; an empty dict when the store has no val split.
+    """
+    rows = store.select("val")[: batch_size * max_batches]
+    if len(rows) == 0:
+        log.warning("%s has no val split: no validation metrics and no best.pt", store.path)
+        return {}
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    for start in range(0, len(rows), batch_size):
+        x = torch.from_numpy(store.get(rows[start : start + batch_size])).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        elbo, terms = metrics.elbo(model, x, generator=gen, return_terms=True)
+        mu, _ = model.encode(x)
+        recon = model.decode(mu).float().clamp(0.0, 1.0)
+        x32 = x.float()
+        per_image = {"elbo": elbo, "nll": terms["nll"], "kl": terms["kl"], "ssim": metrics.ssim(recon, x32),
+                     "psnr": metrics.psnr(recon, x32), "mse": metrics.mse(recon, x32)}
+        batch = torch.stack([v.float().sum() for v in per_image.values()]).tolist()
+        for k, v in zip(per_image, batch):
+            sums[k] = sums.get(k, 0.0) + v
+    model.train(was_training)
+    return {k: float(np.float64(v) / len(rows)) for k, v in sums.items()}

@@ -1,0 +1,117 @@
+"""MONAI ``ImageReader``s over medvae's readers, for ``LoadImage(d)(reader=...)``.
+
+Exposed as ``medvae.io.dicom.DicomSeriesReader`` and ``medvae.io.tiff.TiffStackReader`` (imported
+lazily there, because importing MONAI takes seconds and plain reads do not need it)::
+
+    LoadImaged(keys=["image"], reader=DicomSeriesReader(), image_only=False)({"image": series_dir})
+
+Axis convention: the array is medvae's ``(Z, Y, X)`` (``(C, Z, Y, X)`` for TIFF channels), not
+the ``(i, j, k) = (x, y, z)`` order MONAI's own NibabelReader/PydicomReader return. The meta
+``affine`` is permuted to match (column ``a`` is the world step of array axis ``a``, RAS for
+CT/MR, ``diag(spacing)`` for microscopy), so ``MetaTensor.pixdim == Volume.spacing`` and MONAI's
+spatial transforms see the same geometry. LoadImage itself applies no axis reversal.
+Meta keys: ``spacing`` (z, y, x), ``patient_id``, ``modality``, ``series_uid``, ``orientation``,
+``affine``/``original_affine``, ``spatial_shape``, ``original_channel_dim``, ``space``,
+``warnings`` (one ``"; "``-joined string, so the default collate works).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from monai.data import ImageReader
+from monai.utils import ensure_tuple
+
+from medvae.io.volume import Volume
+
+
+def _array_affine(vol: Volume) -> np.ndarray:
+    """4x4 affine from array index ``(z, y, x)`` to world coordinates."""
+    if vol.affine is not None:
+        return np.asarray(vol.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
+    return np.diag([*map(float, vol.spacing), 1.0])
+
+
+def _meta(vol: Volume) -> dict:
+    affine = _array_affine(vol)
+    spatial = vol.array.shape[-3:]
+    return {
+        "spacing": np.asarray(vol.spacing, dtype=np.float64),
+        "patient_id": vol.patient_id,
+        "modality": vol.modality,
+        "series_uid": vol.series_uid,
+        "orientation": vol.orientation,
+        "source": vol.source,
+        "affine": affine,
+        "original_affine": affine.copy(),
+        "spatial_shape": np.asarray(spatial),
+        "original_channel_dim": 0 if vol.array.ndim == 4 else float("nan"),
+        "space": "RAS",
+        "warnings": "; ".join(vol.warnings),
+    }
+
+
+def _get_data(volumes: Volume | Sequence[Volume]) -> tuple[np.ndarray, dict]:
+    vols = [volumes] if isinstance(volumes, Volume) else list(volumes)
+    meta = _meta(vols[0])
+    if len(vols) == 1:
+        return vols[0].array, meta
+    for v in vols[1:]:
+        if v.array.shape[-3:] != vols[0].array.shape[-3:]:
+            raise ValueError(f"cannot stack {v.source} of shape {v.array.shape} with {vols[0].source}")
+    # Several files: stacked (or concatenated, for channel stacks) as channels, as MONAI does.
+    arrays = [v.array if v.array.ndim == 4 else v.array[None] for v in vols]
+    meta["original_channel_dim"] = 0
+    return np.concatenate(arrays, axis=0), meta
+
+
+class DicomSeriesReader(ImageReader):
+    """Reads a DICOM series directory (or the folder of a given ``.dcm`` file) with medvae's reader.
+
+    Args:
+        patient_id: id stored in the meta dict; default: the TCIA patient folder name.
+    """
+
+    def __init__(self, patient_id: str | None = None):
+        super().__init__()
+        self.patient_id = patient_id
+
+    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+        paths = [Path(os.fspath(f)) for f in ensure_tuple(filename)]
+        return bool(paths) and all(p.is_dir() or p.suffix.lower() == ".dcm" for p in paths)
+
+    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs):
+        from medvae.io.dicom import read_dicom_series
+
+        vols = []
+        for f in ensure_tuple(data):
+            p = Path(os.fspath(f))
+            vols.append(read_dicom_series(p if p.is_dir() else p.parent, patient_id=self.patient_id))
+        return vols if len(vols) > 1 else vols[0]
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        return _get_data(img)
+
+
+class TiffStackReader(ImageReader):
+    """Reads microscopy TIFF stacks (ImageJ, OME, plain) with medvae's reader."""
+
+    def __init__(self, patient_id: str | None = None):
+        super().__init__()
+        self.patient_id = patient_id
+
+    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+        names = [os.fspath(f).lower() for f in ensure_tuple(filename)]
+        return bool(names) and all(n.endswith((".tif", ".tiff")) for n in names)
+
+    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs):
+        from medvae.io.tiff import read_tiff_stack
+
+        vols = [read_tiff_stack(f, patient_id=self.patient_id) for f in ensure_tuple(data)]
+        return vols if len(vols) > 1 else vols[0]
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        return _get_data(img)

@@ -1,0 +1,425 @@
+"""Synthetic cohorts for the demo, the tests and the benchmarks, written in the real formats.
+
+CT: abdominal phantoms as DICOM CT series in the TCIA Pancreas-CT layout with NIfTI pancreas
+labels; microscopy: fluorescence nuclei stacks as ImageJ TIFFs. Everything is deterministic
+per seed, and patient ``i`` depends only on ``(seed, i)``, so a larger cohort extends a smaller
+one. The DICOMs carry a FAKE identity (name, birth date, id) so privacy tests mean something.
+
+CT anatomy is painted in patient millimetres (x toward patient Left, y toward Posterior, z
+toward Superior, relative to the body centre and the pancreas level), so a smaller ``ct_size``
+keeps the anatomy and coarsens the pixels (the field of view stays 360-460 mm).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import scipy.fft
+import tifffile
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from scipy import ndimage
+
+from medvae.files import atomic_path
+
+# Tissue codes of CTPhantom.tissue. Codes >= CAVITY lie inside the abdominal cavity; organs are
+# painted only there, so no jitter pushes an organ through the body wall.
+AIR, SUBCUT_FAT, MUSCLE, CAVITY, BOWEL, GAS, STOMACH = 0, 1, 2, 3, 4, 5, 6
+LIVER, SPLEEN, KIDNEY, PANCREAS, AORTA, IVC, BONE, CANAL, DISC = 7, 8, 9, 10, 11, 12, 13, 14, 15
+TISSUES = {"air": AIR, "subcutaneous_fat": SUBCUT_FAT, "muscle": MUSCLE, "visceral_fat": CAVITY,
+           "bowel": BOWEL, "gas": GAS, "stomach": STOMACH, "liver": LIVER, "spleen": SPLEEN,
+           "kidney": KIDNEY, "pancreas": PANCREAS, "aorta": AORTA, "ivc": IVC, "bone": BONE,
+           "spinal_canal": CANAL, "disc": DISC}
+FAKE_NAMES = ("ALICE", "BOB", "CAROL", "DAVID", "ERIN", "FRANK", "GRACE", "HEIDI", "IVAN", "JUDY",
+              "MALLORY", "NIAJ", "OLIVIA", "PEGGY", "RUPERT", "SYBIL", "TRENT", "VICTOR", "WALTER")
+UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root; suffixes are SHA-512 of seed + ids
+
+
+@dataclass
+class CTPhantom:
+    """One synthetic abdominal CT volume.
+
+    Attributes:
+        hu: int16 ``(Z, Y, X)`` HU; z toward Superior, rows toward Posterior, columns toward Left.
+        tissue: uint8 ``(Z, Y, X)`` tissue codes (TISSUES), before blur and noise.
+        spacing: ``(dz, dy, dx)`` mm.
+        origin: LPS position (x, y, z) mm of voxel ``[0, 0, 0]`` (ImagePositionPatient of slice 0).
+        noise_sigma: standard deviation of the added correlated noise, HU.
+    """
+
+    hu: np.ndarray
+    tissue: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    noise_sigma: float
+
+    @property
+    def label(self) -> np.ndarray:
+        return (self.tissue == PANCREAS).astype(np.uint8)
+
+    def affine_ras(self) -> np.ndarray:
+        """RAS affine of the ``(i=column, j=row, k=slice)`` grid, as a DICOM->NIfTI converter writes."""
+        dz, dy, dx = self.spacing
+        lps = np.array([[dx, 0, 0, self.origin[0]], [0, dy, 0, self.origin[1]],
+                        [0, 0, dz, self.origin[2]], [0, 0, 0, 1.0]])
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _rng(seed: int, kind: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, int(hashlib.sha256(kind.encode()).hexdigest()[:8], 16), index])
+
+
+class _Painter:
+    """Paints elliptical cross-sections slice by slice inside their bounding box (no per-pixel loops)."""
+
+    def __init__(self, hu: np.ndarray, tissue: np.ndarray, x: np.ndarray, y: np.ndarray):
+        self.hu, self.tissue, self.x, self.y = hu, tissue, x, y
+        self.dx, self.dy = float(x[1] - x[0]), float(y[1] - y[0])
+
+    def paint(self, cx, cy, ax, ay, hu: float, code: int, theta: float = 0.0, harmonics=(),
+              within=None):
+        """Paint where ``rho <= 1 + sum a cos(k phi + p)`` in each slice with ``ax > 0``.
+
+        Args:
+            cx, cy, ax, ay: ``(Z,)`` centre and semi-axes in mm per slice (ax = 0: absent there).
+            harmonics: ``(k, amplitude, phase)`` contour perturbations (organ shape).
+            within: tissue codes the paint may replace (None: anything), or an int: codes >= it.
+        Returns: ``(box, mask)`` of what was painted, or None.
+        """
+        ax = np.asarray(ax, dtype=np.float32)
+        present = np.nonzero(ax > 0)[0]
+        if present.size == 0:
+            return None
+        z0, z1 = int(present[0]), int(present[-1]) + 1
+        reach = float(np.max(np.maximum(ax, ay)[z0:z1])) * (1 + sum(abs(a) for _, a, _ in harmonics)) + 2
+        xs = self._span(self.x, np.min(cx[z0:z1]) - reach, np.max(cx[z0:z1]) + reach, self.dx)
+        ys = self._span(self.y, np.min(cy[z0:z1]) - reach, np.max(cy[z0:z1]) + reach, self.dy)
+        if xs.stop <= xs.start or ys.stop <= ys.start:
+            return None
+        sl = (slice(z0, z1), ys, xs)
+        cx, cy = np.asarray(cx, np.float32)[z0:z1], np.asarray(cy, np.float32)[z0:z1]
+        ax, ay = ax[z0:z1], np.asarray(ay, np.float32)[z0:z1]
+        amax, bmax = float(ax.max()), float(ay.max())
+        if np.ptp(cx) == 0 and np.ptp(cy) == 0 and np.allclose(ay * amax, ax * bmax):
+            # Fixed centre and aspect: one 2D contour, scaled per slice (the common, cheap case).
+            cx, cy, a, b, scale = cx[:1], cy[:1], amax, bmax, (ax / amax)[:, None, None]
+        else:
+            a, b, scale = np.maximum(ax, 1e-3)[:, None, None], np.maximum(ay, 1e-3)[:, None, None], 1.0
+        X = self.x[xs][None, None, :] - cx[:, None, None]
+        Y = self.y[ys][None, :, None] - cy[:, None, None]
+        c, s = np.float32(np.cos(theta)), np.float32(np.sin(theta))
+        u, v = (X * c + Y * s) / a, (Y * c - X * s) / b
+        limit = scale
+        if harmonics:
+            phi = np.arctan2(v, u)
+            limit = limit * (1 + sum(np.float32(amp) * np.cos(k * phi + ph) for k, amp, ph in harmonics))
+        mask = u * u + v * v <= limit * limit
+        mask = mask & (ax > 0)[:, None, None]
+        if within is not None:
+            t = self.tissue[sl]
+            if isinstance(within, int):
+                mask &= t >= within
+            else:
+                allowed = np.zeros(256, bool)
+                allowed[list(within)] = True
+                mask &= allowed[t]
+        self.hu[sl][mask] = hu
+        self.tissue[sl][mask] = code
+        return sl, mask
+
+    @staticmethod
+    def _span(axis: np.ndarray, lo: float, hi: float, step: float) -> slice:
+        i0 = int(np.floor((lo - axis[0]) / step))
+        i1 = int(np.ceil((hi - axis[0]) / step)) + 1
+        return slice(max(i0, 0), min(max(i1, 0), axis.size))
+
+
+def _profile(z: np.ndarray, zc: float, hz: float, q: float = 2.0) -> np.ndarray:
+    """Cross-section scale along z: superellipse ``(1 - |t|^q)^(1/q)``, 0 outside ``|t| < 1``."""
+    t = np.abs((z - zc) / hz)
+    return np.where(t < 1, np.power(np.clip(1 - t**q, 0, 1), 1 / q), 0.0).astype(np.float32)
+
+
+def make_ct_phantom(seed: int = 0, index: int = 0, size: int = 512, n_slices: int | None = None) -> CTPhantom:
+    """Build patient ``index`` of cohort ``seed``: anatomy, partial-volume blur, CT-like noise.
+
+    Returns a CTPhantom on a ``(n_slices, size, size)`` grid (60-100 slices unless given).
+    """
+    rng = _rng(seed, "ct", index)
+    u = rng.uniform
+    fov = float(np.round(u(360, 460)))  # mm; fov/512 gives 0.70-0.90 mm pixels
+    dxy = fov / size
+    dz = float(np.round(u(1.5, 2.5) * 4) / 4)
+    nz = int(n_slices) if n_slices else int(rng.integers(60, 101))
+    origin = (round(-(size - 1) / 2 * dxy, 4), round(-(size - 1) / 2 * dxy + u(-10, 10), 3),
+              float(np.round(u(-250, -50), 1)))
+    bx, by = u(-15, 15), u(-5, 15)  # body centre relative to the isocentre
+    zp = origin[2] + (nz - 1) * dz / 2 + u(-8, 8)  # pancreas level
+    x = (origin[0] + dxy * np.arange(size) - bx).astype(np.float32)  # anatomical mm
+    y = (origin[1] + dxy * np.arange(size) - by).astype(np.float32)
+    z = (origin[2] + dz * np.arange(nz) - zp).astype(np.float32)  # 0 at the pancreas level
+
+    hu = np.full((nz, size, size), -1000, np.float32)
+    tissue = np.zeros((nz, size, size), np.uint8)
+    p = _Painter(hu, tissue, x, y)
+    ones, zeros = np.ones(nz, np.float32), np.zeros(nz, np.float32)
+    SOFT = [CAVITY, BOWEL, GAS]  # what a solid organ may displace
+    j = lambda v, r: v * (1 + u(-r, r))  # noqa: E731  relative jitter
+
+    def harm():
+        return ((2, u(0.02, 0.08), u(0, 6.3)), (3, u(0.02, 0.06), u(0, 6.3)))
+
+    # Body wall: subcutaneous fat, muscle, then the cavity (visceral fat).
+    AX, AY, fat, wall = u(140, 175), u(100, 125), u(8, 30), u(8, 14)
+    breathe = (1 + 0.04 * np.sin(z / 90 + u(0, 6.3))).astype(np.float32)
+    p.paint(zeros, zeros, AX * breathe, AY * breathe, u(-110, -90), SUBCUT_FAT)
+    p.paint(zeros, zeros + fat * 0.3, (AX - fat) * breathe, (AY - fat) * breathe, u(40, 55), MUSCLE, within=[SUBCUT_FAT])
+    p.paint(zeros, zeros + fat * 0.3, (AX - fat - wall) * breathe, (AY - fat - wall) * breathe * 0.9,
+                  u(-100, -85), CAVITY, within=[MUSCLE])
+    # Bowel loops (some gas-filled) and the stomach with an air-fluid level.
+    for _ in range(int(rng.integers(6, 12))):
+        cx, cy, r = u(-0.6, 0.6) * AX, u(-0.7, 0.0) * AY, u(10, 20)
+        prof = r * _profile(z, u(-90, 30), u(15, 40))
+        gas = rng.random() < 0.35
+        p.paint(ones * cx, ones * cy, prof, prof * u(0.7, 1.0), -900 if gas else u(15, 35),
+                GAS if gas else BOWEL, theta=u(0, 3.1), within=[CAVITY])
+    st = _profile(z, j(55, 0.15), j(45, 0.2))
+    scx, scy = j(45, 0.2), -0.45 * AY
+    p.paint(ones * scx, ones * scy, j(50, 0.2) * st, j(35, 0.2) * st, u(5, 20), STOMACH, theta=0.4, within=CAVITY)
+    p.paint(ones * scx, ones * (scy - 20), 35 * st, 14 * st, -950, GAS, theta=0.4, within=[STOMACH])
+    # Pancreas: head (right, lower), body (across the aorta), tail (left, higher, toward the spleen).
+    for cx, cy, ax_, ay_, th, zc, hz in ((-40, -2, 20, 16, 0.3, -8, 20), (0, -22, 30, 10, 0.05, 0, 15),
+                                          (55, 8, 28, 9, -0.5, 10, 15)):
+        pr = _profile(z, zc + u(-4, 4), j(hz, 0.2))
+        p.paint(ones * (cx + u(-6, 6)), ones * (cy + u(-5, 5)), j(ax_, 0.2) * pr, j(ay_, 0.2) * pr, u(35, 45),
+                PANCREAS, theta=th + u(-0.15, 0.15), harmonics=((3, u(0.03, 0.08), u(0, 6.3)),), within=CAVITY)
+    # Solid organs around it: liver (patient right), spleen (left, posterior), kidneys.
+    lv = _profile(z, j(70, 0.15), j(100, 0.1), q=3)
+    p.paint(ones * j(-72, 0.1) + 0.12 * z, ones * j(-5, 1), j(68, 0.12) * lv, j(80, 0.12) * lv, u(55, 65), LIVER,
+            theta=u(-0.3, 0.3), harmonics=harm(), within=SOFT)
+    sp = _profile(z, j(50, 0.2), j(45, 0.2))
+    p.paint(ones * j(85, 0.1), ones * j(45, 0.15), j(45, 0.15) * sp, j(26, 0.15) * sp, u(45, 55), SPLEEN,
+            theta=-0.7, harmonics=harm(), within=SOFT)
+    for side in (-1, 1):
+        kd = _profile(z, j(-25, 0.3) + 8 * side, j(55, 0.15))
+        kx, ky, ka = side * j(70, 0.1), j(45, 0.15), j(30, 0.12)
+        p.paint(ones * kx, ones * ky, ka * kd, j(22, 0.12) * kd, u(140, 170), KIDNEY, theta=side * 0.5,
+                harmonics=harm(), within=SOFT)
+        p.paint(ones * (kx - side * 0.45 * ka), ones * ky, 0.35 * ka * kd, 0.4 * ka * kd, -40, CAVITY,
+                theta=side * 0.5, within=[KIDNEY])  # renal sinus fat
+    # Spine (vertebral bodies with discs), canal, posterior elements, paraspinal muscles.
+    sy = 0.45 * AY
+    vr = j(20, 0.1)
+    for side in (-1, 1):
+        p.paint(ones * side * 32, ones * (sy + 32), ones * j(22, 0.1), ones * j(16, 0.1), u(45, 55), MUSCLE, within=MUSCLE)
+    p.paint(zeros, zeros + sy + 36, ones * 7, ones * 22, u(650, 850), BONE, within=MUSCLE)  # spinous process
+    p.paint(zeros, zeros + sy, ones * vr, ones * vr * 0.85, u(850, 1000), BONE)  # cortex
+    p.paint(zeros, zeros + sy, ones * vr * 0.85, ones * vr * 0.7, u(420, 520), BONE, within=[BONE])
+    disc = ((z - u(0, 30)) % 30) < 7
+    p.paint(zeros, zeros + sy, np.where(disc, vr, 0), ones * vr * 0.85, u(80, 100), DISC, within=[BONE])
+    p.paint(zeros, zeros + sy + vr * 0.85 + 9, ones * 9, ones * 8, u(5, 20), CANAL)
+    # Vessels (contrast): aorta left-anterior of the spine, IVC to the right.
+    p.paint(ones * j(14, 0.2) + 0.03 * z, ones * (sy - vr - 14), ones * j(12, 0.12), ones * j(12, 0.12),
+            u(180, 290), AORTA)
+    p.paint(ones * j(-28, 0.15), ones * (sy - vr - 10), ones * j(13, 0.15), ones * j(9, 0.15), u(150, 220), IVC)
+    # Ribs above the pancreas level: small bone ovals travelling along the inner body wall with z.
+    for k, level in enumerate(np.arange(u(0, 25), 200, 25)):
+        for side in (-1, 1):
+            present = _profile(z, level + 6 * side, 10)
+            ang = (0.3 + 0.15 * (k % 4)) * np.pi + 0.004 * (z - level)  # from posterior (0) to anterior (pi)
+            rx, ry = (AX - fat - wall * 0.5) * 0.97, (AY - fat - wall * 0.5) * 0.97
+            p.paint(side * rx * np.sin(ang), ry * np.cos(ang), 5.5 * (present > 0), 4.5 * (present > 0),
+                    u(600, 900), BONE, within=[MUSCLE, SUBCUT_FAT, CAVITY])
+
+    # Partial-volume blur and correlated (CT-like) noise, both in Fourier space, slice by slice.
+    fy = scipy.fft.fftfreq(size)[:, None].astype(np.float32)
+    fx = scipy.fft.rfftfreq(size)[None, :].astype(np.float32)
+    f = np.sqrt(fx**2 + fy**2)
+    blur = np.exp(-2 * (np.pi * 0.6 * f) ** 2)  # Gaussian, sigma 0.6 px
+    nps = (f + 0.03) * np.exp(-((f / 0.3) ** 2))  # ramp x apodisation, as filtered back-projection
+    sigma = float(u(10, 20))
+    # White noise through the filter has variance mean(|H|^2) over the full spectrum (Parseval).
+    full = np.sqrt(scipy.fft.fftfreq(size)[:, None] ** 2 + scipy.fft.fftfreq(size)[None, :] ** 2)
+    nps *= np.float32(sigma / np.sqrt(np.mean(((full + 0.03) * np.exp(-((full / 0.3) ** 2))) ** 2)))
+    spectrum = scipy.fft.rfft2(hu, workers=-1)
+    spectrum *= blur
+    spectrum += scipy.fft.rfft2(rng.standard_normal(hu.shape, dtype=np.float32), workers=-1) * nps
+    out = scipy.fft.irfft2(spectrum, s=(size, size), workers=-1)
+    out = np.clip(np.rint(out, out=out), -1024, 3071, out=out).astype(np.int16)
+    return CTPhantom(out, tissue, (dz, dxy, dxy), origin, sigma)
+
+
+def _uid(seed: int, *parts) -> str:
+    return str(generate_uid(UID_ROOT, entropy_srcs=["medvae-phantom", str(seed), *map(str, parts)]))
+
+
+def fake_identity(seed: int, index: int) -> dict:
+    """The FAKE identity written into patient ``index``'s DICOMs (never a real person)."""
+    h = hashlib.sha256(f"medvae-phantom:{seed}:{index}".encode()).hexdigest()
+    rng = _rng(seed, "identity", index)
+    birth = f"{int(rng.integers(1935, 2000))}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
+    return {"PatientName": f"PHANTOM^{FAKE_NAMES[index % len(FAKE_NAMES)]}", "PatientID": f"PHX{h[:8].upper()}",
+            "PatientBirthDate": birth, "PatientSex": "FM"[index % 2], "AccessionNumber": f"ACC{h[8:14].upper()}"}
+
+
+def write_dicom_series(ph: CTPhantom, directory: Path, seed: int, index: int, signed: bool = False) -> list[Path]:
+    """Write ``ph`` as a CT Image Storage series (one file per slice, explicit VR little endian).
+
+    Stored values are HU + 1024 (RescaleIntercept -1024, slope 1) as uint16, or int16 when
+    ``signed``. File ``1-001.dcm`` is the most superior slice, as in TCIA downloads.
+    """
+    nz, ny, nx = ph.hu.shape
+    dz, dy, dx = ph.spacing
+    base = Dataset()
+    for key, value in fake_identity(seed, index).items():
+        setattr(base, key, value)
+    study_date = f"2015{int(index % 12) + 1:02d}{int(index % 27) + 1:02d}"
+    b = base
+    b.SOPClassUID = CTImageStorage
+    b.StudyInstanceUID = _uid(seed, index, "study")
+    b.SeriesInstanceUID = _uid(seed, index, "series")
+    b.FrameOfReferenceUID = _uid(seed, index, "frame")
+    b.StudyDate = b.SeriesDate = b.ContentDate = study_date
+    b.StudyTime = b.SeriesTime = "101500"
+    b.StudyID, b.SeriesNumber, b.AcquisitionNumber = "1", 2, 1
+    b.Modality, b.Manufacturer, b.InstitutionName = "CT", "medvae phantom", "PHANTOM HOSPITAL"
+    b.StudyDescription, b.SeriesDescription = "Pancreas phantom", "Pancreas"
+    b.BodyPartExamined, b.PatientPosition, b.KVP = "ABDOMEN", "HFS", 120
+    b.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    b.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    b.PixelSpacing = [dy, dx]
+    b.SliceThickness = dz
+    b.Rows, b.Columns = ny, nx
+    b.SamplesPerPixel, b.PhotometricInterpretation = 1, "MONOCHROME2"
+    b.BitsAllocated, b.BitsStored, b.HighBit = 16, 16, 15
+    b.PixelRepresentation = int(signed)
+    b.RescaleIntercept, b.RescaleSlope, b.RescaleType = -1024, 1, "HU"
+    b.WindowCenter, b.WindowWidth = 40, 400
+    stored = (ph.hu.astype(np.int32) + 1024).astype(np.int16 if signed else np.uint16)
+    paths = []
+    for n, k in enumerate(range(nz - 1, -1, -1), start=1):  # superior first
+        ds = pydicom.Dataset()
+        ds.update(b)
+        ds.SOPInstanceUID = _uid(seed, index, "slice", k)
+        ds.InstanceNumber = n
+        zpos = round(ph.origin[2] + k * dz, 4)
+        ds.ImagePositionPatient = [ph.origin[0], ph.origin[1], zpos]
+        ds.SliceLocation = zpos
+        ds.PixelData = stored[k].tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = directory / f"1-{n:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def write_label_nifti(ph: CTPhantom, path: Path) -> None:
+    """Pancreas label (1) indexed ``[column, row, slice]`` with the RAS affine of the DICOM grid."""
+    img = nib.Nifti1Image(ph.label.transpose(2, 1, 0), ph.affine_ras())  # F-ordered view: no copy
+    img.set_qform(ph.affine_ras(), code=1)
+    img.set_sform(ph.affine_ras(), code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+def make_microscopy_stack(seed: int = 0, index: int = 0, shape=(24, 256, 256)):
+    """Fluorescent nuclei: textured ellipsoids, anisotropic Gaussian PSF, Poisson-Gaussian noise.
+
+    Returns ``(stack uint16 (Z, Y, X), nuclei uint16 (Z, Y, X) instance labels, spacing (z, y, x) µm)``.
+    """
+    rng = _rng(seed, "microscopy", index)
+    u = rng.uniform
+    nz, ny, nx = shape
+    dxy, dz = round(float(u(0.3, 0.5)), 3), round(float(u(1.0, 2.0)), 2)
+    zz = (np.arange(nz, dtype=np.float32) * dz)[:, None, None]
+    yy = (np.arange(ny, dtype=np.float32) * dxy)[None, :, None]
+    xx = (np.arange(nx, dtype=np.float32) * dxy)[None, None, :]
+    img = np.zeros(shape, np.float32)
+    nuclei = np.zeros(shape, np.uint16)
+    texture = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), (0.7, 2.0, 2.0))
+    texture /= texture.std() + 1e-6
+    n = int(rng.integers(25, 45) * ny * nx / 256**2)
+    for i in range(1, n + 1):  # one bounding box per nucleus, vectorised inside
+        r = np.array([u(3.5, 6.5), u(4, 8), u(4, 8)], np.float32)  # µm semi-axes (z, y, x)
+        c = np.array([u(0.15, 0.85) * nz * dz, u(0, ny * dxy), u(0, nx * dxy)], np.float32)
+        lo = np.maximum(((c - r) / (dz, dxy, dxy)).astype(int), 0)
+        hi = np.minimum(((c + r) / (dz, dxy, dxy)).astype(int) + 2, shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        th = u(0, np.pi)
+        Y, X = yy[:, lo[1]:hi[1]] - c[1], xx[..., lo[2]:hi[2]] - c[2]
+        Yr, Xr = Y * np.cos(th) + X * np.sin(th), X * np.cos(th) - Y * np.sin(th)
+        rho2 = ((zz[lo[0]:hi[0]] - c[0]) / r[0]) ** 2 + (Yr / r[1]) ** 2 + (Xr / r[2]) ** 2
+        inside = (rho2 <= 1) & (nuclei[box] == 0)
+        bright = u(0.4, 1.4) * np.clip(1 + u(0.1, 0.4) * texture[box], 0.2, None) * (1 - 0.3 * rho2)  # chromatin, rim falloff
+        img[box] = np.where(inside, bright, img[box])
+        nuclei[box][inside] = i
+    img = ndimage.gaussian_filter(img, (0.3 / dz * 2.5, 0.25 / dxy, 0.25 / dxy))  # PSF: long along z
+    photons = u(300, 1200)
+    expected = photons * (np.clip(img, 0, None) + u(0.02, 0.06)) * np.exp(-0.01 * zz)  # background + depth attenuation
+    counts = rng.poisson(expected).astype(np.float32) * u(1.5, 3.0) + 100 + rng.normal(0, u(2, 6), shape)
+    return np.clip(np.rint(counts), 0, 65535).astype(np.uint16), nuclei, (dz, dxy, dxy)
+
+
+def write_tiff_stack(stack: np.ndarray, spacing, path: Path) -> None:
+    """ImageJ hyperstack TIFF (axes ZYX) with µm pixel size and z spacing."""
+    dz, dy, dx = spacing
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, stack, imagej=True, resolution=(1 / dx, 1 / dy),
+                         metadata={"spacing": dz, "unit": "um", "axes": "ZYX"})
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def write_phantom_cohort(out, ct_patients: int = 4, microscopy_stacks: int = 2, seed: int = 0,
+                         ct_size: int = 512, ct_slices: int | None = None) -> dict:
+    """Write the phantom cohort (layout in CONTRACTS.md) and return a summary (counts + paths).
+
+    ``out/Pancreas-CT/PANCREAS_0001/<study>/<series>/1-001.dcm ...``, ``out/labels/label0001.nii.gz``,
+    ``out/microscopy/stack_001.tif``. Each patient folder appears complete or not at all
+    (written under a temporary name, then renamed).
+    """
+    out = Path(out)
+    ct_root, label_root, mic_root = out / "Pancreas-CT", out / "labels", out / "microscopy"
+    summary = {"out": str(out), "seed": seed, "ct_patients": ct_patients,
+               "microscopy_stacks": microscopy_stacks, "ct": [], "microscopy": []}
+    for i in range(ct_patients):
+        pid, num = f"PANCREAS_{i + 1:04d}", f"{i + 1:04d}"
+        ph = make_ct_phantom(seed, i, ct_size, ct_slices)
+        ct_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=ct_root, prefix=f".{pid}."))
+        try:
+            h = int(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()[:10], 16)
+            series = tmp / f"{(i % 12) + 1:02d}-{(i % 27) + 1:02d}-2015-PANCREAS{num}-Pancreas-{h % 90000 + 10000}" \
+                / f"Pancreas-{(h // 90000) % 90000 + 10000}"
+            series.mkdir(parents=True)
+            write_dicom_series(ph, series, seed, i, signed=bool(i % 2))
+            _replace_dir(tmp, ct_root / pid)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        label = label_root / f"label{num}.nii.gz"
+        write_label_nifti(ph, label)
+        summary["ct"].append({"patient_id": pid, "series": str(ct_root / pid / series.relative_to(tmp)),
+                              "label": str(label), "shape": list(ph.hu.shape), "spacing": list(ph.spacing)})
+    for i in range(microscopy_stacks):
+        stack, _, spacing = make_microscopy_stack(seed, i)
+        path = mic_root / f"stack_{i + 1:03d}.tif"
+        mic_root.mkdir(parents=True, exist_ok=True)
+        write_tiff_stack(stack, spacing, path)
+        summary["microscopy"].append({"path": str(path), "shape": list(stack.shape), "spacing": list(spacing)})
+    return summary

@@ -1,0 +1,185 @@
+"""The convolutional VAE (vector latent) and the base class holding the shared model interface.
+
+Every medvae model derives from :class:`VAEBase`: subclasses implement ``encode`` and
+``decode_logits``; the base class supplies ``decode`` (mean image), ``forward``, ``sample``,
+``log_likelihood`` and ``generator_parameters`` from them, with the pixel likelihood of
+:class:`medvae.losses.Likelihood`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from medvae.config import ModelConfig
+from medvae.errors import ConfigError
+from medvae.losses import Likelihood
+from medvae.models.blocks import Downsample, ResUnit, Upsample, group_norm
+
+BOTTLENECK = 8  # spatial size of the last encoder feature map, for every image size
+
+
+class VAEOutput(NamedTuple):
+    """x_hat: (B, C, H, W) mean image in [0, 1]; mu, logvar, z: (B, D)."""
+
+    x_hat: torch.Tensor
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    z: torch.Tensor
+
+
+class VAEBase(nn.Module):
+    """The model interface of ARCHITECTURE.md on top of ``encode`` / ``decode_logits``.
+
+    Subclasses set ``latent_dim`` and ``last_decoder_weight`` and implement ``encode(x)`` and
+    ``decode_logits(z)``.
+    """
+
+    latent_dim: int
+    discriminator: nn.Module | None
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.discriminator = None  # instance attribute: a VAE–GAN replaces it with a Module
+        self.likelihood = Likelihood(config.likelihood, config.in_channels, config.fixed_scale)
+
+    # --- to implement
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def last_decoder_weight(self) -> nn.Parameter:  # pragma: no cover
+        raise NotImplementedError
+
+    # --- shared
+    def _check_input(self, x: torch.Tensor) -> None:
+        size, ch = self.config.image_size, self.config.in_channels
+        if x.dim() != 4 or x.shape[1] != ch or x.shape[-2:] != (size, size):
+            raise ConfigError(
+                f"model expects (B, {ch}, {size}, {size}) images, got {tuple(x.shape)}; "
+                "set model.image_size / model.in_channels to the patch store's shape"
+            )
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, D) -> mean image (B, C, H, W) in [0, 1] (sigmoid of the decoder logits)."""
+        return torch.sigmoid(self.decode_logits(z))
+
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """Sampled z in training mode, the posterior mean in eval mode."""
+        if not self.training:
+            return mu
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+    def forward(self, x: torch.Tensor) -> VAEOutput:
+        """x: (B, C, H, W) in [0, 1]. z is sampled in training mode and the mean in eval mode,
+        so eval reconstructions are deterministic."""
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar)
+        return VAEOutput(self.decode(z), mu, logvar, z)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """Decode z ~ N(0, temperature^2 I): (n, C, H, W) in [0, 1].
+
+        z is drawn on the generator's device (the model's device when no generator is given)
+        and moved to the model, so a seeded CPU generator gives the same samples on any device.
+        """
+        device = self.device
+        gen_device = generator.device if generator is not None else device
+        z = torch.randn(n, self.latent_dim, generator=generator, device=gen_device) * temperature
+        return self.decode(z.to(device))
+
+    def log_likelihood(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """log p(x | x_hat) summed over pixels: (B,) float32 nats. x_hat is the mean image."""
+        return self.likelihood.log_prob(x, mean=x_hat)
+
+    def log_likelihood_logits(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """As ``log_likelihood`` from the decoder's raw logits (exact for Bernoulli types)."""
+        return self.likelihood.log_prob(x, logits=logits)
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """All parameters except the discriminator's."""
+        skip = set()
+        if self.discriminator is not None:
+            skip = {id(p) for p in self.discriminator.parameters()}
+        return [p for p in self.parameters() if id(p) not in skip]
+
+
+def stage_channels(config: ModelConfig) -> list[int]:
+    """Channels at each resolution, from the image size down to the 8x8 bottleneck.
+
+    ``config.channels`` gives the first stages; deeper stages (256² inputs need one more
+    than 128²) repeat its last entry. Returns ``n_down + 1`` entries.
+    """
+    n_down = int(round(math.log2(config.image_size / BOTTLENECK)))
+    ch = list(config.channels)
+    return [ch[min(k, len(ch) - 1)] for k in range(n_down + 1)]
+
+
+class ConvVAE(VAEBase):
+    """2D convolutional VAE with a vector latent.
+
+    Encoder: conv3x3 stem, then per resolution ``res_units`` residual units and a strided conv,
+    down to an 8x8 map; GroupNorm + SiLU; flatten; linear to (mu, logvar) of ``latent_dim``.
+    Decoder mirrored: linear to (C, 8, 8), residual units, upsample (nearest+conv,
+    pixel-shuffle or transposed conv) per resolution, GroupNorm + SiLU, conv3x3 to logits.
+
+    Args:
+        config: ModelConfig (in_channels, image_size 64/128/256, latent_dim, channels,
+            res_units, norm_groups, upsample, likelihood, fixed_scale).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.latent_dim = config.latent_dim
+        chs = stage_channels(config)
+        g, r = config.norm_groups, config.res_units
+        c_bot = chs[-1]
+        self.bottleneck_shape = (c_bot, BOTTLENECK, BOTTLENECK)
+        flat = c_bot * BOTTLENECK * BOTTLENECK
+
+        enc: list[nn.Module] = [nn.Conv2d(config.in_channels, chs[0], 3, padding=1)]
+        for k in range(len(chs) - 1):
+            enc += [ResUnit(chs[k], chs[k], g) for _ in range(r)]
+            enc.append(Downsample(chs[k], chs[k + 1]))
+        enc += [ResUnit(c_bot, c_bot, g) for _ in range(r)]
+        enc += [group_norm(c_bot, g), nn.SiLU()]
+        self.encoder = nn.Sequential(*enc)
+        self.to_stats = nn.Linear(flat, 2 * self.latent_dim)
+
+        self.from_latent = nn.Linear(self.latent_dim, flat)
+        dec: list[nn.Module] = [ResUnit(c_bot, c_bot, g) for _ in range(r)]
+        for k in reversed(range(len(chs) - 1)):
+            dec.append(Upsample(chs[k + 1], chs[k], config.upsample))
+            dec += [ResUnit(chs[k], chs[k], g) for _ in range(r)]
+        dec += [group_norm(chs[0], g), nn.SiLU()]
+        self.decoder = nn.Sequential(*dec)
+        self.out_conv = nn.Conv2d(chs[0], config.in_channels, 3, padding=1)
+
+    @property
+    def last_decoder_weight(self) -> nn.Parameter:
+        return self.out_conv.weight
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C, H, W) in [0, 1] -> mu, logvar: (B, D); logvar clamped to [-30, 20]."""
+        self._check_input(x)
+        h = self.encoder(x).reshape(x.shape[0], -1)
+        mu, logvar = self.to_stats(h).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, D) -> decoder logits (B, C, H, W); the mean image is their sigmoid."""
+        h = self.from_latent(z).reshape(z.shape[0], *self.bottleneck_shape)
+        return self.out_conv(self.decoder(h))

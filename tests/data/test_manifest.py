@@ -1,0 +1,120 @@
+"""Manifest schema, validation messages, and hash-based patient-level splits."""
+
+import csv
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from medvae.config import SplitConfig
+from medvae.data.manifest import COLUMNS, ManifestRow, assign_split, read_manifest, write_manifest
+from medvae.errors import InputError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _row(pid="P1", **kw):
+    base = dict(modality="ct", format="dicom", path="/x/" + pid, split="train", n_slices=80,
+                spacing_z=2.0, spacing_y=0.8, spacing_x=0.8)
+    base.update(kw)
+    return ManifestRow(pid, **base)
+
+
+def test_columns_are_the_architecture_schema():
+    assert COLUMNS == ("patient_id", "modality", "format", "path", "label_path", "series_uid", "split",
+                       "n_slices", "spacing_z", "spacing_y", "spacing_x", "status", "problem")
+
+
+def test_roundtrip(tmp_path):
+    rows = [_row("P1", spacing_y=0.87890625, spacing_x=0.87890625, label_path="/l/1.nii.gz"),
+            _row("P2", split="test", series_uid="1.2.3"),
+            ManifestRow("P3", "ct", "dicom", "/x/P3", split="val", status="problem", problem="no DICOM files, found")]
+    path = write_manifest(rows, tmp_path / "m.csv")
+    with open(path, newline="") as f:
+        assert next(csv.reader(f)) == list(COLUMNS)
+    back = read_manifest(path)
+    assert back == rows
+    assert back[2].n_slices is None and back[2].spacing is None and not back[2].ok
+    assert back[0].spacing == (2.0, 0.87890625, 0.87890625)
+
+
+def _write(tmp_path, header, *lines):
+    path = tmp_path / "bad.csv"
+    path.write_text("\n".join([",".join(header), *lines]) + "\n")
+    return path
+
+
+def test_bad_value_names_file_line_and_column(tmp_path):
+    path = _write(tmp_path, COLUMNS, "P1,ct,dicom,/a,,,train,80,2,0.8,0.8,ok,",
+                  "P2,ct,dicom,/b,,,holdout,80,2,0.8,0.8,ok,", "P3,ct,dicom,/c,,,test,80,two,0.8,0.8,ok,")
+    with pytest.raises(InputError) as err:
+        read_manifest(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "line 3, column 'split'" in msg and "'holdout'" in msg
+    assert "line 4, column 'spacing_z'" in msg and "'two'" in msg
+
+
+def test_missing_or_unknown_columns(tmp_path):
+    with pytest.raises(InputError, match=r"missing columns \['problem'\]"):
+        read_manifest(_write(tmp_path, COLUMNS[:-1], "P1,ct,dicom,/a,,,train,80,2,0.8,0.8,ok"))
+    with pytest.raises(InputError, match=r"unknown columns \['age'\]"):
+        read_manifest(_write(tmp_path, (*COLUMNS, "age"), "P1,ct,dicom,/a,,,train,80,2,0.8,0.8,ok,,40"))
+
+
+def test_missing_file_and_problem_rows(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_manifest(tmp_path / "nope.csv")
+    path = _write(tmp_path, COLUMNS, "P1,ct,dicom,,,,,,,,,problem,")
+    with pytest.raises(InputError, match="line 2, column 'problem'"):
+        read_manifest(path)  # a problem row must say what the problem is
+    path = _write(tmp_path, COLUMNS, "P1,ct,dicom,,,,,,,,,ok,")
+    with pytest.raises(InputError, match="column 'path': required"):
+        read_manifest(path)
+
+
+def test_patient_in_two_splits_is_rejected(tmp_path):
+    path = _write(tmp_path, COLUMNS, "P1,ct,dicom,/a,,,train,,,,,ok,", "P1,mr,dicom,/b,,,test,,,,,ok,")
+    with pytest.raises(InputError, match="patient P1 is in 'test' here but in 'train' on line 2"):
+        read_manifest(path)
+    with pytest.raises(ValueError):
+        write_manifest([_row("P1"), _row("P1", split="val")], tmp_path / "x.csv")
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_split_is_a_hash_of_seed_and_id_only():
+    ids = [f"PAT{i:05d}" for i in range(1000)]
+    first = {p: assign_split(p, 7) for p in ids}
+    # Independent reference: the documented rule, computed here from hashlib.
+    for p in ids[:50]:
+        u = int.from_bytes(hashlib.sha256(f"7:{p}".encode()).digest()[:8], "big") / 2**64
+        assert first[p] == ("train" if u < 0.7 else "val" if u < 0.85 else "test")
+    # Stable when patients are added (the function never sees the others) and deterministic.
+    more = {p: assign_split(p, 7) for p in ids + [f"NEW{i}" for i in range(500)]}
+    assert all(more[p] == first[p] for p in ids)
+    counts = Counter(first.values())
+    assert abs(counts["train"] / 1000 - 0.70) < 0.05
+    assert abs(counts["val"] / 1000 - 0.15) < 0.04 and abs(counts["test"] / 1000 - 0.15) < 0.04
+    other = {p: assign_split(p, 8) for p in ids}
+    assert sum(other[p] != first[p] for p in ids) > 200  # the seed matters
+
+
+def test_split_fraction_forms():
+    cfg = SplitConfig(train=0.5, val=0.25, test=0.25, seed=0)
+    ids = [f"X{i}" for i in range(200)]
+    assert [assign_split(p, 0, cfg) for p in ids] == [assign_split(p, 0, (0.5, 0.25, 0.25)) for p in ids]
+    assert {assign_split(p, 0, {"train": 1.0}) for p in ids} == {"train"}
+    with pytest.raises(ValueError):
+        assign_split("X", 0, (0.5, 0.5, 0.5))
+
+
+def test_reference_manifests_are_valid():
+    tcia = read_manifest(REPO / "data_manifests" / "tcia_pancreas_ct.csv")
+    assert [r.patient_id for r in tcia] == [f"PANCREAS_{i:04d}" for i in range(1, 83)]
+    assert {r.patient_id for r in tcia if not r.ok} == {"PANCREAS_0025", "PANCREAS_0070"}
+    assert all(r.split == assign_split(r.patient_id, 0) for r in tcia)
+    msd = read_manifest(REPO / "data_manifests" / "msd_task07_pancreas.csv")
+    assert len(msd) == 281 and len({r.patient_id for r in msd}) == 281
+    assert msd[0].patient_id == "pancreas_001" and msd[-1].patient_id == "pancreas_421"
+    assert not {"pancreas_002", "pancreas_003", "pancreas_044", "pancreas_420"} & {r.patient_id for r in msd}

@@ -1,0 +1,158 @@
+"""prepare / merge / CLI on a small phantom cohort (128x128 CT, 20 slices) and hand-built NIfTIs."""
+
+import logging
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medvae.config import PrepareConfig
+from medvae.data import prepare as prep
+from medvae.data.manifest import ManifestRow, write_manifest
+from medvae.data.store import merge_stores, open_store, prepare, prepare_cli
+from medvae.errors import StoreError
+from medvae.io import load_volume
+from medvae.io.phantoms import write_phantom_cohort
+
+TILE = PrepareConfig(patch_size=128, mode="tile", foreground_threshold=0.05)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom")
+    s = write_phantom_cohort(root, ct_patients=3, microscopy_stacks=1, seed=0, ct_size=128, ct_slices=12)
+    splits = ["train", "val", "test"]
+    rows = [ManifestRow(c["patient_id"], "ct", "dicom", c["series"], c["label"], split=splits[i])
+            for i, c in enumerate(s["ct"])]
+    rows += [ManifestRow("stack_001", "microscopy", "tiff", s["microscopy"][0]["path"], split="train")]
+    rows += [ManifestRow("PANCREAS_0025", status="problem", problem="empty patient folder")]
+    manifest = write_manifest(rows, root / "manifest.csv")
+    return root, manifest, s
+
+
+def test_prepare_tile_contents_labels_and_physical(cohort, tmp_path):
+    root, manifest, s = cohort
+    store = prepare(manifest, tmp_path / "store", TILE)
+    assert isinstance(store.patches, np.memmap) and store.patches.dtype == np.float16
+    assert len(store.index["patient_id"]) == len(store) == store.meta["n_patches"] > 0
+    assert store.modalities == ["ct", "microscopy"] and store.labels is not None
+    assert any("PANCREAS_0025" in p for p in store.meta["problems"])
+    lo, hi = TILE.ct_window
+    ct = s["ct"][0]
+    vol, lab = load_volume(ct["series"]), load_volume(ct["label"]).array
+    rows = np.flatnonzero(store.index["patient_id"] == ct["patient_id"])
+    assert len(rows) == 12  # 128x128 slices: one tile each, all with body
+    for r in rows:
+        z, y, x = store.index["slice_index"][r], store.index["y"][r], store.index["x"][r]
+        hu = vol.array[z, y : y + 128, x : x + 128]
+        np.testing.assert_allclose(store.patches[r, 0], (np.clip(hu, lo, hi) - lo) / (hi - lo), atol=1e-3)
+        np.testing.assert_array_equal(store.labels[r, 0], lab[z, y : y + 128, x : x + 128])
+        frac = (hu > TILE.ct_body_hu).mean()
+        assert store.index["foreground_fraction"][r] == pytest.approx(frac, abs=1e-5)
+        inside = (hu > lo) & (hu < hi)
+        np.testing.assert_allclose(store.to_physical(store.patches[r, 0], "ct")[inside], hu[inside],
+                                   atol=(hi - lo) * 2**-11)
+    assert store.spacing("ct") == pytest.approx(np.median([c["spacing"][1] for c in s["ct"]]) * np.ones(2))
+    assert store.meta["normalization"]["ct"] == {"low": lo, "high": hi, "unit": "HU"}
+    # microscopy: per-stack percentiles, inverted by to_physical with that stack's constants
+    m = load_volume(s["microscopy"][0]["path"]).array
+    p1, p2 = np.percentile(m, TILE.microscopy_percentiles)
+    mrows = store.select(modality="microscopy")
+    assert set(store.index["split"][mrows]) == {"train"}
+    r = mrows[0]
+    z, y, x = store.index["slice_index"][r], store.index["y"][r], store.index["x"][r]
+    src = m[z, y : y + 128, x : x + 128]
+    np.testing.assert_allclose(store.patches[r, 0], np.clip((src - p1) / (p2 - p1), 0, 1), atol=1e-3)
+    phys = store.to_physical(store.patches[r, 0], "microscopy", patient_id="stack_001")
+    inside = (src > p1) & (src < p2)
+    np.testing.assert_allclose(phys[inside], src[inside], atol=(p2 - p1) * 2**-11 + 1e-3)
+
+
+def test_reuse_when_unchanged_rebuild_on_config_change(cohort, tmp_path, caplog):
+    root, manifest, _ = cohort
+    cfg = PrepareConfig(patch_size=128, mode="resize", dtype="uint16")
+    first = prepare(manifest, tmp_path / "s", cfg)
+    mtime = (tmp_path / "s" / "patches.npy").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="medvae.prepare"):
+        again = prepare(manifest, tmp_path / "s", cfg.model_copy(update={"workers": 3}))
+    assert "up to date" in caplog.text
+    assert (tmp_path / "s" / "patches.npy").stat().st_mtime_ns == mtime and again.content_hash == first.content_hash
+    changed = prepare(manifest, tmp_path / "s", cfg.model_copy(update={"ct_window": (-1000.0, 1000.0)}))
+    assert changed.content_hash != first.content_hash
+    assert (tmp_path / "s" / "patches.npy").stat().st_mtime_ns != mtime
+    assert changed.meta["normalization"]["ct"]["low"] == -1000.0 and changed.patches.dtype == np.uint16
+
+
+def test_crash_before_store_json_leaves_incomplete_store(cohort, tmp_path, monkeypatch):
+    root, manifest, _ = cohort
+
+    def crash(path, obj):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(prep, "write_json", crash)
+    with pytest.raises(RuntimeError):
+        prepare(manifest, tmp_path / "s", TILE)
+    assert (tmp_path / "s" / "patches.npy").exists() and not (tmp_path / "s" / "store.json").exists()
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(tmp_path / "s")
+    assert not list((tmp_path / "s").glob(".prepare-*"))  # chunks cleaned up
+
+
+def test_shards_merge_to_single_prepare(cohort, tmp_path):
+    root, manifest, _ = cohort
+    single = prepare(manifest, tmp_path / "single", TILE)
+    parts = [prepare(manifest, tmp_path / f"part{i}", TILE, shard=f"{i}/2") for i in (1, 2)]
+    assert 0 < len(parts[0]) < len(single) and len(parts[0]) + len(parts[1]) == len(single)
+    merged = merge_stores([p.path for p in parts], tmp_path / "merged")
+    np.testing.assert_array_equal(np.asarray(merged.patches), np.asarray(single.patches))
+    np.testing.assert_array_equal(np.asarray(merged.labels), np.asarray(single.labels))
+    for col in single.index:
+        np.testing.assert_array_equal(merged.index[col], single.index[col])
+    assert merged.content_hash == single.content_hash
+    with pytest.raises(StoreError, match="overlap"):
+        merge_stores([parts[0].path, parts[0].path], tmp_path / "bad")
+
+
+def test_corrupt_volume_reported_rest_processed(cohort, tmp_path, caplog):
+    root, _, s = cohort
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    rows = [ManifestRow("BROKEN", "ct", "nifti", str(bad), split="train"),
+            ManifestRow(s["ct"][1]["patient_id"], "ct", "dicom", s["ct"][1]["series"], split="val")]
+    manifest = write_manifest(rows, tmp_path / "m.csv")
+    with caplog.at_level(logging.ERROR, logger="medvae.prepare"):
+        store = prepare(manifest, tmp_path / "s", TILE.model_copy(update={"workers": 2}))
+    assert "broken.nii.gz" in caplog.text and any("broken.nii.gz" in p for p in store.meta["problems"])
+    assert store.patients() == [s["ct"][1]["patient_id"]] and store.labels is None
+    # nothing usable -> exit code 2 with the reason
+    only_bad = write_manifest(rows[:1], tmp_path / "bad.csv")
+    assert prepare_cli(only_bad, tmp_path / "s2", mode="tile") == 2
+
+
+def test_planted_voxel_label_aligned_across_orientations(tmp_path):
+    # image stored in LPS-ish voxel order, label stored with x and z flipped (RAS-ish): same world grid
+    shape = (160, 140, 6)  # (i, j, k)
+    img = np.full(shape, -1000.0, dtype=np.float32)
+    img[20:150, 10:130, :] = 40.0  # body
+    img[100:104, 30:34, 4] = 1000.0  # a bright block on slice k=4
+    aff = np.diag([-0.8, -0.8, 2.0, 1.0])
+    aff[:3, 3] = [60.0, 50.0, -10.0]
+    nib.save(nib.Nifti1Image(img, aff), tmp_path / "img.nii.gz")
+    lab = np.zeros(shape, dtype=np.uint8)
+    lab[100:104, 30:34, 4] = 1
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3], flip[2, 2], flip[2, 3] = -1, shape[0] - 1, -1, shape[2] - 1
+    nib.save(nib.Nifti1Image(lab[::-1, :, ::-1].copy(), aff @ flip), tmp_path / "lab.nii.gz")
+    manifest = write_manifest([ManifestRow("P1", "ct", "nifti", "img.nii.gz", "lab.nii.gz", split="train")],
+                              tmp_path / "m.csv")  # relative paths: resolved against the manifest's folder
+    for mode in ("tile", "resize"):
+        store = prepare(manifest, tmp_path / mode, PrepareConfig(mode=mode, stride=32, foreground_threshold=0.0))
+        hot = np.flatnonzero(np.asarray(store.labels).reshape(len(store), -1).max(1))
+        assert len(hot) >= 1 and set(store.index["slice_index"][hot]) == {4}
+        for r in hot:
+            bright = store.get(int(r))[0] > 0.5
+            labelled = np.asarray(store.labels[r, 0]) == 1
+            if mode == "tile":  # native resolution: the same pixels
+                np.testing.assert_array_equal(labelled, bright)
+            else:  # resized: the same place, within a pixel
+                np.testing.assert_allclose(np.argwhere(labelled).mean(0), np.argwhere(bright).mean(0), atol=1.0)

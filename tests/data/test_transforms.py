@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+from skimage.filters import threshold_otsu
+
+from medvae.config import PrepareConfig
+from medvae.data.transforms import build_transforms, foreground_mask, normalization_constants, otsu_threshold
+
+
+def run(modality, raw, config=PrepareConfig(), label=None):
+    data = {"image": raw} if label is None else {"image": raw, "label": label}
+    return build_transforms(modality, config, with_label=label is not None, load=False)(data)
+
+
+@pytest.mark.parametrize("window", [(-160.0, 240.0), (-1000.0, 1000.0)])
+def test_ct_window_matches_hand_formula(window):
+    hu = np.random.default_rng(0).uniform(-1200, 1500, (1, 4, 16, 16)).astype(np.float32)
+    out = run("ct", torch.from_numpy(hu), PrepareConfig(ct_window=window))
+    lo, hi = window
+    expected = (np.clip(hu, lo, hi) - lo) / (hi - lo)
+    np.testing.assert_allclose(np.asarray(out["image"]), expected, atol=1e-6)
+    assert out["normalization"] == {"low": lo, "high": hi, "unit": "HU"}
+
+
+def test_microscopy_percentiles_match_numpy():
+    counts = np.random.default_rng(1).gamma(2.0, 300.0, (1, 8, 64, 64)).astype(np.float32)
+    cfg = PrepareConfig(microscopy_percentiles=(1.0, 99.8))
+    out = run("microscopy", torch.from_numpy(counts), cfg)
+    p1, p998 = np.percentile(counts, [1.0, 99.8])
+    expected = np.clip((counts - p1) / (p998 - p1), 0, 1)
+    np.testing.assert_allclose(np.asarray(out["image"]), expected, atol=1e-4)
+    norm = normalization_constants(counts, "microscopy", cfg)
+    np.testing.assert_allclose([norm["low"], norm["high"]], [p1, p998], rtol=1e-4)
+    assert norm["unit"] == "counts"
+    # the recorded constants invert the normalization where it did not clip
+    x = np.asarray(out["image"])
+    inside = (x > 0) & (x < 1)
+    np.testing.assert_allclose(norm["low"] + x[inside] * (norm["high"] - norm["low"]), counts[inside], rtol=1e-3)
+
+
+def test_ct_foreground_from_raw_hu():
+    hu = np.full((1, 2, 10, 10), -1000.0, dtype=np.float32)
+    hu[0, :, 2:6, 3:8] = 40.0  # body
+    hu[0, 1, 0, 0] = -600.0  # lung-like air below the body threshold
+    fg = foreground_mask(torch.from_numpy(hu), "ct", PrepareConfig(ct_body_hu=-500))
+    assert fg.shape == (2, 10, 10) and int(fg.sum()) == 2 * 4 * 5
+
+
+def test_otsu_matches_skimage():
+    rng = np.random.default_rng(2)
+    stack = rng.normal(100, 10, (4, 32, 32)).astype(np.float32)
+    stack[:, 8:20, 8:20] += 400
+    assert otsu_threshold(stack) == pytest.approx(threshold_otsu(stack))
+    fg = foreground_mask(stack, "microscopy", PrepareConfig())
+    np.testing.assert_array_equal(fg.numpy(), stack > threshold_otsu(stack))
+    assert not foreground_mask(np.zeros((2, 4, 4)), "microscopy", PrepareConfig()).any()
+
+
+def test_label_kept_as_uint8_classes():
+    lab = np.zeros((1, 2, 4, 4), dtype=np.float32)
+    lab[0, 1, 2, 2], lab[0, 0, 0, 0] = 1, 2
+    out = run("ct", torch.zeros((1, 2, 4, 4)), label=torch.from_numpy(lab))
+    assert out["label"].dtype == torch.uint8
+    np.testing.assert_array_equal(out["label"].numpy(), lab.astype(np.uint8))

@@ -1,0 +1,125 @@
+"""Dispatch of load_volume / inspect_volume, DICOM-label alignment, the MONAI DICOM reader."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from medvae.errors import InputError
+from medvae.io import inspect_volume, load_volume
+
+ROWS, COLS, N = 24, 20, 10
+DXY, DZ = (0.75, 0.9), 2.0  # PixelSpacing (row spacing, column spacing), slice step
+
+
+def _write_series(folder, row_dir, col_dir, origin, bright):
+    """Slices k = 0..N-1 at origin + k * DZ * (row_dir x col_dir); one bright voxel at (k, r, c)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    normal = np.cross(row_dir, col_dir)
+    rng = np.random.default_rng(0)
+    uid = generate_uid()
+    for k in range(N):
+        px = rng.integers(0, 200, (ROWS, COLS)).astype(np.int16)
+        if k == bright[0]:
+            px[bright[1], bright[2]] = 3000
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", uid, N - k
+        ds.Rows, ds.Columns = ROWS, COLS
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.ImageOrientationPatient = [*row_dir, *col_dir]
+        ds.ImagePositionPatient = list(np.asarray(origin) + k * DZ * normal)
+        ds.PixelSpacing = list(DXY)
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+        ds.PixelData = px.tobytes()
+        ds.save_as(folder / f"{(k * 7) % N:03d}.dcm", enforce_file_format=True)
+
+
+def _write_label(path, row_dir, col_dir, origin, bright):
+    """Label per CONTRACTS "Phantom labels": data[i=column, j=row, k=slice], affine from the DICOM grid."""
+    normal = np.cross(row_dir, col_dir)
+    lps = np.eye(4)
+    lps[:3, 0] = np.asarray(row_dir) * DXY[1]
+    lps[:3, 1] = np.asarray(col_dir) * DXY[0]
+    lps[:3, 2] = normal * DZ  # slice step: position of slice 1 minus slice 0
+    lps[:3, 3] = origin  # ImagePositionPatient of the first slice
+    data = np.zeros((COLS, ROWS, N), np.uint8)
+    data[bright[2], bright[1], bright[0]] = 1
+    nib.save(nib.Nifti1Image(data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps), path)
+
+
+@pytest.mark.parametrize(
+    "row_dir, col_dir",
+    [
+        ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),  # standard axial
+        ((1.0, 0.0, 0.0), (0.0, -1.0, 0.0)),  # stacked toward inferior, rows toward anterior
+        ((-1.0, 0.0, 0.0), (0.0, 0.98, 0.198997)),  # columns to the right, slight tilt
+    ],
+)
+def test_phantom_label_aligns_with_dicom(tmp_path, row_dir, col_dir):
+    origin = (-30.0, 12.0, 80.0)
+    bright = (7, 5, 13)  # (slice k, row, column) in the files' own indexing
+    _write_series(tmp_path / "ct", row_dir, col_dir, origin, bright)
+    _write_label(tmp_path / "label.nii.gz", row_dir, col_dir, origin, bright)
+    image = load_volume(tmp_path / "ct", patient_id="P1")
+    label = load_volume(tmp_path / "label.nii.gz")
+    assert image.array.shape == label.array.shape == (N, ROWS, COLS)
+    hot = np.unravel_index(np.argmax(image.array), image.array.shape)
+    assert image.array[hot] == 3000
+    assert np.argwhere(label.array == 1).tolist() == [list(hot)]
+    np.testing.assert_allclose(image.affine, label.affine, atol=1e-4)
+    assert image.spacing == pytest.approx(label.spacing)
+
+
+def test_dispatch_and_inspect(tmp_path):
+    _write_series(tmp_path / "PANCREAS_0003" / "s", (1.0, 0, 0), (0, 1.0, 0), (0, 0, 0), (0, 0, 0))
+    vol = load_volume(tmp_path / "PANCREAS_0003" / "s")
+    assert vol.patient_id == "PANCREAS_0003" and vol.array.shape == (N, ROWS, COLS)
+    assert inspect_volume(tmp_path / "PANCREAS_0003" / "s").shape == (N, ROWS, COLS)
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), tmp_path / "case_7.nii.gz")
+    assert load_volume(tmp_path / "case_7.nii.gz").patient_id == "case_7"
+    assert inspect_volume(tmp_path / "case_7.nii.gz").shape == (6, 5, 4)
+    tifffile.imwrite(tmp_path / "st.tif", np.zeros((3, 8, 9), np.uint16), photometric="minisblack")
+    assert load_volume(tmp_path / "st.tif").array.shape == (3, 8, 9)
+    assert inspect_volume(tmp_path / "st.tif").modality == "microscopy"
+
+
+def test_unknown_and_missing_paths(tmp_path):
+    odd = tmp_path / "scan.mha"
+    odd.write_bytes(b"\x00")
+    with pytest.raises(InputError, match=r"scan\.mha.*unknown.*\.nii"):
+        load_volume(odd)
+    with pytest.raises(InputError, match="scan.mha"):
+        inspect_volume(odd)
+    with pytest.raises(InputError, match="nothing_here.*no such"):
+        load_volume(tmp_path / "nothing_here")
+
+
+def test_monai_dicom_reader(tmp_path):
+    from monai.transforms import LoadImaged
+
+    from medvae.io.dicom import DicomSeriesReader
+
+    _write_series(tmp_path / "PANCREAS_0011" / "s", (1.0, 0, 0), (0, 1.0, 0), (0, 0, 0), (2, 3, 4))
+    series = tmp_path / "PANCREAS_0011" / "s"
+    out = LoadImaged(keys=["image"], reader=DicomSeriesReader(), image_only=False)({"image": str(series)})
+    img = out["image"]
+    vol = load_volume(series)
+    assert tuple(img.shape) == (N, ROWS, COLS)  # our (Z, Y, X), no axis reversal
+    np.testing.assert_array_equal(img.numpy(), vol.array)
+    assert img.meta["patient_id"] == "PANCREAS_0011" and img.meta["modality"] == "ct"
+    assert img.pixdim.tolist() == pytest.approx(list(vol.spacing))
+    assert tuple(img.meta["spatial_shape"]) == (N, ROWS, COLS)
+    # The array-order affine maps index (z, y, x) to the same world point as Volume.affine (i=x, j=y, k=z).
+    z, y, x = 2, 3, 4
+    np.testing.assert_allclose(img.affine.numpy() @ [z, y, x, 1], vol.affine @ [x, y, z, 1])
+    assert DicomSeriesReader().verify_suffix(str(series))
