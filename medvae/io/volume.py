@@ -17,8 +17,8 @@ class Volume:
         patient_id: the study's id (folder or file stem), never a DICOM PatientName.
         modality: ``ct`` | ``mr`` | ``microscopy``.
         source: the file or directory read.
-        orientation: axis codes of the array's (Z, Y, X) axes, e.g. ``"SPL"``/``"RAS"``-style
-            codes for CT/MR or ``"ZYX"`` for microscopy.
+        orientation: ``"LPS"`` for CT/MR: ``array[z, y, x]`` with z toward Superior, y toward
+            Posterior, x toward patient Left (DICOM's axial display); ``"ZYX"`` for microscopy.
         affine: 4x4 voxel-index (x, y, z order as in NIfTI) to world (mm) matrix, when known.
         series_uid: DICOM SeriesInstanceUID, or "".
         warnings: problems that did not stop the read (gaps, skipped files, ...).
