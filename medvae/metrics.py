@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medvae.losses import kl_normal  # re-exported: KL(q(z|x) || N(0, I)) per image, nats
+
 __all__ = [
     "ssim", "ms_ssim", "psnr", "mse", "mae", "kl_normal", "elbo", "iwae_log_likelihood",
     "bits_per_dim", "median_bandwidth", "mmd2", "mmd_test", "pixel_features",
@@ -175,15 +177,6 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, diag exp(logvar)) || N(0, I)) per row, (B,) nats (from medvae.losses when present)."""
-    try:
-        from medvae.losses import kl_normal as _kl
-    except ImportError:  # models helper's module not there yet
-        return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
-    return _kl(mu, logvar)
-
-
 def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     if generator is None:
         return torch.randn(shape, device=like.device, dtype=like.dtype)
@@ -193,7 +186,7 @@ def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torc
 
 @torch.no_grad()
 def elbo(model, x: torch.Tensor, generator: torch.Generator | None = None,
-         return_terms: bool = False):
+         return_terms: bool = False, posterior: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Evidence lower bound per image, nats: E_q[log p(x|z)] - KL(q(z|x) || p(z)).
 
     One-sample estimate of the reconstruction term (z = mu + sigma * eps, eps from
@@ -203,12 +196,13 @@ def elbo(model, x: torch.Tensor, generator: torch.Generator | None = None,
     Args:
         model: any model with ``encode``, ``decode`` and ``log_likelihood`` (ARCHITECTURE).
         x: (B, C, H, W) in [0, 1].
+        posterior: ``(mu, logvar)`` of ``model.encode(x)`` when the caller has it already.
 
     Returns:
         (B,) ELBO; with ``return_terms`` also a dict with ``nll`` (-log p(x|z)), ``kl`` and
         ``x_hat`` (the decoded *sample*; use ``decode(mu)`` for the deterministic recon).
     """
-    mu, logvar = model.encode(x)
+    mu, logvar = model.encode(x) if posterior is None else posterior
     z = mu + (0.5 * logvar).exp() * _randn(mu.shape, mu, generator)
     x_hat = model.decode(z)
     ll = model.log_likelihood(x, x_hat).float()
@@ -221,7 +215,8 @@ def elbo(model, x: torch.Tensor, generator: torch.Generator | None = None,
 
 @torch.no_grad()
 def iwae_log_likelihood(model, x: torch.Tensor, k: int = 64, batch_chunk: int = 1024,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+                        generator: torch.Generator | None = None,
+                        posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Importance-weighted log-likelihood bound (Burda et al. 2016) per image, nats.
 
     log p(x) >= log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x), z_i ~ q(z|x) = N(mu, diag sigma^2),
@@ -235,13 +230,14 @@ def iwae_log_likelihood(model, x: torch.Tensor, k: int = 64, batch_chunk: int = 
         k: importance samples per image.
         batch_chunk: at most this many decoded images per decoder call (bounds memory).
         generator: optional torch.Generator for reproducible samples.
+        posterior: ``(mu, logvar)`` of ``model.encode(x)`` when the caller has it already.
 
     Returns:
         (B,) lower bound on log p(x) in nats; higher is better.
     """
     if k < 1:
         raise ValueError(f"iwae_log_likelihood: k must be >= 1, got {k}")
-    mu, logvar = model.encode(x)
+    mu, logvar = model.encode(x) if posterior is None else posterior
     mu32, logvar32 = mu.float(), logvar.float()
     std = (0.5 * logvar32).exp()
     b, d = mu.shape

@@ -1,0 +1,348 @@
+"""`medvae evaluate`: per-patch metrics -> per-patient and per-modality tables, cohort MMD, report.
+
+For one run (and any ``--compare`` runs) on one split of a patch store:
+
+- per patch (batched, no grad, on the device): reconstruction SSIM, MS-SSIM, PSNR, MSE, MAE of
+  ``decode(mu)`` (the deterministic reconstruction); ELBO (one seeded sample of z, analytic
+  KL); KL; and IWAE log-likelihood (k = ``config.iwae_k``) with its bits/dim on a subset of
+  ``IWAE_PER_PATIENT`` evenly spaced patches per patient (k decodes per patch are the
+  dominant cost; the ``n`` column says how many patches each IWAE figure averages);
+- per patient and per modality: mean, sd and n of each metric, and the worst patches (SSIM);
+- per modality (cohort): unbiased MMD² with a permutation p-value between ``mmd_samples`` real
+  patches and as many model samples, on downsampled-pixel and random-conv features, and the
+  Wasserstein-1 distance between their intensity distributions in physical units. The models
+  are unconditional: with several modalities in one store, the same samples are compared with
+  each modality's patches.
+
+Writes ``metrics.csv`` (tidy: run, patient_id, modality, split, metric, value, n; sd as metric
+``<name>_sd``; modality and cohort rows have patient_id ``ALL``), ``summary.json`` and
+``report.html``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medvae import metrics as M
+from medvae.config import EvaluateConfig, load_config
+from medvae.devices import select_device
+from medvae.errors import InputError
+from medvae.files import write_json, write_text
+
+log = logging.getLogger(__name__)
+
+IWAE_PER_PATIENT = 8  # patches per patient that get the k-sample IWAE bound
+HIST_BINS = 64
+ALL = "ALL"
+CSV_COLUMNS = ("run", "patient_id", "modality", "split", "metric", "value", "n")
+
+# name -> (unit, direction): +1 higher is better, -1 lower is better, 0 no preferred direction.
+METRICS = {
+    "ssim": ("unitless", +1), "ms_ssim": ("unitless", +1), "psnr": ("dB", +1),
+    "mse": ("[0,1]²", -1), "mae": ("[0,1]", -1), "elbo": ("nats", +1), "kl": ("nats", 0),
+    "iwae": ("nats", +1), "bpd": ("bits/dim", -1),
+}
+COHORT_METRICS = {
+    "mmd2_pixel": ("kernel units", -1), "mmd_p_pixel": ("p-value", 0),
+    "mmd2_randconv": ("kernel units", -1), "mmd_p_randconv": ("p-value", 0),
+    "intensity_w1": ("physical units", -1),
+}
+
+
+# --------------------------------------------------------------------------- per patch
+@torch.no_grad()
+def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: torch.device,
+                  iwae_rows: np.ndarray | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per-patch metrics of ``model`` on store rows ``rows``: name -> (len(rows),) float64.
+
+    IWAE and bits/dim are NaN except on ``iwae_rows`` (a subset of ``rows``; all when None).
+    """
+    gen = torch.Generator().manual_seed(seed)  # CPU generator: the same z on every device
+    iwae_rows = rows if iwae_rows is None else iwae_rows
+    out: dict[str, list] = {k: [] for k in METRICS}
+    for start in range(0, len(rows), cfg.batch_size):
+        batch = rows[start:start + cfg.batch_size]
+        x = torch.from_numpy(store.get(batch)).to(device)
+        mu, logvar = model.encode(x)
+        recon = model.decode(mu).float()
+        for name, fn in (("ssim", M.ssim), ("ms_ssim", M.ms_ssim), ("psnr", M.psnr), ("mse", M.mse),
+                         ("mae", M.mae)):
+            out[name].append(fn(recon, x))
+        elbo, terms = M.elbo(model, x, generator=gen, return_terms=True, posterior=(mu, logvar))
+        out["elbo"].append(elbo)
+        out["kl"].append(terms["kl"])
+        iw = torch.full((len(batch),), float("nan"), device=device)
+        sel = torch.from_numpy(np.isin(batch, iwae_rows)).to(device)
+        if sel.any():
+            iw[sel] = M.iwae_log_likelihood(model, x[sel], k=cfg.iwae_k, batch_chunk=4 * cfg.batch_size,
+                                            generator=gen, posterior=(mu[sel], logvar[sel]))
+        out["iwae"].append(iw)
+        out["bpd"].append(M.bits_per_dim(iw, x[0].numel()))
+    return {k: torch.cat(v).double().cpu().numpy() if v else np.zeros(0) for k, v in out.items()}
+
+
+def _stats(v: np.ndarray) -> dict:
+    v = v[np.isfinite(v)]
+    n = int(v.size)
+    return {"mean": float(v.mean()) if n else float("nan"),
+            "sd": float(v.std(ddof=1)) if n > 1 else 0.0 if n else float("nan"), "n": n}
+
+
+def _iwae_subset(patient_ids: np.ndarray, rows: np.ndarray, per_patient: int) -> np.ndarray:
+    picks = []
+    for pid in np.unique(patient_ids):
+        r = rows[patient_ids == pid]
+        picks.append(r[np.unique(np.linspace(0, len(r) - 1, min(per_patient, len(r))).round().astype(int))])
+    return np.sort(np.concatenate(picks)) if picks else rows[:0]
+
+
+# --------------------------------------------------------------------------- cohort
+@torch.no_grad()
+def _samples(model, n: int, batch: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([model.sample(min(batch, n - i), generator=gen).float().cpu() for i in range(0, n, batch)])
+
+
+def cohort_metrics(store, rows: np.ndarray, samples: torch.Tensor, modality: str, cfg: EvaluateConfig,
+                   device: torch.device, seed: int = 0) -> tuple[dict, dict]:
+    """MMD (pixel and random-conv features) and intensity W1 between real rows and samples.
+
+    Returns ``(metrics, histogram data)``.
+    """
+    rng = np.random.default_rng(seed)
+    real_rows = np.sort(rng.choice(rows, min(cfg.mmd_samples, len(rows)), replace=False))
+    real = torch.from_numpy(store.get(real_rows))
+    feats = {}
+    for name, fn in (("pixel", M.pixel_features), ("randconv", M.random_conv_features)):
+        fx = torch.cat([fn(real[i:i + cfg.batch_size].to(device)) for i in range(0, len(real), cfg.batch_size)])
+        fy = torch.cat([fn(samples[i:i + cfg.batch_size].to(device)) for i in range(0, len(samples), cfg.batch_size)])
+        feats[name] = (fx, fy)
+    res: dict = {"n_real": int(len(real_rows)), "n_samples": int(len(samples))}
+    for name, (fx, fy) in feats.items():
+        if len(fx) >= 2 and len(fy) >= 2:
+            stat, p = M.mmd_test(fx, fy, permutations=cfg.mmd_permutations, seed=seed)
+        else:
+            stat, p = float("nan"), float("nan")
+        res[f"mmd2_{name}"], res[f"mmd_p_{name}"] = stat, p
+    norm = store.normalization(modality)
+    real_phys = store.to_physical(real.numpy(), modality)
+    fake_phys = store.to_physical(samples.numpy(), modality)
+    res["intensity_w1"] = M.intensity_wasserstein(real_phys, fake_phys)
+    res["unit"] = norm.get("unit", "")
+    edges = np.linspace(float(norm["low"]), float(norm["high"]), HIST_BINS + 1)
+    hist = {"edges": edges.tolist(), "unit": res["unit"],
+            "real": np.histogram(real_phys, edges, density=True)[0].tolist(),
+            "synthetic": np.histogram(fake_phys, edges, density=True)[0].tolist()}
+    return res, hist
+
+
+# --------------------------------------------------------------------------- one run
+def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_figures: bool = True) -> dict:
+    """All metrics of one run on ``cfg.split`` of ``store``; figures data when ``with_figures``."""
+    from medvae.engine.checkpoint import resolve_checkpoint
+    from medvae.models import load_model
+
+    ckpt = resolve_checkpoint(run, "best")
+    model, meta = load_model(ckpt, device=device)
+    name = Path(run).resolve().name if Path(run).is_dir() else Path(run).stem
+    if meta.get("store_hash") and meta["store_hash"] != store.content_hash:
+        log.warning("%s was trained on another store (hash %s…, this store %s…); metrics are out-of-store",
+                    name, str(meta["store_hash"])[:12], store.content_hash[:12])
+    rows = store.select(split=cfg.split)
+    if rows.size == 0:
+        raise InputError(f"{store.path}: no patches in split '{cfg.split}'; the store has {store.splits}. "
+                         "Use --split with one of those")
+    pids = store.index["patient_id"][rows].astype(str)
+    mods = store.index["modality"][rows].astype(str)
+    log.info("evaluating %s (%s) on %d %s patches of %d patients", name, ckpt.name, len(rows), cfg.split,
+             len(set(pids)))
+    per = patch_metrics(model, store, rows, cfg, device, _iwae_subset(pids, rows, IWAE_PER_PATIENT))
+
+    per_patient, per_modality = {}, {}
+    for pid in sorted(set(pids)):
+        m = pids == pid
+        order = np.argsort(per["ssim"][m])
+        prow = rows[m]
+        worst = [{"row": int(prow[i]), "slice_index": int(store.index["slice_index"][prow[i]]),
+                  "y": int(store.index["y"][prow[i]]), "x": int(store.index["x"][prow[i]]),
+                  "ssim": float(per["ssim"][m][i])} for i in order[:cfg.worst_patches]]
+        per_patient[pid] = {"modality": str(mods[m][0]), "n_patches": int(m.sum()),
+                            "metrics": {k: _stats(v[m]) for k, v in per.items()},
+                            "worst_patches": worst, "best_row": int(prow[order[-1]])}
+    cohort, hists = {}, {}
+    samples = _samples(model, cfg.mmd_samples, cfg.batch_size, seed=0)
+    for mod in sorted(set(mods)):
+        m = mods == mod
+        per_modality[mod] = {"n_patches": int(m.sum()), "n_patients": len(set(pids[m])),
+                             "metrics": {k: _stats(v[m]) for k, v in per.items()}}
+        cohort[mod], hists[mod] = cohort_metrics(store, rows[m], samples, mod, cfg, device)
+
+    result = {"run": name, "checkpoint": str(ckpt), "step": meta.get("step"),
+              "model": (meta.get("model_config") or {}).get("name"), "split": cfg.split,
+              "store": str(store.path), "store_hash_matches": meta.get("store_hash") in (None, store.content_hash),
+              "per_patient": per_patient, "per_modality": per_modality, "cohort": cohort}
+    if with_figures:
+        result["_figures"] = _figure_data(model, store, per_patient, samples, hists, per, pids, device)
+    return result
+
+
+@torch.no_grad()
+def _figure_data(model, store, per_patient, samples, hists, per, pids, device) -> dict:
+    """Arrays the report draws: best/worst triptychs, samples, a latent traversal, histograms."""
+    picks = []
+    for pid, p in per_patient.items():
+        picks += [(pid, "best", p["best_row"]), (pid, "worst", p["worst_patches"][0]["row"])]
+    rows = np.array([r for _, _, r in picks], dtype=np.int64)
+    x = torch.from_numpy(store.get(rows)).to(device)
+    mu, _ = model.encode(x)
+    recon = model.decode(mu).float()
+    ssim_vals = M.ssim(recon, x).cpu().numpy()
+    tri = {}
+    for (pid, kind, row), xi, ri, s in zip(picks, x.cpu().numpy(), recon.cpu().numpy(), ssim_vals):
+        mod = per_patient[pid]["modality"]
+        tri.setdefault(pid, []).append({
+            "kind": kind, "slice_index": int(store.index["slice_index"][row]), "ssim": float(s),
+            "original": store.to_physical(xi, mod), "reconstruction": store.to_physical(ri, mod)})
+    # Latent traversal along the dims whose posterior means vary most over the evaluated patches.
+    z0 = mu.mean(0)
+    spread = mu.var(0) if len(mu) > 1 else torch.ones_like(z0)
+    dims = torch.argsort(spread, descending=True)[: min(4, mu.shape[1])]
+    steps = torch.linspace(-3, 3, 7, device=z0.device)
+    z = z0.repeat(len(dims) * len(steps), 1)
+    for i, d in enumerate(dims.tolist()):
+        z[i * len(steps):(i + 1) * len(steps), d] = z0[d] + steps
+    trav = model.decode(z).float().cpu().numpy()
+    mods = sorted({p["modality"] for p in per_patient.values()})
+    return {"triptychs": tri, "samples": samples[:16].numpy(), "traversal": trav,
+            "traversal_dims": dims.tolist(), "traversal_steps": steps.tolist(), "histograms": hists,
+            "modalities": mods, "distributions": {pid: {k: per[k][pids == pid] for k in ("ssim", "psnr", "mae")}
+                                                  for pid in per_patient},
+            "normalization": {m: store.normalization(m) for m in mods}}
+
+
+# --------------------------------------------------------------------------- outputs
+def tidy_rows(res: dict) -> list[tuple]:
+    """metrics.csv rows of one run result."""
+    out = []
+    run, split = res["run"], res["split"]
+    for pid, p in res["per_patient"].items():
+        for k, s in p["metrics"].items():
+            out += [(run, pid, p["modality"], split, k, s["mean"], s["n"]),
+                    (run, pid, p["modality"], split, f"{k}_sd", s["sd"], s["n"])]
+    for mod, p in res["per_modality"].items():
+        for k, s in p["metrics"].items():
+            out += [(run, ALL, mod, split, k, s["mean"], s["n"]), (run, ALL, mod, split, f"{k}_sd", s["sd"], s["n"])]
+        for k in COHORT_METRICS:
+            c = res["cohort"][mod]
+            out.append((run, ALL, mod, split, k, c[k], min(c["n_real"], c["n_samples"])))
+    return out
+
+
+def compare_table(results: list[dict]) -> list[dict]:
+    """Side-by-side rows: one per (modality, metric), values per run, best run marked."""
+    table = []
+    mods = sorted({m for r in results for m in r["per_modality"]})
+    for mod in mods:
+        for k, (unit, direction) in {**METRICS, **COHORT_METRICS}.items():
+            vals = {}
+            for r in results:
+                if mod not in r["per_modality"]:
+                    continue
+                v = r["cohort"][mod][k] if k in COHORT_METRICS else r["per_modality"][mod]["metrics"][k]["mean"]
+                vals[r["run"]] = None if v is None or not math.isfinite(v) else float(v)
+            finite = {n: v for n, v in vals.items() if v is not None}
+            best = None
+            if direction and len(finite) > 1:
+                best = (max if direction > 0 else min)(finite, key=finite.get)
+            if k == "intensity_w1":
+                unit = results[0]["cohort"][mod].get("unit", unit)
+            table.append({"modality": mod, "metric": k, "unit": unit, "direction": direction,
+                          "values": vals, "best": best})
+    return table
+
+
+def _unique_names(results: list[dict]) -> None:
+    seen: dict[str, int] = {}
+    for r in results:
+        n = seen.get(r["run"], 0)
+        seen[r["run"]] = n + 1
+        if n:
+            r["run"] = f"{r['run']}#{n + 1}"
+
+
+def evaluate(run, store, out, config: EvaluateConfig | None = None, compare=(), device="auto") -> dict:
+    """Evaluate ``run`` (and ``compare`` runs) on ``store``; write metrics.csv, summary.json, report.html.
+
+    Args:
+        run: run directory of `medvae train` (its best checkpoint) or a checkpoint file.
+        store: patch store directory or an open PatchStore.
+        out: report directory (created).
+        config: EvaluateConfig (split, iwae_k, mmd_samples, mmd_permutations, batch_size, worst_patches).
+        compare: more runs, evaluated alike and tabulated side by side.
+        device: auto | cpu | cuda | cuda:N | mps.
+
+    Returns:
+        The summary dict written to summary.json.
+    """
+    from medvae.data.store import PatchStore, open_store
+    from medvae.report import write_report
+
+    cfg = config or EvaluateConfig()
+    store = store if isinstance(store, PatchStore) else open_store(store)
+    dev = select_device(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [evaluate_run(r, store, cfg, dev, with_figures=(i == 0)) for i, r in enumerate([run, *compare])]
+    _unique_names(results)
+    figures = results[0].pop("_figures")
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in results:
+        w.writerows(tidy_rows(r))
+    write_text(out / "metrics.csv", buf.getvalue())
+
+    summary = dict(results[0])
+    summary["metric_info"] = {k: {"unit": u, "direction": {1: "higher", -1: "lower", 0: "none"}[d]}
+                              for k, (u, d) in {**METRICS, **COHORT_METRICS}.items()}
+    summary["iwae_patches_per_patient"] = IWAE_PER_PATIENT
+    summary["config"] = cfg.model_dump(mode="json")
+    if compare:
+        summary["compare"] = {"runs": [r["run"] for r in results], "table": compare_table(results),
+                              "results": {r["run"]: {k: r[k] for k in ("per_modality", "cohort", "checkpoint")}
+                                          for r in results[1:]}}
+    write_json(out / "summary.json", _jsonable(summary))
+    write_report(summary, figures, out / "report.html")
+    log.info("wrote %s, %s and %s", out / "metrics.csv", out / "summary.json", out / "report.html")
+    return summary
+
+
+def _jsonable(obj):
+    """NaN/inf -> None so summary.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def evaluate_cli(run, store, out, split: str = "test", compare=(), config=None, device: str = "auto") -> dict:
+    """Entry point of `medvae evaluate` (see medvae/cli.py)."""
+    cfg = load_config(config, EvaluateConfig)
+    if split is not None:
+        cfg = cfg.model_copy(update={"split": split})
+    for path in [run, *compare]:
+        if not os.path.exists(path):
+            raise InputError(f"{path}: run directory not found; give the --out of `medvae train`")
+    return evaluate(run, store, out, cfg, compare=list(compare), device=device)

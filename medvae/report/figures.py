@@ -1,0 +1,117 @@
+"""Report figures: matplotlib (Agg) -> base64 PNG strings embedded in the HTML.
+
+Images arrive in physical units. CT is shown in grey in HU, windowed to the store's
+normalization window; microscopy with a perceptual colormap; error maps as |original - recon|
+in the same units with their own colour bar.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ACCENT = "#2b6cb0"
+SYNTH = "#dd6b20"
+plt.rcParams.update({
+    "font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "axes.titlesize": 10,
+    "figure.dpi": 100, "savefig.bbox": "tight", "savefig.pad_inches": 0.05,
+})
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _display(modality: str, norm: dict) -> dict:
+    if modality == "ct":
+        return {"cmap": "gray", "vmin": float(norm["low"]), "vmax": float(norm["high"])}
+    return {"cmap": "magma", "vmin": float(norm["low"]), "vmax": float(norm["high"])}
+
+
+def _first_channel(img: np.ndarray) -> np.ndarray:
+    return img[0] if img.ndim == 3 else img
+
+
+def triptych(items: list[dict], modality: str, norm: dict) -> str:
+    """Rows of original / reconstruction / error map (one row per item: best, worst...)."""
+    disp = _display(modality, norm)
+    unit = norm.get("unit", "")
+    fig, axes = plt.subplots(len(items), 3, figsize=(7.6, 2.6 * len(items)), squeeze=False, layout="constrained")
+    for row, it in zip(axes, items):
+        orig, rec = _first_channel(it["original"]), _first_channel(it["reconstruction"])
+        err = np.abs(orig - rec)
+        title = f"{it['kind']} · slice {it['slice_index']} · SSIM {it['ssim']:.3f}"
+        for ax, img, label in ((row[0], orig, "original"), (row[1], rec, "reconstruction")):
+            im = ax.imshow(img, **disp)
+            ax.set_title(f"{label}\n{title}" if label == "original" else label)
+        fig.colorbar(im, ax=row[1], fraction=0.046, pad=0.02, label=unit)  # shared by original and recon
+        im = row[2].imshow(err, cmap="inferno", vmin=0, vmax=max(float(np.percentile(err, 99.5)), 1e-6))
+        row[2].set_title("|error|")
+        fig.colorbar(im, ax=row[2], fraction=0.046, pad=0.02, label=unit)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return _png(fig)
+
+
+def image_grid(images: np.ndarray, modality: str, norm: dict, ncols: int = 8, title: str = "",
+               row_labels: list[str] | None = None) -> str:
+    """Grid of (N, C, H, W) images (physical units)."""
+    disp = _display(modality, norm)
+    n = len(images)
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.15 * ncols, 1.15 * nrows + (0.3 if title else 0)),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for s in ax.spines.values():
+            s.set_visible(False)
+        if i < n:
+            ax.imshow(_first_channel(images[i]), **disp)
+    if row_labels:
+        for ax, lab in zip(axes[:, 0], row_labels):
+            ax.set_ylabel(lab, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title)
+    fig.subplots_adjust(wspace=0.04, hspace=0.04)
+    return _png(fig)
+
+
+def histograms(hist: dict, modality: str) -> str:
+    """Real vs synthetic intensity densities in physical units."""
+    edges = np.asarray(hist["edges"])
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    fig, ax = plt.subplots(figsize=(5.2, 2.6))
+    ax.fill_between(centers, hist["real"], step="mid", alpha=0.35, color=ACCENT, label="real")
+    ax.step(centers, hist["synthetic"], where="mid", color=SYNTH, lw=1.6, label="synthetic")
+    ax.set_xlabel(f"intensity ({hist.get('unit', '')})")
+    ax.set_ylabel("density")
+    ax.set_title(f"{modality}: intensity distribution")
+    ax.legend(frameon=False)
+    return _png(fig)
+
+
+def distributions(per_patient: dict[str, dict[str, np.ndarray]], metrics=("ssim", "psnr", "mae")) -> str:
+    """Per-patient box plots of per-patch metrics (one panel per metric)."""
+    pids = list(per_patient)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 0.35 * len(pids) + 1.2),
+                             squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        data = [np.asarray(per_patient[p][m])[np.isfinite(per_patient[p][m])] for p in pids]
+        ax.boxplot(data, orientation="horizontal", widths=0.6, patch_artist=True, showfliers=True,
+                   boxprops={"facecolor": "#bee3f8", "edgecolor": ACCENT},
+                   medianprops={"color": SYNTH}, flierprops={"markersize": 2})
+        ax.set_yticks(range(1, len(pids) + 1), pids if ax is axes[0][0] else [""] * len(pids))
+        ax.set_title(m.upper().replace("_", "-"))
+        ax.invert_yaxis()
+    return _png(fig)

@@ -1,0 +1,127 @@
+"""`medvae evaluate` end to end on a tiny store and two tiny (untrained) ConvVAE checkpoints."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medvae.config import EvaluateConfig, ModelConfig
+from medvae.data.store import write_store
+from medvae.engine.checkpoint import save_checkpoint
+from medvae.evaluate import CSV_COLUMNS, METRICS, evaluate, evaluate_cli
+from medvae.models import build_model
+
+PATIENTS = ["PANCREAS_0001", "PANCREAS_0002", "PANCREAS_0003"]
+CFG = EvaluateConfig(split="test", iwae_k=4, mmd_samples=24, mmd_permutations=20, batch_size=16, worst_patches=2)
+
+
+def _store(path):
+    rng = np.random.default_rng(0)
+    n_per, size = 10, 64
+    yy, xx = np.mgrid[:size, :size] / size
+    ids, imgs = [], []
+    for p, pid in enumerate(PATIENTS):
+        for i in range(n_per):
+            cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.3)
+            imgs.append(((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) * (0.5 + 0.1 * p) + 0.1)
+            ids.append(pid)
+    n = len(ids)
+    index = {"patient_id": ids, "modality": ["ct"] * n, "split": ["test"] * n, "slice_index": list(range(n)),
+             "y": [0] * n, "x": [0] * n, "foreground_fraction": [1.0] * n, "source": ["phantom"] * n}
+    meta = {"content_hash": "tiny-eval-store",
+            "normalization": {"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}}}
+    return write_store(path, np.stack(imgs)[:, None].astype(np.float32), index, meta)
+
+
+def _run(path, seed, store_hash="tiny-eval-store", name="vae"):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(name=name, image_size=64, channels=(8, 16), latent_dim=8, disc_channels=8, disc_layers=2)
+    model = build_model(cfg)
+    save_checkpoint(path / "checkpoints" / "best.pt", {
+        "model_config": cfg.model_dump(mode="json"), "model_state": model.state_dict(), "step": 7,
+        "store_hash": store_hash})
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    torch.set_num_threads(1)
+    return _store(root / "store"), _run(root / "vae_a", 0), _run(root / "vae_b", 1, store_hash="other", name="vaegan")
+
+
+def test_evaluate_writes_three_outputs(setup, tmp_path, caplog):
+    store, run_a, _ = setup
+    out = tmp_path / "report"
+    summary = evaluate(run_a, store.path, out, CFG, device="cpu")
+    assert {p.name for p in out.iterdir()} >= {"metrics.csv", "summary.json", "report.html"}
+
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0].keys()) == CSV_COLUMNS
+    for pid in PATIENTS:
+        mine = {r["metric"]: r for r in rows if r["patient_id"] == pid}
+        assert set(METRICS) <= set(mine) and {f"{m}_sd" for m in METRICS} <= set(mine)
+        assert int(mine["ssim"]["n"]) == 10 and int(mine["iwae"]["n"]) == 8
+        assert -1 <= float(mine["ssim"]["value"]) <= 1
+        assert mine["ssim"]["modality"] == "ct" and mine["ssim"]["split"] == "test"
+    cohort = {r["metric"]: float(r["value"]) for r in rows if r["patient_id"] == "ALL"}
+    assert {"mmd2_pixel", "mmd_p_pixel", "mmd2_randconv", "intensity_w1"} <= set(cohort)
+    assert 0 < cohort["mmd_p_pixel"] <= 1 and cohort["intensity_w1"] >= 0
+
+    js = json.loads((out / "summary.json").read_text())
+    assert set(js) >= {"per_patient", "per_modality", "cohort"}
+    assert sorted(js["per_patient"]) == PATIENTS
+    assert js["per_modality"]["ct"]["n_patches"] == 30
+    assert js["cohort"]["ct"]["unit"] == "HU"
+    assert len(js["per_patient"]["PANCREAS_0001"]["worst_patches"]) == 2
+    # ELBO <= IWAE on average (IWAE with k >= 1 is a tighter bound).
+    m = js["per_modality"]["ct"]["metrics"]
+    assert m["elbo"]["mean"] < m["iwae"]["mean"] + 1.0
+    assert summary["run"] == "vae_a"
+
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3 + len(PATIENTS)
+    for pid in PATIENTS:
+        assert f'id="p-{pid}"' in html
+    # Offline and anonymous: nothing fetched, no DICOM identity strings.
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+    for ident in ("PHANTOM^", "PatientName", "BirthDate"):
+        assert ident not in html and ident not in (out / "summary.json").read_text()
+
+
+def test_compare_marks_best(setup, tmp_path, caplog):
+    store, run_a, run_b = setup
+    out = tmp_path / "cmp"
+    with caplog.at_level("WARNING"):
+        summary = evaluate_cli(run_a, store.path, out, split="test", compare=[run_b], device="cpu",
+                               config=_yaml(tmp_path))
+    assert "trained on another store" in caplog.text  # run_b's store hash differs
+    table = summary["compare"]["table"]
+    assert summary["compare"]["runs"] == ["vae_a", "vae_b"]
+    ssim_row = next(r for r in table if r["metric"] == "ssim")
+    vals = ssim_row["values"]
+    assert ssim_row["best"] == max(vals, key=vals.get)
+    mse_row = next(r for r in table if r["metric"] == "mse")
+    assert mse_row["best"] == min(mse_row["values"], key=mse_row["values"].get)
+    assert next(r for r in table if r["metric"] == "kl")["best"] is None  # no better direction
+    with open(out / "metrics.csv", newline="") as f:
+        assert {r["run"] for r in csv.DictReader(f)} == {"vae_a", "vae_b"}
+    html = (out / "report.html").read_text()
+    assert 'id="compare"' in html and 'class="best"' in html
+
+
+def test_bad_split_is_a_user_error(setup, tmp_path):
+    from medvae.errors import InputError
+
+    store, run_a, _ = setup
+    with pytest.raises(InputError, match="split 'nope'"):
+        evaluate(run_a, store.path, tmp_path / "x", CFG.model_copy(update={"split": "nope"}), device="cpu")
+
+
+def _yaml(tmp_path):
+    p = tmp_path / "eval.yaml"
+    p.write_text("iwae_k: 2\nmmd_samples: 16\nmmd_permutations: 10\nbatch_size: 16\nworst_patches: 1\n")
+    return p
