@@ -238,7 +238,8 @@ def iwae_log_likelihood(model, x: torch.Tensor, k: int = 64, batch_chunk: int = 
     if k < 1:
         raise ValueError(f"iwae_log_likelihood: k must be >= 1, got {k}")
     mu, logvar = model.encode(x) if posterior is None else posterior
-    mu32, logvar32 = mu.float(), logvar.float()
+    dt = torch.promote_types(mu.dtype, torch.float32)  # at least float32 for the densities
+    mu32, logvar32 = mu.to(dt), logvar.to(dt)
     std = (0.5 * logvar32).exp()
     b, d = mu.shape
     per_call = max(1, batch_chunk // b)  # samples of every image decoded per call
@@ -249,7 +250,7 @@ def iwae_log_likelihood(model, x: torch.Tensor, k: int = 64, batch_chunk: int = 
         z = mu32 + std * eps  # (kk, B, D)
         x_hat = model.decode(z.reshape(kk * b, d).to(mu.dtype))
         x_rep = x.unsqueeze(0).expand(kk, *x.shape).reshape(kk * b, *x.shape[1:])
-        ll = model.log_likelihood(x_rep, x_hat).float().view(kk, b)
+        ll = model.log_likelihood(x_rep, x_hat).to(dt).view(kk, b)
         log_pz = -0.5 * (z.pow(2).sum(-1) + d * _LOG_2PI)
         log_qz = -0.5 * (eps.pow(2).sum(-1) + logvar32.sum(-1) + d * _LOG_2PI)
         log_w.append(ll + log_pz - log_qz)

@@ -1,0 +1,66 @@
+"""The HTML report alone: self-contained, one section per patient, compare table, escaping."""
+
+import re
+
+import numpy as np
+
+from medvae.evaluate import COHORT_METRICS, METRICS, compare_table
+from medvae.report import render_report
+from medvae.report.html import _fmt
+
+
+def _result(run, ssim, pids=("PANCREAS_0001", "PANCREAS_0002")):
+    stats = {k: {"mean": ssim if k == "ssim" else 1.0, "sd": 0.1, "n": 5} for k in METRICS}
+    stats["psnr"]["mean"] = float("nan")  # renders as a dash, never "nan"
+    return {
+        "run": run, "checkpoint": "x.pt", "step": 10, "model": "vae", "split": "test", "store": "/s",
+        "store_hash_matches": True,
+        "per_patient": {p: {"modality": "ct", "n_patches": 5, "metrics": stats, "best_row": 0,
+                            "worst_patches": [{"row": 1, "slice_index": 3, "y": 0, "x": 0, "ssim": 0.5}]}
+                        for p in pids},
+        "per_modality": {"ct": {"n_patches": 10, "n_patients": len(pids), "metrics": stats}},
+        "cohort": {"ct": {"n_real": 8, "n_samples": 8, "unit": "HU", **{k: 0.01 for k in COHORT_METRICS}}},
+        "metric_info": {k: {"unit": u, "direction": {1: "higher", -1: "lower", 0: "none"}[d]}
+                        for k, (u, d) in {**METRICS, **COHORT_METRICS}.items()},
+        "iwae_patches_per_patient": 8, "config": {"iwae_k": 4},
+    }
+
+
+def _figs(pids=("PANCREAS_0001", "PANCREAS_0002")):
+    rng = np.random.default_rng(0)
+    img = lambda: rng.uniform(-160, 240, (1, 32, 32)).astype(np.float32)  # noqa: E731
+    item = lambda kind: {"kind": kind, "slice_index": 3, "ssim": 0.5, "original": img(),  # noqa: E731
+                         "reconstruction": img()}
+    edges = np.linspace(-160, 240, 9)
+    return {"triptychs": {p: [item("best"), item("worst")] for p in pids},
+            "samples": rng.random((4, 1, 32, 32)), "traversal": rng.random((6, 1, 32, 32)),
+            "traversal_dims": [2, 0], "traversal_steps": [-1, 0, 1], "modalities": ["ct"],
+            "histograms": {"ct": {"edges": edges.tolist(), "unit": "HU", "real": [1] * 8, "synthetic": [2] * 8}},
+            "distributions": {p: {"ssim": rng.random(5), "psnr": rng.random(5), "mae": rng.random(5)} for p in pids},
+            "normalization": {"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}}}
+
+
+def test_report_is_self_contained_with_patient_sections():
+    html = render_report(_result("a", 0.8), _figs())
+    assert html.lstrip().startswith("<!DOCTYPE html>")
+    assert not re.search(r"(src|href)=\"(https?:)?//", html) and "<script" not in html and "<link" not in html
+    for pid in ("PANCREAS_0001", "PANCREAS_0002"):
+        assert f'id="p-{pid}"' in html and f'href="#p-{pid}"' in html
+    # 2 triptychs + samples + traversal + histogram + distributions
+    assert html.count("data:image/png;base64,") == 6
+    assert "nan" not in re.sub(r"base64,[^\"]+", "", html).lower().replace("nanosec", "")
+    assert 'id="compare"' not in html
+
+
+def test_compare_table_marks_best_and_escapes_ids():
+    a, b = _result("vae", 0.8, pids=("<b>P1",)), _result("vaegan", 0.9, pids=("<b>P1",))
+    a["compare"] = {"runs": ["vae", "vaegan"], "table": compare_table([a, b])}
+    html = render_report(a, _figs(pids=("<b>P1",)))
+    row = re.search(r"<tr><td>ct</td><td>SSIM .*?</tr>", html, re.S).group(0)
+    assert row.count('class="best"') == 1 and re.search(r'class="best">0\.9000 ★', row)
+    assert "<b>P1" not in html and "&lt;b&gt;P1" in html
+
+
+def test_number_format():
+    assert _fmt(float("nan")) == "–" and _fmt(None) == "–"
+    assert _fmt(0.91234, "ssim") == "0.9123" and _fmt(-12345.6) == "-12,345.6" and _fmt(3e-6) == "3.00e-06"
