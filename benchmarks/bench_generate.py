@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = select_device(args.device)
     on_gpu = device.type == "cuda"
-    plan = {128: (256 if args.quick else 1024, 512 if args.quick else 4000),
-            256: (64 if args.quick else 256, 256 if args.quick else 1000)}
+    plan = {128: (64 if args.quick else 1024, 256 if args.quick else 4000),
+            256: (16 if args.quick else 256, 128 if args.quick else 1000)}
     if on_gpu and not args.quick:
         plan = {128: (8192, 20000), 256: (2048, 5000)}
     rows = []

@@ -59,6 +59,20 @@ def bare_read(files: list[Path]) -> float:
     return time.perf_counter() - t
 
 
+def reader_read(series: list[str], labels: list[str]) -> tuple[float, float]:
+    """medvae's own readers alone: (DICOM series via read_dicom_series, label NIfTIs via read_nifti)."""
+    from medvae.io import load_volume
+
+    t = time.perf_counter()
+    for s in series:
+        load_volume(s)
+    t_img = time.perf_counter() - t
+    t = time.perf_counter()
+    for lab in labels:
+        load_volume(lab)
+    return t_img, time.perf_counter() - t
+
+
 def time_prepare(manifest: Path, out: Path, workers: int, mode: str = "resize") -> tuple[float, object]:
     from medvae.config import PrepareConfig
     from medvae.data.store import prepare
@@ -116,11 +130,15 @@ def main() -> None:
         f.read_bytes()
 
     results = {"machine": platform.node(), "cpus": os.cpu_count(), "patients": args.patients,
-               "slices": n_slices, "matrix": 512}
+               "slices": n_slices, "matrix": 512, "load_average_before": os.getloadavg()}
     bare = min(bare_read(files) for _ in range(args.repeats))
     results["bare_read_s"] = bare
     results["bare_read_slices_per_s"] = n_slices / bare
-    time_prepare(manifest, args.out / "bench_store_warmup", 1)  # imports, reader construction
+    reads = [reader_read(series, [c["label"] for c in s["ct"]]) for _ in range(args.repeats)]
+    results["medvae_read_dicom_series_s"] = min(r[0] for r in reads)
+    results["medvae_read_labels_s"] = min(r[1] for r in reads)
+    for w in (1, 2):  # imports, reader construction, the worker processes' start (reported apart)
+        results[f"prepare_w{w}_cold_s"] = time_prepare(manifest, args.out / "bench_store_warmup", w)[0]
     for workers in (1, 2):
         dt = min(time_prepare(manifest, args.out / f"bench_store_w{workers}", workers)[0]
                  for _ in range(args.repeats))
@@ -133,6 +151,7 @@ def main() -> None:
     results.update(loader_patches_per_s=ours, loader_reference_in_memory_patches_per_s=ref,
                    loader_ratio_to_in_memory=ours / ref, loader_goal_patches_per_s=20000)
     shutil.rmtree(args.out / "bench_store_warmup", ignore_errors=True)
+    results["load_average_after"] = os.getloadavg()
 
     from rich.console import Console
     from rich.table import Table
@@ -142,6 +161,9 @@ def main() -> None:
     for col in ("what", "time s", "rate", "ratio", "goal"):
         t.add_column(col)
     t.add_row("bare pydicom dcmread().pixel_array", f"{bare:.2f}", f"{n_slices / bare:.0f} slices/s", "1.00", "")
+    for key, what in (("medvae_read_dicom_series_s", "medvae read_dicom_series alone (in prepare)"),
+                      ("medvae_read_labels_s", "label NIfTIs via read_nifti (in prepare)")):
+        t.add_row(what, f"{results[key]:.2f}", f"{n_slices / results[key]:.0f} slices/s", f"{results[key] / bare:.2f}", "")
     for w in (1, 2):
         t.add_row(f"medvae prepare --workers {w} (resize 128)", f"{results[f'prepare_w{w}_s']:.2f}",
                   f"{results[f'prepare_w{w}_slices_per_s']:.0f} slices/s",
@@ -150,6 +172,7 @@ def main() -> None:
     t.add_row(f"PatchBatches 256 x 128² ({len(tile_store)} patch store)", "", f"{ours:,.0f} patches/s",
               f"{ours / ref:.2f}", ">= 20,000/s")
     Console().print(t)
+    print(f"load average before/after: {results['load_average_before']} / {results['load_average_after']}")
     out = args.out / ("bench_prepare_quick.json" if args.quick else "bench_prepare.json")
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

@@ -275,11 +275,12 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
     timings["audit"] += time.perf_counter() - t
 
     rows, mix_x, mix_m, mix_rows = [], [], [], []
+    all_nn: dict[str, list[float]] = {s: [] for s in audit.SPACES}
     counts = {"written_files": 0, "skipped_existing": 0, "flagged": 0, "dropped": 0}
-    limit = config.n + 10 * n_mix + config.batch_size  # when nearly every sample is flagged, stop
-    pool = ThreadPoolExecutor(max_workers=4)  # zlib / PNG encoding release the GIL
+    limit = config.n + 2 * n_mix + config.batch_size  # when most samples are flagged, stop (and warn)
     start = 0
-    with _deterministic_cudnn(), torch.inference_mode():
+    # zlib / PNG encoding release the GIL: a few threads write one batch's files in parallel
+    with ThreadPoolExecutor(max_workers=4) as pool, _deterministic_cudnn(), torch.inference_mode():
         while start < config.n or (len(mix_rows) < n_mix and start < limit):
             stop = start + config.batch_size if n_mix else min(start + config.batch_size, config.n)
             t = time.perf_counter()
@@ -289,7 +290,6 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
             timings["decode"] += time.perf_counter() - t
             t = time.perf_counter()
             res = audit.audit_batch(ref, audit.features(x[:, :chans]))
-            sample_nn = {s: res[s] for s in audit.SPACES}
             timings["audit"] += time.perf_counter() - t
             t = time.perf_counter()
             jobs = []
@@ -307,10 +307,12 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
                                                 store.spacing(mod)))
                     counts["flagged"] += flagged
                     counts["dropped"] += drop
+                    for s in audit.SPACES:
+                        all_nn[s].append(float(res[s][j]))
                     rows.append({"id": sid, "modality": mod, **files, "seed": config.seed,
                                  "checkpoint_sha256": ckpt_sha, "latent_norm": f"{float(z[j].norm()):.6g}",
-                                 "nearest_train_distance": f"{sample_nn['pixel'][j]:.6g}",
-                                 "nearest_train_distance_features": f"{sample_nn['feature'][j]:.6g}",
+                                 "nearest_train_distance": f"{res['pixel'][j]:.6g}",
+                                 "nearest_train_distance_features": f"{res['feature'][j]:.6g}",
                                  "nearest_train_patient": res["patient"][j], "flagged": int(flagged)})
                 if mix is not None and not flagged and len(mix_rows) < n_mix:
                     mix_x.append(_renormalize(img, mod, store, mix).astype(np.float16))
@@ -324,15 +326,13 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
             start = stop
             if progress is not None:
                 progress(min(start, config.n), config.n)
-    pool.shutdown()
 
     t = time.perf_counter()
     with atomic_open(out / "manifest.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    all_nn = {"pixel": np.array([float(r["nearest_train_distance"]) for r in rows]),
-              "feature": np.array([float(r["nearest_train_distance_features"]) for r in rows])}
+    all_nn = {s: np.asarray(v) for s, v in all_nn.items()}
     audit.plot_audit(out / "audit.png", ref, all_nn)
     augmented = None
     if mix is not None:
@@ -415,7 +415,7 @@ def generate_cli(run, out, *, n: int, seed: int = 0, format: str = "nifti", batc
     cfg = parse_config({"n": n, "seed": seed, "format": format, "batch_size": batch_size,
                         "temperature": temperature, "checkpoint": checkpoint, "drop_flagged": drop_flagged},
                        GenerateConfig, source="medvae generate options")
-    with Progress() as bar:
+    with Progress(transient=True) as bar:
         task = bar.add_task("generating", total=n)
         summary = generate(run, out, cfg, device=device, mix_with=mix_with, ratio=ratio,
                            progress=lambda done, total: bar.update(task, completed=done))

@@ -229,3 +229,16 @@ def test_png_only_and_npy_formats(make_run, tmp_path):
     row = _manifest(tmp_path / "npy")[0]
     x = np.load(tmp_path / "npy" / row["path"])
     np.testing.assert_allclose(x, StubModel().decode(gen.latents(0, 0, 1, 8))[0].numpy(), atol=1e-6)
+
+
+def test_cli_writes_dataset_and_rejects_bad_format(make_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from medvae.cli import app
+
+    run = make_run(StubModel())
+    res = CliRunner().invoke(app, ["generate", str(run), "--n", "3", "--out", str(tmp_path / "out"), "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    assert "0/3 samples" in res.output and len(_manifest(tmp_path / "out")) == 3
+    res = CliRunner().invoke(app, ["generate", str(run), "--n", "3", "--out", str(tmp_path / "x"), "--format", "jpg"])
+    assert res.exit_code == 2 and "format" in res.output

@@ -22,8 +22,21 @@ from pathlib import Path
 from medvae.errors import InputError
 from medvae.files import atomic_open
 
-COLUMNS = ("patient_id", "modality", "format", "path", "label_path", "series_uid", "split",
-           "n_slices", "spacing_z", "spacing_y", "spacing_x", "status", "problem")
+COLUMNS = (
+    "patient_id",
+    "modality",
+    "format",
+    "path",
+    "label_path",
+    "series_uid",
+    "split",
+    "n_slices",
+    "spacing_z",
+    "spacing_y",
+    "spacing_x",
+    "status",
+    "problem",
+)
 MODALITIES = ("ct", "microscopy", "mr")
 FORMATS = ("dicom", "nifti", "tiff")
 SPLITS = ("train", "val", "test")
@@ -82,7 +95,9 @@ def _check_row(row: ManifestRow, where: str, line: int) -> list[str]:
     if row.status not in STATUSES:
         errs.append(_problem(where, line, "status", f"{row.status!r} is not one of {'|'.join(STATUSES)}"))
     if row.modality and row.modality not in MODALITIES:
-        errs.append(_problem(where, line, "modality", f"{row.modality!r} is not one of {'|'.join(MODALITIES)}"))
+        errs.append(
+            _problem(where, line, "modality", f"{row.modality!r} is not one of {'|'.join(MODALITIES)}")
+        )
     if row.format and row.format not in FORMATS:
         errs.append(_problem(where, line, "format", f"{row.format!r} is not one of {'|'.join(FORMATS)}"))
     if row.split and row.split not in SPLITS:
@@ -106,13 +121,20 @@ def _check_patients(rows: Sequence[ManifestRow], where: str, lines: Sequence[int
     """A patient may have several scans but only one split."""
     seen: dict[str, tuple[str, int]] = {}
     errs = []
-    for row, line in zip(rows, lines):
+    for row, line in zip(rows, lines, strict=True):
         if not row.split:
             continue
         first = seen.setdefault(row.patient_id, (row.split, line))
         if first[0] != row.split:
-            errs.append(_problem(where, line, "split", f"patient {row.patient_id} is in {row.split!r} here but "
-                                 f"in {first[0]!r} on line {first[1]}; a patient belongs to one split"))
+            errs.append(
+                _problem(
+                    where,
+                    line,
+                    "split",
+                    f"patient {row.patient_id} is in {row.split!r} here but "
+                    f"in {first[0]!r} on line {first[1]}; a patient belongs to one split",
+                )
+            )
     return errs
 
 
@@ -124,7 +146,9 @@ def _parse(raw: Mapping[str, str], where: str, line: int) -> tuple[ManifestRow, 
         try:
             values[col] = kind(text) if text else None
         except ValueError:
-            errs.append(_problem(where, line, col, f"{text!r} is not a{'n integer' if kind is int else ' number'}"))
+            errs.append(
+                _problem(where, line, col, f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+            )
             values[col] = None
     values["status"] = values["status"] or "ok"
     return ManifestRow(**values), errs
@@ -139,7 +163,9 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"manifest {path} does not exist; write one with `medvae discover SCANS --out {path}`")
+        raise InputError(
+            f"manifest {path} does not exist; write one with `medvae discover SCANS --out {path}`"
+        )
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -150,15 +176,23 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
     missing = [c for c in COLUMNS if c not in header]
     extra = [c for c in header if c not in COLUMNS]
     if missing or extra:
-        what = "; ".join(s for s in (f"missing columns {missing}" if missing else "",
-                                     f"unknown columns {extra}" if extra else "") if s)
+        what = "; ".join(
+            s
+            for s in (
+                f"missing columns {missing}" if missing else "",
+                f"unknown columns {extra}" if extra else "",
+            )
+            if s
+        )
         raise InputError(f"manifest {path}: {what}; the columns are {', '.join(COLUMNS)}")
     rows, lines, errs = [], [], []
     for line, raw in raws:
         if not any((v or "").strip() for k, v in raw.items() if k is not None):
             continue  # blank line
         if None in raw:
-            errs.append(_problem(str(path), line, "problem", f"row has {len(raw[None])} more fields than the header"))
+            errs.append(
+                _problem(str(path), line, "problem", f"row has {len(raw[None])} more fields than the header")
+            )
         row, row_errs = _parse({k.strip(): v for k, v in raw.items() if k is not None}, str(path), line)
         errs += row_errs + _check_row(row, str(path), line)
         rows.append(row)

@@ -58,7 +58,8 @@ def resize_slices(x: torch.Tensor, size: int, label: bool = False) -> torch.Tens
     if tuple(x.shape[-2:]) == (size, size):
         return x
     if label:
-        return F.interpolate(x.float(), size=(size, size), mode="nearest-exact").to(x.dtype)
+        out = F.interpolate(x if x.is_floating_point() else x.float(), size=(size, size), mode="nearest-exact")
+        return out if x.is_floating_point() else out.to(x.dtype)
     return F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
@@ -78,6 +79,19 @@ def tile_slices(x: torch.Tensor, size: int, stride: int) -> tuple[torch.Tensor, 
     return t.permute(0, 2, 3, 1, 4, 5), ys, xs
 
 
+def _count(mask: torch.Tensor, dims) -> torch.Tensor:
+    """Number of True pixels over ``dims`` as int64 (numpy's bool count: ~8x faster than torch's sum on CPU)."""
+    return torch.from_numpy(np.count_nonzero(mask.numpy(), axis=dims).astype(np.int64, copy=False))
+
+
+def labels_to_uint8(lab: torch.Tensor) -> torch.Tensor:
+    """Class values (any dtype) -> uint8, rounded; NaN and negatives -> 0, above 255 -> 255."""
+    if lab.dtype == torch.uint8:
+        return lab
+    t = torch.nan_to_num(lab.float(), nan=0.0).clamp_(0, 255).round_()
+    return t.to(torch.uint8)
+
+
 def extract_patches(image: torch.Tensor, foreground: torch.Tensor, config: PrepareConfig,
                     spacing_yx: tuple[float, float], label: torch.Tensor | None = None) -> Patches:
     """Cut a normalized volume into the store's patches.
@@ -87,21 +101,23 @@ def extract_patches(image: torch.Tensor, foreground: torch.Tensor, config: Prepa
         foreground: bool ``(Z, Y, X)`` (from the raw values, see transforms.foreground_mask).
         config: patch_size, mode, stride, slice_step, foreground_threshold.
         spacing_yx: in-plane ``(sy, sx)`` of the volume.
-        label: ``(1, Z, Y, X)`` or ``(Z, Y, X)`` uint8 on the image's grid, or None.
+        label: ``(1, Z, Y, X)`` or ``(Z, Y, X)`` class values on the image's grid, or None.
     """
     size, thr = int(config.patch_size), float(config.foreground_threshold)
-    zs = torch.arange(0, image.shape[1], max(1, int(config.slice_step)))
-    img = image[:, zs].permute(1, 0, 2, 3)  # (Z', C, Y, X): slices are the batch
-    fg = foreground[zs][:, None].float()  # (Z', 1, Y, X)
+    step = max(1, int(config.slice_step))
+    zs = torch.arange(0, image.shape[1], step)
+    img = image[:, ::step].permute(1, 0, 2, 3)  # (Z', C, Y, X) view: slices are the batch
+    fg = foreground[::step].contiguous()  # (Z', Y, X) bool
     lab = None
     if label is not None:
-        lab = (label if label.ndim == 4 else label[None])[:, zs].permute(1, 0, 2, 3)
+        lab = (label if label.ndim == 4 else label[None])[:, ::step].permute(1, 0, 2, 3)
     Y, X = img.shape[-2:]
     if config.mode == "resize":
-        frac = fg.mean(dim=(1, 2, 3))  # (Z',)
+        frac = _count(fg, (1, 2)).float() / float(Y * X)  # (Z',)
         keep = torch.nonzero(frac >= thr).flatten()
-        images = resize_slices(img[keep].float(), size)
-        labels = resize_slices(lab[keep], size, label=True) if lab is not None else None
+        every = len(keep) == len(zs)  # no copy of the volume when all slices stay
+        images = resize_slices((img if every else img[keep]).float(), size)
+        labels = resize_slices(lab if every else lab[keep], size, label=True) if lab is not None else None
         n = len(keep)
         ys = xs = np.zeros(n, dtype=np.int64)
         spacing = (spacing_yx[0] * Y / size, spacing_yx[1] * X / size)
@@ -109,8 +125,8 @@ def extract_patches(image: torch.Tensor, foreground: torch.Tensor, config: Prepa
     elif config.mode == "tile":
         stride = int(config.stride or size)
         tiles, ty, tx = tile_slices(img, size, stride)  # (Z', nY, nX, C, P, P)
-        fg_tiles, _, _ = tile_slices(fg, size, stride)
-        frac_all = fg_tiles.mean(dim=(-3, -2, -1))  # (Z', nY, nX)
+        fg_tiles, _, _ = tile_slices(fg[:, None], size, stride)  # (Z', nY, nX, 1, P, P) view
+        frac_all = _count(fg_tiles, (-3, -2, -1)).float() / float(size * size)  # (Z', nY, nX)
         keep = torch.nonzero(frac_all >= thr)  # (N, 3): slice, tile row, tile column
         kz, ky, kx = keep.unbind(1)
         images = tiles[kz, ky, kx].float()  # gathers only the kept tiles
@@ -122,7 +138,7 @@ def extract_patches(image: torch.Tensor, foreground: torch.Tensor, config: Prepa
         raise ValueError(f"unknown patch mode {config.mode!r}; expected resize | tile")
     return Patches(
         images=images.contiguous().numpy().astype(np.float32, copy=False),
-        labels=labels.to(torch.uint8).contiguous().numpy() if labels is not None else None,
+        labels=labels_to_uint8(labels).contiguous().numpy() if labels is not None else None,
         slice_index=np.asarray(slice_index, dtype=np.int64),
         y=np.asarray(ys, dtype=np.int64),
         x=np.asarray(xs, dtype=np.int64),

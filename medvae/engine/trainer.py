@@ -80,6 +80,12 @@ def seed_everything(seed: int) -> None:
 def resolve_config(cfg: TrainStageConfig, store: PatchStore) -> TrainStageConfig:
     """A copy of ``cfg`` whose model takes its input shape from the store's ``store.json``."""
     cfg = cfg.model_copy(deep=True)
+    t = cfg.train
+    for key in ("batch_size", "checkpoint_every", "log_every", "epochs"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} is {getattr(t, key)}; it must be at least 1")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"train.max_steps is {t.max_steps}; it must be at least 1")
     try:
         cfg.model.in_channels = int(store.meta["channels"])
         cfg.model.image_size = int(store.meta["patch_size"])

@@ -20,15 +20,17 @@ import json
 import logging
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from medvae.config import DiscoverConfig, SplitConfig
 from medvae.data.manifest import ManifestRow, assign_split, read_manifest, write_manifest
 from medvae.errors import ConfigError, InputError
+from medvae.io.dicom import default_patient_id, inspect_dicom_series
+from medvae.io.nifti import inspect_nifti
+from medvae.io.tiff import inspect_tiff
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,9 @@ def _file_kind(p: Path) -> str | None:
 @dataclass
 class _Dir:
     subdirs: list[Path] = field(default_factory=list)
-    files: dict[str, list[Path]] = field(default_factory=lambda: {"nifti": [], "tiff": [], "dicom": [], "other": []})
+    files: dict[str, list[Path]] = field(
+        default_factory=lambda: {"nifti": [], "tiff": [], "dicom": [], "other": []}
+    )
     dicom_depth: int = -1  # deepest folder below (0 = here) that holds DICOM files; -1 none
     pure_dicom: bool = True  # no NIfTI/TIFF anywhere below
     n_files: int = 0  # any non-junk file below
@@ -84,9 +88,14 @@ def _index(root: Path) -> dict[Path, _Dir]:
     for path in sorted(idx, key=lambda p: len(p.parts), reverse=True):
         node = idx[path]
         children = [idx[s] for s in node.subdirs if s in idx]
-        node.dicom_depth = 0 if node.files["dicom"] else max(
-            [c.dicom_depth + 1 for c in children if c.dicom_depth >= 0], default=-1)
-        node.pure_dicom = not node.files["nifti"] and not node.files["tiff"] and all(c.pure_dicom for c in children)
+        node.dicom_depth = (
+            0
+            if node.files["dicom"]
+            else max([c.dicom_depth + 1 for c in children if c.dicom_depth >= 0], default=-1)
+        )
+        node.pure_dicom = (
+            not node.files["nifti"] and not node.files["tiff"] and all(c.pure_dicom for c in children)
+        )
         node.n_files = sum(len(v) for v in node.files.values()) + sum(c.n_files for c in children)
     return idx
 
@@ -102,7 +111,8 @@ def _is_label_dir(p: Path) -> bool:
     return "label" in p.name.lower()
 
 
-def _classify(d: Path, idx: dict[Path, _Dir], is_root: bool, ignored: list[Path]) -> list[_Source]:
+def _classify(d: Path, idx: dict[Path, _Dir], ignored: list[Path]) -> list[_Source]:
+    """The layouts under ``d`` (the module doc lists them); unknown files go to ``ignored``."""
     node = idx[d]
     names = {s.name for s in node.subdirs}
     if "imagesTr" in names or "imagesTs" in names:
@@ -117,7 +127,7 @@ def _classify(d: Path, idx: dict[Path, _Dir], is_root: bool, ignored: list[Path]
         sources.append(_Source("tiff", d, node.files["tiff"]))
     patients, rest = [], []
     for s in node.subdirs:
-        if _is_label_dir(s) and not is_root:
+        if _is_label_dir(s):  # label maps, found by the scans they belong to
             continue
         sub = idx[s]
         is_patient = _PATIENT_DIR.fullmatch(s.name) or (0 <= sub.dicom_depth <= 2 and sub.pure_dicom)
@@ -127,8 +137,7 @@ def _classify(d: Path, idx: dict[Path, _Dir], is_root: bool, ignored: list[Path]
         rest = [s for s in rest if idx[s].n_files > 0]
         sources.append(_Source("dicom", d, sorted(patients)))
     for s in rest:
-        if not _is_label_dir(s):
-            sources += _classify(s, idx, False, ignored)
+        sources += _classify(s, idx, ignored)
     return sources
 
 
@@ -170,19 +179,19 @@ class _Labels:
         return sorted(set(self.by_stem.values()) - self.used)
 
 
-def _label_dirs(source: _Source, labels: Path | None) -> list[Path]:
+def _label_dirs(source: _Source, labels: Path | None, scans_root: Path) -> list[Path]:
+    """``--labels``, else ``*label*`` folders inside the source folder or beside it. Beside the
+    user's root itself only for DICOM trees (TCIA ships ``Pancreas-CT/`` next to its label folder)."""
     if labels is not None:
         return [labels]
-    near = [*source.root.iterdir(), *source.root.parent.iterdir()] if source.root.parent != source.root else []
+    near = list(source.root.iterdir())
+    if source.root != scans_root or source.kind == "dicom":
+        near += list(source.root.parent.iterdir())
     return sorted({p for p in near if p.is_dir() and _is_label_dir(p) and p.name != "labelsTr"})
 
 
 def _inspect(row: ManifestRow, path: Path, label: Path | None, modality: str) -> ManifestRow:
     """Fill ``row`` from the scan's header (and check its label); a failure makes it a problem row."""
-    from medvae.io.dicom import inspect_dicom_series
-    from medvae.io.nifti import inspect_nifti
-    from medvae.io.tiff import inspect_tiff
-
     try:
         if row.format == "dicom":
             info = inspect_dicom_series(path)
@@ -194,8 +203,10 @@ def _inspect(row: ManifestRow, path: Path, label: Path | None, modality: str) ->
         if label is not None:
             lab = inspect_nifti(label, modality=info.modality)
             if tuple(lab.shape) != tuple(info.shape):
-                notes.append(f"label {label.name} has shape {tuple(lab.shape)} but the scan {tuple(info.shape)}; "
-                             "label not used")
+                notes.append(
+                    f"label {label.name} has shape {tuple(lab.shape)} but the scan {tuple(info.shape)}; "
+                    "label not used"
+                )
                 label = None
     except InputError as err:
         row.status, row.problem = "problem", str(err)
@@ -235,14 +246,28 @@ def _msd_rows(src: _Source, modality: str, ignored: list[Path], problems: list[M
                 if kind:
                     ignored.append(p)
                 continue
-            label = label_dir / p.name if label_dir is not None and (label_dir / p.name).is_file() else None
-            todo.append((ManifestRow(_stem(p), mod, "nifti", str(p.resolve())), p, label))
-    on_disk = {p.name for _, p, _ in todo}
+            pid, ext = _stem(p), p.name[len(_stem(p)) :]
+            # nnU-Net names channels: imagesTr/case_0000.nii.gz goes with labelsTr/case.nii.gz.
+            channel = re.fullmatch(r"(.+)_\d{4}", pid)
+            if channel and label_dir is not None and (label_dir / (channel[1] + ext)).is_file():
+                pid = channel[1]
+            label = label_dir / (pid + ext) if label_dir is not None else None
+            row = ManifestRow(pid, mod, "nifti", str(p.resolve()))
+            todo.append((row, p, label if label is not None and label.is_file() else None))
+    on_disk = {r.patient_id for r, _, _ in todo} | {_stem(p) for _, p, _ in todo}
     for entry in meta.get("training", []) + [{"image": t} for t in meta.get("test", [])]:
         image = entry.get("image", "") if isinstance(entry, dict) else ""
-        if image and Path(image).name not in on_disk:
-            problems.append(ManifestRow(_stem(Path(image)), mod, "nifti", str((root / image).resolve()), status="problem",
-                                        problem=f"listed in {root / 'dataset.json'} but missing on disk"))
+        if image and _stem(Path(image)) not in on_disk:
+            problems.append(
+                ManifestRow(
+                    _stem(Path(image)),
+                    mod,
+                    "nifti",
+                    str((root / image).resolve()),
+                    status="problem",
+                    problem=f"listed in {root / 'dataset.json'} but missing on disk",
+                )
+            )
     return todo
 
 
@@ -268,42 +293,46 @@ def _config(modality: str, config: DiscoverConfig | None) -> DiscoverConfig:
     return config if modality == "auto" else config.model_copy(update={"modality": modality})
 
 
-def run_discovery(scans_dir, labels=None, modality: str = "auto", reference=None,
-                  config: DiscoverConfig | None = None) -> Discovery:
+def run_discovery(
+    scans_dir, labels=None, modality: str = "auto", reference=None, config: DiscoverConfig | None = None
+) -> Discovery:
     """Discover scans under ``scans_dir`` (see the module doc); the full report behind :func:`discover`."""
     cfg = _config(modality, config)
     root = Path(scans_dir)
     if not root.is_dir():
-        raise InputError(f"{root}: {'not a directory' if root.exists() else 'no such directory'}; "
-                         "pass the folder that holds your scans (TCIA, MSD, NIfTI or TIFF)")
+        raise InputError(
+            f"{root}: {'not a directory' if root.exists() else 'no such directory'}; "
+            "pass the folder that holds your scans (TCIA, MSD, NIfTI or TIFF)"
+        )
     if labels is not None and not Path(labels).is_dir():
         raise InputError(f"--labels {labels}: no such directory")
     ref_rows = read_manifest(reference) if reference is not None else []
     idx = _index(root)
     ignored: list[Path] = []
-    sources = _classify(root, idx, True, ignored)
+    sources = _classify(root, idx, ignored)
     wanted = cfg.modality
     todo: list[tuple[ManifestRow, Path, Path | None]] = []
     rows: list[ManifestRow] = []
     unused: list[Path] = []
     for src in sources:
+        if (src.kind == "tiff") != (wanted == "microscopy") and wanted != "auto":
+            continue  # TIFF folders are microscopy; DICOM, MSD and NIfTI are CT/MR
         if src.kind == "msd":
             todo += _msd_rows(src, wanted, ignored, rows)
             continue
-        if src.kind == "tiff" and wanted not in ("auto", "microscopy"):
-            continue
-        if src.kind != "tiff" and wanted == "microscopy":
-            continue
-        lab = _Labels(_label_dirs(src, Path(labels) if labels is not None else None)) \
-            if src.kind != "tiff" or labels is not None else None
+        lab = None
+        if src.kind != "tiff" or labels is not None:
+            lab = _Labels(_label_dirs(src, Path(labels) if labels is not None else None, root))
         for item in src.items:
             if src.kind == "dicom":
-                from medvae.io.dicom import default_patient_id
-
                 pid, mod = default_patient_id(item), "ct" if _PATIENT_DIR.fullmatch(item.name) else ""
+            elif src.kind == "tiff":
+                pid, mod = _stem(item), "microscopy"
             else:
-                pid, mod = _stem(item), "microscopy" if src.kind == "tiff" else ("ct" if wanted == "auto" else wanted)
-            todo.append((ManifestRow(pid, mod, src.kind, str(item.resolve())), item, lab.find(pid) if lab else None))
+                pid, mod = _stem(item), "ct" if wanted == "auto" else wanted
+            todo.append(
+                (ManifestRow(pid, mod, src.kind, str(item.resolve())), item, lab.find(pid) if lab else None)
+            )
         unused += lab.unused if lab else []
     for row, path, label in todo:
         row = _inspect(row, path, label, row.modality or "ct")
@@ -315,7 +344,7 @@ def run_discovery(scans_dir, labels=None, modality: str = "auto", reference=None
     found = Discovery(rows, sorted(set(ignored)), unused, reference=Path(reference) if reference else None)
     _assign_splits(found, ref_rows, cfg.split, root)
     for p in found.ignored:
-        log.warning("ignored %s: not a scan format medvae reads (DICOM, NIfTI, TIFF)", p)
+        log.debug("ignored %s: not a scan format medvae reads (DICOM, NIfTI, TIFF)", p)
     return found
 
 
@@ -326,8 +355,11 @@ def _assign_splits(found: Discovery, ref_rows: list[ManifestRow], split: SplitCo
         ref.setdefault(r.patient_id, r)
     for row in found.rows:
         listed = ref.get(row.patient_id)
-        row.split = listed.split if listed is not None and listed.split else \
-            assign_split(row.patient_id, split.seed, split)
+        row.split = (
+            listed.split
+            if listed is not None and listed.split
+            else assign_split(row.patient_id, split.seed, split)
+        )
     if found.reference is None:
         return
     have = {r.patient_id for r in found.rows}
@@ -336,14 +368,23 @@ def _assign_splits(found: Discovery, ref_rows: list[ManifestRow], split: SplitCo
     for pid in found.missing:
         r = ref[pid]
         why = f"listed in reference {found.reference.name} but not found under {root}"
-        found.rows.append(ManifestRow(pid, r.modality, r.format, "", split=r.split or
-                                      assign_split(pid, split.seed, split), status="problem",
-                                      problem=why + (f" (reference: {r.problem})" if r.problem else "")))
+        found.rows.append(
+            ManifestRow(
+                pid,
+                r.modality,
+                r.format,
+                "",
+                split=r.split or assign_split(pid, split.seed, split),
+                status="problem",
+                problem=why + (f" (reference: {r.problem})" if r.problem else ""),
+            )
+        )
     found.rows.sort(key=lambda r: (r.patient_id, r.path))
 
 
-def discover(scans_dir, labels=None, modality: str = "auto", reference=None,
-             config: DiscoverConfig | None = None) -> list[ManifestRow]:
+def discover(
+    scans_dir, labels=None, modality: str = "auto", reference=None, config: DiscoverConfig | None = None
+) -> list[ManifestRow]:
     """Manifest rows for every scan under ``scans_dir`` (problems as ``status=problem`` rows).
 
     Args:
@@ -362,6 +403,7 @@ def discover(scans_dir, labels=None, modality: str = "auto", reference=None,
 
 def _print_summary(found: Discovery, root: Path, out: Path) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(highlight=False)
@@ -374,28 +416,52 @@ def _print_summary(found: Discovery, root: Path, out: Path) -> None:
     table.add_column("problem rows", justify="right")
     bad = Counter(r.modality or "?" for r in found.rows if not r.ok)
     for mod in sorted({r.modality or "?" for r in found.rows}):
-        pats = {s: len({r.patient_id for r in ok if r.modality == mod and r.split == s}) for s in ("train", "val", "test")}
-        table.add_row(mod, *(str(pats[s]) for s in ("train", "val", "test")),
-                      str(sum(r.modality == mod for r in ok)), str(bad.get(mod, 0)))
+        pats = {
+            s: len({r.patient_id for r in ok if r.modality == mod and r.split == s})
+            for s in ("train", "val", "test")
+        }
+        table.add_row(
+            mod,
+            *(str(pats[s]) for s in ("train", "val", "test")),
+            str(sum(r.modality == mod for r in ok)),
+            str(bad.get(mod, 0)),
+        )
     console.print(table)
-    for r in (r for r in found.rows if not r.ok):
-        console.print(f"[red]problem[/red] {r.patient_id}: {r.problem}", markup=True)
-    warned = [r for r in ok if r.problem]
-    for r in warned[:20]:
-        console.print(f"[yellow]warning[/yellow] {r.patient_id}: {r.problem}")
+    missing = set(found.missing)  # summarised with the reference below
+    for kind, rows in (
+        ("[red]problem[/red]", [r for r in found.rows if not r.ok and r.patient_id not in missing]),
+        ("[yellow]warning[/yellow]", [r for r in ok if r.problem]),
+    ):
+        for r in rows[:20]:
+            console.print(f"{kind} {escape(r.patient_id)}: {escape(r.problem)}")
+        if len(rows) > 20:
+            console.print(f"... and {len(rows) - 20} more: see the problem column of {escape(str(out))}")
     if found.ignored:
-        names = ", ".join(str(p.relative_to(root)) for p in found.ignored[:8])
-        console.print(f"ignored {len(found.ignored)} file(s) of unknown type: {names}"
-                      + (" ..." if len(found.ignored) > 8 else ""))
+        names = escape(", ".join(str(p.relative_to(root)) for p in found.ignored[:8]))
+        console.print(
+            f"ignored {len(found.ignored)} file(s) of unknown type: {names}"
+            + (" ..." if len(found.ignored) > 8 else "")
+        )
     if found.unused_labels:
-        console.print(f"{len(found.unused_labels)} label file(s) matched no scan: "
-                      + ", ".join(p.name for p in found.unused_labels[:8]))
+        console.print(
+            f"{len(found.unused_labels)} label file(s) matched no scan: "
+            + escape(", ".join(p.name for p in found.unused_labels[:8]))
+        )
     if found.reference is not None:
-        console.print(f"reference {found.reference}: {len(found.missing)} missing "
-                      f"({', '.join(found.missing[:10])}{' ...' if len(found.missing) > 10 else ''}), "
-                      f"{len(found.extra)} extra ({', '.join(found.extra[:10])}{' ...' if len(found.extra) > 10 else ''}), "
-                      f"{len({r.patient_id for r in found.rows if not r.ok})} with problems; splits taken from the reference")
-    console.print(f"{len(ok)} usable scan(s) of {len({r.patient_id for r in ok})} patient(s); manifest: {out}")
+
+        def some(ids: list[str]) -> str:
+            return ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
+
+        n_bad = len({r.patient_id for r in found.rows if not r.ok and r.patient_id not in missing})
+        console.print(
+            f"reference {escape(str(found.reference))}: "
+            f"{len(found.missing)} missing ({some(found.missing)}), "
+            f"{len(found.extra)} extra ({some(found.extra)}), "
+            f"{n_bad} found but unusable; splits taken from the reference"
+        )
+    console.print(
+        f"{len(ok)} usable scan(s) of {len({r.patient_id for r in ok})} patient(s); manifest: {out}"
+    )
 
 
 def discover_cli(scans_dir, out, labels=None, modality: str = "auto", reference=None, seed: int = 0) -> int:
@@ -404,11 +470,14 @@ def discover_cli(scans_dir, out, labels=None, modality: str = "auto", reference=
     found = run_discovery(scans_dir, labels, modality, reference, config)
     root, out = Path(scans_dir), Path(out)
     if not found.rows:
-        print(f"error: no scans found in {root} (looked for TCIA/DICOM, MSD, NIfTI and TIFF layouts)")
+        print(
+            f"error: no scans found in {root} (looked for TCIA/DICOM, MSD, NIfTI and TIFF layouts)",
+            file=sys.stderr,
+        )
         return 2
     write_manifest(found.rows, out)
     _print_summary(found, root, out)
     if not any(r.ok for r in found.rows):
-        print(f"error: no usable scan in {root}; every row of {out} is a problem")
+        print(f"error: no usable scan in {root}; every row of {out} is a problem", file=sys.stderr)
         return 2
     return 0

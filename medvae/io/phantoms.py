@@ -34,12 +34,45 @@ from medvae.files import atomic_path
 # painted only there, so no jitter pushes an organ through the body wall.
 AIR, SUBCUT_FAT, MUSCLE, CAVITY, BOWEL, GAS, STOMACH = 0, 1, 2, 3, 4, 5, 6
 LIVER, SPLEEN, KIDNEY, PANCREAS, AORTA, IVC, BONE, CANAL, DISC = 7, 8, 9, 10, 11, 12, 13, 14, 15
-TISSUES = {"air": AIR, "subcutaneous_fat": SUBCUT_FAT, "muscle": MUSCLE, "visceral_fat": CAVITY,
-           "bowel": BOWEL, "gas": GAS, "stomach": STOMACH, "liver": LIVER, "spleen": SPLEEN,
-           "kidney": KIDNEY, "pancreas": PANCREAS, "aorta": AORTA, "ivc": IVC, "bone": BONE,
-           "spinal_canal": CANAL, "disc": DISC}
-FAKE_NAMES = ("ALICE", "BOB", "CAROL", "DAVID", "ERIN", "FRANK", "GRACE", "HEIDI", "IVAN", "JUDY",
-              "MALLORY", "NIAJ", "OLIVIA", "PEGGY", "RUPERT", "SYBIL", "TRENT", "VICTOR", "WALTER")
+TISSUES = {
+    "air": AIR,
+    "subcutaneous_fat": SUBCUT_FAT,
+    "muscle": MUSCLE,
+    "visceral_fat": CAVITY,
+    "bowel": BOWEL,
+    "gas": GAS,
+    "stomach": STOMACH,
+    "liver": LIVER,
+    "spleen": SPLEEN,
+    "kidney": KIDNEY,
+    "pancreas": PANCREAS,
+    "aorta": AORTA,
+    "ivc": IVC,
+    "bone": BONE,
+    "spinal_canal": CANAL,
+    "disc": DISC,
+}
+FAKE_NAMES = (
+    "ALICE",
+    "BOB",
+    "CAROL",
+    "DAVID",
+    "ERIN",
+    "FRANK",
+    "GRACE",
+    "HEIDI",
+    "IVAN",
+    "JUDY",
+    "MALLORY",
+    "NIAJ",
+    "OLIVIA",
+    "PEGGY",
+    "RUPERT",
+    "SYBIL",
+    "TRENT",
+    "VICTOR",
+    "WALTER",
+)
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root; suffixes are SHA-512 of seed + ids
 
 
@@ -68,8 +101,14 @@ class CTPhantom:
     def affine_ras(self) -> np.ndarray:
         """RAS affine of the ``(i=column, j=row, k=slice)`` grid, as a DICOM->NIfTI converter writes."""
         dz, dy, dx = self.spacing
-        lps = np.array([[dx, 0, 0, self.origin[0]], [0, dy, 0, self.origin[1]],
-                        [0, 0, dz, self.origin[2]], [0, 0, 0, 1.0]])
+        lps = np.array(
+            [
+                [dx, 0, 0, self.origin[0]],
+                [0, dy, 0, self.origin[1]],
+                [0, 0, dz, self.origin[2]],
+                [0, 0, 0, 1.0],
+            ]
+        )
         return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
@@ -84,17 +123,17 @@ class _Painter:
         self.hu, self.tissue, self.x, self.y = hu, tissue, x, y
         self.dx, self.dy = float(x[1] - x[0]), float(y[1] - y[0])
 
-    def paint(self, cx, cy, ax, ay, hu: float, code: int, theta: float = 0.0, harmonics=(),
-              within=None):
+    def paint(self, cx, cy, ax, ay, hu: float, code: int, theta: float = 0.0, harmonics=(), within=None):
         """Paint where ``rho <= 1 + sum a cos(k phi + p)`` in each slice with ``ax > 0``.
 
         Args:
-            cx, cy, ax, ay: ``(Z,)`` centre and semi-axes in mm per slice (ax = 0: absent there).
+            cx, cy, ax, ay: centre and semi-axes in mm, ``(Z,)`` per slice or scalars (ax = 0: absent).
             harmonics: ``(k, amplitude, phase)`` contour perturbations (organ shape).
             within: tissue codes the paint may replace (None: anything), or an int: codes >= it.
         Returns: ``(box, mask)`` of what was painted, or None.
         """
-        ax = np.asarray(ax, dtype=np.float32)
+        nz = self.hu.shape[0]
+        cx, cy, ax, ay = (np.broadcast_to(np.asarray(v, np.float32), (nz,)) for v in (cx, cy, ax, ay))
         present = np.nonzero(ax > 0)[0]
         if present.size == 0:
             return None
@@ -105,8 +144,7 @@ class _Painter:
         if xs.stop <= xs.start or ys.stop <= ys.start:
             return None
         sl = (slice(z0, z1), ys, xs)
-        cx, cy = np.asarray(cx, np.float32)[z0:z1], np.asarray(cy, np.float32)[z0:z1]
-        ax, ay = ax[z0:z1], np.asarray(ay, np.float32)[z0:z1]
+        cx, cy, ax, ay = cx[z0:z1], cy[z0:z1], ax[z0:z1], ay[z0:z1]
         amax, bmax = float(ax.max()), float(ay.max())
         if np.ptp(cx) == 0 and np.ptp(cy) == 0 and np.allclose(ay * amax, ax * bmax):
             # Fixed centre and aspect: one 2D contour, scaled per slice (the common, cheap case).
@@ -159,8 +197,11 @@ def make_ct_phantom(seed: int = 0, index: int = 0, size: int = 512, n_slices: in
     dxy = fov / size
     dz = float(np.round(u(1.5, 2.5) * 4) / 4)
     nz = int(n_slices) if n_slices else int(rng.integers(60, 101))
-    origin = (round(-(size - 1) / 2 * dxy, 4), round(-(size - 1) / 2 * dxy + u(-10, 10), 3),
-              float(np.round(u(-250, -50), 1)))
+    origin = (
+        round(-(size - 1) / 2 * dxy, 4),
+        round(-(size - 1) / 2 * dxy + u(-10, 10), 3),
+        float(np.round(u(-250, -50), 1)),
+    )
     bx, by = u(-15, 15), u(-5, 15)  # body centre relative to the isocentre
     zp = origin[2] + (nz - 1) * dz / 2 + u(-8, 8)  # pancreas level
     x = (origin[0] + dxy * np.arange(size) - bx).astype(np.float32)  # anatomical mm
@@ -169,75 +210,84 @@ def make_ct_phantom(seed: int = 0, index: int = 0, size: int = 512, n_slices: in
 
     hu = np.full((nz, size, size), -1000, np.float32)
     tissue = np.zeros((nz, size, size), np.uint8)
-    p = _Painter(hu, tissue, x, y)
-    ones, zeros = np.ones(nz, np.float32), np.zeros(nz, np.float32)
-    SOFT = [CAVITY, BOWEL, GAS]  # what a solid organ may displace
-    j = lambda v, r: v * (1 + u(-r, r))  # noqa: E731  relative jitter
+    paint = _Painter(hu, tissue, x, y).paint
+    soft = [CAVITY, BOWEL, GAS]  # what a solid organ may displace
 
-    def harm():
+    def j(v, r):  # value with relative jitter
+        return v * (1 + u(-r, r))
+
+    def shape():  # contour harmonics: each organ its own outline
         return ((2, u(0.02, 0.08), u(0, 6.3)), (3, u(0.02, 0.06), u(0, 6.3)))
 
-    # Body wall: subcutaneous fat, muscle, then the cavity (visceral fat).
+    # Body wall: subcutaneous fat, muscle, then the cavity (visceral fat); slowly varying along z.
     AX, AY, fat, wall = u(140, 175), u(100, 125), u(8, 30), u(8, 14)
-    breathe = (1 + 0.04 * np.sin(z / 90 + u(0, 6.3))).astype(np.float32)
-    p.paint(zeros, zeros, AX * breathe, AY * breathe, u(-110, -90), SUBCUT_FAT)
-    p.paint(zeros, zeros + fat * 0.3, (AX - fat) * breathe, (AY - fat) * breathe, u(40, 55), MUSCLE, within=[SUBCUT_FAT])
-    p.paint(zeros, zeros + fat * 0.3, (AX - fat - wall) * breathe, (AY - fat - wall) * breathe * 0.9,
-                  u(-100, -85), CAVITY, within=[MUSCLE])
+    b = (1 + 0.04 * np.sin(z / 90 + u(0, 6.3))).astype(np.float32)
+    paint(0, 0, AX * b, AY * b, u(-110, -90), SUBCUT_FAT)
+    paint(0, fat * 0.3, (AX - fat) * b, (AY - fat) * b, u(40, 55), MUSCLE, within=[SUBCUT_FAT])
+    cax, cay = (AX - fat - wall) * b, (AY - fat - wall) * b * 0.9
+    paint(0, fat * 0.3, cax, cay, u(-100, -85), CAVITY, within=[MUSCLE])
     # Bowel loops (some gas-filled) and the stomach with an air-fluid level.
     for _ in range(int(rng.integers(6, 12))):
-        cx, cy, r = u(-0.6, 0.6) * AX, u(-0.7, 0.0) * AY, u(10, 20)
-        prof = r * _profile(z, u(-90, 30), u(15, 40))
-        gas = rng.random() < 0.35
-        p.paint(ones * cx, ones * cy, prof, prof * u(0.7, 1.0), -900 if gas else u(15, 35),
-                GAS if gas else BOWEL, theta=u(0, 3.1), within=[CAVITY])
-    st = _profile(z, j(55, 0.15), j(45, 0.2))
-    scx, scy = j(45, 0.2), -0.45 * AY
-    p.paint(ones * scx, ones * scy, j(50, 0.2) * st, j(35, 0.2) * st, u(5, 20), STOMACH, theta=0.4, within=CAVITY)
-    p.paint(ones * scx, ones * (scy - 20), 35 * st, 14 * st, -950, GAS, theta=0.4, within=[STOMACH])
+        r, gas = u(10, 20) * _profile(z, u(-90, 30), u(15, 40)), rng.random() < 0.35
+        hu_, code = (-900, GAS) if gas else (u(15, 35), BOWEL)
+        paint(u(-0.6, 0.6) * AX, u(-0.7, 0) * AY, r, r * u(0.7, 1), hu_, code, u(0, 3.1), within=[CAVITY])
+    st, scx, scy = _profile(z, j(55, 0.15), j(45, 0.2)), j(45, 0.2), -0.45 * AY
+    paint(scx, scy, j(50, 0.2) * st, j(35, 0.2) * st, u(5, 20), STOMACH, 0.4, within=CAVITY)
+    paint(scx, scy - 20, 35 * st, 14 * st, -950, GAS, 0.4, within=[STOMACH])
     # Pancreas: head (right, lower), body (across the aorta), tail (left, higher, toward the spleen).
-    for cx, cy, ax_, ay_, th, zc, hz in ((-40, -2, 20, 16, 0.3, -8, 20), (0, -22, 30, 10, 0.05, 0, 15),
-                                          (55, 8, 28, 9, -0.5, 10, 15)):
+    for cx, cy, a, c, th, zc, hz in (
+        (-40, -2, 20, 16, 0.3, -8, 20),
+        (0, -22, 30, 10, 0.05, 0, 15),
+        (55, 8, 28, 9, -0.5, 10, 15),
+    ):
         pr = _profile(z, zc + u(-4, 4), j(hz, 0.2))
-        p.paint(ones * (cx + u(-6, 6)), ones * (cy + u(-5, 5)), j(ax_, 0.2) * pr, j(ay_, 0.2) * pr, u(35, 45),
-                PANCREAS, theta=th + u(-0.15, 0.15), harmonics=((3, u(0.03, 0.08), u(0, 6.3)),), within=CAVITY)
-    # Solid organs around it: liver (patient right), spleen (left, posterior), kidneys.
+        cx, cy, th, lobes = (
+            cx + u(-6, 6),
+            cy + u(-5, 5),
+            th + u(-0.15, 0.15),
+            ((3, u(0.03, 0.08), u(0, 6.3)),),
+        )
+        paint(cx, cy, j(a, 0.2) * pr, j(c, 0.2) * pr, u(35, 45), PANCREAS, th, lobes, within=CAVITY)
+    # Solid organs around it: liver (patient right, drifting with z), spleen (left, posterior), kidneys.
     lv = _profile(z, j(70, 0.15), j(100, 0.1), q=3)
-    p.paint(ones * j(-72, 0.1) + 0.12 * z, ones * j(-5, 1), j(68, 0.12) * lv, j(80, 0.12) * lv, u(55, 65), LIVER,
-            theta=u(-0.3, 0.3), harmonics=harm(), within=SOFT)
+    lx, ly = j(-72, 0.1) + 0.12 * z, j(-5, 1)
+    paint(lx, ly, j(68, 0.12) * lv, j(80, 0.12) * lv, u(55, 65), LIVER, u(-0.3, 0.3), shape(), soft)
     sp = _profile(z, j(50, 0.2), j(45, 0.2))
-    p.paint(ones * j(85, 0.1), ones * j(45, 0.15), j(45, 0.15) * sp, j(26, 0.15) * sp, u(45, 55), SPLEEN,
-            theta=-0.7, harmonics=harm(), within=SOFT)
+    paint(j(85, 0.1), j(45, 0.15), j(45, 0.15) * sp, j(26, 0.15) * sp, u(45, 55), SPLEEN, -0.7, shape(), soft)
     for side in (-1, 1):
         kd = _profile(z, j(-25, 0.3) + 8 * side, j(55, 0.15))
         kx, ky, ka = side * j(70, 0.1), j(45, 0.15), j(30, 0.12)
-        p.paint(ones * kx, ones * ky, ka * kd, j(22, 0.12) * kd, u(140, 170), KIDNEY, theta=side * 0.5,
-                harmonics=harm(), within=SOFT)
-        p.paint(ones * (kx - side * 0.45 * ka), ones * ky, 0.35 * ka * kd, 0.4 * ka * kd, -40, CAVITY,
-                theta=side * 0.5, within=[KIDNEY])  # renal sinus fat
+        paint(kx, ky, ka * kd, j(22, 0.12) * kd, u(140, 170), KIDNEY, side * 0.5, shape(), soft)
+        sinus = 0.35 * ka * kd  # renal sinus fat, medial
+        paint(kx - side * 0.45 * ka, ky, sinus, sinus * 1.15, -40, CAVITY, side * 0.5, within=[KIDNEY])
     # Spine (vertebral bodies with discs), canal, posterior elements, paraspinal muscles.
-    sy = 0.45 * AY
-    vr = j(20, 0.1)
+    sy, vr = 0.45 * AY, j(20, 0.1)
     for side in (-1, 1):
-        p.paint(ones * side * 32, ones * (sy + 32), ones * j(22, 0.1), ones * j(16, 0.1), u(45, 55), MUSCLE, within=MUSCLE)
-    p.paint(zeros, zeros + sy + 36, ones * 7, ones * 22, u(650, 850), BONE, within=MUSCLE)  # spinous process
-    p.paint(zeros, zeros + sy, ones * vr, ones * vr * 0.85, u(850, 1000), BONE)  # cortex
-    p.paint(zeros, zeros + sy, ones * vr * 0.85, ones * vr * 0.7, u(420, 520), BONE, within=[BONE])
+        paint(side * 32, sy + 32, j(22, 0.1), j(16, 0.1), u(45, 55), MUSCLE, within=MUSCLE)
+    paint(0, sy + 36, 7, 22, u(650, 850), BONE, within=MUSCLE)  # spinous process
+    paint(0, sy, vr, vr * 0.85, u(850, 1000), BONE)  # cortex
+    paint(0, sy, vr * 0.85, vr * 0.7, u(420, 520), BONE, within=[BONE])  # cancellous
     disc = ((z - u(0, 30)) % 30) < 7
-    p.paint(zeros, zeros + sy, np.where(disc, vr, 0), ones * vr * 0.85, u(80, 100), DISC, within=[BONE])
-    p.paint(zeros, zeros + sy + vr * 0.85 + 9, ones * 9, ones * 8, u(5, 20), CANAL)
+    paint(0, sy, np.where(disc, vr, 0), vr * 0.85, u(80, 100), DISC, within=[BONE])
+    paint(0, sy + vr * 0.85 + 9, 9, 8, u(5, 20), CANAL)
     # Vessels (contrast): aorta left-anterior of the spine, IVC to the right.
-    p.paint(ones * j(14, 0.2) + 0.03 * z, ones * (sy - vr - 14), ones * j(12, 0.12), ones * j(12, 0.12),
-            u(180, 290), AORTA)
-    p.paint(ones * j(-28, 0.15), ones * (sy - vr - 10), ones * j(13, 0.15), ones * j(9, 0.15), u(150, 220), IVC)
+    paint(j(14, 0.2) + 0.03 * z, sy - vr - 14, j(12, 0.12), j(12, 0.12), u(180, 290), AORTA)
+    paint(j(-28, 0.15), sy - vr - 10, j(13, 0.15), j(9, 0.15), u(150, 220), IVC)
     # Ribs above the pancreas level: small bone ovals travelling along the inner body wall with z.
+    rx, ry = (AX - fat - wall * 0.5) * 0.97, (AY - fat - wall * 0.5) * 0.97
     for k, level in enumerate(np.arange(u(0, 25), 200, 25)):
         for side in (-1, 1):
-            present = _profile(z, level + 6 * side, 10)
+            on = _profile(z, level + 6 * side, 10) > 0
             ang = (0.3 + 0.15 * (k % 4)) * np.pi + 0.004 * (z - level)  # from posterior (0) to anterior (pi)
-            rx, ry = (AX - fat - wall * 0.5) * 0.97, (AY - fat - wall * 0.5) * 0.97
-            p.paint(side * rx * np.sin(ang), ry * np.cos(ang), 5.5 * (present > 0), 4.5 * (present > 0),
-                    u(600, 900), BONE, within=[MUSCLE, SUBCUT_FAT, CAVITY])
+            paint(
+                side * rx * np.sin(ang),
+                ry * np.cos(ang),
+                5.5 * on,
+                4.5 * on,
+                u(600, 900),
+                BONE,
+                within=[MUSCLE, SUBCUT_FAT, CAVITY],
+            )
 
     # Partial-volume blur and correlated (CT-like) noise, both in Fourier space, slice by slice.
     fy = scipy.fft.fftfreq(size)[:, None].astype(np.float32)
@@ -266,11 +316,18 @@ def fake_identity(seed: int, index: int) -> dict:
     h = hashlib.sha256(f"medvae-phantom:{seed}:{index}".encode()).hexdigest()
     rng = _rng(seed, "identity", index)
     birth = f"{int(rng.integers(1935, 2000))}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
-    return {"PatientName": f"PHANTOM^{FAKE_NAMES[index % len(FAKE_NAMES)]}", "PatientID": f"PHX{h[:8].upper()}",
-            "PatientBirthDate": birth, "PatientSex": "FM"[index % 2], "AccessionNumber": f"ACC{h[8:14].upper()}"}
+    return {
+        "PatientName": f"PHANTOM^{FAKE_NAMES[index % len(FAKE_NAMES)]}",
+        "PatientID": f"PHX{h[:8].upper()}",
+        "PatientBirthDate": birth,
+        "PatientSex": "FM"[index % 2],
+        "AccessionNumber": f"ACC{h[8:14].upper()}",
+    }
 
 
-def write_dicom_series(ph: CTPhantom, directory: Path, seed: int, index: int, signed: bool = False) -> list[Path]:
+def write_dicom_series(
+    ph: CTPhantom, directory: Path, seed: int, index: int, signed: bool = False
+) -> list[Path]:
     """Write ``ph`` as a CT Image Storage series (one file per slice, explicit VR little endian).
 
     Stored values are HU + 1024 (RescaleIntercept -1024, slope 1) as uint16, or int16 when
@@ -355,18 +412,20 @@ def make_microscopy_stack(seed: int = 0, index: int = 0, shape=(24, 256, 256)):
         c = np.array([u(0.15, 0.85) * nz * dz, u(0, ny * dxy), u(0, nx * dxy)], np.float32)
         lo = np.maximum(((c - r) / (dz, dxy, dxy)).astype(int), 0)
         hi = np.minimum(((c + r) / (dz, dxy, dxy)).astype(int) + 2, shape)
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         th = u(0, np.pi)
-        Y, X = yy[:, lo[1]:hi[1]] - c[1], xx[..., lo[2]:hi[2]] - c[2]
+        Y, X = yy[:, lo[1] : hi[1]] - c[1], xx[..., lo[2] : hi[2]] - c[2]
         Yr, Xr = Y * np.cos(th) + X * np.sin(th), X * np.cos(th) - Y * np.sin(th)
-        rho2 = ((zz[lo[0]:hi[0]] - c[0]) / r[0]) ** 2 + (Yr / r[1]) ** 2 + (Xr / r[2]) ** 2
+        rho2 = ((zz[lo[0] : hi[0]] - c[0]) / r[0]) ** 2 + (Yr / r[1]) ** 2 + (Xr / r[2]) ** 2
         inside = (rho2 <= 1) & (nuclei[box] == 0)
-        bright = u(0.4, 1.4) * np.clip(1 + u(0.1, 0.4) * texture[box], 0.2, None) * (1 - 0.3 * rho2)  # chromatin, rim falloff
+        # Brightness per nucleus, chromatin texture, dimmer rim.
+        bright = u(0.4, 1.4) * np.clip(1 + u(0.1, 0.4) * texture[box], 0.2, None) * (1 - 0.3 * rho2)
         img[box] = np.where(inside, bright, img[box])
         nuclei[box][inside] = i
     img = ndimage.gaussian_filter(img, (0.3 / dz * 2.5, 0.25 / dxy, 0.25 / dxy))  # PSF: long along z
     photons = u(300, 1200)
-    expected = photons * (np.clip(img, 0, None) + u(0.02, 0.06)) * np.exp(-0.01 * zz)  # background + depth attenuation
+    # Photons: signal + background, attenuated with depth; then camera gain, offset and read noise.
+    expected = photons * (np.clip(img, 0, None) + u(0.02, 0.06)) * np.exp(-0.01 * zz)
     counts = rng.poisson(expected).astype(np.float32) * u(1.5, 3.0) + 100 + rng.normal(0, u(2, 6), shape)
     return np.clip(np.rint(counts), 0, 65535).astype(np.uint16), nuclei, (dz, dxy, dxy)
 
@@ -375,8 +434,13 @@ def write_tiff_stack(stack: np.ndarray, spacing, path: Path) -> None:
     """ImageJ hyperstack TIFF (axes ZYX) with µm pixel size and z spacing."""
     dz, dy, dx = spacing
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, stack, imagej=True, resolution=(1 / dx, 1 / dy),
-                         metadata={"spacing": dz, "unit": "um", "axes": "ZYX"})
+        tifffile.imwrite(
+            tmp,
+            stack,
+            imagej=True,
+            resolution=(1 / dx, 1 / dy),
+            metadata={"spacing": dz, "unit": "um", "axes": "ZYX"},
+        )
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -385,8 +449,14 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def write_phantom_cohort(out, ct_patients: int = 4, microscopy_stacks: int = 2, seed: int = 0,
-                         ct_size: int = 512, ct_slices: int | None = None) -> dict:
+def write_phantom_cohort(
+    out,
+    ct_patients: int = 4,
+    microscopy_stacks: int = 2,
+    seed: int = 0,
+    ct_size: int = 512,
+    ct_slices: int | None = None,
+) -> dict:
     """Write the phantom cohort (layout in CONTRACTS.md) and return a summary (counts + paths).
 
     ``out/Pancreas-CT/PANCREAS_0001/<study>/<series>/1-001.dcm ...``, ``out/labels/label0001.nii.gz``,
@@ -395,8 +465,14 @@ def write_phantom_cohort(out, ct_patients: int = 4, microscopy_stacks: int = 2, 
     """
     out = Path(out)
     ct_root, label_root, mic_root = out / "Pancreas-CT", out / "labels", out / "microscopy"
-    summary = {"out": str(out), "seed": seed, "ct_patients": ct_patients,
-               "microscopy_stacks": microscopy_stacks, "ct": [], "microscopy": []}
+    summary = {
+        "out": str(out),
+        "seed": seed,
+        "ct_patients": ct_patients,
+        "microscopy_stacks": microscopy_stacks,
+        "ct": [],
+        "microscopy": [],
+    }
     for i in range(ct_patients):
         pid, num = f"PANCREAS_{i + 1:04d}", f"{i + 1:04d}"
         ph = make_ct_phantom(seed, i, ct_size, ct_slices)
@@ -404,8 +480,11 @@ def write_phantom_cohort(out, ct_patients: int = 4, microscopy_stacks: int = 2, 
         tmp = Path(tempfile.mkdtemp(dir=ct_root, prefix=f".{pid}."))
         try:
             h = int(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()[:10], 16)
-            series = tmp / f"{(i % 12) + 1:02d}-{(i % 27) + 1:02d}-2015-PANCREAS{num}-Pancreas-{h % 90000 + 10000}" \
+            series = (
+                tmp
+                / f"{(i % 12) + 1:02d}-{(i % 27) + 1:02d}-2015-PANCREAS{num}-Pancreas-{h % 90000 + 10000}"
                 / f"Pancreas-{(h // 90000) % 90000 + 10000}"
+            )
             series.mkdir(parents=True)
             write_dicom_series(ph, series, seed, i, signed=bool(i % 2))
             _replace_dir(tmp, ct_root / pid)
@@ -414,12 +493,21 @@ def write_phantom_cohort(out, ct_patients: int = 4, microscopy_stacks: int = 2, 
                 shutil.rmtree(tmp)
         label = label_root / f"label{num}.nii.gz"
         write_label_nifti(ph, label)
-        summary["ct"].append({"patient_id": pid, "series": str(ct_root / pid / series.relative_to(tmp)),
-                              "label": str(label), "shape": list(ph.hu.shape), "spacing": list(ph.spacing)})
+        summary["ct"].append(
+            {
+                "patient_id": pid,
+                "series": str(ct_root / pid / series.relative_to(tmp)),
+                "label": str(label),
+                "shape": list(ph.hu.shape),
+                "spacing": list(ph.spacing),
+            }
+        )
     for i in range(microscopy_stacks):
         stack, _, spacing = make_microscopy_stack(seed, i)
         path = mic_root / f"stack_{i + 1:03d}.tif"
         mic_root.mkdir(parents=True, exist_ok=True)
         write_tiff_stack(stack, spacing, path)
-        summary["microscopy"].append({"path": str(path), "shape": list(stack.shape), "spacing": list(spacing)})
+        summary["microscopy"].append(
+            {"path": str(path), "shape": list(stack.shape), "spacing": list(spacing)}
+        )
     return summary

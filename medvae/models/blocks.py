@@ -55,19 +55,20 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-def icnr_(weight: torch.Tensor, scale: int = 2) -> torch.Tensor:
+def icnr_(conv: nn.Conv2d, scale: int = 2) -> nn.Conv2d:
     """ICNR init (Aitken et al. 2017) of a conv feeding PixelShuffle(scale), in place.
 
     Each group of ``scale**2`` output channels that PixelShuffle interleaves into one output
-    channel gets identical kernels, so at init the shuffle equals nearest upsampling of a conv
-    output: no checkerboard artifacts.
+    channel gets identical kernels and biases, so at init the shuffle equals nearest upsampling
+    of a conv output: no checkerboard artifacts.
     """
-    out_ch, in_ch, kh, kw = weight.shape
-    sub = torch.empty(out_ch // scale**2, in_ch, kh, kw, dtype=weight.dtype, device=weight.device)
-    nn.init.kaiming_uniform_(sub, a=math.sqrt(5))  # PyTorch's default conv init
+    out_ch, in_ch, kh, kw = conv.weight.shape
+    sub = nn.Conv2d(in_ch, out_ch // scale**2, (kh, kw))  # PyTorch's default conv init
     with torch.no_grad():
-        weight.copy_(sub.repeat_interleave(scale**2, dim=0))
-    return weight
+        conv.weight.copy_(sub.weight.repeat_interleave(scale**2, dim=0))
+        if conv.bias is not None:
+            conv.bias.copy_(sub.bias.repeat_interleave(scale**2, dim=0))
+    return conv
 
 
 class Upsample(nn.Module):
@@ -90,7 +91,7 @@ class Upsample(nn.Module):
         elif mode == "pixelshuffle":
             self.up = nn.Identity()
             self.conv = nn.Conv2d(in_ch, out_ch * 4, 3, padding=1)
-            icnr_(self.conv.weight, 2)
+            icnr_(self.conv, 2)
             self.shuffle = nn.PixelShuffle(2)
         elif mode == "transpose":
             self.up = nn.Identity()

@@ -15,21 +15,46 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _row(pid="P1", **kw):
-    base = dict(modality="ct", format="dicom", path="/x/" + pid, split="train", n_slices=80,
-                spacing_z=2.0, spacing_y=0.8, spacing_x=0.8)
+    base = {
+        "modality": "ct",
+        "format": "dicom",
+        "path": "/x/" + pid,
+        "split": "train",
+        "n_slices": 80,
+        "spacing_z": 2.0,
+        "spacing_y": 0.8,
+        "spacing_x": 0.8,
+    }
     base.update(kw)
     return ManifestRow(pid, **base)
 
 
 def test_columns_are_the_architecture_schema():
-    assert COLUMNS == ("patient_id", "modality", "format", "path", "label_path", "series_uid", "split",
-                       "n_slices", "spacing_z", "spacing_y", "spacing_x", "status", "problem")
+    assert COLUMNS == (
+        "patient_id",
+        "modality",
+        "format",
+        "path",
+        "label_path",
+        "series_uid",
+        "split",
+        "n_slices",
+        "spacing_z",
+        "spacing_y",
+        "spacing_x",
+        "status",
+        "problem",
+    )
 
 
 def test_roundtrip(tmp_path):
-    rows = [_row("P1", spacing_y=0.87890625, spacing_x=0.87890625, label_path="/l/1.nii.gz"),
-            _row("P2", split="test", series_uid="1.2.3"),
-            ManifestRow("P3", "ct", "dicom", "/x/P3", split="val", status="problem", problem="no DICOM files, found")]
+    rows = [
+        _row("P1", spacing_y=0.87890625, spacing_x=0.87890625, label_path="/l/1.nii.gz"),
+        _row("P2", split="test", series_uid="1.2.3"),
+        ManifestRow(
+            "P3", "ct", "dicom", "/x/P3", split="val", status="problem", problem="no DICOM files, found"
+        ),
+    ]
     path = write_manifest(rows, tmp_path / "m.csv")
     with open(path, newline="") as f:
         assert next(csv.reader(f)) == list(COLUMNS)
@@ -46,8 +71,13 @@ def _write(tmp_path, header, *lines):
 
 
 def test_bad_value_names_file_line_and_column(tmp_path):
-    path = _write(tmp_path, COLUMNS, "P1,ct,dicom,/a,,,train,80,2,0.8,0.8,ok,",
-                  "P2,ct,dicom,/b,,,holdout,80,2,0.8,0.8,ok,", "P3,ct,dicom,/c,,,test,80,two,0.8,0.8,ok,")
+    path = _write(
+        tmp_path,
+        COLUMNS,
+        "P1,ct,dicom,/a,,,train,80,2,0.8,0.8,ok,",
+        "P2,ct,dicom,/b,,,holdout,80,2,0.8,0.8,ok,",
+        "P3,ct,dicom,/c,,,test,80,two,0.8,0.8,ok,",
+    )
     with pytest.raises(InputError) as err:
         read_manifest(path)
     msg = str(err.value)

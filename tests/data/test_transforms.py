@@ -56,9 +56,28 @@ def test_otsu_matches_skimage():
     assert not foreground_mask(np.zeros((2, 4, 4)), "microscopy", PrepareConfig()).any()
 
 
-def test_label_kept_as_uint8_classes():
-    lab = np.zeros((1, 2, 4, 4), dtype=np.float32)
-    lab[0, 1, 2, 2], lab[0, 0, 0, 0] = 1, 2
-    out = run("ct", torch.zeros((1, 2, 4, 4)), label=torch.from_numpy(lab))
-    assert out["label"].dtype == torch.uint8
-    np.testing.assert_array_equal(out["label"].numpy(), lab.astype(np.uint8))
+def test_clip_scale_equals_monai_transforms():
+    from monai.transforms import ScaleIntensityRange, ScaleIntensityRangePercentiles
+
+    raw = np.random.default_rng(3).normal(200, 400, (1, 6, 40, 40)).astype(np.float32)
+    ct = run("ct", torch.from_numpy(raw))["image"]
+    ref = ScaleIntensityRange(a_min=-160, a_max=240, b_min=0.0, b_max=1.0, clip=True)(torch.from_numpy(raw))
+    np.testing.assert_allclose(np.asarray(ct), np.asarray(ref), atol=1e-6)
+    mic = run("microscopy", torch.from_numpy(raw))["image"]
+    ref = ScaleIntensityRangePercentiles(lower=1.0, upper=99.8, b_min=0.0, b_max=1.0, clip=True)(torch.from_numpy(raw))
+    np.testing.assert_allclose(np.asarray(mic), np.asarray(ref), atol=1e-5)
+    const = run("microscopy", torch.full((1, 2, 4, 4), 7.0))["image"]
+    assert torch.equal(const, torch.zeros_like(const))
+
+
+def test_chain_leaves_caller_array_alone():
+    hu = torch.full((1, 2, 4, 4), 500.0)
+    run("ct", hu)
+    assert (hu == 500.0).all()
+
+
+def test_label_to_uint8():
+    from medvae.data.patches import labels_to_uint8
+
+    lab = torch.tensor([0.0, 1.0, 2.0, 0.9999, float("nan"), -3.0, 300.0])
+    assert labels_to_uint8(lab).tolist() == [0, 1, 2, 1, 0, 0, 255]

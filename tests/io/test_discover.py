@@ -42,10 +42,13 @@ def test_tcia_layout_with_labels_empty_patient_and_microscopy(phantom_root):
         row = rows[pid]
         assert row.ok and (row.modality, row.format, row.n_slices) == ("ct", "dicom", 8)
         assert row.label_path.endswith(f"labels/label{pid[-4:]}.nii.gz")
-        ds = pydicom.dcmread(next((phantom_root / "Pancreas-CT" / pid).rglob("*.dcm")), stop_before_pixels=True)
+        ds = pydicom.dcmread(
+            next((phantom_root / "Pancreas-CT" / pid).rglob("*.dcm")), stop_before_pixels=True
+        )
         assert row.series_uid == ds.SeriesInstanceUID
         assert (row.spacing_z, row.spacing_y, row.spacing_x) == pytest.approx(
-            (float(ds.SliceThickness), float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])))
+            (float(ds.SliceThickness), float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
+        )
         assert row.path.endswith(f"Pancreas-CT/{pid}")
     stack = rows["stack_001"]
     assert (stack.modality, stack.format, stack.n_slices, stack.label_path) == ("microscopy", "tiff", 24, "")
@@ -71,7 +74,12 @@ def test_cli_manifest_summary_and_privacy(phantom_root, tmp_path, capsys, caplog
     identity = set()
     for f in (phantom_root / "Pancreas-CT").rglob("*.dcm"):
         ds = pydicom.dcmread(f, stop_before_pixels=True)
-        identity |= {str(ds.PatientName), str(ds.PatientName).split("^")[1], ds.PatientID, ds.PatientBirthDate}
+        identity |= {
+            str(ds.PatientName),
+            str(ds.PatientName).split("^")[1],
+            ds.PatientID,
+            ds.PatientBirthDate,
+        }
     assert len(identity) == 12 and all(len(s) >= 3 for s in identity)
     # ... that never reaches the manifest, stdout, stderr or the log.
     for s in identity:
@@ -81,7 +89,11 @@ def test_cli_manifest_summary_and_privacy(phantom_root, tmp_path, capsys, caplog
 def test_labels_option_and_explicit_patient_folder(phantom_root, tmp_path):
     rows = discover(phantom_root / "Pancreas-CT", labels=phantom_root / "labels")
     assert {r.patient_id: bool(r.label_path) for r in rows} == {
-        "PANCREAS_0001": True, "PANCREAS_0002": True, "PANCREAS_0003": True, "PANCREAS_0004": False}
+        "PANCREAS_0001": True,
+        "PANCREAS_0002": True,
+        "PANCREAS_0003": True,
+        "PANCREAS_0004": False,
+    }
     one = discover(phantom_root / "Pancreas-CT" / "PANCREAS_0002")  # a single patient folder
     assert [(r.patient_id, r.ok, r.n_slices) for r in one] == [("PANCREAS_0002", True, 8)]
     with pytest.raises(InputError, match="--labels"):
@@ -98,15 +110,27 @@ def test_msd_layout(tmp_path):
         (root / "imagesTr" / f"._{pid}.nii.gz").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
         (root / "labelsTr" / f"._{pid}.nii.gz").write_bytes(b"\x00\x05\x16\x07")
     _nifti(root / "imagesTs" / "pancreas_002.nii.gz")
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "Pancreas", "modality": {"0": "CT"}, "numTraining": 3, "numTest": 1,
-        "training": [{"image": f"./imagesTr/{p}.nii.gz", "label": f"./labelsTr/{p}.nii.gz"}
-                     for p in ("pancreas_001", "pancreas_004", "pancreas_005")],
-        "test": ["./imagesTs/pancreas_002.nii.gz"]}))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "Pancreas",
+                "modality": {"0": "CT"},
+                "numTraining": 3,
+                "numTest": 1,
+                "training": [
+                    {"image": f"./imagesTr/{p}.nii.gz", "label": f"./labelsTr/{p}.nii.gz"}
+                    for p in ("pancreas_001", "pancreas_004", "pancreas_005")
+                ],
+                "test": ["./imagesTs/pancreas_002.nii.gz"],
+            }
+        )
+    )
     found = run_discovery(tmp_path)  # the MSD folder found one level down
     rows = {r.patient_id: r for r in found.rows}
     assert sorted(rows) == ["pancreas_001", "pancreas_002", "pancreas_004", "pancreas_005"]
-    assert rows["pancreas_001"].ok and rows["pancreas_001"].label_path.endswith("labelsTr/pancreas_001.nii.gz")
+    assert rows["pancreas_001"].ok and rows["pancreas_001"].label_path.endswith(
+        "labelsTr/pancreas_001.nii.gz"
+    )
     assert rows["pancreas_002"].ok and rows["pancreas_002"].label_path == ""
     assert rows["pancreas_005"].status == "problem" and "dataset.json" in rows["pancreas_005"].problem
     hdr = nib.load(root / "imagesTr" / "pancreas_001.nii.gz").header
@@ -115,6 +139,17 @@ def test_msd_layout(tmp_path):
     assert (r.modality, r.format, r.n_slices) == ("ct", "nifti", 6)
     assert (r.spacing_z, r.spacing_y, r.spacing_x) == pytest.approx((zz, zy, zx))
     assert found.ignored == []  # ._ junk is silently skipped
+
+    assert discover(tmp_path, modality="microscopy") == []  # NIfTI CT is not microscopy
+
+
+def test_nnunet_channel_suffix(tmp_path):
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+    _nifti(tmp_path / "imagesTr" / "case_7_0000.nii.gz")
+    _nifti(tmp_path / "labelsTr" / "case_7.nii.gz", dtype=np.uint8)
+    (row,) = discover(tmp_path)
+    assert row.patient_id == "case_7" and row.label_path.endswith("labelsTr/case_7.nii.gz")
 
 
 def test_flat_nifti_folder_with_unknown_file(tmp_path):
@@ -131,11 +166,18 @@ def test_flat_nifti_folder_with_unknown_file(tmp_path):
 
 def test_tiff_folder(tmp_path):
     for i, dz in enumerate((1.5, 2.0)):
-        tifffile.imwrite(tmp_path / f"cells_{i}.tif", np.zeros((5, 32, 40), np.uint16), imagej=True,
-                         resolution=(1 / 0.25, 1 / 0.25), metadata={"spacing": dz, "unit": "um", "axes": "ZYX"})
+        tifffile.imwrite(
+            tmp_path / f"cells_{i}.tif",
+            np.zeros((5, 32, 40), np.uint16),
+            imagej=True,
+            resolution=(1 / 0.25, 1 / 0.25),
+            metadata={"spacing": dz, "unit": "um", "axes": "ZYX"},
+        )
     rows = discover(tmp_path)
     assert [(r.patient_id, r.modality, r.format, r.n_slices) for r in rows] == [
-        ("cells_0", "microscopy", "tiff", 5), ("cells_1", "microscopy", "tiff", 5)]
+        ("cells_0", "microscopy", "tiff", 5),
+        ("cells_1", "microscopy", "tiff", 5),
+    ]
     assert (rows[1].spacing_z, rows[1].spacing_y, rows[1].spacing_x) == pytest.approx((2.0, 0.25, 0.25))
 
 
@@ -145,7 +187,7 @@ def test_missing_and_empty_directories(tmp_path, capsys):
     assert str(tmp_path / "absent") in str(err.value)
     (tmp_path / "empty").mkdir()
     assert discover_cli(tmp_path / "empty", tmp_path / "m.csv") == 2
-    assert str(tmp_path / "empty") in capsys.readouterr().out
+    assert str(tmp_path / "empty") in capsys.readouterr().err
     assert not (tmp_path / "m.csv").exists()
     only_empty = tmp_path / "tcia" / "PANCREAS_0025"
     only_empty.mkdir(parents=True)
@@ -155,10 +197,21 @@ def test_missing_and_empty_directories(tmp_path, capsys):
 
 def test_reference_reconciliation(phantom_root, tmp_path, capsys):
     ref = tmp_path / "ref.csv"
-    ref_rows = [ManifestRow(f"PANCREAS_{i:04d}", "ct", "dicom", f"Pancreas-CT/PANCREAS_{i:04d}", split="test")
-                for i in (1, 2, 3)]
-    ref_rows.append(ManifestRow("PANCREAS_0005", "ct", "dicom", "Pancreas-CT/PANCREAS_0005", split="val",
-                                status="problem", problem="empty in the public TCIA download"))
+    ref_rows = [
+        ManifestRow(f"PANCREAS_{i:04d}", "ct", "dicom", f"Pancreas-CT/PANCREAS_{i:04d}", split="test")
+        for i in (1, 2, 3)
+    ]
+    ref_rows.append(
+        ManifestRow(
+            "PANCREAS_0005",
+            "ct",
+            "dicom",
+            "Pancreas-CT/PANCREAS_0005",
+            split="val",
+            status="problem",
+            problem="empty in the public TCIA download",
+        )
+    )
     write_manifest(ref_rows, ref)
     found = run_discovery(phantom_root, reference=ref)
     rows = {r.patient_id: r for r in found.rows}
@@ -173,5 +226,5 @@ def test_reference_reconciliation(phantom_root, tmp_path, capsys):
     assert "1 missing" in out and "2 extra" in out and "PANCREAS_0005" in out
     bad = tmp_path / "bad.csv"
     bad.write_text("patient_id,split\nX,train\n")
-    with pytest.raises(InputError, match="bad.csv"):
+    with pytest.raises(InputError, match=r"bad\.csv"):
         discover(phantom_root, reference=bad)

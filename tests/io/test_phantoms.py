@@ -9,7 +9,13 @@ import tifffile
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from scipy import ndimage
 
-from medvae.io.phantoms import TISSUES, fake_identity, make_ct_phantom, make_microscopy_stack, write_phantom_cohort
+from medvae.io.phantoms import (
+    TISSUES,
+    fake_identity,
+    make_ct_phantom,
+    make_microscopy_stack,
+    write_phantom_cohort,
+)
 
 SEED = 3
 
@@ -17,7 +23,9 @@ SEED = 3
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom")
-    summary = write_phantom_cohort(out, ct_patients=2, microscopy_stacks=1, seed=SEED, ct_size=512, ct_slices=10)
+    summary = write_phantom_cohort(
+        out, ct_patients=2, microscopy_stacks=1, seed=SEED, ct_size=512, ct_slices=10
+    )
     return out, summary
 
 
@@ -30,8 +38,12 @@ def _series(directory):
 
 
 def _hu(datasets):
-    return np.stack([d.pixel_array.astype(np.float64) * float(d.RescaleSlope) + float(d.RescaleIntercept)
-                     for d in datasets])
+    return np.stack(
+        [
+            d.pixel_array.astype(np.float64) * float(d.RescaleSlope) + float(d.RescaleIntercept)
+            for d in datasets
+        ]
+    )
 
 
 def test_layout_and_summary(cohort):
@@ -99,9 +111,17 @@ def test_label_affine_equals_dicom_geometry(cohort):
 
 def test_hu_per_tissue(cohort):
     out, _ = cohort
-    ranges = {"air": (-1010, -990), "subcutaneous_fat": (-130, -70), "visceral_fat": (-120, -60),
-              "muscle": (20, 70), "liver": (45, 75), "pancreas": (25, 55), "aorta": (150, 300),
-              "ivc": (150, 300), "bone": (400, 1000)}
+    ranges = {
+        "air": (-1010, -990),
+        "subcutaneous_fat": (-130, -70),
+        "visceral_fat": (-120, -60),
+        "muscle": (20, 70),
+        "liver": (45, 75),
+        "pancreas": (25, 55),
+        "aorta": (150, 300),
+        "ivc": (150, 300),
+        "bone": (400, 1000),
+    }
     for i, patient in enumerate(sorted((out / "Pancreas-CT").iterdir())):
         hu = _hu(_series(patient)[0])
         ph = make_ct_phantom(SEED, i, 512, 10)
@@ -132,15 +152,23 @@ def test_anatomy_varies_along_z_and_between_patients():
 def test_deterministic_per_seed(tmp_path):
     assert np.array_equal(make_ct_phantom(5, 0, 64, 6).hu, make_ct_phantom(5, 0, 64, 6).hu)
     assert not np.array_equal(make_ct_phantom(5, 0, 64, 6).hu, make_ct_phantom(6, 0, 64, 6).hu)
-    one = write_phantom_cohort(tmp_path / "a", ct_patients=1, microscopy_stacks=1, seed=5, ct_size=64, ct_slices=6)
-    two = write_phantom_cohort(tmp_path / "b", ct_patients=2, microscopy_stacks=1, seed=5, ct_size=64, ct_slices=6)
+    one = write_phantom_cohort(
+        tmp_path / "a", ct_patients=1, microscopy_stacks=1, seed=5, ct_size=64, ct_slices=6
+    )
+    two = write_phantom_cohort(
+        tmp_path / "b", ct_patients=2, microscopy_stacks=1, seed=5, ct_size=64, ct_slices=6
+    )
     # Patient 1 depends only on (seed, 1): identical bytes whatever the cohort size.
     files_a = sorted((tmp_path / "a").rglob("*.dcm"))
     files_b = sorted((tmp_path / "b" / "Pancreas-CT" / "PANCREAS_0001").rglob("*.dcm"))
-    assert [f.relative_to(tmp_path / "a" / "Pancreas-CT") for f in files_a] == \
-        [f.relative_to(tmp_path / "b" / "Pancreas-CT") for f in files_b]
-    assert all(fa.read_bytes() == fb.read_bytes() for fa, fb in zip(files_a, files_b))
-    assert tifffile.imread(one["microscopy"][0]["path"]).tobytes() == tifffile.imread(two["microscopy"][0]["path"]).tobytes()
+    assert [f.relative_to(tmp_path / "a" / "Pancreas-CT") for f in files_a] == [
+        f.relative_to(tmp_path / "b" / "Pancreas-CT") for f in files_b
+    ]
+    assert all(fa.read_bytes() == fb.read_bytes() for fa, fb in zip(files_a, files_b, strict=True))
+    assert (
+        tifffile.imread(one["microscopy"][0]["path"]).tobytes()
+        == tifffile.imread(two["microscopy"][0]["path"]).tobytes()
+    )
     assert fake_identity(5, 0) == fake_identity(5, 0) and fake_identity(5, 0) != fake_identity(5, 1)
 
 

@@ -1,0 +1,146 @@
+"""Benchmark of medvae.metrics and `medvae evaluate` on CPU, against references in the same run.
+
+1. SSIM over N pairs of 128² images: ours (batched, float32) vs scikit-image's
+   ``structural_similarity`` in a Python loop (the way one uses it). scikit-image is timed on a
+   subset and extrapolated to N pairs (it is linear in the number of pairs); the script says so.
+2. Unbiased MMD² for N x N feature vectors of dimension 512 (blockwise), with the peak RSS of
+   the process before and after (the kernel matrix is never held whole); plus the permutation
+   test on the same data.
+3. A full `evaluate` of an N-patch test split (10 patients, 128², default ConvVAE and
+   EvaluateConfig) on CPU.
+
+Usage: python benchmarks/bench_metrics.py [--quick] [--skip-evaluate]
+Prints a table and writes bench_out/bench_metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medvae import metrics as M  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def bench_mmd(n: int, dim: int = 512) -> dict:
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, dim, generator=g)
+    Y = torch.randn(n, dim, generator=g) + 0.05
+    rss0 = peak_rss_mb()
+    t = time.perf_counter()
+    val = M.mmd2(X, Y)
+    secs = time.perf_counter() - t
+    rss1 = peak_rss_mb()
+    t = time.perf_counter()
+    _, p = M.mmd_test(X, Y, permutations=200)
+    secs_test = time.perf_counter() - t
+    return {"n": n, "dim": dim, "mmd2": val, "seconds": secs, "peak_rss_mb_before": rss0,
+            "peak_rss_mb_after": rss1, "inputs_mb": 2 * n * dim * 4 / 2**20,
+            "full_kernel_matrix_mb": (2 * n) ** 2 * 4 / 2**20,
+            "test_seconds_200_permutations": secs_test, "test_p_value": p, "goal_seconds": 30}
+
+
+def bench_ssim(n: int, n_ref: int) -> dict:
+    from skimage.metrics import structural_similarity
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, 128, 128, generator=g)
+    y = (x + 0.1 * torch.randn(n, 1, 128, 128, generator=g)).clamp(0, 1)
+    M.ssim(x[:64], y[:64])  # warm-up (allocator, window matrices)
+    t = time.perf_counter()
+    ours = M.ssim(x, y)
+    secs = time.perf_counter() - t
+    xs, ys = x[:n_ref, 0].double().numpy(), y[:n_ref, 0].double().numpy()
+    t = time.perf_counter()
+    ref = [structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                 data_range=1.0) for a, b in zip(xs, ys)]
+    ref_secs = (time.perf_counter() - t) * n / n_ref
+    return {"pairs": n, "ours_seconds": secs, "skimage_pairs_timed": n_ref, "skimage_seconds_extrapolated": ref_secs,
+            "speedup": ref_secs / secs, "max_abs_diff": float(np.abs(ours[:n_ref].numpy() - ref).max()), "goal_speedup": 20}
+
+
+def bench_evaluate(n: int, patients: int = 10) -> dict:
+    from medvae.config import EvaluateConfig, ModelConfig
+    from medvae.data.store import write_store
+    from medvae.engine.checkpoint import save_checkpoint
+    from medvae.evaluate import evaluate
+    from medvae.models import build_model
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :128] / 128.0
+    cy, cx, r = rng.uniform(0.3, 0.7, (3, n, 1, 1))
+    r = 0.1 + 0.2 * r
+    imgs = (((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) * 0.6 + 0.2 + 0.02 * rng.standard_normal((n, 128, 128)))
+    index = {"patient_id": [f"PANCREAS_{i % patients + 1:04d}" for i in range(n)], "modality": ["ct"] * n,
+             "split": ["test"] * n, "slice_index": list(range(n)), "y": [0] * n, "x": [0] * n,
+             "foreground_fraction": [1.0] * n, "source": ["bench"] * n}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        store = write_store(tmp / "store", imgs[:, None].clip(0, 1).astype(np.float32), index, {
+            "content_hash": "bench", "normalization": {"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}}})
+        cfg = ModelConfig()  # the default ConvVAE (128², latent 128); timing does not depend on training
+        torch.manual_seed(0)
+        save_checkpoint(tmp / "run" / "checkpoints" / "best.pt", {
+            "model_config": cfg.model_dump(mode="json"), "model_state": build_model(cfg).state_dict(),
+            "store_hash": "bench", "step": 0})
+        ecfg = EvaluateConfig()
+        t = time.perf_counter()
+        evaluate(tmp / "run", store, tmp / "report", ecfg, device="cpu")
+        secs = time.perf_counter() - t
+        html_mb = (tmp / "report" / "report.html").stat().st_size / 2**20
+    return {"patches": n, "patients": patients, "seconds": secs, "patches_per_second": n / secs,
+            "config": ecfg.model_dump(), "report_html_mb": html_mb}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke test, ~1 min)")
+    ap.add_argument("--skip-evaluate", action="store_true")
+    ap.add_argument("--out", default="bench_out")
+    args = ap.parse_args(argv)
+    q = args.quick
+    res = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                       "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
+           "quick": q}
+    res["mmd"] = bench_mmd(2000 if q else 10_000)
+    res["ssim"] = bench_ssim(1000 if q else 10_000, 50 if q else 300)
+    if not args.skip_evaluate:
+        res["evaluate"] = bench_evaluate(300 if q else 5000)
+
+    s, m = res["ssim"], res["mmd"]
+    rows = [("SSIM, %d pairs 128² (ours)" % s["pairs"], f"{s['ours_seconds']:.2f} s", ""),
+            ("SSIM, scikit-image loop (%d timed, extrapolated)" % s["skimage_pairs_timed"],
+             f"{s['skimage_seconds_extrapolated']:.2f} s", f"{s['speedup']:.1f}x faster (goal 20x)"),
+            ("MMD², %d x %d x %d" % (m["n"], m["n"], m["dim"]), f"{m['seconds']:.2f} s",
+             f"peak RSS {m['peak_rss_mb_after']:.0f} MB (inputs {m['inputs_mb']:.0f} MB; goal < 30 s)"),
+            ("MMD² permutation test, 200 permutations", f"{m['test_seconds_200_permutations']:.2f} s", "")]
+    if "evaluate" in res:
+        e = res["evaluate"]
+        rows.append((f"evaluate, {e['patches']}-patch test split (CPU)", f"{e['seconds']:.1f} s",
+                     f"{e['patches_per_second']:.1f} patches/s"))
+    w = max(len(r[0]) for r in rows)
+    print(f"torch threads: {torch.get_num_threads()}")
+    for name, val, note in rows:
+        print(f"{name:<{w}}  {val:>10}  {note}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_metrics.json").write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

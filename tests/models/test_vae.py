@@ -1,0 +1,138 @@
+"""ConvVAE: shapes, gradients, sampling, determinism and that training lowers the loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medvae.config import ModelConfig, TrainConfig
+from medvae.errors import ConfigError
+from medvae.losses import generator_loss
+from medvae.models import ConvVAE, VAEOutput, build_model
+from medvae.models.blocks import Upsample
+
+SMALL = dict(channels=(8, 16), latent_dim=16, norm_groups=4)
+
+
+def small_cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{**SMALL, **kw})
+
+
+def blobs(n: int = 16, size: int = 64, channels: int = 1, seed: int = 0) -> torch.Tensor:
+    """Structured images in [0, 1]: a few Gaussian-smoothed random blobs per image."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    out = torch.zeros(n, channels, size, size)
+    for _ in range(3):
+        cy = torch.rand(n, channels, 1, 1, generator=g) * size
+        cx = torch.rand(n, channels, 1, 1, generator=g) * size
+        r = 4 + torch.rand(n, channels, 1, 1, generator=g) * size / 6
+        amp = 0.3 + 0.7 * torch.rand(n, channels, 1, 1, generator=g)
+        out = out + amp * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2))
+    return out.clamp(0, 1)
+
+
+@pytest.mark.parametrize(
+    "size,channels,upsample",
+    [(128, 1, "nearest"), (256, 1, "pixelshuffle"), (128, 2, "transpose"), (64, 2, "nearest")],
+)
+def test_shapes(size, channels, upsample):
+    torch.manual_seed(0)
+    m = build_model(small_cfg(image_size=size, in_channels=channels, upsample=upsample))
+    x = torch.rand(2, channels, size, size)
+    out = m(x)
+    assert isinstance(out, VAEOutput)
+    assert out.x_hat.shape == x.shape
+    assert out.mu.shape == out.logvar.shape == out.z.shape == (2, 16)
+    assert 0 <= out.x_hat.min() and out.x_hat.max() <= 1
+    assert m.log_likelihood(x, out.x_hat).shape == (2,)
+    assert m.sample(3).shape == (3, channels, size, size)
+    assert m.latent_dim == 16 and m.discriminator is None and m.config.image_size == size
+    # the adaptive-weight anchor is the conv that writes the output
+    assert m.last_decoder_weight is m.out_conv.weight
+
+
+def test_wrong_input_shape_is_a_config_error():
+    m = build_model(small_cfg(image_size=64))
+    with pytest.raises(ConfigError, match="image_size"):
+        m.encode(torch.rand(1, 1, 128, 128))
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli", "cbernoulli", "l1", "l2"])
+def test_every_parameter_gets_a_gradient(likelihood):
+    torch.manual_seed(0)
+    m = build_model(small_cfg(image_size=64, likelihood=likelihood, res_units=2))
+    loss, terms, aux = generator_loss(m, blobs(4), step=0, beta=1.0, cfg=TrainConfig())
+    loss.backward()
+    names = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert names == []
+    assert set(terms) >= {"nll", "kl", "elbo"}
+    assert aux["x_hat"].shape == (4, 1, 64, 64) and not aux["x_hat"].requires_grad
+    # elbo is the true ELBO: -(nll + kl), whatever beta is
+    torch.testing.assert_close(terms["elbo"], -(terms["nll"] + terms["kl"]))
+
+
+def test_eval_forward_is_deterministic_and_uses_the_mean():
+    m = build_model(small_cfg(image_size=64)).eval()
+    x = blobs(3)
+    a, b = m(x), m(x)
+    torch.testing.assert_close(a.x_hat, b.x_hat, rtol=0, atol=0)
+    torch.testing.assert_close(a.z, a.mu)
+    m.train()
+    assert not torch.equal(m(x).z, m(x).z)
+
+
+def test_sample_is_seeded_and_in_unit_interval():
+    m = build_model(small_cfg(image_size=64))
+    s1 = m.sample(4, torch.Generator().manual_seed(7))
+    s2 = m.sample(4, torch.Generator().manual_seed(7))
+    s3 = m.sample(4, torch.Generator().manual_seed(8))
+    assert torch.equal(s1, s2) and not torch.equal(s1, s3)
+    assert s1.min() >= 0 and s1.max() <= 1
+    # temperature scales z: T = 0 decodes the prior mean
+    s0 = m.sample(2, torch.Generator().manual_seed(1), temperature=0.0)
+    torch.testing.assert_close(s0, m.decode(torch.zeros(2, 16)))
+
+
+def test_pixelshuffle_icnr_has_no_checkerboard_at_init():
+    torch.manual_seed(0)
+    up = Upsample(4, 3, "pixelshuffle")
+    y = up(torch.randn(2, 4, 5, 5))
+    # ICNR: the four sub-pixels of each 2x2 block are equal, i.e. nearest upsampling of a conv
+    blocks = y.unfold(2, 2, 2).unfold(3, 2, 2).reshape(2, 3, 5, 5, 4)
+    torch.testing.assert_close(blocks, blocks[..., :1].expand_as(blocks))
+
+
+def test_generator_parameters_are_all_parameters():
+    m = build_model(small_cfg(image_size=64))
+    assert {id(p) for p in m.generator_parameters()} == {id(p) for p in m.parameters()}
+
+
+def test_bf16_autocast_runs_and_terms_are_float32():
+    torch.manual_seed(0)
+    m = build_model(small_cfg(image_size=64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms, _ = generator_loss(m, blobs(4), step=0, beta=1.0, cfg=TrainConfig())
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(t.dtype == torch.float32 for t in terms.values())
+
+
+def test_loss_falls_over_adam_steps():
+    torch.manual_seed(0)
+    m = ConvVAE(ModelConfig(image_size=64, channels=(4, 8, 16), latent_dim=16, norm_groups=4))
+    opt = torch.optim.Adam(m.generator_parameters(), lr=2e-3)
+    x = blobs(16)
+    cfg = TrainConfig()
+    losses, mses = [], []
+    for _ in range(30):
+        loss, terms, aux = generator_loss(m, x, step=0, beta=1.0, cfg=cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        mses.append(F.mse_loss(aux["x_hat"], x).item())
+    first, last = losses[0], sum(losses[-5:]) / 5
+    assert last < first - 0.3 * abs(first), losses
+    assert sum(mses[-5:]) / 5 < 0.5 * mses[0], mses

@@ -1,0 +1,152 @@
+"""VAE–GAN: the discriminator, the split of parameters, the GAN losses and one training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medvae.config import ModelConfig, TrainConfig
+from medvae.losses import discriminator_loss, gan_generator_term, generator_loss, kl_normal, reparameterize
+from medvae.models import VAEGAN, PatchDiscriminator, build_model
+from tests.models.test_vae import blobs
+
+
+def tiny(**kw) -> VAEGAN:
+    torch.manual_seed(0)
+    cfg = dict(name="vaegan", image_size=64, channels=(4, 8, 16), latent_dim=16, norm_groups=4,
+               disc_channels=8, disc_layers=2)
+    return build_model(ModelConfig(**{**cfg, **kw}))
+
+
+def gan_cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"disc_start": 0, **kw})
+
+
+@pytest.mark.parametrize("sn", [False, True])
+def test_discriminator_outputs_logit_map_and_features(sn):
+    d = PatchDiscriminator(in_channels=2, channels=8, n_layers=3, norm_groups=4, spectral_norm=sn)
+    logits, feats = d(torch.rand(2, 2, 128, 128))
+    assert logits.shape == (2, 1, 14, 14)  # 70x70-receptive-field PatchGAN geometry
+    assert len(feats) == 4 and feats[0].shape == (2, 8, 64, 64)
+
+
+def test_generator_parameters_exclude_the_discriminator():
+    m = tiny()
+    gen = {id(p) for p in m.generator_parameters()}
+    disc = {id(p) for p in m.discriminator.parameters()}
+    assert gen and disc and not gen & disc
+    assert gen | disc == {id(p) for p in m.parameters()}
+
+
+def test_before_disc_start_no_adversarial_terms_and_d_not_run():
+    m = tiny()
+    calls = []
+    m.discriminator.register_forward_hook(lambda *a: calls.append(1))
+    loss, terms, aux = generator_loss(m, blobs(4), step=9, beta=1.0, cfg=gan_cfg(disc_start=10))
+    assert calls == []
+    assert float(terms["adv"]) == float(terms["fm"]) == float(terms["adv_weight"]) == 0.0
+    torch.testing.assert_close(loss.detach(), terms["nll"] + terms["kl"])
+    assert "x_prior" not in aux
+
+
+@pytest.mark.parametrize("gan_loss", ["hinge", "lsgan"])
+def test_gradients_reach_every_generator_parameter(gan_loss):
+    m = tiny()
+    loss, terms, aux = generator_loss(m, blobs(4), step=0, beta=1.0, cfg=gan_cfg(gan_loss=gan_loss))
+    loss.backward()
+    missing = [n for n, p in m.named_parameters()
+               if not n.startswith("discriminator.") and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert missing == []
+    assert set(terms) >= {"nll", "kl", "elbo", "adv", "fm", "adv_weight"}
+    assert float(terms["adv_weight"]) > 0 and float(terms["fm"]) > 0
+    assert aux["x_hat"].shape == aux["x_prior"].shape == (4, 1, 64, 64)
+    assert not aux["x_hat"].requires_grad and not aux["x_prior"].requires_grad
+
+
+def test_adaptive_weight_matches_hand_computation():
+    m = tiny()
+    x = blobs(4)
+    cfg = gan_cfg(adv_weight=0.7)
+    torch.manual_seed(123)
+    _, terms, _ = generator_loss(m, x, step=0, beta=1.0, cfg=cfg)
+    # the same computation by hand, with the same random draws
+    torch.manual_seed(123)
+    mu, logvar = m.encode(x)
+    z = reparameterize(mu, logvar)
+    logits = m.decode_logits(z)
+    nll = -m.log_likelihood_logits(x, logits).mean()
+    x_prior = m.decode(torch.randn(4, m.latent_dim))
+    d_fake, _ = m.discriminator(torch.cat([torch.sigmoid(logits), x_prior]))
+    adv = -d_fake.mean()
+    w = m.out_conv.weight
+    g_rec = torch.autograd.grad(nll, w, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv, w)[0]
+    lam = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4) * 0.7
+    torch.testing.assert_close(terms["adv_weight"], lam)
+    torch.testing.assert_close(terms["adv"], adv.detach())
+    torch.testing.assert_close(terms["kl"], kl_normal(mu, logvar).mean().detach())
+
+
+def test_discriminator_loss_trains_only_the_discriminator():
+    m = tiny()
+    x = blobs(4)
+    _, _, aux = generator_loss(m, x, step=0, beta=1.0, cfg=gan_cfg())
+    m.zero_grad(set_to_none=True)
+    cfg = gan_cfg(r1_gamma=2.0)
+    loss, terms = discriminator_loss(m, x, aux, step=0, cfg=cfg)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.discriminator.parameters())
+    assert all(p.grad is None for p in m.generator_parameters())
+    # hinge on the logits the discriminator gives, plus gamma/2 * R1
+    with torch.no_grad():
+        r, _ = m.discriminator(x)
+        f, _ = m.discriminator(torch.cat([aux["x_hat"], aux["x_prior"]]))
+    hinge = torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
+    torch.testing.assert_close(terms["d_loss"], hinge + 1.0 * terms["r1"])
+    assert float(terms["r1"]) > 0
+
+
+def test_discriminator_loss_decodes_prior_samples_when_missing():
+    m = tiny()
+    x = blobs(2)
+    loss, terms = discriminator_loss(m, x, {"x_hat": x.clone()}, step=0, cfg=gan_cfg(gan_loss="lsgan"))
+    assert torch.isfinite(loss)
+
+
+def test_one_step_changes_both_networks_and_losses_fall():
+    m = tiny()
+    x = blobs(16)
+    cfg = gan_cfg()
+    g_opt = torch.optim.Adam(m.generator_parameters(), lr=2e-3, betas=(0.5, 0.9))
+    d_opt = torch.optim.Adam(m.discriminator.parameters(), lr=2e-3, betas=(0.5, 0.9))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    elbos = []
+    for step in range(30):
+        loss, terms, aux = generator_loss(m, x, step=step, beta=1.0, cfg=cfg)
+        g_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        g_opt.step()
+        d_opt.zero_grad(set_to_none=True)  # the generator loss also left gradients on D
+        d_loss, _ = discriminator_loss(m, x, aux, step=step, cfg=cfg)
+        d_loss.backward()
+        d_opt.step()
+        if step == 0:
+            changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+            assert any(n.startswith("discriminator.") for n in changed)
+            assert any(n.startswith("encoder.") for n in changed)
+            assert any(n.startswith("out_conv.") for n in changed)
+        elbos.append(float(terms["elbo"]))
+    assert sum(elbos[-5:]) / 5 > elbos[0] + 0.3 * abs(elbos[0]), elbos
+
+
+def test_bf16_autocast_gan_step():
+    m = tiny()
+    x = blobs(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms, aux = generator_loss(m, x, step=0, beta=1.0, cfg=gan_cfg())
+    loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d_loss, _ = discriminator_loss(m, x, aux, step=0, cfg=gan_cfg(r1_gamma=1.0))
+    d_loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(d_loss)
+    assert float(gan_generator_term(torch.zeros(3), "hinge")) == 0.0
