@@ -21,7 +21,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import scipy.fft
 import tifffile
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -335,11 +334,10 @@ def write_dicom_series(
     """
     nz, ny, nx = ph.hu.shape
     dz, dy, dx = ph.spacing
-    base = Dataset()
+    b = Dataset()
     for key, value in fake_identity(seed, index).items():
-        setattr(base, key, value)
+        setattr(b, key, value)
     study_date = f"2015{int(index % 12) + 1:02d}{int(index % 27) + 1:02d}"
-    b = base
     b.SOPClassUID = CTImageStorage
     b.StudyInstanceUID = _uid(seed, index, "study")
     b.SeriesInstanceUID = _uid(seed, index, "series")
@@ -363,7 +361,7 @@ def write_dicom_series(
     stored = (ph.hu.astype(np.int32) + 1024).astype(np.int16 if signed else np.uint16)
     paths = []
     for n, k in enumerate(range(nz - 1, -1, -1), start=1):  # superior first
-        ds = pydicom.Dataset()
+        ds = Dataset()
         ds.update(b)
         ds.SOPInstanceUID = _uid(seed, index, "slice", k)
         ds.InstanceNumber = n
