@@ -108,7 +108,9 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
         The state dict (also in ``out/state.json``) with a ``paths`` entry naming the outputs.
     """
     from medvae.data.manifest import write_manifest
-    from medvae.data.store import prepare
+    from medvae.data.prepare import prepare
+    from medvae.data.store import open_store
+    from medvae.engine.checkpoint import resolve_checkpoint
     from medvae.evaluate import evaluate
     from medvae.generate import generate
     from medvae.io.discover import discover
@@ -136,14 +138,14 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
 
     prepare_key = sha256_json([sha256_file(manifest), config.prepare.model_dump(mode="json")])
     runner.run("prepare", prepare_key, lambda: prepare(manifest, store_dir, config.prepare))
-    store_hash = prepare_key
+    store_hash = open_store(store_dir).content_hash
 
     for name, cfg in config.models.items():
         key = sha256_json([store_hash, cfg.model_dump(mode="json")])
         _train_stage(runner, name, key, store_dir, model_dirs[name], cfg, config.device)
 
     def best(name: str) -> Path:
-        return model_dirs[name] / "checkpoints" / "best.pt"
+        return resolve_checkpoint(model_dirs[name], "best")
 
     report_dir = out / "report"
     names = list(config.models)
