@@ -60,19 +60,25 @@ COHORT_METRICS = {
 # --------------------------------------------------------------------------- per patch
 @torch.no_grad()
 def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: torch.device,
-                  iwae_rows: np.ndarray | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Per-patch metrics of ``model`` on store rows ``rows``: name -> (len(rows),) float64.
+                  iwae_rows: np.ndarray | None = None, seed: int = 0) -> tuple[dict[str, np.ndarray], dict]:
+    """Per-patch metrics of ``model`` on store rows ``rows``.
 
-    IWAE and bits/dim are NaN except on ``iwae_rows`` (a subset of ``rows``; all when None).
+    Returns:
+        ``(per_patch, latent)``: metric name -> (len(rows),) float64, with IWAE and bits/dim NaN
+        except on ``iwae_rows`` (a subset of ``rows``; all when None); and the mean and variance
+        over the patches of the posterior means, ``{"mean": (D,), "var": (D,)}`` tensors.
     """
     gen = torch.Generator().manual_seed(seed)  # CPU generator: the same z on every device
     iwae_rows = rows if iwae_rows is None else iwae_rows
     out: dict[str, list] = {k: [] for k in METRICS}
+    mu_sum = mu_sq = 0.0
     for start in range(0, len(rows), cfg.batch_size):
         batch = rows[start:start + cfg.batch_size]
         x = torch.from_numpy(store.get(batch)).to(device)
         mu, logvar = model.encode(x)
         recon = model.decode(mu).float()
+        mu_sum = mu_sum + mu.double().sum(0)
+        mu_sq = mu_sq + mu.double().pow(2).sum(0)
         for name, fn in (("ssim", M.ssim), ("ms_ssim", M.ms_ssim), ("psnr", M.psnr), ("mse", M.mse),
                          ("mae", M.mae)):
             out[name].append(fn(recon, x))
@@ -86,7 +92,9 @@ def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: t
                                             generator=gen, posterior=(mu[sel], logvar[sel]))
         out["iwae"].append(iw)
         out["bpd"].append(M.bits_per_dim(iw, x[0].numel()))
-    return {k: torch.cat(v).double().cpu().numpy() if v else np.zeros(0) for k, v in out.items()}
+    mean = mu_sum / len(rows)
+    latent = {"mean": mean.float(), "var": (mu_sq / len(rows) - mean.pow(2)).clamp_min(0).float()}
+    return {k: torch.cat(v).double().cpu().numpy() for k, v in out.items()}, latent
 
 
 def _stats(v: np.ndarray) -> dict:
@@ -164,7 +172,7 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
     mods = store.index["modality"][rows].astype(str)
     log.info("evaluating %s (%s) on %d %s patches of %d patients", name, ckpt.name, len(rows), cfg.split,
              len(set(pids)))
-    per = patch_metrics(model, store, rows, cfg, device, _iwae_subset(pids, rows, IWAE_PER_PATIENT))
+    per, latent = patch_metrics(model, store, rows, cfg, device, _iwae_subset(pids, rows, IWAE_PER_PATIENT))
 
     per_patient, per_modality = {}, {}
     for pid in sorted(set(pids)):
@@ -190,12 +198,12 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
               "store": str(store.path), "store_hash_matches": meta.get("store_hash") in (None, store.content_hash),
               "per_patient": per_patient, "per_modality": per_modality, "cohort": cohort}
     if with_figures:
-        result["_figures"] = _figure_data(model, store, per_patient, samples, hists, per, pids, device)
+        result["_figures"] = _figure_data(model, store, per_patient, samples, hists, per, pids, latent, device)
     return result
 
 
 @torch.no_grad()
-def _figure_data(model, store, per_patient, samples, hists, per, pids, device) -> dict:
+def _figure_data(model, store, per_patient, samples, hists, per, pids, latent, device) -> dict:
     """Arrays the report draws: best/worst triptychs, samples, a latent traversal, histograms."""
     picks = []
     for pid, p in per_patient.items():
@@ -212,9 +220,8 @@ def _figure_data(model, store, per_patient, samples, hists, per, pids, device) -
             "kind": kind, "slice_index": int(store.index["slice_index"][row]), "ssim": float(s),
             "original": store.to_physical(xi, mod), "reconstruction": store.to_physical(ri, mod)})
     # Latent traversal along the dims whose posterior means vary most over the evaluated patches.
-    z0 = mu.mean(0)
-    spread = mu.var(0) if len(mu) > 1 else torch.ones_like(z0)
-    dims = torch.argsort(spread, descending=True)[: min(4, mu.shape[1])]
+    z0 = latent["mean"].to(mu)
+    dims = torch.argsort(latent["var"], descending=True)[: min(4, mu.shape[1])]
     steps = torch.linspace(-3, 3, 7, device=z0.device)
     z = z0.repeat(len(dims) * len(steps), 1)
     for i, d in enumerate(dims.tolist()):
