@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 IWAE_PER_PATIENT = 8  # patches per patient that get the k-sample IWAE bound
 HIST_BINS = 64
 ALL = "ALL"
+_COMPARED = ("per_modality", "cohort", "checkpoint")  # what summary.json keeps of each compared run
 CSV_COLUMNS = ("run", "patient_id", "modality", "split", "metric", "value", "n")
 
 # name -> (unit, direction): +1 higher is better, -1 lower is better, 0 no preferred direction.
@@ -116,7 +117,8 @@ def _iwae_subset(patient_ids: np.ndarray, rows: np.ndarray, per_patient: int) ->
 @torch.no_grad()
 def _samples(model, n: int, batch: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.cat([model.sample(min(batch, n - i), generator=gen).float().cpu() for i in range(0, n, batch)])
+    return torch.cat([model.sample(min(batch, n - i), generator=gen).float().cpu()
+                      for i in range(0, n, batch)])
 
 
 def cohort_metrics(store, rows: np.ndarray, samples: torch.Tensor, modality: str, cfg: EvaluateConfig,
@@ -130,9 +132,9 @@ def cohort_metrics(store, rows: np.ndarray, samples: torch.Tensor, modality: str
     real = torch.from_numpy(store.get(real_rows))
     feats = {}
     for name, fn in (("pixel", M.pixel_features), ("randconv", M.random_conv_features)):
-        fx = torch.cat([fn(real[i:i + cfg.batch_size].to(device)) for i in range(0, len(real), cfg.batch_size)])
-        fy = torch.cat([fn(samples[i:i + cfg.batch_size].to(device)) for i in range(0, len(samples), cfg.batch_size)])
-        feats[name] = (fx, fy)
+        bs = cfg.batch_size
+        feats[name] = tuple(torch.cat([fn(imgs[i:i + bs].to(device)) for i in range(0, len(imgs), bs)])
+                            for imgs in (real, samples))
     res: dict = {"n_real": int(len(real_rows)), "n_samples": int(len(samples))}
     for name, (fx, fy) in feats.items():
         if len(fx) >= 2 and len(fy) >= 2:
@@ -162,8 +164,8 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
     model, meta = load_model(ckpt, device=device)
     name = Path(run).resolve().name if Path(run).is_dir() else Path(run).stem
     if meta.get("store_hash") and meta["store_hash"] != store.content_hash:
-        log.warning("%s was trained on another store (hash %s…, this store %s…); metrics are out-of-store",
-                    name, str(meta["store_hash"])[:12], store.content_hash[:12])
+        log.warning("%s was trained on another store (hash %s…, this store %s…); metrics are "
+                    "out-of-store", name, str(meta["store_hash"])[:12], store.content_hash[:12])
     rows = store.select(split=cfg.split)
     if rows.size == 0:
         raise InputError(f"{store.path}: no patches in split '{cfg.split}'; the store has {store.splits}. "
@@ -195,10 +197,12 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
 
     result = {"run": name, "checkpoint": str(ckpt), "step": meta.get("step"),
               "model": (meta.get("model_config") or {}).get("name"), "split": cfg.split,
-              "store": str(store.path), "store_hash_matches": meta.get("store_hash") in (None, store.content_hash),
+              "store": str(store.path),
+              "store_hash_matches": meta.get("store_hash") in (None, store.content_hash),
               "per_patient": per_patient, "per_modality": per_modality, "cohort": cohort}
     if with_figures:
-        result["_figures"] = _figure_data(model, store, per_patient, samples, hists, per, pids, latent, device)
+        result["_figures"] = _figure_data(model, store, per_patient, samples, hists, per, pids, latent,
+                                          device)
     return result
 
 
@@ -230,8 +234,9 @@ def _figure_data(model, store, per_patient, samples, hists, per, pids, latent, d
     mods = sorted({p["modality"] for p in per_patient.values()})
     return {"triptychs": tri, "samples": samples[:16].numpy(), "traversal": trav,
             "traversal_dims": dims.tolist(), "traversal_steps": steps.tolist(), "histograms": hists,
-            "modalities": mods, "distributions": {pid: {k: per[k][pids == pid] for k in ("ssim", "psnr", "mae")}
-                                                  for pid in per_patient},
+            "modalities": mods,
+            "distributions": {pid: {k: per[k][pids == pid] for k in ("ssim", "psnr", "mae")}
+                              for pid in per_patient},
             "normalization": {m: store.normalization(m) for m in mods}}
 
 
@@ -246,7 +251,8 @@ def tidy_rows(res: dict) -> list[tuple]:
                     (run, pid, p["modality"], split, f"{k}_sd", s["sd"], s["n"])]
     for mod, p in res["per_modality"].items():
         for k, s in p["metrics"].items():
-            out += [(run, ALL, mod, split, k, s["mean"], s["n"]), (run, ALL, mod, split, f"{k}_sd", s["sd"], s["n"])]
+            out += [(run, ALL, mod, split, k, s["mean"], s["n"]),
+                    (run, ALL, mod, split, f"{k}_sd", s["sd"], s["n"])]
         for k in COHORT_METRICS:
             c = res["cohort"][mod]
             out.append((run, ALL, mod, split, k, c[k], min(c["n_real"], c["n_samples"])))
@@ -263,7 +269,10 @@ def compare_table(results: list[dict]) -> list[dict]:
             for r in results:
                 if mod not in r["per_modality"]:
                     continue
-                v = r["cohort"][mod][k] if k in COHORT_METRICS else r["per_modality"][mod]["metrics"][k]["mean"]
+                if k in COHORT_METRICS:
+                    v = r["cohort"][mod][k]
+                else:
+                    v = r["per_modality"][mod]["metrics"][k]["mean"]
                 vals[r["run"]] = None if v is None or not math.isfinite(v) else float(v)
             finite = {n: v for n, v in vals.items() if v is not None}
             best = None
@@ -325,7 +334,7 @@ def evaluate(run, store, out, config: EvaluateConfig | None = None, compare=(), 
     summary["config"] = cfg.model_dump(mode="json")
     if compare:
         summary["compare"] = {"runs": [r["run"] for r in results], "table": compare_table(results),
-                              "results": {r["run"]: {k: r[k] for k in ("per_modality", "cohort", "checkpoint")}
+                              "results": {r["run"]: {k: r[k] for k in _COMPARED}
                                           for r in results[1:]}}
     write_json(out / "summary.json", _jsonable(summary))
     write_report(summary, figures, out / "report.html")
