@@ -150,7 +150,8 @@ class PatchBatches:
         shuffle: False keeps the rows in store order (evaluation).
         with_labels: yield ``(x, labels)``; labels ``(B, 1, H, W)`` uint8.
         rank, world_size: the shard to read; default from torch.distributed when initialized.
-        device: move batches there (``non_blocking`` from pinned memory for CUDA).
+        device: move batches there (CUDA: float16 patches are copied from pinned memory, non-blocking,
+            and converted to float32 on the GPU).
     """
 
     def __init__(self, store: PatchStore | str | os.PathLike, split: str | None = None, batch_size: int = 64,
@@ -190,11 +191,18 @@ class PatchBatches:
 
     def batch(self, rows: np.ndarray):
         """Read ``rows`` (any order) -> ``(B, C, H, W)`` float32 tensor (and labels)."""
-        x = _to_tensor(_gather(self.store.patches, rows), self.store.scale)
+        raw = _gather(self.store.patches, rows)
         y = torch.from_numpy(_gather(self.store.labels, rows)) if self.with_labels else None
-        if self.device is not None and self.device.type != "cpu":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True) if y is not None else None
+        if self.device is not None and self.device.type == "cuda":
+            # float16 crosses the bus at half the bytes and becomes float32 on the GPU
+            src = torch.from_numpy(raw) if raw.dtype == np.float16 else _to_tensor(raw, self.store.scale)
+            x = src.pin_memory().to(self.device, non_blocking=True).to(torch.float32)
+            y = y.pin_memory().to(self.device, non_blocking=True) if y is not None else None
+        else:
+            x = _to_tensor(raw, self.store.scale)
+            if self.device is not None and self.device.type != "cpu":
+                x = x.to(self.device)
+                y = y.to(self.device) if y is not None else None
         return (x, y) if self.with_labels else x
 
     def __iter__(self):

@@ -27,6 +27,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,8 @@ def prepare(manifest_path: str | os.PathLike, out: str | os.PathLike, config: Pr
     from medvae.data.manifest import read_manifest
 
     config = config or PrepareConfig()
+    if config.mode == "tile" and config.stride is not None and config.stride < 1:
+        raise ConfigError(f"stride {config.stride}: the tile stride must be a positive number of pixels")
     manifest_path, out = Path(manifest_path), Path(out)
     rows = read_manifest(manifest_path)
     problems = [f"{r.patient_id}: {r.problem or 'status=problem'} (skipped)" for r in rows if r.status == "problem"]
@@ -214,9 +217,14 @@ def _run_tasks(tasks: dict[int, dict], config: PrepareConfig, out: Path) -> list
             ctx.set_forkserver_preload(["medvae.data.prepare", "medvae.data.transforms", "medvae.data.patches"])
             threads = max(1, (os.cpu_count() or 1) // workers)
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
-                futures = [ex.submit(process_volume, k, t, cfg, str(tmpdir)) for k, t in tasks.items()]
+                futures = {ex.submit(process_volume, k, t, cfg, str(tmpdir)): k for k, t in tasks.items()}
                 for fut in as_completed(futures):
-                    results.append(fut.result())
+                    try:
+                        results.append(fut.result())
+                    except BrokenProcessPool:  # a worker was killed (out of memory?): report, keep the rest
+                        k = futures[fut]
+                        results.append({"k": k, "error": f"{tasks[k]['path']}: worker process died while "
+                                        "processing it (out of memory? try fewer --workers)"})
                     bar.advance(job)
     return sorted(results, key=lambda r: r["k"])
 

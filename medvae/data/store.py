@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from medvae.errors import StoreError
-from medvae.files import atomic_open, write_json
+from medvae.files import atomic_open, atomic_path, write_json
 
 FORMAT_VERSION = 1
 INDEX_COLUMNS = ("patient_id", "modality", "split", "slice_index", "y", "x", "foreground_fraction", "source")
-_INT_COLUMNS = ("slice_index", "y", "x")
+_INT_COLUMNS = ("slice_index", "y", "x", "has_label")
 _FLOAT_COLUMNS = ("foreground_fraction",)
 UINT16_SCALE = 65535.0
 
@@ -245,10 +245,10 @@ def write_store(path: str | os.PathLike, patches: np.ndarray, index: dict, meta:
     (path / "store.json").unlink(missing_ok=True)  # incomplete until written again, last
     dtype = meta.get("dtype", "float16")
     stored = to_stored(np.asarray(patches), dtype)
-    with atomic_path_npy(path / "patches.npy") as tmp:
+    with atomic_path(path / "patches.npy") as tmp:
         np.save(tmp, stored)
     if labels is not None:
-        with atomic_path_npy(path / "labels.npy") as tmp:
+        with atomic_path(path / "labels.npy") as tmp:
             np.save(tmp, np.asarray(labels, dtype=np.uint8))
     else:
         (path / "labels.npy").unlink(missing_ok=True)
@@ -279,13 +279,6 @@ def to_stored(x01: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float16":
         return np.asarray(x01, dtype=np.float16)
     raise ValueError(f"unknown store dtype {dtype!r}")
-
-
-def atomic_path_npy(path: Path):
-    """Like medvae.files.atomic_path, for np.save (keeps the .npy suffix on the temp name)."""
-    from medvae.files import atomic_path
-
-    return atomic_path(path)
 
 
 def __getattr__(name: str):

@@ -107,3 +107,20 @@ def test_patch_batches_labels_follow_images(tmp_path):
     store, x = small_store(tmp_path / "s", labels=True)
     for xb, yb in PatchBatches(store, None, 8, seed=0, with_labels=True):
         np.testing.assert_array_equal(yb.numpy(), (x[rows_of(xb), :1] > 0.5))
+
+
+def test_make_loader_uses_distributed_sampler_when_initialized(tmp_path):
+    import torch.distributed as dist
+    from torch.utils.data.distributed import DistributedSampler
+
+    store, _ = small_store(tmp_path / "s", n=30)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        loader = make_loader(store, "train", batch_size=2, shuffle=True, seed=0)
+        assert isinstance(loader.sampler, DistributedSampler)
+        loader.sampler.set_epoch(1)
+        assert sum(b.shape[0] for b in loader) == len(store.select("train")) // 2 * 2
+        assert PatchBatches(store, "train", 2).world_size == 1
+    finally:
+        dist.destroy_process_group()
+    assert not isinstance(make_loader(store, "train", 2, True, 0).sampler, DistributedSampler)
