@@ -48,7 +48,6 @@ def _run(path, seed, store_hash="tiny-eval-store", name="vae"):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    torch.set_num_threads(1)
     return _store(root / "store"), _run(root / "vae_a", 0), _run(root / "vae_b", 1, store_hash="other", name="vaegan")
 
 

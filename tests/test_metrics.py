@@ -12,8 +12,6 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from medvae import metrics as M
 
-torch.set_default_dtype(torch.float32)
-
 
 def _pairs():
     """(N, 1, 128, 128) float64 pairs: noise, structured (camera crops) and smooth shapes."""
