@@ -177,7 +177,7 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
     per, latent = patch_metrics(model, store, rows, cfg, device, _iwae_subset(pids, rows, IWAE_PER_PATIENT))
 
     per_patient, per_modality = {}, {}
-    for pid in sorted(set(pids)):
+    for pid in sorted(set(pids.tolist())):
         m = pids == pid
         order = np.argsort(per["ssim"][m])
         prow = rows[m]
@@ -189,7 +189,7 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
                             "worst_patches": worst, "best_row": int(prow[order[-1]])}
     cohort, hists = {}, {}
     samples = _samples(model, cfg.mmd_samples, cfg.batch_size, seed=0)
-    for mod in sorted(set(mods)):
+    for mod in sorted(set(mods.tolist())):
         m = mods == mod
         per_modality[mod] = {"n_patches": int(m.sum()), "n_patients": len(set(pids[m])),
                              "metrics": {k: _stats(v[m]) for k, v in per.items()}}
