@@ -21,3 +21,14 @@ def test_write_json_and_hash(tmp_path):
     write_json(path, {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1}
     assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_atomic_files_get_umask_permissions_not_0600(tmp_path):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path = tmp_path / "shared.txt"
+    with atomic_open(path) as f:
+        f.write("x")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
