@@ -154,12 +154,13 @@ def _calibrate(ref: TrainReference, max_calibration: int, seed: int) -> None:
                 thr = float(np.percentile(dists[s], ref.percentile))
             elif ref.real_nn[s].size:
                 thr = float(np.percentile(ref.real_nn[s], ref.percentile))
-                ref.notes.append(f"{mod}: fewer than 2 training patients; {s} threshold pooled over modalities")
+                ref.notes.append(f"{mod}: fewer than 2 training patients; thresholds pooled over modalities")
             else:
                 thr = 0.0
-                ref.notes.append(f"{mod}: no between-patient pairs at all; {s} audit flags exact copies only")
+                ref.notes.append(f"{mod}: no between-patient pairs at all; the audit flags exact copies only")
             ref.thresholds[mod][s] = max(thr, MIN_THRESHOLD)
-    for note in dict.fromkeys(ref.notes):
+    ref.notes = list(dict.fromkeys(ref.notes))
+    for note in ref.notes:
         log.warning("audit: %s", note)
 
 
@@ -188,7 +189,8 @@ def audit_batch(ref: TrainReference, feats: dict[str, torch.Tensor]) -> dict[str
 
 
 def summary_line(ref: TrainReference, n: int, flagged: int, dropped: bool) -> str:
-    thr = "; ".join(f"{m}: pixel {t['pixel']:.4g}, feature {t['feature']:.4g}" for m, t in ref.thresholds.items())
+    thr = "; ".join(f"{m}: pixel {t['pixel']:.4g}, feature {t['feature']:.4g}"
+                    for m, t in ref.thresholds.items())
     return (f"memorization audit: {flagged}/{n} samples closer to a training patch than the "
             f"percentile {ref.percentile:g} of real between-patient nearest-neighbour distances "
             f"({thr}){'; flagged samples not written' if dropped and flagged else ''}")
@@ -210,7 +212,8 @@ def plot_audit(path: str | Path, ref: TrainReference, sample_nn: dict[str, np.nd
         for m, t in ref.thresholds.items():
             ax.axvline(t[s], color="k", ls="--", lw=1)
             ax.text(t[s], ax.get_ylim()[1] * 0.9, f" {m} p{ref.percentile:g}", fontsize=8)
-        ax.set_xlabel(f"nearest-neighbour distance ({'32x32 pixels' if s == 'pixel' else 'random conv features'})")
+        space = "32x32 pixels" if s == "pixel" else "random conv features"
+        ax.set_xlabel(f"nearest-neighbour distance ({space})")
         ax.set_ylabel("density")
     axes[0].legend(fontsize=8)
     fig.suptitle("Memorization audit")

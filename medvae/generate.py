@@ -155,15 +155,16 @@ def write_npy(path: Path, x01: np.ndarray) -> None:
         np.save(tmp, x01.astype(np.float32))
 
 
-def _write_sample(out: Path, files: dict[str, str], x01: np.ndarray, mask: np.ndarray | None, phys: np.ndarray,
-                  modality: str, spacing: tuple[float, float]) -> tuple[int, int]:
+def _write_sample(out: Path, files: dict[str, str], x01: np.ndarray, mask: np.ndarray | None,
+                  phys: np.ndarray, modality: str, spacing: tuple[float, float]) -> tuple[int, int]:
     """Write the files of one sample that do not exist yet; returns ``(written, already there)``."""
     unit = _spacing_unit(modality)
 
     def physical(p: Path, arr: np.ndarray) -> None:
         (write_tiff if p.suffix == ".tif" else write_nifti)(p, arr, spacing, unit)
 
-    contents = {"preview": x01, "path": x01 if files["path"].endswith(".npy") else to_file_dtype(phys, modality),
+    raw = files["path"].endswith(".npy")
+    contents = {"preview": x01, "path": x01 if raw else to_file_dtype(phys, modality),
                 "mask": None if mask is None else (mask > 0.5).astype(np.uint8)}
     written = skipped = 0
     for key, rel in files.items():
@@ -254,7 +255,8 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
         log.warning("%s: the store changed since %s was trained (hash differs)", store.path, ckpt_path.name)
     chans = int(store.meta["channels"])
     masked = store.labels is not None and int(model.config.in_channels) == chans + 1
-    params = {"run": str(run.resolve()), "checkpoint": str(ckpt_path.resolve()), "checkpoint_sha256": ckpt_sha,
+    params = {"run": str(run.resolve()), "checkpoint": str(ckpt_path.resolve()),
+              "checkpoint_sha256": ckpt_sha,
               "store": str(store.path.resolve()), "store_hash": store.content_hash, "seed": config.seed,
               "n": config.n, "temperature": config.temperature, "format": config.format,
               "batch_size": config.batch_size, "drop_flagged": config.drop_flagged,
@@ -267,7 +269,8 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
     n_mix = int(round(ratio * mix.select(split="train").size)) if mix is not None else 0
     if mix is not None and tuple(mix.patches.shape[1:]) != tuple(store.patches.shape[1:]):
         raise InputError(f"{mix.path}: patches {tuple(mix.patches.shape[1:])} do not match the model's "
-                         f"{tuple(store.patches.shape[1:])}; mix with a store of the same patch size and channels")
+                         f"{tuple(store.patches.shape[1:])}; mix with a store of the same patch size and "
+                         "channels")
 
     timings = {"load": time.perf_counter() - t_start, "decode": 0.0, "audit": 0.0, "write": 0.0}
     t = time.perf_counter()
@@ -337,7 +340,8 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
     augmented = None
     if mix is not None:
         if len(mix_rows) < n_mix:
-            log.warning("augmented store: only %d of %d synthetic patches passed the audit", len(mix_rows), n_mix)
+            log.warning("augmented store: only %d of %d synthetic patches passed the audit",
+                        len(mix_rows), n_mix)
         augmented = write_augmented_store(out / "augmented_store", mix, mix_x, mix_m, mix_rows, params, ratio)
     timings["write"] += time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
@@ -350,9 +354,10 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
         "counts": {"samples": config.n, "per_modality": per_mod, **counts},
         "audit": {"summary": line, "percentile": config.audit_percentile, "thresholds": ref.thresholds,
                   "flagged": counts["flagged"], "train_patches": int(ref.rows.size),
-                  "calibration_pairs": int(ref.real_nn["pixel"].size), "notes": sorted(set(ref.notes)),
+                  "calibration_pairs": int(ref.real_nn["pixel"].size), "notes": ref.notes,
                   "sample_nn_median": {s: float(np.median(v)) if v.size else None for s, v in all_nn.items()},
-                  "real_nn_median": {s: float(np.median(v)) if v.size else None for s, v in ref.real_nn.items()},
+                  "real_nn_median": {s: float(np.median(v)) if v.size else None
+                                     for s, v in ref.real_nn.items()},
                   "figure": "audit.png"},
         "augmented_store": augmented,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
@@ -420,7 +425,8 @@ def generate_cli(run, out, *, n: int, seed: int = 0, format: str = "nifti", batc
         summary = generate(run, out, cfg, device=device, mix_with=mix_with, ratio=ratio,
                            progress=lambda done, total: bar.update(task, completed=done))
     c, tm = summary["counts"], summary["timings_s"]
-    print(f"{n} samples -> {out} ({c['written_files']} files written, {c['skipped_existing']} already there); "
+    print(f"{n} samples -> {out} ({c['written_files']} files written, "
+          f"{c['skipped_existing']} already there); "
           f"decode {tm['decode']:.1f}s, audit {tm['audit']:.1f}s, write {tm['write']:.1f}s")
     print(summary["audit"]["summary"])
     return 0

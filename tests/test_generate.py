@@ -29,7 +29,8 @@ MIC_NORM = {"low": 100.0, "high": 4000.0, "unit": "counts"}
 CT_SPACING, MIC_SPACING = [0.8, 0.7], [0.3, 0.25]  # (sy, sx)
 # (patient, modality, split, level): patients are flat images at distinct levels (+ 2% noise)
 PATIENTS = [("P1", "ct", "train", 0.1), ("P2", "ct", "train", 0.3), ("P3", "ct", "train", 0.5),
-            ("P4", "ct", "test", 0.45), ("S1", "microscopy", "train", 0.75), ("S2", "microscopy", "train", 0.95)]
+            ("P4", "ct", "test", 0.45), ("S1", "microscopy", "train", 0.75),
+            ("S2", "microscopy", "train", 0.95)]
 PER_PATIENT = 6
 
 
@@ -55,7 +56,8 @@ class StubModel(torch.nn.Module):
         super().__init__()
         self.latent_dim = latent_dim
         self.config = SimpleNamespace(in_channels=channels)
-        self.w = torch.randn(latent_dim, channels * SIZE * SIZE, generator=torch.Generator().manual_seed(1)) * 3.0
+        g = torch.Generator().manual_seed(1)
+        self.w = torch.randn(latent_dim, channels * SIZE * SIZE, generator=g) * 3.0
         self.constant = constant
         self.planted = planted or {}  # sample index -> (seed, image (C, H, W)) decoded for that sample's z
 
@@ -79,8 +81,9 @@ def make_run(tmp_path, monkeypatch):
         run = tmp_path / name
         (run / "checkpoints").mkdir(parents=True)
         (run / "checkpoints" / "best.pt").write_bytes(b"stub checkpoint " + name.encode())
-        (run / "run.json").write_text(json.dumps({"store": str(store.path), "store_hash": store.content_hash}))
-        monkeypatch.setattr(gen, "_load_model", lambda path, device: (model, {"store_hash": store.content_hash}))
+        info = {"store": str(store.path), "store_hash": store.content_hash}
+        (run / "run.json").write_text(json.dumps(info))
+        monkeypatch.setattr(gen, "_load_model", lambda path, device: (model, dict(info)))
         return run
 
     return make
@@ -127,6 +130,16 @@ def test_ct_sample_in_hu_with_store_spacing(make_run, tmp_path):
     assert img.header.get_zooms() == pytest.approx((CT_SPACING[1], CT_SPACING[0], 1.0))
     assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
     assert img.header.get_xyzt_units()[0] == "mm"
+
+
+def test_nifti_reads_back_as_the_patch_with_the_project_reader(tmp_path):
+    from medvae.io.nifti import read_nifti
+
+    patch = np.arange(12 * 10, dtype=np.int16).reshape(1, 12, 10)  # rows y (posterior), columns x (left)
+    gen.write_nifti(tmp_path / "p.nii.gz", patch, (0.8, 0.7))
+    vol = read_nifti(tmp_path / "p.nii.gz")
+    assert vol.orientation == "LPS" and np.array_equal(vol.array[0], patch[0])
+    assert vol.spacing[1:] == pytest.approx((0.8, 0.7))
 
 
 def test_microscopy_sample_uint16_tiff_with_um_spacing(make_run, tmp_path):
@@ -203,7 +216,8 @@ def test_mixed_store_loads_with_the_regular_loader(make_run, tmp_path):
     ds = PatchDataset(mixed, split="train")
     assert len(ds) == n_train + n_syn
     x = ds[len(ds) - 1]
-    assert x.shape == (1, SIZE, SIZE) and x.dtype == torch.float32 and 0 <= float(x.min()) <= float(x.max()) <= 1
+    assert x.shape == (1, SIZE, SIZE) and x.dtype == torch.float32
+    assert 0 <= float(x.min()) <= float(x.max()) <= 1
     # the synthetic rows hold the decoded samples (float16 store)
     z = gen.latents(0, 0, 1, 8)
     first = np.flatnonzero(mixed.index["source"] == "synthetic")[0]
@@ -237,8 +251,9 @@ def test_cli_writes_dataset_and_rejects_bad_format(make_run, tmp_path):
     from medvae.cli import app
 
     run = make_run(StubModel())
-    res = CliRunner().invoke(app, ["generate", str(run), "--n", "3", "--out", str(tmp_path / "out"), "--seed", "1"])
+    base = ["generate", str(run), "--n", "3", "--out"]
+    res = CliRunner().invoke(app, [*base, str(tmp_path / "out"), "--seed", "1"])
     assert res.exit_code == 0, res.output
     assert "0/3 samples" in res.output and len(_manifest(tmp_path / "out")) == 3
-    res = CliRunner().invoke(app, ["generate", str(run), "--n", "3", "--out", str(tmp_path / "x"), "--format", "jpg"])
+    res = CliRunner().invoke(app, [*base, str(tmp_path / "x"), "--format", "jpg"])
     assert res.exit_code == 2 and "format" in res.output
