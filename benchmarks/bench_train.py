@@ -7,14 +7,15 @@ Measured in the same run, on the available device (CUDA > MPS > CPU):
   256², batch 64. Each row times the trainer's own step (``medvae.engine.trainer``: forward,
   losses, backward, clipping, NaN guard, optimizer steps) on random tensors shaped like the store,
   so it is model throughput; the ratio column is images/s over MONAI KL's at the same size.
+  Batch 64 (8 on CPU by default: per-image throughput hardly depends on it there).
 - On CUDA also bf16 + channels_last and bf16 + channels_last + torch.compile against fp32
   eager (the ratio column then is over fp32 eager), and peak GPU memory per row.
 - One row of a full ``train()`` run reading a store through ``PatchBatches`` (``--store``, or a
   store of random patches written to bench_out/), against the step-only rate of the same model:
   a ratio near 1 means the loader is not the bottleneck.
 
-Prints a table and writes bench_out/bench_train.json (``_quick`` with ``--quick``: batch 8, fewer
-steps). Run: ``.venv/bin/python benchmarks/bench_train.py [--quick] [--store STORE]``.
+Prints a table and writes bench_out/bench_train.json (``_quick`` with ``--quick``: batch 8, ~2 s
+per row). Run: ``.venv/bin/python benchmarks/bench_train.py [--quick] [--store STORE]``.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def matched_monai_kl(size: int) -> tuple[tuple[int, ...], int, int, int]:
                                 .model_copy(update={"image_size": size})))
     best = None
     for res_units in (0, 1):
-        for c in range(8, 65, 4):
+        for c in range(8, 65, 8):
             chs = (c, 2 * c, 4 * c, 8 * c)
             mcfg = stage_cfg("monai-kl", chs, res_units, 1, "off", False, False, 1).model
             p = n_params(build_model(mcfg.model_copy(update={"image_size": size})))
@@ -125,16 +126,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="batch 8, ~2 s per row")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="default 64 (8 on CPU, where 64 takes minutes a step)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--seconds", type=float, default=10.0, help="minimum timed seconds per row")
     ap.add_argument("--store", type=Path, default=None, help="a patch store for the loader row")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows on CUDA")
     ap.add_argument("--out", type=Path, default=ROOT / "bench_out")
     args = ap.parse_args()
-    if args.quick:
-        args.batch, args.seconds = 8, 2.0
     device = select_device(args.device)
+    if args.quick:
+        args.batch, args.seconds = args.batch or 8, 2.0
+    args.batch = args.batch or (64 if device.type != "cpu" else 8)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = True
     warmup, max_steps = (1, 20) if args.quick else (3, 200)
@@ -161,13 +164,14 @@ def main() -> None:
                 r.update(model=name, size=size, channels=list(chs), res_units=res)
                 rows.append(r)
                 print(f"{name:9s} {size}² {r['amp']:5s} cl={cl!s:5s} compile={comp!s:5s} "
-                      f"{r['params'] / 1e6:6.2f} M params  {r['images_per_s']:8.1f} img/s", flush=True)
+                      f"{r['params'] / 1e6:6.2f} M params  {r['images_per_s']:8.3g} img/s", flush=True)
         for r in rows:  # ratios: vs MONAI KL at the same size and precision; vs fp32 eager of the same model
             same = [q for q in rows if q["size"] == r["size"] and q["amp"] == r["amp"]
                     and q["compile"] == r["compile"] and q["model"] == "monai-kl"]
             if same:
                 r["ratio_vs_monai_kl"] = r["images_per_s"] / same[0]["images_per_s"]
-            base = [q for q in rows if q["size"] == r["size"] and q["model"] == r["model"] and q["amp"] == "fp32"]
+            base = [q for q in rows
+                    if q["size"] == r["size"] and q["model"] == r["model"] and q["amp"] == "fp32"]
             if base:
                 r["ratio_vs_fp32_eager"] = r["images_per_s"] / base[0]["images_per_s"]
 
@@ -176,18 +180,21 @@ def main() -> None:
     store = open_store(args.store) if args.store else random_store(
         args.out / f"bench_train_store_{size}_loader", size, 16 * args.batch)
     amp, cl, comp = precisions[1] if len(precisions) > 1 else precisions[0]
-    steps = 8 if args.quick else (200 if device.type == "cuda" else 20)
+    steps = 200 if device.type == "cuda" else (4 if args.quick else 10)
     cfg = stage_cfg("vae", OUR_CHANNELS, 1, args.batch, amp, cl, comp, steps)
+    cfg.train.log_every = steps // 2  # the second half's rate: first steps carry warm-up costs
     only = step_rate(store, cfg, device, warmup, args.seconds, max_steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        train(store, tmp, cfg, device=str(device))  # warm-up run (allocator, cudnn autotune)
+    if device.type == "cuda":
+        with tempfile.TemporaryDirectory() as tmp:
+            train(store, tmp, cfg, device=str(device))  # warm-up run (allocator, cudnn autotune, compile)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        summary = train(store, tmp, cfg, device=str(device))
+        train(store, tmp, cfg, device=str(device))
         full_wall = time.perf_counter() - t0
+        rate = json.loads((Path(tmp) / "train_log.jsonl").read_text().splitlines()[-1])["images_per_s"]
     results["loader"] = {"store": str(store.path), "size": int(store.meta["patch_size"]), "steps": steps,
-                         "train_images_per_s": summary["images_per_s"], "step_only_images_per_s": only["images_per_s"],
-                         "ratio": summary["images_per_s"] / only["images_per_s"], "train_wall_s": full_wall,
+                         "train_images_per_s": rate, "step_only_images_per_s": only["images_per_s"],
+                         "ratio": rate / only["images_per_s"], "train_wall_s": full_wall,
                          "amp": only["amp"]}
 
     from rich.console import Console
@@ -198,14 +205,17 @@ def main() -> None:
     for col in ("model", "size", "params", "precision", "img/s", "vs MONAI KL", "vs fp32 eager", "peak GiB"):
         t.add_column(col)
     for r in rows:
-        prec = r["amp"] + (" +channels_last" if r["channels_last"] else "") + (" +compile" if r["compile"] else "")
-        t.add_row(r["model"], f"{r['size']}²", f"{r['params'] / 1e6:.2f} M", prec, f"{r['images_per_s']:.1f}",
-                  f"{r.get('ratio_vs_monai_kl', float('nan')):.2f}", f"{r.get('ratio_vs_fp32_eager', float('nan')):.2f}",
+        prec = r["amp"] + (" +channels_last" if r["channels_last"] else "")
+        prec += " +compile" if r["compile"] else ""
+        t.add_row(r["model"], f"{r['size']}²", f"{r['params'] / 1e6:.2f} M", prec, f"{r['images_per_s']:.3g}",
+                  f"{r.get('ratio_vs_monai_kl', float('nan')):.2f}",
+                  f"{r.get('ratio_vs_fp32_eager', float('nan')):.2f}",
                   "" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}")
     lo = results["loader"]
-    t.add_row("vae train() + PatchBatches", f"{lo['size']}²", "", lo["amp"], f"{lo['train_images_per_s']:.1f}",
+    t.add_row("vae train() + PatchBatches", f"{lo['size']}²", "", lo["amp"],
+              f"{lo['train_images_per_s']:.3g}",
               "", f"{lo['ratio']:.2f} of step-only", "")
-    Console().print(t)
+    Console(width=150).print(t)
     out = args.out / ("bench_train_quick.json" if args.quick else "bench_train.json")
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

@@ -22,6 +22,8 @@ runs code from the file; a file that needs more than that is refused.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import random
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 from medvae.errors import CheckpointError
-from medvae.files import atomic_path
+from medvae.files import atomic_open, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +140,30 @@ def resolve_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Path:
             return ckdir / "last.pt"
         if not run_dir.is_dir():
             raise CheckpointError(f"{run_dir}: run directory not found; give the --out of `medvae train`")
-        raise CheckpointError(f"{path}: no {which} checkpoint in this run; has `medvae train` written one yet?")
+        raise CheckpointError(f"{path}: no {which} checkpoint in this run; "
+                              "has `medvae train` written one yet?")
     candidates = [Path(which), ckdir / which, ckdir / f"{which}.pt"]
     for cand in candidates:
         if cand.is_file():
             return cand
     raise CheckpointError(f"checkpoint '{which}' not found (looked for {', '.join(map(str, candidates))})")
+
+
+def truncate_log(log_path: str | os.PathLike, step: int) -> None:
+    """Keep the JSONL log entries of steps <= ``step`` (those after a resumed checkpoint are replayed).
+
+    A last line cut short by a kill is dropped. Rewritten atomically.
+    """
+    log_path = Path(log_path)
+    if not log_path.exists():
+        return
+    keep = []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+    with atomic_open(log_path, "w", encoding="utf-8") as f:
+        f.writelines(keep)
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -180,7 +200,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     npst = state["numpy"]
     np.random.set_state(
-        (npst["name"], npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+        (npst["name"], npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+         npst["cached_gaussian"])
     )
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss_next"]))

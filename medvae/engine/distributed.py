@@ -46,7 +46,8 @@ def init_distributed(device_type: str) -> DistInfo:
     a test harness) is used as it is.
     """
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", dist.get_rank())), dist.get_world_size())
+        rank = dist.get_rank()
+        return DistInfo(rank, int(os.environ.get("LOCAL_RANK", rank)), dist.get_world_size())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -54,7 +55,8 @@ def init_distributed(device_type: str) -> DistInfo:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=30))
     log.debug("rank %d/%d joined the %s process group", rank, world, backend)
     return DistInfo(rank, local_rank, world, owns_group=True)
 
@@ -74,7 +76,8 @@ def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def all_reduce_mean(params: list[torch.nn.Parameter], scalars: list[torch.Tensor], info: DistInfo) -> list[torch.Tensor]:
+def all_reduce_mean(params: list[torch.nn.Parameter], scalars: list[torch.Tensor],
+                    info: DistInfo) -> list[torch.Tensor]:
     """Average the gradients of ``params`` and the ``scalars`` over all ranks, in place / returned.
 
     Parameters without a gradient are skipped (the graph is the same on every rank, so it is the
@@ -93,7 +96,7 @@ def all_reduce_mean(params: list[torch.nn.Parameter], scalars: list[torch.Tensor
     flat /= info.world_size
     if grads:
         parts = _unflatten_dense_tensors(flat, [g.float() for g in grads] + [stats])
-        for g, new in zip(grads, parts[:-1]):
+        for g, new in zip(grads, parts[:-1], strict=False):
             g.copy_(new)
         stats = parts[-1]
     else:

@@ -44,7 +44,7 @@ class WarmupCosine:
     def set_step(self, step: int) -> float:
         """Set the LR for optimizer step ``step``; returns the first group's LR."""
         f = lr_factor(step, self.warmup_steps, self.total_steps)
-        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=False):
             g["lr"] = base * f
         self.last_lr = [g["lr"] for g in self.optimizer.param_groups]
         return self.last_lr[0]

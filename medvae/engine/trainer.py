@@ -34,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from pydantic import ValidationError
@@ -45,36 +44,13 @@ from medvae.data.store import PatchStore, open_store
 from medvae.devices import select_device
 from medvae.engine import checkpoint as ck
 from medvae.engine.distributed import DistInfo, all_reduce_mean, broadcast_module, init_distributed, shutdown
+from medvae.engine.runtime import compile_model, resolve_amp, seed_everything
 from medvae.engine.schedule import EMA, WarmupCosine, beta_at
 from medvae.engine.validate import validate
 from medvae.errors import CheckpointError, ConfigError, TrainingError
-from medvae.files import atomic_open, write_json, write_text
+from medvae.files import write_json, write_text
 
 log = logging.getLogger(__name__)
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``cfg.amp`` on ``device`` (None = full precision).
-
-    ``auto``: bf16 on CUDA where supported, else fp16 (with a GradScaler); off on CPU and MPS,
-    where autocast is slower than float32 for these convolutions. ``bf16`` / ``fp16`` force it.
-    """
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy's global RNG and python ``random``."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def resolve_config(cfg: TrainStageConfig, store: PatchStore) -> TrainStageConfig:
@@ -91,7 +67,8 @@ def resolve_config(cfg: TrainStageConfig, store: PatchStore) -> TrainStageConfig
         cfg.model.image_size = int(store.meta["patch_size"])
     except ValidationError as err:
         raise ConfigError(f"{store.path}: patch size {store.meta['patch_size']} is not one the models take "
-                          f"({err.errors()[0]['msg']}); prepare the store with --patch-size 128 or 256") from None
+                          f"({err.errors()[0]['msg']}); prepare the store with --patch-size 128 or 256"
+                          ) from None
     return cfg
 
 
@@ -154,11 +131,12 @@ class _Trainer:
         self.batches = PatchBatches(store, "train", batch_size=t.batch_size, seed=t.seed,
                                     rank=info.rank, world_size=info.world_size, device=device)
         if len(self.batches) == 0:
-            n = len(self.batches.indices)
+            n = len(self.batches.indices) // info.world_size
             raise ConfigError(f"{store.path}: the train split has {n} patches per process, fewer than the "
                               f"batch size {t.batch_size}; lower --batch-size or add training data")
         self.total_steps = t.max_steps if t.max_steps is not None else t.epochs * len(self.batches)
-        self.schedulers = {k: WarmupCosine(o, t.warmup_steps, self.total_steps) for k, o in self.optimizers.items()}
+        self.schedulers = {k: WarmupCosine(o, t.warmup_steps, self.total_steps)
+                           for k, o in self.optimizers.items()}
         self.ema = EMA(self.model, t.ema_decay, self.gen_params) if t.ema_decay > 0 else None
         self.eval_model = None  # a copy holding the EMA weights, built on first validation
         self.step = self.bad_steps = 0
@@ -174,7 +152,7 @@ class _Trainer:
                 old.unlink()
             self.log_path.unlink(missing_ok=True)
         if t.compile:
-            self.model.compile()  # in place: attributes, methods and state_dict keys stay as they are
+            compile_model(self.model, discriminator=t.r1_gamma == 0)
         self.images_per_s = 0.0
 
     # ------------------------------------------------------------------ resume / checkpoints
@@ -202,24 +180,14 @@ class _Trainer:
             self.ema.load_state_dict(c["ema_state"])
         self.batches.load_state_dict(c["data_state"])
         ck.set_rng_state(c["rng"])
+        if self.info.rank > 0:  # the checkpoint holds rank 0's RNG; other ranks re-derive their own
+            seed_everything(self.tc.seed + 1_000_003 * self.info.rank + int(c["step"]))
         self.step, self.bad_steps = int(c["step"]), int(c.get("bad_steps", 0))
         self.best_elbo = float(c.get("best_elbo", -math.inf))
         self.metrics = dict(c.get("metrics", {}))
         if self.info.is_main:
-            self._truncate_log(self.step)
+            ck.truncate_log(self.log_path, self.step)
         log.info("resumed %s at step %d (epoch %d)", self.out, self.step, self.batches.epoch)
-
-    def _truncate_log(self, step: int) -> None:
-        """Keep the log entries of steps <= ``step``: those after the checkpoint are replayed."""
-        if not self.log_path.exists():
-            return
-        keep = []
-        for line in self.log_path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):  # a line cut by the kill is dropped
-                if json.loads(line)["step"] <= step:
-                    keep.append(line + "\n")
-        with atomic_open(self.log_path, "w", encoding="utf-8") as f:
-            f.writelines(keep)
 
     def _checkpoint(self, names: list[str]) -> None:
         state = {
@@ -243,6 +211,18 @@ class _Trainer:
         for name in names:
             ck.save_checkpoint(self.ckdir / name, state)
 
+    def _save(self, due_ckpt: bool) -> None:
+        """After a validation: last.pt and step_*.pt when due, best.pt when the val ELBO improved."""
+        names = ["last.pt"] if due_ckpt else []
+        if self.step % self.tc.checkpoint_every == 0:
+            names.append(ck.step_name(self.step))
+        if self.metrics.get("elbo", -math.inf) > self.best_elbo:
+            self.best_elbo = self.metrics["elbo"]
+            names.append("best.pt")
+        if names:
+            self._checkpoint(names)
+            self._write_run_json("running")
+
     def _write_run_json(self, status: str) -> None:
         write_json(self.out / "run.json", {
             "store": str(self.store.path.resolve()), "store_hash": self.store.content_hash,
@@ -263,7 +243,7 @@ class _Trainer:
         self.scaler.unscale_(opt)
         max_norm = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
         gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return dict(zip(names, reduced)), gnorm
+        return dict(zip(names, reduced, strict=False)), gnorm
 
     def _train_step(self, x: torch.Tensor) -> dict:
         from medvae.losses import discriminator_loss, generator_loss
@@ -312,7 +292,7 @@ class _Trainer:
                 self.ema.update(self.model)
         self.scaler.update()
         values = torch.stack([v.float() for v in terms.values()] + [gnorm.float()]).tolist()
-        out = dict(zip([*terms, "grad_norm"], values))
+        out = dict(zip([*terms, "grad_norm"], values, strict=False))
         out.update(lr=lrs["generator"], beta=beta, skipped=int(bad))
         if "discriminator" in lrs:
             out["disc_lr"] = lrs["discriminator"]
@@ -323,9 +303,13 @@ class _Trainer:
         model = self.model
         if self.ema is not None:
             if self.eval_model is None:
-                import copy
+                from medvae.models import build_model
 
-                self.eval_model = copy.deepcopy(self.model)
+                with torch.random.fork_rng(devices=[]):  # the training's RNG stream stays untouched
+                    self.eval_model = build_model(self.cfg.model)
+                if self.channels_last:
+                    self.eval_model = self.eval_model.to(memory_format=torch.channels_last)
+                self.eval_model.to(self.device)
             self.eval_model.load_state_dict(self.ema.state_dict(self.model))
             model = self.eval_model
         with self._autocast():
@@ -345,7 +329,8 @@ class _Trainer:
         self.tb = None
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+            resolved = yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False)
+            write_text(self.out / "config.yaml", resolved)
             self._write_run_json("running")
             with contextlib.suppress(ImportError):
                 from torch.utils.tensorboard import SummaryWriter
@@ -378,27 +363,20 @@ class _Trainer:
                 epoch_end = t.max_steps is None and self.batches.position == len(self.batches)
                 due_ckpt = self.step % t.checkpoint_every == 0 or self.step == self.total_steps
                 validated = due_ckpt or epoch_end
-                if validated and main:
-                    self.metrics = self._validate()
                 due_log = self.step % t.log_every == 0 or validated
-                if due_log:
-                    now = time.perf_counter()
-                    self.images_per_s = (self.step - tick_step) * n_img / max(now - tick, 1e-9)
-                    tick, tick_step = now, self.step
+                if due_log:  # throughput of training steps only (validation / checkpoints excluded)
+                    dt = max(time.perf_counter() - tick, 1e-9)
+                    self.images_per_s = (self.step - tick_step) * n_img / dt
+                if main and validated:
+                    self.metrics = self._validate()
                 if main and due_log:
                     self._log({"step": self.step, "epoch": self.batches.epoch, **entry,
                                "images_per_s": round(self.images_per_s, 2), "bad_steps": self.bad_steps,
                                **({f"val_{k}": v for k, v in self.metrics.items()} if validated else {})})
-                if validated and main:
-                    names = ["last.pt"] if due_ckpt else []
-                    if self.step % t.checkpoint_every == 0:
-                        names.append(ck.step_name(self.step))
-                    if self.metrics.get("elbo", -math.inf) > self.best_elbo:
-                        self.best_elbo = self.metrics["elbo"]
-                        names.append("best.pt")
-                    if names:
-                        self._checkpoint(names)
-                        self._write_run_json("running")
+                if main and validated:
+                    self._save(due_ckpt)
+                if due_log:
+                    tick, tick_step = time.perf_counter(), self.step
                 progress.update(task, completed=self.step, loss=entry["loss"], ips=self.images_per_s)
         if main:
             self._write_run_json("done")
@@ -423,7 +401,8 @@ def train_cli(store, out, *, model: str = "vae", config=None, device: str = "aut
                 setattr(cfg.train, key, value)
     except ValidationError as err:
         first = err.errors()[0]
-        raise ConfigError(f"bad command-line value for {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        key = ".".join(map(str, first["loc"]))
+        raise ConfigError(f"bad command-line value for {key}: {first['msg']}") from None
     summary = train(store, out, cfg, device=device, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         m = summary["metrics"]

@@ -46,7 +46,7 @@ def validate(model: torch.nn.Module, store: PatchStore, batch_size: int, max_bat
         per_image = {"elbo": elbo, "nll": terms["nll"], "kl": terms["kl"], "ssim": metrics.ssim(recon, x32),
                      "psnr": -10.0 * torch.log10(mse), "mse": mse}
         batch = torch.stack([v.float().sum() for v in per_image.values()]).tolist()
-        for k, v in zip(per_image, batch):
+        for k, v in zip(per_image, batch, strict=False):
             sums[k] = sums.get(k, 0.0) + v
     model.train(was_training)
     return {k: float(np.float64(v) / len(rows)) for k, v in sums.items()}

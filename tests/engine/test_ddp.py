@@ -36,8 +36,9 @@ def _worker(rank: int, world: int, port: int, store_path: str, out: str, cfg: di
         trainer = _Trainer(store, Path(out), resolve_config(TrainStageConfig.model_validate(cfg), store),
                            torch.device("cpu"), info, resume=False)
         summary = trainer.run()
-        torch.save({"state": trainer.model.state_dict(), "summary": summary, "rows": trainer.batches.epoch_rows(0)},
-                   Path(result_dir) / f"rank{rank}.pt")
+        result = {"state": trainer.model.state_dict(), "summary": summary,
+                  "rows": trainer.batches.epoch_rows(0)}
+        torch.save(result, Path(result_dir) / f"rank{rank}.pt")
     finally:
         shutdown(info)
 
@@ -61,7 +62,7 @@ def test_two_cpu_processes_keep_identical_weights(tiny_store, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+@pytest.mark.skipif(not (shutil.which("torchrun") or Path(sys.executable).with_name("torchrun").exists()),
                     reason="torchrun not installed")
 def test_torchrun_cli_on_cpu(tiny_store, tmp_path):
     cfg_path = tmp_path / "cfg.yaml"

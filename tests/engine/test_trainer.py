@@ -9,8 +9,9 @@ import yaml
 
 import medvae.losses
 from medvae.engine.checkpoint import load_checkpoint
+from medvae.engine.runtime import resolve_amp, seed_everything
 from medvae.engine.schedule import beta_at, lr_factor
-from medvae.engine.trainer import resolve_amp, resolve_config, seed_everything, train, train_cli
+from medvae.engine.trainer import resolve_config, train, train_cli
 from medvae.errors import CheckpointError, ConfigError, TrainingError
 from medvae.models import build_model, load_model
 from tests.engine.conftest import make_store, tiny_config
@@ -128,3 +129,15 @@ def test_train_cli_overrides_config_and_resume_checks(tiny_store, tmp_path, capl
         train_cli(tiny_store.path, tmp_path / "r3", model="vae", device="cpu", batch_size=0)
     with pytest.raises(ConfigError, match="fewer than the batch size"):
         train_cli(tiny_store.path, tmp_path / "r2", model="vae", device="cpu", batch_size=200)
+
+
+# fp16 convolutions are emulated on CPU: slow
+@pytest.mark.parametrize("amp", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])
+def test_mixed_precision_on_cpu(tiny_store, tmp_path, amp):
+    summary = train(tiny_store, tmp_path / "run", tiny_config("vaegan", max_steps=3, amp=amp, disc_start=1),
+                    device="cpu")
+    assert summary["step"] == 3
+    log = read_log(tmp_path / "run")
+    assert all(math.isfinite(e["loss"]) and math.isfinite(e["d_loss"]) for e in log[1:])
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert bool(ckpt["scaler_state"]) == (amp == "fp16")  # GradScaler only for fp16
