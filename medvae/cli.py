@@ -106,7 +106,7 @@ def prepare(
 @user_errors
 def train(
     store: Path = typer.Argument(..., help="Patch store from `medvae prepare`."),
-    model: str = typer.Option("vae", help="vae | vaegan | monai-vae | monai-kl"),
+    model: Optional[str] = typer.Option(None, help="vae | vaegan | monai-vae | monai-kl (default: the config's, else vae)"),
     out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, logs)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with `model:` and `train:` sections."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),

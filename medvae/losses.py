@@ -41,6 +41,32 @@ def _cb_log_norm(logits: torch.Tensor) -> torch.Tensor:
     return math.log(2.0) + torch.where(small, taylor, exact)
 
 
+def _cb_mean(logits: torch.Tensor) -> torch.Tensor:
+    """Mean of the continuous Bernoulli from its logits eta: 1 / (1 - e^-eta) - 1 / eta.
+
+    Near eta = 0 the two terms cancel, so the series 1/2 + eta/12 - eta^3/720 is used there.
+    """
+    eta = logits.float()
+    small = eta.abs() < 1e-2
+    e = torch.where(small, torch.ones_like(eta), eta)
+    exact = 1.0 / (-torch.expm1(-e)) - 1.0 / e
+    taylor = 0.5 + eta / 12.0 - eta**3 / 720.0
+    return torch.where(small, taylor, exact).clamp(0.0, 1.0)
+
+
+def _cb_logits_from_mean(mean: torch.Tensor, iters: int = 40) -> torch.Tensor:
+    """Invert :func:`_cb_mean` (monotonic in eta) by vectorised bisection on eta in [-60, 60]."""
+    m = mean.float().clamp(1e-4, 1.0 - 1e-4)
+    lo = torch.full_like(m, -60.0)
+    hi = torch.full_like(m, 60.0)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        below = _cb_mean(mid) < m
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    return 0.5 * (lo + hi)
+
+
 class Likelihood(nn.Module):
     """Pixel likelihood p(x | decoder output), shared by every model.
 
@@ -78,6 +104,13 @@ class Likelihood(nn.Module):
             return self.log_sigma.float().clamp(*self.log_sigma_range).exp()
         return torch.tensor(self.fixed_scale)
 
+    def mean(self, logits: torch.Tensor) -> torch.Tensor:
+        """The mean image in [0, 1] from the decoder's logits: sigmoid(logits), except for the
+        continuous Bernoulli, whose mean differs from its parameter lambda = sigmoid(logits)."""
+        if self.kind == "cbernoulli":
+            return _cb_mean(logits).to(logits.dtype)
+        return torch.sigmoid(logits)
+
     def log_prob(
         self, x: torch.Tensor, *, mean: torch.Tensor | None = None, logits: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -85,8 +118,9 @@ class Likelihood(nn.Module):
 
         Args:
             x: (B, C, H, W) in [0, 1].
-            mean: (B, C, H, W) the mean image in [0, 1] (the probabilities for Bernoulli, lambda
-                for the continuous Bernoulli). Give ``mean`` or ``logits``.
+            mean: (B, C, H, W) the mean image in [0, 1] (the probabilities for Bernoulli; for
+                the continuous Bernoulli its mean, inverted to lambda by bisection). Give
+                ``mean`` or ``logits``.
             logits: (B, C, H, W) the decoder's raw output; mean = sigmoid(logits). Preferred:
                 Bernoulli-type likelihoods are exact and stable on logits.
 
@@ -95,7 +129,9 @@ class Likelihood(nn.Module):
         """
         x = x.float()
         if self.kind in ("bernoulli", "cbernoulli"):
-            if logits is None:
+            if logits is None and self.kind == "cbernoulli":
+                logits = _cb_logits_from_mean(mean)
+            elif logits is None:
                 p = mean.float().clamp(_EPS, 1.0 - _EPS)
                 logits = torch.log(p) - torch.log1p(-p)
             logits = logits.float()
@@ -233,7 +269,7 @@ def generator_loss(model: nn.Module, x: torch.Tensor, *, step: int, beta: float,
     kl_term = free_bits_kl(mu, logvar, cfg.free_bits) if cfg.free_bits > 0 else kl
     loss = nll + beta * kl_term
     terms = {"nll": nll.detach(), "kl": kl.detach(), "elbo": -(nll + kl).detach(), "kl_loss": kl_term.detach()}
-    x_hat = torch.sigmoid(logits)
+    x_hat = model.likelihood.mean(logits)
     aux = {"x_hat": x_hat.detach()}
 
     disc = getattr(model, "discriminator", None)
@@ -241,7 +277,7 @@ def generator_loss(model: nn.Module, x: torch.Tensor, *, step: int, beta: float,
         zero = torch.zeros((), device=x.device)
         if step >= cfg.disc_start:
             z_prior = torch.randn(x.shape[0], model.latent_dim, device=x.device)
-            x_prior = torch.sigmoid(model.decode_logits(z_prior))
+            x_prior = model.likelihood.mean(model.decode_logits(z_prior))
             with torch.no_grad():
                 _, feats_real = disc(x)
             logits_fake, feats_fake = disc(torch.cat([x_hat, x_prior], 0))

@@ -90,6 +90,22 @@ def test_continuous_bernoulli_matches_torch_including_near_half():
     torch.testing.assert_close(Likelihood("cbernoulli").log_prob(x1, logits=torch.zeros_like(x1)), torch.zeros(1))
 
 
+def test_continuous_bernoulli_mean_image_and_its_inverse():
+    _, logits = _data(5)
+    logits = torch.cat([logits.flatten(), torch.tensor([0.0, 1e-4, -3e-3, 15.0, -15.0])])
+    lik = Likelihood("cbernoulli")
+    ref = ContinuousBernoulli(logits=logits.double()).mean.float()
+    torch.testing.assert_close(lik.mean(logits), ref, rtol=1e-4, atol=1e-5)
+    # saturated logits: mean = 1 / (1 - e^-eta) - 1 / eta ~ 1 - 1/eta (torch's float32 clamps there)
+    torch.testing.assert_close(lik.mean(torch.tensor([40.0, -40.0])), torch.tensor([1 - 1 / 40, 1 / 40]))
+    # log_likelihood from the mean image (what models return) equals the one from logits
+    x, logits = _data(6)
+    x, logits = x[:, :1], logits[:, :1]
+    torch.testing.assert_close(
+        lik.log_prob(x, mean=lik.mean(logits)), lik.log_prob(x, logits=logits), rtol=1e-4, atol=1e-2
+    )
+
+
 def test_likelihood_is_float32_under_bf16_inputs():
     x, logits = _data(4)
     for kind in ("gaussian", "bernoulli", "cbernoulli", "l1", "l2"):

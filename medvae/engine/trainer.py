@@ -389,12 +389,13 @@ class _Trainer:
                 "images_per_s": (self.step - started) * n_img / max(elapsed, 1e-9)}
 
 
-def train_cli(store, out, *, model: str = "vae", config=None, device: str = "auto", max_steps=None,
+def train_cli(store, out, *, model: str | None = None, config=None, device: str = "auto", max_steps=None,
               epochs=None, batch_size=None, checkpoint_every=None, resume: bool = False) -> dict:
     """``medvae train``: the YAML config (if any), then the command-line options on top."""
     cfg = load_config(config, TrainStageConfig)
     try:
-        cfg.model.name = model
+        if model is not None:  # --model wins over the YAML's model.name
+            cfg.model.name = model
         for key, value in (("max_steps", max_steps), ("epochs", epochs), ("batch_size", batch_size),
                            ("checkpoint_every", checkpoint_every)):
             if value is not None:
@@ -407,6 +408,6 @@ def train_cli(store, out, *, model: str = "vae", config=None, device: str = "aut
     if int(os.environ.get("RANK", "0")) == 0:
         m = summary["metrics"]
         log.info("trained %s for %d steps: val ELBO %.1f nats, SSIM %.3f, PSNR %.1f dB; checkpoints in %s",
-                 model, summary["step"], m.get("elbo", float("nan")), m.get("ssim", float("nan")),
+                 cfg.model.name, summary["step"], m.get("elbo", float("nan")), m.get("ssim", float("nan")),
                  m.get("psnr", float("nan")), Path(out) / "checkpoints")
     return summary

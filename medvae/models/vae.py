@@ -68,8 +68,9 @@ class VAEBase(nn.Module):
             )
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (B, D) -> mean image (B, C, H, W) in [0, 1] (sigmoid of the decoder logits)."""
-        return torch.sigmoid(self.decode_logits(z))
+        """z: (B, D) -> mean image (B, C, H, W) in [0, 1] (sigmoid of the decoder logits; the
+        continuous-Bernoulli mean for that likelihood)."""
+        return self.likelihood.mean(self.decode_logits(z))
 
     def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
         """Sampled z in training mode, the posterior mean in eval mode."""
@@ -108,6 +109,23 @@ class VAEBase(nn.Module):
     def log_likelihood_logits(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """As ``log_likelihood`` from the decoder's raw logits (exact for Bernoulli types)."""
         return self.likelihood.log_prob(x, logits=logits)
+
+    def _compile_targets(self) -> list[nn.Module]:  # pragma: no cover - subclasses say
+        """The heavy submodules the losses run (their ``forward`` is what gets compiled)."""
+        return []
+
+    def compile(self, *args, **kwargs) -> None:
+        """In-place ``torch.compile`` of the submodules that run.
+
+        ``nn.Module.compile`` compiles ``forward`` only, but the losses call ``encode`` /
+        ``decode_logits`` / ``discriminator``; compiling the submodules those use makes
+        ``model.compile()`` effective. Attributes and state_dict keys stay as they are.
+        The discriminator and the decoder's last conv stay eager: the adaptive GAN weight
+        differentiates through them with ``retain_graph`` and R1 with ``create_graph``, which
+        compiled (AOT-autograd) backward graphs do not support.
+        """
+        for m in self._compile_targets():
+            m.compile(*args, **kwargs)
 
     def generator_parameters(self) -> list[nn.Parameter]:
         """All parameters except the discriminator's."""
@@ -172,6 +190,9 @@ class ConvVAE(VAEBase):
     def last_decoder_weight(self) -> nn.Parameter:
         return self.out_conv.weight
 
+    def _compile_targets(self) -> list[nn.Module]:
+        return [self.encoder, self.decoder]
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W) in [0, 1] -> mu, logvar: (B, D); logvar clamped to [-30, 20]."""
         self._check_input(x)
@@ -180,6 +201,6 @@ class ConvVAE(VAEBase):
         return mu, logvar.clamp(-30.0, 20.0)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (B, D) -> decoder logits (B, C, H, W); the mean image is their sigmoid."""
+        """z: (B, D) -> decoder logits (B, C, H, W); the mean image is ``likelihood.mean`` of them."""
         h = self.from_latent(z).reshape(z.shape[0], *self.bottleneck_shape)
         return self.out_conv(self.decoder(h))

@@ -15,6 +15,16 @@ from medvae.models.blocks import Upsample
 SMALL = dict(channels=(8, 16), latent_dim=16, norm_groups=4)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convs gain nothing from intra-op threads, and on a shared box (or under
+    ``pytest -n``) the threads' spinning costs several times the work itself."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def small_cfg(**kw) -> ModelConfig:
     return ModelConfig(**{**SMALL, **kw})
 
@@ -136,3 +146,31 @@ def test_loss_falls_over_adam_steps():
     first, last = losses[0], sum(losses[-5:]) / 5
     assert last < first - 0.3 * abs(first), losses
     assert sum(mses[-5:]) / 5 < 0.5 * mses[0], mses
+
+
+@pytest.mark.parametrize("name", ["vae", "vaegan", "monai-kl"])
+def test_load_model_round_trip(tmp_path, name):
+    checkpoint = pytest.importorskip("medvae.engine.checkpoint")
+    from medvae.models import load_model
+
+    cfg = small_cfg(name=name, image_size=64, latent_dim=64, spectral_norm=True, disc_channels=8)
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    ema = build_model(cfg)  # other weights, standing in for the EMA copy
+    # an EMA kept by torch.optim.swa_utils.AveragedModel: "module." prefixes and a counter
+    ema_state = {f"module.{k}": v for k, v in ema.state_dict().items() if not k.startswith("discriminator.")}
+    ema_state["n_averaged"] = torch.tensor(3)
+    ckpt = {"model_config": cfg.model_dump(mode="json"), "model_state": m.state_dict(), "ema_state": ema_state,
+            "optimizer_states": {}, "step": 12, "metrics": {"val_elbo": -1.5}}
+    path = checkpoint.save_checkpoint(tmp_path / "last.pt", ckpt)
+    x = blobs(2)
+    loaded, meta = load_model(path, ema=False)
+    assert not loaded.training and loaded.config == cfg
+    torch.testing.assert_close(loaded(x).x_hat, m.eval()(x).x_hat)
+    assert meta["step"] == 12 and meta["metrics"] == {"val_elbo": -1.5}
+    assert "model_state" not in meta and "ema_state" not in meta and "optimizer_states" not in meta
+    loaded_ema, _ = load_model(path, ema=True)
+    torch.testing.assert_close(loaded_ema(x).x_hat, ema.eval()(x).x_hat)
+    if name == "vaegan":  # the discriminator, not in the EMA, comes from model_state
+        for p, q in zip(loaded_ema.discriminator.parameters(), m.discriminator.parameters()):
+            assert torch.equal(p, q)

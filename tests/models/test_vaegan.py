@@ -8,7 +8,7 @@ import torch
 from medvae.config import ModelConfig, TrainConfig
 from medvae.losses import discriminator_loss, gan_generator_term, generator_loss, kl_normal, reparameterize
 from medvae.models import VAEGAN, PatchDiscriminator, build_model
-from tests.models.test_vae import blobs
+from tests.models.test_vae import blobs, one_thread  # noqa: F401 - autouse fixture
 
 
 def tiny(**kw) -> VAEGAN:
@@ -115,7 +115,7 @@ def test_discriminator_loss_decodes_prior_samples_when_missing():
 
 def test_one_step_changes_both_networks_and_losses_fall():
     m = tiny()
-    x = blobs(16)
+    x = blobs(8)
     cfg = gan_cfg()
     g_opt = torch.optim.Adam(m.generator_parameters(), lr=2e-3, betas=(0.5, 0.9))
     d_opt = torch.optim.Adam(m.discriminator.parameters(), lr=2e-3, betas=(0.5, 0.9))
