@@ -169,11 +169,12 @@ def run_pipeline(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML (see pipelines/)."),
     scans: Path = typer.Option(..., "--scans", help="Scan directory."),
     out: Path = typer.Option(..., "--out", help="Run directory for all stages."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny counts (2 steps, few samples): check data and config first."),
 ) -> None:
     """Run discover -> prepare -> train -> evaluate -> generate, skipping finished stages."""
     from medvae.pipeline import run_pipeline as run
 
-    run(pipeline, scans, out)
+    run(pipeline, scans, out, quick=quick)
 
 
 @app.command()

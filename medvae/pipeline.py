@@ -101,8 +101,26 @@ def _train_stage(runner: StageRunner, name: str, key: str, store: Path, run_dir:
     runner.run(f"train:{name}", key, lambda: train(store, run_dir, cfg, device=device, resume=resume))
 
 
-def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str | os.PathLike) -> dict:
+def quick_config(config: PipelineConfig) -> PipelineConfig:
+    """The same pipeline with tiny counts: checks data and config in minutes before a long GPU run.
+
+    Discovery and preparation are unchanged (so their outputs are reused by the full run).
+    """
+    config = config.model_copy(deep=True)
+    for cfg in config.models.values():
+        t = cfg.train
+        t.max_steps, t.batch_size, t.val_batches, t.checkpoint_every = 2, min(t.batch_size, 8), 1, 2
+        t.warmup_steps, t.disc_start = 1, 1
+    config.evaluate.iwae_k, config.evaluate.mmd_samples, config.evaluate.mmd_permutations = 2, 32, 10
+    config.generate.n = 8
+    return config
+
+
+def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str | os.PathLike,
+                 quick: bool = False) -> dict:
     """Run every stage of ``pipeline`` on the scan directory ``scans`` into ``out``.
+
+    ``quick`` runs the tiny version of the pipeline (:func:`quick_config`).
 
     Returns:
         The state dict (also in ``out/state.json``) with a ``paths`` entry naming the outputs.
@@ -116,6 +134,8 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     from medvae.io.discover import discover
 
     config = load_pipeline(pipeline)
+    if quick:
+        config = quick_config(config)
     scans, out = Path(scans), Path(out)
     if not scans.is_dir():
         raise InputError(f"{scans}: scan directory not found; pass the folder that holds the scans to --scans")
@@ -184,7 +204,8 @@ def demo(out: str | os.PathLike = "demo_out", pipeline: str | os.PathLike | None
     scans, done = out / "scans", out / "scans" / ".phantom-complete"
     if not done.exists():  # the marker makes an interrupted phantom write start over
         shutil.rmtree(scans, ignore_errors=True)
-        summary = write_phantom_cohort(scans, ct_patients=6, microscopy_stacks=4, seed=0)
+        # 256² CT instead of 512²: the patches are 128² anyway, and more patients generalize better
+        summary = write_phantom_cohort(scans, ct_patients=16, microscopy_stacks=4, seed=0, ct_size=256)
         write_json(done, summary)
     state = run_pipeline(pipeline, scans, out / "run")
     paths = state["paths"]
