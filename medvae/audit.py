@@ -207,8 +207,9 @@ def plot_audit(path: str | Path, ref: TrainReference, sample_nn: dict[str, np.nd
     for ax, s in zip(axes, SPACES):
         both = np.concatenate([ref.real_nn[s], sample_nn[s]])
         bins = np.linspace(0.0, float(both.max()) * 1.05 if both.size else 1.0, 40)
-        ax.hist(ref.real_nn[s], bins=bins, alpha=0.6, density=True, label="real → other patients")
-        ax.hist(sample_nn[s], bins=bins, alpha=0.6, density=True, label="synthetic → train")
+        for values, label in ((ref.real_nn[s], "real → other patients"), (sample_nn[s], "synthetic → train")):
+            if values.size:  # an empty histogram with density=True divides by zero
+                ax.hist(values, bins=bins, alpha=0.6, density=True, label=label)
         for m, t in ref.thresholds.items():
             ax.axvline(t[s], color="k", ls="--", lw=1)
             ax.text(t[s], ax.get_ylim()[1] * 0.9, f" {m} p{ref.percentile:g}", fontsize=8)

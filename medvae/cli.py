@@ -63,7 +63,8 @@ def phantom(
         out, ct_patients=ct_patients, microscopy_stacks=microscopy_stacks, seed=seed,
         ct_size=ct_size, ct_slices=ct_slices,
     )
-    typer.echo(f"phantom cohort written to {out}: {summary}")
+    typer.echo(f"phantom cohort written to {out}: {len(summary['ct'])} CT series (TCIA layout, labels in "
+               f"{out / 'labels'}), {len(summary['microscopy'])} microscopy stacks")
 
 
 @app.command()

@@ -158,8 +158,9 @@ def prepare(manifest_path: str | os.PathLike, out: str | os.PathLike, config: Pr
     manifest_path, out = Path(manifest_path), Path(out)
     rows = read_manifest(manifest_path)
     problems = [f"{r.patient_id}: {r.problem or 'status=problem'} (skipped)" for r in rows if r.status == "problem"]
-    for p in problems:
-        log.warning("manifest %s: %s", manifest_path.name, p)
+    if problems:  # discovery already explained each; one line here, the full list in store.json
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        log.warning("manifest %s: skipping %d problem row(s): %s", manifest_path.name, len(problems), shown)
     usable = [r for r in rows if r.status != "problem"]
     shard = parse_shard(shard)
     positions = list(range(len(usable)))
@@ -375,6 +376,9 @@ def _print_summary(store: PatchStore) -> None:
                 table.add_row(m, s, str(len(set(store.index["patient_id"][rows]))), str(len(rows)))
     console = Console(stderr=False)
     console.print(table)
-    for p in store.meta.get("problems", []):
+    problems = store.meta.get("problems", [])
+    for p in problems[:10]:
         console.print(f"[yellow]problem:[/] {p}")
+    if len(problems) > 10:
+        console.print(f"[yellow]... and {len(problems) - 10} more problems, listed in {store.path / 'store.json'}[/]")
 
