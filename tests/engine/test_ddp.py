@@ -61,7 +61,6 @@ def test_two_cpu_processes_keep_identical_weights(tiny_store, tmp_path):
         assert torch.equal(ckpt["model_state"][name], p0), name
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("torchrun") or Path(sys.executable).with_name("torchrun").exists()),
                     reason="torchrun not installed")
 def test_torchrun_cli_on_cpu(tiny_store, tmp_path):

@@ -22,7 +22,7 @@ def _losses(run):
     return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("model", ["vae", pytest.param("vaegan", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model", ["vae", "vaegan"])
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_store, tmp_path, model):
     # the kill lands mid-epoch (8 batches per epoch), and for the VAE-GAN after the critic started
     cfg = tiny_config(model, max_steps=N_STEPS, checkpoint_every=5, log_every=1, ema_decay=0.9, disc_start=3)
