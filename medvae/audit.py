@@ -2,8 +2,8 @@
 
 A generative model that reproduces a training patch leaks that patient's data. For every
 sample we measure the distance to its nearest patch of the store's *train* split in two spaces
-(``medvae.metrics.pixel_features``: 32x32 area-downsampled pixels, and
-``medvae.metrics.random_conv_features``: a fixed random conv net), and compare it with how
+(``medvae.distances.pixel_features``: 32x32 area-downsampled pixels, and
+``medvae.distances.random_conv_features``: a fixed random conv net), and compare it with how
 close *real* patches of different patients come to each other: the threshold is the
 ``percentile``-th percentile of real-to-real nearest-neighbour distances where the neighbour
 must belong to another training patient (same modality). A sample closer to a training patch
@@ -37,7 +37,7 @@ MIN_THRESHOLD = 1e-4  # exact copies (distance ~0) are flagged even when no thre
 @torch.no_grad()
 def features(x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Audit features of images ``x: (B, C, H, W)`` in [0, 1] -> ``{space: (B, D) float32}``."""
-    from medvae.metrics import pixel_features, random_conv_features
+    from medvae.distances import pixel_features, random_conv_features
 
     return {"pixel": pixel_features(x), "feature": random_conv_features(x)}
 
