@@ -107,7 +107,8 @@ def prepare(
 @user_errors
 def train(
     store: Path = typer.Argument(..., help="Patch store from `medvae prepare`."),
-    model: Optional[str] = typer.Option(None, help="vae | vaegan | monai-vae | monai-kl (default: the config's, else vae)"),
+    model: Optional[str] = typer.Option(
+        None, help="vae | vaegan | monai-vae | monai-kl (default: the config's model.name, else vae)"),
     out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, logs)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with `model:` and `train:` sections."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
@@ -170,7 +171,8 @@ def run_pipeline(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML (see pipelines/)."),
     scans: Path = typer.Option(..., "--scans", help="Scan directory."),
     out: Path = typer.Option(..., "--out", help="Run directory for all stages."),
-    quick: bool = typer.Option(False, "--quick", help="Tiny counts (2 steps, few samples): check data and config first."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Tiny counts (2 steps, few samples): check data and config first."),
 ) -> None:
     """Run discover -> prepare -> train -> evaluate -> generate, skipping finished stages."""
     from medvae.pipeline import run_pipeline as run

@@ -34,7 +34,11 @@ import numpy as np
 
 from medvae.config import PrepareConfig, load_config, parse_config
 from medvae.data.store import (
-    FORMAT_VERSION, PatchStore, open_store, to_stored, write_index,
+    FORMAT_VERSION,
+    PatchStore,
+    open_store,
+    to_stored,
+    write_index,
 )
 from medvae.errors import ConfigError, InputError, MedvaeError, StoreError
 from medvae.files import atomic_path, sha256_json, write_json

@@ -15,7 +15,6 @@ import numpy as np
 from medvae.files import write_text
 from medvae.report import figures as F
 
-
 LABELS = {
     "ssim": "SSIM", "ms_ssim": "MS-SSIM", "psnr": "PSNR", "mse": "MSE", "mae": "MAE", "elbo": "ELBO",
     "kl": "KL", "iwae": "IWAE log-lik.", "bpd": "bits/dim", "mmd2_pixel": "MMD² pixels",

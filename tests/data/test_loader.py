@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from medvae.data.loader import PatchBatches, PatchDataset, make_loader
-from medvae.data.store import INDEX_COLUMNS, open_store, write_store
+from medvae.data.store import write_store
 
 
 def small_store(path, n=50, c=1, size=8, dtype="float16", labels=False, seed=0):
