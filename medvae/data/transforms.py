@@ -4,9 +4,8 @@
 applied to ``{"image": path, "label": label_path}``:
 
 1. ``LoadImaged("image", reader=...)``: ``DicomSeriesReader`` (DICOM directory),
-   ``TiffStackReader`` (TIFF) from ``medvae.io``, or ``VolumeReader`` (NIfTI, and the fallback),
-   a thin MONAI reader over ``medvae.io.load_volume``. ``LoadImaged("label", reader=VolumeReader())``
-   reads a label NIfTI through ``read_nifti``.
+   ``TiffStackReader`` (TIFF) or ``VolumeReader`` (NIfTI), all in ``medvae.io.monai_readers``;
+   ``LoadImaged("label", reader=VolumeReader())`` reads a label NIfTI through ``read_nifti``.
 2. ``EnsureChannelFirstd`` then, for CT/MR, ``Orientationd(axcodes="SPL")``. The medvae readers
    return medvae's ``(Z, Y, X)`` arrays with the affine's columns permuted to match (not MONAI's
    usual ``(x, y, z)``), so the CONTRACTS convention (z to Superior, y to Posterior, x to patient
@@ -33,9 +32,8 @@ Labels come out as float32 class values; ``medvae.data.patches`` turns label pat
 from __future__ import annotations
 
 import logging
-import os
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
@@ -51,6 +49,7 @@ from monai.transforms import (
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 
 from medvae.config import PrepareConfig
+from medvae.io.monai_readers import DicomSeriesReader, TiffStackReader, VolumeReader
 
 UNITS = {"ct": "HU", "mr": "a.u.", "microscopy": "counts"}
 # MR has no absolute intensity scale (unlike HU): it is normalized like microscopy, per volume by
@@ -63,66 +62,9 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
 
 
-class VolumeReader(ImageReader):
-    """MONAI reader over ``medvae.io.load_volume`` (DICOM directory, NIfTI, TIFF); used for NIfTI.
-
-    Same layout as ``medvae.io``'s DicomSeriesReader/TiffStackReader: the array is medvae's
-    ``(Z, Y, X)`` (``(C, Z, Y, X)`` with channels) and the meta ``affine`` has its columns permuted
-    to match (column ``a`` = world step of array axis ``a``, RAS), so ``Orientationd`` and
-    ``MetaTensor.pixdim`` see the true geometry.
-    """
-
-    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
-        from medvae.io import scan_format
-
-        try:
-            return all(scan_format(f) in ("dicom", "nifti", "tiff") for f in _as_list(filename))
-        except Exception:
-            return False
-
-    def read(self, data, **kwargs):
-        from medvae.io import load_volume
-
-        vols = [load_volume(f) for f in _as_list(data)]
-        return vols[0] if len(vols) == 1 else vols
-
-    def get_data(self, img) -> tuple[np.ndarray, dict]:
-        vol = img[0] if isinstance(img, list) else img
-        arr = np.asarray(vol.array)
-        if vol.affine is not None:  # RAS affine of the (i, j, k) = (x, y, z) grid -> columns of (z, y, x)
-            affine = np.asarray(vol.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
-        else:
-            affine = np.diag([*map(float, vol.spacing), 1.0])
-        meta = {
-            "affine": affine, "original_affine": affine.copy(), "spatial_shape": np.asarray(arr.shape[-3:]),
-            "original_channel_dim": 0 if arr.ndim == 4 else "no_channel", "space": "RAS",
-            "spacing": np.asarray(vol.spacing, dtype=np.float64), "patient_id": vol.patient_id,
-            "modality": vol.modality, "orientation": vol.orientation,
-        }
-        return arr, meta
-
-
-def _as_list(filename) -> list:
-    if isinstance(filename, (list, tuple)):
-        return list(filename)
-    return [filename]
-
-
 def image_reader(fmt: str) -> ImageReader:
     """The MONAI reader for a manifest ``format`` (dicom | nifti | tiff)."""
-    if fmt == "dicom":
-        try:
-            from medvae.io.dicom import DicomSeriesReader
-        except ImportError:  # readers not installed in this checkout yet: same result through load_volume
-            return VolumeReader()
-        return DicomSeriesReader()
-    if fmt == "tiff":
-        try:
-            from medvae.io.tiff import TiffStackReader
-        except ImportError:
-            return VolumeReader()
-        return TiffStackReader()
-    return VolumeReader()
+    return {"dicom": DicomSeriesReader, "tiff": TiffStackReader}.get(fmt, VolumeReader)()
 
 
 class StripMetad(MapTransform):

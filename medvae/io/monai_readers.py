@@ -115,3 +115,26 @@ class TiffStackReader(ImageReader):
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
         return _get_data(img)
+
+
+class VolumeReader(ImageReader):
+    """Reads any scan medvae reads (DICOM directory, NIfTI, TIFF) through ``medvae.io.load_volume``;
+    the transform chains use it for NIfTI images and label maps."""
+
+    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+        from medvae.errors import InputError
+        from medvae.io import scan_format
+
+        try:
+            return all(scan_format(f) in ("dicom", "nifti", "tiff") for f in ensure_tuple(filename))
+        except InputError:
+            return False
+
+    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs):
+        from medvae.io import load_volume
+
+        vols = [load_volume(f) for f in ensure_tuple(data)]
+        return vols if len(vols) > 1 else vols[0]
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        return _get_data(img)
