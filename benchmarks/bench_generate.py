@@ -64,7 +64,7 @@ def make_run(root: Path, size: int, n_train: int) -> Path:
 @torch.inference_mode()
 def decode_only(run: Path, n: int, batch: int, device: torch.device) -> float:
     """Reference: samples/s of model.sample in memory (no audit, no files)."""
-    from medvae.models import load_model
+    from medvae.engine.checkpoint import load_model
 
     model, _ = load_model(run / "checkpoints" / "best.pt", device=device)
     g = torch.Generator(device="cpu").manual_seed(0)

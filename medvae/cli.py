@@ -78,7 +78,7 @@ def discover(
     seed: int = typer.Option(0, help="Seed of the patient-level split."),
 ) -> None:
     """Find scans, validate them, assign patient-level splits, write manifest.csv."""
-    from medvae.io.discover import discover_cli
+    from medvae.data.discover import discover_cli
 
     sys.exit(discover_cli(scans_dir, out, labels=labels, modality=modality, reference=reference, seed=seed))
 

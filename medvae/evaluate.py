@@ -157,8 +157,7 @@ def cohort_metrics(store, rows: np.ndarray, samples: torch.Tensor, modality: str
 # --------------------------------------------------------------------------- one run
 def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_figures: bool = True) -> dict:
     """All metrics of one run on ``cfg.split`` of ``store``; figures data when ``with_figures``."""
-    from medvae.engine.checkpoint import resolve_checkpoint
-    from medvae.models import load_model
+    from medvae.engine.checkpoint import load_model, resolve_checkpoint
 
     ckpt = resolve_checkpoint(run, "best")
     model, meta = load_model(ckpt, device=device)

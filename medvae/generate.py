@@ -187,7 +187,7 @@ def _write_sample(out: Path, files: dict[str, str], x01: np.ndarray, mask: np.nd
 
 # --------------------------------------------------------------------------- inputs
 def _load_model(path: Path, device: torch.device):
-    from medvae.models import load_model
+    from medvae.engine.checkpoint import load_model
 
     return load_model(path, device=device, ema=True)
 

@@ -125,13 +125,13 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     Returns:
         The state dict (also in ``out/state.json``) with a ``paths`` entry naming the outputs.
     """
+    from medvae.data.discover import discover
     from medvae.data.manifest import write_manifest
     from medvae.data.prepare import prepare
     from medvae.data.store import open_store
     from medvae.engine.checkpoint import resolve_checkpoint
     from medvae.evaluate import evaluate
     from medvae.generate import generate
-    from medvae.io.discover import discover
 
     config = load_pipeline(pipeline)
     if quick:

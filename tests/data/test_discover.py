@@ -9,9 +9,9 @@ import pydicom
 import pytest
 import tifffile
 
+from medvae.data.discover import discover, discover_cli, run_discovery
 from medvae.data.manifest import ManifestRow, assign_split, read_manifest, write_manifest
 from medvae.errors import InputError
-from medvae.io.discover import discover, discover_cli, run_discovery
 from medvae.io.phantoms import write_phantom_cohort
 
 

@@ -8,12 +8,12 @@ import torch
 import yaml
 
 import medvae.losses
-from medvae.engine.checkpoint import load_checkpoint
+from medvae.engine.checkpoint import load_checkpoint, load_model
 from medvae.engine.runtime import resolve_amp, seed_everything
 from medvae.engine.schedule import beta_at, lr_factor
 from medvae.engine.trainer import resolve_config, train, train_cli
 from medvae.errors import CheckpointError, ConfigError, TrainingError
-from medvae.models import build_model, load_model
+from medvae.models import build_model
 from tests.engine.conftest import make_store, tiny_config
 
 

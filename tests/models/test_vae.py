@@ -151,7 +151,7 @@ def test_loss_falls_over_adam_steps():
 @pytest.mark.parametrize("name", ["vae", "vaegan", "monai-kl"])
 def test_load_model_round_trip(tmp_path, name):
     checkpoint = pytest.importorskip("medvae.engine.checkpoint")
-    from medvae.models import load_model
+    from medvae.engine.checkpoint import load_model
 
     cfg = small_cfg(name=name, image_size=64, latent_dim=64, spectral_norm=True, disc_channels=8)
     torch.manual_seed(0)
