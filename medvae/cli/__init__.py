@@ -2,7 +2,8 @@
 
 This is the only layer that prints for the user or sets an exit code: library code raises
 ``MedvaeError`` subclasses, and :func:`medvae.cli.app.user_errors` turns one into a single line on
-stderr and exit code 2.
+stderr and exit code 2. Commands import the heavy stages (torch, MONAI, scipy) inside their
+bodies, so `medvae --help` and a typo answer at once.
 """
 
 from medvae.cli import discover, evaluate, generate, phantom, prepare, run, train  # noqa: F401  (registers)

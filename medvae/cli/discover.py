@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -13,9 +13,10 @@ from rich.table import Table
 
 from medvae.cli.app import app, config_with_options, user_errors
 from medvae.config import DiscoverConfig
-from medvae.data.discover import Discovery, run_discovery
-from medvae.data.manifest import write_manifest
 from medvae.errors import InputError
+
+if TYPE_CHECKING:
+    from medvae.data.discover import Discovery
 
 
 @app.command()
@@ -30,6 +31,9 @@ def discover(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with DiscoverConfig keys."),
 ) -> None:
     """Find scans, validate them, assign patient-level splits, write manifest.csv."""
+    from medvae.data.discover import run_discovery
+    from medvae.data.manifest import write_manifest
+
     cfg = config_with_options(config, DiscoverConfig, {"modality": modality, "split.seed": seed})
     found = run_discovery(scans_dir, labels, cfg.modality, reference, cfg)
     if not found.rows:

@@ -10,7 +10,6 @@ import typer
 from medvae.cli.app import app, config_with_options, user_errors
 from medvae.config import EvaluateConfig
 from medvae.errors import InputError
-from medvae.evaluate import evaluate as evaluate_runs
 
 
 @app.command()
@@ -25,6 +24,8 @@ def evaluate(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
     """Per-patient and per-modality metrics, cohort MMD, and an offline HTML report."""
+    from medvae.evaluate import evaluate as evaluate_runs
+
     cfg = config_with_options(config, EvaluateConfig, {"split": split})
     compare = list(compare or [])
     for path in [run, *compare]:

@@ -10,7 +10,6 @@ from rich.progress import Progress
 
 from medvae.cli.app import app, config_with_options, user_errors
 from medvae.config import GenerateConfig
-from medvae.generate import generate as generate_dataset
 
 
 @app.command()
@@ -31,6 +30,8 @@ def generate(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
     """Generate a synthetic dataset in physical units, audit it for memorization."""
+    from medvae.generate import generate as generate_dataset
+
     cfg = config_with_options(config, GenerateConfig, {
         "n": n, "seed": seed, "format": format, "batch_size": batch_size, "temperature": temperature,
         "checkpoint": checkpoint, "drop_flagged": drop_flagged or None})

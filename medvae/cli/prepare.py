@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -11,10 +11,10 @@ from rich.table import Table
 
 from medvae.cli.app import app, config_with_options, user_errors
 from medvae.config import PrepareConfig
-from medvae.data.prepare import merge_stores
-from medvae.data.prepare import prepare as prepare_store
-from medvae.data.store import PatchStore
 from medvae.errors import ConfigError
+
+if TYPE_CHECKING:
+    from medvae.data.store import PatchStore
 
 
 @app.command()
@@ -31,6 +31,9 @@ def prepare(
     merge: Optional[list[Path]] = typer.Option(None, "--merge", help="Shard stores to join into --out."),
 ) -> None:
     """Slice, normalize and patch the manifest's volumes into a memory-mapped patch store."""
+    from medvae.data.prepare import merge_stores
+    from medvae.data.prepare import prepare as prepare_store
+
     if merge:
         store = merge_stores(list(merge), out)
     elif manifest is None:

@@ -7,8 +7,6 @@ from pathlib import Path
 import typer
 
 from medvae.cli.app import app, user_errors
-from medvae.pipeline import demo as run_demo
-from medvae.pipeline import run_pipeline
 
 
 def _print_paths(state: dict) -> None:
@@ -27,6 +25,8 @@ def run(
         False, "--quick", help="Tiny counts (2 steps, few samples): check data and config first."),
 ) -> None:
     """Run discover -> prepare -> train -> evaluate -> generate, skipping finished stages."""
+    from medvae.pipeline import run_pipeline
+
     _print_paths(run_pipeline(pipeline, scans, out, quick=quick))
 
 
@@ -37,4 +37,6 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="Tiny counts: the whole pipeline in about a minute."),
 ) -> None:
     """Write a phantom cohort and run the demo pipeline on it end to end (CPU, minutes)."""
+    from medvae.pipeline import demo as run_demo
+
     _print_paths(run_demo(out, quick=quick))

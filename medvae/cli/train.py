@@ -10,7 +10,6 @@ import typer
 
 from medvae.cli.app import app, config_with_options, log, user_errors
 from medvae.config import TrainStageConfig
-from medvae.engine.trainer import train as train_model
 
 
 @app.command()
@@ -29,6 +28,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoints/last.pt."),
 ) -> None:
     """Train a model on a patch store (multi-GPU: torchrun --nproc_per_node N -m medvae train ...)."""
+    from medvae.engine.trainer import train as train_model
+
     cfg = config_with_options(config, TrainStageConfig, {
         "model.name": model, "train.max_steps": max_steps, "train.epochs": epochs,
         "train.batch_size": batch_size, "train.checkpoint_every": checkpoint_every})
