@@ -4,9 +4,13 @@ Everything that is a density or a divergence is computed in float32 (inputs are 
 the losses are safe under ``torch.autocast`` with bf16 or fp16. Units are nats per image.
 
 The generator loss is ``-log p(x|z) + beta * KL`` (optionally with free bits); for a model with
-a discriminator, after ``cfg.disc_start``, it adds a feature-matching term on discriminator
+a discriminator, once the critic has started (``train.disc_start``), it adds a feature-matching term on discriminator
 features (Larsen et al. 2016) and an adversarial term on reconstructions and decoded prior
 samples weighted adaptively as in latent-diffusion autoencoders (Esser et al. 2021).
+
+The losses take tensors (the model's ``forward`` output) and the few modules / scalars they
+need, never the model or a config: under DistributedDataParallel, gradients are synchronised only
+for work done through the wrapper's forward, so the losses must not call ``encode`` / ``decode``.
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from medvae.config import TrainConfig
 
 LIKELIHOODS = ("gaussian", "bernoulli", "cbernoulli", "l1", "l2")
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -182,10 +184,27 @@ def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> to
     return per_dim.sum()
 
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """z = mu + eps * sigma with eps ~ N(0, I) from the global RNG; float32 ``(B, D)``."""
+def standard_normal(shape, device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """float32 N(0, 1) noise of ``shape`` on ``device``.
+
+    With a ``generator`` the noise is drawn on the generator's device and then moved, so a seeded
+    CPU generator gives the same numbers whatever device the model is on.
+    """
+    if generator is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+def reparameterize(
+    mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """z = mu + eps * sigma, eps ~ N(0, I) (from ``generator`` when given, else the global RNG).
+
+    Float32 whatever the dtype of ``mu`` / ``logvar`` (e.g. bf16 under autocast); shape of ``mu``.
+    The one reparameterization of medvae: models, losses and metrics draw z through it.
+    """
     mu, logvar = mu.float(), logvar.float()
-    return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    return mu + standard_normal(mu.shape, mu.device, generator) * torch.exp(0.5 * logvar)
 
 
 # --------------------------------------------------------------------------- GAN pieces
@@ -238,103 +257,102 @@ def adaptive_weight(
 
 
 # --------------------------------------------------------------------------- model losses
-def generator_loss(model: nn.Module, x: torch.Tensor, *, step: int, beta: float, cfg: TrainConfig):
-    """Loss minimised over ``model.generator_parameters()``.
+def generator_loss(
+    x: torch.Tensor,
+    out,
+    likelihood: Likelihood,
+    *,
+    beta: float,
+    free_bits: float = 0.0,
+    discriminator: nn.Module | None = None,
+    last_layer: torch.Tensor | None = None,
+    gan_loss: str = "hinge",
+    adv_weight: float = 1.0,
+    fm_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss minimised over the generator's parameters, from the model's forward output.
 
-    Always draws z from q(z|x) (also in eval mode), so ``elbo`` is a single-sample ELBO
-    estimate in nats, whatever ``beta`` or free bits are. The adaptive adversarial weight
-    needs autograd; under ``torch.no_grad`` it is 0 (validation logs then omit the adv term).
+    ``-log p(x|z) + beta * KL`` (free bits when ``free_bits > 0``); with a ``discriminator`` and
+    decoded prior samples in ``out.x_prior`` it adds the feature-matching term and the adaptive
+    adversarial term. ``elbo`` is a single-sample estimate in nats whatever ``beta`` is.
 
     Args:
-        model: any medvae model (needs ``encode``, ``decode_logits``, ``log_likelihood_logits``,
-            ``latent_dim``, ``discriminator``, ``last_decoder_weight``).
-        x: (B, C, H, W) in [0, 1].
-        step: global step (the adversarial terms start at ``cfg.disc_start``).
+        x: (B, C, H, W) real images in [0, 1].
+        out: the model's ``forward`` output (:class:`medvae.models.VAEOutput`): ``logits`` (decoder
+            output for z ~ q(z|x)), ``x_hat`` (their mean image), ``mu``, ``logvar`` and, when
+            the critic is on, ``x_prior`` (decoded prior samples).
+        likelihood: the model's pixel likelihood.
         beta: current KL weight (the trainer anneals it).
-        cfg: TrainConfig (free_bits, gan_loss, adv_weight, feature_matching_weight, disc_start).
+        free_bits: free bits per latent dimension (0: off).
+        discriminator: the critic (VAE–GAN) or None. Its own gradients from this loss are of no
+            use: the trainer freezes it while this loss runs.
+        last_layer: the decoder's last conv weight, the anchor of the adaptive weight.
+        gan_loss: ``hinge`` or ``lsgan``.
+        adv_weight: scale of the adaptive adversarial weight.
+        fm_weight: weight of the feature-matching term.
 
     Returns:
-        ``(loss, terms, aux)``: scalar loss; terms ``nll``, ``kl``, ``elbo`` (batch means, nats per
-        image), ``kl_loss`` (the KL term after free bits) and for a VAE–GAN ``adv``, ``fm``,
-        ``adv_weight``; aux ``x_hat`` (detached reconstructions) and, when the discriminator ran,
-        ``x_prior`` (detached decoded prior samples). D's parameters receive gradients from this
-        loss too (through the feature-matching/adversarial terms): zero them before the D step.
+        ``(loss, terms)``: terms ``nll``, ``kl``, ``elbo`` (batch means, nats per image),
+        ``kl_loss`` (the KL term after free bits), ``loss``, and with a discriminator ``adv``,
+        ``fm``, ``adv_weight`` (zeros while ``out.x_prior`` is None: the critic has not started).
+        Under ``torch.no_grad`` the adaptive weight is 0.
     """
-    mu, logvar = model.encode(x)
-    z = reparameterize(mu, logvar)
-    logits = model.decode_logits(z)
-    ll = model.log_likelihood_logits(x, logits)
-    nll = -ll.mean()
-    kl = kl_normal(mu, logvar).mean()
-    kl_term = free_bits_kl(mu, logvar, cfg.free_bits) if cfg.free_bits > 0 else kl
+    nll = -likelihood.log_prob(x, logits=out.logits).mean()
+    kl = kl_normal(out.mu, out.logvar).mean()
+    kl_term = free_bits_kl(out.mu, out.logvar, free_bits) if free_bits > 0 else kl
     loss = nll + beta * kl_term
     terms = {"nll": nll.detach(), "kl": kl.detach(), "elbo": -(nll + kl).detach(), "kl_loss": kl_term.detach()}
-    x_hat = model.likelihood.mean(logits)
-    aux = {"x_hat": x_hat.detach()}
-
-    disc = getattr(model, "discriminator", None)
-    if disc is not None:
-        zero = torch.zeros((), device=x.device)
-        if step >= cfg.disc_start:
-            z_prior = torch.randn(x.shape[0], model.latent_dim, device=x.device)
-            x_prior = model.likelihood.mean(model.decode_logits(z_prior))
+    if discriminator is not None:
+        fm = adv = lam = torch.zeros((), device=x.device)
+        if out.x_prior is not None:
             with torch.no_grad():
-                _, feats_real = disc(x)
-            logits_fake, feats_fake = disc(torch.cat([x_hat, x_prior], 0))
+                _, feats_real = discriminator(x)
+            logits_fake, feats_fake = discriminator(torch.cat([out.x_hat, out.x_prior], 0))
             b = x.shape[0]
             fm = feature_matching(feats_real, [f[:b] for f in feats_fake], x[0].numel())
-            adv = gan_generator_term(logits_fake, cfg.gan_loss)
-            if torch.is_grad_enabled() and adv.requires_grad:
-                lam = adaptive_weight(nll, adv, model.last_decoder_weight, cfg.adv_weight)
-            else:
-                lam = zero
-            loss = loss + cfg.feature_matching_weight * fm + lam * adv
-            aux["x_prior"] = x_prior.detach()
-        else:
-            fm = adv = lam = zero
+            adv = gan_generator_term(logits_fake, gan_loss)
+            if torch.is_grad_enabled() and adv.requires_grad and last_layer is not None:
+                lam = adaptive_weight(nll, adv, last_layer, adv_weight)
+            loss = loss + fm_weight * fm + lam * adv
         terms.update(adv=adv.detach(), fm=fm.detach(), adv_weight=lam.detach())
     terms["loss"] = loss.detach()
-    return loss, terms, aux
+    return loss, terms
 
 
-def discriminator_loss(model: nn.Module, x: torch.Tensor, aux: dict, *, step: int, cfg: TrainConfig):
-    """Discriminator loss on real patches vs. reconstructions and decoded prior samples.
+def discriminator_loss(
+    discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor, *, gan_loss: str = "hinge",
+    r1_gamma: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Discriminator loss on real patches vs. fakes (reconstructions and decoded prior samples).
+
+    One forward of the critic on ``cat([real, fake])`` (what a DistributedDataParallel wrapper
+    needs: one forward per backward). With ``r1_gamma > 0`` the R1 penalty
+    ``gamma / 2 * E ||d D(real) / d real||^2`` (Mescheder et al. 2018) is added.
 
     Args:
-        model: a model whose ``discriminator`` is not None.
-        x: (B, C, H, W) real patches in [0, 1].
-        aux: the ``aux`` of :func:`generator_loss` (``x_hat``; ``x_prior`` is decoded here without
-            gradients when missing).
-        step: global step (unused by the loss itself; the trainer skips D before disc_start).
-        cfg: TrainConfig (gan_loss, r1_gamma).
+        discriminator: the critic (or its DDP wrapper); returns ``(logits, features)``.
+        real: (B, C, H, W) real patches in [0, 1].
+        fake: (B', C, H, W) fakes; detached here, so only the critic gets gradients.
+        gan_loss: ``hinge`` or ``lsgan``.
+        r1_gamma: R1 weight (0: off).
 
     Returns:
         ``(loss, terms)``: terms ``d_loss``, ``d_real``, ``d_fake`` (mean logits), ``r1``.
-        Only the discriminator's parameters receive gradients.
     """
-    disc = model.discriminator
-    if disc is None:
-        raise ValueError("discriminator_loss needs a model with a discriminator")
-    x_hat = aux["x_hat"].detach()
-    x_prior = aux.get("x_prior")
-    if x_prior is None:
-        with torch.no_grad():
-            z = torch.randn(x.shape[0], model.latent_dim, device=x.device)
-            x_prior = model.decode(z)
-    fake = torch.cat([x_hat, x_prior.detach()], 0).to(x.dtype)
-    real = x.detach()
-    r1_on = cfg.r1_gamma > 0 and torch.is_grad_enabled()
+    real = real.detach()
+    r1_on = r1_gamma > 0 and torch.is_grad_enabled()
     if r1_on:
         real = real.clone().requires_grad_(True)
-    logits_real, _ = disc(real)
-    logits_fake, _ = disc(fake)
-    l_real, l_fake = gan_discriminator_terms(logits_real, logits_fake, cfg.gan_loss)
+    logits, _ = discriminator(torch.cat([real, fake.detach().to(real.dtype)], 0))
+    b = real.shape[0]
+    logits_real, logits_fake = logits[:b], logits[b:]
+    l_real, l_fake = gan_discriminator_terms(logits_real, logits_fake, gan_loss)
     loss = l_real + l_fake
-    r1 = torch.zeros((), device=x.device)
+    r1 = torch.zeros((), device=real.device)
     if r1_on:
         (g,) = torch.autograd.grad(logits_real.float().sum(), real, create_graph=True)
         r1 = g.float().pow(2).flatten(1).sum(1).mean()
-        loss = loss + 0.5 * cfg.r1_gamma * r1
+        loss = loss + 0.5 * r1_gamma * r1
     terms = {
         "d_loss": loss.detach(),
         "d_real": logits_real.detach().float().mean(),

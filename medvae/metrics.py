@@ -36,7 +36,7 @@ from medvae.distances import (  # noqa: F401  (re-exported: one import for every
     pixel_features,
     random_conv_features,
 )
-from medvae.losses import kl_normal  # re-exported: KL(q(z|x) || N(0, I)) per image, nats
+from medvae.losses import kl_normal, reparameterize, standard_normal  # kl_normal re-exported
 
 __all__ = [
     "ssim", "ms_ssim", "psnr", "mse", "mae", "kl_normal", "elbo", "iwae_log_likelihood",
@@ -185,13 +185,6 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    if generator is None:
-        return torch.randn(shape, device=like.device, dtype=like.dtype)
-    # Draw on the generator's device, then move: a CPU generator gives the same numbers everywhere.
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
-
-
 @torch.no_grad()
 def elbo(model, x: torch.Tensor, generator: torch.Generator | None = None,
          return_terms: bool = False, posterior: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -211,7 +204,7 @@ def elbo(model, x: torch.Tensor, generator: torch.Generator | None = None,
         ``x_hat`` (the decoded *sample*; use ``decode(mu)`` for the deterministic recon).
     """
     mu, logvar = model.encode(x) if posterior is None else posterior
-    z = mu + (0.5 * logvar).exp() * _randn(mu.shape, mu, generator)
+    z = reparameterize(mu, logvar, generator).to(mu.dtype)
     x_hat = model.decode(z)
     ll = model.log_likelihood(x, x_hat).float()
     kl = kl_normal(mu.float(), logvar.float())
@@ -254,7 +247,7 @@ def iwae_log_likelihood(model, x: torch.Tensor, k: int = 64, batch_chunk: int = 
     log_w = []
     for start in range(0, k, per_call):
         kk = min(per_call, k - start)
-        eps = _randn((kk, b, d), mu32, generator)
+        eps = standard_normal((kk, b, d), mu32.device, generator).to(mu32.dtype)
         z = mu32 + std * eps  # (kk, B, D)
         x_hat = model.decode(z.reshape(kk * b, d).to(mu.dtype))
         x_rep = x.unsqueeze(0).expand(kk, *x.shape).reshape(kk * b, *x.shape[1:])

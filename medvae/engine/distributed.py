@@ -1,10 +1,11 @@
-"""Data-parallel training under ``torchrun``: process group setup and gradient all-reduce.
+"""Data-parallel training under ``torchrun``: the process group and DistributedDataParallel.
 
-The VAE–GAN calls its model through many methods (encode, decode_logits, discriminator, the
-adaptive weight's ``autograd.grad``) and steps two optimizers per batch, which does not fit
-``DistributedDataParallel``'s one-forward-one-backward hooks. So the trainer all-reduces the
-gradients itself, once per optimizer and batch, as one flat buffer (the loss terms ride along, so
-every rank logs the global mean and takes the same skip decision of the NaN guard).
+The trainer wraps the generator (the model without its discriminator) and the discriminator each
+in ``torch.nn.parallel.DistributedDataParallel``, which averages gradients over ranks during
+``backward`` (overlapped with it, bucket by bucket). DDP synchronises only work done through a
+wrapper's ``forward``, so the model's ``forward`` returns everything the losses need. The few loss
+scalars are averaged with :func:`all_reduce_mean`, so every rank logs the global mean and takes
+the same skip decision of the NaN guard. NCCL on CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
 
@@ -67,38 +69,37 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
-    """Copy rank 0's parameters and buffers to every rank (identical start)."""
-    if not info.enabled:
-        return
-    with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
+def wrap_ddp(module: nn.Module, info: DistInfo, device: torch.device, ignore: nn.Module | None = None
+             ) -> nn.Module:
+    """``module`` in ``DistributedDataParallel`` under torchrun, else ``module`` itself.
 
-
-def all_reduce_mean(params: list[torch.nn.Parameter], scalars: list[torch.Tensor],
-                    info: DistInfo) -> list[torch.Tensor]:
-    """Average the gradients of ``params`` and the ``scalars`` over all ranks, in place / returned.
-
-    Parameters without a gradient are skipped (the graph is the same on every rank, so it is the
-    same set everywhere). One all-reduce of one flat buffer.
-
-    Returns:
-        The averaged scalars (0-dim tensors), in the order given.
+    DDP broadcasts rank 0's parameters and buffers at construction, so every rank starts equal.
+    ``ignore``: a submodule whose parameters and buffers this wrapper leaves alone (the
+    discriminator inside the model: it has its own wrapper and optimizer). Every other parameter
+    must get a gradient in each backward (the models use all of theirs in every step), so
+    ``find_unused_parameters`` stays off.
     """
     if not info.enabled:
-        return scalars
-    grads = [p.grad for p in params if p.grad is not None]
-    ref = grads[0] if grads else scalars[0]
-    stats = torch.stack([s.detach().float().reshape(()) for s in scalars]).to(ref.device)
-    flat = _flatten_dense_tensors([g.float() for g in grads] + [stats]) if grads else stats.clone()
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= info.world_size
-    if grads:
-        parts = _unflatten_dense_tensors(flat, [g.float() for g in grads] + [stats])
-        for g, new in zip(grads, parts[:-1], strict=False):
-            g.copy_(new)
-        stats = parts[-1]
-    else:
-        stats = flat
-    return list(stats.unbind(0))
+        return module
+    if ignore is not None:
+        prefix = next(n for n, m in module.named_modules() if m is ignore)
+        names = [f"{prefix}.{n}" for n, _ in ignore.named_parameters()]
+        names += [f"{prefix}.{n}" for n, _ in ignore.named_buffers()]
+        # the documented (if underscored) way to keep parameters out of a DDP wrapper
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+    device_ids = [device.index if device.index is not None else info.local_rank] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (``module`` itself when not wrapped)."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean over ranks of a tensor of scalars (one all-reduce); ``values`` itself for one process."""
+    if not info.enabled:
+        return values
+    out = values.detach().float().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / info.world_size

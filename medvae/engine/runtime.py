@@ -36,10 +36,11 @@ _COMPILED = ("encoder", "decoder", "encode", "decode", "discriminator")
 def compile_model(model: torch.nn.Module, discriminator: bool = True) -> None:
     """``torch.compile`` the model's networks in place (attributes and state_dict keys unchanged).
 
-    The losses call ``encode`` / ``decode_logits`` / ``discriminator``, never ``forward``, so the
-    submodules named encoder / decoder / discriminator (MONAI: encode / decode) are what gets
-    compiled. ``discriminator=False`` leaves the critic eager: R1 needs a double backward, which
-    compiled graphs do not support.
+    The heavy submodules named encoder / decoder / discriminator (MONAI: encode / decode) are
+    compiled, not the whole ``forward``: the decoder's last conv stays eager, because the adaptive
+    GAN weight differentiates through it twice (``retain_graph``). Compile before wrapping in
+    DistributedDataParallel. ``discriminator=False`` leaves the critic eager: R1 needs a double
+    backward, which compiled graphs do not support.
     """
     names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in _COMPILED]
     names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost only

@@ -1,5 +1,6 @@
-"""The training loop: AMP, channels_last, torch.compile, DDP (torchrun), clipping, NaN guard, EMA,
-validation, checkpoints with exact resume, JSONL / TensorBoard logging and a rich progress bar.
+"""The training loop: validation, checkpoints with exact resume, JSONL / TensorBoard logging and a
+rich progress bar around :class:`medvae.engine.step.TrainStep` (AMP, channels_last, torch.compile,
+DDP under torchrun, clipping, NaN guard, LR schedules, EMA).
 
 One "step" is one batch: a generator (VAE) update and, for the VAE–GAN from ``disc_start`` on, a
 discriminator update. A step whose loss or gradient norm is not finite is skipped (no optimizer
@@ -43,9 +44,10 @@ from medvae.data.loader import PatchBatches
 from medvae.data.store import PatchStore, open_store
 from medvae.devices import select_device
 from medvae.engine import checkpoint as ck
-from medvae.engine.distributed import DistInfo, all_reduce_mean, broadcast_module, init_distributed, shutdown
-from medvae.engine.runtime import compile_model, resolve_amp, seed_everything
-from medvae.engine.schedule import EMA, WarmupCosine, beta_at
+from medvae.engine.distributed import DistInfo, init_distributed, shutdown
+from medvae.engine.runtime import resolve_amp, seed_everything
+from medvae.engine.schedule import ema_state_dict
+from medvae.engine.step import TrainStep
 from medvae.engine.validate import validate
 from medvae.errors import CheckpointError, ConfigError, TrainingError
 from medvae.files import write_json, write_text
@@ -101,6 +103,21 @@ def train(store: PatchStore | str | os.PathLike, out: str | os.PathLike, cfg: Tr
         shutdown(info)
 
 
+class _Meter:
+    """Training throughput: images per second of step time, validation and checkpoints excluded."""
+
+    def __init__(self, step: int, images_per_step: int):
+        self.images_per_step = images_per_step
+        self.restart(step)
+
+    def rate(self, step: int) -> float:
+        """images/s from the last restart to ``step``."""
+        return (step - self.step) * self.images_per_step / max(time.perf_counter() - self.since, 1e-9)
+
+    def restart(self, step: int) -> None:
+        self.step, self.since = step, time.perf_counter()
+
+
 class _Trainer:
     def __init__(self, store: PatchStore, out: Path, cfg: TrainStageConfig, device: torch.device,
                  info: DistInfo, resume: bool):
@@ -111,23 +128,13 @@ class _Trainer:
         self.ckdir = ck.checkpoint_dir(out)
         self.log_path = out / "train_log.jsonl"
         self.amp_dtype = resolve_amp(t.amp, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.channels_last = t.channels_last and device.type == "cuda"
 
-        seed_everything(t.seed)  # same initial weights on every rank (and broadcast below anyway)
+        seed_everything(t.seed)  # same initial weights on every rank (and DDP broadcasts rank 0's anyway)
         model = build_model(cfg.model)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.to(device)
-        broadcast_module(self.model, info)
-        self.gen_params = [p for p in self.model.generator_parameters() if p.requires_grad]
-        disc = getattr(self.model, "discriminator", None)
-        self.disc_params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
-        adamw = dict(betas=tuple(t.betas), weight_decay=t.weight_decay)
-        self.optimizers = {"generator": torch.optim.AdamW(self.gen_params, lr=t.lr, **adamw)}
-        if self.disc_params:
-            self.optimizers["discriminator"] = torch.optim.AdamW(self.disc_params, lr=t.disc_lr, **adamw)
-
         self.batches = PatchBatches(store, "train", batch_size=t.batch_size, seed=t.seed,
                                     rank=info.rank, world_size=info.world_size, device=device)
         if len(self.batches) == 0:
@@ -135,13 +142,12 @@ class _Trainer:
             raise ConfigError(f"{store.path}: the train split has {n} patches per process, fewer than the "
                               f"batch size {t.batch_size}; lower --batch-size or add training data")
         self.total_steps = t.max_steps if t.max_steps is not None else t.epochs * len(self.batches)
-        self.schedulers = {k: WarmupCosine(o, t.warmup_steps, self.total_steps)
-                           for k, o in self.optimizers.items()}
-        self.ema = EMA(self.model, t.ema_decay, self.gen_params) if t.ema_decay > 0 else None
+        self.steps = TrainStep(self.model, t, device, info, self.amp_dtype, self.total_steps)
         self.eval_model = None  # a copy holding the EMA weights, built on first validation
         self.step = self.bad_steps = 0
         self.best_elbo = -math.inf
         self.metrics: dict[str, float] = {}
+        self.images_per_s = 0.0
         # after the model is built: each rank draws its own noise from here on
         seed_everything(t.seed + 1_000_003 * info.rank)
         if resume:
@@ -151,9 +157,6 @@ class _Trainer:
             for old in self.ckdir.glob("*.pt"):
                 old.unlink()
             self.log_path.unlink(missing_ok=True)
-        if t.compile:
-            compile_model(self.model, discriminator=t.r1_gamma == 0)
-        self.images_per_s = 0.0
 
     # ------------------------------------------------------------------ resume / checkpoints
     def _resume(self) -> None:
@@ -169,20 +172,13 @@ class _Trainer:
         if c["model_config"] != self.cfg.model.model_dump(mode="json"):
             raise CheckpointError(f"{path}: the checkpoint's model config differs from the one given; "
                                   "resume with the run's own config.yaml")
+        self.step, self.bad_steps = int(c["step"]), int(c.get("bad_steps", 0))
         self.model.load_state_dict(c["model_state"])
-        for k, o in self.optimizers.items():
-            o.load_state_dict(c["optimizer_states"][k])
-        for k, s in self.schedulers.items():
-            s.load_state_dict(c["scheduler_states"][k])
-        if c.get("scaler_state"):
-            self.scaler.load_state_dict(c["scaler_state"])
-        if self.ema is not None and c.get("ema_state") is not None:
-            self.ema.load_state_dict(c["ema_state"])
+        self.steps.load_state_dict(c, self.step, self.bad_steps)
         self.batches.load_state_dict(c["data_state"])
         ck.set_rng_state(c["rng"])
         if self.info.rank > 0:  # the checkpoint holds rank 0's RNG; other ranks re-derive their own
-            seed_everything(self.tc.seed + 1_000_003 * self.info.rank + int(c["step"]))
-        self.step, self.bad_steps = int(c["step"]), int(c.get("bad_steps", 0))
+            seed_everything(self.tc.seed + 1_000_003 * self.info.rank + self.step)
         self.best_elbo = float(c.get("best_elbo", -math.inf))
         self.metrics = dict(c.get("metrics", {}))
         if self.info.is_main:
@@ -195,10 +191,7 @@ class _Trainer:
             "model_config": self.cfg.model.model_dump(mode="json"),
             "train_config": self.tc.model_dump(mode="json"),
             "model_state": self.model.state_dict(),
-            "ema_state": self.ema.state_dict(self.model) if self.ema is not None else None,
-            "optimizer_states": {k: o.state_dict() for k, o in self.optimizers.items()},
-            "scaler_state": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "scheduler_states": {k: s.state_dict() for k, s in self.schedulers.items()},
+            **self.steps.state_dict(),  # optimizer_states, scaler_state, scheduler_states, ema_state
             "step": self.step,
             "epoch": self.batches.epoch,
             "bad_steps": self.bad_steps,
@@ -211,9 +204,10 @@ class _Trainer:
         for name in names:
             ck.save_checkpoint(self.ckdir / name, state)
 
-    def _save(self, due_ckpt: bool) -> None:
-        """After a validation: last.pt and step_*.pt when due, best.pt when the val ELBO improved."""
-        names = ["last.pt"] if due_ckpt else []
+    def _save(self, last: bool) -> None:
+        """After a validation: last.pt (and step_*.pt when due) if ``last``, best.pt when the val
+        ELBO improved; run.json follows."""
+        names = ["last.pt"] if last else []
         if self.step % self.tc.checkpoint_every == 0:
             names.append(ck.step_name(self.step))
         if self.metrics.get("elbo", -math.inf) > self.best_elbo:
@@ -229,79 +223,28 @@ class _Trainer:
             "model": self.cfg.model.name, "status": status, "step": self.step,
             "total_steps": self.total_steps, "world_size": self.info.world_size, "device": str(self.device)})
 
-    # ------------------------------------------------------------------ one step
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _backward(self, loss: torch.Tensor, params: list, opt, scalars: dict) -> tuple[dict, torch.Tensor]:
-        """Scaled backward, cross-rank gradient mean, unscale and clip; returns (mean scalars, grad norm)."""
-        self.scaler.scale(loss).backward()
-        names = list(scalars)
-        reduced = all_reduce_mean(params, [scalars[n] for n in names], self.info)
-        self.scaler.unscale_(opt)
-        max_norm = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
-        gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return dict(zip(names, reduced, strict=False)), gnorm
-
+    # ------------------------------------------------------------------ events of the loop
     def _train_step(self, x: torch.Tensor) -> dict:
-        from medvae.losses import discriminator_loss, generator_loss
-
-        t, step = self.tc, self.step
-        lrs = {k: s.set_step(step) for k, s in self.schedulers.items()}
-        beta = beta_at(step, t.beta, t.beta_warmup_steps)
-        opt_g = self.optimizers["generator"]
-        opt_g.zero_grad(set_to_none=True)
-        with self._autocast():
-            loss, terms, aux = generator_loss(self.model, x, step=step, beta=beta, cfg=t)
-        terms = {"loss": loss.detach(), **{k: v for k, v in terms.items() if k != "loss"}}
-        terms, gnorm = self._backward(loss, self.gen_params, opt_g, terms)
-        checks = [terms["loss"], gnorm]
-        d_step = bool(self.disc_params) and step >= t.disc_start
-        if d_step:
-            opt_d = self.optimizers["discriminator"]
-            opt_d.zero_grad(set_to_none=True)  # drops the grads D got from the generator loss
-            with self._autocast():
-                d_loss, d_terms = discriminator_loss(self.model, x, aux, step=step, cfg=t)
-            d_terms = {"d_loss": d_loss.detach(), **{k: v for k, v in d_terms.items() if k != "d_loss"}}
-            d_terms, d_norm = self._backward(d_loss, self.disc_params, opt_d, d_terms)
-            terms.update(d_terms)
-            checks += [d_terms["d_loss"], d_norm]
-        finite = torch.isfinite(torch.stack([c.float() for c in checks])).tolist()  # the step's one sync
-        # With fp16 a non-finite *gradient* at a finite loss is the GradScaler's overflow probe: it
-        # skips that step itself and lowers the scale. Anything else non-finite is a bad step.
-        losses_ok = finite[0] and (not d_step or finite[2])
-        bad = not losses_ok or (not self.scaler.is_enabled() and not all(finite))
-        if bad:
-            for o in self.optimizers.values():
-                o.zero_grad(set_to_none=True)
+        """One optimizer step on ``x`` (``self.step`` is not advanced here); the NaN guard's count."""
+        self.model.train()
+        entry, problem = self.steps.step(x, self.step)
+        if problem is not None:
+            t = self.tc
             self.bad_steps += 1
-            log.warning("step %d: non-finite %s; step skipped (%d/%d bad steps)", step,
-                        "loss" if not losses_ok else "gradient norm", self.bad_steps, t.max_bad_steps)
+            log.warning("step %d: non-finite %s; step skipped (%d/%d bad steps)", self.step, problem,
+                        self.bad_steps, t.max_bad_steps)
             if self.bad_steps > t.max_bad_steps:
                 raise TrainingError(
                     f"{self.bad_steps} training steps had a non-finite loss or gradient (limit max_bad_steps="
                     f"{t.max_bad_steps}); lower train.lr, use amp: off or bf16, or check the store's data "
                     f"({self.store.path})")
-        else:
-            self.scaler.step(opt_g)
-            if d_step:
-                self.scaler.step(self.optimizers["discriminator"])
-            if self.ema is not None:
-                self.ema.update(self.model)
-        self.scaler.update()
-        values = torch.stack([v.float() for v in terms.values()] + [gnorm.float()]).tolist()
-        out = dict(zip([*terms, "grad_norm"], values, strict=False))
-        out.update(lr=lrs["generator"], beta=beta, skipped=int(bad))
-        if "discriminator" in lrs:
-            out["disc_lr"] = lrs["discriminator"]
-        return out
+        return entry
 
-    # ------------------------------------------------------------------ the loop
     def _validate(self) -> dict:
+        """Validation metrics of the EMA weights (the model's when EMA is off); rank 0 only."""
         model = self.model
-        if self.ema is not None:
+        ema = self.steps.ema
+        if ema is not None:
             if self.eval_model is None:
                 from medvae.models import build_model
 
@@ -310,13 +253,17 @@ class _Trainer:
                 if self.channels_last:
                     self.eval_model = self.eval_model.to(memory_format=torch.channels_last)
                 self.eval_model.to(self.device)
-            self.eval_model.load_state_dict(self.ema.state_dict(self.model))
+            self.eval_model.load_state_dict(ema_state_dict(ema, self.model))
             model = self.eval_model
-        with self._autocast():
+        with self.steps._autocast():
             return validate(model, self.store, self.tc.batch_size, self.tc.val_batches, self.device,
                             seed=self.tc.seed, channels_last=self.channels_last)
 
-    def _log(self, entry: dict) -> None:
+    def _log(self, entry: dict, val: dict | None) -> None:
+        """Append the step's entry (with ``val_*`` metrics after a validation) to the log."""
+        entry = {"step": self.step, "epoch": self.batches.epoch, **entry,
+                 "images_per_s": round(self.images_per_s, 2), "bad_steps": self.bad_steps,
+                 **({f"val_{k}": v for k, v in val.items()} if val is not None else {})}
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
         if self.tb is not None:
@@ -324,60 +271,66 @@ class _Trainer:
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, entry["step"])
 
-    def run(self) -> dict:
-        t, main = self.tc, self.info.is_main
-        self.tb = None
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            resolved = yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False)
-            write_text(self.out / "config.yaml", resolved)
-            self._write_run_json("running")
-            with contextlib.suppress(ImportError):
-                from torch.utils.tensorboard import SummaryWriter
+    def _batches(self):
+        """This rank's batches, epoch after epoch, on the device, until ``total_steps``."""
+        while self.step < self.total_steps:
+            for x in self.batches:
+                x = x.to(self.device, non_blocking=True)
+                yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+                if self.step >= self.total_steps:
+                    return
 
-                self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
-        n_img = t.batch_size * self.info.world_size
-        started = self.step
-        t0 = time.perf_counter()
-        tick, tick_step = t0, self.step
+    def _start_files(self) -> None:
+        """config.yaml, run.json ("running") and the TensorBoard writer; rank 0 only."""
+        self.tb = None
+        if not self.info.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+        self._write_run_json("running")
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
+
+    def _progress(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        progress = Progress(TextColumn("[bold]train {task.fields[model]}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.4g}  {task.fields[ips]:.0f} img/s"),
-                            TimeRemainingColumn(), disable=not (main and sys.stderr.isatty()))
-        with progress:
-            task = progress.add_task("train", total=self.total_steps, completed=self.step,
-                                     model=self.cfg.model.name, loss=float("nan"), ips=0.0)
-            it = iter(self.batches)
-            while self.step < self.total_steps:
-                x = next(it, None)
-                if x is None:  # epoch done: PatchBatches moved to the next one
-                    it = iter(self.batches)
-                    continue
-                x = x.to(self.device, non_blocking=True)
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                self.model.train()
+        return Progress(TextColumn("[bold]train {task.fields[model]}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]:.4g}  {task.fields[ips]:.0f} img/s"),
+                        TimeRemainingColumn(), disable=not (self.info.is_main and sys.stderr.isatty()))
+
+    def _report(self, entry: dict, meter: _Meter, validate: bool, save_last: bool) -> None:
+        """Log the step, after validating when ``validate``; then checkpoints (rank 0 writes).
+        Throughput counts step time only: the meter restarts after validation and saving."""
+        self.images_per_s = meter.rate(self.step)
+        if self.info.is_main:
+            if validate:
+                self.metrics = self._validate()
+            self._log(entry, self.metrics if validate else None)
+            if validate:
+                self._save(last=save_last)
+        meter.restart(self.step)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        """Step, log every ``log_every`` steps, validate and checkpoint every ``checkpoint_every``
+        steps, at the end of every epoch (epoch-bounded runs) and at the last step."""
+        t, main = self.tc, self.info.is_main
+        self._start_files()  # rank 0
+        started, t0 = self.step, time.perf_counter()
+        meter = _Meter(self.step, t.batch_size * self.info.world_size)
+        with self._progress() as progress:
+            bar = progress.add_task("train", total=self.total_steps, completed=self.step,
+                                    model=self.cfg.model.name, loss=float("nan"), ips=0.0)
+            for x in self._batches():
                 entry = self._train_step(x)
                 self.step += 1
+                checkpoint = self.step % t.checkpoint_every == 0 or self.step == self.total_steps
                 epoch_end = t.max_steps is None and self.batches.position == len(self.batches)
-                due_ckpt = self.step % t.checkpoint_every == 0 or self.step == self.total_steps
-                validated = due_ckpt or epoch_end
-                due_log = self.step % t.log_every == 0 or validated
-                if due_log:  # throughput of training steps only (validation / checkpoints excluded)
-                    dt = max(time.perf_counter() - tick, 1e-9)
-                    self.images_per_s = (self.step - tick_step) * n_img / dt
-                if main and validated:
-                    self.metrics = self._validate()
-                if main and due_log:
-                    self._log({"step": self.step, "epoch": self.batches.epoch, **entry,
-                               "images_per_s": round(self.images_per_s, 2), "bad_steps": self.bad_steps,
-                               **({f"val_{k}": v for k, v in self.metrics.items()} if validated else {})})
-                if main and validated:
-                    self._save(due_ckpt)
-                if due_log:
-                    tick, tick_step = time.perf_counter(), self.step
-                progress.update(task, completed=self.step, loss=entry["loss"], ips=self.images_per_s)
+                if checkpoint or epoch_end or self.step % t.log_every == 0:
+                    self._report(entry, meter, validate=checkpoint or epoch_end, save_last=checkpoint)
+                progress.update(bar, completed=self.step, loss=entry["loss"], ips=self.images_per_s)
         if main:
             self._write_run_json("done")
             if self.tb is not None:
@@ -386,4 +339,4 @@ class _Trainer:
         return {"step": self.step, "epoch": self.batches.epoch, "bad_steps": self.bad_steps,
                 "metrics": dict(self.metrics), "best": {"elbo": self.best_elbo},
                 "checkpoint": str(self.ckdir / "last.pt"),
-                "images_per_s": (self.step - started) * n_img / max(elapsed, 1e-9)}
+                "images_per_s": (self.step - started) * meter.images_per_step / max(elapsed, 1e-9)}

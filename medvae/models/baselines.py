@@ -58,9 +58,6 @@ class MonaiVAE(VAEBase):
     def last_decoder_weight(self) -> nn.Parameter:
         return self._last
 
-    def _compile_targets(self) -> list[nn.Module]:
-        return [self.net.encode, self.net.intermediate, self.net.decode]
-
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W) -> mu, logvar (B, D), from the encoder and the mu / logvar heads."""
         self._check_input(x)
@@ -111,9 +108,6 @@ class MonaiKL(VAEBase):
     @property
     def last_decoder_weight(self) -> nn.Parameter:
         return self._last
-
-    def _compile_targets(self) -> list[nn.Module]:
-        return [self.net.encoder, self.net.decoder]
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W) -> mu, logvar (B, D): AutoencoderKL.encode's heads, no sampling."""

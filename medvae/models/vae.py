@@ -1,7 +1,8 @@
 """The convolutional VAE (vector latent) and the base class holding the shared model interface.
 
 Every medvae model derives from :class:`VAEBase`: subclasses implement ``encode`` and
-``decode_logits``; the base class supplies ``decode`` (mean image), ``forward``, ``sample``,
+``decode_logits``; the base class supplies ``decode`` (mean image), ``forward`` (what the
+training losses need, see :class:`VAEOutput`), ``sample``,
 ``log_likelihood`` and ``generator_parameters`` from them, with the pixel likelihood of
 :class:`medvae.losses.Likelihood`.
 """
@@ -16,19 +17,25 @@ from torch import nn
 
 from medvae.config import ModelConfig
 from medvae.errors import ConfigError
-from medvae.losses import Likelihood
+from medvae.losses import Likelihood, reparameterize, standard_normal
 from medvae.models.blocks import Downsample, ResUnit, Upsample, group_norm
 
 BOTTLENECK = 8  # spatial size of the last encoder feature map, for every image size
 
 
 class VAEOutput(NamedTuple):
-    """x_hat: (B, C, H, W) mean image in [0, 1]; mu, logvar, z: (B, D)."""
+    """What ``forward`` returns: everything the losses need, so they never call the model.
+
+    x_hat: (B, C, H, W) mean image in [0, 1]; mu, logvar, z: (B, D); logits: (B, C, H, W) the
+    decoder's raw output for z; x_prior: (n_prior, C, H, W) decoded prior samples, or None.
+    """
 
     x_hat: torch.Tensor
     mu: torch.Tensor
     logvar: torch.Tensor
     z: torch.Tensor
+    logits: torch.Tensor | None = None
+    x_prior: torch.Tensor | None = None
 
 
 class VAEBase(nn.Module):
@@ -72,18 +79,20 @@ class VAEBase(nn.Module):
         continuous-Bernoulli mean for that likelihood)."""
         return self.likelihood.mean(self.decode_logits(z))
 
-    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """Sampled z in training mode, the posterior mean in eval mode."""
-        if not self.training:
-            return mu
-        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    def forward(self, x: torch.Tensor, n_prior: int = 0) -> VAEOutput:
+        """x: (B, C, H, W) in [0, 1] -> :class:`VAEOutput`.
 
-    def forward(self, x: torch.Tensor) -> VAEOutput:
-        """x: (B, C, H, W) in [0, 1]. z is sampled in training mode and the mean in eval mode,
-        so eval reconstructions are deterministic."""
+        z is sampled (:func:`medvae.losses.reparameterize`) in training mode and the posterior mean
+        in eval mode, so eval reconstructions are deterministic. ``n_prior > 0`` also decodes that
+        many z ~ N(0, I) (``x_prior``, the critic's second kind of fake), drawn after z.
+        """
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar)
-        return VAEOutput(self.decode(z), mu, logvar, z)
+        z = reparameterize(mu, logvar) if self.training else mu
+        logits = self.decode_logits(z)
+        x_prior = None
+        if n_prior > 0:
+            x_prior = self.decode(standard_normal((n_prior, self.latent_dim), x.device))
+        return VAEOutput(self.likelihood.mean(logits), mu, logvar, z, logits, x_prior)
 
     @property
     def device(self) -> torch.device:
@@ -109,23 +118,6 @@ class VAEBase(nn.Module):
     def log_likelihood_logits(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """As ``log_likelihood`` from the decoder's raw logits (exact for Bernoulli types)."""
         return self.likelihood.log_prob(x, logits=logits)
-
-    def _compile_targets(self) -> list[nn.Module]:  # pragma: no cover - subclasses say
-        """The heavy submodules the losses run (their ``forward`` is what gets compiled)."""
-        return []
-
-    def compile(self, *args, **kwargs) -> None:
-        """In-place ``torch.compile`` of the submodules that run.
-
-        ``nn.Module.compile`` compiles ``forward`` only, but the losses call ``encode`` /
-        ``decode_logits`` / ``discriminator``; compiling the submodules those use makes
-        ``model.compile()`` effective. Attributes and state_dict keys stay as they are.
-        The discriminator and the decoder's last conv stay eager: the adaptive GAN weight
-        differentiates through them with ``retain_graph`` and R1 with ``create_graph``, which
-        compiled (AOT-autograd) backward graphs do not support.
-        """
-        for m in self._compile_targets():
-            m.compile(*args, **kwargs)
 
     def generator_parameters(self) -> list[nn.Parameter]:
         """All parameters except the discriminator's."""
@@ -189,9 +181,6 @@ class ConvVAE(VAEBase):
     @property
     def last_decoder_weight(self) -> nn.Parameter:
         return self.out_conv.weight
-
-    def _compile_targets(self) -> list[nn.Module]:
-        return [self.encoder, self.decoder]
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W) in [0, 1] -> mu, logvar: (B, D); logvar clamped to [-30, 20]."""

@@ -15,9 +15,12 @@ import yaml
 
 from medvae.config import TrainStageConfig
 from medvae.data.store import open_store
-from medvae.engine.distributed import init_distributed, shutdown
+from medvae.engine.distributed import DistInfo, init_distributed, shutdown
+from medvae.engine.step import TrainStep
 from medvae.engine.trainer import _Trainer, resolve_config
+from medvae.models import build_model
 from tests.engine.conftest import tiny_config
+from tests.models.test_vae import blobs
 
 
 def _free_port() -> int:
@@ -59,6 +62,47 @@ def test_two_cpu_processes_keep_identical_weights(tiny_store, tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     for name, p0 in r0["state"].items():
         assert torch.equal(ckpt["model_state"][name], p0), name
+
+
+def _rank_gradients(cfg: dict, info: DistInfo, rank: int) -> dict:
+    """Gradients of one VAE–GAN training step (generator and critic, R1 on) on rank ``rank``'s batch,
+    with rank ``rank``'s noise; averaged over ranks when ``info`` is a real process group."""
+    stage = TrainStageConfig.model_validate(cfg)
+    stage.model.image_size = 64
+    torch.manual_seed(0)
+    model = build_model(stage.model)
+    steps = TrainStep(model, stage.train, torch.device("cpu"), info, None, total_steps=10)
+    torch.manual_seed(100 + rank)
+    terms, _ = steps.backward(blobs(4, seed=rank), step=stage.train.disc_start, beta=0.5)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _grad_worker(rank: int, world: int, port: int, cfg: dict, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    try:
+        torch.save(_rank_gradients(cfg, info, rank), Path(result_dir) / f"grads{rank}.pt")
+    finally:
+        shutdown(info)
+
+
+def test_ddp_gradients_are_the_mean_of_the_single_process_gradients(tmp_path):
+    """DDP over the generator and the critic (adaptive GAN weight and R1 included) gives every rank
+    the mean of the gradients that one process computes for the two ranks' batches in turn."""
+    cfg = tiny_config("vaegan", disc_start=0, grad_clip=0.0, r1_gamma=1.0, free_bits=0.01).model_dump(mode="json")
+    mp.spawn(_grad_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+    g0 = torch.load(tmp_path / "grads0.pt", weights_only=True)
+    g1 = torch.load(tmp_path / "grads1.pt", weights_only=True)
+    single = [_rank_gradients(cfg, DistInfo(), r) for r in (0, 1)]
+    assert set(g0) == {n for n, _ in build_model(TrainStageConfig.model_validate(cfg).model.model_copy(
+        update={"image_size": 64})).named_parameters()}
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+        mean = (single[0][name] + single[1][name]) / 2
+        assert not torch.equal(single[0][name], single[1][name]), name  # the ranks' batches differ
+        torch.testing.assert_close(g0[name], mean, rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.skipif(not (shutil.which("torchrun") or Path(sys.executable).with_name("torchrun").exists()),

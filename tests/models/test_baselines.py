@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medvae.config import ModelConfig, TrainConfig
+from medvae.config import ModelConfig
 from medvae.errors import ConfigError
-from medvae.losses import generator_loss
 from medvae.models import VAEOutput, build_model
 from medvae.models.baselines import MonaiKL, MonaiVAE
-from tests.models.test_vae import blobs, one_thread  # noqa: F401 - autouse fixture
+from tests.models.test_vae import blobs, model_loss, one_thread  # noqa: F401 - autouse fixture
 
 
 def small(name: str, **kw):
@@ -49,7 +48,7 @@ def test_interface(name, cls, size, channels):
 @pytest.mark.parametrize("name", ["monai-vae", "monai-kl"])
 def test_gradients_reach_every_parameter(name):
     m = small(name)
-    loss, terms, _ = generator_loss(m, blobs(4), step=0, beta=1.0, cfg=TrainConfig())
+    loss, terms, _ = model_loss(m, blobs(4))
     loss.backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []

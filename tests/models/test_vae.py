@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medvae.config import ModelConfig, TrainConfig
+from medvae.config import ModelConfig
 from medvae.errors import ConfigError
 from medvae.losses import generator_loss
 from medvae.models import ConvVAE, VAEOutput, build_model
@@ -27,6 +27,14 @@ def one_thread():
 
 def small_cfg(**kw) -> ModelConfig:
     return ModelConfig(**{**SMALL, **kw})
+
+
+def model_loss(m, x: torch.Tensor, *, beta: float = 1.0, critic: bool = False, **kw):
+    """The trainer's generator loss of model ``m`` on ``x``: forward, then the loss on its output."""
+    out = m(x, n_prior=x.shape[0] if critic else 0)
+    loss, terms = generator_loss(x, out, m.likelihood, beta=beta, discriminator=m.discriminator,
+                                 last_layer=m.last_decoder_weight, **kw)
+    return loss, terms, out
 
 
 def blobs(n: int = 16, size: int = 64, channels: int = 1, seed: int = 0) -> torch.Tensor:
@@ -73,12 +81,12 @@ def test_wrong_input_shape_is_a_config_error():
 def test_every_parameter_gets_a_gradient(likelihood):
     torch.manual_seed(0)
     m = build_model(small_cfg(image_size=64, likelihood=likelihood, res_units=2))
-    loss, terms, aux = generator_loss(m, blobs(4), step=0, beta=1.0, cfg=TrainConfig())
+    loss, terms, out = model_loss(m, blobs(4))
     loss.backward()
     names = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert names == []
     assert set(terms) >= {"nll", "kl", "elbo"}
-    assert aux["x_hat"].shape == (4, 1, 64, 64) and not aux["x_hat"].requires_grad
+    assert out.x_hat.shape == out.logits.shape == (4, 1, 64, 64) and out.x_prior is None
     # elbo is the true ELBO: -(nll + kl), whatever beta is
     torch.testing.assert_close(terms["elbo"], -(terms["nll"] + terms["kl"]))
 
@@ -123,7 +131,7 @@ def test_bf16_autocast_runs_and_terms_are_float32():
     torch.manual_seed(0)
     m = build_model(small_cfg(image_size=64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, terms, _ = generator_loss(m, blobs(4), step=0, beta=1.0, cfg=TrainConfig())
+        loss, terms, _ = model_loss(m, blobs(4))
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(t.dtype == torch.float32 for t in terms.values())
@@ -134,15 +142,14 @@ def test_loss_falls_over_adam_steps():
     m = ConvVAE(ModelConfig(image_size=64, channels=(4, 8, 16), latent_dim=16, norm_groups=4))
     opt = torch.optim.Adam(m.generator_parameters(), lr=2e-3)
     x = blobs(16)
-    cfg = TrainConfig()
     losses, mses = [], []
     for _ in range(30):
-        loss, terms, aux = generator_loss(m, x, step=0, beta=1.0, cfg=cfg)
+        loss, terms, out = model_loss(m, x)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        mses.append(F.mse_loss(aux["x_hat"], x).item())
+        mses.append(F.mse_loss(out.x_hat.detach(), x).item())
     first, last = losses[0], sum(losses[-5:]) / 5
     assert last < first - 0.3 * abs(first), losses
     assert sum(mses[-5:]) / 5 < 0.5 * mses[0], mses

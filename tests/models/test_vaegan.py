@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medvae.config import ModelConfig, TrainConfig
-from medvae.losses import discriminator_loss, gan_generator_term, generator_loss, kl_normal, reparameterize
+from medvae.config import ModelConfig
+from medvae.losses import discriminator_loss, gan_generator_term, kl_normal, reparameterize
 from medvae.models import VAEGAN, PatchDiscriminator, build_model
-from tests.models.test_vae import blobs, one_thread  # noqa: F401 - autouse fixture
+from tests.models.test_vae import blobs, model_loss, one_thread  # noqa: F401 - autouse fixture
 
 
 def tiny(**kw) -> VAEGAN:
@@ -16,10 +16,6 @@ def tiny(**kw) -> VAEGAN:
     cfg = dict(name="vaegan", image_size=64, channels=(4, 8, 16), latent_dim=16, norm_groups=4,
                disc_channels=8, disc_layers=2)
     return build_model(ModelConfig(**{**cfg, **kw}))
-
-
-def gan_cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"disc_start": 0, **kw})
 
 
 @pytest.mark.parametrize("sn", [False, True])
@@ -42,33 +38,55 @@ def test_before_disc_start_no_adversarial_terms_and_d_not_run():
     m = tiny()
     calls = []
     m.discriminator.register_forward_hook(lambda *a: calls.append(1))
-    loss, terms, aux = generator_loss(m, blobs(4), step=9, beta=1.0, cfg=gan_cfg(disc_start=10))
+    loss, terms, out = model_loss(m, blobs(4), critic=False)
     assert calls == []
     assert float(terms["adv"]) == float(terms["fm"]) == float(terms["adv_weight"]) == 0.0
     torch.testing.assert_close(loss.detach(), terms["nll"] + terms["kl"])
-    assert "x_prior" not in aux
+    assert out.x_prior is None
 
 
 @pytest.mark.parametrize("gan_loss", ["hinge", "lsgan"])
 def test_gradients_reach_every_generator_parameter(gan_loss):
     m = tiny()
-    loss, terms, aux = generator_loss(m, blobs(4), step=0, beta=1.0, cfg=gan_cfg(gan_loss=gan_loss))
+    loss, terms, out = model_loss(m, blobs(4), critic=True, gan_loss=gan_loss)
     loss.backward()
     missing = [n for n, p in m.named_parameters()
                if not n.startswith("discriminator.") and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert missing == []
     assert set(terms) >= {"nll", "kl", "elbo", "adv", "fm", "adv_weight"}
     assert float(terms["adv_weight"]) > 0 and float(terms["fm"]) > 0
-    assert aux["x_hat"].shape == aux["x_prior"].shape == (4, 1, 64, 64)
-    assert not aux["x_hat"].requires_grad and not aux["x_prior"].requires_grad
+    assert out.x_hat.shape == out.x_prior.shape == (4, 1, 64, 64)
+
+
+def test_forward_draws_z_then_prior_samples():
+    m = tiny()
+    x = blobs(3)
+    torch.manual_seed(5)
+    out = m(x, n_prior=2)
+    torch.manual_seed(5)
+    mu, logvar = m.encode(x)
+    z = reparameterize(mu, logvar)
+    torch.testing.assert_close(out.z, z)
+    torch.testing.assert_close(out.x_prior, m.decode(torch.randn(2, m.latent_dim)))
+    torch.testing.assert_close(out.x_hat, torch.sigmoid(out.logits))
+
+
+def test_reparameterize_with_a_generator_on_another_device_is_float32():
+    mu, logvar = torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(2, 3, dtype=torch.bfloat16)
+    a = reparameterize(mu, logvar, torch.Generator().manual_seed(1))
+    b = reparameterize(mu, logvar, torch.Generator().manual_seed(1))
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+    torch.testing.assert_close(a, torch.randn(2, 3, generator=torch.Generator().manual_seed(1)))
+    z = reparameterize(torch.ones(4000, 1), torch.full((4000, 1), 2 * torch.log(torch.tensor(3.0))),
+                       torch.Generator().manual_seed(0))
+    assert abs(float(z.mean()) - 1) < 0.2 and abs(float(z.std()) - 3) < 0.2
 
 
 def test_adaptive_weight_matches_hand_computation():
     m = tiny()
     x = blobs(4)
-    cfg = gan_cfg(adv_weight=0.7)
     torch.manual_seed(123)
-    _, terms, _ = generator_loss(m, x, step=0, beta=1.0, cfg=cfg)
+    _, terms, _ = model_loss(m, x, critic=True, adv_weight=0.7)
     # the same computation by hand, with the same random draws
     torch.manual_seed(123)
     mu, logvar = m.encode(x)
@@ -87,47 +105,45 @@ def test_adaptive_weight_matches_hand_computation():
     torch.testing.assert_close(terms["kl"], kl_normal(mu, logvar).mean().detach())
 
 
+def _fakes(out):
+    return torch.cat([out.x_hat.detach(), out.x_prior.detach()])
+
+
 def test_discriminator_loss_trains_only_the_discriminator():
     m = tiny()
     x = blobs(4)
-    _, _, aux = generator_loss(m, x, step=0, beta=1.0, cfg=gan_cfg())
+    _, _, out = model_loss(m, x, critic=True)
     m.zero_grad(set_to_none=True)
-    cfg = gan_cfg(r1_gamma=2.0)
-    loss, terms = discriminator_loss(m, x, aux, step=0, cfg=cfg)
+    loss, terms = discriminator_loss(m.discriminator, x, _fakes(out), r1_gamma=2.0)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.discriminator.parameters())
     assert all(p.grad is None for p in m.generator_parameters())
     # hinge on the logits the discriminator gives, plus gamma/2 * R1
     with torch.no_grad():
         r, _ = m.discriminator(x)
-        f, _ = m.discriminator(torch.cat([aux["x_hat"], aux["x_prior"]]))
+        f, _ = m.discriminator(_fakes(out))
     hinge = torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
     torch.testing.assert_close(terms["d_loss"], hinge + 1.0 * terms["r1"])
-    assert float(terms["r1"]) > 0
-
-
-def test_discriminator_loss_decodes_prior_samples_when_missing():
-    m = tiny()
-    x = blobs(2)
-    loss, terms = discriminator_loss(m, x, {"x_hat": x.clone()}, step=0, cfg=gan_cfg(gan_loss="lsgan"))
-    assert torch.isfinite(loss)
+    # R1 by hand: gamma/2 * E ||d sum D(x) / dx||^2
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(m.discriminator(xr)[0].sum(), xr)
+    torch.testing.assert_close(terms["r1"], g.pow(2).flatten(1).sum(1).mean(), rtol=1e-4, atol=1e-6)
 
 
 def test_one_step_changes_both_networks_and_losses_fall():
     m = tiny()
     x = blobs(8)
-    cfg = gan_cfg()
     g_opt = torch.optim.Adam(m.generator_parameters(), lr=2e-3, betas=(0.5, 0.9))
     d_opt = torch.optim.Adam(m.discriminator.parameters(), lr=2e-3, betas=(0.5, 0.9))
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     elbos = []
     for step in range(30):
-        loss, terms, aux = generator_loss(m, x, step=step, beta=1.0, cfg=cfg)
+        loss, terms, out = model_loss(m, x, critic=True)
         g_opt.zero_grad(set_to_none=True)
         loss.backward()
         g_opt.step()
         d_opt.zero_grad(set_to_none=True)  # the generator loss also left gradients on D
-        d_loss, _ = discriminator_loss(m, x, aux, step=step, cfg=cfg)
+        d_loss, _ = discriminator_loss(m.discriminator, x, _fakes(out))
         d_loss.backward()
         d_opt.step()
         if step == 0:
@@ -143,10 +159,10 @@ def test_bf16_autocast_gan_step():
     m = tiny()
     x = blobs(4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, terms, aux = generator_loss(m, x, step=0, beta=1.0, cfg=gan_cfg())
+        loss, terms, out = model_loss(m, x, critic=True)
     loss.backward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        d_loss, _ = discriminator_loss(m, x, aux, step=0, cfg=gan_cfg(r1_gamma=1.0))
+        d_loss, _ = discriminator_loss(m.discriminator, x, _fakes(out), r1_gamma=1.0)
     d_loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(d_loss)
     assert float(gan_generator_term(torch.zeros(3), "hinge")) == 0.0
