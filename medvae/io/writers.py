@@ -96,6 +96,22 @@ def write_tiff(path: str | os.PathLike, array: np.ndarray, axes: str, spacing: S
                          resolution=(scale / step["X"], scale / step["Y"]), **kw)
 
 
+def write_slice(path: str | os.PathLike, image: np.ndarray, spacing: Sequence[float], unit: str = "mm",
+                description: str | None = None) -> None:
+    """A 2D image ``(C, H, W)`` (rows y, columns x) as TIFF (``.tif``) or NIfTI (``.nii[.gz]``).
+
+    TIFF: :func:`write_tiff` with axes ``YX`` (one channel) or ``CYX``. NIfTI: :func:`write_nifti`
+    of the one-slice volume ``(1, H, W[, C])`` (file shape ``(X, Y, 1[, C])``) with slice
+    thickness 1 and origin 0; ``description`` goes into its header.
+    """
+    single = image.shape[0] == 1
+    if str(path).lower().endswith((".tif", ".tiff")):
+        write_tiff(path, image[0] if single else image, "YX" if single else "CYX", spacing, unit)
+    else:
+        volume = image if single else np.moveaxis(image, 0, -1)[None]
+        write_nifti(path, volume, (1.0, *spacing), unit=unit, description=description)
+
+
 def write_png(path: str | os.PathLike, x01: np.ndarray) -> None:
     """8-bit grey (or RGB when ``C == 3``) PNG of ``x01: (C, H, W)`` in [0, 1]; first channel otherwise."""
     from PIL import Image
