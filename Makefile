@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo lint test test-all bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -19,10 +19,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medvae demo --out demo_out
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check medvae tests benchmarks
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
-test-all: $(STAMP)
+test-all: lint
 	$(BIN)/python -m pytest -q -n 2
 
 bench: $(STAMP)

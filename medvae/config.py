@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medvae.errors import ConfigError
 
@@ -30,13 +30,12 @@ class SplitConfig(StrictModel):
     test: float = 0.15
     seed: int = 0
 
-    @field_validator("test")
-    @classmethod
-    def _sum_to_one(cls, v: float, info) -> float:
-        total = v + info.data.get("train", 0) + info.data.get("val", 0)
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"train + val + test must be 1, got {total:g}")
-        return v
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if min(self.train, self.val, self.test) < 0 or abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be non-negative and sum to 1, got {total:g}")
+        return self
 
 
 class DiscoverConfig(StrictModel):

@@ -25,17 +25,20 @@ import csv
 import io
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from medvae import metrics as M
-from medvae.config import EvaluateConfig, load_config
+from medvae.config import EvaluateConfig
+from medvae.data.store import PatchStore, open_store
 from medvae.devices import select_device
+from medvae.engine.checkpoint import load_model, resolve_checkpoint
 from medvae.errors import InputError
 from medvae.files import write_json, write_text
+from medvae.metric_table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS
+from medvae.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +48,6 @@ ALL = "ALL"
 _COMPARED = ("per_modality", "cohort", "checkpoint")  # what summary.json keeps of each compared run
 CSV_COLUMNS = ("run", "patient_id", "modality", "split", "metric", "value", "n")
 
-# name -> (unit, direction): +1 higher is better, -1 lower is better, 0 no preferred direction.
-METRICS = {
-    "ssim": ("unitless", +1), "ms_ssim": ("unitless", +1), "psnr": ("dB", +1),
-    "mse": ("[0,1]²", -1), "mae": ("[0,1]", -1), "elbo": ("nats", +1), "kl": ("nats", 0),
-    "iwae": ("nats", +1), "bpd": ("bits/dim", -1),
-}
-COHORT_METRICS = {
-    "mmd2_pixel": ("kernel units", -1), "mmd_p_pixel": ("p-value", 0),
-    "mmd2_randconv": ("kernel units", -1), "mmd_p_randconv": ("p-value", 0),
-    "intensity_w1": ("physical units", -1),
-}
 
 
 # --------------------------------------------------------------------------- per patch
@@ -71,7 +63,7 @@ def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: t
     """
     gen = torch.Generator().manual_seed(seed)  # CPU generator: the same z on every device
     iwae_rows = rows if iwae_rows is None else iwae_rows
-    out: dict[str, list] = {k: [] for k in METRICS}
+    out: dict[str, list] = {k: [] for k in PATCH_METRICS}
     mu_sum = mu_sq = 0.0
     for start in range(0, len(rows), cfg.batch_size):
         batch = rows[start:start + cfg.batch_size]
@@ -157,8 +149,6 @@ def cohort_metrics(store, rows: np.ndarray, samples: torch.Tensor, modality: str
 # --------------------------------------------------------------------------- one run
 def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_figures: bool = True) -> dict:
     """All metrics of one run on ``cfg.split`` of ``store``; figures data when ``with_figures``."""
-    from medvae.engine.checkpoint import load_model, resolve_checkpoint
-
     ckpt = resolve_checkpoint(run, "best")
     model, meta = load_model(ckpt, device=device)
     name = Path(run).resolve().name if Path(run).is_dir() else Path(run).stem
@@ -263,7 +253,8 @@ def compare_table(results: list[dict]) -> list[dict]:
     table = []
     mods = sorted({m for r in results for m in r["per_modality"]})
     for mod in mods:
-        for k, (unit, direction) in {**METRICS, **COHORT_METRICS}.items():
+        for k, metric in ALL_METRICS.items():
+            unit, direction = metric.unit, metric.direction
             vals = {}
             for r in results:
                 if mod not in r["per_modality"]:
@@ -307,8 +298,6 @@ def evaluate(run, store, out, config: EvaluateConfig | None = None, compare=(), 
     Returns:
         The summary dict written to summary.json.
     """
-    from medvae.data.store import PatchStore, open_store
-    from medvae.report import write_report
 
     cfg = config or EvaluateConfig()
     store = store if isinstance(store, PatchStore) else open_store(store)
@@ -327,8 +316,7 @@ def evaluate(run, store, out, config: EvaluateConfig | None = None, compare=(), 
     write_text(out / "metrics.csv", buf.getvalue())
 
     summary = dict(results[0])
-    summary["metric_info"] = {k: {"unit": u, "direction": {1: "higher", -1: "lower", 0: "none"}[d]}
-                              for k, (u, d) in {**METRICS, **COHORT_METRICS}.items()}
+    summary["metric_info"] = {k: {"unit": m.unit, "direction": m.better} for k, m in ALL_METRICS.items()}
     summary["iwae_patches_per_patient"] = IWAE_PER_PATIENT
     summary["config"] = cfg.model_dump(mode="json")
     if compare:
@@ -350,14 +338,3 @@ def _jsonable(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
-
-
-def evaluate_cli(run, store, out, split: str = "test", compare=(), config=None, device: str = "auto") -> dict:
-    """Entry point of `medvae evaluate` (see medvae/cli.py)."""
-    cfg = load_config(config, EvaluateConfig)
-    if split is not None:
-        cfg = cfg.model_copy(update={"split": split})
-    for path in [run, *compare]:
-        if not os.path.exists(path):
-            raise InputError(f"{path}: run directory not found; give the --out of `medvae train`")
-    return evaluate(run, store, out, cfg, compare=list(compare), device=device)

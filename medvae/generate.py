@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from medvae import audit
-from medvae.config import GenerateConfig, parse_config
+from medvae.config import GenerateConfig
 from medvae.data.store import PatchStore, open_store, write_store
 from medvae.devices import select_device
 from medvae.engine.checkpoint import resolve_checkpoint
@@ -410,24 +410,3 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
                "samples_per_s": round(config.n / max(tm["total"], 1e-9), 2), "device": str(src.device)}
     write_json(out / "generation.json", summary)
     return summary
-
-
-def generate_cli(run, out, *, n: int, seed: int = 0, format: str = "nifti", batch_size: int = 64,
-                 temperature: float = 1.0, checkpoint: str = "best", drop_flagged: bool = False,
-                 mix_with=None, ratio: float = 1.0, device: str = "auto") -> int:
-    """``medvae generate``: validate the options, show a progress bar, print the audit summary."""
-    from rich.progress import Progress
-
-    cfg = parse_config({"n": n, "seed": seed, "format": format, "batch_size": batch_size,
-                        "temperature": temperature, "checkpoint": checkpoint, "drop_flagged": drop_flagged},
-                       GenerateConfig, source="medvae generate options")
-    with Progress(transient=True) as bar:
-        task = bar.add_task("generating", total=n)
-        summary = generate(run, out, cfg, device=device, mix_with=mix_with, ratio=ratio,
-                           progress=lambda done, total: bar.update(task, completed=done))
-    c, tm = summary["counts"], summary["timings_s"]
-    print(f"{n} samples -> {out} ({c['written_files']} files written, "
-          f"{c['skipped_existing']} already there); "
-          f"decode {tm['decode']:.1f}s, audit {tm['audit']:.1f}s, write {tm['write']:.1f}s")
-    print(summary["audit"]["summary"])
-    return 0

@@ -10,6 +10,7 @@ Layout of RUN: ``manifest.csv``, ``store/``, ``models/<name>/``, ``report/``, ``
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -17,13 +18,34 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from medvae.config import PipelineConfig, load_yaml, parse_config
+from medvae.config import GenerateConfig, PipelineConfig, load_yaml, parse_config
+from medvae.data.discover import discover
+from medvae.data.manifest import write_manifest
+from medvae.data.prepare import prepare
+from medvae.data.store import open_store
+from medvae.engine.checkpoint import resolve_checkpoint
+from medvae.engine.trainer import train
 from medvae.errors import ConfigError, InputError
+from medvae.evaluate import evaluate
 from medvae.files import sha256_file, sha256_json, write_json
+from medvae.generate import generate
+from medvae.io.phantoms import write_phantom_cohort
 
 log = logging.getLogger(__name__)
 
-REPO_PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+PACKAGED_PIPELINES = Path(__file__).resolve().parent / "pipelines"  # shipped in the wheel
+
+
+def pipeline_path(pipeline: str | os.PathLike) -> Path:
+    """A pipeline YAML path as given, or the packaged pipeline of that name (``demo``, ``pancreas_ct``)."""
+    path = Path(pipeline)
+    packaged = PACKAGED_PIPELINES / f"{path.name.removesuffix('.yaml')}.yaml"
+    if not path.exists() and path.parent == Path(".") and packaged.is_file():
+        return packaged
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in PACKAGED_PIPELINES.glob("*.yaml")))
+        raise ConfigError(f"{pipeline}: pipeline YAML not found; give a path or a packaged pipeline ({names})")
+    return path
 
 
 def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
@@ -62,8 +84,6 @@ class StageRunner:
         self.path = out / "state.json"
         self.state: dict = {}
         if self.path.exists():
-            import json
-
             self.state = json.loads(self.path.read_text())
 
     def _save(self) -> None:
@@ -89,8 +109,6 @@ class StageRunner:
 
 
 def _train_stage(runner: StageRunner, name: str, key: str, store: Path, run_dir: Path, cfg, device: str) -> None:
-    from medvae.engine.trainer import train
-
     prev = runner.previous(f"train:{name}")
     interrupted = prev.get("key") == key and prev.get("status") == "running"
     resume = interrupted and (run_dir / "checkpoints" / "last.pt").exists()
@@ -125,14 +143,7 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     Returns:
         The state dict (also in ``out/state.json``) with a ``paths`` entry naming the outputs.
     """
-    from medvae.data.discover import discover
-    from medvae.data.manifest import write_manifest
-    from medvae.data.prepare import prepare
-    from medvae.data.store import open_store
-    from medvae.engine.checkpoint import resolve_checkpoint
-    from medvae.evaluate import evaluate
-    from medvae.generate import generate
-
+    pipeline = pipeline_path(pipeline)
     config = load_pipeline(pipeline)
     if quick:
         config = quick_config(config)
@@ -179,8 +190,6 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     gen_cfg_dict = gen.model_dump(mode="json", exclude={"model", "mix_ratio"})
     gen_key = sha256_json([sha256_file(best(gen_model)), gen_cfg_dict, gen.mix_ratio])
     synthetic_dir = out / "synthetic"
-    from medvae.config import GenerateConfig
-
     runner.run("generate", gen_key, lambda: generate(
         model_dirs[gen_model], synthetic_dir, GenerateConfig(**gen_cfg_dict), device=config.device,
         mix_with=store_dir if gen.mix_ratio else None, ratio=gen.mix_ratio or 1.0))
@@ -193,21 +202,13 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     return runner.state
 
 
-def demo(out: str | os.PathLike = "demo_out", pipeline: str | os.PathLike | None = None) -> dict:
+def demo(out: str | os.PathLike = "demo_out", pipeline: str | os.PathLike = "demo", quick: bool = False) -> dict:
     """Write the phantom cohort (CT + microscopy) into ``out/scans`` and run demo.yaml on it."""
-    from medvae.io.phantoms import write_phantom_cohort
-
     out = Path(out)
-    pipeline = Path(pipeline) if pipeline else REPO_PIPELINES / "demo.yaml"
-    if not pipeline.is_file():
-        raise ConfigError(f"{pipeline}: demo pipeline not found; run `medvae demo` from a medvae checkout")
     scans, done = out / "scans", out / "scans" / ".phantom-complete"
     if not done.exists():  # the marker makes an interrupted phantom write start over
         shutil.rmtree(scans, ignore_errors=True)
         # 256² CT instead of 512²: the patches are 128² anyway, and more patients generalize better
         summary = write_phantom_cohort(scans, ct_patients=16, microscopy_stacks=4, seed=0, ct_size=256)
         write_json(done, summary)
-    state = run_pipeline(pipeline, scans, out / "run")
-    paths = state["paths"]
-    print(f"\nreport:    {paths['report']}\nsynthetic: {paths['synthetic']}\n")
-    return state
+    return run_pipeline(pipeline, scans, out / "run", quick=quick)

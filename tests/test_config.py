@@ -1,6 +1,6 @@
 import pytest
 
-from medvae.config import PrepareConfig, SplitConfig, TrainStageConfig, load_config
+from medvae.config import DiscoverConfig, PrepareConfig, SplitConfig, TrainStageConfig, load_config, parse_config
 from medvae.errors import ConfigError
 
 
@@ -29,6 +29,11 @@ def test_valid_yaml_overrides_defaults(tmp_path):
 def test_split_fractions_must_sum_to_one():
     with pytest.raises(ValueError):
         SplitConfig(train=0.5, val=0.2, test=0.2)
+    with pytest.raises(ValueError):  # only train given: 0.5 + 0.15 + 0.15 is not 1 either
+        SplitConfig(train=0.5)
+    with pytest.raises(ConfigError, match="discover.yaml: bad value for 'split'.*sum to 1, got 0.8"):
+        parse_config({"split": {"train": 0.5}}, DiscoverConfig, "discover.yaml")
+    assert SplitConfig(train=0.8, val=0.0, test=0.2).train == 0.8
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -6,11 +6,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from typer.testing import CliRunner
 
+from medvae.cli import app
 from medvae.config import EvaluateConfig, ModelConfig
 from medvae.data.store import write_store
-from medvae.engine.checkpoint import save_checkpoint
-from medvae.evaluate import CSV_COLUMNS, METRICS, evaluate, evaluate_cli
+from medvae.engine.checkpoint import load_model, save_checkpoint
+from medvae.evaluate import CSV_COLUMNS, evaluate
+from medvae.metric_table import PATCH_METRICS
 from medvae.models import build_model
 
 PATIENTS = ["PANCREAS_0001", "PANCREAS_0002", "PANCREAS_0003"]
@@ -23,7 +27,7 @@ def _store(path):
     yy, xx = np.mgrid[:size, :size] / size
     ids, imgs = [], []
     for p, pid in enumerate(PATIENTS):
-        for i in range(n_per):
+        for _ in range(n_per):
             cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.3)
             imgs.append(((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) * (0.5 + 0.1 * p) + 0.1)
             ids.append(pid)
@@ -62,10 +66,22 @@ def test_evaluate_writes_three_outputs(setup, tmp_path, caplog):
     assert tuple(rows[0].keys()) == CSV_COLUMNS
     for pid in PATIENTS:
         mine = {r["metric"]: r for r in rows if r["patient_id"] == pid}
-        assert set(METRICS) <= set(mine) and {f"{m}_sd" for m in METRICS} <= set(mine)
+        assert set(PATCH_METRICS) <= set(mine) and {f"{m}_sd" for m in PATCH_METRICS} <= set(mine)
         assert int(mine["ssim"]["n"]) == 10 and int(mine["iwae"]["n"]) == 8
         assert -1 <= float(mine["ssim"]["value"]) <= 1
         assert mine["ssim"]["modality"] == "ct" and mine["ssim"]["split"] == "test"
+    # One patient's mean SSIM and PSNR recomputed independently: scikit-image on decode(mu).
+    model, _ = load_model(run_a / "checkpoints" / "best.pt")
+    rows_p1 = np.flatnonzero(store.index["patient_id"] == PATIENTS[0])
+    x = store.get(rows_p1)
+    with torch.no_grad():
+        recon = model.decode(model.encode(torch.from_numpy(x))[0]).numpy()
+    ref_ssim = np.mean([structural_similarity(r[0], o[0], data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                              use_sample_covariance=False) for r, o in zip(recon, x)])
+    ref_psnr = np.mean([peak_signal_noise_ratio(o[0], r[0], data_range=1.0) for r, o in zip(recon, x)])
+    mine = {r["metric"]: float(r["value"]) for r in rows if r["patient_id"] == PATIENTS[0]}
+    assert mine["ssim"] == pytest.approx(ref_ssim, abs=1e-4)
+    assert mine["psnr"] == pytest.approx(ref_psnr, abs=1e-3)
     cohort = {r["metric"]: float(r["value"]) for r in rows if r["patient_id"] == "ALL"}
     assert {"mmd2_pixel", "mmd_p_pixel", "mmd2_randconv", "intensity_w1"} <= set(cohort)
     assert 0 < cohort["mmd_p_pixel"] <= 1 and cohort["intensity_w1"] >= 0
@@ -95,9 +111,11 @@ def test_compare_marks_best(setup, tmp_path, caplog):
     store, run_a, run_b = setup
     out = tmp_path / "cmp"
     with caplog.at_level("WARNING"):
-        summary = evaluate_cli(run_a, store.path, out, split="test", compare=[run_b], device="cpu",
-                               config=_yaml(tmp_path))
+        res = CliRunner().invoke(app, ["evaluate", str(run_a), "--store", str(store.path), "--out", str(out),
+                                       "--compare", str(run_b), "--device", "cpu", "--config", str(_yaml(tmp_path))])
+    assert res.exit_code == 0, res.output
     assert "trained on another store" in caplog.text  # run_b's store hash differs
+    summary = json.loads((out / "summary.json").read_text())
     table = summary["compare"]["table"]
     assert summary["compare"]["runs"] == ["vae_a", "vae_b"]
     ssim_row = next(r for r in table if r["metric"] == "ssim")
@@ -120,7 +138,19 @@ def test_bad_split_is_a_user_error(setup, tmp_path):
         evaluate(run_a, store.path, tmp_path / "x", CFG.model_copy(update={"split": "nope"}), device="cpu")
 
 
-def _yaml(tmp_path):
+def test_yaml_split_is_used_unless_the_option_is_given(setup, tmp_path):
+    store, run_a, _ = setup
+    args = ["evaluate", str(run_a), "--store", str(store.path), "--out", str(tmp_path / "r"), "--device", "cpu",
+            "--config", str(_yaml(tmp_path, split="val"))]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "split 'val'" in res.output  # the tiny store has only a test split
+    res = CliRunner().invoke(app, [*args, "--split", "test"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["split"] == "test"
+
+
+def _yaml(tmp_path, split="test"):
     p = tmp_path / "eval.yaml"
-    p.write_text("iwae_k: 2\nmmd_samples: 16\nmmd_permutations: 10\nbatch_size: 16\nworst_patches: 1\n")
+    p.write_text(f"split: {split}\niwae_k: 2\nmmd_samples: 16\nmmd_permutations: 10\nbatch_size: 16\n"
+                 "worst_patches: 1\n")
     return p

@@ -20,13 +20,11 @@ import json
 import logging
 import os
 import re
-import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medvae.config import DiscoverConfig, SplitConfig
-from medvae.data.manifest import ManifestRow, assign_split, read_manifest, write_manifest
+from medvae.data.manifest import ManifestRow, assign_split, read_manifest
 from medvae.errors import ConfigError, InputError
 from medvae.io.dicom import default_patient_id, inspect_dicom_series
 from medvae.io.nifti import inspect_nifti
@@ -399,85 +397,3 @@ def discover(
         InputError: ``scans_dir`` (or ``labels``) is not a directory, or the reference is invalid.
     """
     return run_discovery(scans_dir, labels, modality, reference, config).rows
-
-
-def _print_summary(found: Discovery, root: Path, out: Path) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = Console(highlight=False)
-    ok = [r for r in found.rows if r.ok]
-    table = Table(title=f"Discovered under {root}")
-    table.add_column("modality")
-    for split in ("train", "val", "test"):
-        table.add_column(f"{split} patients", justify="right")
-    table.add_column("scans", justify="right")
-    table.add_column("problem rows", justify="right")
-    bad = Counter(r.modality or "?" for r in found.rows if not r.ok)
-    for mod in sorted({r.modality or "?" for r in found.rows}):
-        pats = {
-            s: len({r.patient_id for r in ok if r.modality == mod and r.split == s})
-            for s in ("train", "val", "test")
-        }
-        table.add_row(
-            mod,
-            *(str(pats[s]) for s in ("train", "val", "test")),
-            str(sum(r.modality == mod for r in ok)),
-            str(bad.get(mod, 0)),
-        )
-    console.print(table)
-    missing = set(found.missing)  # summarised with the reference below
-    for kind, rows in (
-        ("[red]problem[/red]", [r for r in found.rows if not r.ok and r.patient_id not in missing]),
-        ("[yellow]warning[/yellow]", [r for r in ok if r.problem]),
-    ):
-        for r in rows[:20]:
-            console.print(f"{kind} {escape(r.patient_id)}: {escape(r.problem)}")
-        if len(rows) > 20:
-            console.print(f"... and {len(rows) - 20} more: see the problem column of {escape(str(out))}")
-    if found.ignored:
-        names = escape(", ".join(str(p.relative_to(root)) for p in found.ignored[:8]))
-        console.print(
-            f"ignored {len(found.ignored)} file(s) of unknown type: {names}"
-            + (" ..." if len(found.ignored) > 8 else "")
-        )
-    if found.unused_labels:
-        console.print(
-            f"{len(found.unused_labels)} label file(s) matched no scan: "
-            + escape(", ".join(p.name for p in found.unused_labels[:8]))
-        )
-    if found.reference is not None:
-
-        def some(ids: list[str]) -> str:
-            return ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
-
-        n_bad = len({r.patient_id for r in found.rows if not r.ok and r.patient_id not in missing})
-        console.print(
-            f"reference {escape(str(found.reference))}: "
-            f"{len(found.missing)} missing ({some(found.missing)}), "
-            f"{len(found.extra)} extra ({some(found.extra)}), "
-            f"{n_bad} found but unusable; splits taken from the reference"
-        )
-    console.print(
-        f"{len(ok)} usable scan(s) of {len({r.patient_id for r in ok})} patient(s); manifest: {out}"
-    )
-
-
-def discover_cli(scans_dir, out, labels=None, modality: str = "auto", reference=None, seed: int = 0) -> int:
-    """``medvae discover``: write the manifest, print a summary. Exit code 0, or 2 if nothing is usable."""
-    config = DiscoverConfig(split=SplitConfig(seed=seed))
-    found = run_discovery(scans_dir, labels, modality, reference, config)
-    root, out = Path(scans_dir), Path(out)
-    if not found.rows:
-        print(
-            f"error: no scans found in {root} (looked for TCIA/DICOM, MSD, NIfTI and TIFF layouts)",
-            file=sys.stderr,
-        )
-        return 2
-    write_manifest(found.rows, out)
-    _print_summary(found, root, out)
-    if not any(r.ok for r in found.rows):
-        print(f"error: no usable scan in {root}; every row of {out} is a problem", file=sys.stderr)
-        return 2
-    return 0

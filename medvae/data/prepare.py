@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvae.config import PrepareConfig, load_config, parse_config
+from medvae.config import PrepareConfig
 from medvae.data.store import (
     FORMAT_VERSION,
     PatchStore,
@@ -342,47 +342,3 @@ def merge_stores(parts: list[str | os.PathLike], out: str | os.PathLike) -> Patc
     out.mkdir(parents=True, exist_ok=True)
     meta = {"config": stores[0].meta["config"], "content_hash": chash, "problems": problems}
     return _assemble(out, volumes, meta, stores[0].meta["dtype"])
-
-
-# --------------------------------------------------------------------------- CLI
-def prepare_cli(manifest, out, patch_size=None, mode=None, stride=None, config=None, workers=None,
-                shard=None, merge=None) -> int:
-    """``medvae prepare``: 0 on success, 2 when nothing usable remains (the reason on stderr)."""
-    try:
-        if merge:
-            store = merge_stores(list(merge), out)
-        else:
-            if manifest is None:
-                raise ConfigError("medvae prepare: give manifest.csv (or --merge STORE ... to join shards)")
-            base = load_config(config, PrepareConfig)
-            overrides = {k: v for k, v in {"patch_size": patch_size, "mode": mode, "stride": stride,
-                                           "workers": workers}.items() if v is not None}
-            cfg = parse_config({**base.model_dump(), **overrides}, PrepareConfig, "command line")
-            store = prepare(manifest, out, cfg, shard=shard)
-    except (InputError, StoreError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    _print_summary(store)
-    return 0
-
-
-def _print_summary(store: PatchStore) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"patch store {store.path} ({len(store)} patches, {store.meta['dtype']})")
-    for col in ("modality", "split", "patients", "patches"):
-        table.add_column(col)
-    for m in store.modalities:
-        for s in store.splits:
-            rows = store.select(s, m)
-            if len(rows):
-                table.add_row(m, s, str(len(set(store.index["patient_id"][rows]))), str(len(rows)))
-    console = Console(stderr=False)
-    console.print(table)
-    problems = store.meta.get("problems", [])
-    for p in problems[:10]:
-        console.print(f"[yellow]problem:[/] {p}")
-    if len(problems) > 10:
-        console.print(f"[yellow]... and {len(problems) - 10} more problems, listed in {store.path / 'store.json'}[/]")
-

@@ -38,7 +38,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from medvae.config import TrainStageConfig, load_config
+from medvae.config import TrainStageConfig
 from medvae.data.loader import PatchBatches
 from medvae.data.store import PatchStore, open_store
 from medvae.devices import select_device
@@ -387,27 +387,3 @@ class _Trainer:
                 "metrics": dict(self.metrics), "best": {"elbo": self.best_elbo},
                 "checkpoint": str(self.ckdir / "last.pt"),
                 "images_per_s": (self.step - started) * n_img / max(elapsed, 1e-9)}
-
-
-def train_cli(store, out, *, model: str | None = None, config=None, device: str = "auto", max_steps=None,
-              epochs=None, batch_size=None, checkpoint_every=None, resume: bool = False) -> dict:
-    """``medvae train``: the YAML config (if any), then the command-line options on top."""
-    cfg = load_config(config, TrainStageConfig)
-    try:
-        if model is not None:  # --model wins over the YAML's model.name
-            cfg.model.name = model
-        for key, value in (("max_steps", max_steps), ("epochs", epochs), ("batch_size", batch_size),
-                           ("checkpoint_every", checkpoint_every)):
-            if value is not None:
-                setattr(cfg.train, key, value)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(map(str, first["loc"]))
-        raise ConfigError(f"bad command-line value for {key}: {first['msg']}") from None
-    summary = train(store, out, cfg, device=device, resume=resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        m = summary["metrics"]
-        log.info("trained %s for %d steps: val ELBO %.1f nats, SSIM %.3f, PSNR %.1f dB; checkpoints in %s",
-                 cfg.model.name, summary["step"], m.get("elbo", float("nan")), m.get("ssim", float("nan")),
-                 m.get("psnr", float("nan")), Path(out) / "checkpoints")
-    return summary

@@ -13,33 +13,8 @@ import jinja2
 import numpy as np
 
 from medvae.files import write_text
+from medvae.metric_table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS
 from medvae.report import figures as F
-
-LABELS = {
-    "ssim": "SSIM", "ms_ssim": "MS-SSIM", "psnr": "PSNR", "mse": "MSE", "mae": "MAE", "elbo": "ELBO",
-    "kl": "KL", "iwae": "IWAE log-lik.", "bpd": "bits/dim", "mmd2_pixel": "MMD² pixels",
-    "mmd_p_pixel": "MMD p (pixels)", "mmd2_randconv": "MMD² random-conv", "mmd_p_randconv": "MMD p (random-conv)",
-    "intensity_w1": "intensity W₁",
-}
-EXPLAIN = {
-    "ssim": "Structural similarity of each patch and its reconstruction decode(mu): Gaussian window 11, "
-            "σ 1.5, K1 0.01, K2 0.03, averaged over the valid region (as scikit-image). 1 = identical.",
-    "ms_ssim": "Multi-scale SSIM: contrast-structure at successively 2× downsampled scales and SSIM at the "
-               "coarsest; 4 scales at 128 px (standard weights renormalised). 1 = identical.",
-    "psnr": "Peak signal-to-noise ratio 10·log10(1 / MSE) on the [0, 1] scale.",
-    "mse": "Mean squared error on the [0, 1] intensity scale.",
-    "mae": "Mean absolute error on the [0, 1] intensity scale (× window width for physical units).",
-    "elbo": "Evidence lower bound log p(x|z) − KL with one sample of z: a lower bound on log-likelihood per patch.",
-    "kl": "KL(q(z|x) ‖ N(0, I)): information the code carries about the patch; neither high nor low is better by itself.",
-    "iwae": "Importance-weighted bound with k samples: a tighter lower bound on log p(x) per patch (continuous density on [0, 1]).",
-    "bpd": "−IWAE / (pixels · ln 2): negative log-likelihood per pixel in bits (continuous density; can be negative).",
-    "mmd2_pixel": "Unbiased MMD² between real patches and prior samples on 32×32 area-downsampled pixels, Gaussian kernels "
-                  "at 0.5/1/2 × the median distance. ≈ 0 when the distributions match.",
-    "mmd_p_pixel": "Permutation-test p-value of the MMD² on pixels: small = samples distinguishable from real.",
-    "mmd2_randconv": "As MMD² pixels, on 512-d features of a fixed seeded random conv net (no downloaded weights).",
-    "mmd_p_randconv": "Permutation-test p-value of the random-conv MMD².",
-    "intensity_w1": "Wasserstein-1 distance between real and synthetic intensity distributions in physical units (HU for CT).",
-}
 
 
 def _fmt(v, metric: str = "") -> str:
@@ -86,11 +61,10 @@ def render_report(summary: dict, fig: dict) -> str:
     """The report as one HTML string."""
     env = _env()
     template = env.from_string(env.globals["template_text"])
-    from medvae.evaluate import COHORT_METRICS, METRICS
-
-    return template.render(s=summary, figs=build_figures(summary, fig), metrics=list(METRICS),
+    return template.render(s=summary, figs=build_figures(summary, fig), metrics=list(PATCH_METRICS),
                            cohort_metrics=list(COHORT_METRICS), info=summary["metric_info"],
-                           labels=LABELS, explain=EXPLAIN)
+                           labels={k: m.label for k, m in ALL_METRICS.items()},
+                           explain={k: m.explain for k, m in ALL_METRICS.items()})
 
 
 def write_report(summary: dict, fig: dict, path) -> None:

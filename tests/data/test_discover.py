@@ -8,8 +8,10 @@ import numpy as np
 import pydicom
 import pytest
 import tifffile
+from typer.testing import CliRunner
 
-from medvae.data.discover import discover, discover_cli, run_discovery
+from medvae.cli import app
+from medvae.data.discover import discover, run_discovery
 from medvae.data.manifest import ManifestRow, assign_split, read_manifest, write_manifest
 from medvae.errors import InputError
 from medvae.io.phantoms import write_phantom_cohort
@@ -65,11 +67,11 @@ def test_modality_filter(phantom_root):
 def test_cli_manifest_summary_and_privacy(phantom_root, tmp_path, capsys, caplog):
     caplog.set_level(logging.DEBUG)
     out = tmp_path / "manifest.csv"
-    assert discover_cli(phantom_root, out) == 0
-    printed = capsys.readouterr()
+    res = _discover_cli(phantom_root, out)
+    assert res.exit_code == 0, res.output
     text = out.read_text()
     assert len(read_manifest(out)) == 5
-    assert "PANCREAS_0004" in printed.out and "problem" in printed.out and "notes.txt" in printed.out
+    assert "PANCREAS_0004" in res.output and "problem" in res.output and "notes.txt" in res.output
     # The DICOMs do carry an identity ...
     identity = set()
     for f in (phantom_root / "Pancreas-CT").rglob("*.dcm"):
@@ -83,7 +85,7 @@ def test_cli_manifest_summary_and_privacy(phantom_root, tmp_path, capsys, caplog
     assert len(identity) == 12 and all(len(s) >= 3 for s in identity)
     # ... that never reaches the manifest, stdout, stderr or the log.
     for s in identity:
-        assert s not in text and s not in printed.out and s not in printed.err and s not in caplog.text, s
+        assert s not in text and s not in res.output and s not in caplog.text, s
 
 
 def test_labels_option_and_explicit_patient_folder(phantom_root, tmp_path):
@@ -186,12 +188,12 @@ def test_missing_and_empty_directories(tmp_path, capsys):
         discover(tmp_path / "absent")
     assert str(tmp_path / "absent") in str(err.value)
     (tmp_path / "empty").mkdir()
-    assert discover_cli(tmp_path / "empty", tmp_path / "m.csv") == 2
-    assert str(tmp_path / "empty") in capsys.readouterr().err
+    res = _discover_cli(tmp_path / "empty", tmp_path / "m.csv")
+    assert res.exit_code == 2 and f"error: no scans found in {tmp_path / 'empty'}" in res.output
     assert not (tmp_path / "m.csv").exists()
     only_empty = tmp_path / "tcia" / "PANCREAS_0025"
     only_empty.mkdir(parents=True)
-    assert discover_cli(tmp_path / "tcia", tmp_path / "m2.csv") == 2  # a row, but nothing usable
+    assert _discover_cli(tmp_path / "tcia", tmp_path / "m2.csv").exit_code == 2  # a row, but nothing usable
     assert read_manifest(tmp_path / "m2.csv")[0].status == "problem"
 
 
@@ -221,10 +223,14 @@ def test_reference_reconciliation(phantom_root, tmp_path, capsys):
     missing = rows["PANCREAS_0005"]
     assert missing.status == "problem" and missing.split == "val"
     assert "ref.csv" in missing.problem and "empty in the public TCIA download" in missing.problem
-    assert discover_cli(phantom_root, tmp_path / "m.csv", reference=ref) == 0
-    out = capsys.readouterr().out
-    assert "1 missing" in out and "2 extra" in out and "PANCREAS_0005" in out
+    res = _discover_cli(phantom_root, tmp_path / "m.csv", "--reference", str(ref))
+    assert res.exit_code == 0, res.output
+    assert "1 missing" in res.output and "2 extra" in res.output and "PANCREAS_0005" in res.output
     bad = tmp_path / "bad.csv"
     bad.write_text("patient_id,split\nX,train\n")
     with pytest.raises(InputError, match=r"bad\.csv"):
         discover(phantom_root, reference=bad)
+
+
+def _discover_cli(scans, out, *args):
+    return CliRunner().invoke(app, ["discover", str(scans), "--out", str(out), *args])

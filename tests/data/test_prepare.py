@@ -5,11 +5,13 @@ import logging
 import nibabel as nib
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from medvae.cli import app
 from medvae.config import PrepareConfig
 from medvae.data import prepare as prep
 from medvae.data.manifest import ManifestRow, write_manifest
-from medvae.data.store import merge_stores, open_store, prepare, prepare_cli
+from medvae.data.store import merge_stores, open_store, prepare
 from medvae.errors import StoreError
 from medvae.io import load_volume
 from medvae.io.phantoms import write_phantom_cohort
@@ -126,7 +128,8 @@ def test_corrupt_volume_reported_rest_processed(cohort, tmp_path, caplog):
     assert store.patients() == [s["ct"][1]["patient_id"]] and store.labels is None
     # nothing usable -> exit code 2 with the reason
     only_bad = write_manifest(rows[:1], tmp_path / "bad.csv")
-    assert prepare_cli(only_bad, tmp_path / "s2", mode="tile") == 2
+    res = CliRunner().invoke(app, ["prepare", str(only_bad), "--out", str(tmp_path / "s2"), "--mode", "tile"])
+    assert res.exit_code == 2 and "broken.nii.gz" in res.output
 
 
 def test_planted_voxel_label_aligned_across_orientations(tmp_path):

@@ -6,13 +6,15 @@ import math
 import pytest
 import torch
 import yaml
+from typer.testing import CliRunner
 
 import medvae.losses
+from medvae.cli import app
 from medvae.engine.checkpoint import load_checkpoint, load_model
 from medvae.engine.runtime import resolve_amp, seed_everything
 from medvae.engine.schedule import beta_at, lr_factor
-from medvae.engine.trainer import resolve_config, train, train_cli
-from medvae.errors import CheckpointError, ConfigError, TrainingError
+from medvae.engine.trainer import resolve_config, train
+from medvae.errors import CheckpointError, TrainingError
 from medvae.models import build_model
 from tests.engine.conftest import make_store, tiny_config
 
@@ -114,10 +116,11 @@ def test_train_cli_overrides_config_and_resume_checks(tiny_store, tmp_path, capl
     cfg = tiny_config("vaegan", max_steps=50, batch_size=4)
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     run = tmp_path / "run"
-    summary = train_cli(tiny_store.path, run, model="vae", config=cfg_path, device="cpu", max_steps=2,
-                        batch_size=8, checkpoint_every=2, resume=True)  # resume without checkpoint: fresh
+    res = _train_cli(tiny_store.path, run, "--model", "vae", "--config", cfg_path, "--max-steps", 2,
+                     "--batch-size", 8, "--checkpoint-every", 2, "--resume")  # resume without checkpoint: fresh
+    assert res.exit_code == 0, res.output
     assert "no checkpoint yet; starting from scratch" in caplog.text
-    assert summary["step"] == 2
+    assert json.loads((run / "run.json").read_text())["step"] == 2
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["model"]["name"] == "vae" and resolved["train"]["batch_size"] == 8
     assert resolved["model"]["channels"] == [8, 16, 32]  # from the YAML
@@ -125,10 +128,14 @@ def test_train_cli_overrides_config_and_resume_checks(tiny_store, tmp_path, capl
     other = make_store(tmp_path / "other", content_hash="another-hash")
     with pytest.raises(CheckpointError, match="tiny-store-v1.*another-hash"):
         train(other, run, resolve_config(tiny_config(max_steps=4), other), device="cpu", resume=True)
-    with pytest.raises(ConfigError, match="train.batch_size is 0"):
-        train_cli(tiny_store.path, tmp_path / "r3", model="vae", device="cpu", batch_size=0)
-    with pytest.raises(ConfigError, match="fewer than the batch size"):
-        train_cli(tiny_store.path, tmp_path / "r2", model="vae", device="cpu", batch_size=200)
+    res = _train_cli(tiny_store.path, tmp_path / "r3", "--batch-size", 0)
+    assert res.exit_code == 2 and "train.batch_size is 0" in res.output
+    res = _train_cli(tiny_store.path, tmp_path / "r2", "--batch-size", 200)
+    assert res.exit_code == 2 and "fewer than the batch size" in res.output
+
+
+def _train_cli(store, out, *args):
+    return CliRunner().invoke(app, ["train", str(store), "--out", str(out), "--device", "cpu", *map(str, args)])
 
 
 # fp16 convolutions are emulated on CPU: slow

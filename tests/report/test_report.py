@@ -4,13 +4,14 @@ import re
 
 import numpy as np
 
-from medvae.evaluate import COHORT_METRICS, METRICS, compare_table
+from medvae.evaluate import compare_table
+from medvae.metric_table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS
 from medvae.report import render_report
 from medvae.report.html import _fmt
 
 
 def _result(run, ssim, pids=("PANCREAS_0001", "PANCREAS_0002")):
-    stats = {k: {"mean": ssim if k == "ssim" else 1.0, "sd": 0.1, "n": 5} for k in METRICS}
+    stats = {k: {"mean": ssim if k == "ssim" else 1.0, "sd": 0.1, "n": 5} for k in PATCH_METRICS}
     stats["psnr"]["mean"] = float("nan")  # renders as a dash, never "nan"
     return {
         "run": run, "checkpoint": "x.pt", "step": 10, "model": "vae", "split": "test", "store": "/s",
@@ -20,8 +21,7 @@ def _result(run, ssim, pids=("PANCREAS_0001", "PANCREAS_0002")):
                         for p in pids},
         "per_modality": {"ct": {"n_patches": 10, "n_patients": len(pids), "metrics": stats}},
         "cohort": {"ct": {"n_real": 8, "n_samples": 8, "unit": "HU", **{k: 0.01 for k in COHORT_METRICS}}},
-        "metric_info": {k: {"unit": u, "direction": {1: "higher", -1: "lower", 0: "none"}[d]}
-                        for k, (u, d) in {**METRICS, **COHORT_METRICS}.items()},
+        "metric_info": {k: {"unit": m.unit, "direction": m.better} for k, m in ALL_METRICS.items()},
         "iwae_patches_per_patient": 8, "config": {"iwae_k": 4},
     }
 

@@ -1,0 +1,11 @@
+"""The `medvae` command line: one module per command, each a thin wrapper over a library call.
+
+This is the only layer that prints for the user or sets an exit code: library code raises
+``MedvaeError`` subclasses, and :func:`medvae.cli.app.user_errors` turns one into a single line on
+stderr and exit code 2.
+"""
+
+from medvae.cli import discover, evaluate, generate, phantom, prepare, run, train  # noqa: F401  (registers)
+from medvae.cli.app import app
+
+__all__ = ["app"]

@@ -1,0 +1,63 @@
+"""The typer app, the one place where a user's mistake becomes one line and exit code 2, and the
+one way command-line options are laid over a YAML config."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, TypeVar
+
+import typer
+from pydantic import BaseModel
+
+from medvae.config import load_config, parse_config
+from medvae.errors import MedvaeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="medvae: scans -> patches -> VAE / VAE-GAN -> synthetic data and reports.")
+log = logging.getLogger("medvae")
+T = TypeVar("T", bound=BaseModel)
+
+
+def user_errors(fn):
+    """Turn a MedvaeError into one line on stderr and its exit code (2), without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MedvaeError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
+
+    return wrapper
+
+
+def config_with_options(path, model: type[T], options: dict[str, Any]) -> T:
+    """``model`` from the YAML ``path`` (defaults when None) with the given command-line options on top.
+
+    ``options`` maps dotted keys (``"train.max_steps"``) to values; ``None`` means "not given", so
+    the YAML's value stays. A bad value raises ConfigError naming the option.
+    """
+    data = load_config(path, model).model_dump(mode="json")
+    for dotted, value in options.items():
+        if value is None:
+            continue
+        *parents, key = dotted.split(".")
+        section = data
+        for p in parents:
+            section = section[p]
+        section[key] = value
+    return parse_config(data, model, "command line" if path is None else f"{path} + command line")
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    """medvae: scans -> patches -> VAE / VAE-GAN -> synthetic data and reports."""
+    from rich.logging import RichHandler
+
+    # medvae's own logger, not the root's: records still propagate to whatever the host (pytest) set up.
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    log.addHandler(RichHandler(show_path=False, rich_tracebacks=False))
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)

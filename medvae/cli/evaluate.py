@@ -1,0 +1,34 @@
+"""`medvae evaluate`: metrics tables, cohort MMD and the HTML report for one or more runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medvae.cli.app import app, config_with_options, user_errors
+from medvae.config import EvaluateConfig
+from medvae.errors import InputError
+from medvae.evaluate import evaluate as evaluate_runs
+
+
+@app.command()
+@user_errors
+def evaluate(
+    run: Path = typer.Argument(..., help="Run directory from `medvae train`."),
+    store: Path = typer.Option(..., "--store", help="Patch store to evaluate on."),
+    out: Path = typer.Option(..., "--out", help="Report directory."),
+    split: Optional[str] = typer.Option(None, help="Split to evaluate (default: the config's, else test)."),
+    compare: Optional[list[Path]] = typer.Option(None, "--compare", help="Other runs to compare side by side."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with EvaluateConfig keys."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Per-patient and per-modality metrics, cohort MMD, and an offline HTML report."""
+    cfg = config_with_options(config, EvaluateConfig, {"split": split})
+    compare = list(compare or [])
+    for path in [run, *compare]:
+        if not path.exists():
+            raise InputError(f"{path}: run directory not found; give the --out of `medvae train`")
+    evaluate_runs(run, store, out, cfg, compare=compare, device=device)
+    typer.echo(f"report: {out / 'report.html'}")

@@ -1,0 +1,40 @@
+"""`medvae train`: a YAML config (if any), the command-line options on top, then the trainer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medvae.cli.app import app, config_with_options, log, user_errors
+from medvae.config import TrainStageConfig
+from medvae.engine.trainer import train as train_model
+
+
+@app.command()
+@user_errors
+def train(
+    store: Path = typer.Argument(..., help="Patch store from `medvae prepare`."),
+    model: Optional[str] = typer.Option(
+        None, help="vae | vaegan | monai-vae | monai-kl (default: the config's model.name, else vae)"),
+    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, logs)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with `model:` and `train:` sections."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
+    epochs: Optional[int] = typer.Option(None, help="Number of epochs (when --max-steps is not given)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size per process."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between periodic checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoints/last.pt."),
+) -> None:
+    """Train a model on a patch store (multi-GPU: torchrun --nproc_per_node N -m medvae train ...)."""
+    cfg = config_with_options(config, TrainStageConfig, {
+        "model.name": model, "train.max_steps": max_steps, "train.epochs": epochs,
+        "train.batch_size": batch_size, "train.checkpoint_every": checkpoint_every})
+    summary = train_model(store, out, cfg, device=device, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        m = summary["metrics"]
+        log.info("trained %s for %d steps: val ELBO %.1f nats, SSIM %.3f, PSNR %.1f dB; checkpoints in %s",
+                 cfg.model.name, summary["step"], m.get("elbo", float("nan")), m.get("ssim", float("nan")),
+                 m.get("psnr", float("nan")), out / "checkpoints")

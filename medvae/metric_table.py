@@ -1,0 +1,66 @@
+"""Every reported metric once: its label, unit, better direction and a one-line definition.
+
+``medvae.evaluate`` computes and tabulates them in this order; the report and summary.json take
+labels, units, directions and explanations from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Metric:
+    label: str
+    unit: str
+    direction: int  # +1 higher is better, -1 lower is better, 0 no preferred direction
+    explain: str
+
+    @property
+    def better(self) -> str:
+        return {1: "higher", -1: "lower", 0: "none"}[self.direction]
+
+
+PATCH_METRICS = {  # per patch, then averaged per patient and per modality
+    "ssim": Metric("SSIM", "unitless", +1,
+                   "Structural similarity of each patch and its reconstruction decode(mu): Gaussian window 11, "
+                   "σ 1.5, K1 0.01, K2 0.03, averaged over the valid region (as scikit-image). 1 = identical."),
+    "ms_ssim": Metric("MS-SSIM", "unitless", +1,
+                      "Multi-scale SSIM: contrast-structure at successively 2× downsampled scales and SSIM at the "
+                      "coarsest; 4 scales at 128 px (standard weights renormalised). 1 = identical."),
+    "psnr": Metric("PSNR", "dB", +1, "Peak signal-to-noise ratio 10·log10(1 / MSE) on the [0, 1] scale."),
+    "mse": Metric("MSE", "[0,1]²", -1, "Mean squared error on the [0, 1] intensity scale."),
+    "mae": Metric("MAE", "[0,1]", -1,
+                  "Mean absolute error on the [0, 1] intensity scale (× window width for physical units)."),
+    "elbo": Metric("ELBO", "nats", +1,
+                   "Evidence lower bound log p(x|z) − KL with one sample of z: a lower bound on the "
+                   "log-likelihood per patch."),
+    "kl": Metric("KL", "nats", 0,
+                 "KL(q(z|x) ‖ N(0, I)): information the code carries about the patch; neither high nor low "
+                 "is better by itself."),
+    "iwae": Metric("IWAE log-lik.", "nats", +1,
+                   "Importance-weighted bound with k samples: a tighter lower bound on log p(x) per patch "
+                   "(continuous density on [0, 1])."),
+    "bpd": Metric("bits/dim", "bits/dim", -1,
+                  "−IWAE / (pixels · ln 2): negative log-likelihood per pixel in bits (continuous density; "
+                  "can be negative)."),
+}
+
+COHORT_METRICS = {  # per modality: real patches against model samples
+    "mmd2_pixel": Metric("MMD² pixels", "kernel units", -1,
+                         "Unbiased MMD² between real patches and prior samples on 32×32 area-downsampled pixels, "
+                         "Gaussian kernels at 0.5/1/2 × the median distance. ≈ 0 when the distributions match."),
+    "mmd_p_pixel": Metric("MMD p (pixels)", "p-value", 0,
+                          "Permutation-test p-value of the MMD² on pixels: small = samples distinguishable from "
+                          "real."),
+    "mmd2_randconv": Metric("MMD² random-conv", "kernel units", -1,
+                            "As MMD² pixels, on 512-d features of a fixed seeded random conv net (no downloaded "
+                            "weights)."),
+    "mmd_p_randconv": Metric("MMD p (random-conv)", "p-value", 0,
+                             "Permutation-test p-value of the random-conv MMD²."),
+    "intensity_w1": Metric("intensity W₁", "physical units", -1,
+                           "Wasserstein-1 distance between real and synthetic intensity distributions in physical "
+                           "units (HU for CT)."),
+}
+
+ALL_METRICS = {**PATCH_METRICS, **COHORT_METRICS}
