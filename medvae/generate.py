@@ -350,6 +350,7 @@ class _Augmented:
         log.info("augmented store %s: %d real + %d synthetic patches", path, len(real), n_syn)
         return {"path": "augmented_store", **info}
 
+
 # --------------------------------------------------------------------------- generate
 def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=None, ratio: float = 1.0,
              progress=None) -> dict:
