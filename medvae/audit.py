@@ -189,11 +189,32 @@ def audit_batch(ref: TrainReference, feats: dict[str, torch.Tensor]) -> dict[str
 
 
 def summary_line(ref: TrainReference, n: int, flagged: int, dropped: bool) -> str:
+    """One line for the log and the CLI: flagged count, percentile and thresholds per modality."""
     thr = "; ".join(f"{m}: pixel {t['pixel']:.4g}, feature {t['feature']:.4g}"
                     for m, t in ref.thresholds.items())
     return (f"memorization audit: {flagged}/{n} samples closer to a training patch than the "
             f"percentile {ref.percentile:g} of real between-patient nearest-neighbour distances "
             f"({thr}){'; flagged samples not written' if dropped and flagged else ''}")
+
+
+def summarize(ref: TrainReference, sample_nn: dict[str, np.ndarray], flagged: int, dropped: bool,
+              figure: str | None = None) -> dict:
+    """The audit of ``n`` samples as a JSON-ready dict (generation.json's ``audit``).
+
+    Args:
+        sample_nn: space -> (n,) nearest-training-patch distances of the samples.
+        flagged: how many were flagged; dropped: whether flagged samples were left unwritten.
+        figure: file name of the ``plot_audit`` figure, recorded as ``figure``.
+    """
+    def median(v: np.ndarray) -> float | None:
+        return float(np.median(v)) if v.size else None
+
+    n = int(sample_nn["pixel"].size)
+    return {"summary": summary_line(ref, n, flagged, dropped), "percentile": ref.percentile,
+            "thresholds": ref.thresholds, "flagged": flagged, "train_patches": int(ref.rows.size),
+            "calibration_pairs": int(ref.real_nn["pixel"].size), "notes": ref.notes,
+            "sample_nn_median": {s: median(v) for s, v in sample_nn.items()},
+            "real_nn_median": {s: median(v) for s, v in ref.real_nn.items()}, "figure": figure}
 
 
 def plot_audit(path: str | Path, ref: TrainReference, sample_nn: dict[str, np.ndarray]) -> None:

@@ -10,6 +10,10 @@ Output of ``generate(RUN, OUT, config)``::
     OUT/audit.png                          sample vs real nearest-neighbour distance histograms
     OUT/augmented_store/                   with mix_with: real patches + synthetic ones
 
+``generate`` runs four steps per batch of samples: decode (prior latents through the model),
+audit (nearest training patch, ``medvae.audit``), write (the sample's files, ``medvae.io.writers``,
+and its manifest row) and augment (collect unflagged samples for the augmented store).
+
 Reproducibility: sample ``i``'s latent depends only on ``(seed, i)``: latents are drawn on the
 CPU in fixed chunks of ``CHUNK`` rows, chunk ``k`` from a ``torch.Generator`` seeded with
 ``SeedSequence([seed, k])``. So the batch size, the device and ``n`` do not change which latent a
@@ -29,7 +33,9 @@ import csv
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +47,17 @@ from medvae.data.store import PatchStore, open_store, write_store
 from medvae.devices import select_device
 from medvae.engine.checkpoint import resolve_checkpoint
 from medvae.errors import InputError
-from medvae.files import atomic_open, atomic_path, sha256_file, sha256_json, write_json
+from medvae.files import atomic_open, sha256_file, sha256_json, write_json
+from medvae.io.writers import write_npy, write_png, write_slice
 
 log = logging.getLogger(__name__)
 CHUNK = 256
-MANIFEST_COLUMNS = ("id", "modality", "path", "preview", "mask", "seed", "checkpoint_sha256", "latent_norm",
+MANIFEST_COLUMNS = ("id", "modality", "path", "preview", "seed", "checkpoint_sha256", "latent_norm",
                     "nearest_train_distance", "nearest_train_distance_features", "nearest_train_patient",
                     "flagged")
 PARAM_KEYS = ("checkpoint_sha256", "store_hash", "seed", "temperature", "format", "drop_flagged",
               "audit_percentile")
+WRITE_THREADS = 4  # zlib / PNG encoding release the GIL: a batch's files are written in parallel
 
 
 # --------------------------------------------------------------------------- latents
@@ -76,116 +84,25 @@ def _deterministic_cudnn():
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old
 
 
-# --------------------------------------------------------------------------- writers
-def _spacing_unit(modality: str) -> str:
-    return "um" if modality == "microscopy" else "mm"
-
-
-def write_nifti(path: Path, arr: np.ndarray, spacing: tuple[float, float], unit: str = "mm") -> None:
-    """``arr: (C, H, W)`` rows = y (posterior), columns = x (patient left) -> NIfTI ``(X, Y, 1[, C])``.
-
-    The voxel axes are ('L', 'P', 'S') as in CONTRACTS.md, so the RAS affine is diag(-sx, -sy, 1).
-    """
-    import nibabel as nib
-
-    sy, sx = spacing
-    data = np.transpose(arr, (2, 1, 0))[:, :, None]  # (X, Y, 1, C)
-    data = data[..., 0] if arr.shape[0] == 1 else data
-    affine = np.diag([-sx, -sy, 1.0, 1.0])
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units(xyz=unit)
-    img.header["descrip"] = b"medvae synthetic"
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)  # nibabel's gzip writer stores mtime 0: same bytes every run
-
-
-def write_tiff(path: Path, arr: np.ndarray, spacing: tuple[float, float], unit: str = "um") -> None:
-    """``arr: (C, H, W)`` -> TIFF with pixel size; ImageJ hyperstack when uint16/uint8/float32."""
-    import tifffile
-
-    sy, sx = spacing
-    data = arr[0] if arr.shape[0] == 1 else arr
-    imagej = arr.dtype in (np.uint8, np.uint16, np.float32)
-    kw = ({"imagej": True, "metadata": {"unit": unit, "axes": "YX" if arr.shape[0] == 1 else "CYX"}}
-          if imagej else {"resolutionunit": "CENTIMETER" if unit == "mm" else "NONE"})
-    scale = 10.0 if (unit == "mm" and not imagej) else 1.0  # TIFF has no mm unit: store pixels per cm
-    with atomic_path(path) as tmp:  # no datetime tag is written: same bytes every run
-        tifffile.imwrite(tmp, data, photometric="minisblack", resolution=(scale / sx, scale / sy), **kw)
-
-
-def write_png(path: Path, x01: np.ndarray) -> None:
-    """8-bit preview of ``x01: (C, H, W)`` in [0, 1] (first channel; RGB when C == 3)."""
-    from PIL import Image
-
-    img = np.rint(np.clip(x01, 0, 1) * 255).astype(np.uint8)
-    img = np.transpose(img, (1, 2, 0)) if img.shape[0] == 3 else img[0]
-    with atomic_path(path) as tmp:
-        Image.fromarray(img).save(tmp, format="PNG")
-
-
-def to_file_dtype(phys: np.ndarray, modality: str) -> np.ndarray:
-    """Physical values -> the file's integer type: uint16 counts (microscopy), int16 HU (else)."""
-    if modality == "microscopy":
-        return np.clip(np.rint(phys), 0, 65535).astype(np.uint16)
-    return np.clip(np.rint(phys), -32768, 32767).astype(np.int16)
-
-
-def _sample_files(sample_id: str, modality: str, fmt: str, masked: bool) -> dict[str, str]:
-    """Relative paths of one sample's files: ``path`` (main), ``preview`` and optional ``mask``."""
-    base = f"synthetic/{modality}/{sample_id}"
-    if fmt == "png":
-        main = None
-    elif fmt == "npy":
-        main = ".npy"
-    elif fmt == "tiff" or modality == "microscopy":
-        main = ".tif"
-    else:
-        main = ".nii.gz"
-    files = {"path": base + main if main else "", "preview": base + ".png"}
-    if masked:
-        files["mask"] = base + "_mask" + (main if main and main != ".npy" else ".png")
-    return files
-
-
-def write_npy(path: Path, x01: np.ndarray) -> None:
-    """Raw model output ``(C, H, W)`` in [0, 1] as float32 .npy."""
-    with atomic_path(path) as tmp:
-        np.save(tmp, x01.astype(np.float32))
-
-
-def _write_sample(out: Path, files: dict[str, str], x01: np.ndarray, mask: np.ndarray | None,
-                  phys: np.ndarray, modality: str, spacing: tuple[float, float]) -> tuple[int, int]:
-    """Write the files of one sample that do not exist yet; returns ``(written, already there)``."""
-    unit = _spacing_unit(modality)
-
-    def physical(p: Path, arr: np.ndarray) -> None:
-        (write_tiff if p.suffix == ".tif" else write_nifti)(p, arr, spacing, unit)
-
-    raw = files["path"].endswith(".npy")
-    contents = {"preview": x01, "path": x01 if raw else to_file_dtype(phys, modality),
-                "mask": None if mask is None else (mask > 0.5).astype(np.uint8)}
-    written = skipped = 0
-    for key, rel in files.items():
-        if not rel:
-            continue
-        p = out / rel
-        if p.exists():  # written atomically, so complete
-            skipped += 1
-        elif p.suffix == ".png":
-            write_png(p, contents[key].astype(np.float32))
-            written += 1
-        elif p.suffix == ".npy":
-            write_npy(p, contents[key])
-            written += 1
-        else:
-            physical(p, contents[key])
-            written += 1
-    return written, skipped
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], phase: str):
+    """Add the seconds the block takes to ``timings[phase]``."""
+    t = time.perf_counter()
+    yield
+    timings[phase] += time.perf_counter() - t
 
 
 # --------------------------------------------------------------------------- inputs
+@dataclass
+class _Source:
+    """What a generation reads: the model, the store it was trained on, the recorded parameters."""
+
+    model: torch.nn.Module
+    store: PatchStore
+    device: torch.device
+    params: dict
+
+
 def _load_model(path: Path, device: torch.device):
     from medvae.engine.checkpoint import load_model
 
@@ -202,6 +119,30 @@ def _run_store(run: Path, ckpt_path: Path) -> Path:
     raise InputError(f"{run}: no run.json naming the training store; give the --out of `medvae train`")
 
 
+def _open_source(run: Path, config: GenerateConfig, device: str) -> _Source:
+    """Load the checkpoint (EMA weights) and its training store; the parameters of this generation."""
+    if config.seed < 0:
+        raise InputError(f"--seed {config.seed}: must be >= 0")
+    dev = select_device(device)
+    ckpt_path = resolve_checkpoint(run, config.checkpoint)
+    ckpt_sha = sha256_file(ckpt_path)
+    model, meta = _load_model(ckpt_path, dev)
+    model.eval()
+    store = open_store(_run_store(run, ckpt_path))
+    if meta.get("store_hash") and meta["store_hash"] != store.content_hash:
+        log.warning("%s: the store changed since %s was trained (hash differs)", store.path, ckpt_path.name)
+    channels = int(store.meta["channels"])
+    if int(model.config.in_channels) != channels:
+        raise InputError(f"{ckpt_path}: the model makes {model.config.in_channels}-channel images but its "
+                         f"store {store.path} has {channels} channels")
+    params = {"run": str(run.resolve()), "checkpoint": str(ckpt_path.resolve()), "checkpoint_sha256": ckpt_sha,
+              "store": str(store.path.resolve()), "store_hash": store.content_hash, "seed": config.seed,
+              "n": config.n, "temperature": config.temperature, "format": config.format,
+              "batch_size": config.batch_size, "drop_flagged": config.drop_flagged,
+              "audit_percentile": config.audit_percentile}
+    return _Source(model, store, dev, params)
+
+
 def _check_params(out: Path, params: dict) -> None:
     """A re-run into OUT must use the arguments the files there were made with."""
     path = out / "generation.json"
@@ -214,12 +155,200 @@ def _check_params(out: Path, params: dict) -> None:
                          "use another --out or delete it")
 
 
+# --------------------------------------------------------------------------- decode
+def _decode(model, config: GenerateConfig, start: int, stop: int, device: torch.device):
+    """Samples ``start..stop-1``: latents ``z (B, D)`` on the CPU, images ``x (B, C, H, W)`` in [0, 1]."""
+    z = latents(config.seed, start, stop, int(model.latent_dim), config.temperature)
+    return z, model.decode(z.to(device)).float().clamp_(0, 1)
+
+
+def _batch_ranges(n: int, batch_size: int, wanted: int, missing: Callable[[], int]) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of the batches to decode: samples ``0..n-1``, then (for ``wanted`` patches
+    of the augmented store: whole batches) on while ``missing()`` is positive, at most to
+    ``n + 2 * wanted + batch_size`` (most samples flagged: stop and warn).
+    """
+    limit, start = n + 2 * wanted + batch_size, 0
+    while start < n or (missing() > 0 and start < limit):
+        stop = start + batch_size if wanted else min(start + batch_size, n)
+        yield start, stop
+        start = stop
+
+
+# --------------------------------------------------------------------------- write
+def to_file_dtype(phys: np.ndarray, modality: str) -> np.ndarray:
+    """Physical values -> the file's integer type: uint16 counts (microscopy), int16 HU (else)."""
+    if modality == "microscopy":
+        return np.clip(np.rint(phys), 0, 65535).astype(np.uint16)
+    return np.clip(np.rint(phys), -32768, 32767).astype(np.int16)
+
+
+def _sample_files(sample_id: str, modality: str, fmt: str) -> dict[str, str]:
+    """Relative paths of one sample's files: ``path`` (the main file, "" for png) and ``preview``."""
+    base = f"synthetic/{modality}/{sample_id}"
+    if fmt == "png":
+        main = ""
+    elif fmt == "npy":
+        main = base + ".npy"
+    elif fmt == "tiff" or modality == "microscopy":
+        main = base + ".tif"
+    else:
+        main = base + ".nii.gz"
+    return {"path": main, "preview": base + ".png"}
+
+
+def _write_file(path: Path, x01: np.ndarray, store: PatchStore, modality: str) -> None:
+    """One file of a sample ``x01: (C, H, W)`` in [0, 1], by suffix: preview, raw, or physical units."""
+    if path.suffix == ".png":
+        write_png(path, x01)
+    elif path.suffix == ".npy":
+        write_npy(path, x01.astype(np.float32))
+    else:  # .tif / .nii.gz
+        write_slice(path, to_file_dtype(store.to_physical(x01, modality), modality), store.spacing(modality),
+                    "um" if modality == "microscopy" else "mm", description="medvae synthetic")
+
+
+def _write_sample(out: Path, files: dict[str, str], x01: np.ndarray, store: PatchStore,
+                  modality: str) -> tuple[int, int]:
+    """Write the files of one sample that do not exist yet; returns ``(written, already there)``."""
+    written = skipped = 0
+    for rel in filter(None, files.values()):
+        if (out / rel).exists():  # written atomically, so complete
+            skipped += 1
+        else:
+            _write_file(out / rel, x01, store, modality)
+            written += 1
+    return written, skipped
+
+
+@dataclass
+class _Dataset:
+    """The written part of the generation: samples ``0..n-1``, their files and manifest rows."""
+
+    out: Path
+    store: PatchStore
+    config: GenerateConfig
+    checkpoint_sha256: str
+    rows: list[dict] = field(default_factory=list)
+    nn: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in audit.SPACES})
+    counts: dict[str, int] = field(default_factory=lambda: {"written_files": 0, "skipped_existing": 0,
+                                                           "flagged": 0, "dropped": 0})
+
+    def write_batch(self, pool: ThreadPoolExecutor, start: int, z: torch.Tensor, x01: np.ndarray,
+                    found: dict[str, np.ndarray]) -> None:
+        """Files and rows of the batch's samples below ``n``.
+
+        Args:
+            start: index of the batch's first sample; z: ``(B, D)`` latents; x01: ``(B, C, H, W)``.
+            found: ``audit.audit_batch`` of the batch (distances, patient, modality, flagged).
+        """
+        cfg = self.config
+        jobs = []
+        for j in range(min(len(x01), cfg.n - start)):
+            sid, mod, flagged = f"{start + j:06d}", str(found["modality"][j]), bool(found["flagged"][j])
+            drop = flagged and cfg.drop_flagged
+            files = {"path": "", "preview": ""} if drop else _sample_files(sid, mod, cfg.format)
+            if not drop:
+                jobs.append(pool.submit(_write_sample, self.out, files, x01[j], self.store, mod))
+            self.counts["flagged"] += flagged
+            self.counts["dropped"] += drop
+            for s in audit.SPACES:
+                self.nn[s].append(float(found[s][j]))
+            self.rows.append({"id": sid, "modality": mod, **files, "seed": cfg.seed,
+                              "checkpoint_sha256": self.checkpoint_sha256,
+                              "latent_norm": f"{float(z[j].norm()):.6g}",
+                              "nearest_train_distance": f"{found['pixel'][j]:.6g}",
+                              "nearest_train_distance_features": f"{found['feature'][j]:.6g}",
+                              "nearest_train_patient": found["patient"][j], "flagged": int(flagged)})
+        for job in jobs:
+            written, skipped = job.result()
+            self.counts["written_files"] += written
+            self.counts["skipped_existing"] += skipped
+
+    def write_manifest(self) -> None:
+        with atomic_open(self.out / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+            w.writeheader()
+            w.writerows(self.rows)
+
+    def per_modality(self) -> dict[str, int]:
+        mods = [r["modality"] for r in self.rows]
+        return {m: mods.count(m) for m in sorted(set(mods))}
+
+
+# --------------------------------------------------------------------------- augment
 def _renormalize(x01: np.ndarray, modality: str, src: PatchStore, dst: PatchStore) -> np.ndarray:
     """Re-express [0, 1] values of ``src``'s normalization in ``dst``'s (same physical values)."""
     a, b = src.normalization(modality), dst.normalization(modality)
     if (a["low"], a["high"]) == (b["low"], b["high"]):
         return x01
     return np.clip((src.to_physical(x01, modality) - b["low"]) / (b["high"] - b["low"]), 0, 1)
+
+
+@dataclass
+class _Augmented:
+    """Unflagged synthetic patches for ``--mix-with``: the first ``wanted``, in ``real``'s normalization."""
+
+    real: PatchStore
+    model_store: PatchStore
+    seed: int
+    wanted: int
+    x: list[np.ndarray] = field(default_factory=list)
+    rows: list[tuple[str, str]] = field(default_factory=list)  # (modality, origin "seed<S>/<id>")
+
+    @classmethod
+    def open(cls, path, ratio: float, model_store: PatchStore, seed: int) -> _Augmented:
+        real = open_store(path)
+        if tuple(real.patches.shape[1:]) != tuple(model_store.patches.shape[1:]):
+            raise InputError(f"{real.path}: patches {tuple(real.patches.shape[1:])} do not match the model's "
+                             f"{tuple(model_store.patches.shape[1:])}; mix with a store of the same patch "
+                             "size and channels")
+        return cls(real, model_store, seed, int(round(ratio * real.select(split="train").size)))
+
+    def missing(self) -> int:
+        return self.wanted - len(self.rows)
+
+    def add_batch(self, start: int, x01: np.ndarray, found: dict[str, np.ndarray]) -> None:
+        """Keep the batch's unflagged samples ``x01: (B, C, H, W)`` as float16 until ``wanted``."""
+        for j in range(len(x01)):
+            if self.missing() > 0 and not found["flagged"][j]:
+                mod = str(found["modality"][j])
+                self.x.append(_renormalize(x01[j], mod, self.model_store, self.real).astype(np.float16))
+                self.rows.append((mod, f"seed{self.seed}/{start + j:06d}"))
+
+    def write(self, path: Path, params: dict, ratio: float) -> dict:
+        """All patches of ``real`` + the synthetic ones (split ``train``), ``source`` real|synthetic.
+
+        The real rows keep their index values; their original ``source`` moves to the extra
+        column ``origin`` (for synthetic rows: ``seed<S>/<id>``). Synthetic patches have no label
+        masks, so a store with labels is written without them (unless none is added).
+        """
+        real, n_syn = self.real, len(self.rows)
+        if self.missing() > 0:
+            log.warning("augmented store: only %d of %d synthetic patches passed the audit", n_syn, self.wanted)
+        dtype = real.meta.get("dtype", "float16")
+        real_x = np.asarray(real.patches) if dtype == "float16" else real.get(slice(None))
+        syn = np.stack(self.x).astype(real_x.dtype) if n_syn else np.zeros((0, *real_x.shape[1:]), real_x.dtype)
+        labels = None
+        if real.labels is not None and n_syn:
+            log.warning("augmented store: synthetic patches have no masks, so it is written without labels")
+        elif real.labels is not None:
+            labels = np.asarray(real.labels)
+        idx = real.index
+        fill = {"patient_id": "synthetic", "split": "train", "slice_index": -1, "y": -1, "x": -1,
+                "foreground_fraction": float("nan")}  # not measured
+        index = {k: [*idx[k], *([v] * n_syn)] for k, v in fill.items()}
+        index.update(modality=[*idx["modality"], *(m for m, _ in self.rows)],
+                     source=["real"] * len(real) + ["synthetic"] * n_syn,
+                     origin=[*idx["source"], *(sid for _, sid in self.rows)])
+        info = {"real_store": str(real.path.resolve()), "real_store_hash": real.content_hash,
+                "checkpoint_sha256": params["checkpoint_sha256"], "seed": params["seed"],
+                "temperature": params["temperature"], "ratio": ratio, "n_real": len(real), "n_synthetic": n_syn,
+                "n_real_train": int(real.select(split="train").size)}
+        meta = {k: real.meta[k] for k in ("config", "normalization", "spacing", "volumes") if k in real.meta}
+        meta.update(dtype=dtype, content_hash=sha256_json(info), augmented=info)
+        write_store(path, np.concatenate([real_x, syn]), index, meta, labels=labels)
+        log.info("augmented store %s: %d real + %d synthetic patches", path, len(real), n_syn)
+        return {"path": "augmented_store", **info}
 
 
 # --------------------------------------------------------------------------- generate
@@ -241,171 +370,44 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
     Returns:
         The ``generation.json`` summary dict.
     """
-    t_start = time.perf_counter()
-    run, out = Path(run), Path(out)
-    if config.seed < 0:
-        raise InputError(f"--seed {config.seed}: must be >= 0")
-    dev = select_device(device)
-    ckpt_path = resolve_checkpoint(run, config.checkpoint)
-    ckpt_sha = sha256_file(ckpt_path)
-    model, meta = _load_model(ckpt_path, dev)
-    model.eval()
-    store = open_store(_run_store(run, ckpt_path))
-    if meta.get("store_hash") and meta["store_hash"] != store.content_hash:
-        log.warning("%s: the store changed since %s was trained (hash differs)", store.path, ckpt_path.name)
-    chans = int(store.meta["channels"])
-    masked = store.labels is not None and int(model.config.in_channels) == chans + 1
-    params = {"run": str(run.resolve()), "checkpoint": str(ckpt_path.resolve()),
-              "checkpoint_sha256": ckpt_sha,
-              "store": str(store.path.resolve()), "store_hash": store.content_hash, "seed": config.seed,
-              "n": config.n, "temperature": config.temperature, "format": config.format,
-              "batch_size": config.batch_size, "drop_flagged": config.drop_flagged,
-              "audit_percentile": config.audit_percentile, "conditioned_on_labels": masked}
-    _check_params(out, params)
+    t0, out = time.perf_counter(), Path(out)
+    src = _open_source(Path(run), config, device)
+    _check_params(out, src.params)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "generation.json", {"status": "running", "params": params})
+    write_json(out / "generation.json", {"status": "running", "params": src.params})
+    mix = _Augmented.open(mix_with, ratio, src.store, config.seed) if mix_with is not None else None
+    tm = {"load": time.perf_counter() - t0, "decode": 0.0, "audit": 0.0, "write": 0.0}
+    with _timed(tm, "audit"):
+        ref = audit.build_reference(src.store, src.device, percentile=config.audit_percentile)
 
-    mix = open_store(mix_with) if mix_with is not None else None
-    n_mix = int(round(ratio * mix.select(split="train").size)) if mix is not None else 0
-    if mix is not None and tuple(mix.patches.shape[1:]) != tuple(store.patches.shape[1:]):
-        raise InputError(f"{mix.path}: patches {tuple(mix.patches.shape[1:])} do not match the model's "
-                         f"{tuple(store.patches.shape[1:])}; mix with a store of the same patch size and "
-                         "channels")
-
-    timings = {"load": time.perf_counter() - t_start, "decode": 0.0, "audit": 0.0, "write": 0.0}
-    t = time.perf_counter()
-    ref = audit.build_reference(store, dev, percentile=config.audit_percentile)
-    timings["audit"] += time.perf_counter() - t
-
-    rows, mix_x, mix_m, mix_rows = [], [], [], []
-    all_nn: dict[str, list[float]] = {s: [] for s in audit.SPACES}
-    counts = {"written_files": 0, "skipped_existing": 0, "flagged": 0, "dropped": 0}
-    limit = config.n + 2 * n_mix + config.batch_size  # when most samples are flagged, stop (and warn)
-    start = 0
-    # zlib / PNG encoding release the GIL: a few threads write one batch's files in parallel
-    with ThreadPoolExecutor(max_workers=4) as pool, _deterministic_cudnn(), torch.inference_mode():
-        while start < config.n or (len(mix_rows) < n_mix and start < limit):
-            stop = start + config.batch_size if n_mix else min(start + config.batch_size, config.n)
-            t = time.perf_counter()
-            z = latents(config.seed, start, stop, int(model.latent_dim), config.temperature)
-            x = model.decode(z.to(dev)).float().clamp_(0, 1)
-            x_np = x.cpu().numpy()
-            timings["decode"] += time.perf_counter() - t
-            t = time.perf_counter()
-            res = audit.audit_batch(ref, audit.features(x[:, :chans]))
-            timings["audit"] += time.perf_counter() - t
-            t = time.perf_counter()
-            jobs = []
-            for j, i in enumerate(range(start, stop)):
-                mod, flagged = str(res["modality"][j]), bool(res["flagged"][j])
-                img, mask = x_np[j, :chans], (x_np[j, chans:] if masked else None)
-                if i < config.n:
-                    sid = f"{i:06d}"
-                    drop = flagged and config.drop_flagged
-                    files = {k: "" for k in ("path", "preview", "mask")}
-                    if not drop:
-                        files.update(_sample_files(sid, mod, config.format, masked))
-                        phys = store.to_physical(img, mod)
-                        jobs.append(pool.submit(_write_sample, out, files, img, mask, phys, mod,
-                                                store.spacing(mod)))
-                    counts["flagged"] += flagged
-                    counts["dropped"] += drop
-                    for s in audit.SPACES:
-                        all_nn[s].append(float(res[s][j]))
-                    rows.append({"id": sid, "modality": mod, **files, "seed": config.seed,
-                                 "checkpoint_sha256": ckpt_sha, "latent_norm": f"{float(z[j].norm()):.6g}",
-                                 "nearest_train_distance": f"{res['pixel'][j]:.6g}",
-                                 "nearest_train_distance_features": f"{res['feature'][j]:.6g}",
-                                 "nearest_train_patient": res["patient"][j], "flagged": int(flagged)})
-                if mix is not None and not flagged and len(mix_rows) < n_mix:
-                    mix_x.append(_renormalize(img, mod, store, mix).astype(np.float16))
-                    mix_m.append((mask > 0.5).astype(np.uint8) if mask is not None else None)
-                    mix_rows.append((mod, f"seed{config.seed}/{i:06d}"))
-            for job in jobs:
-                written, skipped = job.result()
-                counts["written_files"] += written
-                counts["skipped_existing"] += skipped
-            timings["write"] += time.perf_counter() - t
-            start = stop
+    dataset = _Dataset(out, src.store, config, src.params["checkpoint_sha256"])
+    wanted, missing = (mix.wanted, mix.missing) if mix is not None else (0, lambda: 0)
+    with ThreadPoolExecutor(WRITE_THREADS) as pool, _deterministic_cudnn(), torch.inference_mode():
+        for start, stop in _batch_ranges(config.n, config.batch_size, wanted, missing):
+            with _timed(tm, "decode"):
+                z, x = _decode(src.model, config, start, stop, src.device)
+                x01 = x.cpu().numpy()
+            with _timed(tm, "audit"):
+                found = audit.audit_batch(ref, audit.features(x))
+            with _timed(tm, "write"):
+                dataset.write_batch(pool, start, z, x01, found)
+                if mix is not None:
+                    mix.add_batch(start, x01, found)
             if progress is not None:
-                progress(min(start, config.n), config.n)
+                progress(min(stop, config.n), config.n)
 
-    t = time.perf_counter()
-    with atomic_open(out / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    all_nn = {s: np.asarray(v) for s, v in all_nn.items()}
-    audit.plot_audit(out / "audit.png", ref, all_nn)
-    augmented = None
-    if mix is not None:
-        if len(mix_rows) < n_mix:
-            log.warning("augmented store: only %d of %d synthetic patches passed the audit",
-                        len(mix_rows), n_mix)
-        augmented = write_augmented_store(out / "augmented_store", mix, mix_x, mix_m, mix_rows, params, ratio)
-    timings["write"] += time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_start
-
-    line = audit.summary_line(ref, config.n, counts["flagged"], config.drop_flagged)
-    log.info(line)
-    per_mod = {m: sum(r["modality"] == m for r in rows) for m in sorted({r["modality"] for r in rows})}
-    summary = {
-        "status": "done", "params": params,
-        "counts": {"samples": config.n, "per_modality": per_mod, **counts},
-        "audit": {"summary": line, "percentile": config.audit_percentile, "thresholds": ref.thresholds,
-                  "flagged": counts["flagged"], "train_patches": int(ref.rows.size),
-                  "calibration_pairs": int(ref.real_nn["pixel"].size), "notes": ref.notes,
-                  "sample_nn_median": {s: float(np.median(v)) if v.size else None for s, v in all_nn.items()},
-                  "real_nn_median": {s: float(np.median(v)) if v.size else None
-                                     for s, v in ref.real_nn.items()},
-                  "figure": "audit.png"},
-        "augmented_store": augmented,
-        "timings_s": {k: round(v, 4) for k, v in timings.items()},
-        "samples_per_s": round(config.n / max(timings["total"], 1e-9), 2),
-        "device": str(dev),
-    }
+    with _timed(tm, "write"):
+        dataset.write_manifest()
+        sample_nn = {s: np.asarray(v) for s, v in dataset.nn.items()}
+        audit.plot_audit(out / "audit.png", ref, sample_nn)
+        augmented = mix.write(out / "augmented_store", src.params, ratio) if mix is not None else None
+    tm["total"] = time.perf_counter() - t0
+    audited = audit.summarize(ref, sample_nn, dataset.counts["flagged"], config.drop_flagged, "audit.png")
+    log.info(audited["summary"])
+    summary = {"status": "done", "params": src.params,
+               "counts": {"samples": config.n, "per_modality": dataset.per_modality(), **dataset.counts},
+               "audit": audited, "augmented_store": augmented,
+               "timings_s": {k: round(v, 4) for k, v in tm.items()},
+               "samples_per_s": round(config.n / max(tm["total"], 1e-9), 2), "device": str(src.device)}
     write_json(out / "generation.json", summary)
     return summary
-
-
-def write_augmented_store(path: Path, real: PatchStore, syn_x: list, syn_m: list, syn_rows: list,
-                          params: dict, ratio: float) -> dict:
-    """All patches of ``real`` + the synthetic ones (split ``train``), with ``source`` real|synthetic.
-
-    The real rows keep their index values; their original ``source`` moves to the extra column
-    ``origin`` (for synthetic rows: the sample id). Labels are kept only when every synthetic
-    patch has a generated mask.
-    """
-    n_real, n_syn = len(real), len(syn_rows)
-    dtype = real.meta.get("dtype", "float16")
-    real_x = np.asarray(real.patches) if dtype == "float16" else real.get(slice(None))
-    shape = real.patches.shape[1:]
-    syn = np.stack(syn_x).astype(real_x.dtype) if n_syn else np.zeros((0, *shape), real_x.dtype)
-    patches = np.concatenate([real_x, syn])
-    labels = None
-    if real.labels is not None and all(m is not None for m in syn_m):
-        syn_lab = np.stack(syn_m) if n_syn else np.zeros((0, *real.labels.shape[1:]), np.uint8)
-        labels = np.concatenate([np.asarray(real.labels), syn_lab])
-    elif real.labels is not None:
-        log.warning("augmented store: the model generates no masks, so the store is written without labels")
-    idx = real.index
-    index = {
-        "patient_id": [*idx["patient_id"], *(["synthetic"] * n_syn)],
-        "modality": [*idx["modality"], *(m for m, _ in syn_rows)],
-        "split": [*idx["split"], *(["train"] * n_syn)],
-        "slice_index": [*idx["slice_index"], *([-1] * n_syn)],
-        "y": [*idx["y"], *([-1] * n_syn)],
-        "x": [*idx["x"], *([-1] * n_syn)],
-        "foreground_fraction": [*idx["foreground_fraction"], *([float("nan")] * n_syn)],  # not measured
-        "source": ["real"] * n_real + ["synthetic"] * n_syn,
-        "origin": [*idx["source"], *(sid for _, sid in syn_rows)],
-    }
-    info = {"real_store": str(real.path.resolve()), "real_store_hash": real.content_hash,
-            "checkpoint_sha256": params["checkpoint_sha256"], "seed": params["seed"],
-            "temperature": params["temperature"], "ratio": ratio, "n_real": n_real, "n_synthetic": n_syn,
-            "n_real_train": int(real.select(split="train").size)}
-    meta = {k: real.meta[k] for k in ("config", "normalization", "spacing", "volumes") if k in real.meta}
-    meta.update(dtype=dtype, content_hash=sha256_json(info), augmented=info)
-    write_store(path, patches, index, meta, labels=labels)
-    log.info("augmented store %s: %d real + %d synthetic patches", path, n_real, n_syn)
-    return {"path": "augmented_store", **info}

@@ -57,3 +57,21 @@ def test_thresholds_are_percentiles_of_between_patient_distances():
     assert ref.thresholds["ct"]["pixel"] == pytest.approx(np.percentile(expected, 10.0), rel=1e-5)
     res = audit.audit_batch(ref, {s: torch.from_numpy(feats[:3] + 1e-6) for s in audit.SPACES})
     assert res["flagged"].all() and list(res["patient"]) == ["a"] * 3
+
+
+def test_summarize_reports_counts_medians_and_thresholds():
+    rng = np.random.default_rng(3)
+    feats = rng.random((20, 4)).astype(np.float32)
+    ref = audit.TrainReference(feats={s: torch.from_numpy(feats) for s in audit.SPACES},
+                               patient=np.repeat(np.array(["a", "b"]), 10), modality=np.array(["ct"] * 20),
+                               rows=np.arange(20), percentile=5.0)
+    audit._calibrate(ref, max_calibration=1000, seed=0)
+    sample_nn = {"pixel": np.array([0.5, 0.1, 0.3]), "feature": np.array([2.0, 4.0, 1.0])}
+    out = audit.summarize(ref, sample_nn, flagged=2, dropped=True, figure="audit.png")
+    assert out["summary"].startswith("memorization audit: 2/3 samples") and "not written" in out["summary"]
+    assert out["sample_nn_median"] == {"pixel": 0.3, "feature": 2.0}
+    assert out["real_nn_median"]["pixel"] == pytest.approx(float(np.median(ref.real_nn["pixel"])))
+    assert out["calibration_pairs"] == 20 and out["train_patches"] == 20 and out["figure"] == "audit.png"
+    assert out["thresholds"]["ct"]["pixel"] == pytest.approx(np.percentile(ref.real_nn["pixel"], 5.0))
+    empty = audit.summarize(ref, {s: np.zeros(0) for s in audit.SPACES}, flagged=0, dropped=False)
+    assert empty["sample_nn_median"] == {"pixel": None, "feature": None} and "0/0" in empty["summary"]

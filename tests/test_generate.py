@@ -132,16 +132,6 @@ def test_ct_sample_in_hu_with_store_spacing(make_run, tmp_path):
     assert img.header.get_xyzt_units()[0] == "mm"
 
 
-def test_nifti_reads_back_as_the_patch_with_the_project_reader(tmp_path):
-    from medvae.io.nifti import read_nifti
-
-    patch = np.arange(12 * 10, dtype=np.int16).reshape(1, 12, 10)  # rows y (posterior), columns x (left)
-    gen.write_nifti(tmp_path / "p.nii.gz", patch, (0.8, 0.7))
-    vol = read_nifti(tmp_path / "p.nii.gz")
-    assert vol.orientation == "LPS" and np.array_equal(vol.array[0], patch[0])
-    assert vol.spacing[1:] == pytest.approx((0.8, 0.7))
-
-
 def test_microscopy_sample_uint16_tiff_with_um_spacing(make_run, tmp_path):
     run = make_run(StubModel(constant=0.8))  # nearest: microscopy stack at level 0.75
     gen.generate(run, tmp_path / "out", GenerateConfig(n=2), device="cpu")
@@ -224,15 +214,29 @@ def test_mixed_store_loads_with_the_regular_loader(make_run, tmp_path):
     np.testing.assert_allclose(mixed.get(first), StubModel().decode(z)[0].numpy(), atol=1e-3)
 
 
-def test_conditioned_model_writes_masks(make_run, tmp_path):
-    run = make_run(StubModel(channels=2), labels=True)  # image + mask channels, store with labels
-    summary = gen.generate(run, tmp_path / "out", GenerateConfig(n=4), device="cpu",
-                           mix_with=tmp_path / "run_store", ratio=0.1)
-    rows = _manifest(tmp_path / "out")
-    assert summary["params"]["conditioned_on_labels"]
-    assert all(r["mask"] for r in rows)
-    assert set(np.unique(np.asanyarray(nib.load(tmp_path / "out" / rows[0]["mask"]).dataobj))) <= {0, 1}
-    assert open_store(tmp_path / "out" / "augmented_store").labels is not None
+def test_manifest_columns(make_run, tmp_path):
+    run = make_run(StubModel())
+    gen.generate(run, tmp_path / "out", GenerateConfig(n=2), device="cpu")
+    with open(tmp_path / "out" / "manifest.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header == ["id", "modality", "path", "preview", "seed", "checkpoint_sha256", "latent_norm",
+                      "nearest_train_distance", "nearest_train_distance_features", "nearest_train_patient",
+                      "flagged"]
+
+
+def test_mixing_with_a_labelled_store_drops_its_labels(make_run, tmp_path, caplog):
+    run = make_run(StubModel(), labels=True)  # synthetic patches have no masks
+    gen.generate(run, tmp_path / "out", GenerateConfig(n=4), device="cpu", mix_with=tmp_path / "run_store",
+                 ratio=0.1)
+    mixed = open_store(tmp_path / "out" / "augmented_store")
+    assert mixed.labels is None and (mixed.index["source"] == "synthetic").sum() == 3  # 0.1 x 30 train
+    assert "without labels" in caplog.text
+
+
+def test_model_channels_must_match_the_store(make_run, tmp_path):
+    run = make_run(StubModel(channels=2))  # e.g. an image + mask model over a one-channel store
+    with pytest.raises(InputError, match="2-channel"):
+        gen.generate(run, tmp_path / "out", GenerateConfig(n=2), device="cpu")
 
 
 def test_png_only_and_npy_formats(make_run, tmp_path):

@@ -61,19 +61,6 @@ class CTPhantom:
     def label(self) -> np.ndarray:
         return (self.tissue == PANCREAS).astype(np.uint8)
 
-    def affine_ras(self) -> np.ndarray:
-        """RAS affine of the ``(i=column, j=row, k=slice)`` grid, as a DICOM->NIfTI converter writes."""
-        dz, dy, dx = self.spacing
-        lps = np.array(
-            [
-                [dx, 0, 0, self.origin[0]],
-                [0, dy, 0, self.origin[1]],
-                [0, 0, dz, self.origin[2]],
-                [0, 0, 0, 1.0],
-            ]
-        )
-        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-
 
 def phantom_rng(seed: int, kind: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, int(hashlib.sha256(kind.encode()).hexdigest()[:8], 16), index])

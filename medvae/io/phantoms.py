@@ -17,13 +17,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import tifffile
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from medvae.files import atomic_path
 from medvae.io.phantom_images import (  # noqa: F401  (TISSUES re-exported with the images' makers)
     TISSUES,
     CTPhantom,
@@ -31,6 +28,7 @@ from medvae.io.phantom_images import (  # noqa: F401  (TISSUES re-exported with 
     make_microscopy_stack,
     phantom_rng,
 )
+from medvae.io.writers import write_nifti, write_tiff
 
 FAKE_NAMES = (
     "ALICE",
@@ -129,28 +127,6 @@ def write_dicom_series(
     return paths
 
 
-def write_label_nifti(ph: CTPhantom, path: Path) -> None:
-    """Pancreas label (1) indexed ``[column, row, slice]`` with the RAS affine of the DICOM grid."""
-    img = nib.Nifti1Image(ph.label.transpose(2, 1, 0), ph.affine_ras())  # F-ordered view: no copy
-    img.set_qform(ph.affine_ras(), code=1)
-    img.set_sform(ph.affine_ras(), code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
-
-
-def write_tiff_stack(stack: np.ndarray, spacing, path: Path) -> None:
-    """ImageJ hyperstack TIFF (axes ZYX) with µm pixel size and z spacing."""
-    dz, dy, dx = spacing
-    with atomic_path(path) as tmp:
-        tifffile.imwrite(
-            tmp,
-            stack,
-            imagej=True,
-            resolution=(1 / dx, 1 / dy),
-            metadata={"spacing": dz, "unit": "um", "axes": "ZYX"},
-        )
-
-
 def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
@@ -165,7 +141,7 @@ def write_phantom_cohort(
     ct_size: int = 512,
     ct_slices: int | None = None,
 ) -> dict:
-    """Write the phantom cohort (layout in CONTRACTS.md) and return a summary (counts + paths).
+    """Write the phantom cohort and return a summary (counts + paths).
 
     ``out/Pancreas-CT/PANCREAS_0001/<study>/<series>/1-001.dcm ...``, ``out/labels/label0001.nii.gz``,
     ``out/microscopy/stack_001.tif``. Each patient folder appears complete or not at all
@@ -200,7 +176,8 @@ def write_phantom_cohort(
             if tmp.exists():
                 shutil.rmtree(tmp)
         label = label_root / f"label{num}.nii.gz"
-        write_label_nifti(ph, label)
+        # pancreas label map on the DICOM grid: voxel axes (column, row, slice), RAS affine
+        write_nifti(label, ph.label, ph.spacing, ph.origin)
         summary["ct"].append(
             {
                 "patient_id": pid,
@@ -214,7 +191,7 @@ def write_phantom_cohort(
         stack, _, spacing = make_microscopy_stack(seed, i)
         path = mic_root / f"stack_{i + 1:03d}.tif"
         mic_root.mkdir(parents=True, exist_ok=True)
-        write_tiff_stack(stack, spacing, path)
+        write_tiff(path, stack, "ZYX", spacing, unit="um")  # ImageJ hyperstack, µm
         summary["microscopy"].append(
             {"path": str(path), "shape": list(stack.shape), "spacing": list(spacing)}
         )
