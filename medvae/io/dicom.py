@@ -445,11 +445,3 @@ def read_dicom_series(directory: str | os.PathLike, patient_id: str | None = Non
         warnings=list(plan.warnings),
     )
 
-
-def __getattr__(name: str):
-    # The MONAI reader is imported on first use: importing MONAI takes seconds.
-    if name == "DicomSeriesReader":
-        from medvae.io.monai_readers import DicomSeriesReader
-
-        return DicomSeriesReader
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,7 @@ import numpy as np
 import tifffile
 
 from medvae.errors import InputError
+from medvae.io.formats import scan_stem
 from medvae.io.volume import Volume, VolumeInfo
 
 log = logging.getLogger(__name__)
@@ -31,15 +32,6 @@ _UM_PER_UNIT = {
 }
 _CHANNEL_AXES = "CS"
 _STACK_AXES = "ZQI"
-
-
-def tiff_stem(path: str | os.PathLike) -> str:
-    """File name without ``.tif`` / ``.tiff`` (and ``.ome``)."""
-    name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
 
 
 @dataclass
@@ -210,7 +202,7 @@ def read_tiff_stack(path: str | os.PathLike, patient_id: str | None = None) -> V
     return Volume(
         array=array,
         spacing=lay.spacing,
-        patient_id=patient_id if patient_id is not None else tiff_stem(lay.path),
+        patient_id=patient_id if patient_id is not None else scan_stem(lay.path),
         modality="microscopy",
         source=str(lay.path),
         orientation="ZYX",
@@ -218,11 +210,3 @@ def read_tiff_stack(path: str | os.PathLike, patient_id: str | None = None) -> V
         warnings=list(lay.warnings),
     )
 
-
-def __getattr__(name: str):
-    # The MONAI reader is imported on first use: importing MONAI takes seconds.
-    if name == "TiffStackReader":
-        from medvae.io.monai_readers import TiffStackReader
-
-        return TiffStackReader
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -107,11 +107,11 @@ def test_unknown_and_missing_paths(tmp_path):
 def test_monai_dicom_reader(tmp_path):
     from monai.transforms import LoadImaged
 
-    from medvae.io.dicom import DicomSeriesReader
+    from medvae.io.monai_readers import VolumeReader
 
     _write_series(tmp_path / "PANCREAS_0011" / "s", (1.0, 0, 0), (0, 1.0, 0), (0, 0, 0), (2, 3, 4))
     series = tmp_path / "PANCREAS_0011" / "s"
-    out = LoadImaged(keys=["image"], reader=DicomSeriesReader(), image_only=False)({"image": str(series)})
+    out = LoadImaged(keys=["image"], reader=VolumeReader(), image_only=False)({"image": str(series)})
     img = out["image"]
     vol = load_volume(series)
     assert tuple(img.shape) == (N, ROWS, COLS)  # our (Z, Y, X), no axis reversal
@@ -122,4 +122,4 @@ def test_monai_dicom_reader(tmp_path):
     # The array-order affine maps index (z, y, x) to the same world point as Volume.affine (i=x, j=y, k=z).
     z, y, x = 2, 3, 4
     np.testing.assert_allclose(img.affine.numpy() @ [z, y, x, 1], vol.affine @ [x, y, z, 1])
-    assert DicomSeriesReader().verify_suffix(str(series))
+    assert VolumeReader().verify_suffix(str(series))

@@ -112,13 +112,13 @@ def test_empty_zero_page_and_bad_tiffs(tmp_path):
 def test_monai_tiff_reader(tmp_path):
     from monai.transforms import LoadImaged
 
-    from medvae.io.tiff import TiffStackReader
+    from medvae.io.monai_readers import VolumeReader
 
     data = np.arange(2 * 3 * 8 * 9, dtype=np.uint16).reshape(3, 2, 8, 9)  # Z C Y X
     path = tmp_path / "m.tif"
     tifffile.imwrite(path, data, imagej=True, resolution=(1 / 0.2, 1 / 0.2),
                      metadata={"spacing": 1.0, "unit": "um", "axes": "ZCYX"})
-    out = LoadImaged(keys=["image"], reader=TiffStackReader(), image_only=False)({"image": str(path)})
+    out = LoadImaged(keys=["image"], reader=VolumeReader(), image_only=False)({"image": str(path)})
     img = out["image"]
     assert tuple(img.shape) == (2, 3, 8, 9)
     np.testing.assert_array_equal(img.numpy(), data.transpose(1, 0, 2, 3).astype(np.float32))
