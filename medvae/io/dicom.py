@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.pixels import apply_rescale, get_decoder, pixel_array
 
 from medvae.errors import InputError
 from medvae.io.orient import Reorientation, plan_lps
@@ -37,7 +37,6 @@ _NOT_DICOM_SUFFIXES = {
     ".txt", ".json", ".xml", ".csv", ".md", ".nii", ".gz", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
     ".npy", ".npz", ".yaml", ".yml", ".html", ".pdf", ".zip", ".py", ".log", ".db", ".ini",
 }
-_NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
 _PATIENT_DIR = re.compile(r"PANCREAS_\d+", re.IGNORECASE)
 _MAX_NAMED = 5
 
@@ -329,10 +328,8 @@ def inspect_dicom_series(directory: str | os.PathLike) -> VolumeInfo:
 def _check_decoder(plan: _Plan) -> None:
     """Raise InputError when the series' transfer syntax has no installed decoder."""
     ts = getattr(getattr(plan.slices[0].ds, "file_meta", None), "TransferSyntaxUID", None)
-    if ts is None or ts in _NATIVE_SYNTAXES or not ts.is_compressed:
+    if ts is None or not ts.is_compressed:
         return
-    from pydicom.pixels import get_decoder
-
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
@@ -348,28 +345,12 @@ def _check_decoder(plan: _Plan) -> None:
 
 
 def _decode(ds: pydicom.Dataset) -> np.ndarray:
-    """Stored pixel values of one single-frame slice, ``(rows, cols)``."""
-    ts = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else None
-    bits = int(ds.BitsAllocated)
-    if (
-        ts in _NATIVE_SYNTAXES
-        and int(getattr(ds, "SamplesPerPixel", 1)) == 1
-        and bits in (8, 16, 32)
-    ):
-        # Native little-endian data: a view of the bytes, as pydicom's own pixel_array produces.
-        signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
-        dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
-        n = int(ds.Rows) * int(ds.Columns)
-        raw = ds.PixelData
-        if len(raw) < n * dtype.itemsize:
-            raise ValueError(f"pixel data holds {len(raw)} bytes, {n * dtype.itemsize} expected")
-        arr = np.frombuffer(raw, dtype=dtype, count=n).reshape(int(ds.Rows), int(ds.Columns))
-        stored = int(getattr(ds, "BitsStored", bits))
-        if signed and stored < bits:  # sign-extend from BitsStored (pydicom does the same)
-            shift = bits - stored
-            arr = (arr << shift) >> shift
-        return arr
-    arr = ds.pixel_array
+    """Stored pixel values of one single-frame slice, ``(rows, cols)``, by pydicom's decoders.
+
+    ``view_only``: native (uncompressed) data comes back as a read-only view of the pixel bytes,
+    no copy; the caller copies it into the volume while applying the rescale.
+    """
+    arr = pixel_array(ds, view_only=True)
     if arr.ndim != 2:
         raise ValueError(f"expected one grayscale frame, got pixel array of shape {arr.shape}")
     return arr
@@ -408,15 +389,7 @@ def read_dicom_series(directory: str | os.PathLike, patient_id: str | None = Non
             ok[k] = False
             failed.append(s.path)
             continue
-        slope = float(s.ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(s.ds.get("RescaleIntercept", 0.0) or 0.0)
-        out = stack[k]  # HU = stored * slope + intercept, in one or two passes straight into the stack
-        if slope != 1.0:
-            np.multiply(raw, np.float32(slope), out=out, casting="unsafe")
-            if intercept != 0.0:
-                out += np.float32(intercept)
-        else:
-            np.add(raw, np.float32(intercept), out=out, casting="unsafe")
+        stack[k] = apply_rescale(raw, s.ds)  # HU = stored * slope + intercept (or a Modality LUT)
         del s.ds.PixelData  # free the pixel bytes early; the header stays for re-planning
     if failed:
         if not ok.any():
