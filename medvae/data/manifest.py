@@ -22,21 +22,6 @@ from pathlib import Path
 from medvae.errors import InputError
 from medvae.files import atomic_open
 
-COLUMNS = (
-    "patient_id",
-    "modality",
-    "format",
-    "path",
-    "label_path",
-    "series_uid",
-    "split",
-    "n_slices",
-    "spacing_z",
-    "spacing_y",
-    "spacing_x",
-    "status",
-    "problem",
-)
 MODALITIES = ("ct", "microscopy", "mr")
 FORMATS = ("dicom", "nifti", "tiff")
 SPLITS = ("train", "val", "test")
@@ -72,7 +57,7 @@ class ManifestRow:
         return None if any(v is None for v in s) else s  # type: ignore[return-value]
 
 
-assert tuple(f.name for f in fields(ManifestRow)) == COLUMNS
+COLUMNS = tuple(f.name for f in fields(ManifestRow))  # the CSV header, in this order
 
 
 def _fmt(value) -> str:

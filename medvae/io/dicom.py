@@ -37,7 +37,7 @@ _NOT_DICOM_SUFFIXES = {
     ".txt", ".json", ".xml", ".csv", ".md", ".nii", ".gz", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
     ".npy", ".npz", ".yaml", ".yml", ".html", ".pdf", ".zip", ".py", ".log", ".db", ".ini",
 }
-_PATIENT_DIR = re.compile(r"PANCREAS_\d+", re.IGNORECASE)
+PATIENT_DIR = re.compile(r"PANCREAS_\d+", re.IGNORECASE)  # a TCIA Pancreas-CT patient folder
 _MAX_NAMED = 5
 
 
@@ -45,7 +45,7 @@ def default_patient_id(directory: str | os.PathLike) -> str:
     """The TCIA patient folder name (first ancestor like ``PANCREAS_0001``), else the directory name."""
     path = Path(directory).resolve()
     for part in (path, *path.parents):
-        if _PATIENT_DIR.fullmatch(part.name):
+        if PATIENT_DIR.fullmatch(part.name):
             return part.name
     return path.name
 
