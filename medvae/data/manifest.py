@@ -1,6 +1,6 @@
 """The manifest: one CSV row per scan, problems included; patient-level, hash-based splits.
 
-Schema (ARCHITECTURE.md, explained column by column in data_manifests/README.md)::
+Schema (the "Manifest" contract of docs/architecture.md, explained column by column in data_manifests/README.md)::
 
     patient_id, modality, format, path, label_path, series_uid, split,
     n_slices, spacing_z, spacing_y, spacing_x, status, problem

@@ -1,6 +1,6 @@
 """The on-disk patch store: memory-mapped ``patches.npy`` + ``index.csv`` + ``store.json`` (last).
 
-Layout of a store directory (contract in ARCHITECTURE.md / CONTRACTS.md)::
+Layout of a store directory (the "Patch store" contract of docs/architecture.md)::
 
     patches.npy   (N, C, H, W) in [0, 1], float16 or uint16 (x * 65535), memory-mapped
     labels.npy    (N, 1, H, W) uint8, only when at least one volume has a label map

@@ -45,7 +45,7 @@ def _write_series(folder, row_dir, col_dir, origin, bright):
 
 
 def _write_label(path, row_dir, col_dir, origin, bright):
-    """Label per CONTRACTS "Phantom labels": data[i=column, j=row, k=slice], affine from the DICOM grid."""
+    """Label as the phantom writer stores it: data[i=column, j=row, k=slice], affine from the DICOM grid."""
     normal = np.cross(row_dir, col_dir)
     lps = np.eye(4)
     lps[:3, 0] = np.asarray(row_dir) * DXY[1]
