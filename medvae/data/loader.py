@@ -16,6 +16,7 @@ import os
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
 
 from medvae.data.store import PatchStore, open_store, read_rows
 
@@ -109,8 +110,6 @@ def make_loader(store: PatchStore | str | os.PathLike, split: str | None, batch_
     ds = PatchDataset(store, split=split, modality=modality, with_labels=with_labels)
     use_dist, _, _ = _dist_info(distributed)
     if use_dist:
-        from torch.utils.data.distributed import DistributedSampler
-
         sampler = DistributedSampler(ds, shuffle=shuffle, seed=seed, drop_last=drop_last)
     elif shuffle:
         sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))

@@ -41,6 +41,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform
 from monai.transforms.utils_pytorch_numpy_unification import percentile
+from skimage.filters import threshold_otsu
 
 from medvae.config import PrepareConfig
 from medvae.io.monai_readers import VolumeReader
@@ -107,8 +108,6 @@ def foreground_mask(img: torch.Tensor | np.ndarray, modality: str, config: Prepa
 
 def otsu_threshold(img: torch.Tensor | np.ndarray) -> float:
     """Otsu threshold of the whole stack (skimage.filters.threshold_otsu); constant stack -> its value."""
-    from skimage.filters import threshold_otsu
-
     arr = np.asarray(img.numpy() if isinstance(img, torch.Tensor) else img)
     lo, hi = float(arr.min()), float(arr.max())
     if lo == hi:
