@@ -306,4 +306,3 @@ def to_stored(x01: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float16":
         return np.asarray(x01, dtype=np.float16)
     raise ValueError(f"unknown store dtype {dtype!r}")
-

@@ -281,4 +281,3 @@ def read_dicom_series(directory: str | os.PathLike, patient_id: str | None = Non
         series_uid=plan.series_uid,
         warnings=list(plan.warnings),
     )
-

@@ -211,4 +211,3 @@ def read_tiff_stack(path: str | os.PathLike, patient_id: str | None = None) -> V
         affine=None,
         warnings=list(lay.warnings),
     )
-
