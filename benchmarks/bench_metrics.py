@@ -70,7 +70,8 @@ def bench_ssim(n: int, n_ref: int) -> dict:
                                  data_range=1.0) for a, b in zip(xs, ys)]
     ref_secs = (time.perf_counter() - t) * n / n_ref
     return {"pairs": n, "ours_seconds": secs, "skimage_pairs_timed": n_ref, "skimage_seconds_extrapolated": ref_secs,
-            "speedup": ref_secs / secs, "max_abs_diff": float(np.abs(ours[:n_ref].numpy() - ref).max()), "goal_speedup": 20}
+            "speedup": ref_secs / secs, "max_abs_diff": float(np.abs(ours[:n_ref].numpy() - ref).max()),
+            "goal_speedup": 20}
 
 
 def bench_evaluate(n: int, patients: int = 10, quick: bool = False) -> dict:

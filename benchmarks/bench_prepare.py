@@ -75,7 +75,7 @@ def reader_read(series: list[str], labels: list[str]) -> tuple[float, float]:
 
 def time_prepare(manifest: Path, out: Path, workers: int, mode: str = "resize") -> tuple[float, object]:
     from medvae.config import PrepareConfig
-    from medvae.data.store import prepare
+    from medvae.data.prepare import prepare
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = PrepareConfig(patch_size=128, mode=mode, workers=workers)
@@ -163,7 +163,8 @@ def main() -> None:
     t.add_row("bare pydicom dcmread().pixel_array", f"{bare:.2f}", f"{n_slices / bare:.0f} slices/s", "1.00", "")
     for key, what in (("medvae_read_dicom_series_s", "medvae read_dicom_series alone (in prepare)"),
                       ("medvae_read_labels_s", "label NIfTIs via read_nifti (in prepare)")):
-        t.add_row(what, f"{results[key]:.2f}", f"{n_slices / results[key]:.0f} slices/s", f"{results[key] / bare:.2f}", "")
+        t.add_row(what, f"{results[key]:.2f}", f"{n_slices / results[key]:.0f} slices/s",
+                  f"{results[key] / bare:.2f}", "")
     for w in (1, 2):
         t.add_row(f"medvae prepare --workers {w} (resize 128)", f"{results[f'prepare_w{w}_s']:.2f}",
                   f"{results[f'prepare_w{w}_slices_per_s']:.0f} slices/s",

@@ -195,7 +195,7 @@ def elbo(model, x: torch.Tensor, generator: torch.Generator | None = None,
     for the ELBO; its expectation is <= log p(x). Higher is better.
 
     Args:
-        model: any model with ``encode``, ``decode`` and ``log_likelihood`` (ARCHITECTURE).
+        model: any model with ``encode``, ``decode`` and ``log_likelihood`` (docs/architecture.md).
         x: (B, C, H, W) in [0, 1].
         posterior: ``(mu, logvar)`` of ``model.encode(x)`` when the caller has it already.
 
@@ -226,7 +226,7 @@ def iwae_log_likelihood(model, x: torch.Tensor, k: int = 64, batch_chunk: int = 
     grows. Works for any likelihood: it only calls ``model.log_likelihood``.
 
     Args:
-        model: encode / decode / log_likelihood as in ARCHITECTURE.
+        model: encode / decode / log_likelihood as in docs/architecture.md.
         x: (B, C, H, W).
         k: importance samples per image.
         batch_chunk: at most this many decoded images per decoder call (bounds memory).

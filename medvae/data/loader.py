@@ -16,21 +16,13 @@ import os
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
 
-from medvae.data.store import PatchStore, open_store
+from medvae.data.store import PatchStore, open_store, read_rows
 
 
 def _as_store(store: PatchStore | str | os.PathLike) -> PatchStore:
     return store if isinstance(store, PatchStore) else open_store(store)
-
-
-def _gather(arr: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``arr[idx]`` read in ascending index order (sequential on disk), returned in ``idx`` order."""
-    order = np.argsort(idx, kind="stable")
-    raw = arr[idx[order]]
-    out = np.empty_like(raw)
-    out[order] = raw
-    return out
 
 
 def _to_tensor(raw: np.ndarray, scale: float) -> torch.Tensor:
@@ -78,7 +70,7 @@ class PatchDataset(Dataset):
     def _labels(self, rows: np.ndarray) -> torch.Tensor:
         if self.store.labels is None:
             return torch.zeros((len(rows), 1, *self.store.patches.shape[2:]), dtype=torch.uint8)
-        return torch.from_numpy(_gather(self.store.labels, rows))
+        return torch.from_numpy(read_rows(self.store.labels, rows))
 
     def __getitem__(self, i: int):
         row = int(self.indices[i])
@@ -90,7 +82,7 @@ class PatchDataset(Dataset):
     def __getitems__(self, items: list[int]):
         """Batched fetch (used by DataLoader's fetcher): one sorted read for the whole batch."""
         rows = self.indices[np.asarray(items, dtype=np.int64)]
-        x = _to_tensor(_gather(self.store.patches, rows), self.store.scale)
+        x = _to_tensor(read_rows(self.store.patches, rows), self.store.scale)
         if not self.with_labels:
             return list(x.unbind(0))
         return list(zip(x.unbind(0), self._labels(rows).unbind(0)))
@@ -118,8 +110,6 @@ def make_loader(store: PatchStore | str | os.PathLike, split: str | None, batch_
     ds = PatchDataset(store, split=split, modality=modality, with_labels=with_labels)
     use_dist, _, _ = _dist_info(distributed)
     if use_dist:
-        from torch.utils.data.distributed import DistributedSampler
-
         sampler = DistributedSampler(ds, shuffle=shuffle, seed=seed, drop_last=drop_last)
     elif shuffle:
         sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
@@ -191,8 +181,8 @@ class PatchBatches:
 
     def batch(self, rows: np.ndarray):
         """Read ``rows`` (any order) -> ``(B, C, H, W)`` float32 tensor (and labels)."""
-        raw = _gather(self.store.patches, rows)
-        y = torch.from_numpy(_gather(self.store.labels, rows)) if self.with_labels else None
+        raw = read_rows(self.store.patches, rows)
+        y = torch.from_numpy(read_rows(self.store.labels, rows)) if self.with_labels else None
         if self.device is not None and self.device.type == "cuda":
             # float16 crosses the bus at half the bytes and becomes float32 on the GPU
             src = torch.from_numpy(raw) if raw.dtype == np.float16 else _to_tensor(raw, self.store.scale)

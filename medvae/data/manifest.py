@@ -1,6 +1,6 @@
 """The manifest: one CSV row per scan, problems included; patient-level, hash-based splits.
 
-Schema (ARCHITECTURE.md, explained column by column in data_manifests/README.md)::
+Schema (the "Manifest" contract of docs/architecture.md, explained column by column in data_manifests/README.md)::
 
     patient_id, modality, format, path, label_path, series_uid, split,
     n_slices, spacing_z, spacing_y, spacing_x, status, problem
@@ -22,21 +22,6 @@ from pathlib import Path
 from medvae.errors import InputError
 from medvae.files import atomic_open
 
-COLUMNS = (
-    "patient_id",
-    "modality",
-    "format",
-    "path",
-    "label_path",
-    "series_uid",
-    "split",
-    "n_slices",
-    "spacing_z",
-    "spacing_y",
-    "spacing_x",
-    "status",
-    "problem",
-)
 MODALITIES = ("ct", "microscopy", "mr")
 FORMATS = ("dicom", "nifti", "tiff")
 SPLITS = ("train", "val", "test")
@@ -72,7 +57,7 @@ class ManifestRow:
         return None if any(v is None for v in s) else s  # type: ignore[return-value]
 
 
-assert tuple(f.name for f in fields(ManifestRow)) == COLUMNS
+COLUMNS = tuple(f.name for f in fields(ManifestRow))  # the CSV header, in this order
 
 
 def _fmt(value) -> str:

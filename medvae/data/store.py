@@ -1,6 +1,6 @@
 """The on-disk patch store: memory-mapped ``patches.npy`` + ``index.csv`` + ``store.json`` (last).
 
-Layout of a store directory (contract in ARCHITECTURE.md / CONTRACTS.md)::
+Layout of a store directory (the "Patch store" contract of docs/architecture.md)::
 
     patches.npy   (N, C, H, W) in [0, 1], float16 or uint16 (x * 65535), memory-mapped
     labels.npy    (N, 1, H, W) uint8, only when at least one volume has a label map
@@ -9,17 +9,20 @@ Layout of a store directory (contract in ARCHITECTURE.md / CONTRACTS.md)::
                   normalization {modality: {low, high, unit}}, spacing {modality: [sy, sx]},
                   volumes [per-volume constants], created, problems
 
-A store is complete only when ``store.json`` exists: it is written last (atomically), and removed
-first when a store is rebuilt, so a crash mid-write leaves a store that ``open_store`` refuses.
-Building a store (``prepare``, ``merge_stores``) lives in ``medvae.data.prepare`` and is
-re-exported here.
+A store is complete only when ``store.json`` exists: it is written last (atomically, by
+:func:`write_store_json`, the one writer of it), and removed first when a store is rebuilt
+(:func:`begin_store`), so a crash mid-write leaves a store that ``open_store`` refuses.
+Building a store from a manifest (``prepare``, ``merge_stores``) lives in
+``medvae.data.prepare``, which imports this module (never the other way round).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,12 +83,7 @@ class PatchStore:
         order given.
         """
         if isinstance(idx, (list, np.ndarray)):
-            idx = np.asarray(idx, dtype=np.int64)
-            order = np.argsort(idx, kind="stable")
-            raw = self.patches[idx[order]]
-            out = np.empty_like(raw)
-            out[order] = raw
-            return self.to_unit(out)
+            return self.to_unit(read_rows(self.patches, idx))
         return self.to_unit(np.asarray(self.patches[idx]))
 
     def select(self, split: str | None = None, modality: str | None = None) -> np.ndarray:
@@ -146,6 +144,16 @@ class PatchStore:
 
 
 # --------------------------------------------------------------------------- reading
+def read_rows(arr: np.ndarray, rows) -> np.ndarray:
+    """``arr[rows]`` read in ascending row order (sequential on a memmap), returned in ``rows`` order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    raw = arr[rows[order]]
+    out = np.empty_like(raw)
+    out[order] = raw
+    return out
+
+
 def read_index(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """index.csv -> column name -> array (ints, floats, or object arrays of str)."""
     with open(path, newline="", encoding="utf-8") as f:
@@ -225,6 +233,35 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def begin_store(path: str | os.PathLike) -> Path:
+    """Create the store directory and remove its ``store.json``: incomplete until :func:`write_store_json`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "store.json").unlink(missing_ok=True)
+    return path
+
+
+STORE_JSON_REQUIRED = ("content_hash", "n_patches", "patch_size", "channels", "dtype")
+
+
+def write_store_json(path: str | os.PathLike, meta: dict) -> None:
+    """Write ``store.json`` (atomically; the last file of a store): the one writer of it.
+
+    Args:
+        path: the store directory.
+        meta: must hold ``STORE_JSON_REQUIRED``; ``format_version`` and ``created`` are filled in;
+            ``config``, ``normalization``, ``spacing``, ``volumes``, ``problems`` default to empty
+            and ``shard`` to None; any other key is kept.
+    """
+    missing = [k for k in STORE_JSON_REQUIRED if k not in meta]
+    if missing:
+        raise ValueError(f"store.json for {path}: missing {missing}")
+    write_json(Path(path) / "store.json", {
+        "format_version": FORMAT_VERSION, "config": {}, "normalization": {}, "spacing": {}, "volumes": [],
+        "shard": None, "problems": [], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **meta,
+    })
+
+
 def write_store(path: str | os.PathLike, patches: np.ndarray, index: dict, meta: dict,
                 labels: np.ndarray | None = None) -> PatchStore:
     """Write a small store from in-memory arrays (tests, synthetic/augmented stores).
@@ -237,12 +274,7 @@ def write_store(path: str | os.PathLike, patches: np.ndarray, index: dict, meta:
             and ``content_hash`` should be given (defaults: identity / 1.0 / hash of the arrays).
         labels: ``(N, 1, H, W)`` uint8 or None.
     """
-    import hashlib
-    import time
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "store.json").unlink(missing_ok=True)  # incomplete until written again, last
+    path = begin_store(path)
     dtype = meta.get("dtype", "float16")
     stored = to_stored(np.asarray(patches), dtype)
     with atomic_path(path / "patches.npy") as tmp:
@@ -254,21 +286,16 @@ def write_store(path: str | os.PathLike, patches: np.ndarray, index: dict, meta:
         (path / "labels.npy").unlink(missing_ok=True)
     write_index(path / "index.csv", index)
     modalities = sorted(set(map(str, index["modality"])))
-    full = {
-        "format_version": FORMAT_VERSION,
-        "config": {},
+    write_store_json(path, {
         "content_hash": hashlib.sha256(stored.tobytes()).hexdigest(),
         "normalization": {m: {"low": 0.0, "high": 1.0, "unit": "counts"} for m in modalities},
         "spacing": {m: [1.0, 1.0] for m in modalities},
-        "volumes": [],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **meta,
         "n_patches": int(stored.shape[0]),
         "patch_size": int(stored.shape[-1]),
         "channels": int(stored.shape[1]),
         "dtype": dtype,
-    }
-    write_json(path / "store.json", full)
+    })
     return open_store(path)
 
 
@@ -279,13 +306,3 @@ def to_stored(x01: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float16":
         return np.asarray(x01, dtype=np.float16)
     raise ValueError(f"unknown store dtype {dtype!r}")
-
-
-def __getattr__(name: str):
-    # prepare/merge live in medvae.data.prepare (they import the readers, MONAI and the process pool);
-    # re-exported lazily so that opening a store stays a light import.
-    if name in ("prepare", "merge_stores", "prepare_cli", "parse_shard", "content_hash"):
-        from medvae.data import prepare as _prepare
-
-        return getattr(_prepare, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,30 +1,31 @@
 """MONAI transform chains that load a scan and normalize it to [0, 1] per modality.
 
-``build_transforms(modality, config, with_label, fmt)`` returns a ``monai.transforms.Compose``
+``build_transforms(modality, config, with_label)`` returns a ``monai.transforms.Compose``
 applied to ``{"image": path, "label": label_path}``:
 
-1. ``LoadImaged("image", reader=...)``: ``DicomSeriesReader`` (DICOM directory),
-   ``TiffStackReader`` (TIFF) or ``VolumeReader`` (NIfTI), all in ``medvae.io.monai_readers``;
-   ``LoadImaged("label", reader=VolumeReader())`` reads a label NIfTI through ``read_nifti``.
-2. ``EnsureChannelFirstd`` then, for CT/MR, ``Orientationd(axcodes="SPL")``. The medvae readers
-   return medvae's ``(Z, Y, X)`` arrays with the affine's columns permuted to match (not MONAI's
-   usual ``(x, y, z)``), so the CONTRACTS convention (z to Superior, y to Posterior, x to patient
-   Left) reads "SPL" in MONAI's terms. Reorienting image *and* label, each with its own affine,
-   keeps them aligned voxel for voxel even if a file was stored in another orientation.
+1. ``LoadImaged(["image", "label"], reader=VolumeReader())`` (``medvae.io.monai_readers``): any
+   scan medvae reads (DICOM directory, NIfTI, TIFF) and the label NIfTI, through medvae's readers.
+2. ``EnsureChannelFirstd``. No ``Orientationd``: the readers already return CT/MR image *and*
+   label in the LPS convention of :mod:`medvae.io.orient` (``array[z, y, x]``, z to Superior,
+   y to Posterior, x to patient Left), each reoriented with its own affine, so they align voxel
+   for voxel even if a file was stored in another orientation (MONAI's
+   ``Orientationd(axcodes="SPL")`` would be the identity on them; a test checks it).
    ``StripMetad`` then leaves plain ``(C, Z, Y, X)`` tensors and records ``spacing`` (z, y, x).
 3. ``ForegroundMaskd``: boolean ``(Z, Y, X)`` foreground on the *raw* values (CT: HU above
    ``ct_body_hu``; microscopy/MR: above the stack's Otsu threshold), stored as ``data["foreground"]``.
 4. ``RecordNormalizationd``: ``data["normalization"] = {"low", "high", "unit"}``, the constants
    mapping [0, 1] back to physical units (``physical = low + x * (high - low)``): CT the HU
    window ``config.ct_window``; microscopy (and MR, which has no absolute scale) the stack's
-   ``config.microscopy_percentiles`` (p1-p99.8 by default, as CSBDeep), computed with MONAI's ``percentile`` over the whole stack, all
-   channels together (``channel_wise=False``, as CSBDeep's ``normalize`` with ``axis=None``).
+   ``config.microscopy_percentiles`` (p1-p99.8 by default, as CSBDeep), computed with MONAI's
+   ``percentile`` over the whole stack, all channels together (``channel_wise=False``, as
+   CSBDeep's ``normalize`` with ``axis=None``).
 5. ``ClipScaled``: ``clip(x, low, high)`` then ``(x - low) / (high - low)``, i.e. exactly MONAI's
    ``ScaleIntensityRange(a_min=low, a_max=high, b_min=0, b_max=1, clip=True)`` /
    ``ScaleIntensityRangePercentiles(lower, upper, 0, 1, clip=True, relative=False)`` (the tests
    check it against both), done as three in-place tensor ops instead of MONAI's five allocating
-   ones: 10x faster (0.05 s vs 0.45 s for 40 slices of 512x512 on the 2-core machine), which keeps ``prepare`` near the speed
-   of DICOM decoding, and the percentiles are computed once instead of twice.
+   ones: 10x faster (0.05 s vs 0.45 s for 40 slices of 512x512 on the 2-core machine), which
+   keeps ``prepare`` near the speed of DICOM decoding, and the percentiles are computed once
+   instead of twice.
 
 Labels come out as float32 class values; ``medvae.data.patches`` turns label patches into uint8.
 """
@@ -38,18 +39,12 @@ from collections.abc import Hashable, Mapping
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import ImageReader
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    LoadImaged,
-    MapTransform,
-    Orientationd,
-)
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform
 from monai.transforms.utils_pytorch_numpy_unification import percentile
+from skimage.filters import threshold_otsu
 
 from medvae.config import PrepareConfig
-from medvae.io.monai_readers import DicomSeriesReader, TiffStackReader, VolumeReader
+from medvae.io.monai_readers import VolumeReader
 
 UNITS = {"ct": "HU", "mr": "a.u.", "microscopy": "counts"}
 # MR has no absolute intensity scale (unlike HU): it is normalized like microscopy, per volume by
@@ -60,11 +55,6 @@ PERCENTILE_MODALITIES = ("microscopy", "mr")
 # warns on every construction on machines without it. medvae decodes DICOM with pydicom itself.
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
-
-
-def image_reader(fmt: str) -> ImageReader:
-    """The MONAI reader for a manifest ``format`` (dicom | nifti | tiff)."""
-    return {"dicom": DicomSeriesReader, "tiff": TiffStackReader}.get(fmt, VolumeReader)()
 
 
 class StripMetad(MapTransform):
@@ -118,8 +108,6 @@ def foreground_mask(img: torch.Tensor | np.ndarray, modality: str, config: Prepa
 
 def otsu_threshold(img: torch.Tensor | np.ndarray) -> float:
     """Otsu threshold of the whole stack (skimage.filters.threshold_otsu); constant stack -> its value."""
-    from skimage.filters import threshold_otsu
-
     arr = np.asarray(img.numpy() if isinstance(img, torch.Tensor) else img)
     lo, hi = float(arr.min()), float(arr.max())
     if lo == hi:
@@ -187,18 +175,11 @@ class ClipScaled(MapTransform):
         return d
 
 
-def load_transforms(modality: str, with_label: bool = False, fmt: str | None = None) -> list:
-    """LoadImaged (+ label) -> channel first -> S,P,L axes (CT/MR) -> ``(C, z, y, x)`` tensors + ``spacing``."""
-    fmt = fmt or ("tiff" if modality == "microscopy" else "dicom")
+def load_transforms(with_label: bool = False) -> list:
+    """LoadImaged (+ label) -> channel first -> ``(C, z, y, x)`` tensors + ``spacing``."""
     keys = ["image", "label"] if with_label else ["image"]
-    chain = [LoadImaged("image", reader=image_reader(fmt), image_only=True, dtype=np.float32)]
-    if with_label:
-        chain.append(LoadImaged("label", reader=VolumeReader(), image_only=True, dtype=np.float32))
-    chain.append(EnsureChannelFirstd(keys))
-    if modality != "microscopy":
-        chain.append(Orientationd(keys, axcodes="SPL", labels=None))  # array (z, y, x) -> Superior, Posterior, Left
-    chain.append(StripMetad(keys))
-    return chain
+    return [LoadImaged(keys, reader=VolumeReader(), image_only=True, dtype=np.float32),
+            EnsureChannelFirstd(keys), StripMetad(keys)]
 
 
 def normalize_transforms(modality: str, config: PrepareConfig, inplace: bool = False) -> list:
@@ -209,15 +190,13 @@ def normalize_transforms(modality: str, config: PrepareConfig, inplace: bool = F
 
 
 def build_transforms(modality: str, config: PrepareConfig, with_label: bool = False,
-                     fmt: str | None = None, load: bool = True) -> Compose:
-    """The load + orient + mask + normalize chain for one modality.
+                     load: bool = True) -> Compose:
+    """The load + mask + normalize chain for one modality.
 
     Args:
         modality: ``ct`` | ``mr`` | ``microscopy``.
         config: window / percentiles / foreground settings.
         with_label: also load ``data["label"]`` (a NIfTI on the image's grid).
-        fmt: the image's manifest format (dicom | nifti | tiff); picks the reader. Default: the
-            modality's usual one (CT -> dicom, microscopy -> tiff).
         load: False leaves out the loading steps: the chain then takes raw ``(C, Z, Y, X)``
             arrays/tensors (HU or counts) instead of paths.
     Returns:
@@ -225,5 +204,5 @@ def build_transforms(modality: str, config: PrepareConfig, with_label: bool = Fa
         ``(C, Z, Y, X)`` in [0, 1], ``label``: float32 ``(1, Z, Y, X)`` class values, ``foreground``: bool
         ``(Z, Y, X)``, ``normalization``: ``{"low", "high", "unit"}``, ``spacing``: ``(z, y, x)``.
     """
-    chain = load_transforms(modality, with_label, fmt) if load else []
+    chain = load_transforms(with_label) if load else []
     return Compose(chain + normalize_transforms(modality, config, inplace=load))

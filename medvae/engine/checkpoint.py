@@ -1,6 +1,6 @@
 """Checkpoints: atomic save, safe load (tensors and primitives only), exact-resume RNG states.
 
-A checkpoint is a dict (ARCHITECTURE.md, "Checkpoint"):
+A checkpoint is a dict (docs/architecture.md, "Checkpoint"):
 
     format_version    int (FORMAT_VERSION)
     model_config      dict, ModelConfig.model_dump(mode="json") -> the model rebuilds from it

@@ -1,9 +1,10 @@
 """DICOM series reading (pydicom): one CT/MR series of a directory -> ``Volume`` in HU.
 
-Slices are ordered by their position along the slice normal (``ImagePositionPatient`` dotted
-with the cross product of the ``ImageOrientationPatient`` rows), never by file name or
-InstanceNumber, and the volume is reoriented to ``array[z, y, x]`` with z toward Superior,
-y toward Posterior, x toward patient Left (see :mod:`medvae.io.orient`).
+This module finds the files of a directory, picks the image series, decodes the pixels with
+pydicom (``pydicom.pixels.pixel_array``, then ``apply_rescale`` for HU); the series geometry
+(slice order along the normal, gaps, duplicates, spacing, affine) is
+:mod:`medvae.io.dicom_geometry`. The volume is reoriented to ``array[z, y, x]`` with z toward
+Superior, y toward Posterior, x toward patient Left (see :mod:`medvae.io.orient`).
 
 Problems that do not stop the read (skipped files, other series, gaps, duplicates, mixed
 shapes) become ``Volume.warnings`` / ``VolumeInfo.warnings`` and are logged. Messages name files
@@ -15,74 +16,35 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections import Counter, defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.pixels import apply_rescale, get_decoder, pixel_array
 
 from medvae.errors import InputError
-from medvae.io.orient import Reorientation, plan_lps
+from medvae.io.dicom_geometry import IMAGE_MODALITIES, SeriesPlan, name_files, series_geometry
 from medvae.io.volume import Volume, VolumeInfo
 
 log = logging.getLogger(__name__)
 
-IMAGE_MODALITIES = {"CT": "ct", "MR": "mr"}
 # Files that are certainly not DICOM; skipped silently instead of warned about.
 _NOT_DICOM_SUFFIXES = {
     ".txt", ".json", ".xml", ".csv", ".md", ".nii", ".gz", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
     ".npy", ".npz", ".yaml", ".yml", ".html", ".pdf", ".zip", ".py", ".log", ".db", ".ini",
 }
-_NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
-_PATIENT_DIR = re.compile(r"PANCREAS_\d+", re.IGNORECASE)
-_MAX_NAMED = 5
+PATIENT_DIR = re.compile(r"PANCREAS_\d+", re.IGNORECASE)  # a TCIA Pancreas-CT patient folder
 
 
 def default_patient_id(directory: str | os.PathLike) -> str:
     """The TCIA patient folder name (first ancestor like ``PANCREAS_0001``), else the directory name."""
     path = Path(directory).resolve()
     for part in (path, *path.parents):
-        if _PATIENT_DIR.fullmatch(part.name):
+        if PATIENT_DIR.fullmatch(part.name):
             return part.name
     return path.name
-
-
-def _name_files(paths: Sequence[Path], root: Path) -> str:
-    names = []
-    for p in paths[:_MAX_NAMED]:
-        try:
-            names.append(str(p.relative_to(root)))
-        except ValueError:
-            names.append(str(p))
-    more = f" and {len(paths) - _MAX_NAMED} more" if len(paths) > _MAX_NAMED else ""
-    return ", ".join(names) + more
-
-
-@dataclass
-class _Slice:
-    path: Path
-    ds: pydicom.Dataset
-    position: np.ndarray  # ImagePositionPatient (LPS, mm)
-    orientation: np.ndarray  # ImageOrientationPatient (6,)
-    shape: tuple[int, int]
-
-
-@dataclass
-class _Plan:
-    """The chosen series, its slices in array order and its geometry (no pixels decoded)."""
-
-    directory: Path
-    series_uid: str
-    modality: str
-    slices: list[_Slice]  # sorted by increasing position along the normal
-    pixel_spacing: tuple[float, float]  # (row spacing dy, column spacing dx)
-    dz: float
-    reorient: Reorientation
-    warnings: list[str] = field(default_factory=list)
 
 
 def _list_files(directory: Path) -> list[Path]:
@@ -122,7 +84,7 @@ def _truncated(path: Path, ds: pydicom.Dataset) -> bool:
     return tell + length > path.stat().st_size
 
 
-def _plan(directory: str | os.PathLike) -> _Plan:
+def _plan(directory: str | os.PathLike) -> SeriesPlan:
     directory = Path(directory)
     if not directory.exists():
         raise InputError(f"{directory}: no such directory; expected a folder of DICOM files of one series")
@@ -151,10 +113,10 @@ def _plan(directory: str | os.PathLike) -> _Plan:
     if unreadable:
         warnings.append(
             f"skipped {len(unreadable)} unreadable or non-DICOM file(s) in {directory}: "
-            f"{_name_files(unreadable, directory)}"
+            f"{name_files(unreadable, directory)}"
         )
     if truncated:
-        warnings.append(f"skipped {len(truncated)} truncated file(s): {_name_files(truncated, directory)}")
+        warnings.append(f"skipped {len(truncated)} truncated file(s): {name_files(truncated, directory)}")
 
     image_series: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
     for uid, members in series.items():
@@ -176,14 +138,14 @@ def _plan(directory: str | os.PathLike) -> _Plan:
                 warnings.append(
                     f"skipped {len(bad)} file(s) without single-frame grayscale image geometry "
                     f"in series {uid}: "
-                    f"{_name_files(bad, directory)}"
+                    f"{name_files(bad, directory)}"
                 )
         else:
             multi = any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for _, ds in members)
             why = "multi-frame images are not supported" if multi else "not a CT/MR image series"
             warnings.append(
                 f"skipped {len(members)} file(s) of {modality} series {uid or '(no SeriesInstanceUID)'} "
-                f"({why}): {_name_files([p for p, _ in members], directory)}"
+                f"({why}): {name_files([p for p, _ in members], directory)}"
             )
     if not image_series:
         raise InputError(
@@ -197,106 +159,7 @@ def _plan(directory: str | os.PathLike) -> _Plan:
             f"{directory} holds {len(image_series)} image series; using {uid} "
             f"({len(image_series[uid])} files), ignoring {others}"
         )
-    return _geometry(directory, uid, image_series[uid], warnings)
-
-
-def _geometry(directory: Path, uid: str, members, warnings: list[str]) -> _Plan:
-    slices = [
-        _Slice(
-            p,
-            ds,
-            np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64),
-            np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64),
-            (int(ds.Rows), int(ds.Columns)),
-        )
-        for p, ds in members
-    ]
-    modality = IMAGE_MODALITIES[str(slices[0].ds.Modality)]
-
-    shapes = Counter(s.shape for s in slices)
-    if len(shapes) > 1:
-        keep = shapes.most_common(1)[0][0]
-        dropped = [s.path for s in slices if s.shape != keep]
-        warnings.append(
-            f"mixed slice shapes {sorted(shapes)} in series {uid}; kept the {keep[0]}x{keep[1]} majority, "
-            f"dropped {_name_files(dropped, directory)}"
-        )
-        slices = [s for s in slices if s.shape == keep]
-
-    iop = np.median(np.stack([s.orientation for s in slices]), axis=0)
-    row_dir, col_dir = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
-    normal = np.cross(row_dir, col_dir)
-    norm = np.linalg.norm(normal)
-    if not np.isfinite(norm) or norm < 1e-6:
-        raise InputError(f"{directory}: ImageOrientationPatient {list(iop)} of series {uid} is degenerate")
-    normal /= norm
-    if any(np.abs(s.orientation - iop).max() > 1e-3 for s in slices):
-        warnings.append(f"slices of series {uid} have differing ImageOrientationPatient; using the median")
-
-    pos = np.array([s.position @ normal for s in slices])
-    order = np.argsort(pos, kind="stable")
-    slices = [slices[i] for i in order]
-    pos = pos[order]
-
-    # Duplicate positions: keep the first file (by name) at each position.
-    if len(slices) > 1:
-        diffs = np.diff(pos)
-        scale = max(float(np.median(diffs[diffs > 1e-4])) if np.any(diffs > 1e-4) else 1.0, 1e-3)
-        dup = np.concatenate([[False], diffs < 1e-3 * scale + 1e-5])
-        if dup.any():
-            groups: dict[int, list[int]] = defaultdict(list)
-            head = 0
-            for i in range(len(slices)):
-                if not dup[i]:
-                    head = i
-                groups[head].append(i)
-            keep_idx = sorted(min(g, key=lambda i: slices[i].path.name) for g in groups.values())
-            kept = set(keep_idx)
-            dropped = [slices[i].path for i in range(len(slices)) if i not in kept]
-            warnings.append(
-                f"{len(dropped)} slice(s) of series {uid} duplicate another slice's position; dropped "
-                f"{_name_files(dropped, directory)}"
-            )
-            slices = [slices[i] for i in keep_idx]
-            pos = pos[keep_idx]
-
-    dz = 1.0
-    if len(slices) > 1:
-        diffs = np.diff(pos)
-        dz = float(np.median(diffs))
-        gaps = np.flatnonzero((diffs > 1.5 * dz) & (np.abs(diffs / dz - np.round(diffs / dz)) < 0.15))
-        if gaps.size:
-            missing = int(sum(round(diffs[g] / dz) - 1 for g in gaps))
-            where = ", ".join(f"{pos[g]:.2f} to {pos[g + 1]:.2f} mm" for g in gaps[:_MAX_NAMED])
-            warnings.append(
-                f"series {uid} in {directory}: {missing} missing slice(s) (gap at position {where} "
-                f"along the slice normal, spacing {dz:.3f} mm); "
-                f"the volume is read without them"
-            )
-        other = np.ones(len(diffs), bool)
-        other[gaps] = False
-        if np.any(np.abs(diffs[other] - dz) > 0.01 * dz + 1e-3):
-            warnings.append(
-                f"series {uid} in {directory}: non-uniform slice spacing "
-                f"({diffs.min():.3f}-{diffs.max():.3f} mm, median {dz:.3f} mm used)"
-            )
-    elif "SliceThickness" in slices[0].ds:
-        dz = float(slices[0].ds.SliceThickness or 1.0)
-
-    ps = slices[0].ds.get("PixelSpacing", None)
-    if ps is None:
-        warnings.append(f"series {uid} in {directory} has no PixelSpacing; assuming 1 mm")
-        ps = (1.0, 1.0)
-    dy, dx = float(ps[0]), float(ps[1])
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_dir * dx  # i: along a row (increasing column)
-    affine_lps[:3, 1] = col_dir * dy  # j: down a column (increasing row)
-    affine_lps[:3, 2] = normal * dz  # k: sorted slice index
-    affine_lps[:3, 3] = slices[0].position
-    affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
-    rows, cols = slices[0].shape
-    reorient = plan_lps(affine_ras, (cols, rows, len(slices)), (dx, dy, dz))
-    return _Plan(directory, uid, modality, slices, (dy, dx), dz, reorient, warnings)
+    return series_geometry(directory, uid, image_series[uid], warnings)
 
 
 def _log(plan_warnings: list[str]) -> None:
@@ -326,13 +189,11 @@ def inspect_dicom_series(directory: str | os.PathLike) -> VolumeInfo:
     )
 
 
-def _check_decoder(plan: _Plan) -> None:
+def _check_decoder(plan: SeriesPlan) -> None:
     """Raise InputError when the series' transfer syntax has no installed decoder."""
     ts = getattr(getattr(plan.slices[0].ds, "file_meta", None), "TransferSyntaxUID", None)
-    if ts is None or ts in _NATIVE_SYNTAXES or not ts.is_compressed:
+    if ts is None or not ts.is_compressed:
         return
-    from pydicom.pixels import get_decoder
-
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
@@ -348,28 +209,12 @@ def _check_decoder(plan: _Plan) -> None:
 
 
 def _decode(ds: pydicom.Dataset) -> np.ndarray:
-    """Stored pixel values of one single-frame slice, ``(rows, cols)``."""
-    ts = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else None
-    bits = int(ds.BitsAllocated)
-    if (
-        ts in _NATIVE_SYNTAXES
-        and int(getattr(ds, "SamplesPerPixel", 1)) == 1
-        and bits in (8, 16, 32)
-    ):
-        # Native little-endian data: a view of the bytes, as pydicom's own pixel_array produces.
-        signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
-        dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
-        n = int(ds.Rows) * int(ds.Columns)
-        raw = ds.PixelData
-        if len(raw) < n * dtype.itemsize:
-            raise ValueError(f"pixel data holds {len(raw)} bytes, {n * dtype.itemsize} expected")
-        arr = np.frombuffer(raw, dtype=dtype, count=n).reshape(int(ds.Rows), int(ds.Columns))
-        stored = int(getattr(ds, "BitsStored", bits))
-        if signed and stored < bits:  # sign-extend from BitsStored (pydicom does the same)
-            shift = bits - stored
-            arr = (arr << shift) >> shift
-        return arr
-    arr = ds.pixel_array
+    """Stored pixel values of one single-frame slice, ``(rows, cols)``, by pydicom's decoders.
+
+    ``view_only``: native (uncompressed) data comes back as a read-only view of the pixel bytes,
+    no copy; the caller copies it into the volume while applying the rescale.
+    """
+    arr = pixel_array(ds, view_only=True)
     if arr.ndim != 2:
         raise ValueError(f"expected one grayscale frame, got pixel array of shape {arr.shape}")
     return arr
@@ -408,29 +253,21 @@ def read_dicom_series(directory: str | os.PathLike, patient_id: str | None = Non
             ok[k] = False
             failed.append(s.path)
             continue
-        slope = float(s.ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(s.ds.get("RescaleIntercept", 0.0) or 0.0)
-        out = stack[k]  # HU = stored * slope + intercept, in one or two passes straight into the stack
-        if slope != 1.0:
-            np.multiply(raw, np.float32(slope), out=out, casting="unsafe")
-            if intercept != 0.0:
-                out += np.float32(intercept)
-        else:
-            np.add(raw, np.float32(intercept), out=out, casting="unsafe")
+        stack[k] = apply_rescale(raw, s.ds)  # HU = stored * slope + intercept (or a Modality LUT)
         del s.ds.PixelData  # free the pixel bytes early; the header stays for re-planning
     if failed:
         if not ok.any():
             raise InputError(
                 f"{plan.directory}: none of the {len(plan.slices)} slices of series {plan.series_uid} "
-                f"could be decoded (truncated or corrupt files, e.g. {_name_files(failed, plan.directory)})"
+                f"could be decoded (truncated or corrupt files, e.g. {name_files(failed, plan.directory)})"
             )
         plan.warnings.append(
-            f"skipped {len(failed)} unreadable or truncated file(s): {_name_files(failed, plan.directory)}"
+            f"skipped {len(failed)} unreadable or truncated file(s): {name_files(failed, plan.directory)}"
         )
         # Re-plan the geometry on the surviving slices so gaps are reported and spacing is right.
         survivors = [(s.path, s.ds) for s, good in zip(plan.slices, ok) if good]
         stack = stack[ok]
-        plan = _geometry(plan.directory, plan.series_uid, survivors, plan.warnings)
+        plan = series_geometry(plan.directory, plan.series_uid, survivors, plan.warnings)
     _log(plan.warnings)
     array = np.ascontiguousarray(plan.reorient.apply_kji(stack))
     return Volume(
@@ -444,12 +281,3 @@ def read_dicom_series(directory: str | os.PathLike, patient_id: str | None = Non
         series_uid=plan.series_uid,
         warnings=list(plan.warnings),
     )
-
-
-def __getattr__(name: str):
-    # The MONAI reader is imported on first use: importing MONAI takes seconds.
-    if name == "DicomSeriesReader":
-        from medvae.io.monai_readers import DicomSeriesReader
-
-        return DicomSeriesReader
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

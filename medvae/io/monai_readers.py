@@ -1,15 +1,20 @@
-"""MONAI ``ImageReader``s over medvae's readers, for ``LoadImage(d)(reader=...)``.
+"""``VolumeReader``: medvae's readers as one MONAI ``ImageReader``, for ``LoadImage(d)(reader=...)``.
 
-Exposed as ``medvae.io.dicom.DicomSeriesReader`` and ``medvae.io.tiff.TiffStackReader`` (imported
-lazily there, because importing MONAI takes seconds and plain reads do not need it)::
+It reads whatever :func:`medvae.io.load_volume` reads (a DICOM series directory, or the folder of
+a given ``.dcm`` file; ``.nii`` / ``.nii.gz``; ``.tif`` / ``.tiff``), with an optional patient id::
 
-    LoadImaged(keys=["image"], reader=DicomSeriesReader(), image_only=False)({"image": series_dir})
+    LoadImaged(keys=["image"], reader=VolumeReader(), image_only=False)({"image": series_dir})
+
+This module imports MONAI (seconds), so nothing else in ``medvae.io`` imports it: plain reads
+do not need MONAI.
 
 Axis convention: the array is medvae's ``(Z, Y, X)`` (``(C, Z, Y, X)`` for TIFF channels), not
 the ``(i, j, k) = (x, y, z)`` order MONAI's own NibabelReader/PydicomReader return. The meta
 ``affine`` is permuted to match (column ``a`` is the world step of array axis ``a``, RAS for
 CT/MR, ``diag(spacing)`` for microscopy), so ``MetaTensor.pixdim == Volume.spacing`` and MONAI's
-spatial transforms see the same geometry. LoadImage itself applies no axis reversal.
+spatial transforms see the same geometry. LoadImage itself applies no axis reversal, and CT/MR
+arrays already come out in the LPS convention of :mod:`medvae.io.orient` (MONAI's ``"SPL"``
+axcodes for this axis order), so no ``Orientationd`` is needed after this reader.
 Meta keys: ``spacing`` (z, y, x), ``patient_id``, ``modality``, ``series_uid``, ``orientation``,
 ``affine``/``original_affine``, ``spatial_shape``, ``original_channel_dim``, ``space``,
 ``warnings`` (one ``"; "``-joined string, so the default collate works).
@@ -25,6 +30,9 @@ import numpy as np
 from monai.data import ImageReader
 from monai.utils import ensure_tuple
 
+from medvae.errors import InputError
+from medvae.io import load_volume
+from medvae.io.formats import scan_format
 from medvae.io.volume import Volume
 
 
@@ -68,11 +76,18 @@ def _get_data(volumes: Volume | Sequence[Volume]) -> tuple[np.ndarray, dict]:
     return np.concatenate(arrays, axis=0), meta
 
 
-class DicomSeriesReader(ImageReader):
-    """Reads a DICOM series directory (or the folder of a given ``.dcm`` file) with medvae's reader.
+def _scan_path(filename: os.PathLike | str) -> Path:
+    """The path ``load_volume`` reads for ``filename``: a ``.dcm`` file stands for its series folder."""
+    p = Path(os.fspath(filename))
+    return p.parent if p.suffix.lower() == ".dcm" and p.is_file() else p
+
+
+class VolumeReader(ImageReader):
+    """Reads any scan medvae reads (DICOM series, NIfTI, TIFF) through :func:`medvae.io.load_volume`.
 
     Args:
-        patient_id: id stored in the meta dict; default: the TCIA patient folder name.
+        patient_id: id stored in the meta dict; default: the reader's own (TCIA patient folder
+            name for DICOM, the file stem for NIfTI and TIFF).
     """
 
     def __init__(self, patient_id: str | None = None):
@@ -80,60 +95,14 @@ class DicomSeriesReader(ImageReader):
         self.patient_id = patient_id
 
     def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
-        paths = [Path(os.fspath(f)) for f in ensure_tuple(filename)]
-        return bool(paths) and all(p.is_dir() or p.suffix.lower() == ".dcm" for p in paths)
-
-    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs):
-        from medvae.io.dicom import read_dicom_series
-
-        vols = []
-        for f in ensure_tuple(data):
-            p = Path(os.fspath(f))
-            vols.append(read_dicom_series(p if p.is_dir() else p.parent, patient_id=self.patient_id))
-        return vols if len(vols) > 1 else vols[0]
-
-    def get_data(self, img) -> tuple[np.ndarray, dict]:
-        return _get_data(img)
-
-
-class TiffStackReader(ImageReader):
-    """Reads microscopy TIFF stacks (ImageJ, OME, plain) with medvae's reader."""
-
-    def __init__(self, patient_id: str | None = None):
-        super().__init__()
-        self.patient_id = patient_id
-
-    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
-        names = [os.fspath(f).lower() for f in ensure_tuple(filename)]
-        return bool(names) and all(n.endswith((".tif", ".tiff")) for n in names)
-
-    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs):
-        from medvae.io.tiff import read_tiff_stack
-
-        vols = [read_tiff_stack(f, patient_id=self.patient_id) for f in ensure_tuple(data)]
-        return vols if len(vols) > 1 else vols[0]
-
-    def get_data(self, img) -> tuple[np.ndarray, dict]:
-        return _get_data(img)
-
-
-class VolumeReader(ImageReader):
-    """Reads any scan medvae reads (DICOM directory, NIfTI, TIFF) through ``medvae.io.load_volume``;
-    the transform chains use it for NIfTI images and label maps."""
-
-    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
-        from medvae.errors import InputError
-        from medvae.io import scan_format
-
+        paths = [_scan_path(f) for f in ensure_tuple(filename)]
         try:
-            return all(scan_format(f) in ("dicom", "nifti", "tiff") for f in ensure_tuple(filename))
+            return bool(paths) and all(scan_format(p) in ("dicom", "nifti", "tiff") for p in paths)
         except InputError:
             return False
 
     def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs):
-        from medvae.io import load_volume
-
-        vols = [load_volume(f) for f in ensure_tuple(data)]
+        vols = [load_volume(_scan_path(f), patient_id=self.patient_id) for f in ensure_tuple(data)]
         return vols if len(vols) > 1 else vols[0]
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:

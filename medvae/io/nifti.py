@@ -19,19 +19,11 @@ import nibabel as nib
 import numpy as np
 
 from medvae.errors import InputError
+from medvae.io.formats import scan_stem
 from medvae.io.orient import Reorientation, plan_lps
 from medvae.io.volume import Volume, VolumeInfo
 
 log = logging.getLogger(__name__)
-
-
-def nifti_stem(path: str | os.PathLike) -> str:
-    """File name without ``.nii`` / ``.nii.gz``."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
 
 
 def _load(path: str | os.PathLike):
@@ -114,7 +106,7 @@ def read_nifti(path: str | os.PathLike, patient_id: str | None = None, modality:
     return Volume(
         array=_to_zyx(data, reorient),
         spacing=reorient.spacing_zyx,
-        patient_id=patient_id if patient_id is not None else nifti_stem(path),
+        patient_id=patient_id if patient_id is not None else scan_stem(path),
         modality=modality,
         source=str(path),
         orientation="LPS",

@@ -2,9 +2,10 @@
 
 CT/MR volumes are ``array[z, y, x]`` with z toward Superior, y toward Posterior and x toward
 patient Left, i.e. NIfTI voxel axes ``(i, j, k) = (x, y, z)`` with orientation codes
-``('L', 'P', 'S')`` (contract in CONTRACTS.md "Readers"). Both readers build the RAS affine of
-their ``(i, j, k)`` grid, reorient it with :mod:`nibabel.orientations` and transpose
-``(i, j, k) -> (k, j, i)``, so a label NIfTI lands voxel-for-voxel on its DICOM image.
+``('L', 'P', 'S')`` (the "Volume in memory" contract of docs/architecture.md). Both readers
+build the RAS affine of their ``(i, j, k)`` grid, reorient it with :mod:`nibabel.orientations`
+and transpose ``(i, j, k) -> (k, j, i)``, so a label NIfTI lands voxel-for-voxel on its DICOM
+image.
 """
 
 from __future__ import annotations

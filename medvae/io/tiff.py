@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import tifffile
 
 from medvae.errors import InputError
+from medvae.io.formats import scan_stem
 from medvae.io.volume import Volume, VolumeInfo
 
 log = logging.getLogger(__name__)
@@ -31,15 +31,6 @@ _UM_PER_UNIT = {
 }
 _CHANNEL_AXES = "CS"
 _STACK_AXES = "ZQI"
-
-
-def tiff_stem(path: str | os.PathLike) -> str:
-    """File name without ``.tif`` / ``.tiff`` (and ``.ome``)."""
-    name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
 
 
 @dataclass
@@ -65,12 +56,11 @@ def _unit_scale(unit: str | None) -> float | None:
 
 
 def _ome_spacing(tif: tifffile.TiffFile) -> dict[str, float]:
+    """µm pixel size from the first OME ``Image``'s ``Pixels`` ``PhysicalSize{X,Y,Z}`` (and ``...Unit``)."""
     try:
-        root = ET.fromstring(tif.ome_metadata)
-    except Exception:
-        return {}
-    pixels = next((el for el in root.iter() if el.tag.endswith("Pixels")), None)
-    if pixels is None:
+        image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+        pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
+    except Exception:  # no or malformed OME-XML: no pixel size
         return {}
     out = {}
     for ax in "XYZ":
@@ -81,29 +71,33 @@ def _ome_spacing(tif: tifffile.TiffFile) -> dict[str, float]:
     return out
 
 
+_RESUNITS = (tifffile.RESUNIT.INCH, tifffile.RESUNIT.CENTIMETER, tifffile.RESUNIT.MILLIMETER,
+             tifffile.RESUNIT.MICROMETER)
+_DEFAULT_DPI = (72.0, 96.0, 150.0, 300.0)
+
+
 def _imagej_spacing(tif: tifffile.TiffFile) -> dict[str, float]:
+    """µm pixel size from the X/YResolution tags (``TiffPage.get_resolution``), in ImageJ's ``unit``
+    for ImageJ files, else in the TIFF ResolutionUnit; Z from ImageJ's ``spacing``."""
     page = tif.pages.first
     ij = tif.imagej_metadata or {}
-    tags = page.tags
     if ij:
-        scale = _unit_scale(ij.get("unit"))
+        um_per_unit = _unit_scale(ij.get("unit"))
+        if um_per_unit is None:
+            return {}
+        per_um = [r / um_per_unit for r in page.get_resolution()]
     else:
-        unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 1
-        scale = {2: 25400.0, 3: 10000.0}.get(int(unit))
-        if int(unit) == 2 and "XResolution" in tags:
-            num, den = tags["XResolution"].value
-            if den and round(num / den, 3) in (72.0, 96.0, 150.0, 300.0):
-                return {}  # a screen/print dpi written by default, not a microscope's pixel size
-    if scale is None:
-        return {}
-    out = {}
-    for ax, tag in (("X", "XResolution"), ("Y", "YResolution")):
-        if tag in tags:
-            num, den = tags[tag].value
-            if num > 0 and den > 0 and not (num == den == 1 and not ij):  # (1, 1): tifffile's default
-                out[ax] = den / num * scale
+        if page.resolutionunit not in _RESUNITS:  # NONE: the tags are no physical size
+            return {}
+        if page.resolutionunit == tifffile.RESUNIT.INCH and round(page.get_resolution()[0], 3) in _DEFAULT_DPI:
+            return {}  # a screen/print dpi written by default, not a microscope's pixel size
+        if page.get_resolution() == (1, 1):  # tifffile's default when no resolution was given
+            return {}
+        per_um = page.get_resolution(tifffile.RESUNIT.MICROMETER)
+    out = {ax: 1.0 / r for ax, tag, r in zip("XY", ("XResolution", "YResolution"), per_um)
+           if tag in page.tags and r > 0}
     if ij and float(ij.get("spacing", 0) or 0) > 0:
-        out["Z"] = float(ij["spacing"]) * scale
+        out["Z"] = float(ij["spacing"]) * um_per_unit
     return out
 
 
@@ -210,19 +204,10 @@ def read_tiff_stack(path: str | os.PathLike, patient_id: str | None = None) -> V
     return Volume(
         array=array,
         spacing=lay.spacing,
-        patient_id=patient_id if patient_id is not None else tiff_stem(lay.path),
+        patient_id=patient_id if patient_id is not None else scan_stem(lay.path),
         modality="microscopy",
         source=str(lay.path),
         orientation="ZYX",
         affine=None,
         warnings=list(lay.warnings),
     )
-
-
-def __getattr__(name: str):
-    # The MONAI reader is imported on first use: importing MONAI takes seconds.
-    if name == "TiffStackReader":
-        from medvae.io.monai_readers import TiffStackReader
-
-        return TiffStackReader
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The in-memory volume every reader returns (contract in ARCHITECTURE.md)."""
+"""The in-memory volume every reader returns, and the header-only description discovery uses."""
 
 from __future__ import annotations
 
@@ -33,14 +33,6 @@ class Volume:
     affine: np.ndarray | None = None
     series_uid: str = ""
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def has_channels(self) -> bool:
-        return self.array.ndim == 4
-
-    @property
-    def n_slices(self) -> int:
-        return self.array.shape[-3]
 
 
 @dataclass

@@ -39,7 +39,7 @@ class VAEOutput(NamedTuple):
 
 
 class VAEBase(nn.Module):
-    """The model interface of ARCHITECTURE.md on top of ``encode`` / ``decode_logits``.
+    """The model interface of docs/architecture.md on top of ``encode`` / ``decode_logits``.
 
     Subclasses set ``latent_dim`` and ``last_decoder_weight`` and implement ``encode(x)`` and
     ``decode_logits(z)``.

@@ -1,3 +1,8 @@
+import functools
+import json
+import os
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -46,10 +51,34 @@ def test_make_loader_covers_split(tmp_path):
     np.testing.assert_array_equal(got, store.select("train"))
 
 
+def _record_worker_store(out_path, worker_id):
+    """worker_init_fn: write down what the worker's dataset holds (runs in the worker process)."""
+    info = torch.utils.data.get_worker_info()
+    patches = info.dataset.store.patches
+    out_path.write_text(json.dumps({
+        "pid": os.getpid(), "memmap": isinstance(patches, np.memmap), "mode": patches.mode,
+        "filename": str(patches.filename), "owns_data": bool(patches.flags.owndata),
+    }))
+
+
 def test_loader_workers_do_not_copy_store(tmp_path):
-    store, _ = small_store(tmp_path / "s")
+    n, size = 60, 32
+    store, x = small_store(tmp_path / "s", n=n, size=size)
     loader = make_loader(tmp_path / "s", "val", batch_size=4, shuffle=False, seed=0, num_workers=1)
-    assert sum(b.shape[0] for b in loader) == len(store.select("val")) // 4 * 4
+    # The dataset crosses to the worker without its arrays: its pickle is far smaller than the patches.
+    assert len(pickle.dumps(loader.dataset)) < store.patches.nbytes / 20
+    record = tmp_path / "worker.json"
+    loader.worker_init_fn = functools.partial(_record_worker_store, record)
+    got = torch.cat(list(loader)).numpy()
+    # Independent reference: small_store puts row i in "val" when i % 3 == 1, written as float16.
+    rows = np.flatnonzero(np.arange(n) % 3 == 1)
+    rows = rows[: len(rows) // 4 * 4]  # drop_last
+    np.testing.assert_array_equal(got, x[rows].astype(np.float16).astype(np.float32))
+    worker = json.loads(record.read_text())
+    assert worker["pid"] != os.getpid()  # it ran in a worker process
+    # ... which reads the store's patches.npy through a read-only memory map, not a copy.
+    assert worker["memmap"] and worker["mode"] == "r" and not worker["owns_data"]
+    assert os.path.samefile(worker["filename"], tmp_path / "s" / "patches.npy")
 
 
 def rows_of(batch):

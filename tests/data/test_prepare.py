@@ -9,9 +9,10 @@ from typer.testing import CliRunner
 
 from medvae.cli import app
 from medvae.config import PrepareConfig
-from medvae.data import prepare as prep
+from medvae.data import store as store_module
 from medvae.data.manifest import ManifestRow, write_manifest
-from medvae.data.store import merge_stores, open_store, prepare
+from medvae.data.prepare import merge_stores, prepare
+from medvae.data.store import open_store
 from medvae.errors import StoreError
 from medvae.io import load_volume
 from medvae.io.phantoms import write_phantom_cohort
@@ -91,7 +92,7 @@ def test_crash_before_store_json_leaves_incomplete_store(cohort, tmp_path, monke
     def crash(path, obj):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(prep, "write_json", crash)
+    monkeypatch.setattr(store_module, "write_json", crash)
     with pytest.raises(RuntimeError):
         prepare(manifest, tmp_path / "s", TILE)
     assert (tmp_path / "s" / "patches.npy").exists() and not (tmp_path / "s" / "store.json").exists()

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from medvae.data.store import open_store
+from medvae.data.store import FORMAT_VERSION, open_store, read_rows, write_store_json
 from medvae.errors import StoreError
 from tests.data.test_loader import small_store
 
@@ -53,3 +53,22 @@ def test_to_physical_inverts_ct_window(tmp_path):
     hu = np.array([-160.0, -100.0, 0.0, 40.0, 240.0])
     x01 = np.asarray((hu + 160) / 400, dtype=np.float16)
     np.testing.assert_allclose(store.to_physical(x01, "ct"), hu, atol=400 * 2**-11)
+
+
+def test_read_rows_returns_rows_in_the_order_asked(tmp_path):
+    store, x = small_store(tmp_path / "s", n=20)
+    rows = np.array([17, 3, 3, 0, 12])
+    np.testing.assert_array_equal(read_rows(store.patches, rows), np.asarray(store.patches)[rows])
+    np.testing.assert_array_equal(store.get(rows), x[rows].astype(np.float16).astype(np.float32))
+
+
+def test_one_store_json_writer(tmp_path):
+    """write_store fills the same store.json keys prepare writes (both go through write_store_json),
+    keeps extra keys, and refuses a store.json without its required keys."""
+    small_store(tmp_path / "s", n=4)
+    meta = json.loads((tmp_path / "s" / "store.json").read_text())
+    assert set(meta) == {"format_version", "config", "content_hash", "n_patches", "patch_size", "channels",
+                         "dtype", "normalization", "spacing", "volumes", "shard", "problems", "created"}
+    assert meta["format_version"] == FORMAT_VERSION and meta["n_patches"] == 4 and meta["problems"] == []
+    with pytest.raises(ValueError, match="n_patches"):
+        write_store_json(tmp_path / "t", {"content_hash": "x", "patch_size": 8, "channels": 1, "dtype": "float16"})

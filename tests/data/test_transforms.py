@@ -81,3 +81,28 @@ def test_label_to_uint8():
 
     lab = torch.tensor([0.0, 1.0, 2.0, 0.9999, float("nan"), -3.0, 300.0])
     assert labels_to_uint8(lab).tolist() == [0, 1, 2, 1, 0, 0, 255]
+
+
+def test_readers_already_give_monai_spl_orientation(tmp_path):
+    """Why the chain has no ``Orientationd``: on what the readers return (a NIfTI stored RAS, one
+    stored flipped and permuted, a DICOM series stacked toward inferior), MONAI's
+    ``Orientationd(axcodes="SPL")`` changes nothing."""
+    import nibabel as nib
+    from monai.transforms import EnsureChannelFirstd, LoadImaged, Orientationd
+
+    from medvae.io.monai_readers import VolumeReader
+    from tests.io.test_load_volume import _write_series
+
+    data = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.9, 2.0, 1.0])), tmp_path / "ras.nii.gz")
+    odd = np.array([[0, 0, -2.0, 10], [-0.8, 0, 0, 5], [0, 0.9, 0, -3], [0, 0, 0, 1]])  # i to P, j to S, k to L
+    nib.save(nib.Nifti1Image(data, odd), tmp_path / "odd.nii.gz")
+    _write_series(tmp_path / "dcm", (1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (-30.0, 12.0, 80.0), (7, 5, 13))
+    load = LoadImaged("image", reader=VolumeReader(), image_only=True)
+    for path in (tmp_path / "ras.nii.gz", tmp_path / "odd.nii.gz", tmp_path / "dcm"):
+        d = EnsureChannelFirstd("image")(load({"image": str(path)}))
+        before = d["image"].clone()
+        after = Orientationd("image", axcodes="SPL", labels=None)(d)["image"]
+        assert after.shape == before.shape
+        np.testing.assert_array_equal(after.numpy(), before.numpy())
+        np.testing.assert_allclose(after.affine.numpy(), before.affine.numpy())

@@ -11,7 +11,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from medvae.errors import InputError
 from medvae.io.dicom import default_patient_id, inspect_dicom_series, read_dicom_series
@@ -111,15 +111,26 @@ def test_ct_small_hu_matches_pydicom(tmp_path):
     assert vol.affine[:3, 3] == pytest.approx(_ras([float(v) for v in ds.ImagePositionPatient]), abs=1e-4)
 
 
-def test_mr_small_and_rle_decode(tmp_path):
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-    for name in ("MR_small.dcm", "MR_small_RLE.dcm"):
-        d = tmp_path / name
-        d.mkdir()
-        shutil.copy(get_testdata_file(name), d / name)
-        vol = read_dicom_series(d)
-        assert vol.modality == "mr" and vol.array.shape == (1, 64, 64)
-        np.testing.assert_array_equal(vol.array[0], ds.pixel_array.astype(np.float32))
+@pytest.mark.parametrize(
+    "name",
+    ["CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "MR_small_bigendian.dcm", "MR_small_expb.dcm",
+     "MR_small_implicit.dcm", "MR_small_padded.dcm"],
+)
+def test_pixels_and_rescale_match_pydicom_on_its_test_files(tmp_path, name):
+    """Native (implicit/explicit, little/big endian, padded) and RLE files: the reader's values equal
+    pydicom's ``Dataset.pixel_array`` through ``apply_modality_lut``, and, for little-endian native
+    data, the hand-written decode the reader used before (``frombuffer`` * slope + intercept in float32)."""
+    src = get_testdata_file(name)
+    shutil.copy(src, tmp_path / name)
+    ds = pydicom.dcmread(src)
+    vol = read_dicom_series(tmp_path)
+    assert vol.array.shape == (1, *ds.pixel_array.shape)  # IOP is the identity in all of them: no flips
+    np.testing.assert_array_equal(vol.array[0], apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
+    if ds.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        dtype = np.dtype(f"<{'i' if ds.PixelRepresentation else 'u'}{ds.BitsAllocated // 8}")
+        raw = np.frombuffer(ds.PixelData, dtype=dtype, count=ds.Rows * ds.Columns).reshape(ds.Rows, ds.Columns)
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        np.testing.assert_array_equal(vol.array[0], raw * np.float32(slope) + np.float32(intercept))
 
 
 def test_compressed_without_decoder_names_package(tmp_path):

@@ -45,7 +45,7 @@ def _write_series(folder, row_dir, col_dir, origin, bright):
 
 
 def _write_label(path, row_dir, col_dir, origin, bright):
-    """Label per CONTRACTS "Phantom labels": data[i=column, j=row, k=slice], affine from the DICOM grid."""
+    """Label as the phantom writer stores it: data[i=column, j=row, k=slice], affine from the DICOM grid."""
     normal = np.cross(row_dir, col_dir)
     lps = np.eye(4)
     lps[:3, 0] = np.asarray(row_dir) * DXY[1]
@@ -107,11 +107,11 @@ def test_unknown_and_missing_paths(tmp_path):
 def test_monai_dicom_reader(tmp_path):
     from monai.transforms import LoadImaged
 
-    from medvae.io.dicom import DicomSeriesReader
+    from medvae.io.monai_readers import VolumeReader
 
     _write_series(tmp_path / "PANCREAS_0011" / "s", (1.0, 0, 0), (0, 1.0, 0), (0, 0, 0), (2, 3, 4))
     series = tmp_path / "PANCREAS_0011" / "s"
-    out = LoadImaged(keys=["image"], reader=DicomSeriesReader(), image_only=False)({"image": str(series)})
+    out = LoadImaged(keys=["image"], reader=VolumeReader(), image_only=False)({"image": str(series)})
     img = out["image"]
     vol = load_volume(series)
     assert tuple(img.shape) == (N, ROWS, COLS)  # our (Z, Y, X), no axis reversal
@@ -122,4 +122,40 @@ def test_monai_dicom_reader(tmp_path):
     # The array-order affine maps index (z, y, x) to the same world point as Volume.affine (i=x, j=y, k=z).
     z, y, x = 2, 3, 4
     np.testing.assert_allclose(img.affine.numpy() @ [z, y, x, 1], vol.affine @ [x, y, z, 1])
-    assert DicomSeriesReader().verify_suffix(str(series))
+    assert VolumeReader().verify_suffix(str(series))
+
+
+def test_volume_reader_reads_a_dcm_file_as_its_series_and_takes_a_patient_id(tmp_path):
+    """One MONAI reader for every format: a ``.dcm`` file stands for its series folder, NIfTI and
+    TIFF go through the same class, and ``patient_id`` reaches the meta dict."""
+    from monai.transforms import LoadImage
+
+    from medvae.io.monai_readers import VolumeReader
+
+    series = tmp_path / "PANCREAS_0011" / "s"
+    _write_series(series, (1.0, 0, 0), (0, 1.0, 0), (0, 0, 0), (2, 3, 4))
+    one_file = sorted(series.iterdir())[0]
+    nii = tmp_path / "case_7.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(120, dtype=np.float32).reshape(4, 5, 6), np.eye(4)), nii)
+    tif = tmp_path / "cells.ome.tif"
+    tifffile.imwrite(tif, np.ones((3, 8, 9), np.uint16))
+    reader = VolumeReader()
+    assert all(reader.verify_suffix(str(p)) for p in (series, one_file, nii, tif))
+    assert not reader.verify_suffix(str(tmp_path / "scan.mha")) and not reader.verify_suffix(str(tmp_path / "no"))
+    img = LoadImage(reader=VolumeReader(patient_id="P9"), image_only=True)(str(one_file))
+    np.testing.assert_array_equal(img.numpy(), load_volume(series).array)
+    assert img.meta["patient_id"] == "P9"
+    assert LoadImage(reader=reader, image_only=True)(str(nii)).meta["patient_id"] == "case_7"
+    assert LoadImage(reader=reader, image_only=True)(str(tif)).meta["patient_id"] == "cells"
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [("case_7.nii.gz", "case_7"), ("A.NII.GZ", "A"), ("b.nii", "b"), ("cells.ome.tif", "cells"),
+     ("x.OME.TIFF", "x"), ("s.tif", "s"), ("s.tiff", "s"), ("label0001.nii.gz", "label0001"),
+     ("notes.txt", "notes"), ("PANCREAS_0001", "PANCREAS_0001"), ("v1.2.nii.gz", "v1.2")],
+)
+def test_scan_stem(name, stem, tmp_path):
+    from medvae.io.formats import scan_stem
+
+    assert scan_stem(name) == scan_stem(tmp_path / name) == stem

@@ -112,16 +112,83 @@ def test_empty_zero_page_and_bad_tiffs(tmp_path):
 def test_monai_tiff_reader(tmp_path):
     from monai.transforms import LoadImaged
 
-    from medvae.io.tiff import TiffStackReader
+    from medvae.io.monai_readers import VolumeReader
 
     data = np.arange(2 * 3 * 8 * 9, dtype=np.uint16).reshape(3, 2, 8, 9)  # Z C Y X
     path = tmp_path / "m.tif"
     tifffile.imwrite(path, data, imagej=True, resolution=(1 / 0.2, 1 / 0.2),
                      metadata={"spacing": 1.0, "unit": "um", "axes": "ZCYX"})
-    out = LoadImaged(keys=["image"], reader=TiffStackReader(), image_only=False)({"image": str(path)})
+    out = LoadImaged(keys=["image"], reader=VolumeReader(), image_only=False)({"image": str(path)})
     img = out["image"]
     assert tuple(img.shape) == (2, 3, 8, 9)
     np.testing.assert_array_equal(img.numpy(), data.transpose(1, 0, 2, 3).astype(np.float32))
     assert img.meta["patient_id"] == "m" and img.meta["modality"] == "microscopy"
     assert tuple(img.meta["spatial_shape"]) == (3, 8, 9)
     assert img.pixdim.tolist() == pytest.approx([1.0, 0.2, 0.2])
+
+
+def _rational_spacing(path) -> tuple[float | None, float | None]:
+    """Reference: (x, y) µm from the raw X/YResolution rationals, as the reader computed it by hand
+    before it used ``TiffPage.get_resolution`` (den / num * µm per unit)."""
+    um = {"um": 1.0, "nm": 1e-3, "mm": 1e3}
+    with tifffile.TiffFile(path) as tif:
+        tags, ij = tif.pages.first.tags, tif.imagej_metadata
+        unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 1
+        scale = um[ij["unit"]] if ij else {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(int(unit))
+        out = []
+        for tag in ("XResolution", "YResolution"):
+            num, den = tags[tag].value
+            out.append(den / num * scale if scale else None)
+    return tuple(out)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected_yx"),
+    [
+        ({"imagej": True, "resolution": (1 / 0.173, 1 / 0.25), "metadata": {"unit": "um"}}, (0.25, 0.173)),
+        ({"imagej": True, "resolution": (1 / 64.5, 1 / 64.5), "metadata": {"unit": "nm"}}, (0.0645, 0.0645)),
+        ({"resolution": (10000 / 0.65, 10000 / 0.65), "resolutionunit": "CENTIMETER"}, (0.65, 0.65)),
+        ({"resolution": (25400 / 3.0, 25400 / 2.0), "resolutionunit": "INCH"}, (2.0, 3.0)),
+        ({"resolution": (1 / 0.004, 1 / 0.004), "resolutionunit": "MILLIMETER"}, (4.0, 4.0)),
+        ({"resolution": (1 / 0.3, 1 / 0.3), "resolutionunit": "MICROMETER"}, (0.3, 0.3)),
+    ],
+)
+def test_resolution_tags_match_the_rationals(tmp_path, kwargs, expected_yx):
+    """``get_resolution`` gives the pixel size the raw rationals give (to float rounding)."""
+    path = tmp_path / "r.tif"
+    tifffile.imwrite(path, np.zeros((2, 6, 5), np.uint16), **kwargs)
+    vol = read_tiff_stack(path)
+    assert vol.spacing[1:] == pytest.approx(expected_yx, rel=1e-6)  # rationals are rounded when written
+    ref_x, ref_y = _rational_spacing(path)
+    assert vol.spacing[1:] == pytest.approx((ref_y, ref_x), rel=1e-12)
+    assert vol.warnings == []
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"resolution": (72.0, 72.0), "resolutionunit": "INCH"}, {"resolution": (5.0, 5.0), "resolutionunit": "NONE"}],
+)
+def test_no_physical_resolution_gives_unit_spacing(tmp_path, kwargs):
+    """No tags, a default 72 dpi, or a unitless resolution: spacing 1 with a warning, not a made-up size."""
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, np.zeros((2, 6, 5), np.uint16), **kwargs)
+    vol = read_tiff_stack(path)
+    assert vol.spacing == (1.0, 1.0, 1.0) and "no physical pixel size" in vol.warnings[0]
+
+
+def test_ome_physical_size_matches_element_tree(tmp_path):
+    """``xml2dict`` reads the same PhysicalSize values and units as a plain ElementTree walk of the OME-XML."""
+    import xml.etree.ElementTree as ET
+
+    path = tmp_path / "units.ome.tif"
+    tifffile.imwrite(path, np.zeros((3, 6, 5), np.uint16), ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 173.0, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 0.2,
+        "PhysicalSizeZ": 0.0015, "PhysicalSizeZUnit": "mm",
+    })
+    with tifffile.TiffFile(path) as tif:
+        root = ET.fromstring(tif.ome_metadata)
+    pixels = next(el for el in root.iter() if el.tag.endswith("Pixels"))
+    um = {"nm": 1e-3, "µm": 1.0, "mm": 1e3}
+    ref = {ax: float(pixels.get(f"PhysicalSize{ax}")) * um[pixels.get(f"PhysicalSize{ax}Unit", "µm")] for ax in "ZYX"}
+    assert read_tiff_stack(path).spacing == pytest.approx((ref["Z"], ref["Y"], ref["X"]), rel=1e-12)
+    assert read_tiff_stack(path).spacing == pytest.approx((1.5, 0.2, 0.173))
