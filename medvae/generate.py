@@ -43,11 +43,11 @@ import torch
 
 from medvae import audit
 from medvae.config import GenerateConfig
-from medvae.data.store import PatchStore, open_store, write_store
+from medvae.data.store import PatchStore, open_store, write_augmented_store
 from medvae.devices import select_device
 from medvae.engine.checkpoint import resolve_checkpoint
 from medvae.errors import InputError
-from medvae.files import atomic_open, sha256_file, sha256_json, write_json
+from medvae.files import atomic_open, sha256_file, write_json
 from medvae.io.writers import write_npy, write_png, write_slice
 
 log = logging.getLogger(__name__)
@@ -316,37 +316,16 @@ class _Augmented:
                 self.rows.append((mod, f"seed{self.seed}/{start + j:06d}"))
 
     def write(self, path: Path, params: dict, ratio: float) -> dict:
-        """All patches of ``real`` + the synthetic ones (split ``train``), ``source`` real|synthetic.
-
-        The real rows keep their index values; their original ``source`` moves to the extra
-        column ``origin`` (for synthetic rows: ``seed<S>/<id>``). Synthetic patches have no label
-        masks, so a store with labels is written without them (unless none is added).
-        """
+        """All patches of ``real`` + the synthetic ones (split ``train``): see ``write_augmented_store``."""
         real, n_syn = self.real, len(self.rows)
         if self.missing() > 0:
             log.warning("augmented store: only %d of %d synthetic patches passed the audit", n_syn, self.wanted)
-        dtype = real.meta.get("dtype", "float16")
-        real_x = np.asarray(real.patches) if dtype == "float16" else real.get(slice(None))
-        syn = np.stack(self.x).astype(real_x.dtype) if n_syn else np.zeros((0, *real_x.shape[1:]), real_x.dtype)
-        labels = None
-        if real.labels is not None and n_syn:
-            log.warning("augmented store: synthetic patches have no masks, so it is written without labels")
-        elif real.labels is not None:
-            labels = np.asarray(real.labels)
-        idx = real.index
-        fill = {"patient_id": "synthetic", "split": "train", "slice_index": -1, "y": -1, "x": -1,
-                "foreground_fraction": float("nan")}  # not measured
-        index = {k: [*idx[k], *([v] * n_syn)] for k, v in fill.items()}
-        index.update(modality=[*idx["modality"], *(m for m, _ in self.rows)],
-                     source=["real"] * len(real) + ["synthetic"] * n_syn,
-                     origin=[*idx["source"], *(sid for _, sid in self.rows)])
         info = {"real_store": str(real.path.resolve()), "real_store_hash": real.content_hash,
                 "checkpoint_sha256": params["checkpoint_sha256"], "seed": params["seed"],
                 "temperature": params["temperature"], "ratio": ratio, "n_real": len(real), "n_synthetic": n_syn,
                 "n_real_train": int(real.select(split="train").size)}
-        meta = {k: real.meta[k] for k in ("config", "normalization", "spacing", "volumes") if k in real.meta}
-        meta.update(dtype=dtype, content_hash=sha256_json(info), augmented=info)
-        write_store(path, np.concatenate([real_x, syn]), index, meta, labels=labels)
+        syn = np.stack(self.x) if n_syn else np.zeros((0, *real.patches.shape[1:]), np.float16)
+        write_augmented_store(path, real, syn, [m for m, _ in self.rows], [o for _, o in self.rows], info)
         log.info("augmented store %s: %d real + %d synthetic patches", path, len(real), n_syn)
         return {"path": "augmented_store", **info}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -28,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from medvae.errors import StoreError
-from medvae.files import atomic_open, atomic_path, write_json
+from medvae.files import atomic_open, atomic_path, sha256_json, write_json
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 INDEX_COLUMNS = ("patient_id", "modality", "split", "slice_index", "y", "x", "foreground_fraction", "source")
@@ -297,6 +300,39 @@ def write_store(path: str | os.PathLike, patches: np.ndarray, index: dict, meta:
         "dtype": dtype,
     })
     return open_store(path)
+
+
+def write_augmented_store(path: str | os.PathLike, real: PatchStore, synthetic: np.ndarray, modalities: list[str],
+                          origins: list[str], info: dict) -> PatchStore:
+    """A store of all of ``real``'s patches plus ``synthetic`` ones in split ``train``.
+
+    Args:
+        path: the new store's directory.
+        real: the store whose patches (and splits) are kept.
+        synthetic: ``(S, C, H, W)`` in [0, 1], already in ``real``'s normalization.
+        modalities, origins: per synthetic patch, its modality and where it came from (``seed<S>/<id>``).
+        info: provenance kept in store.json's ``augmented`` (its hash is the store's content hash).
+
+    In ``index.csv``, ``source`` is ``real`` or ``synthetic`` and the real rows' original ``source``
+    moves to the extra column ``origin``. Synthetic patches have no label masks, so a store with
+    labels is written without them (with a warning) unless no synthetic patch is added.
+    """
+    n_syn = len(synthetic)
+    dtype = real.meta.get("dtype", "float16")
+    real_x = np.asarray(real.patches) if dtype == "float16" else real.get(slice(None))
+    labels = np.asarray(real.labels) if real.labels is not None and not n_syn else None
+    if real.labels is not None and n_syn:
+        log.warning("augmented store: synthetic patches have no masks, so it is written without labels")
+    idx = real.index
+    fill = {"patient_id": "synthetic", "split": "train", "slice_index": -1, "y": -1, "x": -1,
+            "foreground_fraction": float("nan")}  # not measured
+    index = {k: [*idx[k], *([v] * n_syn)] for k, v in fill.items()}
+    index.update(modality=[*idx["modality"], *modalities], source=["real"] * len(real) + ["synthetic"] * n_syn,
+                 origin=[*idx["source"], *origins])
+    meta = {k: real.meta[k] for k in ("config", "normalization", "spacing", "volumes") if k in real.meta}
+    meta.update(dtype=dtype, content_hash=sha256_json(info), augmented=info)
+    patches = np.concatenate([real_x, synthetic.astype(real_x.dtype)])
+    return write_store(path, patches, index, meta, labels=labels)
 
 
 def to_stored(x01: np.ndarray, dtype: str) -> np.ndarray:
