@@ -133,6 +133,8 @@ class GenerateConfig(StrictModel):
     checkpoint: str = "best"
     audit_percentile: float = 1.0  # flag samples closer than this percentile of real-real NN distances
     drop_flagged: bool = False
+    prior: Literal["standard", "gmm"] = "gmm"  # N(0, I), or a Gaussian mixture fitted on the training codes
+    prior_components: int = Field(10, ge=1)
 
 
 T = TypeVar("T", bound=BaseModel)

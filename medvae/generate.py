@@ -46,6 +46,7 @@ from medvae.config import GenerateConfig
 from medvae.data.store import PatchStore, open_store, write_augmented_store
 from medvae.devices import select_device
 from medvae.engine.checkpoint import resolve_checkpoint
+from medvae.engine.prior import GaussianMixturePrior, prior_for
 from medvae.errors import InputError
 from medvae.files import atomic_open, sha256_file, write_json
 from medvae.io.writers import write_npy, write_png, write_slice
@@ -56,7 +57,7 @@ MANIFEST_COLUMNS = ("id", "modality", "path", "preview", "seed", "checkpoint_sha
                     "nearest_train_distance", "nearest_train_distance_features", "nearest_train_patient",
                     "flagged")
 PARAM_KEYS = ("checkpoint_sha256", "store_hash", "seed", "temperature", "format", "drop_flagged",
-              "audit_percentile")
+              "audit_percentile", "prior")
 WRITE_THREADS = 4  # zlib / PNG encoding release the GIL: a batch's files are written in parallel
 
 
@@ -65,12 +66,22 @@ def _chunk_seed(seed: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0])
 
 
-def latents(seed: int, start: int, stop: int, dim: int, temperature: float = 1.0) -> torch.Tensor:
-    """Prior latents of samples ``start..stop-1``: ``(stop - start, dim)`` float32 on the CPU."""
+def latents(seed: int, start: int, stop: int, dim: int, temperature: float = 1.0,
+            prior: GaussianMixturePrior | None = None) -> torch.Tensor:
+    """Prior latents of samples ``start..stop-1``: ``(stop - start, dim)`` float32 on the CPU.
+
+    Each chunk's generator draws the standard normals ``eps`` first, then the uniforms that pick a
+    mixture component, so the N(0, I) latents are the same with or without a learned prior.
+    """
     first, last = start // CHUNK, (stop - 1) // CHUNK
-    z = torch.cat([torch.randn(CHUNK, dim, generator=torch.Generator().manual_seed(_chunk_seed(seed, k)))
-                   for k in range(first, last + 1)])
-    return z[start - first * CHUNK: stop - first * CHUNK] * temperature
+    eps, u = [], []
+    for k in range(first, last + 1):
+        gen = torch.Generator().manual_seed(_chunk_seed(seed, k))
+        eps.append(torch.randn(CHUNK, dim, generator=gen))
+        u.append(torch.rand(CHUNK, generator=gen, dtype=torch.float64))
+    keep = slice(start - first * CHUNK, stop - first * CHUNK)
+    z = torch.cat(eps)[keep] * temperature
+    return z if prior is None else prior.transform(z, torch.cat(u)[keep])
 
 
 @contextlib.contextmanager
@@ -101,6 +112,7 @@ class _Source:
     store: PatchStore
     device: torch.device
     params: dict
+    prior: GaussianMixturePrior | None = None
 
 
 def _load_model(path: Path, device: torch.device):
@@ -139,8 +151,9 @@ def _open_source(run: Path, config: GenerateConfig, device: str) -> _Source:
               "store": str(store.path.resolve()), "store_hash": store.content_hash, "seed": config.seed,
               "n": config.n, "temperature": config.temperature, "format": config.format,
               "batch_size": config.batch_size, "drop_flagged": config.drop_flagged,
-              "audit_percentile": config.audit_percentile}
-    return _Source(model, store, dev, params)
+              "audit_percentile": config.audit_percentile, "prior": config.prior}
+    prior = prior_for(ckpt_path, model, store, config.prior_components) if config.prior == "gmm" else None
+    return _Source(model, store, dev, params, prior)
 
 
 def _check_params(out: Path, params: dict) -> None:
@@ -156,10 +169,10 @@ def _check_params(out: Path, params: dict) -> None:
 
 
 # --------------------------------------------------------------------------- decode
-def _decode(model, config: GenerateConfig, start: int, stop: int, device: torch.device):
+def _decode(src: _Source, config: GenerateConfig, start: int, stop: int):
     """Samples ``start..stop-1``: latents ``z (B, D)`` on the CPU, images ``x (B, C, H, W)`` in [0, 1]."""
-    z = latents(config.seed, start, stop, int(model.latent_dim), config.temperature)
-    return z, model.decode(z.to(device)).float().clamp_(0, 1)
+    z = latents(config.seed, start, stop, int(src.model.latent_dim), config.temperature, src.prior)
+    return z, src.model.decode(z.to(src.device)).float().clamp_(0, 1)
 
 
 def _batch_ranges(n: int, batch_size: int, wanted: int, missing: Callable[[], int]) -> Iterator[tuple[int, int]]:
@@ -364,7 +377,7 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
     with ThreadPoolExecutor(WRITE_THREADS) as pool, _deterministic_cudnn(), torch.inference_mode():
         for start, stop in _batch_ranges(config.n, config.batch_size, wanted, missing):
             with _timed(tm, "decode"):
-                z, x = _decode(src.model, config, start, stop, src.device)
+                z, x = _decode(src, config, start, stop)
                 x01 = x.cpu().numpy()
             with _timed(tm, "audit"):
                 found = audit.audit_batch(ref, audit.features(x))

@@ -108,7 +108,7 @@ def test_latents_do_not_depend_on_batching():
 
 def test_same_seed_same_bytes_different_seed_differs(make_run, tmp_path):
     run = make_run(StubModel())
-    cfg = GenerateConfig(n=12, seed=5, batch_size=5)
+    cfg = GenerateConfig(prior="standard", n=12, seed=5, batch_size=5)
     gen.generate(run, tmp_path / "a", cfg, device="cpu")
     gen.generate(run, tmp_path / "b", cfg.model_copy(update={"batch_size": 4}), device="cpu")
     gen.generate(run, tmp_path / "c", cfg.model_copy(update={"seed": 6}), device="cpu")
@@ -120,7 +120,7 @@ def test_same_seed_same_bytes_different_seed_differs(make_run, tmp_path):
 
 def test_ct_sample_in_hu_with_store_spacing(make_run, tmp_path):
     run = make_run(StubModel(constant=0.25))  # nearest training patches: CT patient at level 0.3
-    gen.generate(run, tmp_path / "out", GenerateConfig(n=3), device="cpu")
+    gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=3), device="cpu")
     rows = _manifest(tmp_path / "out")
     assert [r["modality"] for r in rows] == ["ct"] * 3
     img = nib.load(tmp_path / "out" / rows[0]["path"])
@@ -134,7 +134,7 @@ def test_ct_sample_in_hu_with_store_spacing(make_run, tmp_path):
 
 def test_microscopy_sample_uint16_tiff_with_um_spacing(make_run, tmp_path):
     run = make_run(StubModel(constant=0.8))  # nearest: microscopy stack at level 0.75
-    gen.generate(run, tmp_path / "out", GenerateConfig(n=2), device="cpu")
+    gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=2), device="cpu")
     row = _manifest(tmp_path / "out")[0]
     assert row["modality"] == "microscopy" and row["path"].endswith(".tif")
     with tifffile.TiffFile(tmp_path / "out" / row["path"]) as tif:
@@ -150,7 +150,7 @@ def test_microscopy_sample_uint16_tiff_with_um_spacing(make_run, tmp_path):
 def test_resume_rewrites_only_missing_files(make_run, tmp_path):
     run = make_run(StubModel())
     out = tmp_path / "out"
-    cfg = GenerateConfig(n=10, seed=2, batch_size=4)
+    cfg = GenerateConfig(prior="standard", n=10, seed=2, batch_size=4)
     gen.generate(run, out, cfg, device="cpu")
     before = _hashes(out)
     files = sorted(before)
@@ -174,7 +174,7 @@ def test_audit_flags_planted_training_copy_only(make_run, tmp_path):
     store = open_store(json.loads((run / "run.json").read_text())["store"])
     model.planted = {3: (0, store.get(7))}  # sample 3 decodes to a patch of training patient P2, exactly
     out = tmp_path / "out"
-    summary = gen.generate(run, out, GenerateConfig(n=16, seed=0, batch_size=6), device="cpu")
+    summary = gen.generate(run, out, GenerateConfig(prior="standard", n=16, seed=0, batch_size=6), device="cpu")
     rows = _manifest(out)
     flagged = [r["id"] for r in rows if r["flagged"] == "1"]
     assert flagged == ["000003"]
@@ -182,7 +182,7 @@ def test_audit_flags_planted_training_copy_only(make_run, tmp_path):
     assert summary["audit"]["flagged"] == 1 and "1/16" in summary["audit"]["summary"]
     assert (out / "audit.png").stat().st_size > 1000
     # --drop-flagged: the copy is not written, its manifest row stays with an empty path
-    summary = gen.generate(run, tmp_path / "dropped", GenerateConfig(n=16, drop_flagged=True, batch_size=6),
+    summary = gen.generate(run, tmp_path / "dropped", GenerateConfig(prior="standard", n=16, drop_flagged=True, batch_size=6),
                            device="cpu")
     rows = _manifest(tmp_path / "dropped")
     assert rows[3]["path"] == "" and summary["counts"]["dropped"] == 1
@@ -195,7 +195,7 @@ def test_mixed_store_loads_with_the_regular_loader(make_run, tmp_path):
     run = make_run(StubModel())
     real = open_store(json.loads((run / "run.json").read_text())["store"])
     n_train = real.select(split="train").size
-    summary = gen.generate(run, tmp_path / "out", GenerateConfig(n=5, batch_size=8), device="cpu",
+    summary = gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=5, batch_size=8), device="cpu",
                            mix_with=real.path, ratio=1.5)
     mixed = open_store(tmp_path / "out" / "augmented_store")
     n_syn = round(1.5 * n_train)  # more than the 5 generated: the rest are decoded for the store only
@@ -216,7 +216,7 @@ def test_mixed_store_loads_with_the_regular_loader(make_run, tmp_path):
 
 def test_manifest_columns(make_run, tmp_path):
     run = make_run(StubModel())
-    gen.generate(run, tmp_path / "out", GenerateConfig(n=2), device="cpu")
+    gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=2), device="cpu")
     with open(tmp_path / "out" / "manifest.csv", newline="") as f:
         header = next(csv.reader(f))
     assert header == ["id", "modality", "path", "preview", "seed", "checkpoint_sha256", "latent_norm",
@@ -226,7 +226,7 @@ def test_manifest_columns(make_run, tmp_path):
 
 def test_mixing_with_a_labelled_store_drops_its_labels(make_run, tmp_path, caplog):
     run = make_run(StubModel(), labels=True)  # synthetic patches have no masks
-    gen.generate(run, tmp_path / "out", GenerateConfig(n=4), device="cpu", mix_with=tmp_path / "run_store",
+    gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=4), device="cpu", mix_with=tmp_path / "run_store",
                  ratio=0.1)
     mixed = open_store(tmp_path / "out" / "augmented_store")
     assert mixed.labels is None and (mixed.index["source"] == "synthetic").sum() == 3  # 0.1 x 30 train
@@ -236,14 +236,14 @@ def test_mixing_with_a_labelled_store_drops_its_labels(make_run, tmp_path, caplo
 def test_model_channels_must_match_the_store(make_run, tmp_path):
     run = make_run(StubModel(channels=2))  # e.g. an image + mask model over a one-channel store
     with pytest.raises(InputError, match="2-channel"):
-        gen.generate(run, tmp_path / "out", GenerateConfig(n=2), device="cpu")
+        gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=2), device="cpu")
 
 
 def test_png_only_and_npy_formats(make_run, tmp_path):
     run = make_run(StubModel())
-    gen.generate(run, tmp_path / "png", GenerateConfig(n=3, format="png"), device="cpu")
+    gen.generate(run, tmp_path / "png", GenerateConfig(prior="standard", n=3, format="png"), device="cpu")
     assert {p.suffix for p in (tmp_path / "png" / "synthetic").rglob("*.*")} == {".png"}
-    gen.generate(run, tmp_path / "npy", GenerateConfig(n=3, format="npy"), device="cpu")
+    gen.generate(run, tmp_path / "npy", GenerateConfig(prior="standard", n=3, format="npy"), device="cpu")
     row = _manifest(tmp_path / "npy")[0]
     x = np.load(tmp_path / "npy" / row["path"])
     np.testing.assert_allclose(x, StubModel().decode(gen.latents(0, 0, 1, 8))[0].numpy(), atol=1e-6)
@@ -255,7 +255,7 @@ def test_cli_writes_dataset_and_rejects_bad_format(make_run, tmp_path):
     from medvae.cli import app
 
     run = make_run(StubModel())
-    base = ["generate", str(run), "--n", "3", "--out"]
+    base = ["generate", str(run), "--n", "3", "--prior", "standard", "--out"]
     res = CliRunner().invoke(app, [*base, str(tmp_path / "out"), "--seed", "1"])
     assert res.exit_code == 0, res.output
     assert "0/3 samples" in res.output and len(_manifest(tmp_path / "out")) == 3

@@ -23,6 +23,8 @@ def generate(
     batch_size: Optional[int] = typer.Option(None, help="Samples decoded per batch (default 64)."),
     temperature: Optional[float] = typer.Option(None, help="Prior standard deviation multiplier (default 1)."),
     checkpoint: Optional[str] = typer.Option(None, help="best | last | PATH (default best)"),
+    prior: Optional[str] = typer.Option(
+        None, help="gmm (a Gaussian mixture fitted on the training codes, the default) | standard (N(0, I))"),
     drop_flagged: bool = typer.Option(False, "--drop-flagged", help="Do not write samples flagged by the audit."),
     mix_with: Optional[Path] = typer.Option(None, "--mix-with", help="Real store to mix into an augmented store."),
     ratio: float = typer.Option(1.0, help="Synthetic-to-real ratio of the augmented store."),
@@ -34,7 +36,7 @@ def generate(
 
     cfg = config_with_options(config, GenerateConfig, {
         "n": n, "seed": seed, "format": format, "batch_size": batch_size, "temperature": temperature,
-        "checkpoint": checkpoint, "drop_flagged": drop_flagged or None})
+        "checkpoint": checkpoint, "drop_flagged": drop_flagged or None, "prior": prior})
     with Progress(transient=True) as bar:
         task = bar.add_task("generating", total=cfg.n)
         summary = generate_dataset(run, out, cfg, device=device, mix_with=mix_with, ratio=ratio,

@@ -1,0 +1,116 @@
+"""Learned priors for sampling: a Gaussian mixture on the aggregate posterior (Ghosh et al. 2020).
+
+A VAE's decoder is trained on codes from q(z|x), whose aggregate over the training set is rarely
+N(0, I): prior samples from N(0, I) fall into its "holes" and decode to implausible images.
+Ex-post density estimation fits a density to the encoder means of the training split and
+samples from that instead. The mixture is fitted with scikit-learn's ``GaussianMixture`` (full
+covariances, seeded) the first time a checkpoint is sampled with it, and saved beside the
+checkpoints (:func:`prior_path`), a dict of tensors that loads with ``torch.load(weights_only=True)``.
+
+Sampling is a deterministic transform of given noise, so generation keeps its "sample i depends
+only on (seed, i)" contract: component ``k = F⁻¹(u)`` from a uniform ``u`` (inverse CDF of the
+weights) and ``z = mean_k + L_k · eps`` from a standard normal ``eps``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medvae.data.store import PatchStore
+from medvae.errors import CheckpointError
+from medvae.files import atomic_path, sha256_file
+
+log = logging.getLogger(__name__)
+PRIORS = ("standard", "gmm")
+
+
+class GaussianMixturePrior:
+    """A fitted mixture: ``weights (K,)``, ``means (K, D)``, ``scale_tril (K, D, D)`` (float64)."""
+
+    def __init__(self, weights: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor, info: dict):
+        self.weights, self.means, self.scale_tril, self.info = weights.double(), means.double(), \
+            scale_tril.double(), info
+
+    def transform(self, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """eps: (B, D) standard normal, u: (B,) uniform in [0, 1) -> z: (B, D) float32 mixture samples."""
+        cdf = torch.cumsum(self.weights, 0)
+        k = torch.searchsorted(cdf, u.double().clamp(max=float(cdf[-1]) - 1e-12), right=True)
+        z = self.means[k] + torch.einsum("bij,bj->bi", self.scale_tril[k], eps.double())
+        return z.float()
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(n, D)`` float32 latents on the CPU."""
+        eps = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        return self.transform(eps, torch.rand(n, generator=generator, dtype=torch.float64))
+
+    def state_dict(self) -> dict:
+        return {"kind": "gmm", "weights": self.weights, "means": self.means, "scale_tril": self.scale_tril,
+                **self.info}
+
+
+@torch.no_grad()
+def encoder_means(model, store: PatchStore, split: str = "train", max_patches: int = 20_000,
+                  batch_size: int = 256, seed: int = 0) -> np.ndarray:
+    """Posterior means ``(N, D)`` float64 of up to ``max_patches`` patches of ``split`` (seeded subset)."""
+    rows = store.select(split=split)
+    if len(rows) > max_patches:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_patches, replace=False))
+    device = next(model.parameters()).device
+    out = [model.encode(torch.from_numpy(store.get(rows[i:i + batch_size])).to(device))[0].double().cpu()
+           for i in range(0, len(rows), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def fit_gmm(codes: np.ndarray, components: int = 10, seed: int = 0) -> GaussianMixturePrior:
+    """Fit a full-covariance Gaussian mixture to ``codes (N, D)`` (components capped at N // 2)."""
+    from sklearn.mixture import GaussianMixture  # scikit-learn is slow to import; only when fitting
+
+    k = max(1, min(components, len(codes) // 2))
+    gm = GaussianMixture(n_components=k, covariance_type="full", reg_covar=1e-5, random_state=seed,
+                         max_iter=200).fit(codes)
+    chol = np.linalg.cholesky(gm.covariances_)
+    info = {"n_fit": int(len(codes)), "components": int(k), "mean_log_likelihood": float(gm.score(codes))}
+    return GaussianMixturePrior(torch.from_numpy(gm.weights_), torch.from_numpy(gm.means_), torch.from_numpy(chol),
+                                info)
+
+
+def prior_path(checkpoint: str | os.PathLike) -> Path:
+    """Where the prior of a checkpoint lives: ``RUN/priors/<name>-<sha256[:12]>.pt``.
+
+    Keyed by the checkpoint's content, so best.pt and last.pt (different encoders) each get their
+    own, and a checkpoint that changes (training went on) is fitted again.
+    """
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent / "priors" / f"{checkpoint.stem}-{sha256_file(checkpoint)[:12]}.pt"
+
+
+def prior_for(checkpoint: str | os.PathLike, model, store: PatchStore, components: int = 10,
+              seed: int = 0) -> GaussianMixturePrior:
+    """The Gaussian-mixture prior of ``checkpoint``'s model: loaded, or fitted on the training split's
+    encoder means and saved (atomically) beside the checkpoints."""
+    path = prior_path(checkpoint)
+    if path.is_file():
+        return load_prior(path)
+    model.eval()
+    prior = fit_gmm(encoder_means(model, store, seed=seed), components, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(prior.state_dict(), tmp)
+    log.info("fitted a %d-component Gaussian mixture prior on %d training codes: %s", prior.info["components"],
+             prior.info["n_fit"], path)
+    return prior
+
+
+def load_prior(path: str | os.PathLike) -> GaussianMixturePrior:
+    """A saved prior (``torch.load(weights_only=True)``)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        info = {k: v for k, v in state.items() if k not in ("kind", "weights", "means", "scale_tril")}
+        return GaussianMixturePrior(state["weights"], state["means"], state["scale_tril"], info)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise CheckpointError(f"{path}: unreadable prior ({err}); delete it to fit it again") from None
