@@ -182,8 +182,8 @@ def test_audit_flags_planted_training_copy_only(make_run, tmp_path):
     assert summary["audit"]["flagged"] == 1 and "1/16" in summary["audit"]["summary"]
     assert (out / "audit.png").stat().st_size > 1000
     # --drop-flagged: the copy is not written, its manifest row stays with an empty path
-    summary = gen.generate(run, tmp_path / "dropped", GenerateConfig(prior="standard", n=16, drop_flagged=True, batch_size=6),
-                           device="cpu")
+    summary = gen.generate(run, tmp_path / "dropped",
+                           GenerateConfig(prior="standard", n=16, drop_flagged=True, batch_size=6), device="cpu")
     rows = _manifest(tmp_path / "dropped")
     assert rows[3]["path"] == "" and summary["counts"]["dropped"] == 1
     assert not list((tmp_path / "dropped" / "synthetic").rglob("000003*"))
@@ -226,8 +226,8 @@ def test_manifest_columns(make_run, tmp_path):
 
 def test_mixing_with_a_labelled_store_drops_its_labels(make_run, tmp_path, caplog):
     run = make_run(StubModel(), labels=True)  # synthetic patches have no masks
-    gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=4), device="cpu", mix_with=tmp_path / "run_store",
-                 ratio=0.1)
+    gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=4), device="cpu",
+                 mix_with=tmp_path / "run_store", ratio=0.1)
     mixed = open_store(tmp_path / "out" / "augmented_store")
     assert mixed.labels is None and (mixed.index["source"] == "synthetic").sum() == 3  # 0.1 x 30 train
     assert "without labels" in caplog.text
