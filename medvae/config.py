@@ -122,6 +122,9 @@ class EvaluateConfig(StrictModel):
     mmd_permutations: int = 200
     batch_size: int = 128
     worst_patches: int = 4
+    sample_metrics: bool = True  # FID, KID, precision/recall, density/coverage on the store's feature network
+    feature_steps: int = 400  # training steps of that network (cached in STORE/features/)
+    prior_components: int = Field(10, ge=1)  # of the Gaussian-mixture prior compared with N(0, I)
 
 
 class GenerateConfig(StrictModel):

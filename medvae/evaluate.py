@@ -37,8 +37,9 @@ from medvae.devices import select_device
 from medvae.engine.checkpoint import load_model, resolve_checkpoint
 from medvae.errors import InputError
 from medvae.files import write_json, write_text
-from medvae.metric_table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS
+from medvae.metric_table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS, SAMPLE_METRICS
 from medvae.report import write_report
+from medvae.sample_quality import prior_samples, sample_quality
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ IWAE_PER_PATIENT = 8  # patches per patient that get the k-sample IWAE bound
 HIST_BINS = 64
 ALL = "ALL"
 _COMPARED = ("per_modality", "cohort", "checkpoint")  # what summary.json keeps of each compared run
-CSV_COLUMNS = ("run", "patient_id", "modality", "split", "metric", "value", "n")
+CSV_COLUMNS = ("run", "patient_id", "modality", "split", "metric", "value", "n", "prior")
 
 
 
@@ -106,13 +107,6 @@ def _iwae_subset(patient_ids: np.ndarray, rows: np.ndarray, per_patient: int) ->
 
 
 # --------------------------------------------------------------------------- cohort
-@torch.no_grad()
-def _samples(model, n: int, batch: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.cat([model.sample(min(batch, n - i), generator=gen).float().cpu()
-                      for i in range(0, n, batch)])
-
-
 def cohort_metrics(store, rows: np.ndarray, samples: torch.Tensor, modality: str, cfg: EvaluateConfig,
                    device: torch.device, seed: int = 0) -> tuple[dict, dict]:
     """MMD (pixel and random-conv features) and intensity W1 between real rows and samples.
@@ -177,26 +171,31 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
                             "metrics": {k: _stats(v[m]) for k, v in per.items()},
                             "worst_patches": worst, "best_row": int(prow[order[-1]])}
     cohort, hists = {}, {}
-    samples = _samples(model, cfg.mmd_samples, cfg.batch_size, seed=0)
+    by_prior = prior_samples(model, ckpt, store, cfg)
+    samples = by_prior["standard"]
     for mod in sorted(set(mods.tolist())):
         m = mods == mod
         per_modality[mod] = {"n_patches": int(m.sum()), "n_patients": len(set(pids[m])),
                              "metrics": {k: _stats(v[m]) for k, v in per.items()}}
         cohort[mod], hists[mod] = cohort_metrics(store, rows[m], samples, mod, cfg, device)
+    quality = {}
+    if cfg.sample_metrics:
+        quality = sample_quality(store, {mod: rows[mods == mod] for mod in cohort}, by_prior, cfg, device)
 
     result = {"run": name, "checkpoint": str(ckpt), "step": meta.get("step"),
               "model": (meta.get("model_config") or {}).get("name"), "split": cfg.split,
               "store": str(store.path),
               "store_hash_matches": meta.get("store_hash") in (None, store.content_hash),
-              "per_patient": per_patient, "per_modality": per_modality, "cohort": cohort}
+              "per_patient": per_patient, "per_modality": per_modality, "cohort": cohort,
+              "sample_quality": quality}
     if with_figures:
-        result["_figures"] = _figure_data(model, store, per_patient, samples, hists, per, pids, latent,
+        result["_figures"] = _figure_data(model, store, per_patient, by_prior, hists, per, pids, latent,
                                           device)
     return result
 
 
 @torch.no_grad()
-def _figure_data(model, store, per_patient, samples, hists, per, pids, latent, device) -> dict:
+def _figure_data(model, store, per_patient, by_prior, hists, per, pids, latent, device) -> dict:
     """Arrays the report draws: best/worst triptychs, samples, a latent traversal, histograms."""
     picks = []
     for pid, p in per_patient.items():
@@ -221,7 +220,8 @@ def _figure_data(model, store, per_patient, samples, hists, per, pids, latent, d
         z[i * len(steps):(i + 1) * len(steps), d] = z0[d] + steps
     trav = model.decode(z).float().cpu().numpy()
     mods = sorted({p["modality"] for p in per_patient.values()})
-    return {"triptychs": tri, "samples": samples[:16].numpy(), "traversal": trav,
+    return {"triptychs": tri, "samples": by_prior["standard"][:16].numpy(),
+            "samples_gmm": by_prior["gmm"][:16].numpy() if "gmm" in by_prior else None, "traversal": trav,
             "traversal_dims": dims.tolist(), "traversal_steps": steps.tolist(), "histograms": hists,
             "modalities": mods,
             "distributions": {pid: {k: per[k][pids == pid] for k in ("ssim", "psnr", "mae")}
@@ -231,47 +231,57 @@ def _figure_data(model, store, per_patient, samples, hists, per, pids, latent, d
 
 # --------------------------------------------------------------------------- outputs
 def tidy_rows(res: dict) -> list[tuple]:
-    """metrics.csv rows of one run result."""
+    """metrics.csv rows of one run result; ``prior`` names the samples a sample metric was computed on."""
     out = []
     run, split = res["run"], res["split"]
     for pid, p in res["per_patient"].items():
         for k, s in p["metrics"].items():
-            out += [(run, pid, p["modality"], split, k, s["mean"], s["n"]),
-                    (run, pid, p["modality"], split, f"{k}_sd", s["sd"], s["n"])]
+            out += [(run, pid, p["modality"], split, k, s["mean"], s["n"], ""),
+                    (run, pid, p["modality"], split, f"{k}_sd", s["sd"], s["n"], "")]
     for mod, p in res["per_modality"].items():
         for k, s in p["metrics"].items():
-            out += [(run, ALL, mod, split, k, s["mean"], s["n"]),
-                    (run, ALL, mod, split, f"{k}_sd", s["sd"], s["n"])]
-        for k in COHORT_METRICS:
-            c = res["cohort"][mod]
-            out.append((run, ALL, mod, split, k, c[k], min(c["n_real"], c["n_samples"])))
+            out += [(run, ALL, mod, split, k, s["mean"], s["n"], ""),
+                    (run, ALL, mod, split, f"{k}_sd", s["sd"], s["n"], "")]
+        c = res["cohort"][mod]
+        out += [(run, ALL, mod, split, k, c[k], min(c["n_real"], c["n_samples"]), "standard")
+                for k in COHORT_METRICS]
+        for prior, q in res.get("sample_quality", {}).get(mod, {}).items():
+            out += [(run, ALL, mod, split, k, q[k], q["n"], prior) for k in (*SAMPLE_METRICS, "kid_sd")]
     return out
 
 
+def _compared_value(r: dict, mod: str, k: str, prior: str) -> float | None:
+    if k in PATCH_METRICS:
+        v = r["per_modality"][mod]["metrics"][k]["mean"]
+    elif k in COHORT_METRICS:
+        v = r["cohort"][mod][k]
+    else:
+        v = r.get("sample_quality", {}).get(mod, {}).get(prior, {}).get(k)
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
 def compare_table(results: list[dict]) -> list[dict]:
-    """Side-by-side rows: one per (modality, metric), values per run, best run marked."""
+    """Side-by-side rows: one per (modality, metric, prior), values per run, best run marked.
+
+    ``prior`` is ``""`` for reconstruction metrics, ``standard`` for MMD / W1 (N(0, I) samples) and
+    ``standard`` or ``gmm`` for the sample metrics.
+    """
     table = []
-    mods = sorted({m for r in results for m in r["per_modality"]})
-    for mod in mods:
-        for k, metric in ALL_METRICS.items():
-            unit, direction = metric.unit, metric.direction
-            vals = {}
-            for r in results:
-                if mod not in r["per_modality"]:
-                    continue
-                if k in COHORT_METRICS:
-                    v = r["cohort"][mod][k]
-                else:
-                    v = r["per_modality"][mod]["metrics"][k]["mean"]
-                vals[r["run"]] = None if v is None or not math.isfinite(v) else float(v)
+    keys = [(k, "") for k in PATCH_METRICS] + [(k, "standard") for k in COHORT_METRICS] + \
+        [(k, prior) for prior in ("standard", "gmm") for k in SAMPLE_METRICS]
+    for mod in sorted({m for r in results for m in r["per_modality"]}):
+        for k, prior in keys:
+            metric = ALL_METRICS[k]
+            vals = {r["run"]: _compared_value(r, mod, k, prior) for r in results if mod in r["per_modality"]}
             finite = {n: v for n, v in vals.items() if v is not None}
+            if k in SAMPLE_METRICS and not finite:
+                continue  # sample metrics off
             best = None
-            if direction and len(finite) > 1:
-                best = (max if direction > 0 else min)(finite, key=finite.get)
-            if k == "intensity_w1":
-                unit = results[0]["cohort"][mod].get("unit", unit)
-            table.append({"modality": mod, "metric": k, "unit": unit, "direction": direction,
-                          "values": vals, "best": best})
+            if metric.direction and len(finite) > 1:
+                best = (max if metric.direction > 0 else min)(finite, key=finite.get)
+            unit = results[0]["cohort"][mod].get("unit", metric.unit) if k == "intensity_w1" else metric.unit
+            table.append({"modality": mod, "metric": k, "prior": prior, "unit": unit,
+                          "direction": metric.direction, "values": vals, "best": best})
     return table
 
 

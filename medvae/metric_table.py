@@ -63,4 +63,22 @@ COHORT_METRICS = {  # per modality: real patches against model samples
                            "units (HU for CT)."),
 }
 
-ALL_METRICS = {**PATCH_METRICS, **COHORT_METRICS}
+SAMPLE_METRICS = {  # per modality and prior, on the store's own feature network (medvae.engine.features)
+    "fid": Metric("FID", "feature units²", -1,
+                  "Fréchet distance between Gaussians fitted to real and sample features. Compare it with the "
+                  "real-vs-real floor at the same n; only comparable between runs on the same store."),
+    "kid": Metric("KID", "feature units", -1,
+                  "Unbiased MMD² with the cubic polynomial kernel, mean over random subsets (sd as kid_sd); "
+                  "≈ 0 when the distributions match, less biased by n than FID."),
+    "precision": Metric("precision", "fraction", +1,
+                        "Fraction of samples inside the real patches' 3-NN balls: are samples realistic?"),
+    "recall": Metric("recall", "fraction", +1,
+                     "Fraction of real patches inside the samples' 3-NN balls: do samples cover the data?"),
+    "density": Metric("density", "ratio", +1,
+                      "Mean number of real 5-NN balls holding a sample, over 5: fidelity robust to outliers "
+                      "(≈ 1 for matching distributions)."),
+    "coverage": Metric("coverage", "fraction", +1,
+                       "Fraction of real 5-NN balls holding at least one sample: diversity robust to outliers."),
+}
+
+ALL_METRICS = {**PATCH_METRICS, **COHORT_METRICS, **SAMPLE_METRICS}

@@ -130,6 +130,7 @@ def quick_config(config: PipelineConfig) -> PipelineConfig:
         t.max_steps, t.batch_size, t.val_batches, t.checkpoint_every = 2, min(t.batch_size, 8), 1, 2
         t.warmup_steps, t.disc_start = 1, 1
     config.evaluate.iwae_k, config.evaluate.mmd_samples, config.evaluate.mmd_permutations = 2, 32, 10
+    config.evaluate.feature_steps = 20
     config.generate.n = 8
     return config
 

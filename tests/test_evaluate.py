@@ -18,21 +18,24 @@ from medvae.metric_table import PATCH_METRICS
 from medvae.models import build_model
 
 PATIENTS = ["PANCREAS_0001", "PANCREAS_0002", "PANCREAS_0003"]
-CFG = EvaluateConfig(split="test", iwae_k=4, mmd_samples=24, mmd_permutations=20, batch_size=16, worst_patches=2)
+CFG = EvaluateConfig(split="test", iwae_k=4, mmd_samples=24, mmd_permutations=20, batch_size=16, worst_patches=2,
+                     feature_steps=5, prior_components=2)
 
 
 def _store(path):
+    """Three test patients (10 patches each) and a training patient the priors and features are fitted on."""
     rng = np.random.default_rng(0)
     n_per, size = 10, 64
     yy, xx = np.mgrid[:size, :size] / size
     ids, imgs = [], []
-    for p, pid in enumerate(PATIENTS):
+    for p, pid in enumerate([*PATIENTS, "TRAIN_0001", "TRAIN_0002"]):
         for _ in range(n_per):
             cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.3)
             imgs.append(((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) * (0.5 + 0.1 * p) + 0.1)
             ids.append(pid)
     n = len(ids)
-    index = {"patient_id": ids, "modality": ["ct"] * n, "split": ["test"] * n, "slice_index": list(range(n)),
+    index = {"patient_id": ids, "modality": ["ct"] * n,
+             "split": ["train" if i.startswith("TRAIN") else "test" for i in ids], "slice_index": list(range(n)),
              "y": [0] * n, "x": [0] * n, "foreground_fraction": [1.0] * n, "source": ["phantom"] * n}
     meta = {"content_hash": "tiny-eval-store",
             "normalization": {"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}}}
@@ -82,7 +85,14 @@ def test_evaluate_writes_three_outputs(setup, tmp_path, caplog):
     mine = {r["metric"]: float(r["value"]) for r in rows if r["patient_id"] == PATIENTS[0]}
     assert mine["ssim"] == pytest.approx(ref_ssim, abs=1e-4)
     assert mine["psnr"] == pytest.approx(ref_psnr, abs=1e-3)
-    cohort = {r["metric"]: float(r["value"]) for r in rows if r["patient_id"] == "ALL"}
+    cohort = {r["metric"]: float(r["value"]) for r in rows if r["patient_id"] == "ALL" and r["prior"] in ("", "standard")}
+    # Sample metrics per prior, on the same n, the real-vs-real floor beside them.
+    sample = {(r["prior"], r["metric"]): float(r["value"]) for r in rows if r["prior"] in ("real", "gmm", "standard")
+              and r["metric"] in ("fid", "kid", "kid_sd", "precision", "recall", "density", "coverage")}
+    assert {p for p, _ in sample} == {"real", "standard", "gmm"} and len(sample) == 21
+    assert all(0 <= sample[(p, k)] <= 1 for p in ("real", "gmm") for k in ("precision", "recall", "coverage"))
+    assert (out / "features").exists() is False and any((store.path / "features").glob("*.pt"))
+    assert any((run_a / "priors").glob("best-*.pt"))
     assert {"mmd2_pixel", "mmd_p_pixel", "mmd2_randconv", "intensity_w1"} <= set(cohort)
     assert 0 < cohort["mmd_p_pixel"] <= 1 and cohort["intensity_w1"] >= 0
 
@@ -152,5 +162,5 @@ def test_yaml_split_is_used_unless_the_option_is_given(setup, tmp_path):
 def _yaml(tmp_path, split="test"):
     p = tmp_path / "eval.yaml"
     p.write_text(f"split: {split}\niwae_k: 2\nmmd_samples: 16\nmmd_permutations: 10\nbatch_size: 16\n"
-                 "worst_patches: 1\n")
+                 "worst_patches: 1\nfeature_steps: 5\nprior_components: 2\n")
     return p

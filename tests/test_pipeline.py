@@ -29,7 +29,8 @@ TINY = {
         }
         for name, steps in (("vae", 6), ("vaegan", 4))
     },
-    "evaluate": {"split": "test", "iwae_k": 2, "mmd_samples": 16, "mmd_permutations": 10, "batch_size": 16},
+    "evaluate": {"split": "test", "iwae_k": 2, "mmd_samples": 16, "mmd_permutations": 10, "batch_size": 16,
+                 "feature_steps": 3},
     "generate": {"model": "vaegan", "n": 4, "format": "nifti", "batch_size": 4},
 }
 

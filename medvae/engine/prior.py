@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from medvae.data.store import PatchStore
-from medvae.errors import CheckpointError
+from medvae.errors import CheckpointError, InputError
 from medvae.files import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,9 @@ def prior_for(checkpoint: str | os.PathLike, model, store: PatchStore, component
     path = prior_path(checkpoint)
     if path.is_file():
         return load_prior(path)
+    if store.select(split="train").size < 2:
+        raise InputError(f"{store.path}: no training patches to fit the mixture prior on; use the standard prior "
+                         "(--prior standard)")
     model.eval()
     prior = fit_gmm(encoder_means(model, store, seed=seed), components, seed)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,10 @@ import jinja2
 import numpy as np
 
 from medvae.files import write_text
-from medvae.metric_table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS
+from medvae.metric_table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS, SAMPLE_METRICS
 from medvae.report import figures as F
+
+PRIOR_LABELS = {"": "", "real": "real vs real (floor)", "standard": "N(0, I)", "gmm": "Gaussian mixture"}
 
 
 def _fmt(v, metric: str = "") -> str:
@@ -42,13 +44,15 @@ def _env() -> jinja2.Environment:
 def build_figures(summary: dict, fig: dict) -> dict:
     """Render every figure the template shows; returns name -> base64 PNG (or nested dicts)."""
     norm = fig["normalization"]
-    out: dict = {"patients": {}, "samples": {}, "traversal": {}, "histograms": {}}
+    out: dict = {"patients": {}, "samples": {}, "samples_gmm": {}, "traversal": {}, "histograms": {}}
     for pid, items in fig["triptychs"].items():
         mod = summary["per_patient"][pid]["modality"]
         out["patients"][pid] = F.triptych(items, mod, norm[mod])
     for mod in fig["modalities"]:
         lo, hi = float(norm[mod]["low"]), float(norm[mod]["high"])
         out["samples"][mod] = F.image_grid(lo + np.asarray(fig["samples"]) * (hi - lo), mod, norm[mod])
+        if fig.get("samples_gmm") is not None:
+            out["samples_gmm"][mod] = F.image_grid(lo + np.asarray(fig["samples_gmm"]) * (hi - lo), mod, norm[mod])
         labels = [f"z[{d}]" for d in fig["traversal_dims"]]
         out["traversal"][mod] = F.image_grid(lo + np.asarray(fig["traversal"]) * (hi - lo), mod, norm[mod],
                                              ncols=len(fig["traversal_steps"]), row_labels=labels)
@@ -63,6 +67,7 @@ def render_report(summary: dict, fig: dict) -> str:
     template = env.from_string(env.globals["template_text"])
     return template.render(s=summary, figs=build_figures(summary, fig), metrics=list(PATCH_METRICS),
                            cohort_metrics=list(COHORT_METRICS), info=summary["metric_info"],
+                           sample_metrics=list(SAMPLE_METRICS), prior_labels=PRIOR_LABELS,
                            labels={k: m.label for k, m in ALL_METRICS.items()},
                            explain={k: m.explain for k, m in ALL_METRICS.items()})
 

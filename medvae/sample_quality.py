@@ -1,0 +1,78 @@
+"""Sample quality of one model per modality and prior: FID, KID, precision/recall, density/coverage.
+
+Real held-out patches and model samples are embedded with the store's own feature network
+(:mod:`medvae.engine.features`, shared by every model evaluated on the store) and compared with
+:func:`medvae.sample_metrics.sample_metrics`, for samples from N(0, I) (``standard``) and from the
+Gaussian mixture fitted on the training codes (``gmm``, :mod:`medvae.engine.prior`). The same
+metrics between two halves of the real patches (``real``) are the floor a perfect model reaches
+with that many samples.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from medvae.config import EvaluateConfig
+from medvae.data.store import PatchStore
+from medvae.engine.features import embed, feature_net
+from medvae.engine.prior import prior_for
+from medvae.sample_metrics import sample_metrics
+
+log = logging.getLogger(__name__)
+MIN_PER_HALF = 8  # density / coverage use 5-NN balls
+
+
+@torch.no_grad()
+def prior_samples(model, checkpoint, store: PatchStore, cfg: EvaluateConfig, seed: int = 0) -> dict:
+    """``{"standard": (n, C, H, W), "gmm": (n, C, H, W)}`` float32 CPU samples, n = ``cfg.mmd_samples``.
+
+    Without training patches (a store of one split) there is no mixture to fit: ``standard`` only.
+    """
+    names = ["standard"]
+    if store.select(split="train").size >= 2:
+        prior = prior_for(checkpoint, model, store, cfg.prior_components, seed)
+        names.append("gmm")
+    else:
+        log.warning("%s has no train split: samples from N(0, I) only", store.path)
+    device = next(model.parameters()).device
+    out = {}
+    for name in names:
+        gen = torch.Generator().manual_seed(seed)
+        batches = []
+        for i in range(0, cfg.mmd_samples, cfg.batch_size):
+            n = min(cfg.batch_size, cfg.mmd_samples - i)
+            z = torch.randn(n, model.latent_dim, generator=gen) if name == "standard" else prior.sample(n, gen)
+            batches.append(model.decode(z.to(device)).float().cpu())
+        out[name] = torch.cat(batches)
+    return out
+
+
+def sample_quality(store: PatchStore, rows_by_modality: dict[str, np.ndarray], samples: dict[str, torch.Tensor],
+                   cfg: EvaluateConfig, device: torch.device, seed: int = 0) -> dict[str, dict[str, dict]]:
+    """Per modality and prior (``real``, ``standard``, ``gmm``): the sample metrics and their n."""
+    if store.select(split="train").size < 2:
+        log.warning("%s has no train split to train the feature network on: no sample metrics", store.path)
+        return {}
+    net = feature_net(store, steps=cfg.feature_steps, seed=seed, device=device)
+    fake = {name: embed(net, x).numpy() for name, x in samples.items()}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for mod, rows in rows_by_modality.items():
+        pick = np.sort(rng.choice(rows, min(cfg.mmd_samples, len(rows)), replace=False))
+        real = embed(net, torch.from_numpy(store.get(pick))).numpy()
+        if len(real) < 2 * MIN_PER_HALF:
+            log.warning("%s: %d patches are too few for sample metrics (k-NN balls need %d per half); skipped",
+                        mod, len(real), MIN_PER_HALF)
+            continue
+        # Every comparison at the same n (FID and KID depend on it): half of the real patches are the
+        # reference, the other half the floor, and as many samples.
+        half = len(real) // 2
+        ref = real[:half]
+        res = {"real": {**sample_metrics(ref, real[half:2 * half], seed), "n": half}}
+        for name, f in fake.items():
+            res[name] = {**sample_metrics(ref, f[:half], seed), "n": int(min(half, len(f)))}
+        out[mod] = res
+    return out
