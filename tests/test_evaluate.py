@@ -85,7 +85,8 @@ def test_evaluate_writes_three_outputs(setup, tmp_path, caplog):
     mine = {r["metric"]: float(r["value"]) for r in rows if r["patient_id"] == PATIENTS[0]}
     assert mine["ssim"] == pytest.approx(ref_ssim, abs=1e-4)
     assert mine["psnr"] == pytest.approx(ref_psnr, abs=1e-3)
-    cohort = {r["metric"]: float(r["value"]) for r in rows if r["patient_id"] == "ALL" and r["prior"] in ("", "standard")}
+    cohort = {r["metric"]: float(r["value"]) for r in rows
+              if r["patient_id"] == "ALL" and r["prior"] in ("", "standard")}
     # Sample metrics per prior, on the same n, the real-vs-real floor beside them.
     sample = {(r["prior"], r["metric"]): float(r["value"]) for r in rows if r["prior"] in ("real", "gmm", "standard")
               and r["metric"] in ("fid", "kid", "kid_sd", "precision", "recall", "density", "coverage")}
