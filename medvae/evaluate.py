@@ -22,6 +22,7 @@ Writes ``metrics.csv`` (tidy: run, patient_id, modality, split, metric, value, n
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import math
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 IWAE_PER_PATIENT = 8  # patches per patient that get the k-sample IWAE bound
 HIST_BINS = 64
 ALL = "ALL"
-_COMPARED = ("per_modality", "cohort", "checkpoint")  # what summary.json keeps of each compared run
+# what summary.json keeps of each compared run
+_COMPARED = ("per_modality", "cohort", "checkpoint", "step", "weights_sha256", "sample_quality")
 CSV_COLUMNS = ("run", "patient_id", "modality", "split", "metric", "value", "n", "prior")
 
 
@@ -183,6 +185,7 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
         quality = sample_quality(store, {mod: rows[mods == mod] for mod in cohort}, by_prior, cfg, device)
 
     result = {"run": name, "checkpoint": str(ckpt), "step": meta.get("step"),
+              "weights_sha256": _weights_sha256(model),
               "model": (meta.get("model_config") or {}).get("name"), "split": cfg.split,
               "store": str(store.path),
               "store_hash_matches": meta.get("store_hash") in (None, store.content_hash),
@@ -285,6 +288,29 @@ def compare_table(results: list[dict]) -> list[dict]:
     return table
 
 
+def identical_weights(results: list[dict]) -> list[list[str]]:
+    """Groups of runs whose evaluated generator weights are identical (a comparison of a model with
+    itself: e.g. a VAE–GAN checkpoint saved before its critic ever trained), each logged loudly."""
+    groups: dict[str, list[str]] = {}
+    for r in results:
+        groups.setdefault(r["weights_sha256"], []).append(r["run"])
+    same = [names for names in groups.values() if len(names) > 1]
+    for names in same:
+        log.warning("%s have IDENTICAL weights: their columns in the comparison are one model, not %d",
+                    " and ".join(names), len(names))
+    return same
+
+
+def _weights_sha256(model) -> str:
+    """SHA-256 of the generator's weights (the critic excluded), in parameter-name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if not name.startswith("discriminator."):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _unique_names(results: list[dict]) -> None:
     seen: dict[str, int] = {}
     for r in results:
@@ -332,7 +358,8 @@ def evaluate(run, store, out, config: EvaluateConfig | None = None, compare=(), 
     if compare:
         summary["compare"] = {"runs": [r["run"] for r in results], "table": compare_table(results),
                               "results": {r["run"]: {k: r[k] for k in _COMPARED}
-                                          for r in results[1:]}}
+                                          for r in results[1:]},
+                              "identical_weights": identical_weights(results)}
     write_json(out / "summary.json", _jsonable(summary))
     write_report(summary, figures, out / "report.html")
     log.info("wrote %s, %s and %s", out / "metrics.csv", out / "summary.json", out / "report.html")

@@ -129,6 +129,7 @@ def test_compare_marks_best(setup, tmp_path, caplog):
     summary = json.loads((out / "summary.json").read_text())
     table = summary["compare"]["table"]
     assert summary["compare"]["runs"] == ["vae_a", "vae_b"]
+    assert summary["compare"]["identical_weights"] == []  # two different models
     ssim_row = next(r for r in table if r["metric"] == "ssim")
     vals = ssim_row["values"]
     assert ssim_row["best"] == max(vals, key=vals.get)
@@ -139,6 +140,20 @@ def test_compare_marks_best(setup, tmp_path, caplog):
         assert {r["run"] for r in csv.DictReader(f)} == {"vae_a", "vae_b"}
     html = (out / "report.html").read_text()
     assert 'id="compare"' in html and 'class="best"' in html
+
+
+def test_compare_flags_identical_weights(setup, tmp_path, caplog):
+    import shutil
+
+    store, run_a, _ = setup
+    twin = tmp_path / "vae_twin"
+    shutil.copytree(run_a / "checkpoints", twin / "checkpoints")  # the same weights under another name
+    cfg = CFG.model_copy(update={"sample_metrics": False})
+    with caplog.at_level("WARNING"):
+        summary = evaluate(run_a, store.path, tmp_path / "r", cfg, compare=[twin], device="cpu")
+    assert summary["compare"]["identical_weights"] == [["vae_a", "vae_twin"]]
+    assert "vae_a and vae_twin have IDENTICAL weights" in caplog.text
+    assert "vae_a and vae_twin have identical weights" in (tmp_path / "r" / "report.html").read_text()
 
 
 def test_bad_split_is_a_user_error(setup, tmp_path):

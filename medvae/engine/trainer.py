@@ -204,13 +204,21 @@ class _Trainer:
         for name in names:
             ck.save_checkpoint(self.ckdir / name, state)
 
+    def _selectable(self) -> bool:
+        """Whether this step's weights may become best.pt: for a model with a critic only once the
+        critic has trained. The adversarial phase trades likelihood for sharpness on purpose, so the
+        best val ELBO of a VAE–GAN would otherwise be its last pre-critic step — the plain VAE's
+        weights (docs/architecture.md, "Checkpoint selection")."""
+        has_critic = getattr(self.model, "discriminator", None) is not None
+        return not has_critic or self.step > self.tc.disc_start
+
     def _save(self, last: bool) -> None:
         """After a validation: last.pt (and step_*.pt when due) if ``last``, best.pt when the val
-        ELBO improved; run.json follows."""
+        ELBO improved (:meth:`_selectable`); run.json follows."""
         names = ["last.pt"] if last else []
         if self.step % self.tc.checkpoint_every == 0:
             names.append(ck.step_name(self.step))
-        if self.metrics.get("elbo", -math.inf) > self.best_elbo:
+        if self._selectable() and self.metrics.get("elbo", -math.inf) > self.best_elbo:
             self.best_elbo = self.metrics["elbo"]
             names.append("best.pt")
         if names:

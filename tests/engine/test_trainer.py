@@ -95,6 +95,21 @@ def test_vaegan_step_changes_both_networks(tiny_store, tmp_path):
     assert {"adv", "fm", "adv_weight", "d_loss", "d_real", "d_fake"} <= set(entry)
 
 
+def test_vaegan_best_checkpoint_is_chosen_after_the_critic_started(tiny_store, tmp_path):
+    # Validations at steps 4, 8, 12; the critic joins after step 4. A VAE–GAN's best.pt must be a
+    # step the critic trained (8 or 12), even where the pre-critic ELBO is higher.
+    cfg = tiny_config("vaegan", max_steps=12, disc_start=4, checkpoint_every=4)
+    train(tiny_store, tmp_path / "gan", cfg, device="cpu")
+    val = {e["step"]: e["val_elbo"] for e in read_log(tmp_path / "gan") if "val_elbo" in e}
+    assert sorted(val) == [4, 8, 12]
+    best = load_checkpoint(tmp_path / "gan" / "checkpoints" / "best.pt")
+    assert best["step"] == max((8, 12), key=val.get) and best["best_elbo"] == pytest.approx(val[best["step"]])
+    # A plain VAE keeps choosing by val ELBO over all validations.
+    train(tiny_store, tmp_path / "vae", tiny_config("vae", max_steps=12, checkpoint_every=4), device="cpu")
+    val = {e["step"]: e["val_elbo"] for e in read_log(tmp_path / "vae") if "val_elbo" in e}
+    assert load_checkpoint(tmp_path / "vae" / "checkpoints" / "best.pt")["step"] == max(val, key=val.get)
+
+
 def test_nan_guard_skips_and_counts(tiny_store, tmp_path, monkeypatch, caplog):
     real = medvae.losses.generator_loss
     calls = []
