@@ -199,3 +199,6 @@ class PipelineConfig(StrictModel):
     models: dict[str, TrainStageConfig] = Field(default_factory=lambda: {"vae": TrainStageConfig()})
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     generate: PipelineGenerateConfig = Field(default_factory=PipelineGenerateConfig)
+    # Ablations: "model.latent_dim": [32, 128], "train.beta": [0.5, 1.0], ... Every model above is trained
+    # once per combination of values (named e.g. "vae[latent_dim=32,beta=0.5]") and all are compared.
+    sweep: dict[str, list] = Field(default_factory=dict)

@@ -10,6 +10,7 @@ Layout of RUN: ``manifest.csv``, ``store/``, ``models/<name>/``, ``report/``, ``
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from medvae.config import GenerateConfig, PipelineConfig, load_yaml, parse_config
+from medvae.config import GenerateConfig, PipelineConfig, TrainStageConfig, load_yaml, parse_config
 from medvae.data.discover import discover
 from medvae.data.manifest import write_manifest
 from medvae.data.prepare import prepare
@@ -48,15 +49,49 @@ def pipeline_path(pipeline: str | os.PathLike) -> Path:
     return path
 
 
+def expand_sweep(config: PipelineConfig, source: str = "pipeline") -> PipelineConfig:
+    """The pipeline with every model replaced by one variant per combination of ``sweep`` values.
+
+    A sweep key is ``model.<key>`` or ``train.<key>``; a variant is named after the model and the
+    values that vary (``vae[latent_dim=32,upsample=nearest]``) and validated like any model config.
+    """
+    if not config.sweep:
+        return config
+    keys = list(config.sweep)
+    for key in keys:
+        section, _, name = key.partition(".")
+        fields = {"model": TrainStageConfig.model_fields["model"].annotation.model_fields,
+                  "train": TrainStageConfig.model_fields["train"].annotation.model_fields}.get(section, {})
+        if name not in fields:
+            raise ConfigError(f"{source}: unknown sweep key '{key}'; use model.<key> or train.<key> of a model config")
+        if not isinstance(config.sweep[key], list) or not config.sweep[key]:
+            raise ConfigError(f"{source}: sweep '{key}' needs a non-empty list of values")
+    models = {}
+    for base_name, base in config.models.items():
+        for values in itertools.product(*(config.sweep[k] for k in keys)):
+            data = base.model_dump(mode="json")
+            for key, value in zip(keys, values):
+                section, _, name = key.partition(".")
+                data[section][name] = value
+            label = ",".join(f"{k.partition('.')[2]}={'-'.join(map(str, v)) if isinstance(v, list) else v}"
+                             for k, v in zip(keys, values))
+            models[f"{base_name}[{label}]"] = parse_config(data, TrainStageConfig, f"{source}: sweep {label}")
+    generate = config.generate
+    if generate.model in config.models:  # generate from the first variant of the model it names
+        generate = generate.model_copy(update={"model": next(n for n in models if n.startswith(generate.model + "["))})
+    return config.model_copy(update={"models": models, "sweep": {}, "generate": generate})
+
+
 def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     """Read and validate a pipeline YAML (unknown keys and bad values name key and file)."""
     config = parse_config(load_yaml(path), PipelineConfig, str(path))
-    if not config.models:
-        raise ConfigError(f"{path}: 'models' is empty; name at least one model to train")
     if config.generate.model and config.generate.model not in config.models:
         raise ConfigError(
             f"{path}: generate.model '{config.generate.model}' is not one of models: {', '.join(config.models)}"
         )
+    config = expand_sweep(config, str(path))
+    if not config.models:
+        raise ConfigError(f"{path}: 'models' is empty; name at least one model to train")
     return config
 
 

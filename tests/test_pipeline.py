@@ -129,3 +129,28 @@ def test_unknown_key_names_key_and_file(tmp_path):
 def test_every_shipped_pipeline_validates():
     for path in (Path(__file__).parents[1] / "pipelines").glob("*.yaml"):
         assert load_pipeline(path).models
+
+
+def test_sweep_expands_every_model_into_named_variants(tmp_path):
+    import yaml
+
+    from medvae.errors import ConfigError
+    from medvae.pipeline import load_pipeline
+
+    data = {"models": {"vae": {"model": {"name": "vae", "latent_dim": 8}}, "gan": {"model": {"name": "vaegan"}}},
+            "sweep": {"model.latent_dim": [4, 16], "model.upsample": ["nearest", "transpose"]},
+            "generate": {"model": "gan"}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    config = load_pipeline(path)
+    assert list(config.models) == [f"{m}[latent_dim={d},upsample={u}]" for m in ("vae", "gan")
+                                   for d in (4, 16) for u in ("nearest", "transpose")]
+    v = config.models["gan[latent_dim=16,upsample=transpose]"]
+    assert (v.model.name, v.model.latent_dim, v.model.upsample) == ("vaegan", 16, "transpose")
+    assert config.generate.model == "gan[latent_dim=4,upsample=nearest]" and config.sweep == {}
+    path.write_text(yaml.safe_dump({**data, "sweep": {"model.latent_dmi": [4]}}))
+    with pytest.raises(ConfigError, match="unknown sweep key 'model.latent_dmi'"):
+        load_pipeline(path)
+    path.write_text(yaml.safe_dump({**data, "sweep": {"model.upsample": ["bilinear"]}}))
+    with pytest.raises(ConfigError, match="sweep upsample=bilinear: bad value for 'model.upsample'"):
+        load_pipeline(path)
