@@ -1,10 +1,17 @@
 """DICOM series reading (pydicom): one CT/MR series of a directory -> ``Volume`` in HU.
 
 This module finds the files of a directory, picks the image series, decodes the pixels with
-pydicom (``pydicom.pixels.pixel_array``, then ``apply_rescale`` for HU); the series geometry
-(slice order along the normal, gaps, duplicates, spacing, affine) is
-:mod:`medvae.io.dicom_geometry`. The volume is reoriented to ``array[z, y, x]`` with z toward
-Superior, y toward Posterior, x toward patient Left (see :mod:`medvae.io.orient`).
+pydicom (``pydicom.pixels.pixel_array``) and rescales them to HU exactly as pydicom's
+``apply_modality_lut`` does (in float32 in place where that is bit-identical, see
+:func:`_to_units`); the series geometry (slice order along the normal, gaps, duplicates,
+spacing, affine) is :mod:`medvae.io.dicom_geometry`. A series is single-frame files, or enhanced
+multi-frame files (CT/MR with functional groups) whose frames are its slices, or both; a folder
+holding one enhanced file reads as a volume. Every header is parsed once (pixel bytes deferred).
+
+The volume keeps the acquired slices as ``array[k]`` (:func:`medvae.io.orient.plan_acquisition`):
+an axial series is ``array[z, y, x]`` with z toward Superior, y toward Posterior, x toward
+patient Left; a sagittal or coronal one keeps its images, oriented to the plane's display codes,
+with the plane recorded in ``Volume.plane``.
 
 Problems that do not stop the read (skipped files, other series, gaps, duplicates, mixed
 shapes) become ``Volume.warnings`` / ``VolumeInfo.warnings`` and are logged. Messages name files
@@ -13,10 +20,11 @@ and directories only: PatientName, PatientID and birth dates never appear in any
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +33,15 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_rescale, get_decoder, pixel_array
 
 from medvae.errors import InputError
-from medvae.io.dicom_geometry import IMAGE_MODALITIES, SeriesPlan, name_files, series_geometry
+from medvae.io.dicom_geometry import (
+    IMAGE_MODALITIES,
+    SeriesPlan,
+    Slice,
+    enhanced_frames,
+    name_files,
+    series_geometry,
+    single_frame_slice,
+)
 from medvae.io.volume import Volume, VolumeInfo
 
 log = logging.getLogger(__name__)
@@ -118,34 +134,22 @@ def _plan(directory: str | os.PathLike) -> SeriesPlan:
     if truncated:
         warnings.append(f"skipped {len(truncated)} truncated file(s): {name_files(truncated, directory)}")
 
-    image_series: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    image_series: dict[str, list[Slice]] = {}
     for uid, members in series.items():
         modality = str(getattr(members[0][1], "Modality", "") or "?")
-        usable = [
-            (p, ds)
-            for p, ds in members
-            if str(getattr(ds, "Modality", "")) in IMAGE_MODALITIES
-            and "ImagePositionPatient" in ds
-            and "ImageOrientationPatient" in ds
-            and "Rows" in ds
-            and int(getattr(ds, "SamplesPerPixel", 1) or 1) == 1
-            and int(getattr(ds, "NumberOfFrames", 1) or 1) == 1
-        ]
+        usable: list[Slice] = []
+        skipped: dict[str, list[Path]] = defaultdict(list)  # reason -> files
+        for path, ds in members:
+            try:
+                usable.extend(_slices_of(path, ds))
+            except _NotAnImage as e:
+                skipped[str(e)].append(path)
         if usable:
             image_series[uid] = usable
-            if len(usable) < len(members):
-                bad = [p for p, ds in members if all(p is not q for q, _ in usable)]
-                warnings.append(
-                    f"skipped {len(bad)} file(s) without single-frame grayscale image geometry "
-                    f"in series {uid}: "
-                    f"{name_files(bad, directory)}"
-                )
-        else:
-            multi = any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for _, ds in members)
-            why = "multi-frame images are not supported" if multi else "not a CT/MR image series"
+        for why, paths in skipped.items():
             warnings.append(
-                f"skipped {len(members)} file(s) of {modality} series {uid or '(no SeriesInstanceUID)'} "
-                f"({why}): {name_files([p for p, _ in members], directory)}"
+                f"skipped {len(paths)} file(s) of {modality} series {uid or '(no SeriesInstanceUID)'} "
+                f"({why}): {name_files(paths, directory)}"
             )
     if not image_series:
         raise InputError(
@@ -160,6 +164,36 @@ def _plan(directory: str | os.PathLike) -> SeriesPlan:
             f"({len(image_series[uid])} files), ignoring {others}"
         )
     return series_geometry(directory, uid, image_series[uid], warnings)
+
+
+class _NotAnImage(Exception):
+    """A DICOM file that is no CT/MR grayscale image with geometry (the message says why)."""
+
+
+def _slices_of(path: Path, ds: pydicom.Dataset) -> list[Slice]:
+    """The images of one file: itself (single-frame), or each frame of an enhanced multi-frame file."""
+    if str(getattr(ds, "Modality", "")) not in IMAGE_MODALITIES:
+        raise _NotAnImage("not a CT/MR image series")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise _NotAnImage("no image: Rows/Columns missing")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise _NotAnImage(f"not grayscale: SamplesPerPixel {ds.SamplesPerPixel}")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise _NotAnImage(f"malformed NumberOfFrames {ds.get('NumberOfFrames')!r}") from None
+    multi = frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
+    try:
+        if multi:
+            return enhanced_frames(path, ds)
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+            raise _NotAnImage("no image geometry: ImagePositionPatient/ImageOrientationPatient missing")
+        return [single_frame_slice(path, ds)]
+    except _NotAnImage:
+        raise
+    except Exception as e:  # missing functional groups, malformed numbers: say what, skip the file
+        kind = "multi-frame image without usable per-frame geometry" if multi else "malformed image geometry"
+        raise _NotAnImage(f"{kind}: {e}") from None
 
 
 def _log(plan_warnings: list[str]) -> None:
@@ -186,6 +220,7 @@ def inspect_dicom_series(directory: str | os.PathLike) -> VolumeInfo:
         modality=plan.modality,
         series_uid=plan.series_uid,
         warnings=list(plan.warnings),
+        plane=plan.plane,
     )
 
 
@@ -208,16 +243,84 @@ def _check_decoder(plan: SeriesPlan) -> None:
         )
 
 
-def _decode(ds: pydicom.Dataset) -> np.ndarray:
-    """Stored pixel values of one single-frame slice, ``(rows, cols)``, by pydicom's decoders.
+def _decode(s: Slice, frames: dict[int, np.ndarray | Exception]) -> np.ndarray:
+    """Stored pixel values of one slice, ``(rows, cols)``, by pydicom's decoders.
 
     ``view_only``: native (uncompressed) data comes back as a read-only view of the pixel bytes,
-    no copy; the caller copies it into the volume while applying the rescale.
+    no copy; the caller copies it into the volume while applying the rescale. A multi-frame file
+    is decoded once, on its first frame, and kept in ``frames`` (by dataset id) until its last
+    frame is copied.
     """
-    arr = pixel_array(ds, view_only=True)
-    if arr.ndim != 2:
-        raise ValueError(f"expected one grayscale frame, got pixel array of shape {arr.shape}")
-    return arr
+    if s.frame is None:
+        arr = pixel_array(s.ds, view_only=True)
+        if arr.ndim != 2:
+            raise ValueError(f"expected one grayscale frame, got pixel array of shape {arr.shape}")
+        return arr
+    key = id(s.ds)
+    if key not in frames:
+        try:
+            frames[key] = pixel_array(s.ds, view_only=True)
+        except Exception as e:  # remembered, so the file's other frames fail fast
+            frames[key] = e
+    arr = frames[key]
+    if isinstance(arr, Exception):
+        raise arr
+    if arr.ndim == 2:  # a one-frame file
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"expected grayscale frames, got pixel array of shape {arr.shape}")
+    return arr[s.frame]
+
+
+@functools.lru_cache(maxsize=256)
+def _float32_exact(dtype: np.dtype, slope: float, intercept: float) -> bool:
+    """True when ``stored * slope + intercept`` is exact in float32 for every value of ``dtype``.
+
+    Then float32 arithmetic gives the very values of pydicom's float64 ``apply_modality_lut`` cast
+    to float32: with q a power of two making ``slope * q`` and ``intercept * q`` integers, every
+    intermediate is an integer times 1/q below 2**24 in magnitude, exact in both precisions.
+    """
+    if dtype.kind not in "ui" or dtype.itemsize > 2:
+        return False
+    info = np.iinfo(dtype)
+    vmax = max(abs(int(info.min)), int(info.max))
+    for e in range(16):
+        q = 2.0**e
+        if (slope * q).is_integer() and (intercept * q).is_integer():
+            return vmax * abs(slope) * q + abs(intercept) * q < 2**24
+    return False
+
+
+def _rescale(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """The file's (RescaleSlope, RescaleIntercept) as pydicom applies them; None: a Modality LUT."""
+    if ds.get("ModalityLUTSequence"):
+        return None
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        return float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    return 1.0, 0.0
+
+
+def _to_units(out: np.ndarray, raw: np.ndarray, s: Slice) -> None:
+    """``out[...] = raw * slope + intercept`` (HU for CT), equal to pydicom's ``apply_modality_lut``.
+
+    pydicom computes in float64 (a new array per slice); when that is exact in float32 (integer or
+    dyadic slope and intercept, 8/16-bit data: CT as written by scanners) the rescale runs in float32
+    in place in ``out``, several times faster and bit-identical. Otherwise pydicom's own float64 path
+    (and its Modality LUT) is used, then cast to float32.
+    """
+    rescale = s.rescale if s.rescale is not None else _rescale(s.ds)
+    if rescale is None:
+        out[...] = apply_rescale(raw, s.ds)
+        return
+    slope, intercept = rescale
+    if _float32_exact(raw.dtype, slope, intercept):
+        np.copyto(out, raw, casting="unsafe")  # integer -> float32 is exact below 2**24
+        if slope != 1.0:
+            out *= np.float32(slope)
+        if intercept != 0.0:
+            out += np.float32(intercept)
+    else:
+        out[...] = raw.astype(np.float64) * slope + intercept
 
 
 def read_dicom_series(directory: str | os.PathLike, patient_id: str | None = None) -> Volume:
@@ -229,9 +332,11 @@ def read_dicom_series(directory: str | os.PathLike, patient_id: str | None = Non
         patient_id: id for the volume; default :func:`default_patient_id`.
 
     Returns:
-        Volume: ``array (Z, Y, X)`` float32 with z toward Superior, y toward Posterior, x toward
-        patient Left; ``spacing (z, y, x)`` mm; ``orientation "LPS"``; ``affine`` the RAS affine of
-        the ``(i, j, k) = (x, y, z)`` grid.
+        Volume: ``array (K, R, C)`` float32 of the acquired slices: for an axial series
+        ``(Z, Y, X)`` with z toward Superior, y toward Posterior, x toward patient Left
+        (``orientation "LPS"``); coronal ``"LIP"`` and sagittal ``"PIL"`` (the codes of the
+        column, row and slice directions; ``plane`` says which); ``spacing`` along the same axes,
+        mm; ``affine`` the RAS affine of the ``(i, j, k) = (c, r, k)`` grid.
 
     Raises:
         InputError: missing/empty directory, no usable series, all slices unreadable, or a
@@ -243,18 +348,23 @@ def read_dicom_series(directory: str | os.PathLike, patient_id: str | None = Non
     stack = np.empty((len(plan.slices), rows, cols), dtype=np.float32)  # (k, j, i)
     ok = np.ones(len(plan.slices), dtype=bool)
     failed: list[Path] = []
+    frames: dict[int, np.ndarray | Exception] = {}  # decoded multi-frame files, by dataset id
+    left = Counter(id(s.ds) for s in plan.slices)  # slices still to copy, per file
     for k, s in enumerate(plan.slices):
         try:
-            raw = _decode(s.ds)
+            raw = _decode(s, frames)
             if raw.shape != (rows, cols):
                 raise ValueError(f"pixel array shape {raw.shape} != ({rows}, {cols})")
+            _to_units(stack[k], raw, s)  # HU = stored * slope + intercept (or a Modality LUT)
         except Exception as e:  # a truncated or corrupt file: skip it, say which
-            log.debug("cannot decode %s: %s", s.path, e)
+            log.debug("cannot decode %s: %s", s.named, e)
             ok[k] = False
-            failed.append(s.path)
-            continue
-        stack[k] = apply_rescale(raw, s.ds)  # HU = stored * slope + intercept (or a Modality LUT)
-        del s.ds.PixelData  # free the pixel bytes early; the header stays for re-planning
+            failed.append(s.named)
+        left[id(s.ds)] -= 1
+        if not left[id(s.ds)]:  # free the pixel bytes early; the header stays for re-planning
+            frames.pop(id(s.ds), None)
+            if "PixelData" in s.ds:
+                del s.ds.PixelData
     if failed:
         if not ok.any():
             raise InputError(
@@ -265,7 +375,7 @@ def read_dicom_series(directory: str | os.PathLike, patient_id: str | None = Non
             f"skipped {len(failed)} unreadable or truncated file(s): {name_files(failed, plan.directory)}"
         )
         # Re-plan the geometry on the surviving slices so gaps are reported and spacing is right.
-        survivors = [(s.path, s.ds) for s, good in zip(plan.slices, ok) if good]
+        survivors = [s for s, good in zip(plan.slices, ok) if good]
         stack = stack[ok]
         plan = series_geometry(plan.directory, plan.series_uid, survivors, plan.warnings)
     _log(plan.warnings)
@@ -276,8 +386,9 @@ def read_dicom_series(directory: str | os.PathLike, patient_id: str | None = Non
         patient_id=patient_id if patient_id is not None else default_patient_id(plan.directory),
         modality=plan.modality,
         source=str(plan.directory),
-        orientation="LPS",
+        orientation="".join(plan.reorient.codes),
         affine=plan.reorient.affine,
         series_uid=plan.series_uid,
         warnings=list(plan.warnings),
+        plane=plan.plane,
     )

@@ -1,10 +1,17 @@
 """Geometry of one DICOM series from its headers: slice order, duplicates, gaps, spacing, affine.
 
+A slice is one single-frame file or one frame of an enhanced multi-frame file (CT/MR Image
+Storage with functional groups: the frame's ``PlanePositionSequence``,
+``PlaneOrientationSequence``, ``PixelMeasuresSequence`` and ``PixelValueTransformationSequence``,
+per frame or shared, see :func:`enhanced_frames`).
+
 Slices are ordered by their position along the slice normal (``ImagePositionPatient`` dotted
-with the cross product of the ``ImageOrientationPatient`` rows), never by file name or
-InstanceNumber. Duplicate positions keep the first file by name; missing slices (gaps of a whole
-multiple of the spacing) and non-uniform spacing become warnings. The result plans the
-reorientation to LPS (:mod:`medvae.io.orient`); no pixel is decoded here.
+with the cross product of the ``ImageOrientationPatient`` rows), never by file name,
+InstanceNumber or frame number. Duplicate positions keep the first slice by file name and
+frame; missing slices (gaps of a whole multiple of the spacing) and non-uniform spacing become
+warnings. The result plans the reorientation to the acquisition plane's display codes
+(:func:`medvae.io.orient.plan_acquisition`: axial series to LPS, sagittal and coronal series keep
+their slices); no pixel is decoded here.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import numpy as np
 import pydicom
 
 from medvae.errors import InputError
-from medvae.io.orient import Reorientation, plan_lps
+from medvae.io.orient import Reorientation, plan_acquisition
 
 IMAGE_MODALITIES = {"CT": "ct", "MR": "mr"}
 MAX_NAMED = 5  # files named in one message; the rest are counted
@@ -37,11 +44,101 @@ def name_files(paths: Sequence[Path], root: Path) -> str:
 
 @dataclass
 class Slice:
+    """One image of the series: a single-frame file, or frame ``frame`` of a multi-frame file."""
+
     path: Path
     ds: pydicom.Dataset
     position: np.ndarray  # ImagePositionPatient (LPS, mm)
     orientation: np.ndarray  # ImageOrientationPatient (6,)
     shape: tuple[int, int]
+    frame: int | None = None  # 0-based frame index in a multi-frame file; None: single-frame
+    pixel_spacing: tuple[float, float] | None = None  # (row spacing, column spacing) mm, when given
+    thickness: float | None = None  # SliceThickness, when given
+    rescale: tuple[float, float] | None = None  # the frame's (slope, intercept); None: the file's own
+
+    @property
+    def sort_name(self) -> tuple[str, int]:
+        return self.path.name, -1 if self.frame is None else self.frame
+
+    @property
+    def named(self) -> Path:
+        """The file, with the frame number (1-based) appended for a frame of a multi-frame file."""
+        return self.path if self.frame is None else Path(f"{self.path} (frame {self.frame + 1})")
+
+
+def _floats(value) -> np.ndarray:
+    return np.asarray([float(v) for v in value], dtype=np.float64)
+
+
+def _spacing(ds) -> tuple[float, float] | None:
+    ps = ds.get("PixelSpacing", None)
+    return (float(ps[0]), float(ps[1])) if ps is not None and len(ps) == 2 else None
+
+
+def _thickness(ds) -> float | None:
+    value = ds.get("SliceThickness", None)
+    return float(value) if value not in (None, "") and float(value) > 0 else None
+
+
+def single_frame_slice(path: Path, ds: pydicom.Dataset) -> Slice:
+    """The slice of a single-frame image file (needs ImagePositionPatient, ImageOrientationPatient)."""
+    return Slice(path, ds, _floats(ds.ImagePositionPatient), _floats(ds.ImageOrientationPatient),
+                 (int(ds.Rows), int(ds.Columns)), None, _spacing(ds), _thickness(ds))
+
+
+def _macro(groups, keyword: str):
+    """The first item of functional group ``keyword`` in the first of ``groups`` holding it."""
+    for item in groups:
+        if item is not None:
+            seq = item.get(keyword, None)
+            if seq:
+                return seq[0]
+    return None
+
+
+def enhanced_frames(path: Path, ds: pydicom.Dataset) -> list[Slice]:
+    """The frames of an enhanced multi-frame CT/MR file as slices, from its functional groups.
+
+    Each attribute is taken from the frame's item of PerFrameFunctionalGroupsSequence, else from
+    SharedFunctionalGroupsSequence, else from the top-level attribute (ImageOrientationPatient,
+    PixelSpacing, SliceThickness, RescaleSlope/Intercept).
+
+    Raises:
+        ValueError: no plane position for some frame, or no orientation (the message says which).
+    """
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    shared_seq = ds.get("SharedFunctionalGroupsSequence", None)
+    shared = shared_seq[0] if shared_seq else None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence", None) or []
+    if per_frame and len(per_frame) != n:
+        raise ValueError(f"PerFrameFunctionalGroupsSequence has {len(per_frame)} items for {n} frames")
+    shape = (int(ds.Rows), int(ds.Columns))
+    top_rescale = None
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        top_rescale = (float(ds.RescaleSlope), float(ds.RescaleIntercept))
+    slices = []
+    for f in range(n):
+        groups = (per_frame[f] if per_frame else None, shared)
+        pos = _macro(groups, "PlanePositionSequence")
+        if pos is None or "ImagePositionPatient" not in pos:
+            raise ValueError(f"frame {f + 1} of {n} has no PlanePositionSequence (ImagePositionPatient)")
+        ori = _macro(groups, "PlaneOrientationSequence")
+        iop = ori.get("ImageOrientationPatient", None) if ori is not None else None
+        iop = iop if iop is not None else ds.get("ImageOrientationPatient", None)
+        if iop is None or len(iop) != 6:
+            raise ValueError(f"frame {f + 1} of {n} has no PlaneOrientationSequence (ImageOrientationPatient)")
+        measures = _macro(groups, "PixelMeasuresSequence")
+        transform = _macro(groups, "PixelValueTransformationSequence")
+        rescale = top_rescale
+        if transform is not None and "RescaleSlope" in transform and "RescaleIntercept" in transform:
+            rescale = (float(transform.RescaleSlope), float(transform.RescaleIntercept))
+        slices.append(Slice(
+            path, ds, _floats(pos.ImagePositionPatient), _floats(iop), shape, f,
+            _spacing(measures) if measures is not None and "PixelSpacing" in measures else _spacing(ds),
+            _thickness(measures) if measures is not None and "SliceThickness" in measures else _thickness(ds),
+            rescale if rescale is not None else (1.0, 0.0),
+        ))
+    return slices
 
 
 @dataclass
@@ -57,24 +154,20 @@ class SeriesPlan:
     reorient: Reorientation
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def plane(self) -> str:
+        """``axial`` | ``coronal`` | ``sagittal`` | ``oblique``: the plane the slices were acquired in."""
+        return self.reorient.plane
 
-def series_geometry(directory: Path, uid: str, members, warnings: list[str]) -> SeriesPlan:
-    slices = [
-        Slice(
-            p,
-            ds,
-            np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64),
-            np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64),
-            (int(ds.Rows), int(ds.Columns)),
-        )
-        for p, ds in members
-    ]
+
+def series_geometry(directory: Path, uid: str, slices: list[Slice], warnings: list[str]) -> SeriesPlan:
+    """Order, de-duplicate and measure ``slices`` of series ``uid`` (non-fatal problems -> ``warnings``)."""
     modality = IMAGE_MODALITIES[str(slices[0].ds.Modality)]
 
     shapes = Counter(s.shape for s in slices)
     if len(shapes) > 1:
         keep = shapes.most_common(1)[0][0]
-        dropped = [s.path for s in slices if s.shape != keep]
+        dropped = [s.named for s in slices if s.shape != keep]
         warnings.append(
             f"mixed slice shapes {sorted(shapes)} in series {uid}; kept the {keep[0]}x{keep[1]} majority, "
             f"dropped {name_files(dropped, directory)}"
@@ -108,9 +201,9 @@ def series_geometry(directory: Path, uid: str, members, warnings: list[str]) -> 
                 if not dup[i]:
                     head = i
                 groups[head].append(i)
-            keep_idx = sorted(min(g, key=lambda i: slices[i].path.name) for g in groups.values())
+            keep_idx = sorted(min(g, key=lambda i: slices[i].sort_name) for g in groups.values())
             kept = set(keep_idx)
-            dropped = [slices[i].path for i in range(len(slices)) if i not in kept]
+            dropped = [slices[i].named for i in range(len(slices)) if i not in kept]
             warnings.append(
                 f"{len(dropped)} slice(s) of series {uid} duplicate another slice's position; dropped "
                 f"{name_files(dropped, directory)}"
@@ -138,14 +231,14 @@ def series_geometry(directory: Path, uid: str, members, warnings: list[str]) -> 
                 f"series {uid} in {directory}: non-uniform slice spacing "
                 f"({diffs.min():.3f}-{diffs.max():.3f} mm, median {dz:.3f} mm used)"
             )
-    elif "SliceThickness" in slices[0].ds:
-        dz = float(slices[0].ds.SliceThickness or 1.0)
+    elif slices[0].thickness is not None:
+        dz = slices[0].thickness
 
-    ps = slices[0].ds.get("PixelSpacing", None)
+    ps = slices[0].pixel_spacing
     if ps is None:
         warnings.append(f"series {uid} in {directory} has no PixelSpacing; assuming 1 mm")
         ps = (1.0, 1.0)
-    dy, dx = float(ps[0]), float(ps[1])
+    dy, dx = ps
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = row_dir * dx  # i: along a row (increasing column)
     affine_lps[:3, 1] = col_dir * dy  # j: down a column (increasing row)
@@ -153,5 +246,5 @@ def series_geometry(directory: Path, uid: str, members, warnings: list[str]) -> 
     affine_lps[:3, 3] = slices[0].position
     affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
     rows, cols = slices[0].shape
-    reorient = plan_lps(affine_ras, (cols, rows, len(slices)), (dx, dy, dz))
+    reorient = plan_acquisition(affine_ras, (cols, rows, len(slices)), (dx, dy, dz))
     return SeriesPlan(directory, uid, modality, slices, (dy, dx), dz, reorient, warnings)

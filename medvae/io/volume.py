@@ -17,11 +17,17 @@ class Volume:
         patient_id: the study's id (folder or file stem), never a DICOM PatientName.
         modality: ``ct`` | ``mr`` | ``microscopy``.
         source: the file or directory read.
-        orientation: ``"LPS"`` for CT/MR: ``array[z, y, x]`` with z toward Superior, y toward
-            Posterior, x toward patient Left (DICOM's axial display); ``"ZYX"`` for microscopy.
+        orientation: the codes of the array's ``(x, y, z)`` = (column, row, slice) directions.
+            ``"LPS"`` for axial CT/MR: ``array[z, y, x]`` with z toward Superior, y toward
+            Posterior, x toward patient Left (DICOM's axial display); a DICOM series acquired in
+            another plane keeps its slices: ``"LIP"`` coronal, ``"PIL"`` sagittal (see ``plane``);
+            ``"ZYX"`` for microscopy.
         affine: 4x4 voxel-index (x, y, z order as in NIfTI) to world (mm) matrix, when known.
         series_uid: DICOM SeriesInstanceUID, or "".
         warnings: problems that did not stop the read (gaps, skipped files, ...).
+        plane: the patient plane of the slices ``array[k]``: ``axial`` | ``coronal`` |
+            ``sagittal`` | ``oblique`` (a DICOM series' acquisition plane); "" when not recorded
+            (microscopy, and NIfTI, which is always reoriented to ``LPS``).
     """
 
     array: np.ndarray
@@ -33,6 +39,7 @@ class Volume:
     affine: np.ndarray | None = None
     series_uid: str = ""
     warnings: list[str] = field(default_factory=list)
+    plane: str = ""
 
 
 @dataclass
@@ -46,6 +53,7 @@ class VolumeInfo:
         modality: ``ct`` | ``mr`` | ``microscopy``.
         series_uid: DICOM SeriesInstanceUID, or "".
         warnings: problems that would not stop the full read.
+        plane: ``axial`` | ``coronal`` | ``sagittal`` | ``oblique``, or "" (see ``Volume.plane``).
     """
 
     shape: tuple[int, int, int]
@@ -54,3 +62,4 @@ class VolumeInfo:
     modality: str = ""
     series_uid: str = ""
     warnings: list[str] = field(default_factory=list)
+    plane: str = ""
