@@ -20,7 +20,7 @@ import numpy as np
 
 from medvae.errors import InputError
 from medvae.io.formats import scan_stem
-from medvae.io.orient import Reorientation, plan_lps
+from medvae.io.orient import Reorientation, plan_acquisition
 from medvae.io.volume import Volume, VolumeInfo
 
 log = logging.getLogger(__name__)
@@ -50,17 +50,17 @@ def _load(path: str | os.PathLike):
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         warnings.append(f"{path}: invalid affine in header; assuming RAS axes with the header's zooms")
         affine = np.diag([*zooms, 1.0])
-    return path, img, shape, plan_lps(affine, shape3, zooms), warnings
+    return path, img, shape, plan_acquisition(affine, shape3, zooms), warnings
 
 
 def inspect_nifti(path: str | os.PathLike, modality: str = "ct") -> VolumeInfo:
-    """Header-only description of a NIfTI file (shape/spacing after reorientation to LPS)."""
+    """Header-only description of a NIfTI file (shape/spacing after reorientation to its acquisition plane)."""
     _, _, _, reorient, warnings = _load(path)
     for w in warnings:
         log.warning(w)
     return VolumeInfo(
         shape=reorient.shape_zyx, spacing=reorient.spacing_zyx, n_channels=1, modality=modality,
-        warnings=warnings,
+        warnings=warnings, plane=reorient.plane,
     )
 
 
@@ -109,7 +109,8 @@ def read_nifti(path: str | os.PathLike, patient_id: str | None = None, modality:
         patient_id=patient_id if patient_id is not None else scan_stem(path),
         modality=modality,
         source=str(path),
-        orientation="LPS",
+        orientation="".join(reorient.codes),
+        plane=reorient.plane,
         affine=reorient.affine,
         warnings=warnings,
     )

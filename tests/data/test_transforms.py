@@ -85,8 +85,8 @@ def test_label_to_uint8():
 
 def test_readers_already_give_monai_spl_orientation(tmp_path):
     """Why the chain has no ``Orientationd``: on what the readers return (a NIfTI stored RAS, one
-    stored flipped and permuted, a DICOM series stacked toward inferior), MONAI's
-    ``Orientationd(axcodes="SPL")`` changes nothing."""
+    stored flipped and permuted with its slices sagittal, a DICOM series stacked toward inferior),
+    MONAI's ``Orientationd`` to the plane's codes (axial ``SPL``, sagittal ``LIP``) changes nothing."""
     import nibabel as nib
     from monai.transforms import EnsureChannelFirstd, LoadImaged, Orientationd
 
@@ -99,10 +99,10 @@ def test_readers_already_give_monai_spl_orientation(tmp_path):
     nib.save(nib.Nifti1Image(data, odd), tmp_path / "odd.nii.gz")
     _write_series(tmp_path / "dcm", (1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (-30.0, 12.0, 80.0), (7, 5, 13))
     load = LoadImaged("image", reader=VolumeReader(), image_only=True)
-    for path in (tmp_path / "ras.nii.gz", tmp_path / "odd.nii.gz", tmp_path / "dcm"):
+    for path, codes in ((tmp_path / "ras.nii.gz", "SPL"), (tmp_path / "odd.nii.gz", "LIP"), (tmp_path / "dcm", "SPL")):
         d = EnsureChannelFirstd("image")(load({"image": str(path)}))
         before = d["image"].clone()
-        after = Orientationd("image", axcodes="SPL", labels=None)(d)["image"]
+        after = Orientationd("image", axcodes=codes, labels=None)(d)["image"]
         assert after.shape == before.shape
         np.testing.assert_array_equal(after.numpy(), before.numpy())
         np.testing.assert_allclose(after.affine.numpy(), before.affine.numpy())

@@ -11,6 +11,7 @@ from nibabel.testing import data_path
 
 from medvae.errors import InputError
 from medvae.io.nifti import inspect_nifti, read_nifti
+from medvae.io.orient import PLANE_CODES
 
 
 def _reference_zyx(img) -> np.ndarray:
@@ -75,9 +76,19 @@ def test_any_affine_reads_back_canonical(tmp_path, perm, flips):
     nib.save(nib.Nifti1Image(data, affine), path)
     img = nib.load(path)
     vol = read_nifti(path)
-    np.testing.assert_array_equal(vol.array, _reference_zyx(img))
-    assert vol.spacing == pytest.approx(_canonical_zooms_zyx(img))
-    assert nib.aff2axcodes(vol.affine) == ("L", "P", "S")
+    # The slice axis is the voxel axis whose direction is nearest the acquisition plane's normal (here the
+    # third, k); the slices stay whole images, reoriented within the plane to its display codes.
+    plane = {0: "sagittal", 1: "coronal", 2: "axial"}[perm[2]]
+    codes = PLANE_CODES[plane]
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                          nib.orientations.axcodes2ornt(codes))
+    expected = nib.orientations.apply_orientation(data, ornt).transpose(2, 1, 0)
+    assert vol.plane == plane and vol.orientation == "".join(codes)
+    np.testing.assert_array_equal(vol.array, expected)
+    assert nib.aff2axcodes(vol.affine) == codes
+    if plane == "axial":
+        np.testing.assert_array_equal(vol.array, _reference_zyx(img))
+        assert vol.spacing == pytest.approx(_canonical_zooms_zyx(img))
 
 
 def test_nan_voxels_raise_naming_file(tmp_path):
