@@ -121,8 +121,9 @@ class NoiseConfig(StrictModel):
     levels: tuple[float, float] | None = None
     eval_levels: list[float] | None = None  # levels `medvae evaluate` reports; None = low, mid, high of levels
     read_noise: float = 2.0  # poisson-gaussian: camera read-noise sigma in photons
-    ct_photons: float = 1.0e6  # ct-lowdose: incident photons per detector bin at full dose
+    ct_photons: float = 2.0e7  # ct-lowdose: incident photons per detector bin at full dose
     ct_angles: int = 0  # ct-lowdose: projection angles over 180 degrees; 0 = one per patch row
+    crop: int = 0  # train on random crops of this size, cut after the noise (unet-vae / dae); 0 = whole patches
 
 
 class TrainStageConfig(StrictModel):

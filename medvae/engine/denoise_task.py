@@ -79,10 +79,19 @@ class DenoiseTask:
                               ct_angles=c.ct_angles)
         return noisy.to(x.dtype), levels
 
-    def training_pair(self, x: torch.Tensor, batches: PatchBatches, step: int) -> torch.Tensor:
-        """The noisy input of training step ``step`` for the clean batch ``x`` just read from ``batches``."""
+    def training_pair(self, x: torch.Tensor, batches: PatchBatches, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noisy input, clean target)`` of training step ``step`` for the clean batch ``x`` just read
+        from ``batches``; with ``noise.crop`` both are the same random crop (the noise is made on the
+        whole patch, so CT streaks keep their geometry)."""
         gen = noise.step_generator(self.seed, step, x.device)
-        return self.corrupt(x, self.current_rows(batches), gen)[0]
+        noisy = self.corrupt(x, self.current_rows(batches), gen)[0]
+        c = self.cfg.crop
+        h, w = x.shape[-2:]
+        if 0 < c < min(h, w):
+            y0, x0 = (int(v) for v in torch.randint(0, min(h, w) - c + 1, (2,), generator=gen, device=gen.device))
+            y0, x0 = min(y0, h - c), min(x0, w - c)
+            return noisy[..., y0:y0 + c, x0:x0 + c], x[..., y0:y0 + c, x0:x0 + c]
+        return noisy, x
 
     @torch.no_grad()
     def validate(self, model: torch.nn.Module, batch_size: int, max_batches: int, device: torch.device

@@ -233,7 +233,7 @@ class _Trainer:
         self.model.train()
         target = None
         if self.task is not None:
-            target, x = x, self.task.training_pair(x, self.batches, self.step)
+            x, target = self.task.training_pair(x, self.batches, self.step)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
         entry, problem = self.steps.step(x, self.step, target=target)

@@ -42,7 +42,8 @@ def _triptych(ex: dict, norm: dict) -> str:
 
 def _table(by_level: dict, methods: list[str], level_name: str) -> str:
     rows = [f"<tr><th>{html.escape(level_name)}</th><th>method</th>"
-            + "".join(f"<th>{DENOISE_METRICS[k].label} ({DENOISE_METRICS[k].unit})</th>" for k in ("psnr", "ssim", "mae"))
+            + "".join(f"<th>{DENOISE_METRICS[k].label} ({DENOISE_METRICS[k].unit})</th>"
+                      for k in ("psnr", "ssim", "mae"))
             + "</tr>"]
     for level, by_method in by_level.items():
         best = max((m for m in methods if m in by_method), key=lambda m: by_method[m]["psnr"]["mean"])
