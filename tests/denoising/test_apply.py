@@ -54,8 +54,10 @@ def test_tiff_keeps_um_spacing_and_dtype(denoise_run, tmp_path):
 
 
 def test_dicom_series_becomes_nifti_and_cli(denoise_run, tmp_path):
-    from medvae.io.phantoms import write_dicom_series  # noqa: F401  (the phantom writer makes a real series)
-    from medvae.io.phantoms import write_phantom_cohort
+    from medvae.io.phantoms import (
+        write_dicom_series,  # noqa: F401  (the phantom writer makes a real series)
+        write_phantom_cohort,
+    )
 
     scans = tmp_path / "scans"
     write_phantom_cohort(scans, ct_patients=1, microscopy_stacks=0, seed=0, ct_size=64, ct_slices=4)
