@@ -63,7 +63,7 @@ def cell_store(path: Path):
     return write_store(path, x, index, meta)
 
 
-def phantom_stores(root: Path) -> dict[str, Path]:
+def phantom_stores(root: Path, only=None) -> dict[str, Path]:
     scans = root / "scans"
     if not (scans / ".done").exists():
         write_phantom_cohort(scans, ct_patients=6, microscopy_stacks=6, seed=0, ct_size=256)
@@ -71,6 +71,8 @@ def phantom_stores(root: Path) -> dict[str, Path]:
     stores = {}
     for name, modality, cfg in (("phantom-microscopy", "microscopy", PrepareConfig(mode="tile", stride=64)),
                                 ("phantom-ct", "ct", PrepareConfig(mode="resize", slice_step=2))):
+        if only and name not in only:
+            continue
         manifest = root / f"{name}.csv"
         write_manifest(discover(scans, modality=modality), manifest)
         stores[name] = prepare(manifest, root / name, cfg).path
@@ -91,24 +93,28 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--quick", action="store_true", help="20 steps, 16 patches: checks the script only")
-    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--only", nargs="*", default=None, help="datasets to run (default: all three)")
+    ap.add_argument("--out", type=Path, default=OUT, help="working directory (stores, runs, reports)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fair against single-threaded NLM)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     steps, n_eval = (20, 16) if args.quick else (args.steps, 48)
-    OUT.mkdir(parents=True, exist_ok=True)
-    stores = {**phantom_stores(OUT), "skimage-cell": cell_store(OUT / "skimage-cell").path}
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stores = phantom_stores(out, args.only) if not args.only or set(args.only) - {"skimage-cell"} else {}
+    if not args.only or "skimage-cell" in args.only:
+        stores["skimage-cell"] = cell_store(out / "skimage-cell").path
     kinds = {"phantom-microscopy": "poisson-gaussian", "phantom-ct": "ct-lowdose", "skimage-cell": "gaussian"}
     results = {}
     for name, store in stores.items():
         if args.only and name not in args.only:
             continue
-        run = OUT / "runs" / name
+        run = out / "runs" / name
         t0 = time.perf_counter()
         summary = train(store, run, model_cfg(kinds[name], steps), device="auto", resume=True)
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rep = evaluate(run, store, OUT / "reports" / name, EvaluateConfig(split="test", denoise_patches=n_eval))
+        rep = evaluate(run, store, out / "reports" / name, EvaluateConfig(split="test", denoise_patches=n_eval))
         results[name] = {"noise": kinds[name], "train_steps": summary["step"], "train_seconds": round(train_s, 1),
                          "eval_seconds": round(time.perf_counter() - t0, 1), "levels": rep["levels"],
                          "per_modality": rep["per_modality"], "gap_db": rep["medvae_minus_best_classical_psnr"],
@@ -122,7 +128,7 @@ def main() -> None:
         print("  s/512² slice: " + ", ".join(f"{m} {s:.3f}" for m, s in rep["seconds_per_512_slice"].items()))
     machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
                "cuda": torch.cuda.is_available()}
-    path = Path("bench_out") / ("bench_denoise_quick.json" if args.quick else "bench_denoise.json")
+    path = out / ("bench_denoise_quick.json" if args.quick else "bench_denoise.json")
     path.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
     print(f"\nwrote {path}")
 
