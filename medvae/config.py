@@ -148,7 +148,7 @@ class DenoiseConfig(StrictModel):
     """`medvae denoise RUN INPUT --out OUTPUT`: whole slices at native resolution."""
 
     checkpoint: str = "best"
-    batch_size: int = 4  # slices per forward pass
+    batch_size: int = 0  # slices per forward pass; 0 = auto: 1 on CPU (512² activations are cache-bound), 8 on GPU
     tile: int = 0  # 0 = whole slices; else MONAI sliding-window tiles of this size (memory-bound GPUs)
     overlap: float = 0.25  # sliding-window overlap (gaussian blending)
     modality: Literal["auto", "ct", "microscopy", "mr"] = "auto"

@@ -92,11 +92,15 @@ class SliceDenoiser:
         run_json = Path(run) / "run.json"
         self.store = open_store(json.loads(run_json.read_text())["store"]) if run_json.is_file() else None
 
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size or (1 if self.device.type == "cpu" else 8)
+
     @torch.no_grad()
     def __call__(self, slices: np.ndarray, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         out = np.empty(slices.shape, np.float32)
-        for i in range(0, len(slices), self.cfg.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(slices[i:i + self.cfg.batch_size], np.float32))
+        for i in range(0, len(slices), self.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(slices[i:i + self.batch_size], np.float32))
             x = x[:, None].to(self.device)
             if self.cfg.tile > 0:
                 from monai.inferers import sliding_window_inference  # MONAI import is slow; only when tiling
