@@ -32,10 +32,12 @@ def _triptych(ex: dict, norm: dict) -> str:
         phys = lo + img[0] * (hi - lo)
         axes[0, j].imshow(phys, cmap=cmap, vmin=lo, vmax=hi)
         axes[0, j].set_title(name)
-        im = axes[1, j].imshow(np.abs(phys - clean), cmap="inferno", vmin=0, vmax=emax)
-        axes[1, j].set_title(f"|{name} − clean|")
         for a in axes[:, j]:
             a.axis("off")
+        if name == "clean":
+            continue
+        im = axes[1, j].imshow(np.abs(phys - clean), cmap="inferno", vmin=0, vmax=emax)
+        axes[1, j].set_title(f"|{name} − clean|")
     fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.8, label=norm.get("unit", ""))
     return F._png(fig)
 
