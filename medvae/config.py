@@ -62,7 +62,7 @@ class PrepareConfig(StrictModel):
 class ModelConfig(StrictModel):
     """Constructor config of a model; stored with its weights in every checkpoint."""
 
-    name: Literal["vae", "vaegan", "monai-vae", "monai-kl"] = "vae"
+    name: Literal["vae", "vaegan", "monai-vae", "monai-kl", "unet-vae", "dae"] = "vae"
     in_channels: int = 1
     image_size: Literal[64, 128, 256] = 128
     latent_dim: int = 128
@@ -76,6 +76,9 @@ class ModelConfig(StrictModel):
     disc_channels: int = 64
     disc_layers: int = 3
     spectral_norm: bool = False
+    # unet-vae / dae (medvae.models.denoisers): fully convolutional, any size divisible by 2^(stages-1)
+    skip_connections: bool = True  # U-Net skips from encoder to decoder (unet-vae; dae always has them)
+    latent_channels: int = 8  # channels of the spatial latent of unet-vae
 
 
 class TrainConfig(StrictModel):
@@ -109,9 +112,25 @@ class TrainConfig(StrictModel):
     val_batches: int = 8  # validation batches per epoch
 
 
+class NoiseConfig(StrictModel):
+    """How the denoise task corrupts clean patches (medvae.noise); a level range is sampled per patch."""
+
+    kind: Literal["gaussian", "poisson-gaussian", "ct-lowdose"] = "gaussian"
+    # gaussian: sigma on the [0, 1] scale; poisson-gaussian: photons at the normalization's `high`
+    # (fewer = noisier); ct-lowdose: dose fraction of `ct_photons`. None = the kind's default range.
+    levels: tuple[float, float] | None = None
+    eval_levels: list[float] | None = None  # levels `medvae evaluate` reports; None = low, mid, high of levels
+    read_noise: float = 2.0  # poisson-gaussian: camera read-noise sigma in photons
+    ct_photons: float = 2.0e7  # ct-lowdose: incident photons per detector bin at full dose
+    ct_angles: int = 0  # ct-lowdose: projection angles over 180 degrees; 0 = one per patch row
+    crop: int = 0  # train on random crops of this size, cut after the noise (unet-vae / dae); 0 = whole patches
+
+
 class TrainStageConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    task: Literal["reconstruct", "denoise"] = "reconstruct"  # denoise: noisy input -> clean target
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
 
 
 # --------------------------------------------------------------------------- evaluation / generation
@@ -125,6 +144,17 @@ class EvaluateConfig(StrictModel):
     sample_metrics: bool = True  # FID, KID, precision/recall, density/coverage on the store's feature network
     feature_steps: int = 400  # training steps of that network (cached in STORE/features/)
     prior_components: int = Field(10, ge=1)  # of the Gaussian-mixture prior compared with N(0, I)
+    denoise_patches: int = 96  # denoise runs: evenly spaced patches of the split every method denoises
+
+
+class DenoiseConfig(StrictModel):
+    """`medvae denoise RUN INPUT --out OUTPUT`: whole slices at native resolution."""
+
+    checkpoint: str = "best"
+    batch_size: int = 0  # slices per forward pass; 0 = auto: 1 on CPU (512² activations are cache-bound), 8 on GPU
+    tile: int = 0  # 0 = whole slices; else MONAI sliding-window tiles of this size (memory-bound GPUs)
+    overlap: float = 0.25  # sliding-window overlap (gaussian blending)
+    modality: Literal["auto", "ct", "microscopy", "mr"] = "auto"
 
 
 class GenerateConfig(StrictModel):

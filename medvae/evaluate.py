@@ -34,6 +34,7 @@ import torch
 from medvae import metrics as M
 from medvae.config import EvaluateConfig
 from medvae.data.store import PatchStore, open_store
+from medvae.denoising.evaluate import evaluate_denoise, run_task
 from medvae.devices import select_device
 from medvae.engine.checkpoint import load_model, resolve_checkpoint
 from medvae.errors import InputError
@@ -338,6 +339,10 @@ def evaluate(run, store, out, config: EvaluateConfig | None = None, compare=(), 
     cfg = config or EvaluateConfig()
     store = store if isinstance(store, PatchStore) else open_store(store)
     dev = select_device(device)
+    if run_task(run) is not None:  # a denoise run: methods against noisy input and classical denoisers
+        if compare:
+            raise InputError("--compare is not supported for denoise runs; evaluate each run on its own")
+        return evaluate_denoise(run, store, out, cfg, dev)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = [evaluate_run(r, store, cfg, dev, with_figures=(i == 0)) for i, r in enumerate([run, *compare])]

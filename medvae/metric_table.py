@@ -82,3 +82,13 @@ SAMPLE_METRICS = {  # per modality and prior, on the store's own feature network
 }
 
 ALL_METRICS = {**PATCH_METRICS, **COHORT_METRICS, **SAMPLE_METRICS}
+
+DENOISE_METRICS = {  # denoise runs (medvae.denoising.evaluate): each method's output against the clean patch
+    "psnr": Metric("PSNR", "dB", +1, "10·log10(1 / MSE) of the denoised (clipped to [0, 1]) and the clean patch."),
+    "ssim": Metric("SSIM", "unitless", +1, PATCH_METRICS["ssim"].explain.replace("its reconstruction decode(mu)",
+                                                                                   "the clean patch")),
+    "mae": Metric("MAE", "[0,1]", -1, PATCH_METRICS["mae"].explain),
+    "seconds_per_512_slice": Metric("time / 512² slice", "s", -1,
+                                    "Wall time to denoise one 512×512 slice (medvae: best of 3 after a warm-up; "
+                                    "classical: best of 2, noise estimate included) on the evaluating machine."),
+}

@@ -166,6 +166,7 @@ def quick_config(config: PipelineConfig) -> PipelineConfig:
         t.warmup_steps, t.disc_start = 1, 1
     config.evaluate.iwae_k, config.evaluate.mmd_samples, config.evaluate.mmd_permutations = 2, 32, 10
     config.evaluate.feature_steps = 20
+    config.evaluate.denoise_patches = 4
     config.generate.n = 8
     return config
 
@@ -220,6 +221,13 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     runner.run("evaluate", evaluate_key, lambda: evaluate(
         model_dirs[names[0]], store_dir, report_dir, config.evaluate,
         compare=[model_dirs[n] for n in names[1:]], device=config.device))
+
+    if all(c.task == "denoise" for c in config.models.values()):  # denoisers have no prior to sample
+        runner.state["paths"] = {"manifest": str(manifest), "store": str(store_dir),
+                                 "models": {n: str(p) for n, p in model_dirs.items()},
+                                 "report": str(report_dir / "report.html")}
+        runner._save()
+        return runner.state
 
     gen = config.generate
     gen_model = gen.model or names[-1]

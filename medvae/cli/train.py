@@ -17,7 +17,7 @@ from medvae.config import TrainStageConfig
 def train(
     store: Path = typer.Argument(..., help="Patch store from `medvae prepare`."),
     model: Optional[str] = typer.Option(
-        None, help="vae | vaegan | monai-vae | monai-kl (default: the config's model.name, else vae)"),
+        None, help="vae | vaegan | monai-vae | monai-kl | unet-vae | dae (default: the config's model.name, else vae)"),
     out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, logs)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with `model:` and `train:` sections."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
@@ -26,15 +26,23 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Batch size per process."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between periodic checkpoints."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoints/last.pt."),
+    task: Optional[str] = typer.Option(None, help="reconstruct | denoise (noisy input -> clean target)."),
+    noise: Optional[str] = typer.Option(None, help="denoise task: gaussian | poisson-gaussian | ct-lowdose"),
 ) -> None:
     """Train a model on a patch store (multi-GPU: torchrun --nproc_per_node N -m medvae train ...)."""
     from medvae.engine.trainer import train as train_model
 
     cfg = config_with_options(config, TrainStageConfig, {
         "model.name": model, "train.max_steps": max_steps, "train.epochs": epochs,
-        "train.batch_size": batch_size, "train.checkpoint_every": checkpoint_every})
+        "train.batch_size": batch_size, "train.checkpoint_every": checkpoint_every, "task": task,
+        "noise.kind": noise})
     summary = train_model(store, out, cfg, device=device, resume=resume)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and cfg.task == "denoise":
+        m = summary["metrics"]
+        log.info("trained %s to denoise (%s) for %d steps: val PSNR %.2f dB (noisy %.2f dB), SSIM %.3f; "
+                 "checkpoints in %s", cfg.model.name, cfg.noise.kind, summary["step"], m.get("psnr", float("nan")),
+                 m.get("noisy_psnr", float("nan")), m.get("ssim", float("nan")), out / "checkpoints")
+    elif int(os.environ.get("RANK", "0")) == 0:
         m = summary["metrics"]
         log.info("trained %s for %d steps: val ELBO %.1f nats, SSIM %.3f, PSNR %.1f dB; checkpoints in %s",
                  cfg.model.name, summary["step"], m.get("elbo", float("nan")), m.get("ssim", float("nan")),

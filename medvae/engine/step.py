@@ -112,10 +112,13 @@ class TrainStep:
         max_norm = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    def backward(self, x: torch.Tensor, step: int, beta: float) -> tuple[dict, list[torch.Tensor]]:
+    def backward(self, x: torch.Tensor, step: int, beta: float,
+                 target: torch.Tensor | None = None) -> tuple[dict, list[torch.Tensor]]:
         """Gradients of step ``step`` on this rank's batch ``x``, averaged over ranks, unscaled and
-        clipped; no optimizer step. Returns this rank's loss terms and the gradient norms."""
+        clipped; no optimizer step. Returns this rank's loss terms and the gradient norms.
+        ``target``: what the output should match (the clean batch of the denoise task; default x)."""
         t = self.tc
+        target = x if target is None else target
         critic_on = self.critic is not None and step >= t.disc_start
         for o in self.optimizers.values():
             o.zero_grad(set_to_none=True)
@@ -123,7 +126,7 @@ class TrainStep:
             with self._autocast():
                 out = self.generator(x, n_prior=x.shape[0] if critic_on else 0)
                 loss, terms = losses.generator_loss(
-                    x, out, self.model.likelihood, beta=beta, free_bits=t.free_bits, discriminator=self.critic,
+                    target, out, self.model.likelihood, beta=beta, free_bits=t.free_bits, discriminator=self.critic,
                     last_layer=self.model.last_decoder_weight, gan_loss=t.gan_loss, adv_weight=t.adv_weight,
                     fm_weight=t.feature_matching_weight)
             norms = [self._backward(loss, self.gen_params, "generator")]
@@ -131,14 +134,15 @@ class TrainStep:
         if critic_on:
             fake = torch.cat([out.x_hat.detach(), out.x_prior.detach()], 0)
             with self._autocast():
-                d_loss, d_terms = losses.discriminator_loss(self.discriminator, x, fake, gan_loss=t.gan_loss,
+                d_loss, d_terms = losses.discriminator_loss(self.discriminator, target, fake, gan_loss=t.gan_loss,
                                                             r1_gamma=t.r1_gamma)
             norms.append(self._backward(d_loss, self.disc_params, "discriminator"))
             terms.update({"d_loss": d_loss.detach(), **{k: v for k, v in d_terms.items() if k != "d_loss"}})
         return terms, norms
 
-    def step(self, x: torch.Tensor, step: int) -> tuple[dict, str | None]:
-        """Train on batch ``x`` (this rank's share) as step ``step`` (0-based).
+    def step(self, x: torch.Tensor, step: int, target: torch.Tensor | None = None) -> tuple[dict, str | None]:
+        """Train on batch ``x`` (this rank's share) as step ``step`` (0-based), toward ``target``
+        (default ``x``; the clean batch when ``x`` is its noisy copy).
 
         A step whose loss or gradient norm is not finite on any rank is skipped (no optimizer or
         EMA update) on every rank; the schedules advance anyway.
@@ -150,7 +154,7 @@ class TrainStep:
         """
         lrs = {k: s.get_last_lr()[0] for k, s in self.schedulers.items()}
         beta = beta_at(step, self.tc.beta, self.tc.beta_warmup_steps)
-        terms, norms = self.backward(x, step, beta)
+        terms, norms = self.backward(x, step, beta, target)
         names = [*terms, "grad_norm", "d_grad_norm"][: len(terms) + len(norms)]
         values = all_reduce_mean(torch.stack([v.float() for v in [*terms.values(), *norms]]), self.info)
         out = dict(zip(names, values.tolist(), strict=True))  # the step's one host sync

@@ -44,6 +44,7 @@ from medvae.data.loader import PatchBatches
 from medvae.data.store import PatchStore, open_store
 from medvae.devices import select_device
 from medvae.engine import checkpoint as ck
+from medvae.engine.denoise_task import DenoiseTask
 from medvae.engine.distributed import DistInfo, init_distributed, shutdown
 from medvae.engine.runtime import resolve_amp, seed_everything
 from medvae.engine.schedule import ema_state_dict
@@ -141,6 +142,9 @@ class _Trainer:
             n = len(self.batches.indices) // info.world_size
             raise ConfigError(f"{store.path}: the train split has {n} patches per process, fewer than the "
                               f"batch size {t.batch_size}; lower --batch-size or add training data")
+        # denoise task: noisy input -> clean target (medvae.engine.denoise_task); best.pt by val PSNR
+        self.task = DenoiseTask(store, cfg.noise, t.seed) if cfg.task == "denoise" else None
+        self.best_key = "psnr" if self.task is not None else "elbo"
         self.total_steps = t.max_steps if t.max_steps is not None else t.epochs * len(self.batches)
         self.steps = TrainStep(self.model, t, device, info, self.amp_dtype, self.total_steps)
         self.eval_model = None  # a copy holding the EMA weights, built on first validation
@@ -218,8 +222,8 @@ class _Trainer:
         names = ["last.pt"] if last else []
         if self.step % self.tc.checkpoint_every == 0:
             names.append(ck.step_name(self.step))
-        if self._selectable() and self.metrics.get("elbo", -math.inf) > self.best_elbo:
-            self.best_elbo = self.metrics["elbo"]
+        if self._selectable() and self.metrics.get(self.best_key, -math.inf) > self.best_elbo:
+            self.best_elbo = self.metrics[self.best_key]
             names.append("best.pt")
         if names:
             self._checkpoint(names)
@@ -235,7 +239,12 @@ class _Trainer:
     def _train_step(self, x: torch.Tensor) -> dict:
         """One optimizer step on ``x`` (``self.step`` is not advanced here); the NaN guard's count."""
         self.model.train()
-        entry, problem = self.steps.step(x, self.step)
+        target = None
+        if self.task is not None:
+            x, target = self.task.training_pair(x, self.batches, self.step)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+        entry, problem = self.steps.step(x, self.step, target=target)
         if problem is not None:
             t = self.tc
             self.bad_steps += 1
@@ -264,6 +273,8 @@ class _Trainer:
             self.eval_model.load_state_dict(ema_state_dict(ema, self.model))
             model = self.eval_model
         with self.steps._autocast():
+            if self.task is not None:
+                return self.task.validate(model, self.tc.batch_size, self.tc.val_batches, self.device)
             return validate(model, self.store, self.tc.batch_size, self.tc.val_batches, self.device,
                             seed=self.tc.seed, channels_last=self.channels_last)
 

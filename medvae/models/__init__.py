@@ -8,22 +8,27 @@ from __future__ import annotations
 from torch import nn
 
 from medvae.config import ModelConfig
+from medvae.models.denoisers import UNetDenoiser
 from medvae.models.vae import ConvVAE, VAEBase, VAEOutput
 from medvae.models.vaegan import VAEGAN, PatchDiscriminator
 
 __all__ = [
     "ConvVAE", "VAEGAN", "VAEBase", "VAEOutput", "PatchDiscriminator", "build_model", "MODEL_NAMES",
+    "UNetDenoiser", "DENOISERS",
 ]
 
-MODEL_NAMES = ("vae", "vaegan", "monai-vae", "monai-kl")
+MODEL_NAMES = ("vae", "vaegan", "monai-vae", "monai-kl", "unet-vae", "dae")
+DENOISERS = ("unet-vae", "dae")  # fully convolutional (medvae.models.denoisers): whole slices at any size
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """Map ``cfg.name`` (vae | vaegan | monai-vae | monai-kl) to a freshly initialised model."""
+    """Map ``cfg.name`` (vae | vaegan | monai-vae | monai-kl | unet-vae | dae) to a freshly initialised model."""
     if cfg.name == "vae":
         return ConvVAE(cfg)
     if cfg.name == "vaegan":
         return VAEGAN(cfg)
+    if cfg.name in DENOISERS:
+        return UNetDenoiser(cfg, variational=cfg.name == "unet-vae")
     if cfg.name in ("monai-vae", "monai-kl"):
         from medvae.models.baselines import MonaiKL, MonaiVAE  # MONAI import is slow; only when asked
 

@@ -1,0 +1,137 @@
+"""Denoising: medvae (dae) against the noisy input and the classical denoisers, and the speed goal.
+
+Three datasets, each trained and evaluated in the same run on this machine (CPU unless a GPU is
+present):
+
+- ``phantom-microscopy``: the phantom cohort's fluorescence stacks, 128² tiles, Poisson–Gaussian
+  noise in the stacks' counts;
+- ``phantom-ct``: the phantom cohort's CT, whole slices resized to 128², low-dose CT noise;
+- ``skimage-cell``: scikit-image's bundled ``data.cell()`` microscopy image as the clean
+  reference (the only bundled microscopy image that needs no download), 128² tiles from disjoint
+  regions for train / val / test, Gaussian noise.
+
+Each row: PSNR / SSIM per method and noise level (``medvae evaluate``'s denoise tables), medvae −
+best classical in dB (goal ≥ +1 dB), and seconds per 512² slice per method (goal: medvae ≤ NLM).
+Writes bench_out/bench_denoise.json and the reports under bench_out/denoise/. Run:
+``.venv/bin/python benchmarks/bench_denoise.py [--steps N] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medvae.config import EvaluateConfig, PrepareConfig, TrainStageConfig
+from medvae.data.discover import discover
+from medvae.data.manifest import write_manifest
+from medvae.data.prepare import prepare
+from medvae.data.store import write_store
+from medvae.engine.trainer import train
+from medvae.evaluate import evaluate
+from medvae.io.phantoms import write_phantom_cohort
+
+OUT = Path("bench_out/denoise")
+
+
+def cell_store(path: Path):
+    """skimage.data.cell() tiled: x < 360 train, 360..440 val, x >= 440 test (disjoint regions)."""
+    from skimage.data import cell
+
+    img = cell().astype(np.float32)
+    h, w = img.shape
+    tiles, index = [], {k: [] for k in ("patient_id", "modality", "split", "slice_index", "y", "x",
+                                        "foreground_fraction", "source")}
+    regions = {"train": (0, 360, 16), "val": (330, 460, 64), "test": (420, w, 32)}
+    for split, (x0, x1, stride) in regions.items():
+        for y in range(0, h - 128 + 1, stride):
+            for x in range(x0, x1 - 128 + 1, stride):
+                tiles.append(img[y:y + 128, x:x + 128] / 255.0)
+                for k, v in (("patient_id", f"cell-{split}"), ("modality", "microscopy"), ("split", split),
+                             ("slice_index", 0), ("y", y), ("x", x), ("foreground_fraction", 1.0),
+                             ("source", "skimage.data.cell")):
+                    index[k].append(v)
+    x = np.stack(tiles)[:, None]
+    meta = {"content_hash": "skimage-cell-v1", "normalization": {"microscopy": {"low": 0.0, "high": 255.0,
+                                                                                 "unit": "counts"}},
+            "spacing": {"microscopy": [1.0, 1.0]}}
+    return write_store(path, x, index, meta)
+
+
+def phantom_stores(root: Path, only=None) -> dict[str, Path]:
+    scans = root / "scans"
+    if not (scans / ".done").exists():
+        write_phantom_cohort(scans, ct_patients=6, microscopy_stacks=6, seed=0, ct_size=256)
+        (scans / ".done").write_text("ok")
+    stores = {}
+    for name, modality, cfg in (("phantom-microscopy", "microscopy", PrepareConfig(mode="tile", stride=64)),
+                                ("phantom-ct", "ct", PrepareConfig(mode="resize", slice_step=2))):
+        if only and name not in only:
+            continue
+        manifest = root / f"{name}.csv"
+        write_manifest(discover(scans, modality=modality), manifest)
+        stores[name] = prepare(manifest, root / name, cfg).path
+    return stores
+
+
+def model_cfg(kind: str, steps: int) -> TrainStageConfig:
+    return TrainStageConfig.model_validate({
+        "task": "denoise", "noise": {"kind": kind, "crop": 64},
+        "model": {"name": "dae", "channels": [16, 32, 64], "res_units": 1, "likelihood": "l2",
+                  "fixed_scale": 0.1},
+        "train": {"batch_size": 16, "max_steps": steps, "lr": 1e-3, "warmup_steps": 50, "checkpoint_every": 100,
+                  "log_every": 25, "val_batches": 4, "betas": [0.9, 0.99], "amp": "off"},
+    })
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--quick", action="store_true", help="20 steps, 16 patches: checks the script only")
+    ap.add_argument("--only", nargs="*", default=None, help="datasets to run (default: all three)")
+    ap.add_argument("--out", type=Path, default=OUT, help="working directory (stores, runs, reports)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fair against single-threaded NLM)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    steps, n_eval = (20, 16) if args.quick else (args.steps, 48)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stores = phantom_stores(out, args.only) if not args.only or set(args.only) - {"skimage-cell"} else {}
+    if not args.only or "skimage-cell" in args.only:
+        stores["skimage-cell"] = cell_store(out / "skimage-cell").path
+    kinds = {"phantom-microscopy": "poisson-gaussian", "phantom-ct": "ct-lowdose", "skimage-cell": "gaussian"}
+    results = {}
+    for name, store in stores.items():
+        if args.only and name not in args.only:
+            continue
+        run = out / "runs" / name
+        t0 = time.perf_counter()
+        summary = train(store, run, model_cfg(kinds[name], steps), device="auto", resume=True)
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rep = evaluate(run, store, out / "reports" / name, EvaluateConfig(split="test", denoise_patches=n_eval))
+        results[name] = {"noise": kinds[name], "train_steps": summary["step"], "train_seconds": round(train_s, 1),
+                         "eval_seconds": round(time.perf_counter() - t0, 1), "levels": rep["levels"],
+                         "per_modality": rep["per_modality"], "gap_db": rep["medvae_minus_best_classical_psnr"],
+                         "seconds_per_512_slice": rep["seconds_per_512_slice"]}
+        print(f"\n== {name} ({kinds[name]}), {summary['step']} steps in {train_s:.0f} s")
+        for mod, by_level in rep["per_modality"].items():
+            for level, by_method in by_level.items():
+                cells = "  ".join(f"{m} {v['psnr']['mean']:.2f}/{v['ssim']['mean']:.3f}" for m, v in by_method.items())
+                print(f"  {mod} {rep['level_name']}={float(level):.4g}: {cells}  gap "
+                      f"{rep['medvae_minus_best_classical_psnr'][mod][level]:+.2f} dB")
+        print("  s/512² slice: " + ", ".join(f"{m} {s:.3f}" for m, s in rep["seconds_per_512_slice"].items()))
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+               "cuda": torch.cuda.is_available()}
+    path = out / ("bench_denoise_quick.json" if args.quick else "bench_denoise.json")
+    path.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""`medvae denoise` throughput on 512² CPU slices against non-local means (the speed goal).
+
+Writes a 16-slice 512² int16 NIfTI (noisy phantom-like disks in HU), trains nothing (weights do not
+change the cost), and times the whole `medvae denoise` path (read, normalize, model, map back,
+atomic NIfTI write) per slice with 1 torch thread and with all threads, against scikit-image's
+non-local means (fast mode, σ estimated: the classical baseline of `medvae evaluate`) on the same
+slice. Prints seconds per slice and the ratio NLM / medvae (≥ 1: the goal holds). Run:
+``.venv/bin/python benchmarks/bench_denoise_speed.py [--run RUN]`` (RUN: a trained denoise run;
+default: a fresh 2-step run of the bench_denoise model on a tiny store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from medvae.config import DenoiseConfig, TrainStageConfig
+from medvae.data.store import write_store
+from medvae.denoising import classical
+from medvae.denoising.apply import denoise_scans
+from medvae.engine.trainer import train
+
+
+def tiny_run(tmp: Path) -> Path:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (24, 1, 128, 128)).astype(np.float32)
+    index = {"patient_id": ["P"] * 24, "modality": ["ct"] * 24, "split": ["train"] * 16 + ["val"] * 8,
+             "slice_index": list(range(24)), "y": [0] * 24, "x": [0] * 24, "foreground_fraction": [1.0] * 24,
+             "source": ["bench"] * 24}
+    store = write_store(tmp / "store", x, index, {"content_hash": "speed", "normalization": {
+        "ct": {"low": -160.0, "high": 240.0, "unit": "HU"}}, "spacing": {"ct": [0.8, 0.8]}})
+    cfg = TrainStageConfig.model_validate({
+        "task": "denoise", "noise": {"kind": "gaussian"},
+        "model": {"name": "dae", "channels": [16, 32, 64], "res_units": 1, "likelihood": "l2"},
+        "train": {"batch_size": 8, "max_steps": 2, "checkpoint_every": 2, "val_batches": 1, "amp": "off"}})
+    train(store, tmp / "run", cfg, device="cpu")
+    return tmp / "run"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", type=Path, default=None)
+    ap.add_argument("--slices", type=int, default=16)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_denoise_speed_"))
+    run = args.run or tiny_run(tmp)
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:512, :512]
+    body = ((yy - 256) ** 2 / 200 ** 2 + (xx - 256) ** 2 / 240 ** 2 < 1) * 1000.0 - 1000.0
+    vol = np.stack([body + 40 + rng.normal(0, 40, (512, 512)) for _ in range(args.slices)], -1).astype(np.int16)
+    src = tmp / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.diag([0.8, 0.8, 2.5, 1.0])), src)
+    rows = []
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        dst = tmp / f"out_{threads}.nii.gz"
+        denoise_scans(run, src, tmp / f"warm_{threads}.nii.gz", DenoiseConfig(), device="cpu")  # warm-up
+        t0 = time.perf_counter()
+        denoise_scans(run, src, dst, DenoiseConfig(), device="cpu")
+        rows.append((f"medvae denoise, {threads} thread(s)", (time.perf_counter() - t0) / args.slices))
+    x01 = ((vol[..., 0].T.astype(np.float32) + 160) / 400).clip(0, 1)
+    nlm = classical.seconds_per_slice("nlm", x01, repeats=3)
+    print(f"{'method':<34} s / 512² slice   NLM / method")
+    for name, sec in [*rows, ("non-local means (scikit-image)", nlm)]:
+        print(f"{name:<34} {sec:>10.3f}   {nlm / sec:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
