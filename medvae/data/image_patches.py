@@ -63,10 +63,10 @@ class ImageSetPatches:
     spacing: tuple[float, float]
 
 
-def _class_names(ids: np.ndarray, path: str) -> tuple[np.ndarray, list[str]]:
+def _class_names(ids: np.ndarray, path: str, fmt: str) -> tuple[np.ndarray, list[str]]:
     """Label ids -> per-image names and the names in id order."""
     uniq = np.unique(ids)
-    fashion = "fashion" in Path(path).parent.name.lower() and uniq.min() >= 0 and uniq.max() < 10
+    fashion = fmt == "idx" and "fashion" in Path(path).parent.name.lower() and uniq.min() >= 0 and uniq.max() < 10
     table = {int(i): FASHION_MNIST_CLASSES[int(i)] if fashion else str(int(i)) for i in uniq}
     lut = np.asarray([table[int(i)] for i in uniq], dtype=object)
     return lut[np.searchsorted(uniq, ids)], [table[int(i)] for i in uniq]
@@ -95,7 +95,7 @@ def read_row(fmt: str, path: str, label_path: str, split: str, patient_id: str,
     ids = np.char.add(f"{patient_id}-", np.char.zfill(np.arange(n).astype(str), width)).astype(object)
     if y is None:
         return x, ids, np.full(n, "", dtype=object), []
-    names, order = _class_names(np.asarray(y).astype(np.int64), path)
+    names, order = _class_names(np.asarray(y).astype(np.int64), path, fmt)
     return x, ids, names, order
 
 

@@ -11,7 +11,8 @@ Entry points: ``prepare``, ``merge_stores`` (the store format itself is ``medvae
   ``.npy`` chunk in ``STORE/.prepare-<pid>/``, and the parent copies the chunks, in manifest
   order, into the memory-mapped ``patches.npy`` (``np.lib.format.open_memmap``), so neither side
   ever holds the whole store in memory. ``store.json`` is removed first and written last.
-- Tasks, results and the content hash are in ``medvae.data.tasks``. Content hash: SHA-256 over the format version, the config (less ``workers``), and for each
+- Tasks, results and the content hash are in ``medvae.data.tasks``. Content hash: SHA-256 over
+  the format version, the config (less ``workers``), and for each
   usable manifest row its patient id, modality, split, format and, for the image and label paths,
   the resolved path plus size and mtime (ns) of every file (a DICOM directory: each file in it).
   Contents are not read, so hashing 80 patients takes milliseconds; touching a file rebuilds.

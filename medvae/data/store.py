@@ -129,9 +129,9 @@ class PatchStore:
         """``(split, class name) -> patches`` (empty when the store has no classes)."""
         if "class" not in self.index:
             return {}
-        pairs = np.char.add(np.char.add(self.index["split"].astype(str), "\0"), self.index["class"].astype(str))
+        pairs = np.char.add(np.char.add(self.index["split"].astype(str), "\x1f"), self.index["class"].astype(str))
         uniq, counts = np.unique(pairs, return_counts=True)
-        return {tuple(u.split("\0", 1)): int(c) for u, c in zip(uniq.tolist(), counts.tolist())}
+        return {tuple(u.split("\x1f", 1)): int(c) for u, c in zip(uniq.tolist(), counts.tolist())}
 
     def patients(self, split: str | None = None) -> list[str]:
         """Patient ids with at least one patch (in ``split``), sorted."""
@@ -287,7 +287,8 @@ def write_store_json(path: str | os.PathLike, meta: dict) -> None:
     if missing:
         raise ValueError(f"store.json for {path}: missing {missing}")
     write_json(Path(path) / "store.json", {
-        "format_version": FORMAT_VERSION, "config": {}, "normalization": {}, "spacing": {}, "volumes": [], "classes": [],
+        "format_version": FORMAT_VERSION, "config": {}, "normalization": {}, "spacing": {}, "volumes": [],
+        "classes": [],
         "shard": None, "problems": [], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **meta,
     })
 

@@ -257,7 +257,9 @@ def npz_info(path: str | os.PathLike) -> dict[str, tuple[str, str | None, ImageI
                     continue
                 with z.open(name) as f:
                     version = np.lib.format.read_magic(f)
-                    shape, _, dtype = np.lib.format._read_array_header(f, version)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
                 shapes[name[:-4]] = (tuple(shape), str(dtype))
     except (zipfile.BadZipFile, OSError, ValueError) as err:
         raise InputError(f"{p}: not a readable .npz file ({err})") from None
