@@ -68,17 +68,18 @@ def _image_files(d: Path, depth: int = 2) -> list[Path]:
     return files
 
 
-def _folder_rows(set_root: Path, folder: Path, split: str, modality: str) -> list[ManifestRow]:
-    labels, problems = ({}, [])
-    if (folder / "labels.csv").is_file():
-        labels, problems = _read_labels_csv(folder / "labels.csv")
-    elif folder != set_root and (set_root / "labels.csv").is_file():
-        labels, problems = _read_labels_csv(set_root / "labels.csv")
-    rows = [ManifestRow(f"labels.csv:{folder.name}", status="problem", problem=p, split=split) for p in problems]
-    used: set[str] = set()
+def _folder_rows(set_root: Path, folder: Path, split: str, modality: str, csvs: dict) -> list[ManifestRow]:
+    """Rows of one folder of a set; ``csvs``: labels.csv path -> (entries, used keys), shared by the set."""
+    csv_path = folder / "labels.csv" if (folder / "labels.csv").is_file() else set_root / "labels.csv"
+    rows = []
+    if csv_path.is_file() and csv_path not in csvs:
+        entries, problems = _read_labels_csv(csv_path)
+        csvs[csv_path] = (entries, set())
+        rows += [ManifestRow(f"{csv_path.parent.name}/labels.csv", status="problem", problem=p) for p in problems]
+    labels, used = csvs.get(csv_path, ({}, set()))
     for p in _image_files(folder):
-        rel = p.relative_to(folder).as_posix()
-        key = rel if rel in labels else p.name if p.name in labels else None
+        keys = (p.relative_to(csv_path.parent).as_posix(), p.relative_to(folder).as_posix(), p.name)
+        key = next((k for k in keys if k in labels), None)
         cls, subject = "", ""
         if key is not None:
             cls, subject, _ = labels[key]
@@ -87,11 +88,18 @@ def _folder_rows(set_root: Path, folder: Path, split: str, modality: str) -> lis
             cls = p.parent.name
         pid = subject or p.relative_to(set_root).with_suffix("").as_posix()
         rows.append(ManifestRow(pid, modality, "image", str(p.resolve()), split=split, class_=cls))
-    for name, (_, _, line) in sorted(labels.items()):
-        if name not in used:
-            rows.append(ManifestRow(f"{folder.name}/{name}", modality, "image", str((folder / name).resolve()),
-                                    split=split, status="problem",
-                                    problem=f"{folder}/labels.csv line {line} names {name}, which does not exist"))
+    return rows
+
+
+def _missing_rows(csvs: dict, modality: str) -> list[ManifestRow]:
+    """A problem row per labels.csv line naming an image that no folder of the set holds."""
+    rows = []
+    for csv_path, (labels, used) in csvs.items():
+        for name, (_, _, line) in sorted(labels.items()):
+            if name not in used:
+                rows.append(ManifestRow(f"{csv_path.parent.name}/{name}", modality, "image",
+                                        str((csv_path.parent / name).resolve()), status="problem",
+                                        problem=f"{csv_path} line {line} names {name}, which does not exist"))
     return rows
 
 
@@ -127,10 +135,12 @@ def _inspect_images(rows: list[ManifestRow]) -> None:
 def image_set_rows(src: Source, modality: str, split_dirs: dict[Path, str]) -> list[ManifestRow]:
     """Rows of an image-folder set rooted at ``src.root`` (``split_dirs``: its train/val/test folders)."""
     mod = "image" if modality == "auto" else modality
+    csvs: dict = {}
     if split_dirs:
-        rows = [r for d, s in sorted(split_dirs.items()) for r in _folder_rows(src.root, d, s, mod)]
+        rows = [r for d, s in sorted(split_dirs.items()) for r in _folder_rows(src.root, d, s, mod, csvs)]
     else:
-        rows = _folder_rows(src.root, src.root, "", mod)
+        rows = _folder_rows(src.root, src.root, "", mod, csvs)
+    rows += _missing_rows(csvs, mod)
     _inspect_images(rows)
     return rows
 

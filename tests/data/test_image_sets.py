@@ -160,3 +160,17 @@ def test_idx_bad_header_is_a_problem_row(tmp_path):
     rows = run_discovery(root).rows
     assert len(rows) == 1 and rows[0].status == "problem"
     assert "train-images-idx3-ubyte: the IDX header says 7 items" in rows[0].problem
+
+
+def test_root_labels_csv_covers_split_folders(tmp_path):
+    root = tmp_path / "set"
+    for split in ("train", "test"):
+        for i in range(2):
+            _png(root / split / f"{i}.png", np.full((8, 8), 10 * i, np.uint8))
+    (root / "labels.csv").write_text("file,class\ntrain/0.png,a\ntrain/1.png,b\ntest/0.png,a\ntest/1.png,b\n"
+                                     "test/9.png,b\n")
+    rows = run_discovery(root).rows
+    ok = {(r.split, r.path.rsplit("/", 1)[1]): r.class_ for r in rows if r.ok}
+    assert ok == {("train", "0.png"): "a", ("train", "1.png"): "b", ("test", "0.png"): "a", ("test", "1.png"): "b"}
+    bad = [r for r in rows if not r.ok]
+    assert len(bad) == 1 and "line 6 names test/9.png, which does not exist" in bad[0].problem
