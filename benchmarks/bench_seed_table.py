@@ -46,11 +46,9 @@ def configure(pipeline: str, quick: bool, steps: int | None, device: str | None,
             stage.train.disc_start, stage.train.beta_warmup_steps = 30, 30
         if steps:
             stage.train.max_steps = steps
-        # a shortened run keeps the YAML's proportions: the critic joins after a third of the
-        # steps and the KL warm-up takes a fifth, so the VAE–GAN is never just the VAE
-        t = stage.train
-        t.disc_start = min(t.disc_start, max(1, t.max_steps // 3))
-        t.beta_warmup_steps = min(t.beta_warmup_steps, max(1, t.max_steps // 5))
+        if stage.model.name == "vaegan":  # a shortened run: the critic joins after a third of the
+            t = stage.train             # steps at the latest, so the VAE–GAN is never just the VAE
+            t.disc_start = min(t.disc_start, max(1, t.max_steps // 3))
     if quick:
         cfg.evaluate.iwae_k, cfg.evaluate.iwae_max_patches, cfg.evaluate.mmd_samples = 8, 200, 256
         cfg.evaluate.mmd_permutations = 50
