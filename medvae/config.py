@@ -39,15 +39,17 @@ class SplitConfig(StrictModel):
 
 
 class DiscoverConfig(StrictModel):
-    modality: Literal["auto", "ct", "microscopy", "mr"] = "auto"
+    modality: Literal["auto", "ct", "microscopy", "mr", "image"] = "auto"
     split: SplitConfig = Field(default_factory=SplitConfig)
 
 
 class PrepareConfig(StrictModel):
     """How volumes become normalized 2D patches."""
 
-    patch_size: Literal[128, 256] = 128
-    mode: Literal["resize", "tile"] = "resize"
+    patch_size: Literal[32, 64, 128, 256] = 128
+    # auto: volumes resize whole slices; 2D image sets pad an image that fits and is over half the
+    # patch (28² -> 32²), else resize. pad: centre on a black canvas (image sets only).
+    mode: Literal["auto", "resize", "tile", "pad"] = "auto"
     stride: int | None = None  # tile mode; default = patch_size (no overlap)
     ct_window: tuple[float, float] = (-160.0, 240.0)  # HU; abdominal W400/L40. MAISI uses (-1000, 1000)
     microscopy_percentiles: tuple[float, float] = (1.0, 99.8)  # per stack, as CSBDeep
@@ -64,7 +66,7 @@ class ModelConfig(StrictModel):
 
     name: Literal["vae", "vaegan", "monai-vae", "monai-kl", "unet-vae", "dae"] = "vae"
     in_channels: int = 1
-    image_size: Literal[64, 128, 256] = 128
+    image_size: Literal[32, 64, 128, 256] = 128
     latent_dim: int = 128
     channels: tuple[int, ...] = (32, 64, 128, 256)
     res_units: int = 1  # residual units per stage
@@ -145,6 +147,8 @@ class EvaluateConfig(StrictModel):
     feature_steps: int = 400  # training steps of that network (cached in STORE/features/)
     prior_components: int = Field(10, ge=1)  # of the Gaussian-mixture prior compared with N(0, I)
     denoise_patches: int = 96  # denoise runs: evenly spaced patches of the split every method denoises
+    iwae_max_patches: int = 2000  # IWAE on at most this many patches (8 per patient, evenly thinned beyond)
+    report_patients: int = 20  # report.html shows sections for at most this many patients (worst and best half)
 
 
 class DenoiseConfig(StrictModel):

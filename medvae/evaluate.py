@@ -5,9 +5,14 @@ For one run (and any ``--compare`` runs) on one split of a patch store:
 - per patch (batched, no grad, on the device): reconstruction SSIM, MS-SSIM, PSNR, MSE, MAE of
   ``decode(mu)`` (the deterministic reconstruction); ELBO (one seeded sample of z, analytic
   KL); KL; and IWAE log-likelihood (k = ``config.iwae_k``) with its bits/dim on a subset of
-  ``IWAE_PER_PATIENT`` evenly spaced patches per patient (k decodes per patch are the
-  dominant cost; the ``n`` column says how many patches each IWAE figure averages);
-- per patient and per modality: mean, sd and n of each metric, and the worst patches (SSIM);
+  ``IWAE_PER_PATIENT`` evenly spaced patches per patient, evenly thinned to at most
+  ``config.iwae_max_patches`` (k decodes per patch are the dominant cost; the ``n`` column says
+  how many patches each IWAE figure averages);
+- per patient and per modality: mean, sd and n of each metric, and the worst patches (SSIM).
+  Patients are grouped with one sort, so 10,000 single-image "patients" (an image set) cost
+  seconds; report.html then shows sections for ``config.report_patients`` of them only (the
+  worst and best halves by mean SSIM, listed in ``report_patients`` of summary.json), while
+  metrics.csv and summary.json keep every patient;
 - per modality (cohort): unbiased MMD² with a permutation p-value between ``mmd_samples`` real
   patches and as many model samples, on downsampled-pixel and random-conv features, and the
   Wasserstein-1 distance between their intensity distributions in physical units. The models
@@ -101,12 +106,34 @@ def _stats(v: np.ndarray) -> dict:
             "sd": float(v.std(ddof=1)) if n > 1 else 0.0 if n else float("nan"), "n": n}
 
 
-def _iwae_subset(patient_ids: np.ndarray, rows: np.ndarray, per_patient: int) -> np.ndarray:
+def group_rows(patient_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Patient id -> positions (ascending) into ``patient_ids``, with one stable sort (no per-patient scan)."""
+    ids = patient_ids.astype(str)
+    order = np.argsort(ids, kind="stable")
+    uniq, starts = np.unique(ids[order], return_index=True)
+    return dict(zip(uniq.tolist(), np.split(order, starts[1:])))
+
+
+def _iwae_subset(groups: dict[str, np.ndarray], rows: np.ndarray, per_patient: int, cap: int) -> np.ndarray:
     picks = []
-    for pid in np.unique(patient_ids):
-        r = rows[patient_ids == pid]
+    for pos in groups.values():
+        r = rows[pos]
         picks.append(r[np.unique(np.linspace(0, len(r) - 1, min(per_patient, len(r))).round().astype(int))])
-    return np.sort(np.concatenate(picks)) if picks else rows[:0]
+    out = np.sort(np.concatenate(picks)) if picks else rows[:0]
+    if len(out) > cap:  # evenly thinned, deterministic
+        out = out[np.unique(np.linspace(0, len(out) - 1, max(cap, 1)).round().astype(int))]
+    return out
+
+
+def report_patients(per_patient: dict, n: int) -> list[str]:
+    """The patients report.html shows: all when at most ``n``, else the worst and best halves by mean SSIM."""
+    if len(per_patient) <= n:
+        return list(per_patient)
+    ssim = {p: v["metrics"]["ssim"]["mean"] for p, v in per_patient.items()}
+    ranked = sorted(ssim, key=lambda p: (not math.isfinite(ssim[p]), ssim[p], p))
+    worst = ranked[: (n + 1) // 2]
+    best = ranked[len(ranked) - n // 2:] if n // 2 else []
+    return worst + best[::-1]
 
 
 # --------------------------------------------------------------------------- cohort
@@ -160,17 +187,18 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
     mods = store.index["modality"][rows].astype(str)
     log.info("evaluating %s (%s) on %d %s patches of %d patients", name, ckpt.name, len(rows), cfg.split,
              len(set(pids)))
-    per, latent = patch_metrics(model, store, rows, cfg, device, _iwae_subset(pids, rows, IWAE_PER_PATIENT))
+    groups = group_rows(pids)
+    iwae_rows = _iwae_subset(groups, rows, IWAE_PER_PATIENT, cfg.iwae_max_patches)
+    per, latent = patch_metrics(model, store, rows, cfg, device, iwae_rows)
 
     per_patient, per_modality = {}, {}
-    for pid in sorted(set(pids.tolist())):
-        m = pids == pid
+    for pid, m in groups.items():
         order = np.argsort(per["ssim"][m])
         prow = rows[m]
         worst = [{"row": int(prow[i]), "slice_index": int(store.index["slice_index"][prow[i]]),
                   "y": int(store.index["y"][prow[i]]), "x": int(store.index["x"][prow[i]]),
                   "ssim": float(per["ssim"][m][i])} for i in order[:cfg.worst_patches]]
-        per_patient[pid] = {"modality": str(mods[m][0]), "n_patches": int(m.sum()),
+        per_patient[pid] = {"modality": str(mods[m][0]), "n_patches": int(len(m)),
                             "metrics": {k: _stats(v[m]) for k, v in per.items()},
                             "worst_patches": worst, "best_row": int(prow[order[-1]])}
     cohort, hists = {}, {}
@@ -191,16 +219,18 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
               "store": str(store.path),
               "store_hash_matches": meta.get("store_hash") in (None, store.content_hash),
               "per_patient": per_patient, "per_modality": per_modality, "cohort": cohort,
-              "sample_quality": quality}
+              "sample_quality": quality,
+              "report_patients": report_patients(per_patient, cfg.report_patients)}
     if with_figures:
-        result["_figures"] = _figure_data(model, store, per_patient, by_prior, hists, per, pids, latent,
-                                          device)
+        shown = {p: per_patient[p] for p in result["report_patients"]}
+        result["_figures"] = _figure_data(model, store, shown, by_prior, hists, per, groups, latent, device)
     return result
 
 
 @torch.no_grad()
-def _figure_data(model, store, per_patient, by_prior, hists, per, pids, latent, device) -> dict:
-    """Arrays the report draws: best/worst triptychs, samples, a latent traversal, histograms."""
+def _figure_data(model, store, per_patient, by_prior, hists, per, groups, latent, device) -> dict:
+    """Arrays the report draws: best/worst triptychs of the shown patients, samples, a latent
+    traversal, histograms."""
     picks = []
     for pid, p in per_patient.items():
         picks += [(pid, "best", p["best_row"]), (pid, "worst", p["worst_patches"][0]["row"])]
@@ -228,7 +258,7 @@ def _figure_data(model, store, per_patient, by_prior, hists, per, pids, latent, 
             "samples_gmm": by_prior["gmm"][:16].numpy() if "gmm" in by_prior else None, "traversal": trav,
             "traversal_dims": dims.tolist(), "traversal_steps": steps.tolist(), "histograms": hists,
             "modalities": mods,
-            "distributions": {pid: {k: per[k][pids == pid] for k in ("ssim", "psnr", "mae")}
+            "distributions": {pid: {k: per[k][groups[pid]] for k in ("ssim", "psnr", "mae")}
                               for pid in per_patient},
             "normalization": {m: store.normalization(m) for m in mods}}
 

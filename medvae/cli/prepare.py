@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 def prepare(
     manifest: Optional[Path] = typer.Argument(None, help="manifest.csv from `medvae discover`."),
     out: Path = typer.Option(..., "--out", help="Patch store directory to write."),
-    patch_size: Optional[int] = typer.Option(None, help="128 or 256."),
-    mode: Optional[str] = typer.Option(None, help="resize (whole slice) | tile (native resolution)."),
+    patch_size: Optional[int] = typer.Option(None, help="32, 64, 128 or 256."),
+    mode: Optional[str] = typer.Option(
+        None, help="auto | resize (whole slice or image) | tile (native resolution) | pad (2D image sets)."),
     stride: Optional[int] = typer.Option(None, help="Tile stride in pixels (tile mode)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with PrepareConfig keys."),
     workers: Optional[int] = typer.Option(None, help="Volumes processed in parallel."),
@@ -57,6 +58,17 @@ def print_summary(store: PatchStore) -> None:
                 table.add_row(m, s, str(len(set(store.index["patient_id"][rows]))), str(len(rows)))
     console = Console(highlight=False, soft_wrap=True)
     console.print(table)
+    classes = store.meta.get("classes") or []
+    if classes and "class" in store.index:
+        by_class = Table(title="patches per class and split")
+        by_class.add_column("class")
+        splits = store.splits
+        for s in splits:
+            by_class.add_column(s, justify="right")
+        counts = store.class_counts()
+        for c in classes:
+            by_class.add_row(c, *(str(counts.get((s, c), 0)) for s in splits))
+        console.print(by_class)
     problems = store.meta.get("problems", [])
     for p in problems[:10]:
         console.print(f"[yellow]problem:[/] {p}")

@@ -18,7 +18,7 @@ def _print_paths(state: dict) -> None:
 @user_errors
 def run(
     pipeline: str = typer.Argument(
-        ..., help="Pipeline YAML, or the name of a packaged one: demo, pancreas_ct, microscopy."),
+        ..., help="Pipeline YAML, or a packaged one: demo, pancreas_ct, microscopy, fashion_mnist, mnist."),
     scans: Path = typer.Option(..., "--scans", help="Scan directory."),
     out: Path = typer.Option(..., "--out", help="Run directory for all stages."),
     quick: bool = typer.Option(

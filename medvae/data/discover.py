@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medvae.config import DiscoverConfig, SplitConfig
-from medvae.data.layouts import LabelMaps, classify, index_tree, label_dirs, msd_rows
-from medvae.data.manifest import ManifestRow, assign_split, read_manifest
+from medvae.data.image_sets import bulk_rows, image_set_rows, is_split_known
+from medvae.data.layouts import LabelMaps, classify, index_tree, label_dirs, msd_rows, split_dirs
+from medvae.data.manifest import ManifestRow, assign_split, assign_splits, read_manifest
 from medvae.errors import ConfigError, InputError
 from medvae.io.dicom import PATIENT_DIR, default_patient_id, inspect_dicom_series
 from medvae.io.formats import scan_stem
@@ -73,7 +74,7 @@ class Discovery:
     reference: Path | None = None
 
 
-MODALITIES = ("auto", "ct", "microscopy", "mr")
+MODALITIES = ("auto", "ct", "microscopy", "mr", "image")
 
 
 def _config(modality: str, config: DiscoverConfig | None) -> DiscoverConfig:
@@ -105,6 +106,11 @@ def run_discovery(
     rows: list[ManifestRow] = []
     unused: list[Path] = []
     for src in sources:
+        if src.kind in ("images", "idx", "npz"):  # 2D image sets: any modality may be asked for
+            sets = image_set_rows(src, wanted, split_dirs(src.root, idx)) if src.kind == "images" else \
+                bulk_rows(src, wanted)
+            rows += sets
+            continue
         if (src.kind == "tiff") != (wanted == "microscopy") and wanted != "auto":
             continue  # TIFF folders are microscopy; DICOM, MSD and NIfTI are CT/MR
         if src.kind == "msd":
@@ -139,17 +145,21 @@ def run_discovery(
 
 
 def _assign_splits(found: Discovery, ref_rows: list[ManifestRow], split: SplitConfig, root: Path) -> None:
-    """Hash splits per patient; the reference's split wins for patients it lists. Missing ones become rows."""
+    """Splits per patient (:func:`assign_splits`: hash, small cohorts repaired); a dataset's own
+    split (image-set folders, IDX, npz) and then the reference's split win. Missing ones become rows."""
     ref = {}
     for r in ref_rows:
         ref.setdefault(r.patient_id, r)
+    fixed = {r.patient_id: r.split for r in found.rows if is_split_known(r)}
+    fixed.update({p: r.split for p, r in ref.items() if r.split})
+    cohort = {r.patient_id for r in found.rows if r.ok and r.patient_id not in fixed}
+    # the repair sees the whole cohort of usable scans; bulk rows (IDX, npz) are datasets, not patients
+    patients = {r.patient_id for r in found.rows if r.ok and r.format not in ("idx", "npz")}
+    usable_fixed = {p: s for p, s in fixed.items() if p in patients}
+    splits = assign_splits(cohort, split.seed, split, usable_fixed) if cohort else {}
     for row in found.rows:
-        listed = ref.get(row.patient_id)
-        row.split = (
-            listed.split
-            if listed is not None and listed.split
-            else assign_split(row.patient_id, split.seed, split)
-        )
+        row.split = fixed.get(row.patient_id) or splits.get(row.patient_id) or assign_split(
+            row.patient_id, split.seed, split)
     if found.reference is None:
         return
     have = {r.patient_id for r in found.rows}

@@ -8,6 +8,11 @@ Layouts recognised anywhere under a root (a root may hold several, as the phanto
   ``*label*`` folder next to (or inside) the tree.
 - MSD: ``imagesTr/``, ``labelsTr/``, ``imagesTs/``, ``dataset.json`` (``._*`` macOS junk ignored).
 - Flat NIfTI folders (one scan per file) and TIFF folders (microscopy, one stack per file).
+- 2D image sets (rows built by :mod:`medvae.data.image_sets`): a folder of PNG / JPEG / BMP
+  images; an ImageFolder (two or more class folders of images); a folder with ``labels.csv``;
+  a folder whose ``train/`` ``val/`` ``test/`` subfolders are any of these (single-page TIFFs
+  count as images there; a folder of TIFFs alone stays a folder of microscopy stacks); IDX files
+  (``*-images-idx3-ubyte[.gz]``); ``.npz`` files.
 
 Nothing here opens a scan's header: :mod:`medvae.data.discover` does that for the rows it builds.
 """
@@ -24,21 +29,31 @@ from pathlib import Path
 from medvae.data.manifest import ManifestRow
 from medvae.io.dicom import PATIENT_DIR
 from medvae.io.formats import NIFTI_SUFFIXES, TIFF_SUFFIXES, scan_stem
+from medvae.io.images2d import IDX_IMAGES, IDX_LABELS, IMAGE_SUFFIXES
 
 log = logging.getLogger("medvae.data.discover")
 
 _LABEL_STEM = re.compile(r"label_?(\d+)", re.IGNORECASE)
 _JUNK = {"thumbs.db", "desktop.ini", "dicomdir"}
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
-_KNOWN_SIDECARS = {"dataset.json"}
+_KNOWN_SIDECARS = {"dataset.json", "labels.csv"}
+SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+              "test": "test", "testing": "test"}
 _MR_WORDS = ("MR", "MRI", "T1", "T2", "FLAIR", "ADC", "DWI", "PD")
 
 
 def file_kind(p: Path) -> str | None:
-    """``nifti`` | ``tiff`` | ``dicom`` | ``other``, or None for junk that is silently ignored."""
+    """``nifti`` | ``tiff`` | ``dicom`` | ``image`` | ``idx`` | ``npz`` | ``other``, or None for junk
+    that is silently ignored."""
     name = p.name.lower()
     if name.startswith(".") or name in _JUNK:
         return None
+    if name.endswith(IMAGE_SUFFIXES):
+        return "image"
+    if name.endswith(".npz"):
+        return "npz"
+    if IDX_IMAGES.fullmatch(name) or IDX_LABELS.fullmatch(name):
+        return "idx"
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
     if name.endswith(TIFF_SUFFIXES):
@@ -59,7 +74,7 @@ def file_kind(p: Path) -> str | None:
 class _Dir:
     subdirs: list[Path] = field(default_factory=list)
     files: dict[str, list[Path]] = field(
-        default_factory=lambda: {"nifti": [], "tiff": [], "dicom": [], "other": []}
+        default_factory=lambda: {k: [] for k in ("nifti", "tiff", "dicom", "image", "idx", "npz", "other")}
     )
     dicom_depth: int = -1  # deepest folder below (0 = here) that holds DICOM files; -1 none
     pure_dicom: bool = True  # no NIfTI/TIFF anywhere below
@@ -94,13 +109,47 @@ def index_tree(root: Path) -> dict[Path, _Dir]:
 
 @dataclass
 class Source:
-    kind: str  # dicom | msd | nifti | tiff
+    kind: str  # dicom | msd | nifti | tiff | images | idx | npz
     root: Path
-    items: list[Path] = field(default_factory=list)  # DICOM patient folders or NIfTI/TIFF files
+    items: list[Path] = field(default_factory=list)  # DICOM patient folders or NIfTI/TIFF/IDX/npz files
 
 
 def _is_label_dir(p: Path) -> bool:
     return "label" in p.name.lower()
+
+
+def _images_here(node: _Dir, tiff: bool) -> bool:
+    return bool(node.files["image"] or (tiff and node.files["tiff"])) and not node.files["dicom"] \
+        and not node.files["nifti"]
+
+
+def _is_class_parent(d: Path, idx: dict[Path, _Dir], tiff: bool) -> bool:
+    """Two or more subfolders holding only images (and no deeper folders): an ImageFolder."""
+    subs = [idx[s] for s in idx[d].subdirs if s in idx and idx[s].n_files]
+    return len(subs) >= 2 and all(_images_here(s, tiff) and not s.subdirs for s in subs) and (
+        tiff or any(s.files["image"] for s in subs))
+
+
+def _is_image_folder(d: Path, idx: dict[Path, _Dir], tiff: bool) -> bool:
+    node = idx[d]
+    if (d / "labels.csv").is_file():
+        return True
+    if node.files["image"] and not node.files["dicom"] and not node.files["nifti"]:
+        return True
+    return _is_class_parent(d, idx, tiff) or (tiff and _images_here(node, tiff))
+
+
+def split_dirs(d: Path, idx: dict[Path, _Dir]) -> dict[Path, str]:
+    """``train/`` ``val/`` ``test/`` (and spelling variants) subfolders of ``d`` -> their split."""
+    return {s: SPLIT_DIRS[s.name.lower()] for s in idx[d].subdirs if s.name.lower() in SPLIT_DIRS}
+
+
+def is_image_set(d: Path, idx: dict[Path, _Dir]) -> bool:
+    """Whether ``d`` is the root of a 2D image set (the module doc lists the layouts)."""
+    if _is_image_folder(d, idx, tiff=False):
+        return True
+    splits = [s for s in split_dirs(d, idx) if idx[s].n_files]
+    return bool(splits) and all(_is_image_folder(s, idx, tiff=True) for s in splits)
 
 
 def classify(d: Path, idx: dict[Path, _Dir], ignored: list[Path]) -> list[Source]:
@@ -109,10 +158,14 @@ def classify(d: Path, idx: dict[Path, _Dir], ignored: list[Path]) -> list[Source
     names = {s.name for s in node.subdirs}
     if "imagesTr" in names or "imagesTs" in names:
         return [Source("msd", d)]
+    bulk = [Source(k, d, node.files[k]) for k in ("idx", "npz") if node.files[k]]
+    if is_image_set(d, idx):
+        return [Source("images", d), *bulk]
     ignored += [f for f in node.files["other"] if f.name.lower() not in _KNOWN_SIDECARS]
+    ignored += node.files["image"]  # images beside volumes: not an image set
     if node.files["dicom"]:  # a series folder itself (the reader walks what is below it)
         return [Source("dicom", d, [d])]
-    sources = []
+    sources = bulk
     if node.files["nifti"]:
         sources.append(Source("nifti", d, node.files["nifti"]))
     if node.files["tiff"]:

@@ -45,14 +45,17 @@ class PatchDataset(Dataset):
         modality: ``ct`` | ``microscopy`` | ... | None (all).
         with_labels: items are ``(image, label)`` with label ``(1, H, W)`` uint8 tensors
             (zeros where the store has no labels).
+        with_classes: items are ``(image, class)`` with the class id an int64 scalar tensor (the
+            position in ``store.classes``; -1 where none); with both, ``(image, label, class)``.
 
     Pickles without the memmaps (workers reopen the store), so ``num_workers > 0`` never copies it.
     """
 
     def __init__(self, store: PatchStore | str | os.PathLike, split: str | None = None,
-                 modality: str | None = None, with_labels: bool = False):
+                 modality: str | None = None, with_labels: bool = False, with_classes: bool = False):
         self.store = _as_store(store)
         self.split, self.modality, self.with_labels = split, modality, with_labels
+        self.with_classes = with_classes
         self.indices = self.store.select(split, modality)
 
     def __len__(self) -> int:
@@ -73,19 +76,18 @@ class PatchDataset(Dataset):
         return torch.from_numpy(read_rows(self.store.labels, rows))
 
     def __getitem__(self, i: int):
-        row = int(self.indices[i])
-        x = _to_tensor(np.array(self.store.patches[row]), self.store.scale)
-        if not self.with_labels:
-            return x
-        return x, self._labels(np.asarray([row]))[0]
+        return self.__getitems__([i])[0]
 
     def __getitems__(self, items: list[int]):
         """Batched fetch (used by DataLoader's fetcher): one sorted read for the whole batch."""
         rows = self.indices[np.asarray(items, dtype=np.int64)]
         x = _to_tensor(read_rows(self.store.patches, rows), self.store.scale)
-        if not self.with_labels:
-            return list(x.unbind(0))
-        return list(zip(x.unbind(0), self._labels(rows).unbind(0)))
+        parts = [x.unbind(0)]
+        if self.with_labels:
+            parts.append(self._labels(rows).unbind(0))
+        if self.with_classes:
+            parts.append(torch.from_numpy(self.store.class_ids(rows)).unbind(0))
+        return list(parts[0]) if len(parts) == 1 else list(zip(*parts))
 
 
 def _dist_info(distributed: bool | None) -> tuple[bool, int, int]:
@@ -100,14 +102,14 @@ def _dist_info(distributed: bool | None) -> tuple[bool, int, int]:
 
 def make_loader(store: PatchStore | str | os.PathLike, split: str | None, batch_size: int, shuffle: bool,
                 seed: int, num_workers: int = 0, drop_last: bool = True, distributed: bool | None = None,
-                modality: str | None = None, with_labels: bool = False) -> DataLoader:
+                modality: str | None = None, with_labels: bool = False, with_classes: bool = False) -> DataLoader:
     """A DataLoader of ``(B, C, H, W)`` float32 batches in [0, 1] over one split.
 
     ``distributed=None`` uses a ``DistributedSampler`` exactly when ``torch.distributed`` is
     initialized (call ``loader.sampler.set_epoch(epoch)`` each epoch); otherwise a seeded
     RandomSampler (shuffle) or SequentialSampler.
     """
-    ds = PatchDataset(store, split=split, modality=modality, with_labels=with_labels)
+    ds = PatchDataset(store, split=split, modality=modality, with_labels=with_labels, with_classes=with_classes)
     use_dist, _, _ = _dist_info(distributed)
     if use_dist:
         sampler = DistributedSampler(ds, shuffle=shuffle, seed=seed, drop_last=drop_last)
@@ -138,7 +140,9 @@ class PatchBatches:
         seed: permutation seed.
         drop_last: drop the last incomplete batch of an epoch.
         shuffle: False keeps the rows in store order (evaluation).
-        with_labels: yield ``(x, labels)``; labels ``(B, 1, H, W)`` uint8.
+        with_labels: yield ``(x, labels)``; labels ``(B, 1, H, W)`` uint8 masks.
+        with_classes: yield ``(x, classes)``; classes ``(B,)`` int64 ids into ``store.classes``
+            (-1 where none); with both, ``(x, labels, classes)``.
         rank, world_size: the shard to read; default from torch.distributed when initialized.
         device: move batches there (CUDA: float16 patches are copied from pinned memory, non-blocking,
             and converted to float32 on the GPU).
@@ -147,11 +151,11 @@ class PatchBatches:
     def __init__(self, store: PatchStore | str | os.PathLike, split: str | None = None, batch_size: int = 64,
                  seed: int = 0, modality: str | None = None, drop_last: bool = True, shuffle: bool = True,
                  with_labels: bool = False, rank: int | None = None, world_size: int | None = None,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, with_classes: bool = False):
         self.store = _as_store(store)
         self.indices = self.store.select(split, modality)
         self.batch_size, self.seed, self.drop_last, self.shuffle = int(batch_size), int(seed), drop_last, shuffle
-        self.with_labels = with_labels
+        self.with_labels, self.with_classes = with_labels, with_classes
         if rank is None or world_size is None:
             _, r, w = _dist_info(None)
             rank = r if rank is None else rank
@@ -180,9 +184,10 @@ class PatchBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def batch(self, rows: np.ndarray):
-        """Read ``rows`` (any order) -> ``(B, C, H, W)`` float32 tensor (and labels)."""
+        """Read ``rows`` (any order) -> ``(B, C, H, W)`` float32 tensor (and masks, classes)."""
         raw = read_rows(self.store.patches, rows)
         y = torch.from_numpy(read_rows(self.store.labels, rows)) if self.with_labels else None
+        k = torch.from_numpy(self.store.class_ids(rows)) if self.with_classes else None
         if self.device is not None and self.device.type == "cuda":
             # float16 crosses the bus at half the bytes and becomes float32 on the GPU
             src = torch.from_numpy(raw) if raw.dtype == np.float16 else _to_tensor(raw, self.store.scale)
@@ -193,7 +198,10 @@ class PatchBatches:
             if self.device is not None and self.device.type != "cpu":
                 x = x.to(self.device)
                 y = y.to(self.device) if y is not None else None
-        return (x, y) if self.with_labels else x
+        if k is not None and self.device is not None:
+            k = k.to(self.device)
+        out = tuple(t for t in (x, y, k) if t is not None)
+        return out if len(out) > 1 else x
 
     def __iter__(self):
         rows = self.epoch_rows()

@@ -3,11 +3,16 @@
 Schema (the "Manifest" contract of docs/architecture.md, explained column by column in data_manifests/README.md)::
 
     patient_id, modality, format, path, label_path, series_uid, split,
-    n_slices, spacing_z, spacing_y, spacing_x, status, problem
+    n_slices, spacing_z, spacing_y, spacing_x, status, problem, class, n_images, plane
+
+``class``, ``n_images`` and ``plane`` are optional (older manifests without them read as empty).
+A 2D image set is one row per image file (``format=image``, its ``class``) or one row per IDX
+file / npz split (``format=idx|npz``, ``n_images`` images, classes per image inside the file).
 
 A row with ``status=ok`` is a usable scan; ``status=problem`` carries a readable ``problem`` and
 may leave the other columns blank. A patient's split depends only on its id and the seed, so it
-stays put when patients are added, and every scan of a patient shares it.
+stays put when patients are added, and every scan of a patient shares it; small cohorts are
+repaired so that every requested split gets a patient (:func:`assign_splits`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from pathlib import Path
 from medvae.errors import InputError
 from medvae.files import atomic_open
 
-MODALITIES = ("ct", "microscopy", "mr")
-FORMATS = ("dicom", "nifti", "tiff")
+MODALITIES = ("ct", "microscopy", "mr", "image")
+FORMATS = ("dicom", "nifti", "tiff", "image", "idx", "npz")
+IMAGE_SET_FORMATS = ("image", "idx", "npz")  # 2D image sets: no volume, images kept as they are
 SPLITS = ("train", "val", "test")
 STATUSES = ("ok", "problem")
 
@@ -45,6 +51,9 @@ class ManifestRow:
     spacing_x: float | None = None
     status: str = "ok"
     problem: str = ""
+    class_: str = ""  # CSV column "class": the image's class name (image rows of a labelled set)
+    n_images: int | None = None  # 2D images the row holds (IDX file, npz split); 1 for an image file
+    plane: str = ""  # acquisition plane of a volume (axial | sagittal | coronal | oblique), "" if unknown
 
     @property
     def ok(self) -> bool:
@@ -57,7 +66,9 @@ class ManifestRow:
         return None if any(v is None for v in s) else s  # type: ignore[return-value]
 
 
-COLUMNS = tuple(f.name for f in fields(ManifestRow))  # the CSV header, in this order
+COLUMNS = tuple(f.name.rstrip("_") for f in fields(ManifestRow))  # the CSV header, in this order
+OPTIONAL_COLUMNS = ("class", "n_images", "plane")  # may be absent from older manifests
+_FIELD = {f.name.rstrip("_"): f.name for f in fields(ManifestRow)}
 
 
 def _fmt(value) -> str:
@@ -93,8 +104,10 @@ def _check_row(row: ManifestRow, where: str, line: int) -> list[str]:
         for col in ("modality", "format", "path", "split"):
             if not getattr(row, col):
                 errs.append(_problem(where, line, col, "required when status is ok"))
-        if row.n_slices is not None and row.n_slices < 1:
-            errs.append(_problem(where, line, "n_slices", f"{row.n_slices} is not a positive count"))
+        for col in ("n_slices", "n_images"):
+            v = getattr(row, col)
+            if v is not None and v < 1:
+                errs.append(_problem(where, line, col, f"{v} is not a positive count"))
         for col in ("spacing_z", "spacing_y", "spacing_x"):
             v = getattr(row, col)
             if v is not None and not v > 0:
@@ -126,7 +139,8 @@ def _check_patients(rows: Sequence[ManifestRow], where: str, lines: Sequence[int
 def _parse(raw: Mapping[str, str], where: str, line: int) -> tuple[ManifestRow, list[str]]:
     values: dict = {c: (raw.get(c) or "").strip() for c in COLUMNS}
     errs = []
-    for col, kind in (("n_slices", int), ("spacing_z", float), ("spacing_y", float), ("spacing_x", float)):
+    for col, kind in (("n_slices", int), ("spacing_z", float), ("spacing_y", float), ("spacing_x", float),
+                      ("n_images", int)):
         text = values[col]
         try:
             values[col] = kind(text) if text else None
@@ -136,7 +150,7 @@ def _parse(raw: Mapping[str, str], where: str, line: int) -> tuple[ManifestRow, 
             )
             values[col] = None
     values["status"] = values["status"] or "ok"
-    return ManifestRow(**values), errs
+    return ManifestRow(**{_FIELD[k]: v for k, v in values.items()}), errs
 
 
 def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
@@ -158,7 +172,7 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
             raws = [(reader.line_num, r) for r in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise InputError(f"manifest {path} cannot be read as CSV: {err}") from None
-    missing = [c for c in COLUMNS if c not in header]
+    missing = [c for c in COLUMNS if c not in header and c not in OPTIONAL_COLUMNS]
     extra = [c for c in header if c not in COLUMNS]
     if missing or extra:
         what = "; ".join(
@@ -202,7 +216,7 @@ def write_manifest(rows: Iterable[ManifestRow], path: str | os.PathLike) -> Path
         writer.writerow(COLUMNS)
         for row in rows:
             d = asdict(row)
-            writer.writerow([_fmt(d[c]) for c in COLUMNS])
+            writer.writerow([_fmt(d[_FIELD[c]]) for c in COLUMNS])
     return path
 
 
@@ -232,3 +246,42 @@ def assign_split(patient_id: str, seed: int = 0, fractions=(0.7, 0.15, 0.15)) ->
     train, val, _ = _fractions(fractions)
     pos = split_position(patient_id, seed)
     return "train" if pos < train else "val" if pos < train + val else "test"
+
+
+def assign_splits(patient_ids: Iterable[str], seed: int = 0, fractions=(0.7, 0.15, 0.15),
+                  fixed: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Splits of a whole cohort: :func:`assign_split` per patient, repaired so small cohorts get every split.
+
+    The rule (docs/architecture.md, data_manifests/README.md): every patient starts in its hash
+    split. If a split with a non-zero fraction is empty and the cohort has at least as many
+    patients as such splits, the patient whose hash position lies nearest to that split's
+    interval of [0, 1) moves into it (ties: the smaller id), taken only from a split that keeps at
+    least one patient; splits are repaired in the order test, val, train. Patients in ``fixed``
+    (a reference manifest's splits) keep theirs and count toward their split. Deterministic; when
+    patients are added, only patients that were moved by a repair can change split (back to their
+    hash split, once the cohort fills that split by itself); large cohorts are never repaired.
+
+    Returns:
+        patient id -> ``train`` | ``val`` | ``test`` for every id in ``patient_ids`` and ``fixed``.
+    """
+    fr = _fractions(fractions)
+    fixed = dict(fixed or {})
+    pids = sorted(set(patient_ids) - set(fixed))
+    out = {p: assign_split(p, seed, fr) for p in pids}
+    out.update(fixed)
+    wanted = [s for s, f in zip(SPLITS, fr) if f > 0]
+    if len(out) < len(wanted):
+        return out
+    bounds = dict(zip(SPLITS, zip((0.0, fr[0], fr[0] + fr[1]), (fr[0], fr[0] + fr[1], 1.0))))
+    pos = {p: split_position(p, seed) for p in pids}
+    for target in ("test", "val", "train"):
+        counts = {s: sum(v == s for v in out.values()) for s in SPLITS}
+        if target not in wanted or counts[target]:
+            continue
+        lo, hi = bounds[target]
+        movable = [p for p in pids if counts[out[p]] > 1]
+        if not movable:
+            continue
+        best = min(movable, key=lambda p: (max(lo - pos[p], pos[p] - hi, 0.0), p))
+        out[best] = target
+    return out

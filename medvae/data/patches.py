@@ -1,8 +1,8 @@
-"""Volume -> 2D slices along z -> 128/256 patches, vectorized over all slices of a volume.
+"""Volume -> 2D slices along z -> 32/64/128/256 patches, vectorized over all slices of a volume.
 
 Two modes (``PrepareConfig.mode``):
 
-- ``resize``: each whole ``(Y, X)`` slice is resized to ``(P, P)`` (bilinear with antialiasing,
+- ``resize`` (and ``auto``): each whole ``(Y, X)`` slice is resized to ``(P, P)`` (bilinear with antialiasing,
   i.e. a triangle filter widened by the downscale factor, as PIL does; label maps with
   nearest-exact). One patch per slice at ``y = x = 0``; a patch pixel covers
   ``(sy * Y / P, sx * X / P)``. Non-square slices are stretched (the spacing records it).
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from medvae.config import PrepareConfig
+from medvae.errors import InputError
 
 
 @dataclass
@@ -112,7 +113,7 @@ def extract_patches(image: torch.Tensor, foreground: torch.Tensor, config: Prepa
     if label is not None:
         lab = (label if label.ndim == 4 else label[None])[:, ::step].permute(1, 0, 2, 3)
     Y, X = img.shape[-2:]
-    if config.mode == "resize":
+    if config.mode in ("resize", "auto"):  # auto: volumes' slices are resized
         frac = _count(fg, (1, 2)).float() / float(Y * X)  # (Z',)
         keep = torch.nonzero(frac >= thr).flatten()
         every = len(keep) == len(zs)  # no copy of the volume when all slices stay
@@ -135,7 +136,7 @@ def extract_patches(image: torch.Tensor, foreground: torch.Tensor, config: Prepa
         frac = frac_all[kz, ky, kx]
         spacing = (float(spacing_yx[0]), float(spacing_yx[1]))
     else:
-        raise ValueError(f"unknown patch mode {config.mode!r}; expected resize | tile")
+        raise InputError(f"patch mode {config.mode!r} is for 2D image sets; volumes take auto | resize | tile")
     return Patches(
         images=images.contiguous().numpy().astype(np.float32, copy=False),
         labels=labels_to_uint8(labels).contiguous().numpy() if labels is not None else None,

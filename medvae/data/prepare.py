@@ -2,13 +2,17 @@
 
 Entry points: ``prepare``, ``merge_stores`` (the store format itself is ``medvae.data.store``).
 
+- 2D image-set rows (``format`` image | idx | npz) go through
+  :func:`medvae.data.image_patches.image_set_patches` instead of the MONAI volume chain: one task
+  per row, vectorized over its images, each image its own patient with its class.
 - Rows with ``status=problem`` are skipped and reported; a volume that fails to load (corrupt
   file, label on another grid, ...) is reported with its file name and the rest still processed.
 - Each volume is one task (``--workers N`` processes); a task writes its patches as its own
   ``.npy`` chunk in ``STORE/.prepare-<pid>/``, and the parent copies the chunks, in manifest
   order, into the memory-mapped ``patches.npy`` (``np.lib.format.open_memmap``), so neither side
   ever holds the whole store in memory. ``store.json`` is removed first and written last.
-- Content hash: SHA-256 over the format version, the config (less ``workers``), and for each
+- Tasks, results and the content hash are in ``medvae.data.tasks``. Content hash: SHA-256 over
+  the format version, the config (less ``workers``), and for each
   usable manifest row its patient id, modality, split, format and, for the image and label paths,
   the resolved path plus size and mtime (ns) of every file (a DICOM directory: each file in it).
   Contents are not read, so hashing 80 patients takes milliseconds; touching a file rebuilds.
@@ -20,7 +24,6 @@ Entry points: ``prepare``, ``merge_stores`` (the store format itself is ``medvae
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import multiprocessing as mp
@@ -29,15 +32,13 @@ import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medvae.config import PrepareConfig
-from medvae.data.manifest import ManifestRow, read_manifest
+from medvae.data.manifest import IMAGE_SET_FORMATS, read_manifest
 from medvae.data.store import (
-    FORMAT_VERSION,
     PatchStore,
     begin_store,
     open_store,
@@ -45,121 +46,12 @@ from medvae.data.store import (
     write_index,
     write_store_json,
 )
+from medvae.data.tasks import INDEX_ARRAYS, PreparedVolume, VolumeTask, content_hash, parse_shard
 from medvae.errors import ConfigError, InputError, MedvaeError, StoreError
 from medvae.files import atomic_path, sha256_json
+from medvae.io.images2d import convert_channels
 
 log = logging.getLogger("medvae.prepare")
-
-_INDEX_ARRAYS = ("slice_index", "y", "x", "foreground_fraction")
-
-
-# --------------------------------------------------------------------------- inputs and hashing
-def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    """``"i/N"`` -> ``(i, N)`` with ``1 <= i <= N``; None stays None."""
-    if shard is None or isinstance(shard, tuple):
-        return shard
-    try:
-        i, n = (int(s) for s in str(shard).split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard {shard!r}: expected i/N, e.g. 1/4") from None
-    if not 1 <= i <= n:
-        raise ConfigError(f"--shard {shard!r}: need 1 <= i <= N")
-    return i, n
-
-
-@dataclass(frozen=True)
-class VolumeTask:
-    """One usable manifest row, paths resolved against the manifest's folder."""
-
-    patient_id: str
-    modality: str
-    split: str
-    format: str
-    path: str
-    label_path: str
-
-    @classmethod
-    def from_row(cls, row: ManifestRow, base: Path) -> VolumeTask:
-        return cls(str(row.patient_id), str(row.modality), str(row.split), str(row.format),
-                   _resolve(row.path, base), _resolve(row.label_path, base))
-
-    def digest(self) -> str:
-        """Hash of the row and of the size and mtime of every input file (contents are not read)."""
-        stats = {k: _stat_entries(getattr(self, k)) for k in ("path", "label_path") if getattr(self, k)}
-        return sha256_json([dataclasses.asdict(self), stats])
-
-
-@dataclass
-class PreparedVolume:
-    """One volume's patches, ready to be copied into the store, and what store.json keeps of it.
-
-    ``source`` is where its arrays are: the path prefix of the worker's ``.npy`` chunk files, or
-    ``(store, first row)`` when merging shards. ``first_row`` is set when the store is assembled.
-    """
-
-    task: VolumeTask
-    position: int  # among the usable manifest rows: the store's volume order
-    digest: str
-    source: str | tuple[PatchStore, int]
-    n: int
-    channels: int
-    n_slices: int
-    has_label: bool
-    spacing: list[float]  # in-plane (sy, sx) of a patch pixel
-    low: float
-    high: float
-    unit: str
-    index: dict[str, np.ndarray]  # the _INDEX_ARRAYS columns, length n
-    first_row: int = 0
-
-    def record(self) -> dict:
-        """The volume's entry in store.json's ``volumes``."""
-        return {"position": self.position, "digest": self.digest, **dataclasses.asdict(self.task),
-                "n_slices": self.n_slices, "channels": self.channels, "n": self.n, "first_row": self.first_row,
-                "has_label": self.has_label, "spacing": self.spacing, "low": self.low, "high": self.high,
-                "unit": self.unit}
-
-    @classmethod
-    def from_record(cls, rec: dict, store: PatchStore) -> PreparedVolume:
-        """A volume of an existing (shard) store, its arrays read from that store when merging."""
-        rows = slice(rec["first_row"], rec["first_row"] + rec["n"])
-        task = VolumeTask(**{f.name: rec[f.name] for f in dataclasses.fields(VolumeTask)})
-        return cls(task, rec["position"], rec["digest"], (store, rec["first_row"]), rec["n"], rec["channels"],
-                   rec["n_slices"], rec["has_label"], list(rec["spacing"]), rec["low"], rec["high"], rec["unit"],
-                   {c: store.index[c][rows] for c in _INDEX_ARRAYS})
-
-    def arrays(self, kind: str) -> np.ndarray:
-        """``patches`` or ``labels`` of this volume (memory-mapped)."""
-        if isinstance(self.source, tuple):
-            store, first = self.source
-            arr = store.patches if kind == "patches" else store.labels
-            return arr[first : first + self.n]
-        return np.load(f"{self.source}.{kind}.npy", mmap_mode="r")
-
-
-def _resolve(p: str | None, base: Path) -> str:
-    if not p:
-        return ""
-    path = Path(p)
-    return str(path if path.is_absolute() else (base / path))
-
-
-def _stat_entries(path: str) -> list:
-    p = Path(path)
-    if p.is_dir():
-        return sorted([e.name, e.stat().st_size, e.stat().st_mtime_ns] for e in os.scandir(p) if e.is_file())
-    if p.exists():
-        st = p.stat()
-        return [[p.name, st.st_size, st.st_mtime_ns]]
-    return [["missing"]]
-
-
-def content_hash(digests: list[str], config: PrepareConfig, shard: tuple[int, int] | None = None) -> str:
-    """Hash of the inputs (one digest per usable manifest row, in order) and the config."""
-    cfg = config.model_dump(mode="json")
-    cfg.pop("workers", None)  # how many processes ran does not change the result
-    return sha256_json({"format_version": FORMAT_VERSION, "config": cfg, "inputs": digests,
-                        "shard": list(shard) if shard else None})
 
 
 # --------------------------------------------------------------------------- one volume (in a worker)
@@ -192,6 +84,8 @@ def process_volume(position: int, task: VolumeTask, digest: str, config: dict,
 
     try:
         cfg = PrepareConfig(**config)
+        if task.format in IMAGE_SET_FORMATS:
+            return _process_image_set(position, task, digest, cfg, tmpdir)
         with_label = bool(task.label_path)
         data = {"image": task.path, **({"label": task.label_path} if with_label else {})}
         d = _chain(task.modality, cfg.model_dump_json(), with_label)(data)
@@ -208,11 +102,26 @@ def process_volume(position: int, task: VolumeTask, digest: str, config: dict,
         norm = d["normalization"]
         return PreparedVolume(task, position, digest, chunk, len(p), int(image.shape[0]), int(image.shape[1]),
                               p.labels is not None, list(p.spacing), norm["low"], norm["high"], norm["unit"],
-                              {c: getattr(p, c) for c in _INDEX_ARRAYS})
+                              {c: getattr(p, c) for c in INDEX_ARRAYS})
     except Exception as err:  # noqa: BLE001 -- one bad volume must not stop the cohort
         log.debug("volume %s failed", task.path, exc_info=True)
         what = str(err) if isinstance(err, MedvaeError) else f"{type(err).__name__}: {err}"
         return what if task.path in what else f"{task.path}: {what}"
+
+
+def _process_image_set(position: int, task: VolumeTask, digest: str, cfg: PrepareConfig,
+                       tmpdir: str) -> PreparedVolume:
+    from medvae.data.image_patches import image_set_patches
+
+    p = image_set_patches(task.format, task.path, task.label_path, task.split, task.patient_id, task.class_name,
+                          task.modality, cfg)
+    chunk = str(Path(tmpdir) / f"{position:06d}")
+    np.save(f"{chunk}.patches.npy", to_stored(p.images, cfg.dtype))
+    n = len(p.images)
+    index = {"slice_index": p.slice_index, "y": np.zeros(n, np.int64), "x": np.zeros(n, np.int64),
+             "foreground_fraction": p.foreground_fraction, "patient_id": p.patient_id, "class": p.classes}
+    return PreparedVolume(task, position, digest, chunk, n, int(p.images.shape[1]), n, False, list(p.spacing),
+                          p.low, p.high, p.unit, index, classes=p.class_names)
 
 
 # --------------------------------------------------------------------------- prepare
@@ -301,6 +210,31 @@ def _run_tasks(tasks: dict[int, VolumeTask], digests: dict[int, str], config: Pr
     return [results[k] for k in sorted(results)]
 
 
+def harmonize_channels(volumes: list[PreparedVolume]) -> tuple[int, list[PreparedVolume], list[str]]:
+    """The store's channel count (that of most patches) and the volumes that can have it.
+
+    Grey and RGB mix (an RGB image in a grey set): the minority is converted on copy
+    (:func:`medvae.data.patches.convert_channels`), with a warning naming each file; other counts
+    (a 2-channel stack among grey ones) are left out, each with a problem line naming it.
+    """
+    counts: dict[int, int] = {}
+    for v in volumes:
+        counts[v.channels] = counts.get(v.channels, 0) + v.n
+    c = max(counts, key=lambda k: (counts[k], -k))
+    keep, dropped = [], []
+    for v in volumes:
+        if v.channels == c or {v.channels, c} == {1, 3}:
+            if v.channels != c:
+                log.warning("%s: %s, the store is %s; converted", v.task.path,
+                            "RGB" if v.channels == 3 else "grey", "RGB" if c == 3 else "grey")
+            keep.append(v)
+        else:
+            dropped.append(f"{v.task.path}: {v.channels} channel(s), the store's patches have {c}; "
+                           "left out (prepare it into a separate store)")
+            log.error("skipped volume: %s", dropped[-1])
+    return c, keep, dropped
+
+
 def _assemble(out: Path, volumes: list[PreparedVolume], meta: dict, dtype: str) -> PatchStore:
     """Write patches.npy / labels.npy (memmap, volume by volume), index.csv, then store.json.
 
@@ -311,12 +245,10 @@ def _assemble(out: Path, volumes: list[PreparedVolume], meta: dict, dtype: str) 
     if not volumes:
         raise InputError(f"{out}: no patches: every volume failed or was filtered out as background "
                          "(see the messages above; lower foreground_threshold if the scans are mostly empty)")
-    channels = {v.channels for v in volumes}
-    if len(channels) != 1:
-        raise InputError(f"{out}: volumes have different channel counts {sorted(channels)}; "
-                         "prepare them into separate stores")
+    c, volumes, dropped = harmonize_channels(volumes)
+    meta["problems"] = meta.get("problems", []) + dropped
     size = int(meta["config"]["patch_size"])
-    n_total, c = sum(v.n for v in volumes), channels.pop()
+    n_total = sum(v.n for v in volumes)
     begin_store(out)  # incomplete from here until the end
     any_label = any(v.has_label for v in volumes)
     store_dtype = np.uint16 if dtype == "uint16" else np.float16
@@ -330,7 +262,7 @@ def _assemble(out: Path, volumes: list[PreparedVolume], meta: dict, dtype: str) 
         start = 0
         for v in volumes:
             v.first_row = start
-            pm[start : start + v.n] = v.arrays("patches")
+            pm[start : start + v.n] = convert_channels(v.arrays("patches"), c)
             if lm is not None and v.has_label:
                 lm[start : start + v.n] = v.arrays("labels")
             start += v.n
@@ -341,17 +273,24 @@ def _assemble(out: Path, volumes: list[PreparedVolume], meta: dict, dtype: str) 
     if not any_label:
         (out / "labels.npy").unlink(missing_ok=True)
     index = {col: np.concatenate([np.full(v.n, getattr(v.task, col), dtype=object) for v in volumes])
-             for col in ("patient_id", "modality", "split")}
-    for col in _INDEX_ARRAYS:
+             for col in ("modality", "split")}
+    index["patient_id"] = np.concatenate([v.index.get("patient_id", np.full(v.n, v.task.patient_id, dtype=object))
+                                          for v in volumes])
+    for col in INDEX_ARRAYS:
         index[col] = np.concatenate([np.asarray(v.index[col]) for v in volumes])
     index["source"] = np.concatenate([np.full(v.n, v.task.path, dtype=object) for v in volumes])
     index["has_label"] = np.concatenate([np.full(v.n, int(v.has_label)) for v in volumes])
+    classes = list(dict.fromkeys(c for v in volumes for c in v.classes if c))
+    if classes:
+        index["class"] = np.concatenate([v.index.get("class", np.full(v.n, v.task.class_name, dtype=object))
+                                         for v in volumes])
     write_index(out / "index.csv", index)
     by_mod = {m: [v for v in volumes if v.task.modality == m] for m in sorted({v.task.modality for v in volumes})}
     norm = {m: {"low": float(np.median([v.low for v in vs])), "high": float(np.median([v.high for v in vs])),
                 "unit": vs[0].unit} for m, vs in by_mod.items()}
     spacing = {m: [float(np.median([v.spacing[a] for v in vs])) for a in (0, 1)] for m, vs in by_mod.items()}
     write_store_json(out, {**meta, "n_patches": n_total, "patch_size": size, "channels": c, "dtype": dtype,
+                           "classes": classes,
                            "normalization": norm, "spacing": spacing, "volumes": [v.record() for v in volumes]})
     return open_store(out)
 

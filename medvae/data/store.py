@@ -4,10 +4,11 @@ Layout of a store directory (the "Patch store" contract of docs/architecture.md)
 
     patches.npy   (N, C, H, W) in [0, 1], float16 or uint16 (x * 65535), memory-mapped
     labels.npy    (N, 1, H, W) uint8, only when at least one volume has a label map
-    index.csv     patient_id, modality, split, slice_index, y, x, foreground_fraction, source
+    index.csv     patient_id, modality, split, slice_index, y, x, foreground_fraction, source,
+                  has_label, then ``class`` (a class name per patch) when the store has classes
     store.json    format_version, config, content_hash, n_patches, patch_size, channels, dtype,
                   normalization {modality: {low, high, unit}}, spacing {modality: [sy, sx]},
-                  volumes [per-volume constants], created, problems
+                  volumes [per-volume constants], created, problems, classes [names, in label order]
 
 A store is complete only when ``store.json`` exists: it is written last (atomically, by
 :func:`write_store_json`, the one writer of it), and removed first when a store is rebuilt
@@ -59,6 +60,7 @@ class PatchStore:
         self.index = index
         self.meta = meta
         self.content_hash: str = meta["content_hash"]
+        self._class_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.patches.shape[0])
@@ -105,6 +107,31 @@ class PatchStore:
     @property
     def splits(self) -> list[str]:
         return sorted(set(self.index["split"].tolist()))
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order (``store.json`` ``classes``); empty when the store has none."""
+        return list(self.meta.get("classes") or [])
+
+    def class_ids(self, rows=None) -> np.ndarray:
+        """int64 class ids (positions in :attr:`classes`) of ``rows`` (all when None); -1 where none."""
+        names = self.index.get("class")
+        n = len(self) if rows is None else len(np.asarray(rows))
+        if names is None or not self.classes:
+            return np.full(n, -1, dtype=np.int64)
+        if self._class_ids is None:
+            lut = {c: i for i, c in enumerate(self.classes)}
+            uniq, inv = np.unique(names.astype(str), return_inverse=True)
+            self._class_ids = np.asarray([lut.get(u, -1) for u in uniq], dtype=np.int64)[inv]
+        return self._class_ids if rows is None else self._class_ids[np.asarray(rows, dtype=np.int64)]
+
+    def class_counts(self) -> dict[tuple[str, str], int]:
+        """``(split, class name) -> patches`` (empty when the store has no classes)."""
+        if "class" not in self.index:
+            return {}
+        pairs = np.char.add(np.char.add(self.index["split"].astype(str), "\x1f"), self.index["class"].astype(str))
+        uniq, counts = np.unique(pairs, return_counts=True)
+        return {tuple(u.split("\x1f", 1)): int(c) for u, c in zip(uniq.tolist(), counts.tolist())}
 
     def patients(self, split: str | None = None) -> list[str]:
         """Patient ids with at least one patch (in ``split``), sorted."""
@@ -253,7 +280,7 @@ def write_store_json(path: str | os.PathLike, meta: dict) -> None:
     Args:
         path: the store directory.
         meta: must hold ``STORE_JSON_REQUIRED``; ``format_version`` and ``created`` are filled in;
-            ``config``, ``normalization``, ``spacing``, ``volumes``, ``problems`` default to empty
+            ``config``, ``normalization``, ``spacing``, ``volumes``, ``problems``, ``classes`` default to empty
             and ``shard`` to None; any other key is kept.
     """
     missing = [k for k in STORE_JSON_REQUIRED if k not in meta]
@@ -261,6 +288,7 @@ def write_store_json(path: str | os.PathLike, meta: dict) -> None:
         raise ValueError(f"store.json for {path}: missing {missing}")
     write_json(Path(path) / "store.json", {
         "format_version": FORMAT_VERSION, "config": {}, "normalization": {}, "spacing": {}, "volumes": [],
+        "classes": [],
         "shard": None, "problems": [], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **meta,
     })
 

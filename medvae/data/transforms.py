@@ -46,7 +46,7 @@ from skimage.filters import threshold_otsu
 from medvae.config import PrepareConfig
 from medvae.io.monai_readers import VolumeReader
 
-UNITS = {"ct": "HU", "mr": "a.u.", "microscopy": "counts"}
+UNITS = {"ct": "HU", "mr": "a.u.", "microscopy": "counts", "image": "grey level"}
 # MR has no absolute intensity scale (unlike HU): it is normalized like microscopy, per volume by
 # percentiles, with an Otsu foreground; only CT uses the HU window and body threshold.
 PERCENTILE_MODALITIES = ("microscopy", "mr")

@@ -70,7 +70,7 @@ def resolve_config(cfg: TrainStageConfig, store: PatchStore) -> TrainStageConfig
         cfg.model.image_size = int(store.meta["patch_size"])
     except ValidationError as err:
         raise ConfigError(f"{store.path}: patch size {store.meta['patch_size']} is not one the models take "
-                          f"({err.errors()[0]['msg']}); prepare the store with --patch-size 128 or 256"
+                          f"({err.errors()[0]['msg']}); prepare the store with --patch-size 32, 64, 128 or 256"
                           ) from None
     return cfg
 

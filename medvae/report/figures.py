@@ -32,7 +32,7 @@ def _png(fig) -> str:
 
 
 def _display(modality: str, norm: dict) -> dict:
-    if modality == "ct":
+    if modality in ("ct", "image"):  # CT in HU and plain 2D image sets in grey
         return {"cmap": "gray", "vmin": float(norm["low"]), "vmax": float(norm["high"])}
     return {"cmap": "magma", "vmin": float(norm["low"]), "vmax": float(norm["high"])}
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from medvae.cli import app
 from medvae.data.discover import discover, run_discovery
-from medvae.data.manifest import ManifestRow, assign_split, read_manifest, write_manifest
+from medvae.data.manifest import ManifestRow, assign_split, assign_splits, read_manifest, write_manifest
 from medvae.errors import InputError
 from medvae.io.phantoms import write_phantom_cohort
 
@@ -54,7 +54,9 @@ def test_tcia_layout_with_labels_empty_patient_and_microscopy(phantom_root):
         assert row.path.endswith(f"Pancreas-CT/{pid}")
     stack = rows["stack_001"]
     assert (stack.modality, stack.format, stack.n_slices, stack.label_path) == ("microscopy", "tiff", 24, "")
-    assert all(r.split == assign_split(r.patient_id, 0) for r in found.rows)
+    usable = assign_splits([r.patient_id for r in found.rows if r.ok], 0)  # 4 patients: every split gets one
+    assert all(r.split == usable.get(r.patient_id, assign_split(r.patient_id, 0)) for r in found.rows)
+    assert {r.split for r in found.rows if r.ok} == {"train", "val", "test"}
     assert [p.name for p in found.ignored] == ["notes.txt"]
     assert found.unused_labels == []
 

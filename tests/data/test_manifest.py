@@ -32,7 +32,7 @@ def _row(pid="P1", **kw):
 # The manifest schema of the architecture document ("Contracts between stages"), in column order.
 ARCHITECTURE_COLUMNS = [
     "patient_id", "modality", "format", "path", "label_path", "series_uid", "split",
-    "n_slices", "spacing_z", "spacing_y", "spacing_x", "status", "problem",
+    "n_slices", "spacing_z", "spacing_y", "spacing_x", "status", "problem", "class", "n_images", "plane",
 ]
 
 
@@ -104,7 +104,7 @@ def test_bad_value_names_file_line_and_column(tmp_path):
 
 def test_missing_or_unknown_columns(tmp_path):
     with pytest.raises(InputError, match=r"missing columns \['problem'\]"):
-        read_manifest(_write(tmp_path, COLUMNS[:-1], "P1,ct,dicom,/a,,,train,80,2,0.8,0.8,ok"))
+        read_manifest(_write(tmp_path, COLUMNS[:12], "P1,ct,dicom,/a,,,train,80,2,0.8,0.8,ok"))
     with pytest.raises(InputError, match=r"unknown columns \['age'\]"):
         read_manifest(_write(tmp_path, (*COLUMNS, "age"), "P1,ct,dicom,/a,,,train,80,2,0.8,0.8,ok,,40"))
 
@@ -164,3 +164,50 @@ def test_reference_manifests_are_valid():
     assert len(msd) == 281 and len({r.patient_id for r in msd}) == 281
     assert msd[0].patient_id == "pancreas_001" and msd[-1].patient_id == "pancreas_421"
     assert not {"pancreas_002", "pancreas_003", "pancreas_044", "pancreas_420"} & {r.patient_id for r in msd}
+
+
+def test_small_cohorts_get_every_split_and_large_ones_keep_hash_splits():
+    from medvae.data.manifest import assign_splits, split_position
+
+    for n in range(3, 12):
+        ids = [f"P{i:03d}" for i in range(n)]
+        got = assign_splits(ids, 0)
+        assert set(got.values()) == {"train", "val", "test"}, n
+        assert got == assign_splits(list(reversed(ids)), 0)  # deterministic, order-free
+        moved = [p for p in ids if got[p] != assign_split(p, 0)]
+        assert len(moved) <= 2  # at most one patient per repaired split
+        for p in moved:  # the mover is the patient nearest to the empty split's interval
+            lo, hi = {"val": (0.7, 0.85), "test": (0.85, 1.0), "train": (0.0, 0.7)}[got[p]]
+            d = max(lo - split_position(p, 0), split_position(p, 0) - hi, 0)
+            donors = [q for q in ids if q not in moved and assign_split(q, 0) == assign_split(p, 0)]
+            assert all(d <= max(lo - split_position(q, 0), split_position(q, 0) - hi, 0) for q in donors) or not donors
+    assert assign_splits(["A", "B"], 0) == {p: assign_split(p, 0) for p in "AB"}  # fewer patients than splits
+    assert set(assign_splits(["A", "B"], 0, (0.5, 0.0, 0.5)).values()) == {"train", "test"}
+    ids = [f"P{i:04d}" for i in range(500)]
+    assert assign_splits(ids, 0) == {p: assign_split(p, 0) for p in ids}  # large cohorts: hash splits
+    fixed = assign_splits(["A", "B", "C"], 0, fixed={"Z": "test"})
+    assert fixed["Z"] == "test" and {"train", "val"} <= set(fixed.values())
+
+
+def test_adding_patients_moves_only_repaired_ones():
+    from medvae.data.manifest import assign_splits
+
+    ids = [f"P{i:03d}" for i in range(5)]
+    small = assign_splits(ids, 0)
+    moved = {p for p in ids if small[p] != assign_split(p, 0)}
+    for k in range(5, 60, 7):
+        more = assign_splits(ids + [f"N{i:03d}" for i in range(k)], 0)
+        changed = {p for p in ids if more[p] != small[p]}
+        assert changed <= moved
+
+
+def test_optional_columns_and_class_roundtrip(tmp_path):
+    row = ManifestRow("im1", "image", "image", "/x/im1.png", split="train", class_="cat", n_images=1)
+    write_manifest([row], tmp_path / "m.csv")
+    header = (tmp_path / "m.csv").read_text().splitlines()[0].split(",")
+    assert header[-3:] == ["class", "n_images", "plane"]
+    back = read_manifest(tmp_path / "m.csv")[0]
+    assert (back.class_, back.n_images, back.plane) == ("cat", 1, "")
+    old = ",".join(c for c in COLUMNS if c not in ("class", "n_images", "plane"))
+    (tmp_path / "old.csv").write_text(old + "\nP1,ct,nifti,/x.nii.gz,,,train,3,1,1,1,ok,\n")
+    assert read_manifest(tmp_path / "old.csv")[0].class_ == ""  # manifests written before these columns

@@ -68,7 +68,7 @@ def test_one_store_json_writer(tmp_path):
     small_store(tmp_path / "s", n=4)
     meta = json.loads((tmp_path / "s" / "store.json").read_text())
     assert set(meta) == {"format_version", "config", "content_hash", "n_patches", "patch_size", "channels",
-                         "dtype", "normalization", "spacing", "volumes", "shard", "problems", "created"}
+                         "dtype", "normalization", "spacing", "volumes", "shard", "problems", "created", "classes"}
     assert meta["format_version"] == FORMAT_VERSION and meta["n_patches"] == 4 and meta["problems"] == []
     with pytest.raises(ValueError, match="n_patches"):
         write_store_json(tmp_path / "t", {"content_hash": "x", "patch_size": 8, "channels": 1, "dtype": "float16"})
