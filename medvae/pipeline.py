@@ -234,6 +234,8 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     gen_cfg_dict = gen.model_dump(mode="json", exclude={"model", "mix_ratio"})
     gen_key = sha256_json([sha256_file(best(gen_model)), gen_cfg_dict, gen.mix_ratio])
     synthetic_dir = out / "synthetic"
+    if runner.previous("generate").get("key") not in (None, gen_key) and synthetic_dir.exists():
+        shutil.rmtree(synthetic_dir)  # another checkpoint or settings: generate refuses to mix old files in
     runner.run("generate", gen_key, lambda: generate(
         model_dirs[gen_model], synthetic_dir, GenerateConfig(**gen_cfg_dict), device=config.device,
         mix_with=store_dir if gen.mix_ratio else None, ratio=gen.mix_ratio or 1.0))

@@ -56,6 +56,7 @@ def _inspect(row: ManifestRow, path: Path, label: Path | None, modality: str) ->
     row.modality = info.modality or modality
     row.series_uid = info.series_uid
     row.n_slices = int(info.shape[0])
+    row.plane = info.plane
     row.spacing_z, row.spacing_y, row.spacing_x = (float(s) for s in info.spacing)
     row.label_path = str(label.resolve()) if label else ""
     row.problem = "; ".join(notes)

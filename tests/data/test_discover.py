@@ -63,6 +63,7 @@ def test_tcia_layout_with_labels_empty_patient_and_microscopy(phantom_root):
 
 def test_modality_filter(phantom_root):
     assert {r.patient_id for r in discover(phantom_root, modality="microscopy")} == {"stack_001"}
+    assert {r.plane for r in discover(phantom_root, modality="ct") if r.ok} == {"axial"}  # from the DICOM geometry
     assert {r.modality for r in discover(phantom_root, modality="ct")} == {"ct"}
 
 
