@@ -68,7 +68,9 @@ def sample_quality(store: PatchStore, rows_by_modality: dict[str, np.ndarray], s
                         mod, len(real), MIN_PER_HALF)
             continue
         # Every comparison at the same n (FID and KID depend on it): half of the real patches are the
-        # reference, the other half the floor, and as many samples.
+        # reference, the other half the floor, and as many samples. The halves are a random split, not
+        # row order: rows are sorted by patient, and halves of different patients are no floor.
+        real = real[rng.permutation(len(real))]
         half = len(real) // 2
         ref = real[:half]
         res = {"real": {**sample_metrics(ref, real[half:2 * half], seed), "n": half}}
