@@ -311,7 +311,7 @@ def compare_table(results: list[dict]) -> list[dict]:
             if k in SAMPLE_METRICS and not finite:
                 continue  # sample metrics off
             best = None
-            if metric.direction and len(finite) > 1:
+            if metric.direction and len(finite) > 1 and len(set(finite.values())) > 1:  # no star for a tie
                 best = (max if metric.direction > 0 else min)(finite, key=finite.get)
             unit = results[0]["cohort"][mod].get("unit", metric.unit) if k == "intensity_w1" else metric.unit
             table.append({"modality": mod, "metric": k, "prior": prior, "unit": unit,

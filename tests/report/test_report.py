@@ -64,3 +64,8 @@ def test_compare_table_marks_best_and_escapes_ids():
 def test_number_format():
     assert _fmt(float("nan")) == "–" and _fmt(None) == "–"
     assert _fmt(0.91234, "ssim") == "0.9123" and _fmt(-12345.6) == "-12,345.6" and _fmt(3e-6) == "3.00e-06"
+
+
+def test_compare_table_stars_no_run_on_a_tie():
+    a, b = _result("vae", 0.8), _result("vaegan", 0.8)  # every value equal
+    assert all(row["best"] is None for row in compare_table([a, b]))
