@@ -1,4 +1,7 @@
-"""Exact resume: a `medvae train` process killed with SIGKILL and resumed equals an uninterrupted run."""
+"""Exact resume: a `medvae train` process killed with SIGKILL and resumed equals an uninterrupted run.
+
+Also for the denoise task: its noise comes from (seed, step), so the resumed run draws the same
+noisy inputs."""
 
 import json
 import os
@@ -11,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from medvae.config import TrainStageConfig
 from medvae.engine.checkpoint import load_checkpoint
 from medvae.engine.trainer import train
 from tests.engine.conftest import tiny_config
@@ -22,10 +26,20 @@ def _losses(run):
     return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("model", ["vae", "vaegan"])
+def _denoise_config(model: str) -> TrainStageConfig:
+    return TrainStageConfig.model_validate({
+        "task": "denoise", "noise": {"kind": "poisson-gaussian", "levels": [5, 50], "crop": 32},
+        "model": {"name": model, "channels": [8, 16], "norm_groups": 4, "latent_channels": 2},
+        "train": {"batch_size": 8, "max_steps": N_STEPS, "lr": 2e-3, "warmup_steps": 2, "checkpoint_every": 5,
+                  "log_every": 1, "val_batches": 1, "ema_decay": 0.9, "amp": "off", "beta": 0.01}})
+
+
+@pytest.mark.parametrize("model", ["vae", "vaegan", "dae", "unet-vae"])
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_store, tmp_path, model):
     # the kill lands mid-epoch (8 batches per epoch), and for the VAE-GAN after the critic started
-    cfg = tiny_config(model, max_steps=N_STEPS, checkpoint_every=5, log_every=1, ema_decay=0.9, disc_start=3)
+    denoise = model in ("dae", "unet-vae")
+    cfg = _denoise_config(model) if denoise else \
+        tiny_config(model, max_steps=N_STEPS, checkpoint_every=5, log_every=1, ema_decay=0.9, disc_start=3)
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
 
@@ -36,7 +50,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_store, tmp_path, mo
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "medvae", "train", str(tiny_store.path), "--model", model, "--out", str(run_b),
-         "--config", str(cfg_path), "--device", "cpu"],
+         "--config", str(cfg_path), "--device", "cpu", *(["--task", "denoise"] if denoise else [])],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = run_b / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
@@ -63,3 +77,5 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_store, tmp_path, mo
     for ea, eb in zip(log_a, log_b, strict=False):
         for k in terms:
             assert eb[k] == pytest.approx(ea[k], rel=1e-5, abs=1e-6), (ea["step"], k)
+    if denoise:
+        assert "val_noisy_psnr" in log_a[-1] and log_a[-1]["val_psnr"] > 0
