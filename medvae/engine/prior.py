@@ -26,7 +26,6 @@ from medvae.errors import CheckpointError, InputError
 from medvae.files import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
-PRIORS = ("standard", "gmm")
 
 
 class GaussianMixturePrior:
