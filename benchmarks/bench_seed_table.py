@@ -33,6 +33,11 @@ BUDGET_S = 3600.0  # what the CPU pipeline is sized for (three models on 2 cores
 ROWS = (("mmd2_pixel", "MMD² (pixels)"), ("mmd2_randconv", "MMD² (random conv)"), ("ssim", "SSIM"),
         ("iwae", "IWAE log p(x) [nats]"), ("mse", "reconstruction MSE"), ("elbo", "ELBO [nats]"),
         ("kl", "KL [nats]"))
+# sample metrics on the store's feature network, per prior (N(0, I) and the Gaussian mixture), with the
+# real-vs-real floor at the same n
+SAMPLE_ROWS = tuple((f"{k}@{prior}", f"{k.upper() if k in ('fid', 'kid') else k} · {label}")
+                    for prior, label in (("standard", "N(0, I)"), ("gmm", "mixture"), ("real", "real floor"))
+                    for k in ("fid", "kid", "precision", "recall", "density", "coverage"))
 
 
 def configure(pipeline: str, quick: bool, steps: int | None, device: str | None, out: Path) -> Path:
@@ -63,10 +68,16 @@ def configure(pipeline: str, quick: bool, steps: int | None, device: str | None,
 def cell(summary: dict, run: str, metric: str) -> str:
     """``mean ± CI95`` of a per-image metric, or ``MMD² (p)`` of a cohort one, for one run."""
     if run == summary["run"]:
-        res = {k: summary[k] for k in ("per_modality", "cohort")}
+        res = {k: summary.get(k) for k in ("per_modality", "cohort", "sample_quality")}
     else:
         res = summary["compare"]["results"][run]
     mod = sorted(res["per_modality"])[0]
+    if "@" in metric:
+        name, prior = metric.split("@")
+        q = (res.get("sample_quality") or {}).get(mod, {}).get(prior)
+        if not q or q.get(name) is None:
+            return "–"
+        return f"{q[name]:.4g} ± {q['kid_sd']:.2g}" if name == "kid" else f"{q[name]:.4g}"
     if metric.startswith("mmd2"):
         c = res["cohort"][mod]
         p = c.get(metric.replace("mmd2", "mmd_p"))
@@ -107,15 +118,18 @@ def main() -> None:
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                "load_average": os.getloadavg()}
-    width = max(len(r) for _, r in ROWS) + 2
+    width = max(len(r) for _, r in ROWS + SAMPLE_ROWS) + 2
     n_test = summary["per_modality"][sorted(summary["per_modality"])[0]]["n_patches"]
     print(f"\nseed table: {args.pipeline} test split, {n_test} images; 95% CI = mean ± 1.96 sd/sqrt(n)")
     print("metric".ljust(width) + "".join(r.ljust(34) for r in runs))
     table = {}
-    for key, label in ROWS:
+    for key, label in ROWS + SAMPLE_ROWS:
         cells = [cell(summary, r, key) for r in runs]
         table[key] = dict(zip(runs, cells))
         print(label.ljust(width) + "".join(c.ljust(34) for c in cells))
+    print("\nmarkdown:\n| metric | " + " | ".join(runs) + " |\n|---|" + "---|" * len(runs))
+    for key, label in ROWS + SAMPLE_ROWS:
+        print(f"| {label} | " + " | ".join(table[key][r] for r in runs) + " |")
     print("\nstage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
     print(f"wall time {wall:.0f} s (stages already done are skipped); sum of stages {sum(stages.values()):.0f} s "
           f"= {sum(stages.values()) / BUDGET_S:.2f} x the one-hour CPU budget")

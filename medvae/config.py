@@ -81,6 +81,13 @@ class ModelConfig(StrictModel):
     # unet-vae / dae (medvae.models.denoisers): fully convolutional, any size divisible by 2^(stages-1)
     skip_connections: bool = True  # U-Net skips from encoder to decoder (unet-vae; dae always has them)
     latent_channels: int = 8  # channels of the spatial latent of unet-vae
+    # Conditioning (vae / vaegan; medvae.models.conditioning). auto: modality when the store holds several
+    # (one model never mixes CT and microscopy), else none. class / modality: an embedding of the id joins the
+    # encoder's features and the decoder's latent, the VAE–GAN critic is a projection critic, the mixture
+    # prior is fitted per id. mask: a joint image + label-map model (one more channel: label / max label).
+    condition: Literal["auto", "none", "class", "modality", "mask"] = "auto"
+    condition_names: tuple[str, ...] = ()  # filled from the store by the trainer: class / modality / label names
+    condition_dim: int = 32  # width of the condition embedding
 
 
 class TrainConfig(StrictModel):
@@ -172,6 +179,7 @@ class GenerateConfig(StrictModel):
     drop_flagged: bool = False
     prior: Literal["standard", "gmm"] = "gmm"  # N(0, I), or a Gaussian mixture fitted on the training codes
     prior_components: int = Field(10, ge=1)
+    per_class: bool = False  # class / modality models: balanced over classes (default: the training proportions)
 
 
 T = TypeVar("T", bound=BaseModel)

@@ -15,9 +15,10 @@ For one run (and any ``--compare`` runs) on one split of a patch store:
   metrics.csv and summary.json keep every patient;
 - per modality (cohort): unbiased MMD² with a permutation p-value between ``mmd_samples`` real
   patches and as many model samples, on downsampled-pixel and random-conv features, and the
-  Wasserstein-1 distance between their intensity distributions in physical units. The models
-  are unconditional: with several modalities in one store, the same samples are compared with
-  each modality's patches.
+  Wasserstein-1 distance between their intensity distributions in physical units. A
+  modality-conditioned model is sampled per modality; an unconditional model's samples are
+  compared with each modality's patches.
+- the test codes: a 2D PCA map of the posterior means, coloured by class, modality or patient.
 
 Writes ``metrics.csv`` (tidy: run, patient_id, modality, split, metric, value, n; sd as metric
 ``<name>_sd``; modality and cohort rows have patient_id ``ALL``), ``summary.json`` and
@@ -38,6 +39,7 @@ import torch
 
 from medvae import metrics as M
 from medvae.config import EvaluateConfig
+from medvae.data.conditions import model_inputs
 from medvae.data.store import PatchStore, open_store
 from medvae.denoising.evaluate import evaluate_denoise, run_task
 from medvae.devices import select_device
@@ -67,35 +69,39 @@ def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: t
 
     Returns:
         ``(per_patch, latent)``: metric name -> (len(rows),) float64, with IWAE and bits/dim NaN
-        except on ``iwae_rows`` (a subset of ``rows``; all when None); and the mean and variance
-        over the patches of the posterior means, ``{"mean": (D,), "var": (D,)}`` tensors.
+        except on ``iwae_rows`` (a subset of ``rows``; all when None); and the posterior means
+        ``{"mu": (N, D) float32 numpy, "mean": (D,), "var": (D,)}`` (mean and variance over the patches).
+        Reconstruction metrics compare the image channels (a joint model's mask channel is in the ELBO only).
     """
     gen = torch.Generator().manual_seed(seed)  # CPU generator: the same z on every device
     iwae_rows = rows if iwae_rows is None else iwae_rows
     out: dict[str, list] = {k: [] for k in PATCH_METRICS}
-    mu_sum = mu_sq = 0.0
+    mus = []
+    channels = int(store.meta["channels"])
     for start in range(0, len(rows), cfg.batch_size):
         batch = rows[start:start + cfg.batch_size]
-        x = torch.from_numpy(store.get(batch)).to(device)
-        mu, logvar = model.encode(x)
-        recon = model.decode(mu).float()
-        mu_sum = mu_sum + mu.double().sum(0)
-        mu_sq = mu_sq + mu.double().pow(2).sum(0)
-        for name, fn in (("ssim", M.ssim), ("ms_ssim", M.ms_ssim), ("psnr", M.psnr), ("mse", M.mse),
-                         ("mae", M.mae)):
-            out[name].append(fn(recon, x))
-        elbo, terms = M.elbo(model, x, generator=gen, return_terms=True, posterior=(mu, logvar))
-        out["elbo"].append(elbo)
-        out["kl"].append(terms["kl"])
-        iw = torch.full((len(batch),), float("nan"), device=device)
-        sel = torch.from_numpy(np.isin(batch, iwae_rows)).to(device)
-        if sel.any():
-            iw[sel] = M.iwae_log_likelihood(model, x[sel], k=cfg.iwae_k, batch_chunk=4 * cfg.batch_size,
-                                            generator=gen, posterior=(mu[sel], logvar[sel]))
-        out["iwae"].append(iw)
-        out["bpd"].append(M.bits_per_dim(iw, x[0].numel()))
-    mean = mu_sum / len(rows)
-    latent = {"mean": mean.float(), "var": (mu_sq / len(rows) - mean.pow(2)).clamp_min(0).float()}
+        x, ids = model_inputs(store, batch, model.config)
+        x = torch.from_numpy(x).to(device)
+        with model.conditioned_on(None if ids is None else torch.from_numpy(ids).to(device)):
+            mu, logvar = model.encode(x)
+            recon = model.decode(mu).float()
+            mus.append(mu.float().cpu())
+            for name, fn in (("ssim", M.ssim), ("ms_ssim", M.ms_ssim), ("psnr", M.psnr), ("mse", M.mse),
+                             ("mae", M.mae)):
+                out[name].append(fn(recon[:, :channels], x[:, :channels]))
+            elbo, terms = M.elbo(model, x, generator=gen, return_terms=True, posterior=(mu, logvar))
+            out["elbo"].append(elbo)
+            out["kl"].append(terms["kl"])
+            iw = torch.full((len(batch),), float("nan"), device=device)
+            sel = torch.from_numpy(np.isin(batch, iwae_rows)).to(device)
+            if sel.any():
+                with model.conditioned_on(None if ids is None else torch.from_numpy(ids[sel.cpu().numpy()]).to(device)):
+                    iw[sel] = M.iwae_log_likelihood(model, x[sel], k=cfg.iwae_k, batch_chunk=4 * cfg.batch_size,
+                                                    generator=gen, posterior=(mu[sel], logvar[sel]))
+            out["iwae"].append(iw)
+            out["bpd"].append(M.bits_per_dim(iw, x[0].numel()))
+    mu = torch.cat(mus)
+    latent = {"mu": mu.numpy(), "mean": mu.double().mean(0).float(), "var": mu.double().var(0, correction=0).float()}
     return {k: torch.cat(v).double().cpu().numpy() for k, v in out.items()}, latent
 
 
@@ -202,13 +208,13 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
                             "metrics": {k: _stats(v[m]) for k, v in per.items()},
                             "worst_patches": worst, "best_row": int(prow[order[-1]])}
     cohort, hists = {}, {}
-    by_prior = prior_samples(model, ckpt, store, cfg)
-    samples = by_prior["standard"]
-    for mod in sorted(set(mods.tolist())):
+    modalities = sorted(set(mods.tolist()))
+    by_prior = prior_samples(model, ckpt, store, modalities, cfg)
+    for mod in modalities:
         m = mods == mod
         per_modality[mod] = {"n_patches": int(m.sum()), "n_patients": len(set(pids[m])),
                              "metrics": {k: _stats(v[m]) for k, v in per.items()}}
-        cohort[mod], hists[mod] = cohort_metrics(store, rows[m], samples, mod, cfg, device)
+        cohort[mod], hists[mod] = cohort_metrics(store, rows[m], by_prior[mod]["standard"], mod, cfg, device)
     quality = {}
     if cfg.sample_metrics:
         quality = sample_quality(store, {mod: rows[mods == mod] for mod in cohort}, by_prior, cfg, device)
@@ -216,6 +222,7 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
     result = {"run": name, "checkpoint": str(ckpt), "step": meta.get("step"),
               "weights_sha256": _weights_sha256(model),
               "model": (meta.get("model_config") or {}).get("name"), "split": cfg.split,
+              "condition": model.config.condition,
               "store": str(store.path),
               "store_hash_matches": meta.get("store_hash") in (None, store.content_hash),
               "per_patient": per_patient, "per_modality": per_modality, "cohort": cohort,
@@ -224,7 +231,28 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
     if with_figures:
         shown = {p: per_patient[p] for p in result["report_patients"]}
         result["_figures"] = _figure_data(model, store, shown, by_prior, hists, per, groups, latent, device)
+        result["_figures"]["latent_map"] = latent_map(store, rows, latent["mu"])
     return result
+
+
+def latent_map(store: PatchStore, rows: np.ndarray, mu: np.ndarray, max_points: int = 4000) -> dict:
+    """The test codes' first two principal components, coloured by class (a store with classes), else
+    modality (several), else patient (at most 20); evenly thinned to ``max_points``."""
+    keep = np.unique(np.linspace(0, len(rows) - 1, min(max_points, len(rows))).round().astype(int))
+    centred = mu.astype(np.float64) - mu.mean(0)
+    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    explained = (sv ** 2 / max(float((sv ** 2).sum()), 1e-12))[:2]
+    sub = rows[keep]
+    if store.classes and "class" in store.index:
+        by, labels = "class", store.index["class"][sub].astype(str)
+    elif len(set(store.index["modality"][rows].tolist())) > 1:
+        by, labels = "modality", store.index["modality"][sub].astype(str)
+    elif len(set(store.index["patient_id"][rows].tolist())) <= 20:
+        by, labels = "patient", store.index["patient_id"][sub].astype(str)
+    else:
+        by, labels = "", np.full(len(sub), "")
+    return {"points": (centred[keep] @ vt[:2].T).astype(np.float32), "labels": labels.tolist(), "by": by,
+            "explained": explained.tolist()}
 
 
 @torch.no_grad()
@@ -235,9 +263,12 @@ def _figure_data(model, store, per_patient, by_prior, hists, per, groups, latent
     for pid, p in per_patient.items():
         picks += [(pid, "best", p["best_row"]), (pid, "worst", p["worst_patches"][0]["row"])]
     rows = np.array([r for _, _, r in picks], dtype=np.int64)
-    x = torch.from_numpy(store.get(rows)).to(device)
-    mu, _ = model.encode(x)
-    recon = model.decode(mu).float()
+    x, ids = model_inputs(store, rows, model.config)
+    x = torch.from_numpy(x).to(device)
+    channels = int(store.meta["channels"])
+    with model.conditioned_on(None if ids is None else torch.from_numpy(ids).to(device)):
+        mu, _ = model.encode(x)
+        x, recon = x[:, :channels], model.decode(mu).float()[:, :channels]
     ssim_vals = M.ssim(recon, x).cpu().numpy()
     tri = {}
     for (pid, kind, row), xi, ri, s in zip(picks, x.cpu().numpy(), recon.cpu().numpy(), ssim_vals):
@@ -252,10 +283,20 @@ def _figure_data(model, store, per_patient, by_prior, hists, per, groups, latent
     z = z0.repeat(len(dims) * len(steps), 1)
     for i, d in enumerate(dims.tolist()):
         z[i * len(steps):(i + 1) * len(steps), d] = z0[d] + steps
-    trav = model.decode(z).float().cpu().numpy()
-    mods = sorted({p["modality"] for p in per_patient.values()})
-    return {"triptychs": tri, "samples": by_prior["standard"][:16].numpy(),
-            "samples_gmm": by_prior["gmm"][:16].numpy() if "gmm" in by_prior else None, "traversal": trav,
+    mods = sorted(by_prior)
+    trav = {}
+    for mod in mods:  # a modality model traverses each modality under its own id; others share one traversal
+        kind, names = model.config.condition, list(model.config.condition_names)
+        cid = names.index(mod) if kind == "modality" else 0
+        ids = torch.full((len(z),), cid, dtype=torch.long, device=device) if model.conditional else None
+        if kind == "modality" or not trav:
+            with model.conditioned_on(ids):
+                trav[mod] = model.decode(z).float()[:, :channels].cpu().numpy()
+        else:
+            trav[mod] = next(iter(trav.values()))
+    return {"triptychs": tri, "samples": {m: by_prior[m]["standard"][:16].numpy() for m in mods},
+            "samples_gmm": {m: by_prior[m]["gmm"][:16].numpy() for m in mods if "gmm" in by_prior[m]},
+            "traversal": trav, "conditional": model.config.condition,
             "traversal_dims": dims.tolist(), "traversal_steps": steps.tolist(), "histograms": hists,
             "modalities": mods,
             "distributions": {pid: {k: per[k][groups[pid]] for k in ("ssim", "psnr", "mae")}

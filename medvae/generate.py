@@ -14,22 +14,26 @@ Output of ``generate(RUN, OUT, config)``::
 audit (nearest training patch, ``medvae.audit``), write (the sample's files, ``medvae.io.writers``,
 and its manifest row) and augment (collect unflagged samples for the augmented store).
 
-Reproducibility: sample ``i``'s latent depends only on ``(seed, i)``: latents are drawn on the
-CPU in fixed chunks of ``CHUNK`` rows, chunk ``k`` from a ``torch.Generator`` seeded with
-``SeedSequence([seed, k])``. So the batch size, the device and ``n`` do not change which latent a
-sample gets (``n`` can be raised later and the first samples stay the same); decoding on the
-same device with the same arguments gives byte-identical files (no timestamps are written).
+Reproducibility: sample ``i``'s latent and condition depend only on ``(seed, i)``
+(:mod:`medvae.engine.sampling`), so the batch size, the device and ``n`` do not change which latent a
+sample gets; decoding on the same device with the same arguments gives byte-identical files (no
+timestamps are written).
 Resumption: files are written atomically, so a file that exists is complete; a re-run with the
 same arguments (checked against ``generation.json``) writes only the missing files.
 
-Modality of a sample: the modality of its nearest training patch (pixel space), so a model
-trained on a CT + microscopy store writes each sample in the units of what it resembles.
+Conditional models (``model.condition``, :mod:`medvae.data.conditions`): a modality model samples each
+modality in proportion to the training split (``per_class``: balanced) and writes each sample in its
+modality's units; a class model writes ``synthetic/<modality>/<class>/`` folders and a ``class`` column;
+a joint image + mask model writes the label map beside each image (``<id>_mask``: NIfTI uint8 beside
+the HU image, TIFF for microscopy; ``mask`` column), with identical geometry. An unconditional model's
+sample takes the modality of its nearest training patch (pixel space).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import logging
 import time
@@ -43,45 +47,23 @@ import torch
 
 from medvae import audit
 from medvae.config import GenerateConfig
+from medvae.data.conditions import condition_counts, split_joint
 from medvae.data.store import PatchStore, open_store, write_augmented_store
 from medvae.devices import select_device
 from medvae.engine.checkpoint import resolve_checkpoint
 from medvae.engine.prior import GaussianMixturePrior, prior_for
+from medvae.engine.sampling import decode_latents, latents, sample_conditions
 from medvae.errors import InputError
 from medvae.files import atomic_open, sha256_file, write_json
 from medvae.io.writers import write_npy, write_png, write_slice
 
 log = logging.getLogger(__name__)
-CHUNK = 256
-MANIFEST_COLUMNS = ("id", "modality", "path", "preview", "seed", "checkpoint_sha256", "latent_norm",
+MANIFEST_COLUMNS = ("id", "modality", "class", "path", "mask", "preview", "seed", "checkpoint_sha256", "latent_norm",
                     "nearest_train_distance", "nearest_train_distance_features", "nearest_train_patient",
                     "flagged")
 PARAM_KEYS = ("checkpoint_sha256", "store_hash", "seed", "temperature", "format", "drop_flagged",
-              "audit_percentile", "prior")
+              "audit_percentile", "prior", "per_class")
 WRITE_THREADS = 4  # zlib / PNG encoding release the GIL: a batch's files are written in parallel
-
-
-# --------------------------------------------------------------------------- latents
-def _chunk_seed(seed: int, chunk: int) -> int:
-    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0])
-
-
-def latents(seed: int, start: int, stop: int, dim: int, temperature: float = 1.0,
-            prior: GaussianMixturePrior | None = None) -> torch.Tensor:
-    """Prior latents of samples ``start..stop-1``: ``(stop - start, dim)`` float32 on the CPU.
-
-    Each chunk's generator draws the standard normals ``eps`` first, then the uniforms that pick a
-    mixture component, so the N(0, I) latents are the same with or without a learned prior.
-    """
-    first, last = start // CHUNK, (stop - 1) // CHUNK
-    eps, u = [], []
-    for k in range(first, last + 1):
-        gen = torch.Generator().manual_seed(_chunk_seed(seed, k))
-        eps.append(torch.randn(CHUNK, dim, generator=gen))
-        u.append(torch.rand(CHUNK, generator=gen, dtype=torch.float64))
-    keep = slice(start - first * CHUNK, stop - first * CHUNK)
-    z = torch.cat(eps)[keep] * temperature
-    return z if prior is None else prior.transform(z, torch.cat(u)[keep])
 
 
 @contextlib.contextmanager
@@ -114,6 +96,21 @@ class _Source:
     params: dict
     prior: GaussianMixturePrior | None = None
 
+    @property
+    def condition(self) -> tuple[str, tuple[str, ...]]:
+        return self.model.config.condition, tuple(self.model.config.condition_names)
+
+    @functools.cached_property
+    def condition_counts(self) -> np.ndarray:
+        return condition_counts(self.store, *self.condition)
+
+    def condition_ids(self, start: int, stop: int) -> torch.Tensor | None:
+        """Ids of samples ``start..stop-1`` for a class / modality model: balanced with ``per_class``,
+        else in the training split's proportions."""
+        if self.condition[0] not in ("class", "modality"):
+            return None
+        return sample_conditions(start, stop, self.condition_counts, balanced=self.params["per_class"])
+
 
 def _load_model(path: Path, device: torch.device):
     from medvae.engine.checkpoint import load_model
@@ -143,7 +140,7 @@ def _open_source(run: Path, config: GenerateConfig, device: str) -> _Source:
     store = open_store(_run_store(run, ckpt_path))
     if meta.get("store_hash") and meta["store_hash"] != store.content_hash:
         log.warning("%s: the store changed since %s was trained (hash differs)", store.path, ckpt_path.name)
-    channels = int(store.meta["channels"])
+    channels = int(store.meta["channels"]) + (model.config.condition == "mask")
     if int(model.config.in_channels) != channels:
         raise InputError(f"{ckpt_path}: the model makes {model.config.in_channels}-channel images but its "
                          f"store {store.path} has {channels} channels")
@@ -151,7 +148,10 @@ def _open_source(run: Path, config: GenerateConfig, device: str) -> _Source:
               "store": str(store.path.resolve()), "store_hash": store.content_hash, "seed": config.seed,
               "n": config.n, "temperature": config.temperature, "format": config.format,
               "batch_size": config.batch_size, "drop_flagged": config.drop_flagged,
-              "audit_percentile": config.audit_percentile, "prior": config.prior}
+              "audit_percentile": config.audit_percentile, "prior": config.prior, "per_class": config.per_class}
+    if config.per_class and model.config.condition not in ("class", "modality"):
+        raise InputError(f"{ckpt_path}: --per-class needs a class- or modality-conditioned model (this one: "
+                         f"condition {model.config.condition}); train with --condition class")
     prior = prior_for(ckpt_path, model, store, config.prior_components) if config.prior == "gmm" else None
     return _Source(model, store, dev, params, prior)
 
@@ -170,9 +170,15 @@ def _check_params(out: Path, params: dict) -> None:
 
 # --------------------------------------------------------------------------- decode
 def _decode(src: _Source, config: GenerateConfig, start: int, stop: int):
-    """Samples ``start..stop-1``: latents ``z (B, D)`` on the CPU, images ``x (B, C, H, W)`` in [0, 1]."""
-    z = latents(config.seed, start, stop, int(src.model.latent_dim), config.temperature, src.prior)
-    return z, src.model.decode(z.to(src.device)).float().clamp_(0, 1)
+    """Samples ``start..stop-1``: latents ``z (B, D)`` on the CPU, condition ids (or None), images
+    ``x (B, C, H, W)`` in [0, 1] on the device and label maps ``(B, 1, H, W)`` uint8 (a joint model) or None."""
+    ids = src.condition_ids(start, stop)
+    z = latents(config.seed, start, stop, int(src.model.latent_dim), config.temperature, src.prior, ids)
+    x = decode_latents(src.model, z.to(src.device), ids)
+    if src.condition[0] != "mask":
+        return z, ids, x, None
+    _, masks = split_joint(x.cpu().numpy(), src.condition[1])
+    return z, ids, x[:, :-1], masks
 
 
 def _batch_ranges(n: int, batch_size: int, wanted: int, missing: Callable[[], int]) -> Iterator[tuple[int, int]]:
@@ -195,23 +201,32 @@ def to_file_dtype(phys: np.ndarray, modality: str) -> np.ndarray:
     return np.clip(np.rint(phys), -32768, 32767).astype(np.int16)
 
 
-def _sample_files(sample_id: str, modality: str, fmt: str) -> dict[str, str]:
-    """Relative paths of one sample's files: ``path`` (the main file, "" for png) and ``preview``."""
-    base = f"synthetic/{modality}/{sample_id}"
+def _sample_files(sample_id: str, modality: str, fmt: str, cls: str = "", mask: bool = False) -> dict[str, str]:
+    """Relative paths of one sample's files: ``path`` (the main file, "" for png), ``mask`` (the label map
+    of a joint model, else "") and ``preview``; a class model's samples go to ``<modality>/<class>/``."""
+    base = f"synthetic/{modality}/{cls + '/' if cls else ''}{sample_id}"
     if fmt == "png":
-        main = ""
+        ext = ""
     elif fmt == "npy":
-        main = base + ".npy"
+        ext = ".npy"
     elif fmt == "tiff" or modality == "microscopy":
-        main = base + ".tif"
+        ext = ".tif"
     else:
-        main = base + ".nii.gz"
-    return {"path": main, "preview": base + ".png"}
+        ext = ".nii.gz"
+    mask_path = f"{base}_mask{ext or '.png'}" if mask else ""
+    return {"path": base + ext if ext else "", "mask": mask_path, "preview": base + ".png"}
 
 
 def _write_file(path: Path, x01: np.ndarray, store: PatchStore, modality: str) -> None:
-    """One file of a sample ``x01: (C, H, W)`` in [0, 1], by suffix: preview, raw, or physical units."""
-    if path.suffix == ".png":
+    """One file of a sample ``x01: (C, H, W)`` in [0, 1], by suffix: preview, raw, or physical units;
+    a ``*_mask`` file gets the label map (``x01`` is then ``(1, H, W)`` uint8 labels), in the image's geometry."""
+    if path.name.split(".")[0].endswith("_mask"):
+        if path.suffix in (".png", ".npy"):
+            (write_png if path.suffix == ".png" else write_npy)(path, x01)
+        else:
+            write_slice(path, x01, store.spacing(modality), "um" if modality == "microscopy" else "mm",
+                        description="medvae synthetic label map")
+    elif path.suffix == ".png":
         write_png(path, x01)
     elif path.suffix == ".npy":
         write_npy(path, x01.astype(np.float32))
@@ -220,15 +235,17 @@ def _write_file(path: Path, x01: np.ndarray, store: PatchStore, modality: str) -
                     "um" if modality == "microscopy" else "mm", description="medvae synthetic")
 
 
-def _write_sample(out: Path, files: dict[str, str], x01: np.ndarray, store: PatchStore,
+def _write_sample(out: Path, files: dict[str, str], x01: np.ndarray, mask: np.ndarray | None, store: PatchStore,
                   modality: str) -> tuple[int, int]:
     """Write the files of one sample that do not exist yet; returns ``(written, already there)``."""
     written = skipped = 0
-    for rel in filter(None, files.values()):
+    for key, rel in files.items():
+        if not rel:
+            continue
         if (out / rel).exists():  # written atomically, so complete
             skipped += 1
         else:
-            _write_file(out / rel, x01, store, modality)
+            _write_file(out / rel, mask if key == "mask" else x01, store, modality)
             written += 1
     return written, skipped
 
@@ -247,26 +264,31 @@ class _Dataset:
                                                            "flagged": 0, "dropped": 0})
 
     def write_batch(self, pool: ThreadPoolExecutor, start: int, z: torch.Tensor, x01: np.ndarray,
-                    found: dict[str, np.ndarray]) -> None:
+                    found: dict[str, np.ndarray], labels: dict[str, list[str]], masks: np.ndarray | None) -> None:
         """Files and rows of the batch's samples below ``n``.
 
         Args:
             start: index of the batch's first sample; z: ``(B, D)`` latents; x01: ``(B, C, H, W)``.
             found: ``audit.audit_batch`` of the batch (distances, patient, modality, flagged).
+            labels: ``modality`` / ``class`` per sample (see :func:`_sample_labels`).
+            masks: ``(B, 1, H, W)`` uint8 label maps of a joint model, or None.
         """
         cfg = self.config
         jobs = []
         for j in range(min(len(x01), cfg.n - start)):
-            sid, mod, flagged = f"{start + j:06d}", str(found["modality"][j]), bool(found["flagged"][j])
+            sid, mod, cls = f"{start + j:06d}", labels["modality"][j], labels["class"][j]
+            flagged = bool(found["flagged"][j])
             drop = flagged and cfg.drop_flagged
-            files = {"path": "", "preview": ""} if drop else _sample_files(sid, mod, cfg.format)
+            files = {"path": "", "mask": "", "preview": ""} if drop else \
+                _sample_files(sid, mod, cfg.format, cls, masks is not None)
             if not drop:
-                jobs.append(pool.submit(_write_sample, self.out, files, x01[j], self.store, mod))
+                jobs.append(pool.submit(_write_sample, self.out, files, x01[j],
+                                        None if masks is None else masks[j], self.store, mod))
             self.counts["flagged"] += flagged
             self.counts["dropped"] += drop
             for s in audit.SPACES:
                 self.nn[s].append(float(found[s][j]))
-            self.rows.append({"id": sid, "modality": mod, **files, "seed": cfg.seed,
+            self.rows.append({"id": sid, "modality": mod, "class": cls, **files, "seed": cfg.seed,
                               "checkpoint_sha256": self.checkpoint_sha256,
                               "latent_norm": f"{float(z[j].norm()):.6g}",
                               "nearest_train_distance": f"{found['pixel'][j]:.6g}",
@@ -286,6 +308,20 @@ class _Dataset:
     def per_modality(self) -> dict[str, int]:
         mods = [r["modality"] for r in self.rows]
         return {m: mods.count(m) for m in sorted(set(mods))}
+
+    def per_class(self) -> dict[str, int]:
+        classes = [r["class"] for r in self.rows if r["class"]]
+        return {c: classes.count(c) for c in sorted(set(classes))}
+
+
+def _sample_labels(src: _Source, ids: torch.Tensor | None, found: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """Per sample: its ``modality`` (a modality model's condition, else the nearest training patch's) and
+    ``class`` (a class model's condition, else "")."""
+    kind, names = src.condition
+    named = [names[int(i)] for i in ids] if ids is not None else []
+    n = len(found["modality"])
+    return {"modality": named if kind == "modality" else [str(m) for m in found["modality"]],
+            "class": named if kind == "class" else [""] * n}
 
 
 # --------------------------------------------------------------------------- augment
@@ -320,11 +356,11 @@ class _Augmented:
     def missing(self) -> int:
         return self.wanted - len(self.rows)
 
-    def add_batch(self, start: int, x01: np.ndarray, found: dict[str, np.ndarray]) -> None:
+    def add_batch(self, start: int, x01: np.ndarray, found: dict[str, np.ndarray], modalities: list[str]) -> None:
         """Keep the batch's unflagged samples ``x01: (B, C, H, W)`` as float16 until ``wanted``."""
         for j in range(len(x01)):
             if self.missing() > 0 and not found["flagged"][j]:
-                mod = str(found["modality"][j])
+                mod = modalities[j]
                 self.x.append(_renormalize(x01[j], mod, self.model_store, self.real).astype(np.float16))
                 self.rows.append((mod, f"seed{self.seed}/{start + j:06d}"))
 
@@ -377,14 +413,15 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
     with ThreadPoolExecutor(WRITE_THREADS) as pool, _deterministic_cudnn(), torch.inference_mode():
         for start, stop in _batch_ranges(config.n, config.batch_size, wanted, missing):
             with _timed(tm, "decode"):
-                z, x = _decode(src, config, start, stop)
+                z, ids, x, masks = _decode(src, config, start, stop)
                 x01 = x.cpu().numpy()
             with _timed(tm, "audit"):
                 found = audit.audit_batch(ref, audit.features(x))
             with _timed(tm, "write"):
-                dataset.write_batch(pool, start, z, x01, found)
+                labels = _sample_labels(src, ids, found)
+                dataset.write_batch(pool, start, z, x01, found, labels, masks)
                 if mix is not None:
-                    mix.add_batch(start, x01, found)
+                    mix.add_batch(start, x01, found, labels["modality"])
             if progress is not None:
                 progress(min(stop, config.n), config.n)
 
@@ -397,7 +434,8 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
     audited = audit.summarize(ref, sample_nn, dataset.counts["flagged"], config.drop_flagged, "audit.png")
     log.info(audited["summary"])
     summary = {"status": "done", "params": src.params,
-               "counts": {"samples": config.n, "per_modality": dataset.per_modality(), **dataset.counts},
+               "counts": {"samples": config.n, "per_modality": dataset.per_modality(),
+                          "per_class": dataset.per_class(), **dataset.counts},
                "audit": audited, "augmented_store": augmented,
                "timings_s": {k: round(v, 4) for k, v in tm.items()},
                "samples_per_s": round(config.n / max(tm["total"], 1e-9), 2), "device": str(src.device)}

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from medvae.config import EvaluateConfig
+from medvae.data.conditions import condition_counts
 from medvae.data.store import PatchStore
 from medvae.engine.features import embed, feature_net
 from medvae.engine.prior import prior_for
+from medvae.engine.sampling import sample_conditions, sample_images
 from medvae.sample_metrics import sample_metrics
 
 log = logging.getLogger(__name__)
@@ -26,41 +28,53 @@ MIN_PER_HALF = 8  # density / coverage use 5-NN balls
 
 
 @torch.no_grad()
-def prior_samples(model, checkpoint, store: PatchStore, cfg: EvaluateConfig, seed: int = 0) -> dict:
-    """``{"standard": (n, C, H, W), "gmm": (n, C, H, W)}`` float32 CPU samples, n = ``cfg.mmd_samples``.
+def prior_samples(model, checkpoint, store: PatchStore, modalities: list[str], cfg: EvaluateConfig,
+                  seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """``{modality: {"standard": (n, C, H, W), "gmm": (n, C, H, W)}}`` float32 CPU image samples (a joint
+    model's mask channel dropped), n = ``cfg.mmd_samples``.
 
+    A modality-conditioned model samples each modality under its own id; a class model samples classes
+    in the training split's proportions; an unconditional model's samples are shared by every modality.
     Without training patches (a store of one split) there is no mixture to fit: ``standard`` only.
     """
-    names = ["standard"]
+    priors = {"standard": None}
     if store.select(split="train").size >= 2:
-        prior = prior_for(checkpoint, model, store, cfg.prior_components, seed)
-        names.append("gmm")
+        priors["gmm"] = prior_for(checkpoint, model, store, cfg.prior_components, seed)
     else:
         log.warning("%s has no train split: samples from N(0, I) only", store.path)
-    device = next(model.parameters()).device
-    out = {}
-    for name in names:
-        gen = torch.Generator().manual_seed(seed)
-        batches = []
-        for i in range(0, cfg.mmd_samples, cfg.batch_size):
-            n = min(cfg.batch_size, cfg.mmd_samples - i)
-            z = torch.randn(n, model.latent_dim, generator=gen) if name == "standard" else prior.sample(n, gen)
-            batches.append(model.decode(z.to(device)).float().cpu())
-        out[name] = torch.cat(batches)
+    kind, names = model.config.condition, tuple(model.config.condition_names)
+    channels, n = int(store.meta["channels"]), cfg.mmd_samples
+    ids = None
+    if kind == "class":
+        ids = sample_conditions(0, n, condition_counts(store, kind, names))
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for mod in modalities:
+        if kind != "modality" and out:  # the same samples for every modality
+            out[mod] = next(iter(out.values()))
+            continue
+        if kind == "modality":
+            ids = torch.full((n,), names.index(mod), dtype=torch.long)
+        out[mod] = {name: sample_images(model, n, seed=seed, prior=prior, conditions=ids,
+                                        batch_size=cfg.batch_size)[:, :channels] for name, prior in priors.items()}
     return out
 
 
-def sample_quality(store: PatchStore, rows_by_modality: dict[str, np.ndarray], samples: dict[str, torch.Tensor],
-                   cfg: EvaluateConfig, device: torch.device, seed: int = 0) -> dict[str, dict[str, dict]]:
-    """Per modality and prior (``real``, ``standard``, ``gmm``): the sample metrics and their n."""
+def sample_quality(store: PatchStore, rows_by_modality: dict[str, np.ndarray],
+                   samples: dict[str, dict[str, torch.Tensor]], cfg: EvaluateConfig, device: torch.device,
+                   seed: int = 0) -> dict[str, dict[str, dict]]:
+    """Per modality and prior (``real``, ``standard``, ``gmm``): the sample metrics and their n.
+
+    ``samples``: :func:`prior_samples`, the model's samples per modality and prior.
+    """
     if store.select(split="train").size < 2:
         log.warning("%s has no train split to train the feature network on: no sample metrics", store.path)
         return {}
     net = feature_net(store, steps=cfg.feature_steps, seed=seed, device=device)
-    fake = {name: embed(net, x).numpy() for name, x in samples.items()}
+    embedded: dict[int, np.ndarray] = {}  # shared samples (an unconditional model) are embedded once
     rng = np.random.default_rng(seed)
     out = {}
     for mod, rows in rows_by_modality.items():
+        fake = {name: embedded.setdefault(id(x), embed(net, x).numpy()) for name, x in samples[mod].items()}
         pick = np.sort(rng.choice(rows, min(cfg.mmd_samples, len(rows)), replace=False))
         real = embed(net, torch.from_numpy(store.get(pick))).numpy()
         if len(real) < 2 * MIN_PER_HALF:

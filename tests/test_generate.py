@@ -6,6 +6,7 @@ projection of the latent (or a constant image) lets every expected value be comp
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -20,6 +21,7 @@ import torch
 from medvae import generate as gen
 from medvae.config import GenerateConfig
 from medvae.data.store import open_store, write_store
+from medvae.engine.sampling import latents
 from medvae.errors import InputError
 from medvae.files import sha256_file
 
@@ -55,18 +57,21 @@ class StubModel(torch.nn.Module):
     def __init__(self, latent_dim=8, channels=1, constant=None, planted=None):
         super().__init__()
         self.latent_dim = latent_dim
-        self.config = SimpleNamespace(in_channels=channels)
+        self.config = SimpleNamespace(in_channels=channels, condition="none", condition_names=())
         g = torch.Generator().manual_seed(1)
         self.w = torch.randn(latent_dim, channels * SIZE * SIZE, generator=g) * 3.0
         self.constant = constant
         self.planted = planted or {}  # sample index -> (seed, image (C, H, W)) decoded for that sample's z
+
+    def conditioned_on(self, ids):
+        return contextlib.nullcontext()
 
     def decode(self, z):
         x = torch.sigmoid(z @ self.w.to(z.device)).view(-1, self.config.in_channels, SIZE, SIZE)
         if self.constant is not None:
             x = torch.full_like(x, self.constant)
         for i, (seed, img) in self.planted.items():
-            hit = (z == gen.latents(seed, i, i + 1, self.latent_dim).to(z.device)).all(dim=1)
+            hit = (z == latents(seed, i, i + 1, self.latent_dim).to(z.device)).all(dim=1)
             x[hit] = torch.as_tensor(img, dtype=x.dtype, device=x.device)
         return x
 
@@ -99,11 +104,11 @@ def _hashes(out):
 
 
 def test_latents_do_not_depend_on_batching():
-    whole = gen.latents(3, 0, 600, 16)
-    parts = torch.cat([gen.latents(3, a, min(a + 77, 600), 16) for a in range(0, 600, 77)])
+    whole = latents(3, 0, 600, 16)
+    parts = torch.cat([latents(3, a, min(a + 77, 600), 16) for a in range(0, 600, 77)])
     assert torch.equal(whole, parts)
-    assert not torch.equal(whole, gen.latents(4, 0, 600, 16))
-    assert torch.allclose(gen.latents(3, 0, 10, 16, temperature=0.5), whole[:10] * 0.5)
+    assert not torch.equal(whole, latents(4, 0, 600, 16))
+    assert torch.allclose(latents(3, 0, 10, 16, temperature=0.5), whole[:10] * 0.5)
 
 
 def test_same_seed_same_bytes_different_seed_differs(make_run, tmp_path):
@@ -209,7 +214,7 @@ def test_mixed_store_loads_with_the_regular_loader(make_run, tmp_path):
     assert x.shape == (1, SIZE, SIZE) and x.dtype == torch.float32
     assert 0 <= float(x.min()) <= float(x.max()) <= 1
     # the synthetic rows hold the decoded samples (float16 store)
-    z = gen.latents(0, 0, 1, 8)
+    z = latents(0, 0, 1, 8)
     first = np.flatnonzero(mixed.index["source"] == "synthetic")[0]
     np.testing.assert_allclose(mixed.get(first), StubModel().decode(z)[0].numpy(), atol=1e-3)
 
@@ -219,7 +224,7 @@ def test_manifest_columns(make_run, tmp_path):
     gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=2), device="cpu")
     with open(tmp_path / "out" / "manifest.csv", newline="") as f:
         header = next(csv.reader(f))
-    assert header == ["id", "modality", "path", "preview", "seed", "checkpoint_sha256", "latent_norm",
+    assert header == ["id", "modality", "class", "path", "mask", "preview", "seed", "checkpoint_sha256", "latent_norm",
                       "nearest_train_distance", "nearest_train_distance_features", "nearest_train_patient",
                       "flagged"]
 
@@ -246,7 +251,7 @@ def test_png_only_and_npy_formats(make_run, tmp_path):
     gen.generate(run, tmp_path / "npy", GenerateConfig(prior="standard", n=3, format="npy"), device="cpu")
     row = _manifest(tmp_path / "npy")[0]
     x = np.load(tmp_path / "npy" / row["path"])
-    np.testing.assert_allclose(x, StubModel().decode(gen.latents(0, 0, 1, 8))[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(x, StubModel().decode(latents(0, 0, 1, 8))[0].numpy(), atol=1e-6)
 
 
 def test_cli_writes_dataset_and_rejects_bad_format(make_run, tmp_path):

@@ -26,6 +26,9 @@ def generate(
     prior: Optional[str] = typer.Option(
         None, help="gmm (a Gaussian mixture fitted on the training codes, the default) | standard (N(0, I))"),
     drop_flagged: bool = typer.Option(False, "--drop-flagged", help="Do not write samples flagged by the audit."),
+    per_class: bool = typer.Option(False, "--per-class",
+                                   help="Class / modality models: balance the samples over classes (else the "
+                                        "training proportions)."),
     mix_with: Optional[Path] = typer.Option(None, "--mix-with", help="Real store to mix into an augmented store."),
     ratio: float = typer.Option(1.0, help="Synthetic-to-real ratio of the augmented store."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with GenerateConfig keys."),
@@ -36,7 +39,8 @@ def generate(
 
     cfg = config_with_options(config, GenerateConfig, {
         "n": n, "seed": seed, "format": format, "batch_size": batch_size, "temperature": temperature,
-        "checkpoint": checkpoint, "drop_flagged": drop_flagged or None, "prior": prior})
+        "checkpoint": checkpoint, "drop_flagged": drop_flagged or None, "prior": prior,
+        "per_class": per_class or None})
     with Progress(transient=True) as bar:
         task = bar.add_task("generating", total=cfg.n)
         summary = generate_dataset(run, out, cfg, device=device, mix_with=mix_with, ratio=ratio,

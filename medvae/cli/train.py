@@ -28,6 +28,9 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoints/last.pt."),
     task: Optional[str] = typer.Option(None, help="reconstruct | denoise (noisy input -> clean target)."),
     noise: Optional[str] = typer.Option(None, help="denoise task: gaussian | poisson-gaussian | ct-lowdose"),
+    condition: Optional[str] = typer.Option(
+        None, help="auto (modality when the store has several, the default) | none | class | modality | "
+                   "mask (joint image + label map)"),
 ) -> None:
     """Train a model on a patch store (multi-GPU: torchrun --nproc_per_node N -m medvae train ...)."""
     from medvae.engine.trainer import train as train_model
@@ -35,7 +38,7 @@ def train(
     cfg = config_with_options(config, TrainStageConfig, {
         "model.name": model, "train.max_steps": max_steps, "train.epochs": epochs,
         "train.batch_size": batch_size, "train.checkpoint_every": checkpoint_every, "task": task,
-        "noise.kind": noise})
+        "noise.kind": noise, "model.condition": condition})
     summary = train_model(store, out, cfg, device=device, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0 and cfg.task == "denoise":
         m = summary["metrics"]

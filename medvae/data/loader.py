@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
+from medvae.data.conditions import condition_ids, joint_channel
 from medvae.data.store import PatchStore, open_store, read_rows
 
 
@@ -146,16 +147,19 @@ class PatchBatches:
         rank, world_size: the shard to read; default from torch.distributed when initialized.
         device: move batches there (CUDA: float16 patches are copied from pinned memory, non-blocking,
             and converted to float32 on the GPU).
+        condition: ``(kind, names)`` of a conditional model (medvae.data.conditions): batches are
+            ``(x, ids)`` with ids ``(B,)`` int64 (None for ``mask``, whose x carries the mask channel).
     """
 
     def __init__(self, store: PatchStore | str | os.PathLike, split: str | None = None, batch_size: int = 64,
                  seed: int = 0, modality: str | None = None, drop_last: bool = True, shuffle: bool = True,
                  with_labels: bool = False, rank: int | None = None, world_size: int | None = None,
-                 device: str | torch.device | None = None, with_classes: bool = False):
+                 device: str | torch.device | None = None, with_classes: bool = False,
+                 condition: tuple[str, tuple[str, ...]] | None = None):
         self.store = _as_store(store)
         self.indices = self.store.select(split, modality)
         self.batch_size, self.seed, self.drop_last, self.shuffle = int(batch_size), int(seed), drop_last, shuffle
-        self.with_labels, self.with_classes = with_labels, with_classes
+        self.with_labels, self.with_classes, self.condition = with_labels, with_classes, condition
         if rank is None or world_size is None:
             _, r, w = _dist_info(None)
             rank = r if rank is None else rank
@@ -200,8 +204,18 @@ class PatchBatches:
                 y = y.to(self.device) if y is not None else None
         if k is not None and self.device is not None:
             k = k.to(self.device)
+        if self.condition is not None:
+            return self._conditioned(x, rows)
         out = tuple(t for t in (x, y, k) if t is not None)
         return out if len(out) > 1 else x
+
+    def _conditioned(self, x: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        kind, names = self.condition
+        if kind == "mask":
+            mask = torch.from_numpy(joint_channel(read_rows(self.store.labels, rows), names)).to(x.device)
+            return torch.cat([x, mask], 1), None
+        ids = condition_ids(self.store, rows, kind, names)
+        return x, None if ids is None else torch.from_numpy(ids).to(x.device)
 
     def __iter__(self):
         rows = self.epoch_rows()

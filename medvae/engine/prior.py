@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medvae.data.conditions import model_inputs
 from medvae.data.store import PatchStore
 from medvae.errors import CheckpointError, InputError
 from medvae.files import atomic_path, sha256_file
@@ -29,23 +30,29 @@ log = logging.getLogger(__name__)
 
 
 class GaussianMixturePrior:
-    """A fitted mixture: ``weights (K,)``, ``means (K, D)``, ``scale_tril (K, D, D)`` (float64)."""
+    """Fitted mixtures, one per condition id (one in all for an unconditional model): ``weights (C, K)``,
+    ``means (C, K, D)``, ``scale_tril (C, K, D, D)`` (float64; a condition with fewer components pads
+    with weight 0)."""
 
     def __init__(self, weights: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor, info: dict):
+        if weights.dim() == 1:  # one mixture
+            weights, means, scale_tril = weights[None], means[None], scale_tril[None]
         self.weights, self.means, self.scale_tril, self.info = weights.double(), means.double(), \
             scale_tril.double(), info
 
-    def transform(self, eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """eps: (B, D) standard normal, u: (B,) uniform in [0, 1) -> z: (B, D) float32 mixture samples."""
-        cdf = torch.cumsum(self.weights, 0)
-        k = torch.searchsorted(cdf, u.double().clamp(max=float(cdf[-1]) - 1e-12), right=True)
-        z = self.means[k] + torch.einsum("bij,bj->bi", self.scale_tril[k], eps.double())
+    def transform(self, eps: torch.Tensor, u: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """eps: (B, D) standard normal, u: (B,) uniform in [0, 1), ids: (B,) condition ids (None: 0)
+        -> z: (B, D) float32 samples of each row's mixture."""
+        ids = torch.zeros(len(eps), dtype=torch.long) if ids is None else ids.long().cpu()
+        cdf = torch.cumsum(self.weights[ids], 1)
+        k = torch.searchsorted(cdf, (u.double()[:, None]).clamp(max=cdf[:, -1:] - 1e-12), right=True)[:, 0]
+        z = self.means[ids, k] + torch.einsum("bij,bj->bi", self.scale_tril[ids, k], eps.double())
         return z.float()
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(n, D)`` float32 latents on the CPU."""
-        eps = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
-        return self.transform(eps, torch.rand(n, generator=generator, dtype=torch.float64))
+    def sample(self, n: int, generator: torch.Generator | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n, D)`` float32 latents on the CPU (of the conditions ``ids``, when given)."""
+        eps = torch.randn(n, self.means.shape[-1], generator=generator, dtype=torch.float64)
+        return self.transform(eps, torch.rand(n, generator=generator, dtype=torch.float64), ids)
 
     def state_dict(self) -> dict:
         return {"kind": "gmm", "weights": self.weights, "means": self.means, "scale_tril": self.scale_tril,
@@ -54,28 +61,52 @@ class GaussianMixturePrior:
 
 @torch.no_grad()
 def encoder_means(model, store: PatchStore, split: str = "train", max_patches: int = 20_000,
-                  batch_size: int = 256, seed: int = 0) -> np.ndarray:
-    """Posterior means ``(N, D)`` float64 of up to ``max_patches`` patches of ``split`` (seeded subset)."""
+                  batch_size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Posterior means ``(N, D)`` float64 of up to ``max_patches`` patches of ``split`` (seeded subset)
+    and their condition ids ``(N,)`` (None for a model without id condition)."""
     rows = store.select(split=split)
     if len(rows) > max_patches:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_patches, replace=False))
     device = next(model.parameters()).device
-    out = [model.encode(torch.from_numpy(store.get(rows[i:i + batch_size])).to(device))[0].double().cpu()
-           for i in range(0, len(rows), batch_size)]
-    return torch.cat(out).numpy()
+    codes, ids = [], []
+    for i in range(0, len(rows), batch_size):
+        x, y = model_inputs(store, rows[i:i + batch_size], model.config)
+        y = None if y is None else torch.from_numpy(y)
+        with model.conditioned_on(y):
+            codes.append(model.encode(torch.from_numpy(x).to(device))[0].double().cpu())
+        ids.append(y)
+    return torch.cat(codes).numpy(), None if ids[0] is None else torch.cat(ids).numpy()
 
 
-def fit_gmm(codes: np.ndarray, components: int = 10, seed: int = 0) -> GaussianMixturePrior:
-    """Fit a full-covariance Gaussian mixture to ``codes (N, D)`` (components capped at N // 2)."""
+def _fit_one(codes: np.ndarray, components: int, seed: int):
     from sklearn.mixture import GaussianMixture  # scikit-learn is slow to import; only when fitting
 
     k = max(1, min(components, len(codes) // 2))
     gm = GaussianMixture(n_components=k, covariance_type="full", reg_covar=1e-5, random_state=seed,
                          max_iter=200).fit(codes)
-    chol = np.linalg.cholesky(gm.covariances_)
-    info = {"n_fit": int(len(codes)), "components": int(k), "mean_log_likelihood": float(gm.score(codes))}
-    return GaussianMixturePrior(torch.from_numpy(gm.weights_), torch.from_numpy(gm.means_), torch.from_numpy(chol),
-                                info)
+    return gm.weights_, gm.means_, np.linalg.cholesky(gm.covariances_), float(gm.score(codes)) * len(codes)
+
+
+def fit_gmm(codes: np.ndarray, components: int = 10, seed: int = 0, ids: np.ndarray | None = None,
+            n_conditions: int = 1) -> GaussianMixturePrior:
+    """Fit a full-covariance Gaussian mixture (components capped at N // 2) to ``codes (N, D)``, one per
+    condition id in ``ids`` (0..n_conditions-1) when given."""
+    ids = np.zeros(len(codes), dtype=np.int64) if ids is None else np.asarray(ids)
+    fits = []
+    for c in range(n_conditions):
+        mine = codes[ids == c]
+        if len(mine) < 2:
+            raise InputError(f"condition {c} has {len(mine)} training codes; a mixture prior needs at least 2 "
+                             "(use --prior standard)")
+        fits.append(_fit_one(mine, components, seed))
+    k, d = max(len(f[0]) for f in fits), codes.shape[1]
+    weights, means = np.zeros((n_conditions, k)), np.zeros((n_conditions, k, d))
+    tril = np.tile(np.eye(d), (n_conditions, k, 1, 1))
+    for c, (w, m, chol, _) in enumerate(fits):
+        weights[c, :len(w)], means[c, :len(w)], tril[c, :len(w)] = w, m, chol
+    info = {"n_fit": int(len(codes)), "components": int(k),
+            "mean_log_likelihood": float(sum(f[3] for f in fits) / len(codes))}
+    return GaussianMixturePrior(torch.from_numpy(weights), torch.from_numpy(means), torch.from_numpy(tril), info)
 
 
 def prior_path(checkpoint: str | os.PathLike) -> Path:
@@ -99,7 +130,8 @@ def prior_for(checkpoint: str | os.PathLike, model, store: PatchStore, component
         raise InputError(f"{store.path}: no training patches to fit the mixture prior on; use the standard prior "
                          "(--prior standard)")
     model.eval()
-    prior = fit_gmm(encoder_means(model, store, seed=seed), components, seed)
+    codes, ids = encoder_means(model, store, seed=seed)
+    prior = fit_gmm(codes, components, seed, ids, len(model.config.condition_names) if ids is not None else 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save(prior.state_dict(), tmp)

@@ -40,6 +40,7 @@ import yaml
 from pydantic import ValidationError
 
 from medvae.config import TrainStageConfig
+from medvae.data.conditions import resolve_condition
 from medvae.data.loader import PatchBatches
 from medvae.data.store import PatchStore, open_store
 from medvae.devices import select_device
@@ -52,6 +53,7 @@ from medvae.engine.step import TrainStep
 from medvae.engine.validate import validate
 from medvae.errors import CheckpointError, ConfigError, TrainingError
 from medvae.files import write_json, write_text
+from medvae.models import CONDITIONAL_MODELS, build_model
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,12 @@ def resolve_config(cfg: TrainStageConfig, store: PatchStore) -> TrainStageConfig
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"train.max_steps is {t.max_steps}; it must be at least 1")
     try:
-        cfg.model.in_channels = int(store.meta["channels"])
+        kind = cfg.model.condition
+        if cfg.task == "denoise" or (kind == "auto" and cfg.model.name not in CONDITIONAL_MODELS):
+            kind = "none"  # denoisers need no condition; the MONAI baselines take none
+        kind, names = resolve_condition(kind, store)
+        cfg.model.condition, cfg.model.condition_names = kind, names
+        cfg.model.in_channels = int(store.meta["channels"]) + (kind == "mask")
         cfg.model.image_size = int(store.meta["patch_size"])
     except ValidationError as err:
         raise ConfigError(f"{store.path}: patch size {store.meta['patch_size']} is not one the models take "
@@ -122,8 +129,6 @@ class _Meter:
 class _Trainer:
     def __init__(self, store: PatchStore, out: Path, cfg: TrainStageConfig, device: torch.device,
                  info: DistInfo, resume: bool):
-        from medvae.models import build_model
-
         self.store, self.out, self.cfg, self.device, self.info = store, out, cfg, device, info
         t = self.tc = cfg.train
         self.ckdir = ck.checkpoint_dir(out)
@@ -137,7 +142,8 @@ class _Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.to(device)
         self.batches = PatchBatches(store, "train", batch_size=t.batch_size, seed=t.seed,
-                                    rank=info.rank, world_size=info.world_size, device=device)
+                                    rank=info.rank, world_size=info.world_size, device=device,
+                                    condition=(cfg.model.condition, tuple(cfg.model.condition_names)))
         if len(self.batches) == 0:
             n = len(self.batches.indices) // info.world_size
             raise ConfigError(f"{store.path}: the train split has {n} patches per process, fewer than the "
@@ -236,15 +242,17 @@ class _Trainer:
             "total_steps": self.total_steps, "world_size": self.info.world_size, "device": str(self.device)})
 
     # ------------------------------------------------------------------ events of the loop
-    def _train_step(self, x: torch.Tensor) -> dict:
-        """One optimizer step on ``x`` (``self.step`` is not advanced here); the NaN guard's count."""
+    def _train_step(self, x: torch.Tensor, ids: torch.Tensor | None) -> dict:
+        """One optimizer step on ``x`` (condition ``ids``; ``self.step`` is not advanced here); the NaN
+        guard's count."""
         self.model.train()
         target = None
         if self.task is not None:
             x, target = self.task.training_pair(x, self.batches, self.step)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-        entry, problem = self.steps.step(x, self.step, target=target)
+        with self.model.conditioned_on(ids):
+            entry, problem = self.steps.step(x, self.step, target=target)
         if problem is not None:
             t = self.tc
             self.bad_steps += 1
@@ -263,8 +271,6 @@ class _Trainer:
         ema = self.steps.ema
         if ema is not None:
             if self.eval_model is None:
-                from medvae.models import build_model
-
                 with torch.random.fork_rng(devices=[]):  # the training's RNG stream stays untouched
                     self.eval_model = build_model(self.cfg.model)
                 if self.channels_last:
@@ -291,11 +297,11 @@ class _Trainer:
                     self.tb.add_scalar(k, v, entry["step"])
 
     def _batches(self):
-        """This rank's batches, epoch after epoch, on the device, until ``total_steps``."""
+        """This rank's ``(x, condition ids or None)``, epoch after epoch, on the device, until ``total_steps``."""
         while self.step < self.total_steps:
-            for x in self.batches:
+            for x, ids in self.batches:
                 x = x.to(self.device, non_blocking=True)
-                yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+                yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x, ids
                 if self.step >= self.total_steps:
                     return
 
@@ -342,8 +348,8 @@ class _Trainer:
         with self._progress() as progress:
             bar = progress.add_task("train", total=self.total_steps, completed=self.step,
                                     model=self.cfg.model.name, loss=float("nan"), ips=0.0)
-            for x in self._batches():
-                entry = self._train_step(x)
+            for x, ids in self._batches():
+                entry = self._train_step(x, ids)
                 self.step += 1
                 checkpoint = self.step % t.checkpoint_every == 0 or self.step == self.total_steps
                 epoch_end = t.max_steps is None and self.batches.position == len(self.batches)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from medvae import metrics
+from medvae.data.conditions import model_inputs
 from medvae.data.store import PatchStore
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,14 @@ def validate(model: torch.nn.Module, store: PatchStore, batch_size: int, max_bat
     gen = torch.Generator().manual_seed(seed)
     sums: dict[str, float] = {}
     for start in range(0, len(rows), batch_size):
-        x = torch.from_numpy(store.get(rows[start : start + batch_size])).to(device)
+        x, ids = model_inputs(store, rows[start : start + batch_size], model.config)
+        x = torch.from_numpy(x).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        elbo, terms = metrics.elbo(model, x, generator=gen, return_terms=True)
-        mu, _ = model.encode(x)
-        recon = model.decode(mu).float().clamp(0.0, 1.0)
+        with model.conditioned_on(None if ids is None else torch.from_numpy(ids).to(device)):
+            elbo, terms = metrics.elbo(model, x, generator=gen, return_terms=True)
+            mu, _ = model.encode(x)
+            recon = model.decode(mu).float().clamp(0.0, 1.0)
         x32 = x.float()
         per_image = {"elbo": elbo, "nll": terms["nll"], "kl": terms["kl"], "ssim": metrics.ssim(recon, x32),
                      "psnr": metrics.psnr(recon, x32), "mse": metrics.mse(recon, x32)}

@@ -8,21 +8,26 @@ from __future__ import annotations
 from torch import nn
 
 from medvae.config import ModelConfig
+from medvae.errors import ConfigError
 from medvae.models.denoisers import UNetDenoiser
 from medvae.models.vae import ConvVAE, VAEBase, VAEOutput
 from medvae.models.vaegan import VAEGAN, PatchDiscriminator
 
 __all__ = [
     "ConvVAE", "VAEGAN", "VAEBase", "VAEOutput", "PatchDiscriminator", "build_model", "MODEL_NAMES",
-    "UNetDenoiser", "DENOISERS",
+    "UNetDenoiser", "DENOISERS", "CONDITIONAL_MODELS",
 ]
 
 MODEL_NAMES = ("vae", "vaegan", "monai-vae", "monai-kl", "unet-vae", "dae")
 DENOISERS = ("unet-vae", "dae")  # fully convolutional (medvae.models.denoisers): whole slices at any size
+CONDITIONAL_MODELS = ("vae", "vaegan")  # take a class / modality id (medvae.data.conditions)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Map ``cfg.name`` (vae | vaegan | monai-vae | monai-kl | unet-vae | dae) to a freshly initialised model."""
+    if cfg.condition in ("class", "modality") and cfg.name not in CONDITIONAL_MODELS:
+        raise ConfigError(f"model {cfg.name} takes no {cfg.condition} condition; use vae or vaegan, or condition "
+                          "'none' / 'mask'")
     if cfg.name == "vae":
         return ConvVAE(cfg)
     if cfg.name == "vaegan":

@@ -9,6 +9,7 @@ training losses need, see :class:`VAEOutput`), ``sample``,
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -53,6 +54,42 @@ class VAEBase(nn.Module):
         self.config = config
         self.discriminator = None  # instance attribute: a VAE–GAN replaces it with a Module
         self.likelihood = Likelihood(config.likelihood, config.in_channels, config.fixed_scale)
+        # class / modality models: an embedding of the condition id (medvae.data.conditions); the id of
+        # the current batch is set by `conditioned_on`, so every caller (losses, metrics) stays unchanged
+        self.condition_embedding = None
+        if config.condition in ("class", "modality"):
+            self.condition_embedding = nn.Embedding(len(config.condition_names), config.condition_dim)
+        self._condition: torch.Tensor | None = None
+
+    @property
+    def conditional(self) -> bool:
+        return self.condition_embedding is not None
+
+    @contextlib.contextmanager
+    def conditioned_on(self, ids: torch.Tensor | None):
+        """Inside the block, encode / decode / the critic use condition ``ids (B,)`` for batches of B (or a
+        multiple of B: the VAE–GAN feeds its critic real, reconstructed and prior images of the same ids).
+        ``None`` is allowed for an unconditional model only."""
+        if self.conditional and ids is None:
+            raise ConfigError(f"this model is conditioned on {self.config.condition} "
+                              f"({', '.join(self.config.condition_names)}): give a condition id per image")
+        old = self._condition
+        self._condition = ids if self.conditional else None
+        try:
+            yield
+        finally:
+            self._condition = old
+
+    def condition_vector(self, batch: int) -> torch.Tensor | None:
+        """The embedding ``(batch, condition_dim)`` of the current ids, or None for an unconditional model."""
+        if not self.conditional:
+            return None
+        ids = self._condition
+        if ids is None:
+            raise ConfigError("a conditional model was called outside `conditioned_on(ids)`")
+        if batch % len(ids):
+            raise ValueError(f"batch of {batch} images for {len(ids)} condition ids")
+        return self.condition_embedding(ids.to(self.condition_embedding.weight.device).repeat(batch // len(ids)))
 
     # --- to implement
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
@@ -167,9 +204,10 @@ class ConvVAE(VAEBase):
         enc += [ResUnit(c_bot, c_bot, g) for _ in range(r)]
         enc += [group_norm(c_bot, g), nn.SiLU()]
         self.encoder = nn.Sequential(*enc)
-        self.to_stats = nn.Linear(flat, 2 * self.latent_dim)
+        cond = config.condition_dim if self.conditional else 0
+        self.to_stats = nn.Linear(flat + cond, 2 * self.latent_dim)
 
-        self.from_latent = nn.Linear(self.latent_dim, flat)
+        self.from_latent = nn.Linear(self.latent_dim + cond, flat)
         dec: list[nn.Module] = [ResUnit(c_bot, c_bot, g) for _ in range(r)]
         for k in reversed(range(len(chs) - 1)):
             dec.append(Upsample(chs[k + 1], chs[k], config.upsample))
@@ -182,14 +220,20 @@ class ConvVAE(VAEBase):
     def last_decoder_weight(self) -> nn.Parameter:
         return self.out_conv.weight
 
+    def _with_condition(self, h: torch.Tensor) -> torch.Tensor:
+        """``h (B, F)`` with the condition embedding appended (a conditional model), else ``h``."""
+        c = self.condition_vector(h.shape[0])
+        return h if c is None else torch.cat([h, c.to(h.dtype)], 1)
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W) in [0, 1] -> mu, logvar: (B, D); logvar clamped to [-30, 20]."""
         self._check_input(x)
         h = self.encoder(x).reshape(x.shape[0], -1)
+        h = self._with_condition(h)
         mu, logvar = self.to_stats(h).chunk(2, dim=1)
         return mu, logvar.clamp(-30.0, 20.0)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """z: (B, D) -> decoder logits (B, C, H, W); the mean image is ``likelihood.mean`` of them."""
-        h = self.from_latent(z).reshape(z.shape[0], *self.bottleneck_shape)
+        h = self.from_latent(self._with_condition(z)).reshape(z.shape[0], *self.bottleneck_shape)
         return self.out_conv(self.decoder(h))

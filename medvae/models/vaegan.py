@@ -29,11 +29,14 @@ class PatchDiscriminator(nn.Module):
         n_layers: strided layers.
         norm_groups: GroupNorm groups.
         spectral_norm: wrap every conv in spectral normalisation (Miyato et al. 2018).
+        n_conditions: > 0 makes it a projection critic (Miyato & Koyama 2018): each patch logit gains
+            the inner product of its spatially pooled last features with an embedding of the image's condition id,
+            given by ``condition`` (a callable returning the ids of the current batch, set by the VAE–GAN).
     """
 
     def __init__(
         self, in_channels: int = 1, channels: int = 64, n_layers: int = 3, norm_groups: int = 8,
-        spectral_norm: bool = False,
+        spectral_norm: bool = False, n_conditions: int = 0,
     ) -> None:
         super().__init__()
 
@@ -54,6 +57,8 @@ class PatchDiscriminator(nn.Module):
         layers.append(nn.Sequential(conv(ch, out, 1), norm(out), nn.LeakyReLU(0.2)))
         self.layers = nn.ModuleList(layers)
         self.head = conv(out, 1, 1)
+        self.projection = nn.Embedding(n_conditions, out) if n_conditions else None
+        self.condition = None  # () -> ids (B,) of the current batch; the owning VAE–GAN sets it
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x: (B, C, H, W) in [0, 1] -> (logits (B, 1, h, w), [features of every layer])."""
@@ -62,7 +67,12 @@ class PatchDiscriminator(nn.Module):
         for layer in self.layers:
             h = layer(h)
             feats.append(h)
-        return self.head(h), feats
+        logits = self.head(h)
+        if self.projection is not None:
+            ids = self.condition()
+            e = self.projection(ids.to(h.device).repeat(h.shape[0] // len(ids)))
+            logits = logits + (h.mean((2, 3)) * e.to(h.dtype)).sum(1)[:, None, None, None]  # on every patch
+        return logits, feats
 
 
 class VAEGAN(ConvVAE):
@@ -76,5 +86,12 @@ class VAEGAN(ConvVAE):
         super().__init__(config)
         self.discriminator = PatchDiscriminator(
             config.in_channels, config.disc_channels, config.disc_layers, config.norm_groups,
-            config.spectral_norm,
+            config.spectral_norm, len(config.condition_names) if self.conditional else 0,
         )
+        if self.conditional:
+            self.discriminator.condition = self._critic_ids
+
+    def _critic_ids(self) -> torch.Tensor:
+        if self._condition is None:
+            raise ValueError("the projection critic was called outside `conditioned_on(ids)`")
+        return self._condition

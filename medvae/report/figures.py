@@ -115,3 +115,22 @@ def distributions(per_patient: dict[str, dict[str, np.ndarray]], metrics=("ssim"
         ax.set_title(m.upper().replace("_", "-"))
         ax.invert_yaxis()
     return _png(fig)
+
+
+def latent_map(points: np.ndarray, labels: list[str], by: str, explained: list[float]) -> str:
+    """Scatter of the test codes' first two principal components, one colour per label (class, modality,
+    patient); a legend up to 20 labels."""
+    names = sorted(set(labels))
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    labels = np.asarray(labels)
+    for i, name in enumerate(names):
+        sel = labels == name
+        ax.scatter(points[sel, 0], points[sel, 1], s=5, alpha=0.6, color=cmap(i % cmap.N), label=name or None,
+                   linewidths=0)
+    ax.set_xlabel(f"PC 1 ({100 * explained[0]:.0f}% of variance)")
+    ax.set_ylabel(f"PC 2 ({100 * explained[1]:.0f}% of variance)" if len(explained) > 1 else "PC 2")
+    ax.set_title(f"test codes (posterior means){' by ' + by if by else ''}")
+    if by and len(names) <= 20:
+        ax.legend(frameon=False, fontsize=7, markerscale=2.5, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _png(fig)

@@ -50,14 +50,17 @@ def build_figures(summary: dict, fig: dict) -> dict:
         out["patients"][pid] = F.triptych(items, mod, norm[mod])
     for mod in fig["modalities"]:
         lo, hi = float(norm[mod]["low"]), float(norm[mod]["high"])
-        out["samples"][mod] = F.image_grid(lo + np.asarray(fig["samples"]) * (hi - lo), mod, norm[mod])
-        if fig.get("samples_gmm") is not None:
-            out["samples_gmm"][mod] = F.image_grid(lo + np.asarray(fig["samples_gmm"]) * (hi - lo), mod, norm[mod])
+        out["samples"][mod] = F.image_grid(lo + np.asarray(fig["samples"][mod]) * (hi - lo), mod, norm[mod])
+        if mod in fig["samples_gmm"]:
+            out["samples_gmm"][mod] = F.image_grid(lo + np.asarray(fig["samples_gmm"][mod]) * (hi - lo), mod,
+                                                   norm[mod])
         labels = [f"z[{d}]" for d in fig["traversal_dims"]]
-        out["traversal"][mod] = F.image_grid(lo + np.asarray(fig["traversal"]) * (hi - lo), mod, norm[mod],
+        out["traversal"][mod] = F.image_grid(lo + np.asarray(fig["traversal"][mod]) * (hi - lo), mod, norm[mod],
                                              ncols=len(fig["traversal_steps"]), row_labels=labels)
         out["histograms"][mod] = F.histograms(fig["histograms"][mod], mod)
     out["distributions"] = F.distributions(fig["distributions"])
+    lm = fig.get("latent_map")
+    out["latent_map"] = F.latent_map(lm["points"], lm["labels"], lm["by"], lm["explained"]) if lm else None
     return out
 
 
@@ -65,7 +68,8 @@ def render_report(summary: dict, fig: dict) -> str:
     """The report as one HTML string."""
     env = _env()
     template = env.from_string(env.globals["template_text"])
-    return template.render(s=summary, figs=build_figures(summary, fig), metrics=list(PATCH_METRICS),
+    return template.render(s=summary, figs=build_figures(summary, fig), conditional=fig.get("conditional", "none"),
+                           metrics=list(PATCH_METRICS),
                            cohort_metrics=list(COHORT_METRICS), info=summary["metric_info"],
                            sample_metrics=list(SAMPLE_METRICS), prior_labels=PRIOR_LABELS,
                            labels={k: m.label for k, m in ALL_METRICS.items()},

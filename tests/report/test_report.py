@@ -33,7 +33,8 @@ def _figs(pids=("PANCREAS_0001", "PANCREAS_0002")):
                          "reconstruction": img()}
     edges = np.linspace(-160, 240, 9)
     return {"triptychs": {p: [item("best"), item("worst")] for p in pids},
-            "samples": rng.random((4, 1, 32, 32)), "traversal": rng.random((6, 1, 32, 32)),
+            "samples": {"ct": rng.random((4, 1, 32, 32))}, "samples_gmm": {},
+            "traversal": {"ct": rng.random((6, 1, 32, 32))},
             "traversal_dims": [2, 0], "traversal_steps": [-1, 0, 1], "modalities": ["ct"],
             "histograms": {"ct": {"edges": edges.tolist(), "unit": "HU", "real": [1] * 8, "synthetic": [2] * 8}},
             "distributions": {p: {"ssim": rng.random(5), "psnr": rng.random(5), "mae": rng.random(5)} for p in pids},
@@ -46,8 +47,12 @@ def test_report_is_self_contained_with_patient_sections():
     assert not re.search(r"(src|href)=\"(https?:)?//", html) and "<script" not in html and "<link" not in html
     for pid in ("PANCREAS_0001", "PANCREAS_0002"):
         assert f'id="p-{pid}"' in html and f'href="#p-{pid}"' in html
-    # 2 triptychs + samples + traversal + histogram + distributions
+    # 2 triptychs + samples + traversal + histogram + distributions (no latent map given)
     assert html.count("data:image/png;base64,") == 6
+    with_map = render_report(_result("a", 0.8), {**_figs(), "latent_map": {
+        "points": np.random.default_rng(1).normal(size=(50, 2)), "labels": ["a", "b"] * 25, "by": "class",
+        "explained": [0.5, 0.2]}})
+    assert with_map.count("data:image/png;base64,") == 7 and 'id="latents"' in with_map
     assert "nan" not in re.sub(r"base64,[^\"]+", "", html).lower().replace("nanosec", "")
     assert 'id="compare"' not in html
 
