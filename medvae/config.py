@@ -266,9 +266,12 @@ class UtilityConfig(StrictModel):
     def _check(self) -> UtilityConfig:
         if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
             raise ValueError(f"fractions must be in (0, 1], got {self.fractions}")
-        wanted = {"classify": "class", "segment": "mask"}[self.task]
-        if self.condition is None:
-            self.condition = wanted
-        elif self.condition != wanted:
-            raise ValueError(f"task {self.task} needs condition {wanted} (the generator must make its labels)")
+        needed = {"classify": "class", "segment": "mask"}[self.task]
+        if self.condition not in (None, needed):
+            raise ValueError(f"task {self.task} needs condition {needed} (the generator must make its labels)")
         return self
+
+    @property
+    def generator_condition(self) -> str:
+        """What the generators are conditioned on: ``condition``, or the one the task needs when None."""
+        return self.condition or {"classify": "class", "segment": "mask"}[self.task]

@@ -38,6 +38,8 @@ def utility_figure(summary: dict) -> str:
                             color=ARM_COLORS.get(arm), label=arm)
         info = summary["metric_info"][metric]
         ax.set_xscale("log")
+        ax.set_xticks(summary["fractions"], [f"{f:g}" for f in summary["fractions"]])
+        ax.minorticks_off()
         ax.set_xlabel("real fraction of the train split")
         ax.set_ylabel(f"{info['label']} ({info['unit']})")
         ax.set_title(f"{info['label']} ({info['better']} is better)")
@@ -49,7 +51,7 @@ def _cell(c: dict | None, signed: bool = False) -> str:
     """``mean ± half-width`` of a t interval (``mean (n=1)`` without one)."""
     if c is None or c["mean"] is None:
         return "<td>–</td>"
-    mean = f"{c['mean']:+.4g}" if signed else _fmt(c["mean"])
+    mean = ("+" if signed and c["mean"] >= 0 else "") + _fmt(c["mean"])
     if c["ci_high"] is None:
         return f"<td>{mean} <span class=note>(n={c['n']})</span></td>"
     excludes_zero = signed and (c["ci_low"] > 0 or c["ci_high"] < 0)
@@ -74,7 +76,7 @@ def render_utility_report(summary: dict, figure: str) -> str:
     """The report as one HTML string; ``figure`` is :func:`utility_figure`'s base64 PNG."""
     s, cfg = summary, summary["config"]
     source = (f"the synthetic store <b>{html.escape(s['synthetic'])}</b> at every fraction" if s["synthetic"] else
-              f"a <b>{html.escape(cfg['model'])}</b> generator conditioned on <b>{html.escape(cfg['condition'])}</b>, "
+              f"a <b>{html.escape(cfg['model'])}</b> generator conditioned on <b>{html.escape(s['condition'])}</b>, "
               f"trained for {cfg['generator_steps']} steps on each real subset only, {cfg['ratio']:g} synthetic "
               "images per real one")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>medvae utility: {html.escape(s['store'])}"

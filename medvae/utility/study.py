@@ -108,7 +108,7 @@ def run_utility(store: PatchStore | str | os.PathLike, out: str | os.PathLike, c
         rows += [{"arm": arm, "fraction": f, "seed": s, "metric": m, "value": v}
                  for arm in ARMS for m, v in results[arm]["metrics"].items()]
     _tell(progress, done, total, "report")
-    summary = {"task": task, "store": str(store.path), "synthetic": str(user.path) if user is not None else None,
+    summary = {"task": task, "condition": cfg.generator_condition, "store": str(store.path), "synthetic": str(user.path) if user is not None else None,
                "fractions": sorted(set(cfg.fractions)), "seeds": cfg.seeds,
                "metrics": list(TASK_METRICS[task]), "n_test": len(test),
                "metric_info": {m: {"label": UTILITY_METRICS[m].label, "unit": UTILITY_METRICS[m].unit,

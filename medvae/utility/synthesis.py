@@ -34,7 +34,7 @@ def generator_config(cfg: UtilityConfig, n_rows: int, seed: int) -> TrainStageCo
     """``cfg.generator`` with the study's model, condition, step budget and seed; the batch is capped at
     the subset's size (a 5 % subset may hold fewer patches than a batch)."""
     data = cfg.generator.model_dump(mode="json")
-    data["model"].update(name=cfg.model, condition=cfg.condition)
+    data["model"].update(name=cfg.model, condition=cfg.generator_condition)
     data["train"].update(max_steps=cfg.generator_steps, seed=seed,
                          batch_size=min(data["train"]["batch_size"], n_rows))
     return parse_config(data, TrainStageConfig, "utility generator settings")
@@ -77,11 +77,11 @@ def synthesize(checkpoint: str | os.PathLike, subset: PatchStore, cfg: UtilityCo
     model, meta = load_model(checkpoint, device=device)
     prior = prior_for(checkpoint, model, subset, cfg.prior_components, seed) if cfg.prior == "gmm" else None
     names = list(meta["model_config"].get("condition_names") or subset.classes)
-    conditions = balanced_conditions(n, len(names)) if cfg.condition == "class" else None
+    conditions = balanced_conditions(n, len(names)) if cfg.generator_condition == "class" else None
     x = sample_images(model, n, seed=seed, prior=prior, conditions=conditions, temperature=cfg.temperature)
     info = {"checkpoint_sha256": sha256_file(checkpoint), "seed": seed, "n": n, "prior": cfg.prior,
             "temperature": cfg.temperature}
-    if cfg.condition == "class":
+    if cfg.generator_condition == "class":
         return write_synthetic_store(out, x.numpy(), subset, info, classes=[names[i] for i in conditions.tolist()])
     images, masks = split_joint(x, n_labels)
     return write_synthetic_store(out, images.numpy(), subset, info, masks=np.asarray(masks))
