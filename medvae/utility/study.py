@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,51 +78,71 @@ def run_utility(store: PatchStore | str | os.PathLike, out: str | os.PathLike, c
     out = Path(out)
     user = open_store(synthetic) if synthetic is not None else None
     _check_settings(out, store, cfg, user)
-    dev = str(select_device(device))
-    task, classes = cfg.task, store.classes
+    task = cfg.task
     n_labels = int(np.max(store.labels)) if task == "segment" else 0
-    n_out = len(classes) if task == "classify" else n_labels + 1
-    test = from_store(store, labelled_rows(store, "test", task), task, classes)
-    given = from_store(user, synthetic_rows(user, store), task, classes) if user is not None else None
+    test = from_store(store, labelled_rows(store, "test", task), task, store.classes)
+    given = from_store(user, synthetic_rows(user, store), task, store.classes) if user is not None else None
+    n_out = len(store.classes) if task == "classify" else n_labels + 1
+    ctx = _Context(cfg, store.classes, n_out, n_labels, str(select_device(device)), test, given)
     cells = [(f, s) for f in sorted(set(cfg.fractions)) for s in range(cfg.seeds)]
-    total, done, rows = len(cells) * len(ARMS), 0, []
-    for f, s in cells:
-        cell = out / "cells" / f"f{fraction_key(f)}_s{s}"
-        results = {arm: _read_result(cell / f"{arm}.json") for arm in ARMS}
-        todo = [arm for arm in ARMS if results[arm] is None]
-        done += len(ARMS) - len(todo)
-        if todo:
-            real_store = _subset(store, cfg, f, s, cell / "real_store")
-            real = from_store(real_store, real_store.select("train"), task, classes)
-            syn = given
-            if syn is None and todo != ["real"]:
-                _tell(progress, done, total, f"f={f:g} seed {s}: generator")
-                syn = _cell_synthetic(real_store, cell, cfg, s, n_labels, dev)
-            for arm in todo:
-                _tell(progress, done, total, f"f={f:g} seed {s}: {arm}")
-                data = real if arm == "real" else syn if arm == "synthetic" else real + syn
-                net = train_downstream(task, data, n_out, cfg.downstream_steps, cfg.batch_size, cfg.lr, s, dev)
-                results[arm] = {"arm": arm, "fraction": f, "seed": s, "n_real": len(real),
-                                "n_synthetic": 0 if arm == "real" else len(syn), "n_train": len(data),
-                                "metrics": evaluate(task, net, test, n_out)}
-                write_json(cell / f"{arm}.json", results[arm])
-                done += 1
+    total, rows = len(cells) * len(ARMS), []
+    for i, (f, s) in enumerate(cells):
+        results = _run_cell(store, out / "cells" / f"f{fraction_key(f)}_s{s}", f, s, ctx,
+                            functools.partial(_tell, progress, i * len(ARMS), total))
         rows += [{"arm": arm, "fraction": f, "seed": s, "metric": m, "value": v}
                  for arm in ARMS for m, v in results[arm]["metrics"].items()]
-    _tell(progress, done, total, "report")
-    summary = {"task": task, "condition": cfg.generator_condition, "store": str(store.path), "synthetic": str(user.path) if user is not None else None,
-               "fractions": sorted(set(cfg.fractions)), "seeds": cfg.seeds,
-               "metrics": list(TASK_METRICS[task]), "n_test": len(test),
-               "metric_info": {m: {"label": UTILITY_METRICS[m].label, "unit": UTILITY_METRICS[m].unit,
-                                   "better": UTILITY_METRICS[m].better} for m in TASK_METRICS[task]},
+    _tell(progress, total, total, 0, "report")
+    info = {m: {"label": UTILITY_METRICS[m].label, "unit": UTILITY_METRICS[m].unit, "better": UTILITY_METRICS[m].better}
+            for m in TASK_METRICS[task]}
+    summary = {"task": task, "condition": cfg.generator_condition, "store": str(store.path),
+               "synthetic": str(user.path) if user is not None else None, "fractions": sorted(set(cfg.fractions)),
+               "seeds": cfg.seeds, "metrics": list(TASK_METRICS[task]), "n_test": len(ctx.test), "metric_info": info,
                **summarize(rows), "config": cfg.model_dump(mode="json")}
     _write_outputs(out, rows, summary)
     return summary
 
 
-def _tell(progress: Progress | None, done: int, total: int, what: str) -> None:
+@dataclass
+class _Context:
+    """What every cell shares: settings, the class list, the network's outputs, the real test set."""
+
+    cfg: UtilityConfig
+    classes: list[str]
+    n_out: int  # classes, or label values (background included)
+    n_labels: int  # the largest label value (segment)
+    device: str
+    test: LabelledSet
+    given: LabelledSet | None  # the --synthetic set, used in every cell
+
+
+def _run_cell(store: PatchStore, cell: Path, fraction: float, seed: int, ctx: _Context,
+              tell: Callable[[int, str], None]) -> dict[str, dict]:
+    """The arms' results of one cell: read when finished, else trained, scored and written."""
+    cfg, task = ctx.cfg, ctx.cfg.task
+    results = {arm: _read_result(cell / f"{arm}.json") for arm in ARMS}
+    todo = [arm for arm in ARMS if results[arm] is None]
+    if not todo:
+        return results
+    real_store = _subset(store, cfg, fraction, seed, cell / "real_store")
+    real, syn = from_store(real_store, real_store.select("train"), task, ctx.classes), ctx.given
+    if syn is None and todo != ["real"]:
+        tell(len(ARMS) - len(todo), f"f={fraction:g} seed {seed}: generator")
+        syn = _cell_synthetic(real_store, cell, cfg, seed, ctx.n_labels, ctx.device)
+    for k, arm in enumerate(todo):
+        tell(len(ARMS) - len(todo) + k, f"f={fraction:g} seed {seed}: {arm}")
+        data = real if arm == "real" else syn if arm == "synthetic" else real + syn
+        net = train_downstream(task, data, ctx.n_out, cfg.downstream_steps, cfg.batch_size, cfg.lr, seed, ctx.device)
+        results[arm] = {"arm": arm, "fraction": fraction, "seed": seed, "n_real": len(real),
+                        "n_synthetic": 0 if arm == "real" else len(syn), "n_train": len(data),
+                        "metrics": evaluate(task, net, ctx.test, ctx.n_out)}
+        write_json(cell / f"{arm}.json", results[arm])
+    return results
+
+
+def _tell(progress: Progress | None, offset: int, total: int, done: int, what: str) -> None:
+    """Report ``offset + done`` of ``total`` arms finished, and ``what`` runs now."""
     if progress is not None:
-        progress(done, total, what)
+        progress(offset + done, total, what)
 
 
 def _read_result(path: Path) -> dict | None:
