@@ -14,6 +14,7 @@ A synthetic store is an ordinary patch store: patient ``synthetic``, split ``tra
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from medvae.engine.sampling import balanced_conditions, sample_images, split_joi
 from medvae.engine.trainer import train
 from medvae.errors import InputError
 from medvae.files import sha256_file
+
+log = logging.getLogger(__name__)
 
 
 def generator_config(cfg: UtilityConfig, n_rows: int, seed: int) -> TrainStageConfig:
@@ -66,6 +69,18 @@ def write_synthetic_store(path: str | os.PathLike, images: np.ndarray, real: Pat
     return write_store(path, images, index, meta, labels=masks)
 
 
+def _prior(checkpoint, model, subset: PatchStore, cfg: UtilityConfig, seed: int):
+    """The cell's mixture prior, or None (N(0, I)) when asked for or when the subset is too small to fit
+    one (a class kept with a single patch at a small fraction)."""
+    if cfg.prior == "standard":
+        return None
+    try:
+        return prior_for(checkpoint, model, subset, cfg.prior_components, seed)
+    except InputError as err:
+        log.warning("%s: no mixture prior (%s); this cell samples N(0, I)", subset.path, err)
+        return None
+
+
 @torch.no_grad()
 def synthesize(checkpoint: str | os.PathLike, subset: PatchStore, cfg: UtilityConfig, n: int, seed: int,
                out: str | os.PathLike, n_labels: int = 0, device: str = "cpu") -> PatchStore:
@@ -75,11 +90,12 @@ def synthesize(checkpoint: str | os.PathLike, subset: PatchStore, cfg: UtilityCo
     mask model's last channel is split back into a label map with ``n_labels`` foreground labels.
     """
     model, meta = load_model(checkpoint, device=device)
-    prior = prior_for(checkpoint, model, subset, cfg.prior_components, seed) if cfg.prior == "gmm" else None
+    prior = _prior(checkpoint, model, subset, cfg, seed)
     names = list(meta["model_config"].get("condition_names") or subset.classes)
     conditions = balanced_conditions(n, len(names)) if cfg.generator_condition == "class" else None
     x = sample_images(model, n, seed=seed, prior=prior, conditions=conditions, temperature=cfg.temperature)
-    info = {"checkpoint_sha256": sha256_file(checkpoint), "seed": seed, "n": n, "prior": cfg.prior,
+    info = {"checkpoint_sha256": sha256_file(checkpoint), "seed": seed, "n": n,
+            "prior": "standard" if prior is None else "gmm",
             "temperature": cfg.temperature}
     if cfg.generator_condition == "class":
         return write_synthetic_store(out, x.numpy(), subset, info, classes=[names[i] for i in conditions.tolist()])
