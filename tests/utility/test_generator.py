@@ -27,14 +27,15 @@ def test_generator_trains_on_the_subset_only(task, class_store, mask_store, tmp_
     seen = []
 
     def fake_train(subset, run, cfg, device, resume):
-        seen.append((subset, cfg))
+        seen.append((subset, cfg, resume))
         raise _Stop
 
     monkeypatch.setattr(synthesis, "train", fake_train)
     cfg = UtilityConfig(task=task, fractions=[0.34], seeds=1, generator_steps=7)
     with pytest.raises(_Stop):
         run_utility(store, tmp_path / "out", cfg, device="cpu")
-    (subset, gen), = seen
+    (subset, gen, resume), = seen
+    assert resume  # a half-trained generator continues from its last.pt
     rows = subset_rows(store, task, 0.34, seed=0)
     assert np.array_equal(subset.index[SOURCE_ROW].astype(int), rows)
     assert np.array_equal(subset.get(slice(None)), store.get(rows))
