@@ -125,11 +125,12 @@ def _run_cell(store: PatchStore, cell: Path, fraction: float, seed: int, ctx: _C
         return results
     real_store = _subset(store, cfg, fraction, seed, cell / "real_store")
     real, syn = from_store(real_store, real_store.select("train"), task, ctx.classes), ctx.given
-    if syn is None and todo != ["real"]:
-        tell(len(ARMS) - len(todo), f"f={fraction:g} seed {seed}: generator")
-        syn = _cell_synthetic(real_store, cell, cfg, seed, ctx.n_labels, ctx.device)
-    for k, arm in enumerate(todo):
-        tell(len(ARMS) - len(todo) + k, f"f={fraction:g} seed {seed}: {arm}")
+    for k, arm in enumerate(todo):  # real first: its result is kept even if the generator then fails
+        done = len(ARMS) - len(todo) + k
+        if arm != "real" and syn is None:
+            tell(done, f"f={fraction:g} seed {seed}: generator")
+            syn = _cell_synthetic(real_store, cell, cfg, seed, ctx.n_labels, ctx.device)
+        tell(done, f"f={fraction:g} seed {seed}: {arm}")
         data = real if arm == "real" else syn if arm == "synthetic" else real + syn
         net = train_downstream(task, data, ctx.n_out, cfg.downstream_steps, cfg.batch_size, cfg.lr, seed, ctx.device)
         results[arm] = {"arm": arm, "fraction": fraction, "seed": seed, "n_real": len(real),

@@ -31,7 +31,7 @@ def test_generator_trains_on_the_subset_only(task, class_store, mask_store, tmp_
         raise _Stop
 
     monkeypatch.setattr(synthesis, "train", fake_train)
-    cfg = UtilityConfig(task=task, fractions=[0.34], seeds=1, generator_steps=7)
+    cfg = UtilityConfig(task=task, fractions=[0.34], seeds=1, generator_steps=7, downstream_steps=2, batch_size=4)
     with pytest.raises(_Stop):
         run_utility(store, tmp_path / "out", cfg, device="cpu")
     (subset, gen, resume), = seen
@@ -63,3 +63,13 @@ def test_generated_cell_end_to_end_and_resumed(class_store, tmp_path, monkeypatc
     monkeypatch.setattr(synthesis, "train", lambda *a, **k: pytest.fail("generator retrained"))
     again = run_utility(class_store, tmp_path / "out", cfg, device="cpu")
     assert again["arms"] == summary["arms"]
+
+
+def test_joint_mask_generator_makes_label_maps(mask_store, tmp_path):
+    cfg = UtilityConfig(task="segment", fractions=[0.5], seeds=1, generator_steps=4, downstream_steps=2,
+                        batch_size=4, ratio=2.0, generator=TINY_GENERATOR)
+    summary = run_utility(mask_store, tmp_path / "out", cfg, device="cpu")
+    syn = open_store(tmp_path / "out/cells/f0.5_s0/synthetic_store")
+    assert len(syn) == 18 and syn.labels is not None and syn.patches.shape[1:] == mask_store.patches.shape[1:]
+    assert int(np.max(syn.labels)) <= 2  # label values of the real store
+    assert summary["metrics"] == ["dice", "hd95"] and summary["arms"]["synthetic"]["0.5"]["dice"]["n"] == 1
