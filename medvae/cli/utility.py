@@ -34,7 +34,8 @@ def utility(
     seeds: Optional[int] = typer.Option(None, help="Seeds per fraction (default 3)."),
     generator_steps: Optional[int] = typer.Option(None, help="Training steps of each generator (default 2000)."),
     downstream_steps: Optional[int] = typer.Option(None, help="Training steps of each downstream model (default 500)."),
-    ratio: Optional[float] = typer.Option(None, help="Synthetic images per real image of a subset (default 1)."),
+    ratio: Optional[float] = typer.Option(
+        None, help="Synthetic images per real image of a subset (default 1; a --synthetic store is used whole)."),
     synthetic: Optional[Path] = typer.Option(
         None, "--synthetic", help="A labelled synthetic patch store to use at every fraction instead of generators."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with TrainStageConfig keys for the generators."),
