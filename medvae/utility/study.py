@@ -79,11 +79,10 @@ def run_utility(store: PatchStore | str | os.PathLike, out: str | os.PathLike, c
     user = open_store(synthetic) if synthetic is not None else None
     _check_settings(out, store, cfg, user)
     task = cfg.task
-    n_labels = int(np.max(store.labels)) if task == "segment" else 0
     test = from_store(store, labelled_rows(store, "test", task), task, store.classes)
     given = from_store(user, synthetic_rows(user, store), task, store.classes) if user is not None else None
-    n_out = len(store.classes) if task == "classify" else n_labels + 1
-    ctx = _Context(cfg, store.classes, n_out, n_labels, str(select_device(device)), test, given)
+    n_out = len(store.classes) if task == "classify" else int(np.max(store.labels)) + 1  # background + labels
+    ctx = _Context(cfg, store.classes, n_out, str(select_device(device)), test, given)
     cells = [(f, s) for f in sorted(set(cfg.fractions)) for s in range(cfg.seeds)]
     total, rows = len(cells) * len(ARMS), []
     for i, (f, s) in enumerate(cells):
@@ -109,7 +108,6 @@ class _Context:
     cfg: UtilityConfig
     classes: list[str]
     n_out: int  # classes, or label values (background included)
-    n_labels: int  # the largest label value (segment)
     device: str
     test: LabelledSet
     given: LabelledSet | None  # the --synthetic set, used in every cell
@@ -129,7 +127,7 @@ def _run_cell(store: PatchStore, cell: Path, fraction: float, seed: int, ctx: _C
         done = len(ARMS) - len(todo) + k
         if arm != "real" and syn is None:
             tell(done, f"f={fraction:g} seed {seed}: generator")
-            syn = _cell_synthetic(real_store, cell, cfg, seed, ctx.n_labels, ctx.device)
+            syn = _cell_synthetic(real_store, cell, cfg, seed, ctx.device)
         tell(done, f"f={fraction:g} seed {seed}: {arm}")
         data = real if arm == "real" else syn if arm == "synthetic" else real + syn
         net = train_downstream(task, data, ctx.n_out, cfg.downstream_steps, cfg.batch_size, cfg.lr, seed, ctx.device)
@@ -176,14 +174,13 @@ def _subset(store: PatchStore, cfg: UtilityConfig, fraction: float, seed: int, p
     return write_subset_store(store, subset_rows(store, cfg.task, fraction, seed), path)
 
 
-def _cell_synthetic(real_store: PatchStore, cell: Path, cfg: UtilityConfig, seed: int, n_labels: int,
-                    device: str) -> LabelledSet:
+def _cell_synthetic(real_store: PatchStore, cell: Path, cfg: UtilityConfig, seed: int, device: str) -> LabelledSet:
     """The cell's synthetic set: a generator trained on ``real_store`` only, sampled ``ratio × subset`` times."""
     path = cell / "synthetic_store"
     if not (path / "store.json").is_file():
         checkpoint = train_generator(real_store, cell / "generator", cfg, seed, device)
         n = max(1, round(cfg.ratio * len(real_store)))
-        synthesize(checkpoint, real_store, cfg, n, seed, path, n_labels, device)
+        synthesize(checkpoint, real_store, cfg, n, seed, path, device)
     syn = open_store(path)
     return from_store(syn, syn.select(), cfg.task, real_store.classes)
 

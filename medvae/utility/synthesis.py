@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from medvae.config import TrainStageConfig, UtilityConfig, parse_config
+from medvae.data.conditions import split_joint
 from medvae.data.store import PatchStore, write_store
 from medvae.engine.checkpoint import load_model, resolve_checkpoint
 from medvae.engine.prior import prior_for
-from medvae.engine.sampling import balanced_conditions, sample_images, split_joint
+from medvae.engine.sampling import balanced_conditions, sample_images
 from medvae.engine.trainer import train
 from medvae.errors import InputError
 from medvae.files import sha256_file
@@ -83,11 +84,12 @@ def _prior(checkpoint, model, subset: PatchStore, cfg: UtilityConfig, seed: int)
 
 @torch.no_grad()
 def synthesize(checkpoint: str | os.PathLike, subset: PatchStore, cfg: UtilityConfig, n: int, seed: int,
-               out: str | os.PathLike, n_labels: int = 0, device: str = "cpu") -> PatchStore:
+               out: str | os.PathLike, device: str = "cpu") -> PatchStore:
     """Sample ``n`` labelled images from a cell's generator into the synthetic store ``out``.
 
-    Classify: the conditions are balanced over the subset's classes. Segment: the joint image +
-    mask model's last channel is split back into a label map with ``n_labels`` foreground labels.
+    Classify: the conditions are balanced over the classes the model was trained with. Segment: the
+    joint image + mask model's last channel is split back into a label map, scaled by the label names
+    the model was trained with (those of its subset store, so its scale whatever labels the subset lacks).
     """
     model, meta = load_model(checkpoint, device=device)
     prior = _prior(checkpoint, model, subset, cfg, seed)
@@ -99,8 +101,8 @@ def synthesize(checkpoint: str | os.PathLike, subset: PatchStore, cfg: UtilityCo
             "temperature": cfg.temperature}
     if cfg.generator_condition == "class":
         return write_synthetic_store(out, x.numpy(), subset, info, classes=[names[i] for i in conditions.tolist()])
-    images, masks = split_joint(x, n_labels)
-    return write_synthetic_store(out, images.numpy(), subset, info, masks=np.asarray(masks))
+    images, masks = split_joint(x.numpy(), tuple(names))
+    return write_synthetic_store(out, images, subset, info, masks=masks)
 
 
 def synthetic_rows(store: PatchStore, real: PatchStore) -> np.ndarray:
