@@ -244,3 +244,42 @@ class PipelineConfig(StrictModel):
     # Ablations: "model.latent_dim": [32, 128], "train.beta": [0.5, 1.0], ... Every model above is trained
     # once per combination of values (named e.g. "vae[latent_dim=32,beta=0.5]") and all are compared.
     sweep: dict[str, list] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- downstream utility study
+class UtilityConfig(StrictModel):
+    """`medvae utility`: does synthetic data help a downstream model trained on little real data?
+
+    For each real fraction and seed a generator is trained on that real subset only, and one
+    downstream network (same steps, augmentations and seed) is trained on the arms real,
+    real+synthetic and synthetic, then scored on the real test split (medvae.utility.study).
+    """
+
+    task: Literal["classify", "segment"] = "classify"
+    model: Literal["vae", "vaegan"] = "vae"  # the generator
+    condition: Literal["class", "mask"] | None = None  # None: class for classify, mask for segment
+    fractions: list[float] = Field(default_factory=lambda: [0.05, 0.1, 1.0])  # of the train split, in (0, 1]
+    seeds: int = Field(3, ge=1)
+    generator_steps: int = Field(2000, ge=1)  # train.max_steps of each generator
+    ratio: float = Field(1.0, gt=0)  # synthetic images per real image of the subset
+    prior: Literal["standard", "gmm"] = "gmm"
+    prior_components: int = Field(10, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    downstream_steps: int = Field(500, ge=1)  # the same for every arm
+    batch_size: int = Field(32, ge=1)  # downstream batch size
+    lr: float = Field(1e-3, gt=0)  # downstream Adam learning rate
+    generator: TrainStageConfig = Field(default_factory=TrainStageConfig)  # model / train settings of generators
+
+    @model_validator(mode="after")
+    def _check(self) -> UtilityConfig:
+        if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
+            raise ValueError(f"fractions must be in (0, 1], got {self.fractions}")
+        needed = {"classify": "class", "segment": "mask"}[self.task]
+        if self.condition not in (None, needed):
+            raise ValueError(f"task {self.task} needs condition {needed} (the generator must make its labels)")
+        return self
+
+    @property
+    def generator_condition(self) -> str:
+        """What the generators are conditioned on: ``condition``, or the one the task needs when None."""
+        return self.condition or {"classify": "class", "segment": "mask"}[self.task]

@@ -6,7 +6,7 @@ stderr and exit code 2. Commands import the heavy stages (torch, MONAI, scipy) i
 bodies, so `medvae --help` and a typo answer at once.
 """
 
-from medvae.cli import denoise, discover, evaluate, generate, phantom, prepare, run, train  # noqa: F401  (registers)
+from medvae.cli import denoise, discover, evaluate, generate, phantom, prepare, run, train, utility  # noqa: F401 (registers)
 from medvae.cli.app import app
 
 __all__ = ["app"]

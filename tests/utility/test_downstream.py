@@ -1,0 +1,62 @@
+"""The downstream networks and their metrics (macro F1 against scikit-learn, Dice / HD95 by hand)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+
+from medvae.utility.downstream import (
+    LabelledSet,
+    classification_metrics,
+    evaluate,
+    from_store,
+    segmentation_metrics,
+    train_downstream,
+)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_classification_metrics_match_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, 4, 60)
+    y_pred = np.where(rng.random(60) < 0.6, y_true, rng.integers(0, 5, 60))  # class 4 is never true
+    y_pred[y_pred == 2] = 1  # class 2 is never predicted
+    got = classification_metrics(y_true, y_pred)
+    assert got["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert got["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
+def test_segmentation_metrics_by_hand():
+    truth = torch.zeros(2, 1, 32, 32, dtype=torch.long)
+    truth[0, 0, 4:12, 4:12] = 1
+    truth[1, 0, 10:20, 10:20] = 2
+    perfect = segmentation_metrics(truth, truth, n_out=3)
+    assert perfect == {"dice": pytest.approx(1.0), "hd95": pytest.approx(0.0)}
+    missed = truth.clone()
+    missed[1] = 0  # label 2 missed entirely: Dice 0, HD95 the patch diagonal
+    got = segmentation_metrics(missed, truth, n_out=3)
+    assert got["dice"] == pytest.approx(0.5) and got["hd95"] == pytest.approx(math.hypot(32, 32) / 2)
+    assert math.isnan(segmentation_metrics(truth * 0, truth * 0, n_out=3)["dice"])
+
+
+def test_same_data_same_seed_same_network(class_store):
+    rows = class_store.select("train")
+    data = from_store(class_store, rows, "classify", class_store.classes)
+    copy = LabelledSet(data.images.clone(), data.targets.clone())
+    test = from_store(class_store, class_store.select("test"), "classify", class_store.classes)
+    a = evaluate("classify", train_downstream("classify", data, 3, 60, 8, 3e-3, seed=5), test, 3)
+    b = evaluate("classify", train_downstream("classify", copy, 3, 60, 8, 3e-3, seed=5), test, 3)
+    assert a == b
+    assert a["accuracy"] > 0.5  # better than chance (1/3) after 60 steps on 30 patches
+    other = evaluate("classify", train_downstream("classify", data, 3, 3, 8, 3e-3, seed=6), test, 3)
+    assert other != a
+
+
+def test_from_store_maps_classes_by_name(class_store):
+    rows = class_store.select("test")[:4]
+    reordered = ["vbar", "disc", "hbar"]
+    got = from_store(class_store, rows, "classify", reordered)
+    names = class_store.index["class"][rows]
+    assert [reordered[i] for i in got.targets.tolist()] == names.tolist()

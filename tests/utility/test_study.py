@@ -1,0 +1,111 @@
+"""The study end to end with a given synthetic store (no generator): outputs, arms treated alike,
+resumption per (fraction, seed, arm), and the command line's errors."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import medvae.utility.study as study
+from medvae.cli import app
+from medvae.config import UtilityConfig
+from medvae.errors import InputError
+from medvae.utility.subsets import labelled_rows
+from medvae.utility.synthesis import write_synthetic_store
+
+SMALL = {"fractions": [0.5, 1.0], "seeds": 2, "downstream_steps": 12, "batch_size": 8, "lr": 3e-3}
+
+
+def copy_of_train(store, path, task):
+    """A 'synthetic' store that is the real train split itself, in store order."""
+    rows = labelled_rows(store, "train", task)
+    if task == "classify":
+        return write_synthetic_store(path, store.get(rows), store, {"copy": True},
+                                     classes=store.index["class"][rows].tolist())
+    return write_synthetic_store(path, store.get(rows), store, {"copy": True}, masks=np.asarray(store.labels)[rows])
+
+
+@pytest.fixture(scope="module")
+def classify_study(class_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    syn = copy_of_train(class_store, root / "syn", "classify")
+    summary = study.run_utility(class_store, root / "out", UtilityConfig(**SMALL), device="cpu", synthetic=syn.path)
+    return root / "out", syn, summary
+
+
+def test_outputs(classify_study):
+    out, _, summary = classify_study
+    with open(out / "utility.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["arm", "fraction", "seed", "metric", "value"]
+    assert len(rows) == 2 * 2 * 3 * 2  # fractions x seeds x arms x metrics
+    assert {r["arm"] for r in rows} == {"real", "real+synthetic", "synthetic"}
+    saved = json.loads((out / "utility.json").read_text())
+    assert saved["metrics"] == ["accuracy", "macro_f1"] and saved["arms"]["real"]["0.5"]["accuracy"]["n"] == 2
+    assert set(saved["paired_differences"]) == {"real+synthetic - real", "synthetic - real"}
+    assert (out / "utility.png").read_bytes()[:4] == b"\x89PNG"
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "real+synthetic" in page and "http" not in page
+    assert summary["arms"] == saved["arms"]
+
+
+def test_synthetic_copy_of_the_subset_scores_as_the_real_arm(classify_study):
+    """At fraction 1 the 'synthetic' set is the real subset: same data, seed and steps -> same scores."""
+    out, _, _ = classify_study
+    for seed in range(2):
+        real = json.loads((out / f"cells/f1_s{seed}/real.json").read_text())
+        syn = json.loads((out / f"cells/f1_s{seed}/synthetic.json").read_text())
+        assert syn["metrics"] == pytest.approx(real["metrics"], abs=1e-9)
+        assert syn["n_train"] == real["n_train"] == 30
+
+
+def test_rerun_skips_finished_arms(classify_study, class_store, monkeypatch):
+    out, syn, summary = classify_study
+    calls = []
+    train = study.train_downstream
+    monkeypatch.setattr(study, "train_downstream", lambda *a, **k: calls.append(a) or train(*a, **k))
+    again = study.run_utility(class_store, out, UtilityConfig(**SMALL), device="cpu", synthetic=syn.path)
+    assert calls == [] and again["arms"] == summary["arms"]
+    (out / "cells/f0.5_s1/real+synthetic.json").unlink()
+    again = study.run_utility(class_store, out, UtilityConfig(**SMALL), device="cpu", synthetic=syn.path)
+    assert len(calls) == 1 and len(calls[0][1]) == 15 + 30  # the one missing arm: half the real set + the copy
+    assert again["arms"] == summary["arms"]  # retrained to the same scores
+    with pytest.raises(InputError, match="config.downstream_steps"):
+        study.run_utility(class_store, out, UtilityConfig(**{**SMALL, "downstream_steps": 3}), device="cpu",
+                          synthetic=syn.path)
+
+
+def test_segment_study(mask_store, tmp_path):
+    syn = copy_of_train(mask_store, tmp_path / "syn", "segment")
+    cfg = UtilityConfig(task="segment", fractions=[0.5], seeds=1, downstream_steps=3, batch_size=4)
+    summary = study.run_utility(mask_store, tmp_path / "out", cfg, device="cpu", synthetic=syn.path)
+    assert summary["metrics"] == ["dice", "hd95"]
+    real = json.loads((tmp_path / "out/cells/f0.5_s0/real.json").read_text())
+    assert real["n_real"] == 9 and real["n_train"] == 9  # 3 of 6 patients, 3 slices each
+    assert 0.0 <= real["metrics"]["dice"] <= 1.0 and real["metrics"]["hd95"] >= 0.0
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, ["utility", *map(str, args)])
+
+
+def test_cli_errors(class_store, tmp_path):
+    res = _cli(tmp_path / "nowhere", "--out", tmp_path / "o")
+    assert res.exit_code == 2 and res.output.count("error:") == 1 and "no patch store" in res.output
+    res = _cli(class_store.path, "--out", tmp_path / "o", "--task", "count")
+    assert res.exit_code == 2 and "'task'" in res.output
+    res = _cli(class_store.path, "--out", tmp_path / "o", "--fractions", "0.1,lots")
+    assert res.exit_code == 2 and "--fractions" in res.output
+    res = _cli(class_store.path, "--out", tmp_path / "o", "--fractions", "0,1")
+    assert res.exit_code == 2 and "(0, 1]" in res.output
+    res = _cli(class_store.path, "--out", tmp_path / "o", "--task", "segment")
+    assert res.exit_code == 2 and "no labels.npy" in res.output
+
+
+def test_condition_follows_the_task():
+    assert UtilityConfig(task="segment").generator_condition == "mask"
+    assert UtilityConfig().generator_condition == "class"
+    with pytest.raises(ValueError, match="needs condition mask"):
+        UtilityConfig(task="segment", condition="class")
