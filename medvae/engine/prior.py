@@ -90,16 +90,18 @@ def _fit_one(codes: np.ndarray, components: int, seed: int):
 def fit_gmm(codes: np.ndarray, components: int = 10, seed: int = 0, ids: np.ndarray | None = None,
             n_conditions: int = 1) -> GaussianMixturePrior:
     """Fit a full-covariance Gaussian mixture (components capped at N // 2) to ``codes (N, D)``, one per
-    condition id in ``ids`` (0..n_conditions-1) when given."""
+    condition id in ``ids`` (0..n_conditions-1) when given; a condition with fewer than 2 codes gets N(0, I)."""
     ids = np.zeros(len(codes), dtype=np.int64) if ids is None else np.asarray(ids)
+    d = codes.shape[1]
     fits = []
     for c in range(n_conditions):
         mine = codes[ids == c]
-        if len(mine) < 2:
-            raise InputError(f"condition {c} has {len(mine)} training codes; a mixture prior needs at least 2 "
-                             "(use --prior standard)")
-        fits.append(_fit_one(mine, components, seed))
-    k, d = max(len(f[0]) for f in fits), codes.shape[1]
+        if len(mine) < 2:  # a class kept with one patch in a small subset: its prior stays N(0, I)
+            log.warning("condition %d has %d training codes, too few for a mixture: it samples N(0, I)", c, len(mine))
+            fits.append((np.ones(1), np.zeros((1, d)), np.eye(d)[None], 0.0))
+        else:
+            fits.append(_fit_one(mine, components, seed))
+    k = max(len(f[0]) for f in fits)
     weights, means = np.zeros((n_conditions, k)), np.zeros((n_conditions, k, d))
     tril = np.tile(np.eye(d), (n_conditions, k, 1, 1))
     for c, (w, m, chol, _) in enumerate(fits):

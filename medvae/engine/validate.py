@@ -12,6 +12,7 @@ from medvae.data.conditions import model_inputs
 from medvae.data.store import PatchStore
 
 log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 
 @torch.no_grad()
@@ -28,7 +29,9 @@ def validate(model: torch.nn.Module, store: PatchStore, batch_size: int, max_bat
     """
     rows = store.select("val")[: batch_size * max_batches]
     if len(rows) == 0:
-        log.warning("%s has no val split: no validation metrics and no best.pt", store.path)
+        if str(store.path) not in _WARNED:  # once per store, not at every checkpoint
+            _WARNED.add(str(store.path))
+            log.warning("%s has no val split: no validation metrics and no best.pt", store.path)
         return {}
     was_training = model.training
     model.eval()

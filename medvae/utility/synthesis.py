@@ -71,15 +71,9 @@ def write_synthetic_store(path: str | os.PathLike, images: np.ndarray, real: Pat
 
 
 def _prior(checkpoint, model, subset: PatchStore, cfg: UtilityConfig, seed: int):
-    """The cell's mixture prior, or None (N(0, I)) when asked for or when the subset is too small to fit
-    one (a class kept with a single patch at a small fraction)."""
-    if cfg.prior == "standard":
-        return None
-    try:
-        return prior_for(checkpoint, model, subset, cfg.prior_components, seed)
-    except InputError as err:
-        log.warning("%s: no mixture prior (%s); this cell samples N(0, I)", subset.path, err)
-        return None
+    """The cell's mixture prior (a class with a single patch in the subset samples N(0, I)), or None
+    (N(0, I)) when asked for."""
+    return None if cfg.prior == "standard" else prior_for(checkpoint, model, subset, cfg.prior_components, seed)
 
 
 @torch.no_grad()
