@@ -224,29 +224,7 @@ def load_config(path: str | os.PathLike | None, model: type[T]) -> T:
     return parse_config(load_yaml(path), model, str(path))
 
 
-# --------------------------------------------------------------------------- pipelines
-class PipelineGenerateConfig(GenerateConfig):
-    model: str = ""  # which of `models` to sample from; default: the last one listed
-    mix_ratio: float | None = None  # also write an augmented store with this synthetic:real ratio
-
-
-class PipelineConfig(StrictModel):
-    """A whole `medvae run` pipeline: one store, several models, one evaluation and generation."""
-
-    labels: str | None = None  # label directory, relative to --scans (found automatically if None)
-    reference: str | None = None  # reference manifest (e.g. data_manifests/tcia_pancreas_ct.csv)
-    device: str = "auto"  # auto | cpu | cuda
-    discover: DiscoverConfig = Field(default_factory=DiscoverConfig)
-    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
-    models: dict[str, TrainStageConfig] = Field(default_factory=lambda: {"vae": TrainStageConfig()})
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    generate: PipelineGenerateConfig = Field(default_factory=PipelineGenerateConfig)
-    # Ablations: "model.latent_dim": [32, 128], "train.beta": [0.5, 1.0], ... Every model above is trained
-    # once per combination of values (named e.g. "vae[latent_dim=32,beta=0.5]") and all are compared.
-    sweep: dict[str, list] = Field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------- downstream utility study
+# --------------------------------------------------------------------------- utility study
 class UtilityConfig(StrictModel):
     """`medvae utility`: does synthetic data help a downstream model trained on little real data?
 
@@ -283,3 +261,26 @@ class UtilityConfig(StrictModel):
     def generator_condition(self) -> str:
         """What the generators are conditioned on: ``condition``, or the one the task needs when None."""
         return self.condition or {"classify": "class", "segment": "mask"}[self.task]
+
+
+# --------------------------------------------------------------------------- pipelines
+class PipelineGenerateConfig(GenerateConfig):
+    model: str = ""  # which of `models` to sample from; default: the last one listed
+    mix_ratio: float | None = None  # also write an augmented store with this synthetic:real ratio
+
+
+class PipelineConfig(StrictModel):
+    """A whole `medvae run` pipeline: one store, several models, one evaluation and generation."""
+
+    labels: str | None = None  # label directory, relative to --scans (found automatically if None)
+    reference: str | None = None  # reference manifest (e.g. data_manifests/tcia_pancreas_ct.csv)
+    device: str = "auto"  # auto | cpu | cuda
+    discover: DiscoverConfig = Field(default_factory=DiscoverConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    models: dict[str, TrainStageConfig] = Field(default_factory=lambda: {"vae": TrainStageConfig()})
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    generate: PipelineGenerateConfig = Field(default_factory=PipelineGenerateConfig)
+    # Ablations: "model.latent_dim": [32, 128], "train.beta": [0.5, 1.0], ... Every model above is trained
+    # once per combination of values (named e.g. "vae[latent_dim=32,beta=0.5]") and all are compared.
+    sweep: dict[str, list] = Field(default_factory=dict)
+    utility: UtilityConfig | None = None  # a downstream utility study on the store (medvae.utility), in RUN/utility

@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import math
 from pathlib import Path
@@ -392,7 +393,8 @@ def _unique_names(results: list[dict]) -> None:
             r["run"] = f"{r['run']}#{n + 1}"
 
 
-def evaluate(run, store, out, config: EvaluateConfig | None = None, compare=(), device="auto") -> dict:
+def evaluate(run, store, out, config: EvaluateConfig | None = None, compare=(), device="auto",
+             utility=None) -> dict:
     """Evaluate ``run`` (and ``compare`` runs) on ``store``; write metrics.csv, summary.json, report.html.
 
     Args:
@@ -402,6 +404,7 @@ def evaluate(run, store, out, config: EvaluateConfig | None = None, compare=(), 
         config: EvaluateConfig (split, iwae_k, mmd_samples, mmd_permutations, batch_size, worst_patches).
         compare: more runs, evaluated alike and tabulated side by side.
         device: auto | cpu | cuda | cuda:N | mps.
+        utility: a `medvae utility` study directory; its results become a section of the report.
 
     Returns:
         The summary dict written to summary.json.
@@ -436,6 +439,11 @@ def evaluate(run, store, out, config: EvaluateConfig | None = None, compare=(), 
                               "results": {r["run"]: {k: r[k] for k in _COMPARED}
                                           for r in results[1:]},
                               "identical_weights": identical_weights(results)}
+    if utility is not None:
+        path = Path(utility) / "utility.json"
+        if not path.is_file():
+            raise InputError(f"{utility}: no utility.json; run `medvae utility` into it first")
+        summary["utility"] = json.loads(path.read_text(encoding="utf-8"))
     write_json(out / "summary.json", _jsonable(summary))
     write_report(summary, figures, out / "report.html")
     log.info("wrote %s, %s and %s", out / "metrics.csv", out / "summary.json", out / "report.html")

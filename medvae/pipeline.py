@@ -4,8 +4,9 @@ Every stage is recorded in ``RUN/state.json`` with a key: the hash of its inputs
 Re-running skips stages whose key is unchanged, re-runs those whose inputs changed, and resumes
 an interrupted training stage from its last checkpoint.
 
-Layout of RUN: ``manifest.csv``, ``store/``, ``models/<name>/``, ``report/``, ``synthetic/``,
-``state.json``.
+Layout of RUN: ``manifest.csv``, ``store/``, ``models/<name>/``, ``utility/`` (when the pipeline has a
+``utility`` section: the downstream study, run before the evaluation so its report includes it),
+``report/``, ``synthetic/``, ``state.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from medvae.evaluate import evaluate
 from medvae.files import sha256_file, sha256_json, write_json
 from medvae.generate import generate
 from medvae.io.phantoms import write_phantom_cohort
+from medvae.utility.study import run_utility
 
 log = logging.getLogger(__name__)
 
@@ -215,12 +217,19 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     def best(name: str) -> Path:
         return resolve_checkpoint(model_dirs[name], "best")
 
+    utility_dir = out / "utility" if config.utility is not None else None
+    if config.utility is not None:
+        utility_key = sha256_json([store_hash, config.utility.model_dump(mode="json")])
+        runner.run("utility", utility_key, lambda: run_utility(store_dir, utility_dir, config.utility,
+                                                               device=config.device))
+
     report_dir = out / "report"
     names = list(config.models)
-    evaluate_key = sha256_json([[sha256_file(best(n)) for n in names], config.evaluate.model_dump(mode="json")])
+    evaluate_key = sha256_json([[sha256_file(best(n)) for n in names], config.evaluate.model_dump(mode="json"),
+                                sha256_file(utility_dir / "utility.json") if utility_dir else None])
     runner.run("evaluate", evaluate_key, lambda: evaluate(
         model_dirs[names[0]], store_dir, report_dir, config.evaluate,
-        compare=[model_dirs[n] for n in names[1:]], device=config.device))
+        compare=[model_dirs[n] for n in names[1:]], device=config.device, utility=utility_dir))
 
     if all(c.task == "denoise" for c in config.models.values()):  # denoisers have no prior to sample
         runner.state["paths"] = {"manifest": str(manifest), "store": str(store_dir),
@@ -243,6 +252,7 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     runner.state["paths"] = {
         "manifest": str(manifest), "store": str(store_dir), "models": {n: str(p) for n, p in model_dirs.items()},
         "report": str(report_dir / "report.html"), "synthetic": str(synthetic_dir),
+        **({"utility": str(utility_dir / "report.html")} if utility_dir else {}),
     }
     runner._save()
     return runner.state

@@ -22,6 +22,7 @@ def evaluate(
     compare: Optional[list[Path]] = typer.Option(None, "--compare", help="Other runs to compare side by side."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with EvaluateConfig keys."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    utility: Optional[Path] = typer.Option(None, "--utility", help="A `medvae utility` study directory to include."),
 ) -> None:
     """Per-patient and per-modality metrics, cohort MMD, and an offline HTML report."""
     from medvae.evaluate import evaluate as evaluate_runs
@@ -31,5 +32,5 @@ def evaluate(
     for path in [run, *compare]:
         if not path.exists():
             raise InputError(f"{path}: run directory not found; give the --out of `medvae train`")
-    evaluate_runs(run, store, out, cfg, compare=compare, device=device)
+    evaluate_runs(run, store, out, cfg, compare=compare, device=device, utility=utility)
     typer.echo(f"report: {out / 'report.html'}")

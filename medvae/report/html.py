@@ -6,7 +6,6 @@ appear under their study ids (the store's patient_id) only.
 
 from __future__ import annotations
 
-import math
 from importlib import resources
 
 import jinja2
@@ -15,28 +14,17 @@ import numpy as np
 from medvae.files import write_text
 from medvae.metric_table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS, SAMPLE_METRICS
 from medvae.report import figures as F
+from medvae.report.text import fmt
+from medvae.report.utility import utility_figure, utility_tables
 
 PRIOR_LABELS = {"": "", "real": "real vs real (floor)", "standard": "N(0, I)", "gmm": "Gaussian mixture"}
-
-
-def _fmt(v, metric: str = "") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if metric.startswith("mmd_p"):
-        return f"{v:.3f}"
-    a = abs(v)
-    if a != 0 and (a < 1e-3 or a >= 1e5):
-        return f"{v:.2e}"
-    if a >= 100:
-        return f"{v:,.1f}"
-    return f"{v:.4f}" if a < 1 else f"{v:.3f}"
 
 
 def _env() -> jinja2.Environment:
     text = resources.files("medvae.report").joinpath("templates/report.html").read_text(encoding="utf-8")
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
-    env.filters["fmt"] = _fmt
+    env.filters["fmt"] = fmt
     env.globals["template_text"] = text
     return env
 
@@ -59,6 +47,9 @@ def build_figures(summary: dict, fig: dict) -> dict:
                                              ncols=len(fig["traversal_steps"]), row_labels=labels)
         out["histograms"][mod] = F.histograms(fig["histograms"][mod], mod)
     out["distributions"] = F.distributions(fig["distributions"])
+    if summary.get("utility"):
+        out["utility"] = utility_figure(summary["utility"])
+        out["utility_tables"] = utility_tables(summary["utility"])
     lm = fig.get("latent_map")
     out["latent_map"] = F.latent_map(lm["points"], lm["labels"], lm["by"], lm["explained"]) if lm else None
     return out

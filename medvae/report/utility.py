@@ -12,7 +12,7 @@ import html
 from medvae.files import write_text
 from medvae.report import figures as F
 from medvae.report.denoise import _CSS
-from medvae.report.html import _fmt
+from medvae.report.text import fmt
 
 ARM_COLORS = {"real": F.ACCENT, "real+synthetic": "#38a169", "synthetic": F.SYNTH}
 
@@ -51,12 +51,12 @@ def _cell(c: dict | None, signed: bool = False) -> str:
     """``mean ± half-width`` of a t interval (``mean (n=1)`` without one)."""
     if c is None or c["mean"] is None:
         return "<td>–</td>"
-    mean = ("+" if signed and c["mean"] >= 0 else "") + _fmt(c["mean"])
+    mean = ("+" if signed and c["mean"] >= 0 else "") + fmt(c["mean"])
     if c["ci_high"] is None:
         return f"<td>{mean} <span class=note>(n={c['n']})</span></td>"
     excludes_zero = signed and (c["ci_low"] > 0 or c["ci_high"] < 0)
     cls = " class=best" if excludes_zero else ""
-    return f"<td{cls}>{mean} ± {_fmt(c['ci_high'] - c['mean'])}</td>"
+    return f"<td{cls}>{mean} ± {fmt(c['ci_high'] - c['mean'])}</td>"
 
 
 def _table(summary: dict, metric: str) -> str:
@@ -70,6 +70,12 @@ def _table(summary: dict, metric: str) -> str:
         cells += "".join(_cell(diffs[d].get(key, {}).get(metric), signed=True) for d in diffs)
         rows.append(f"<tr><td class=m>{key}</td>{cells}</tr>")
     return "<table>" + "".join(rows) + "</table>"
+
+
+def utility_tables(summary: dict) -> dict[str, str]:
+    """Metric label -> its HTML table (fractions x arms and paired differences), for the evaluation report."""
+    return {f"{summary['metric_info'][m]['label']} ({summary['metric_info'][m]['unit']}, "
+            f"{summary['metric_info'][m]['better']} is better)": _table(summary, m) for m in summary["metrics"]}
 
 
 def render_utility_report(summary: dict, figure: str) -> str:
@@ -88,10 +94,7 @@ def render_utility_report(summary: dict, figure: str) -> str:
              f"{s['seeds']} seeds ± the half-width of the 95 % Student-t interval; Δ is the paired difference to "
              "the real arm (same seed, same real subset), highlighted where its interval excludes 0.</p>",
              f"<img src='data:image/png;base64,{figure}' alt='metric against real fraction'>"]
-    for metric in s["metrics"]:
-        info = s["metric_info"][metric]
-        parts.append(f"<h2>{html.escape(info['label'])} ({html.escape(info['unit'])}, {info['better']} is better)"
-                     f"</h2>{_table(s, metric)}")
+    parts += [f"<h2>{html.escape(title)}</h2>{table}" for title, table in utility_tables(s).items()]
     parts.append("</body></html>")
     return "\n".join(parts)
 

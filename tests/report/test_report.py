@@ -7,7 +7,7 @@ import numpy as np
 from medvae.evaluate import compare_table
 from medvae.metric_table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS
 from medvae.report import render_report
-from medvae.report.html import _fmt
+from medvae.report.text import fmt as _fmt
 
 
 def _result(run, ssim, pids=("PANCREAS_0001", "PANCREAS_0002")):

@@ -109,3 +109,17 @@ def test_condition_follows_the_task():
     assert UtilityConfig().generator_condition == "class"
     with pytest.raises(ValueError, match="needs condition mask"):
         UtilityConfig(task="segment", condition="class")
+
+
+def test_the_evaluation_report_embeds_the_study(classify_study):
+    from medvae.report.html import build_figures
+    from medvae.report.utility import utility_tables
+
+    _, _, summary = classify_study
+    tables = utility_tables(summary)
+    assert list(tables) == ["accuracy (unitless, higher is better)", "macro F1 (unitless, higher is better)"]
+    assert all("<table>" in t and "real+synthetic" in t for t in tables.values())
+    figs = build_figures({"utility": summary, "per_patient": {}},
+                         {"triptychs": {}, "modalities": [], "normalization": {}, "distributions": {},
+                          "samples": {}, "samples_gmm": {}, "traversal": {}, "histograms": {}})
+    assert figs["utility"] and figs["utility_tables"] == tables
