@@ -342,6 +342,7 @@ class _Augmented:
     seed: int
     wanted: int
     x: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)  # a joint model's label maps
     rows: list[tuple[str, str]] = field(default_factory=list)  # (modality, origin "seed<S>/<id>")
 
     @classmethod
@@ -356,11 +357,15 @@ class _Augmented:
     def missing(self) -> int:
         return self.wanted - len(self.rows)
 
-    def add_batch(self, start: int, x01: np.ndarray, found: dict[str, np.ndarray], modalities: list[str]) -> None:
-        """Keep the batch's unflagged samples ``x01: (B, C, H, W)`` as float16 until ``wanted``."""
+    def add_batch(self, start: int, x01: np.ndarray, found: dict[str, np.ndarray], modalities: list[str],
+                  masks: np.ndarray | None) -> None:
+        """Keep the batch's unflagged samples ``x01: (B, C, H, W)`` as float16 (and their label maps)
+        until ``wanted``."""
         for j in range(len(x01)):
             if self.missing() > 0 and not found["flagged"][j]:
                 mod = modalities[j]
+                if masks is not None:
+                    self.masks.append(masks[j])
                 self.x.append(_renormalize(x01[j], mod, self.model_store, self.real).astype(np.float16))
                 self.rows.append((mod, f"seed{self.seed}/{start + j:06d}"))
 
@@ -374,7 +379,8 @@ class _Augmented:
                 "temperature": params["temperature"], "ratio": ratio, "n_real": len(real), "n_synthetic": n_syn,
                 "n_real_train": int(real.select(split="train").size)}
         syn = np.stack(self.x) if n_syn else np.zeros((0, *real.patches.shape[1:]), np.float16)
-        write_augmented_store(path, real, syn, [m for m, _ in self.rows], [o for _, o in self.rows], info)
+        write_augmented_store(path, real, syn, [m for m, _ in self.rows], [o for _, o in self.rows], info,
+                              np.stack(self.masks) if self.masks and len(self.masks) == n_syn else None)
         log.info("augmented store %s: %d real + %d synthetic patches", path, len(real), n_syn)
         return {"path": "augmented_store", **info}
 
@@ -421,7 +427,7 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
                 labels = _sample_labels(src, ids, found)
                 dataset.write_batch(pool, start, z, x01, found, labels, masks)
                 if mix is not None:
-                    mix.add_batch(start, x01, found, labels["modality"])
+                    mix.add_batch(start, x01, found, labels["modality"], masks)
             if progress is not None:
                 progress(min(stop, config.n), config.n)
 

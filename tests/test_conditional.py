@@ -6,11 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from medvae.config import GenerateConfig, ModelConfig, TrainStageConfig
 from medvae.data.conditions import model_inputs, resolve_condition, split_joint
-from medvae.data.store import write_store
+from medvae.data.store import open_store, write_store
 from medvae.engine.checkpoint import load_model, resolve_checkpoint
 from medvae.engine.trainer import train
 from medvae.errors import ConfigError
@@ -19,13 +18,6 @@ from medvae.models import build_model
 
 SIZE, PER_GROUP = 32, 24
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _store(path, labels=False):
@@ -99,8 +91,13 @@ def test_mask_model_generates_aligned_label_maps_with_the_image_geometry(tmp_pat
     x, ids = model_inputs(store, [0, 30], model.config)
     assert ids is None and x.shape == (2, 2, SIZE, SIZE)
     np.testing.assert_allclose(x[:, 1:] * 2, store.labels[[0, 30]])  # label / max label
-    generate(tmp_path / "run", tmp_path / "gen", GenerateConfig(n=3, prior="standard", format="nifti",
-                                                               checkpoint="last"), device="cpu")
+    summary = generate(tmp_path / "run", tmp_path / "gen", GenerateConfig(n=3, prior="standard", format="nifti",
+                                                                         checkpoint="last"),
+                       device="cpu", mix_with=store.path, ratio=0.25)
+    augmented = open_store(tmp_path / "gen" / "augmented_store")  # the synthetic patches keep their masks
+    n_syn = summary["augmented_store"]["n_synthetic"]
+    assert n_syn > 0 and augmented.labels.shape == (len(store) + n_syn, 1, SIZE, SIZE)
+    np.testing.assert_array_equal(augmented.labels[:len(store)], store.labels)
     for r in _manifest(tmp_path / "gen"):  # NIfTI beside CT, TIFF beside microscopy, same geometry
         image, mask = tmp_path / "gen" / r["path"], tmp_path / "gen" / r["mask"]
         assert mask.name == image.name.replace(".", "_mask.", 1)

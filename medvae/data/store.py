@@ -331,7 +331,7 @@ def write_store(path: str | os.PathLike, patches: np.ndarray, index: dict, meta:
 
 
 def write_augmented_store(path: str | os.PathLike, real: PatchStore, synthetic: np.ndarray, modalities: list[str],
-                          origins: list[str], info: dict) -> PatchStore:
+                          origins: list[str], info: dict, synthetic_labels: np.ndarray | None = None) -> PatchStore:
     """A store of all of ``real``'s patches plus ``synthetic`` ones in split ``train``.
 
     Args:
@@ -340,16 +340,20 @@ def write_augmented_store(path: str | os.PathLike, real: PatchStore, synthetic: 
         synthetic: ``(S, C, H, W)`` in [0, 1], already in ``real``'s normalization.
         modalities, origins: per synthetic patch, its modality and where it came from (``seed<S>/<id>``).
         info: provenance kept in store.json's ``augmented`` (its hash is the store's content hash).
+        synthetic_labels: ``(S, 1, H, W)`` uint8 label maps of the synthetic patches (a joint image + mask
+            model's), or None.
 
     In ``index.csv``, ``source`` is ``real`` or ``synthetic`` and the real rows' original ``source``
-    moves to the extra column ``origin``. Synthetic patches have no label masks, so a store with
-    labels is written without them (with a warning) unless no synthetic patch is added.
+    moves to the extra column ``origin``. Without ``synthetic_labels`` a store with labels is written
+    without them (with a warning) unless no synthetic patch is added.
     """
     n_syn = len(synthetic)
     dtype = real.meta.get("dtype", "float16")
     real_x = np.asarray(real.patches) if dtype == "float16" else real.get(slice(None))
     labels = np.asarray(real.labels) if real.labels is not None and not n_syn else None
-    if real.labels is not None and n_syn:
+    if real.labels is not None and n_syn and synthetic_labels is not None:
+        labels = np.concatenate([np.asarray(real.labels), synthetic_labels.astype(np.uint8)])
+    elif real.labels is not None and n_syn:
         log.warning("augmented store: synthetic patches have no masks, so it is written without labels")
     idx = real.index
     fill = {"patient_id": "synthetic", "split": "train", "slice_index": -1, "y": -1, "x": -1,

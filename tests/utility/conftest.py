@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from medvae.data.store import write_store
 
@@ -64,11 +63,3 @@ def class_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mask_store(tmp_path_factory):
     return make_mask_store(tmp_path_factory.mktemp("masks") / "store")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
