@@ -14,7 +14,7 @@ from medvae.report import figures as F
 from medvae.report.denoise import _CSS
 from medvae.report.text import fmt
 
-ARM_COLORS = {"real": F.ACCENT, "real+synthetic": "#38a169", "synthetic": F.SYNTH}
+ARM_COLORS = {"real": F.ACCENT, "real+synthetic": "#38a169", "synthetic": F.SYNTH, "fidelity": "#805ad5"}
 
 
 def _error_bars(cells: list[dict]) -> list[list[float]]:
@@ -92,7 +92,9 @@ def render_utility_report(summary: dict, figure: str) -> str:
              f"({cfg['downstream_steps']} steps, batch {cfg['batch_size']}, lr {cfg['lr']:g}, random flips, the "
              f"cell's seed) is trained on each arm and scored on the {s['n_test']} real test patches. Mean over "
              f"{s['seeds']} seeds ± the half-width of the 95 % Student-t interval; Δ is the paired difference to "
-             "the real arm (same seed, same real subset), highlighted where its interval excludes 0.</p>",
+             "the real arm (same seed, same real subset), highlighted where its interval excludes 0. "
+             "<b>fidelity</b> is the real arm's network scored on the synthetic images against the labels they "
+             "were generated with: near the real arm's test score, the synthetic labels are as right as real ones.</p>",
              f"<img src='data:image/png;base64,{figure}' alt='metric against real fraction'>"]
     parts += [f"<h2>{html.escape(title)}</h2>{table}" for title, table in utility_tables(s).items()]
     parts.append("</body></html>")

@@ -53,6 +53,11 @@ from medvae.utility.synthesis import synthesize, synthetic_rows, train_generator
 
 log = logging.getLogger(__name__)
 ARMS = ("real", "real+synthetic", "synthetic")
+# Label fidelity: the real arm's network scored on the synthetic set against the labels it was generated
+# with; near the real arm's test score, the synthetic labels are as right as real ones. Kept as a
+# pseudo-arm, so utility.csv, the intervals and the paired difference to `real` cover it.
+FIDELITY = "fidelity"
+RESULTS = (*ARMS, FIDELITY)
 CSV_COLUMNS = ("arm", "fraction", "seed", "metric", "value")
 Progress = Callable[[int, int, str], None]  # (arms done, arms in all, what runs now)
 
@@ -84,12 +89,12 @@ def run_utility(store: PatchStore | str | os.PathLike, out: str | os.PathLike, c
     n_out = len(store.classes) if task == "classify" else int(np.max(store.labels)) + 1  # background + labels
     ctx = _Context(cfg, store.classes, n_out, str(select_device(device)), test, given)
     cells = [(f, s) for f in sorted(set(cfg.fractions)) for s in range(cfg.seeds)]
-    total, rows = len(cells) * len(ARMS), []
+    total, rows = len(cells) * len(RESULTS), []
     for i, (f, s) in enumerate(cells):
         results = _run_cell(store, out / "cells" / f"f{fraction_key(f)}_s{s}", f, s, ctx,
-                            functools.partial(_tell, progress, i * len(ARMS), total))
+                            functools.partial(_tell, progress, i * len(RESULTS), total))
         rows += [{"arm": arm, "fraction": f, "seed": s, "metric": m, "value": v}
-                 for arm in ARMS for m, v in results[arm]["metrics"].items()]
+                 for arm in RESULTS for m, v in results[arm]["metrics"].items()]
     _tell(progress, total, total, 0, "report")
     info = {m: {"label": UTILITY_METRICS[m].label, "unit": UTILITY_METRICS[m].unit, "better": UTILITY_METRICS[m].better}
             for m in TASK_METRICS[task]}
@@ -117,23 +122,34 @@ def _run_cell(store: PatchStore, cell: Path, fraction: float, seed: int, ctx: _C
               tell: Callable[[int, str], None]) -> dict[str, dict]:
     """The arms' results of one cell: read when finished, else trained, scored and written."""
     cfg, task = ctx.cfg, ctx.cfg.task
-    results = {arm: _read_result(cell / f"{arm}.json") for arm in ARMS}
-    todo = [arm for arm in ARMS if results[arm] is None]
+    results = {arm: _read_result(cell / f"{arm}.json") for arm in RESULTS}
+    todo = [arm for arm in RESULTS if results[arm] is None]
     if not todo:
         return results
     real_store = _subset(store, cfg, fraction, seed, cell / "real_store")
     real, syn = from_store(real_store, real_store.select("train"), task, ctx.classes), ctx.given
+    real_net = None
+
+    def fit(data):
+        return train_downstream(task, data, ctx.n_out, cfg.downstream_steps, cfg.batch_size, cfg.lr, seed, ctx.device)
+
     for k, arm in enumerate(todo):  # real first: its result is kept even if the generator then fails
-        done = len(ARMS) - len(todo) + k
+        done = len(RESULTS) - len(todo) + k
         if arm != "real" and syn is None:
             tell(done, f"f={fraction:g} seed {seed}: generator")
             syn = _cell_synthetic(real_store, cell, cfg, seed, ctx.device)
         tell(done, f"f={fraction:g} seed {seed}: {arm}")
-        data = real if arm == "real" else syn if arm == "synthetic" else real + syn
-        net = train_downstream(task, data, ctx.n_out, cfg.downstream_steps, cfg.batch_size, cfg.lr, seed, ctx.device)
-        results[arm] = {"arm": arm, "fraction": fraction, "seed": seed, "n_real": len(real),
-                        "n_synthetic": 0 if arm == "real" else len(syn), "n_train": len(data),
-                        "metrics": evaluate(task, net, ctx.test, ctx.n_out)}
+        if arm == FIDELITY:  # the real arm's network (trained again, identically, after a resume)
+            real_net = real_net or fit(real)
+            results[arm] = {"arm": arm, "fraction": fraction, "seed": seed, "n_synthetic": len(syn),
+                            "metrics": evaluate(task, real_net, syn, ctx.n_out)}
+        else:
+            data = real if arm == "real" else syn if arm == "synthetic" else real + syn
+            net = fit(data)
+            real_net = net if arm == "real" else real_net
+            results[arm] = {"arm": arm, "fraction": fraction, "seed": seed, "n_real": len(real),
+                            "n_synthetic": 0 if arm == "real" else len(syn), "n_train": len(data),
+                            "metrics": evaluate(task, net, ctx.test, ctx.n_out)}
         write_json(cell / f"{arm}.json", results[arm])
     return results
 

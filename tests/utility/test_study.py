@@ -40,11 +40,11 @@ def test_outputs(classify_study):
     with open(out / "utility.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["arm", "fraction", "seed", "metric", "value"]
-    assert len(rows) == 2 * 2 * 3 * 2  # fractions x seeds x arms x metrics
-    assert {r["arm"] for r in rows} == {"real", "real+synthetic", "synthetic"}
+    assert len(rows) == 2 * 2 * 4 * 2  # fractions x seeds x (3 arms + label fidelity) x metrics
+    assert {r["arm"] for r in rows} == {"real", "real+synthetic", "synthetic", "fidelity"}
     saved = json.loads((out / "utility.json").read_text())
     assert saved["metrics"] == ["accuracy", "macro_f1"] and saved["arms"]["real"]["0.5"]["accuracy"]["n"] == 2
-    assert set(saved["paired_differences"]) == {"real+synthetic - real", "synthetic - real"}
+    assert set(saved["paired_differences"]) == {"real+synthetic - real", "synthetic - real", "fidelity - real"}
     assert (out / "utility.png").read_bytes()[:4] == b"\x89PNG"
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "real+synthetic" in page and "http" not in page
@@ -123,3 +123,18 @@ def test_the_evaluation_report_embeds_the_study(classify_study):
                          {"triptychs": {}, "modalities": [], "normalization": {}, "distributions": {},
                           "samples": {}, "samples_gmm": {}, "traversal": {}, "histograms": {}})
     assert figs["utility"] and figs["utility_tables"] == tables
+
+
+def test_label_fidelity_is_the_real_network_scored_on_the_synthetic_labels(classify_study, class_store):
+    """At fraction 1 the 'synthetic' set is the real subset: fidelity = the real arm's net on its own training data."""
+    from medvae.utility.downstream import evaluate, from_store, train_downstream
+
+    out, syn, _ = classify_study
+    cfg = UtilityConfig(**SMALL)
+    real = from_store(class_store, labelled_rows(class_store, "train", "classify"), "classify", class_store.classes)
+    net = train_downstream("classify", real, len(class_store.classes), cfg.downstream_steps, cfg.batch_size, cfg.lr,
+                           0, "cpu")
+    want = evaluate("classify", net, from_store(syn, syn.select(), "classify", class_store.classes),
+                    len(class_store.classes))
+    got = json.loads((out / "cells/f1_s0/fidelity.json").read_text())["metrics"]
+    assert got == pytest.approx(want, abs=1e-9)
