@@ -11,7 +11,7 @@ Rows:
   ``write_store`` in a temporary directory, batches moved to the device.
 - evaluate patches/s: ``medvae.evaluate.patch_metrics`` (SSIM, MS-SSIM, PSNR, ELBO, IWAE on a
   quarter of the rows) of an untrained ConvVAE.
-- generate images/s: ``medvae.generate.latents`` decoded by the ConvVAE.
+- generate images/s: ``medvae.engine.sampling.latents`` decoded by the ConvVAE.
 
 Runs in under 8 minutes on one GPU (a time budget skips the remaining train rows, marked in the
 table, should compilation be slow); ``--device cpu --quick`` (64², tiny channels, a few steps)
@@ -131,7 +131,7 @@ def loader_row(args, device, store) -> dict:
 
 def evaluate_rows(args, device, store, channels) -> list[dict]:
     from medvae.evaluate import patch_metrics
-    from medvae.generate import latents
+    from medvae.engine.sampling import latents
 
     cfg = resolve_config(stage_cfg("vae", channels, 1, args.batch, "off", False, False, 1), store)
     cfg.model.latent_dim = args.latent

@@ -28,7 +28,6 @@ Writes ``metrics.csv`` (tidy: run, patient_id, modality, split, metric, value, n
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from medvae import metrics as M
+from medvae.compare import CSV_COLUMNS, compare_table, identical_weights, jsonable, tidy_rows, weights_sha256
 from medvae.config import EvaluateConfig
 from medvae.data.conditions import model_inputs
 from medvae.data.store import PatchStore, open_store
@@ -47,7 +47,7 @@ from medvae.devices import select_device
 from medvae.engine.checkpoint import load_model, resolve_checkpoint
 from medvae.errors import InputError
 from medvae.files import write_json, write_text
-from medvae.metric_table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS, SAMPLE_METRICS
+from medvae.metric_table import ALL_METRICS, PATCH_METRICS
 from medvae.report import write_report
 from medvae.sample_quality import prior_samples, sample_quality
 
@@ -55,10 +55,8 @@ log = logging.getLogger(__name__)
 
 IWAE_PER_PATIENT = 8  # patches per patient that get the k-sample IWAE bound
 HIST_BINS = 64
-ALL = "ALL"
 # what summary.json keeps of each compared run
 _COMPARED = ("per_modality", "cohort", "checkpoint", "step", "weights_sha256", "sample_quality")
-CSV_COLUMNS = ("run", "patient_id", "modality", "split", "metric", "value", "n", "prior")
 
 
 
@@ -221,7 +219,7 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
         quality = sample_quality(store, {mod: rows[mods == mod] for mod in cohort}, by_prior, cfg, device)
 
     result = {"run": name, "checkpoint": str(ckpt), "step": meta.get("step"),
-              "weights_sha256": _weights_sha256(model),
+              "weights_sha256": weights_sha256(model),
               "model": (meta.get("model_config") or {}).get("name"), "split": cfg.split,
               "condition": model.config.condition,
               "store": str(store.path),
@@ -305,85 +303,6 @@ def _figure_data(model, store, per_patient, by_prior, hists, per, groups, latent
             "normalization": {m: store.normalization(m) for m in mods}}
 
 
-# --------------------------------------------------------------------------- outputs
-def tidy_rows(res: dict) -> list[tuple]:
-    """metrics.csv rows of one run result; ``prior`` names the samples a sample metric was computed on."""
-    out = []
-    run, split = res["run"], res["split"]
-    for pid, p in res["per_patient"].items():
-        for k, s in p["metrics"].items():
-            out += [(run, pid, p["modality"], split, k, s["mean"], s["n"], ""),
-                    (run, pid, p["modality"], split, f"{k}_sd", s["sd"], s["n"], "")]
-    for mod, p in res["per_modality"].items():
-        for k, s in p["metrics"].items():
-            out += [(run, ALL, mod, split, k, s["mean"], s["n"], ""),
-                    (run, ALL, mod, split, f"{k}_sd", s["sd"], s["n"], "")]
-        c = res["cohort"][mod]
-        out += [(run, ALL, mod, split, k, c[k], min(c["n_real"], c["n_samples"]), "standard")
-                for k in COHORT_METRICS]
-        for prior, q in res.get("sample_quality", {}).get(mod, {}).items():
-            out += [(run, ALL, mod, split, k, q[k], q["n"], prior) for k in (*SAMPLE_METRICS, "kid_sd")]
-    return out
-
-
-def _compared_value(r: dict, mod: str, k: str, prior: str) -> float | None:
-    if k in PATCH_METRICS:
-        v = r["per_modality"][mod]["metrics"][k]["mean"]
-    elif k in COHORT_METRICS:
-        v = r["cohort"][mod][k]
-    else:
-        v = r.get("sample_quality", {}).get(mod, {}).get(prior, {}).get(k)
-    return None if v is None or not math.isfinite(v) else float(v)
-
-
-def compare_table(results: list[dict]) -> list[dict]:
-    """Side-by-side rows: one per (modality, metric, prior), values per run, best run marked.
-
-    ``prior`` is ``""`` for reconstruction metrics, ``standard`` for MMD / W1 (N(0, I) samples) and
-    ``standard`` or ``gmm`` for the sample metrics.
-    """
-    table = []
-    keys = [(k, "") for k in PATCH_METRICS] + [(k, "standard") for k in COHORT_METRICS] + \
-        [(k, prior) for prior in ("standard", "gmm") for k in SAMPLE_METRICS]
-    for mod in sorted({m for r in results for m in r["per_modality"]}):
-        for k, prior in keys:
-            metric = ALL_METRICS[k]
-            vals = {r["run"]: _compared_value(r, mod, k, prior) for r in results if mod in r["per_modality"]}
-            finite = {n: v for n, v in vals.items() if v is not None}
-            if k in SAMPLE_METRICS and not finite:
-                continue  # sample metrics off
-            best = None
-            if metric.direction and len(finite) > 1 and len(set(finite.values())) > 1:  # no star for a tie
-                best = (max if metric.direction > 0 else min)(finite, key=finite.get)
-            unit = results[0]["cohort"][mod].get("unit", metric.unit) if k == "intensity_w1" else metric.unit
-            table.append({"modality": mod, "metric": k, "prior": prior, "unit": unit,
-                          "direction": metric.direction, "values": vals, "best": best})
-    return table
-
-
-def identical_weights(results: list[dict]) -> list[list[str]]:
-    """Groups of runs whose evaluated generator weights are identical (a comparison of a model with
-    itself: e.g. a VAE–GAN checkpoint saved before its critic ever trained), each logged loudly."""
-    groups: dict[str, list[str]] = {}
-    for r in results:
-        groups.setdefault(r["weights_sha256"], []).append(r["run"])
-    same = [names for names in groups.values() if len(names) > 1]
-    for names in same:
-        log.warning("%s have IDENTICAL weights: their columns in the comparison are one model, not %d",
-                    " and ".join(names), len(names))
-    return same
-
-
-def _weights_sha256(model) -> str:
-    """SHA-256 of the generator's weights (the critic excluded), in parameter-name order."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        if not name.startswith("discriminator."):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _unique_names(results: list[dict]) -> None:
     seen: dict[str, int] = {}
     for r in results:
@@ -444,18 +363,7 @@ def evaluate(run, store, out, config: EvaluateConfig | None = None, compare=(), 
         if not path.is_file():
             raise InputError(f"{utility}: no utility.json; run `medvae utility` into it first")
         summary["utility"] = json.loads(path.read_text(encoding="utf-8"))
-    write_json(out / "summary.json", _jsonable(summary))
+    write_json(out / "summary.json", jsonable(summary))
     write_report(summary, figures, out / "report.html")
     log.info("wrote %s, %s and %s", out / "metrics.csv", out / "summary.json", out / "report.html")
     return summary
-
-
-def _jsonable(obj):
-    """NaN/inf -> None so summary.json is strict JSON."""
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj

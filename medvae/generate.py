@@ -55,7 +55,7 @@ from medvae.engine.prior import GaussianMixturePrior, prior_for
 from medvae.engine.sampling import decode_latents, latents, sample_conditions
 from medvae.errors import InputError
 from medvae.files import atomic_open, sha256_file, write_json
-from medvae.io.writers import write_npy, write_png, write_slice
+from medvae.synthetic_files import sample_files, write_sample
 
 log = logging.getLogger(__name__)
 MANIFEST_COLUMNS = ("id", "modality", "class", "path", "mask", "preview", "seed", "checkpoint_sha256", "latent_norm",
@@ -194,62 +194,6 @@ def _batch_ranges(n: int, batch_size: int, wanted: int, missing: Callable[[], in
 
 
 # --------------------------------------------------------------------------- write
-def to_file_dtype(phys: np.ndarray, modality: str) -> np.ndarray:
-    """Physical values -> the file's integer type: uint16 counts (microscopy), int16 HU (else)."""
-    if modality == "microscopy":
-        return np.clip(np.rint(phys), 0, 65535).astype(np.uint16)
-    return np.clip(np.rint(phys), -32768, 32767).astype(np.int16)
-
-
-def _sample_files(sample_id: str, modality: str, fmt: str, cls: str = "", mask: bool = False) -> dict[str, str]:
-    """Relative paths of one sample's files: ``path`` (the main file, "" for png), ``mask`` (the label map
-    of a joint model, else "") and ``preview``; a class model's samples go to ``<modality>/<class>/``."""
-    base = f"synthetic/{modality}/{cls + '/' if cls else ''}{sample_id}"
-    if fmt == "png":
-        ext = ""
-    elif fmt == "npy":
-        ext = ".npy"
-    elif fmt == "tiff" or modality == "microscopy":
-        ext = ".tif"
-    else:
-        ext = ".nii.gz"
-    mask_path = f"{base}_mask{ext or '.png'}" if mask else ""
-    return {"path": base + ext if ext else "", "mask": mask_path, "preview": base + ".png"}
-
-
-def _write_file(path: Path, x01: np.ndarray, store: PatchStore, modality: str) -> None:
-    """One file of a sample ``x01: (C, H, W)`` in [0, 1], by suffix: preview, raw, or physical units;
-    a ``*_mask`` file gets the label map (``x01`` is then ``(1, H, W)`` uint8 labels), in the image's geometry."""
-    if path.name.split(".")[0].endswith("_mask"):
-        if path.suffix in (".png", ".npy"):
-            (write_png if path.suffix == ".png" else write_npy)(path, x01)
-        else:
-            write_slice(path, x01, store.spacing(modality), "um" if modality == "microscopy" else "mm",
-                        description="medvae synthetic label map")
-    elif path.suffix == ".png":
-        write_png(path, x01)
-    elif path.suffix == ".npy":
-        write_npy(path, x01.astype(np.float32))
-    else:  # .tif / .nii.gz
-        write_slice(path, to_file_dtype(store.to_physical(x01, modality), modality), store.spacing(modality),
-                    "um" if modality == "microscopy" else "mm", description="medvae synthetic")
-
-
-def _write_sample(out: Path, files: dict[str, str], x01: np.ndarray, mask: np.ndarray | None, store: PatchStore,
-                  modality: str) -> tuple[int, int]:
-    """Write the files of one sample that do not exist yet; returns ``(written, already there)``."""
-    written = skipped = 0
-    for key, rel in files.items():
-        if not rel:
-            continue
-        if (out / rel).exists():  # written atomically, so complete
-            skipped += 1
-        else:
-            _write_file(out / rel, mask if key == "mask" else x01, store, modality)
-            written += 1
-    return written, skipped
-
-
 @dataclass
 class _Dataset:
     """The written part of the generation: samples ``0..n-1``, their files and manifest rows."""
@@ -280,9 +224,9 @@ class _Dataset:
             flagged = bool(found["flagged"][j])
             drop = flagged and cfg.drop_flagged
             files = {"path": "", "mask": "", "preview": ""} if drop else \
-                _sample_files(sid, mod, cfg.format, cls, masks is not None)
+                sample_files(sid, mod, cfg.format, cls, masks is not None)
             if not drop:
-                jobs.append(pool.submit(_write_sample, self.out, files, x01[j],
+                jobs.append(pool.submit(write_sample, self.out, files, x01[j],
                                         None if masks is None else masks[j], self.store, mod))
             self.counts["flagged"] += flagged
             self.counts["dropped"] += drop

@@ -10,10 +10,11 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from typer.testing import CliRunner
 
 from medvae.cli import app
+from medvae.compare import CSV_COLUMNS
 from medvae.config import EvaluateConfig, ModelConfig
 from medvae.data.store import write_store
 from medvae.engine.checkpoint import load_model, save_checkpoint
-from medvae.evaluate import CSV_COLUMNS, evaluate
+from medvae.evaluate import evaluate
 from medvae.metric_table import PATCH_METRICS
 from medvae.models import build_model
 
