@@ -92,3 +92,11 @@ DENOISE_METRICS = {  # denoise runs (medvae.denoising.evaluate): each method's o
                                     "Wall time to denoise one 512×512 slice (medvae: best of 3 after a warm-up; "
                                     "classical: best of 2, noise estimate included) on the evaluating machine."),
 }
+
+UTILITY_METRICS = {  # the utility study's downstream scores on the real test split (medvae.utility)
+    "accuracy": Metric("accuracy", "unitless", +1, "Fraction of real test patches whose class is predicted."),
+    "macro_f1": Metric("macro F1", "unitless", +1, "Per-class F1 = 2TP / (2TP + FP + FN), averaged over classes."),
+    "dice": Metric("Dice", "unitless", +1, "2|P ∩ G| / (|P| + |G|) per test patch and foreground label present."),
+    "hd95": Metric("HD95", "px", -1, "95th percentile of the symmetric surface distance (patch diagonal if missed)."),
+}
+TASK_METRICS = {"classify": ("accuracy", "macro_f1"), "segment": ("dice", "hd95")}

@@ -7,7 +7,7 @@ the arms differ only in the data. Batches are epoch permutations of the training
 generator seeded with the seed, and the initial weights come from the same seed: two arms given the
 same data train to the same weights.
 
-Metrics (better direction in :data:`UTILITY_METRICS`):
+Metrics (better direction in :data:`medvae.metric_table.UTILITY_METRICS`):
 
 - classify: ``accuracy`` and ``macro_f1`` (F1 = 2TP / (2TP + FP + FN) per class, averaged over the
   classes present in the truth or the predictions, as scikit-learn's ``average="macro"``).
@@ -28,15 +28,6 @@ import torch
 
 from medvae.data.store import PatchStore
 from medvae.errors import InputError
-from medvae.metric_table import Metric
-
-UTILITY_METRICS = {
-    "accuracy": Metric("accuracy", "unitless", +1, "Fraction of real test patches whose class is predicted."),
-    "macro_f1": Metric("macro F1", "unitless", +1, "Per-class F1 = 2TP / (2TP + FP + FN), averaged over classes."),
-    "dice": Metric("Dice", "unitless", +1, "2|P ∩ G| / (|P| + |G|) per test patch and foreground label present."),
-    "hd95": Metric("HD95", "px", -1, "95th percentile of the symmetric surface distance (patch diagonal if missed)."),
-}
-TASK_METRICS = {"classify": ("accuracy", "macro_f1"), "segment": ("dice", "hd95")}
 
 
 @dataclass
