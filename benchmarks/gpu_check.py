@@ -130,8 +130,8 @@ def loader_row(args, device, store) -> dict:
 
 
 def evaluate_rows(args, device, store, channels) -> list[dict]:
-    from medvae.evaluate import patch_metrics
     from medvae.engine.sampling import latents
+    from medvae.evaluate import patch_metrics
 
     cfg = resolve_config(stage_cfg("vae", channels, 1, args.batch, "off", False, False, 1), store)
     cfg.model.latent_dim = args.latent

@@ -1,0 +1,89 @@
+"""The utility study on real and phantom data: prints its table (metric ± 95% CI per fraction and arm,
+paired differences to the real arm) and the wall time.
+
+- ``--study fmnist``: the ``utility:`` section of ``pipelines/fashion_mnist.yaml`` (class-conditional
+  generators, a MONAI classifier) on a Fashion-MNIST store, by default the one
+  ``bench_seed_table.py`` prepared (``bench_out/seed_table/run/store``);
+- ``--study demo``: image + mask generators and a MONAI BasicUNet on the demo cohort's CT (the
+  store ``make demo`` wrote, ``demo_out/run/store``), sized for a 2-core CPU (:data:`DEMO`).
+
+The study resumes: re-running after an interruption continues with the unfinished (fraction, seed, arm).
+Run: ``.venv/bin/python benchmarks/bench_utility.py --study fmnist|demo [--store DIR] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEMO = {  # 128² CT with the phantom pancreas labels; generators as small as the demo's models
+    "task": "segment", "model": "vae", "fractions": [0.25, 1.0], "seeds": 2, "generator_steps": 300,
+    "downstream_steps": 200, "batch_size": 16, "lr": 2e-3,
+    "generator": {"model": {"name": "vae", "latent_dim": 64, "channels": [8, 16, 32, 64], "likelihood": "gaussian"},
+                  "train": {"batch_size": 16, "lr": 2e-3, "warmup_steps": 20, "beta_warmup_steps": 150,
+                            "checkpoint_every": 100, "log_every": 20}},
+}
+
+
+def table(summary: dict) -> str:
+    """Markdown: one row per (metric, fraction), one column per arm and paired difference."""
+    arms, diffs = summary["arms"], summary["paired_differences"]
+    cols = [*arms, *(f"Δ {d}" for d in diffs)]
+
+    def cell(c: dict | None) -> str:
+        if not c or c["mean"] is None:
+            return "–"
+        return f"{c['mean']:.4g}" + (f" ± {c['ci_high'] - c['mean']:.2g}" if c["ci_high"] is not None else "")
+
+    lines = ["| metric | real fraction | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for metric in summary["metrics"]:
+        for f in summary["fractions"]:
+            key = f"{f:g}"
+            vals = [cell(arms[a].get(key, {}).get(metric)) for a in arms]
+            vals += [cell(diffs[d].get(key, {}).get(metric)) for d in diffs]
+            lines.append(f"| {metric} | {key} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--study", choices=("fmnist", "demo"), required=True)
+    ap.add_argument("--store", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+
+    from medvae.config import UtilityConfig
+    from medvae.pipeline import load_pipeline, pipeline_path
+    from medvae.utility.study import run_utility
+
+    if args.study == "fmnist":
+        cfg = load_pipeline(pipeline_path("fashion_mnist")).utility
+        store = args.store or ROOT / "bench_out" / "seed_table" / "run" / "store"
+        out = args.out or ROOT / "bench_out" / "seed_table" / "run" / "utility"
+    else:
+        cfg = UtilityConfig.model_validate(DEMO)
+        store = args.store or ROOT / "demo_out" / "run" / "store"
+        out = args.out or ROOT / "bench_out" / "utility_demo"
+    if not (Path(store) / "store.json").is_file():
+        sys.exit(f"{store}: no patch store; run bench_seed_table.py (fmnist) or `make demo` (demo) first, or --store")
+    t0 = time.perf_counter()
+    summary = run_utility(store, out, cfg, device=args.device)
+    wall = time.perf_counter() - t0
+    print(f"\nutility study '{args.study}' on {store} ({summary['n_test']} real test patches); mean ± 95% CI "
+          f"half-width over {summary['seeds']} seeds\n")
+    print(table(summary))
+    print(f"\nwall time {wall:.0f} s (finished cells are skipped on a re-run); {os.cpu_count()} CPUs; report: "
+          f"{out / 'report.html'}")
+    (Path(out) / "bench_utility.json").write_text(json.dumps({"wall_s": wall, "study": args.study}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
