@@ -54,6 +54,7 @@ from medvae.sample_quality import prior_samples, sample_quality
 log = logging.getLogger(__name__)
 
 IWAE_PER_PATIENT = 8  # patches per patient that get the k-sample IWAE bound
+TRAVERSAL_STEPS = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)  # prior standard deviations around the mean code
 HIST_BINS = 64
 # what summary.json keeps of each compared run
 _COMPARED = ("per_modality", "cohort", "checkpoint", "step", "weights_sha256", "sample_quality")
@@ -67,9 +68,9 @@ def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: t
     """Per-patch metrics of ``model`` on store rows ``rows``.
 
     Returns:
-        ``(per_patch, latent)``: metric name -> (len(rows),) float64, with IWAE and bits/dim NaN
+        ``(per_patch, codes)``: metric name -> (len(rows),) float64, with IWAE and bits/dim NaN
         except on ``iwae_rows`` (a subset of ``rows``; all when None); and the posterior means
-        ``{"mu": (N, D) float32 numpy, "mean": (D,), "var": (D,)}`` (mean and variance over the patches).
+        ``(len(rows), D)`` float32.
         Reconstruction metrics compare the image channels (a joint model's mask channel is in the ELBO only).
     """
     gen = torch.Generator().manual_seed(seed)  # CPU generator: the same z on every device
@@ -99,9 +100,7 @@ def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: t
                                                     generator=gen, posterior=(mu[sel], logvar[sel]))
             out["iwae"].append(iw)
             out["bpd"].append(M.bits_per_dim(iw, x[0].numel()))
-    mu = torch.cat(mus)
-    latent = {"mu": mu.numpy(), "mean": mu.double().mean(0).float(), "var": mu.double().var(0, correction=0).float()}
-    return {k: torch.cat(v).double().cpu().numpy() for k, v in out.items()}, latent
+    return {k: torch.cat(v).double().cpu().numpy() for k, v in out.items()}, torch.cat(mus).numpy()
 
 
 def _stats(v: np.ndarray) -> dict:
@@ -194,7 +193,7 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
              len(set(pids)))
     groups = group_rows(pids)
     iwae_rows = _iwae_subset(groups, rows, IWAE_PER_PATIENT, cfg.iwae_max_patches)
-    per, latent = patch_metrics(model, store, rows, cfg, device, iwae_rows)
+    per, codes = patch_metrics(model, store, rows, cfg, device, iwae_rows)
 
     per_patient, per_modality = {}, {}
     for pid, m in groups.items():
@@ -229,8 +228,8 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
               "report_patients": report_patients(per_patient, cfg.report_patients)}
     if with_figures:
         shown = {p: per_patient[p] for p in result["report_patients"]}
-        result["_figures"] = _figure_data(model, store, shown, by_prior, hists, per, groups, latent, device)
-        result["_figures"]["latent_map"] = latent_map(store, rows, latent["mu"])
+        result["_figures"] = _figure_data(model, store, shown, by_prior, hists, per, groups, codes, mods, device)
+        result["_figures"]["latent_map"] = latent_map(store, rows, codes)
     return result
 
 
@@ -255,7 +254,23 @@ def latent_map(store: PatchStore, rows: np.ndarray, mu: np.ndarray, max_points: 
 
 
 @torch.no_grad()
-def _figure_data(model, store, per_patient, by_prior, hists, per, groups, latent, device) -> dict:
+def _traversal(model, codes: np.ndarray, condition_id: int, channels: int, device) -> tuple[np.ndarray, list[int]]:
+    """Decoded images moving each of the 4 dims whose posterior means vary most over ``codes`` from -3 to +3
+    around their mean (condition ``condition_id`` for a conditional model); and those dims."""
+    mu = torch.from_numpy(codes).double()
+    z0 = mu.mean(0).float().to(device)
+    dims = torch.argsort(mu.var(0, correction=0), descending=True)[: min(4, mu.shape[1])].tolist()
+    steps = torch.tensor(TRAVERSAL_STEPS, device=device)
+    z = z0.repeat(len(dims) * len(steps), 1)
+    for i, d in enumerate(dims):
+        z[i * len(steps):(i + 1) * len(steps), d] = z0[d] + steps
+    ids = torch.full((len(z),), condition_id, dtype=torch.long, device=device) if model.conditional else None
+    with model.conditioned_on(ids):
+        return model.decode(z).float()[:, :channels].cpu().numpy(), dims
+
+
+@torch.no_grad()
+def _figure_data(model, store, per_patient, by_prior, hists, per, groups, codes, row_modalities, device) -> dict:
     """Arrays the report draws: best/worst triptychs of the shown patients, samples, a latent
     traversal, histograms."""
     picks = []
@@ -275,28 +290,20 @@ def _figure_data(model, store, per_patient, by_prior, hists, per, groups, latent
         tri.setdefault(pid, []).append({
             "kind": kind, "slice_index": int(store.index["slice_index"][row]), "ssim": float(s),
             "original": store.to_physical(xi, mod), "reconstruction": store.to_physical(ri, mod)})
-    # Latent traversal along the dims whose posterior means vary most over the evaluated patches.
-    z0 = latent["mean"].to(mu)
-    dims = torch.argsort(latent["var"], descending=True)[: min(4, mu.shape[1])]
-    steps = torch.linspace(-3, 3, 7, device=z0.device)
-    z = z0.repeat(len(dims) * len(steps), 1)
-    for i, d in enumerate(dims.tolist()):
-        z[i * len(steps):(i + 1) * len(steps), d] = z0[d] + steps
     mods = sorted(by_prior)
-    trav = {}
-    for mod in mods:  # a modality model traverses each modality under its own id; others share one traversal
-        kind, names = model.config.condition, list(model.config.condition_names)
-        cid = names.index(mod) if kind == "modality" else 0
-        ids = torch.full((len(z),), cid, dtype=torch.long, device=device) if model.conditional else None
+    kind, names = model.config.condition, list(model.config.condition_names)
+    trav, dims = {}, {}
+    for mod in mods:  # a modality model traverses each modality's codes under its id; others share one traversal
         if kind == "modality" or not trav:
-            with model.conditioned_on(ids):
-                trav[mod] = model.decode(z).float()[:, :channels].cpu().numpy()
+            own = row_modalities == mod if kind == "modality" else np.ones(len(codes), bool)
+            trav[mod], dims[mod] = _traversal(model, codes[own], names.index(mod) if kind == "modality" else 0,
+                                              channels, device)
         else:
-            trav[mod] = next(iter(trav.values()))
+            trav[mod], dims[mod] = next(iter(trav.values())), next(iter(dims.values()))
     return {"triptychs": tri, "samples": {m: by_prior[m]["standard"][:16].numpy() for m in mods},
             "samples_gmm": {m: by_prior[m]["gmm"][:16].numpy() for m in mods if "gmm" in by_prior[m]},
-            "traversal": trav, "conditional": model.config.condition,
-            "traversal_dims": dims.tolist(), "traversal_steps": steps.tolist(), "histograms": hists,
+            "traversal": trav, "conditional": kind,
+            "traversal_dims": dims, "traversal_steps": TRAVERSAL_STEPS, "histograms": hists,
             "modalities": mods,
             "distributions": {pid: {k: per[k][groups[pid]] for k in ("ssim", "psnr", "mae")}
                               for pid in per_patient},

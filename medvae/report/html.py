@@ -42,7 +42,7 @@ def build_figures(summary: dict, fig: dict) -> dict:
         if mod in fig["samples_gmm"]:
             out["samples_gmm"][mod] = F.image_grid(lo + np.asarray(fig["samples_gmm"][mod]) * (hi - lo), mod,
                                                    norm[mod])
-        labels = [f"z[{d}]" for d in fig["traversal_dims"]]
+        labels = [f"z[{d}]" for d in fig["traversal_dims"][mod]]
         out["traversal"][mod] = F.image_grid(lo + np.asarray(fig["traversal"][mod]) * (hi - lo), mod, norm[mod],
                                              ncols=len(fig["traversal_steps"]), row_labels=labels)
         out["histograms"][mod] = F.histograms(fig["histograms"][mod], mod)

@@ -35,7 +35,7 @@ def _figs(pids=("PANCREAS_0001", "PANCREAS_0002")):
     return {"triptychs": {p: [item("best"), item("worst")] for p in pids},
             "samples": {"ct": rng.random((4, 1, 32, 32))}, "samples_gmm": {},
             "traversal": {"ct": rng.random((6, 1, 32, 32))},
-            "traversal_dims": [2, 0], "traversal_steps": [-1, 0, 1], "modalities": ["ct"],
+            "traversal_dims": {"ct": [2, 0]}, "traversal_steps": [-1, 0, 1], "modalities": ["ct"],
             "histograms": {"ct": {"edges": edges.tolist(), "unit": "HU", "real": [1] * 8, "synthetic": [2] * 8}},
             "distributions": {p: {"ssim": rng.random(5), "psnr": rng.random(5), "mae": rng.random(5)} for p in pids},
             "normalization": {"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}}}
