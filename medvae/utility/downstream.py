@@ -145,6 +145,7 @@ def segmentation_metrics(pred: torch.Tensor, truth: torch.Tensor, n_out: int) ->
     dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(p, g)
     with warnings.catch_warnings():  # empty truth or prediction: warned per pair, handled below
         warnings.filterwarnings("ignore", "the (ground truth|prediction) of class", UserWarning)
+        warnings.filterwarnings("ignore", ".*always_return_as_numpy", FutureWarning)  # MONAI 1.5's own internal call
         hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(p, g)
     present = g[:, 1:].flatten(2).any(-1)
     missed = present & ~p[:, 1:].flatten(2).any(-1)
