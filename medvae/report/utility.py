@@ -37,6 +37,8 @@ def utility_figure(summary: dict) -> str:
                             [c["mean"] for c in cells], yerr=_error_bars(cells), marker="o", ms=4, capsize=3,
                             color=ARM_COLORS.get(arm), label=arm)
         info = summary["metric_info"][metric]
+        # few seeds give wide t intervals: keep the axis to the metric's range ([0, 1] for fractions, >= 0 else)
+        ax.set_ylim(*((0, 1.02) if info["unit"] == "unitless" else (0, None)))
         ax.set_xscale("log")
         ax.set_xticks(summary["fractions"], [f"{f:g}" for f in summary["fractions"]])
         ax.minorticks_off()
