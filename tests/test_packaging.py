@@ -32,5 +32,6 @@ def test_packaged_pipelines_by_name(tmp_path, monkeypatch):
     own = tmp_path / "demo.yaml"
     own.write_text("models: {}\n")
     assert pipeline_path("demo.yaml") == Path("demo.yaml")  # a file of that name here wins
-    with pytest.raises(ConfigError, match="nope: pipeline YAML not found.*ct_lowdose, demo, fashion_mnist, microscopy"):
+    packaged = "ct_lowdose, demo, fashion_mnist, fashion_mnist_sweep, microscopy"
+    with pytest.raises(ConfigError, match=f"nope: pipeline YAML not found.*{packaged}"):
         pipeline_path("nope")

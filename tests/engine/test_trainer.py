@@ -166,17 +166,17 @@ def _train_cli(store, out, *args):
 
 def _record_activation_dtypes(monkeypatch) -> list:
     """Make the trainer's model record the dtype of its decoder's output conv on every call."""
-    import medvae.models
+    import medvae.engine.trainer
 
     seen = []
-    build = medvae.models.build_model
+    build = medvae.engine.trainer.build_model
 
     def build_and_hook(cfg):
         model = build(cfg)
         model.out_conv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
         return model
 
-    monkeypatch.setattr(medvae.models, "build_model", build_and_hook)
+    monkeypatch.setattr(medvae.engine.trainer, "build_model", build_and_hook)
     return seen
 
 
