@@ -46,7 +46,9 @@ def build_figures(summary: dict, fig: dict) -> dict:
         out["traversal"][mod] = F.image_grid(lo + np.asarray(fig["traversal"][mod]) * (hi - lo), mod, norm[mod],
                                              ncols=len(fig["traversal_steps"]), row_labels=labels)
         out["histograms"][mod] = F.histograms(fig["histograms"][mod], mod)
-    out["distributions"] = F.distributions(fig["distributions"])
+    # box plots need several patches per patient: an image set's "patients" are single images
+    several = any(len(v["ssim"]) > 1 for v in fig["distributions"].values())
+    out["distributions"] = F.distributions(fig["distributions"]) if several else None
     if summary.get("utility"):
         out["utility"] = utility_figure(summary["utility"])
         out["utility_tables"] = utility_tables(summary["utility"])

@@ -53,6 +53,10 @@ def test_report_is_self_contained_with_patient_sections():
         "points": np.random.default_rng(1).normal(size=(50, 2)), "labels": ["a", "b"] * 25, "by": "class",
         "explained": [0.5, 0.2]}})
     assert with_map.count("data:image/png;base64,") == 7 and 'id="latents"' in with_map
+    singles = _figs()  # an image set: one image per "patient" -> no per-patient box plots
+    singles["distributions"] = {p: {k: v[:1] for k, v in d.items()} for p, d in singles["distributions"].items()}
+    html = render_report(_result("a", 0.8), singles)
+    assert 'id="distributions"' not in html and html.count("data:image/png;base64,") == 5
     assert "nan" not in re.sub(r"base64,[^\"]+", "", html).lower().replace("nanosec", "")
     assert 'id="compare"' not in html
 
