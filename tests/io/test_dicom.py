@@ -9,12 +9,12 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from medvae.errors import InputError
 from medvae.io.dicom import default_patient_id, inspect_dicom_series, read_dicom_series
+from tests.io.dicom_factory import new_instance
 
 ROWS, COLS, N = 32, 28, 12
 IDENTITY = ("PHANTOM^ALICE", "19700101", "SECRET-ID-42")
@@ -66,17 +66,8 @@ def _series(
     for k in range(n):
         if k in skip:
             continue
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds = new_instance(CTImageStorage, modality, uid, int(numbers[k]))
         ds.PatientName, ds.PatientBirthDate, ds.PatientID = IDENTITY
-        ds.Modality = modality
-        ds.SeriesInstanceUID = uid
-        ds.InstanceNumber = int(numbers[k])
         ds.Rows, ds.Columns = rows, cols
         ds.BitsAllocated = ds.BitsStored = 16
         ds.HighBit = 15
@@ -245,15 +236,7 @@ def test_truncated_file_skipped_and_named(tmp_path):
 
 def test_non_image_dicom_skipped(tmp_path):
     stored, _ = _series(tmp_path, uid="1.2.3.4.5")
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"  # RT Structure Set
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = generate_uid()
+    ds = new_instance("1.2.840.10008.5.1.4.1.1.481.3", "RTSTRUCT", generate_uid())  # RT Structure Set
     ds.PatientName = IDENTITY[0]
     ds.save_as(tmp_path / "rtstruct.dcm", enforce_file_format=True)
     (tmp_path / "notes.bin").write_bytes(b"not a dicom file at all")

@@ -15,12 +15,12 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import MRImageStorage, generate_uid
 
 from medvae.io.dicom import inspect_dicom_series, read_dicom_series
 from medvae.io.orient import PLANE_CODES, plan_acquisition, plan_lps
+from tests.io.dicom_factory import new_instance
 
 DICOMDIR_TESTS = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests"
 
@@ -76,13 +76,7 @@ def _stack(folder, *, row, col, n=6, rows=24, cols=20, dz=4.0, dxy=(0.8, 0.6), o
     normal = np.cross(row, col)
     uid = generate_uid()
     for k, name in enumerate(rng.permutation(n)):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "MR", uid, int(name) + 1
+        ds = new_instance(MRImageStorage, "MR", uid, int(name) + 1)
         ds.Rows, ds.Columns = rows, cols
         ds.BitsAllocated = ds.BitsStored = 16
         ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 15, 0, 1

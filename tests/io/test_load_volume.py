@@ -6,11 +6,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
 
 from medvae.errors import InputError
 from medvae.io import inspect_volume, load_volume
+from tests.io.dicom_factory import new_instance
 
 ROWS, COLS, N = 24, 20, 10
 DXY, DZ = (0.75, 0.9), 2.0  # PixelSpacing (row spacing, column spacing), slice step
@@ -26,13 +26,7 @@ def _write_series(folder, row_dir, col_dir, origin, bright):
         px = rng.integers(0, 200, (ROWS, COLS)).astype(np.int16)
         if k == bright[0]:
             px[bright[1], bright[2]] = 3000
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", uid, N - k
+        ds = new_instance(CTImageStorage, "CT", uid, N - k)
         ds.Rows, ds.Columns = ROWS, COLS
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
