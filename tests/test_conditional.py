@@ -8,7 +8,7 @@ import pytest
 import tifffile
 
 from medvae.config import GenerateConfig, ModelConfig, TrainStageConfig
-from medvae.data.conditions import model_inputs, resolve_condition, split_joint
+from medvae.data.conditions import condition_ids, model_inputs, resolve_condition, split_joint
 from medvae.data.store import open_store, write_store
 from medvae.engine.checkpoint import load_model, resolve_checkpoint
 from medvae.engine.trainer import train
@@ -131,3 +131,12 @@ def test_a_conditional_model_refuses_to_run_without_its_condition():
     with pytest.raises(ConfigError, match="takes no class condition"):
         build_model(ModelConfig(name="monai-kl", image_size=32, latent_dim=64, condition="class",
                                 condition_names=("a",)))
+
+
+def test_condition_ids_follow_the_models_names_not_the_store_order(tmp_path):
+    store = _store(tmp_path / "store")  # classes "disc" (rows 0-23) then "square" (24-47)
+    np.testing.assert_array_equal(condition_ids(store, [0, 30, 1], "class", ("square", "disc")), [1, 0, 1])
+    np.testing.assert_array_equal(condition_ids(store, [30, 0], "modality", ("ct", "microscopy")), [1, 0])
+    with pytest.raises(ConfigError, match=r"class \['square'\] unknown to the model"):
+        condition_ids(store, [0, 30], "class", ("disc",))
+    assert condition_ids(store, [0], "none", ()) is None

@@ -53,9 +53,11 @@ def condition_ids(store: PatchStore, rows, kind: str, names: tuple[str, ...]) ->
     rows = np.asarray(rows, dtype=np.int64)
     values = store.index["modality"][rows] if kind == "modality" else store.index["class"][rows]
     lut = {n: i for i, n in enumerate(names)}
-    ids = np.asarray([lut.get(str(v), -1) for v in values], dtype=np.int64)
-    if (ids < 0).any():
-        unknown = sorted({str(v) for v, i in zip(values, ids) if i < 0})
+    uniq, inverse = np.unique(values.astype(str), return_inverse=True)  # one lookup per distinct name
+    known = np.asarray([lut.get(u, -1) for u in uniq.tolist()], dtype=np.int64)
+    ids = known[inverse.reshape(-1)]
+    if (known < 0).any():
+        unknown = sorted(u for u, i in zip(uniq.tolist(), known) if i < 0)
         raise ConfigError(f"{store.path}: {kind} {unknown} unknown to the model (trained on {list(names)}); "
                           "evaluate on the store the model was trained on")
     return ids
