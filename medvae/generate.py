@@ -324,7 +324,7 @@ class _Augmented:
                 "n_real_train": int(real.select(split="train").size)}
         syn = np.stack(self.x) if n_syn else np.zeros((0, *real.patches.shape[1:]), np.float16)
         write_augmented_store(path, real, syn, [m for m, _ in self.rows], [o for _, o in self.rows], info,
-                              np.stack(self.masks) if self.masks and len(self.masks) == n_syn else None)
+                              np.stack(self.masks) if self.masks else None)  # kept in step with rows
         log.info("augmented store %s: %d real + %d synthetic patches", path, len(real), n_syn)
         return {"path": "augmented_store", **info}
 

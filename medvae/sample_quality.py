@@ -74,7 +74,10 @@ def sample_quality(store: PatchStore, rows_by_modality: dict[str, np.ndarray],
     rng = np.random.default_rng(seed)
     out = {}
     for mod, rows in rows_by_modality.items():
-        fake = {name: embedded.setdefault(id(x), embed(net, x).numpy()) for name, x in samples[mod].items()}
+        for x in samples[mod].values():
+            if id(x) not in embedded:  # (setdefault would embed again before finding the cached one)
+                embedded[id(x)] = embed(net, x).numpy()
+        fake = {name: embedded[id(x)] for name, x in samples[mod].items()}
         pick = np.sort(rng.choice(rows, min(cfg.mmd_samples, len(rows)), replace=False))
         real = embed(net, torch.from_numpy(store.get(pick))).numpy()
         if len(real) < 2 * MIN_PER_HALF:

@@ -51,7 +51,10 @@ def condition_ids(store: PatchStore, rows, kind: str, names: tuple[str, ...]) ->
     if kind not in ID_CONDITIONS:
         return None
     rows = np.asarray(rows, dtype=np.int64)
-    values = store.index["modality"][rows] if kind == "modality" else store.index["class"][rows]
+    column = "modality" if kind == "modality" else "class"
+    if column not in store.index:
+        raise ConfigError(f"{store.path}: no class column in index.csv; a class model needs a store with classes")
+    values = store.index[column][rows]
     lut = {n: i for i, n in enumerate(names)}
     uniq, inverse = np.unique(values.astype(str), return_inverse=True)  # one lookup per distinct name
     known = np.asarray([lut.get(u, -1) for u in uniq.tolist()], dtype=np.int64)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from medvae.data.conditions import condition_ids
 from medvae.data.store import PatchStore
 from medvae.errors import InputError
 
@@ -57,12 +58,7 @@ def from_store(store: PatchStore, rows: np.ndarray, task: str, classes: list[str
         if store.labels is None:
             raise InputError(f"{store.path}: no labels.npy; --task segment needs a label map per patch")
         return LabelledSet(images, torch.from_numpy(np.asarray(store.labels[rows])).long())
-    names = store.index.get("class")
-    lut = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(names[rows].tolist()) - set(lut)) if names is not None else ["(no class column)"]
-    if unknown:
-        raise InputError(f"{store.path}: classes {unknown[:5]} are not classes of the real store {classes}")
-    return LabelledSet(images, torch.tensor([lut[c] for c in names[rows]], dtype=torch.int64))
+    return LabelledSet(images, torch.from_numpy(condition_ids(store, rows, "class", tuple(classes))))
 
 
 def build_net(task: str, channels: int, size: int, n_out: int) -> torch.nn.Module:
