@@ -1,6 +1,6 @@
 """Models behind one interface (docs/architecture.md), built by name.
 
-Checkpoints are turned back into models by ``medvae.engine.checkpoint.load_model``.
+Checkpoints are turned back into models by ``medvae.training.checkpoint.load_model``.
 """
 
 from __future__ import annotations

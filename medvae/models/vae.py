@@ -4,7 +4,7 @@ Every medvae model derives from :class:`VAEBase`: subclasses implement ``encode`
 ``decode_logits``; the base class supplies ``decode`` (mean image), ``forward`` (what the
 training losses need, see :class:`VAEOutput`), ``sample``,
 ``log_likelihood`` and ``generator_parameters`` from them, with the pixel likelihood of
-:class:`medvae.losses.Likelihood`.
+:class:`medvae.models.distributions.Likelihood`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from torch import nn
 
 from medvae.config import ModelConfig
 from medvae.errors import ConfigError
-from medvae.losses import Likelihood, reparameterize, standard_normal
 from medvae.models.blocks import Downsample, ResUnit, Upsample, group_norm
+from medvae.models.distributions import Likelihood, reparameterize, standard_normal
 
 BOTTLENECK = 8  # spatial size of the last encoder feature map, for every image size
 
@@ -119,7 +119,7 @@ class VAEBase(nn.Module):
     def forward(self, x: torch.Tensor, n_prior: int = 0) -> VAEOutput:
         """x: (B, C, H, W) in [0, 1] -> :class:`VAEOutput`.
 
-        z is sampled (:func:`medvae.losses.reparameterize`) in training mode and the posterior mean
+        z is sampled (:func:`medvae.models.distributions.reparameterize`) in training mode and the posterior mean
         in eval mode, so eval reconstructions are deterministic. ``n_prior > 0`` also decodes that
         many z ~ N(0, I) (``x_prior``, the critic's second kind of fake), drawn after z.
         """
