@@ -32,9 +32,9 @@ from medvae.data.discover import discover
 from medvae.data.manifest import write_manifest
 from medvae.data.prepare import prepare
 from medvae.data.store import write_store
-from medvae.engine.trainer import train
-from medvae.evaluate import evaluate
+from medvae.evaluation.evaluate import evaluate
 from medvae.io.phantoms import write_phantom_cohort
+from medvae.pipeline import train_stage
 
 OUT = Path("bench_out/denoise")
 
@@ -111,7 +111,7 @@ def main() -> None:
             continue
         run = out / "runs" / name
         t0 = time.perf_counter()
-        summary = train(store, run, model_cfg(kinds[name], steps), device="auto", resume=True)
+        summary = train_stage(store, run, model_cfg(kinds[name], steps), device="auto", resume=True)
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         rep = evaluate(run, store, out / "reports" / name, EvaluateConfig(split="test", denoise_patches=n_eval))

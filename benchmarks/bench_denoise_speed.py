@@ -25,7 +25,7 @@ from medvae.config import DenoiseConfig, TrainStageConfig
 from medvae.data.store import write_store
 from medvae.denoising import classical
 from medvae.denoising.apply import denoise_scans
-from medvae.engine.trainer import train
+from medvae.pipeline import train_stage
 
 
 def tiny_run(tmp: Path) -> Path:
@@ -40,7 +40,7 @@ def tiny_run(tmp: Path) -> Path:
         "task": "denoise", "noise": {"kind": "gaussian"},
         "model": {"name": "dae", "channels": [16, 32, 64], "res_units": 1, "likelihood": "l2"},
         "train": {"batch_size": 8, "max_steps": 2, "checkpoint_every": 2, "val_batches": 1, "amp": "off"}})
-    train(store, tmp / "run", cfg, device="cpu")
+    train_stage(store, tmp / "run", cfg, device="cpu")
     return tmp / "run"
 
 

@@ -2,7 +2,7 @@
 
 A randomly initialised ConvVAE (build_model) and a synthetic CT store stand in for a trained run
 (the cost of generation does not depend on the weights). For 128² and 256² patches it runs
-``medvae.generate.generate`` end to end (NIfTI + PNG per sample, audit against the store's train
+``medvae.synthesis.generate.generate`` end to end (NIfTI + PNG per sample, audit against the store's train
 split) and reports samples/s, the share of each phase, and, as the reference measured in the
 same run, the in-memory decode rate of ``model.sample`` (no audit, no files): the ratio says
 what the audit and writing cost on top. Goal on CPU: writing <= 30% of the time.
@@ -26,9 +26,9 @@ import torch
 from medvae.config import GenerateConfig, ModelConfig
 from medvae.data.store import write_store
 from medvae.devices import select_device
-from medvae.engine.checkpoint import save_checkpoint
-from medvae.generate import generate
 from medvae.models import build_model
+from medvae.synthesis.generate import generate
+from medvae.training.checkpoint import save_checkpoint
 
 
 def make_store(path: Path, size: int, n_patients: int, per_patient: int):
@@ -64,7 +64,7 @@ def make_run(root: Path, size: int, n_train: int) -> Path:
 @torch.inference_mode()
 def decode_only(run: Path, n: int, batch: int, device: torch.device) -> float:
     """Reference: samples/s of model.sample in memory (no audit, no files)."""
-    from medvae.engine.checkpoint import load_model
+    from medvae.training.checkpoint import load_model
 
     model, _ = load_model(run / "checkpoints" / "best.pt", device=device)
     g = torch.Generator(device="cpu").manual_seed(0)

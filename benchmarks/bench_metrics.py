@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medvae import metrics as M  # noqa: E402
+from medvae.metrics import distances as D  # noqa: E402
+from medvae.metrics import images as M  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -42,11 +43,11 @@ def bench_mmd(n: int, dim: int = 512) -> dict:
     Y = torch.randn(n, dim, generator=g) + 0.05
     rss0 = peak_rss_mb()
     t = time.perf_counter()
-    val = M.mmd2(X, Y)
+    val = D.mmd2(X, Y)
     secs = time.perf_counter() - t
     rss1 = peak_rss_mb()
     t = time.perf_counter()
-    _, p = M.mmd_test(X, Y, permutations=200)
+    _, p = D.mmd_test(X, Y, permutations=200)
     secs_test = time.perf_counter() - t
     return {"n": n, "dim": dim, "mmd2": val, "seconds": secs, "peak_rss_mb_before": rss0,
             "peak_rss_mb_after": rss1, "inputs_mb": 2 * n * dim * 4 / 2**20,
@@ -77,9 +78,9 @@ def bench_ssim(n: int, n_ref: int) -> dict:
 def bench_evaluate(n: int, patients: int = 10, quick: bool = False) -> dict:
     from medvae.config import EvaluateConfig, ModelConfig
     from medvae.data.store import write_store
-    from medvae.engine.checkpoint import save_checkpoint
-    from medvae.evaluate import evaluate
+    from medvae.evaluation.evaluate import evaluate
     from medvae.models import build_model
+    from medvae.training.checkpoint import save_checkpoint
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:128, :128] / 128.0

@@ -4,7 +4,7 @@ Measured in the same run, on the available device (CUDA > MPS > CPU):
 
 - ConvVAE, VAE–GAN (discriminator active: both optimizer steps) and MONAI ``AutoencoderKL``
   (``monai-kl``, its channels chosen so its parameter count is closest to ConvVAE's) at 128² and
-  256², batch 64. Each row times the trainer's own step (``medvae.engine.trainer``: forward,
+  256², batch 64. Each row times the trainer's own step (``medvae.training.trainer``: forward,
   losses, backward, clipping, NaN guard, optimizer steps) on random tensors shaped like the store,
   so it is model throughput; the ratio column is images/s over MONAI KL's at the same size.
   Batch 64 (8 on CPU by default: per-image throughput hardly depends on it there).
@@ -39,9 +39,10 @@ import torch  # noqa: E402
 from medvae.config import TrainStageConfig  # noqa: E402
 from medvae.data.store import open_store, write_store  # noqa: E402
 from medvae.devices import select_device  # noqa: E402
-from medvae.engine.distributed import DistInfo  # noqa: E402
-from medvae.engine.trainer import _Trainer, resolve_config, train  # noqa: E402
 from medvae.models import build_model  # noqa: E402
+from medvae.training.distributed import DistInfo  # noqa: E402
+from medvae.training.tasks import ReconstructTask  # noqa: E402
+from medvae.training.trainer import _Trainer, resolve_config, train  # noqa: E402
 
 OUR_CHANNELS = (32, 64, 128, 256)
 
@@ -97,7 +98,7 @@ def step_rate(store, cfg: TrainStageConfig, device, warmup: int, min_seconds: fl
     """images/s of the trainer's step on one pre-made random batch on ``device``."""
     cfg = resolve_config(cfg, store)
     with tempfile.TemporaryDirectory() as tmp:
-        tr = _Trainer(store, Path(tmp), cfg, device, DistInfo(), resume=False)
+        tr = _Trainer(store, Path(tmp), cfg, device, DistInfo(), ReconstructTask(store, cfg.train.seed), resume=False)
         b = cfg.train.batch_size
         x = torch.rand(b, cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size, device=device)
         if tr.channels_last:

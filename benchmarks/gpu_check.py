@@ -9,9 +9,9 @@ Rows:
   ``torch.cuda.synchronize()`` calls; peak GPU memory per row.
 - loader patches/s: ``PatchBatches`` over a synthetic store written with medvae's own
   ``write_store`` in a temporary directory, batches moved to the device.
-- evaluate patches/s: ``medvae.evaluate.patch_metrics`` (SSIM, MS-SSIM, PSNR, ELBO, IWAE on a
+- evaluate patches/s: ``medvae.evaluation.evaluate.patch_metrics`` (SSIM, MS-SSIM, PSNR, ELBO, IWAE on a
   quarter of the rows) of an untrained ConvVAE.
-- generate images/s: ``medvae.engine.sampling.latents`` decoded by the ConvVAE.
+- generate images/s: ``medvae.synthesis.sampling.latents`` decoded by the ConvVAE.
 
 Runs in under 8 minutes on one GPU (a time budget skips the remaining train rows, marked in the
 table, should compilation be slow); ``--device cpu --quick`` (64², tiny channels, a few steps)
@@ -42,8 +42,8 @@ from bench_train import random_store, stage_cfg, step_rate  # noqa: E402
 from medvae.config import EvaluateConfig  # noqa: E402
 from medvae.data.loader import PatchBatches  # noqa: E402
 from medvae.devices import select_device  # noqa: E402
-from medvae.engine.trainer import resolve_config  # noqa: E402
 from medvae.models import build_model  # noqa: E402
+from medvae.training.trainer import resolve_config  # noqa: E402
 
 MODES = [  # label, amp, channels_last, compile
     ("fp32 eager", "off", False, False),
@@ -130,8 +130,8 @@ def loader_row(args, device, store) -> dict:
 
 
 def evaluate_rows(args, device, store, channels) -> list[dict]:
-    from medvae.engine.sampling import latents
-    from medvae.evaluate import patch_metrics
+    from medvae.evaluation.evaluate import patch_metrics
+    from medvae.synthesis.sampling import latents
 
     cfg = resolve_config(stage_cfg("vae", channels, 1, args.batch, "off", False, False, 1), store)
     cfg.model.latent_dim = args.latent

@@ -122,7 +122,7 @@ class TrainConfig(StrictModel):
 
 
 class NoiseConfig(StrictModel):
-    """How the denoise task corrupts clean patches (medvae.noise); a level range is sampled per patch."""
+    """How the denoise task corrupts clean patches (medvae.denoising.noise); a level range is sampled per patch."""
 
     kind: Literal["gaussian", "poisson-gaussian", "ct-lowdose"] = "gaussian"
     # gaussian: sigma on the [0, 1] scale; poisson-gaussian: photons at the normalization's `high`

@@ -1,4 +1,5 @@
-"""`medvae run`: discover -> prepare -> train (each model) -> evaluate -> generate.
+"""`medvae run`: discover -> prepare -> train (each model) -> evaluate -> generate; and
+:func:`train_stage`, the training stage `medvae train` shares.
 
 Every stage is recorded in ``RUN/state.json`` with a key: the hash of its inputs and config.
 Re-running skips stages whose key is unchanged, re-runs those whose inputs changed, and resumes
@@ -24,14 +25,16 @@ from medvae.config import GenerateConfig, PipelineConfig, TrainStageConfig, load
 from medvae.data.discover import discover
 from medvae.data.manifest import write_manifest
 from medvae.data.prepare import prepare
-from medvae.data.store import open_store
-from medvae.engine.checkpoint import resolve_checkpoint
-from medvae.engine.trainer import train
+from medvae.data.store import PatchStore, open_store
+from medvae.denoising.task import DenoiseTask
 from medvae.errors import ConfigError, InputError
-from medvae.evaluate import evaluate
+from medvae.evaluation.evaluate import evaluate
 from medvae.files import sha256_file, sha256_json, write_json
-from medvae.generate import generate
 from medvae.io.phantoms import write_phantom_cohort
+from medvae.synthesis.generate import generate
+from medvae.training.checkpoint import resolve_checkpoint
+from medvae.training.tasks import ReconstructTask
+from medvae.training.trainer import train
 from medvae.utility.study import run_utility
 
 log = logging.getLogger(__name__)
@@ -145,6 +148,16 @@ class StageRunner:
         return True
 
 
+def train_stage(store: PatchStore | str | os.PathLike, out: str | os.PathLike, cfg: TrainStageConfig,
+                device: str = "auto", resume: bool = False) -> dict:
+    """Train ``cfg`` on ``store`` into the run directory ``out`` with the task ``cfg.task`` names: the VAE's
+    reconstruction, or denoising (noisy input, clean target) with its noise model."""
+    store = store if isinstance(store, PatchStore) else open_store(store)
+    task = DenoiseTask(store, cfg.noise, cfg.train.seed) if cfg.task == "denoise" else \
+        ReconstructTask(store, cfg.train.seed)
+    return train(store, out, cfg, device=device, resume=resume, task=task)
+
+
 def _train_stage(runner: StageRunner, name: str, key: str, store: Path, run_dir: Path, cfg, device: str) -> None:
     prev = runner.previous(f"train:{name}")
     interrupted = prev.get("key") == key and prev.get("status") == "running"
@@ -153,7 +166,7 @@ def _train_stage(runner: StageRunner, name: str, key: str, store: Path, run_dir:
         shutil.rmtree(run_dir)  # inputs changed: the old run belongs to other data or config
     if resume:
         log.info("stage train:%s: resuming the interrupted run from its last checkpoint", name)
-    runner.run(f"train:{name}", key, lambda: train(store, run_dir, cfg, device=device, resume=resume))
+    runner.run(f"train:{name}", key, lambda: train_stage(store, run_dir, cfg, device=device, resume=resume))
 
 
 def quick_config(config: PipelineConfig) -> PipelineConfig:

@@ -25,7 +25,7 @@ def evaluate(
     utility: Optional[Path] = typer.Option(None, "--utility", help="A `medvae utility` study directory to include."),
 ) -> None:
     """Per-patient and per-modality metrics, cohort MMD, and an offline HTML report."""
-    from medvae.evaluate import evaluate as evaluate_runs
+    from medvae.evaluation.evaluate import evaluate as evaluate_runs
 
     cfg = config_with_options(config, EvaluateConfig, {"split": split})
     compare = list(compare or [])

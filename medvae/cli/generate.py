@@ -35,7 +35,7 @@ def generate(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
     """Generate a synthetic dataset in physical units, audit it for memorization."""
-    from medvae.generate import generate as generate_dataset
+    from medvae.synthesis.generate import generate as generate_dataset
 
     cfg = config_with_options(config, GenerateConfig, {
         "n": n, "seed": seed, "format": format, "batch_size": batch_size, "temperature": temperature,

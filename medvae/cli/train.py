@@ -33,13 +33,13 @@ def train(
                    "mask (joint image + label map)"),
 ) -> None:
     """Train a model on a patch store (multi-GPU: torchrun --nproc_per_node N -m medvae train ...)."""
-    from medvae.engine.trainer import train as train_model
+    from medvae.pipeline import train_stage
 
     cfg = config_with_options(config, TrainStageConfig, {
         "model.name": model, "train.max_steps": max_steps, "train.epochs": epochs,
         "train.batch_size": batch_size, "train.checkpoint_every": checkpoint_every, "task": task,
         "noise.kind": noise, "model.condition": condition})
-    summary = train_model(store, out, cfg, device=device, resume=resume)
+    summary = train_stage(store, out, cfg, device=device, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0 and cfg.task == "denoise":
         m = summary["metrics"]
         log.info("trained %s to denoise (%s) for %d steps: val PSNR %.2f dB (noisy %.2f dB), SSIM %.3f; "

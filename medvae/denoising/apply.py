@@ -18,7 +18,6 @@ back in the input's own format and geometry.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -29,13 +28,13 @@ import torch
 
 from medvae.config import DenoiseConfig
 from medvae.data.manifest import read_manifest
-from medvae.data.store import open_store
-from medvae.engine.checkpoint import load_model, resolve_checkpoint
 from medvae.errors import InputError
 from medvae.files import atomic_path
 from medvae.io import load_volume
 from medvae.io.formats import NIFTI_SUFFIXES, TIFF_SUFFIXES, scan_format, scan_stem
 from medvae.io.writers import write_tiff
+from medvae.training.checkpoint import load_model
+from medvae.training.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +84,12 @@ class SliceDenoiser:
 
     def __init__(self, run, cfg: DenoiseConfig, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.model, self.meta = load_model(resolve_checkpoint(run, cfg.checkpoint), device=device)
+        run_dir = RunDir(run)
+        self.model, self.meta = load_model(run_dir.checkpoint(cfg.checkpoint), device=device)
         if not hasattr(self.model, "denoise"):
             raise InputError(f"{run}: model {self.meta.get('model_config', {}).get('name')} is not fully "
                              "convolutional; train --model dae or unet-vae with --task denoise")
-        run_json = Path(run) / "run.json"
-        self.store = open_store(json.loads(run_json.read_text())["store"]) if run_json.is_file() else None
+        self.store = run_dir.store() if run_dir.info() else None
 
     @property
     def batch_size(self) -> int:

@@ -22,34 +22,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from medvae import metrics as M
-from medvae.config import EvaluateConfig, TrainStageConfig
+from medvae.config import EvaluateConfig
 from medvae.data.store import PatchStore
 from medvae.denoising import classical
-from medvae.engine.checkpoint import load_model, resolve_checkpoint
-from medvae.engine.denoise_task import DenoiseTask
+from medvae.denoising.noise import LEVEL_NAMES, eval_levels, step_generator
+from medvae.denoising.task import DenoiseTask
 from medvae.errors import InputError
 from medvae.files import write_json, write_text
-from medvae.metric_table import DENOISE_METRICS
-from medvae.noise import LEVEL_NAMES, eval_levels, step_generator
+from medvae.metrics import images as M
+from medvae.metrics.table import DENOISE_METRICS
 from medvae.report.denoise import write_denoise_report
+from medvae.training.checkpoint import load_model
+from medvae.training.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 EVAL_SEED = 2024
 CSV_COLUMNS = ("run", "method", "noise", "level", "patient_id", "modality", "split", "metric", "value", "n")
 ALL = "ALL"
-
-
-def run_task(run) -> TrainStageConfig | None:
-    """The run's TrainStageConfig when it is a denoise run (``RUN/config.yaml``), else None."""
-    path = Path(run) / "config.yaml"
-    if not path.is_file():
-        return None
-    cfg = TrainStageConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
-    return cfg if cfg.task == "denoise" else None
 
 
 def _subset(rows: np.ndarray, n: int) -> np.ndarray:
@@ -99,10 +90,11 @@ def _speed(model, methods: list[str], image: np.ndarray, device) -> dict[str, fl
 def evaluate_denoise(run, store: PatchStore, out, cfg: EvaluateConfig, device: torch.device,
                      methods: list[str] | None = None) -> dict:
     """Evaluate the denoise run ``run`` on ``cfg.split`` of ``store``; write the report directory ``out``."""
-    train_cfg = run_task(run)
-    if train_cfg is None:
-        raise InputError(f"{run}: not a denoise run (config.yaml has no `task: denoise`)")
-    ckpt = resolve_checkpoint(run, "best")
+    run_dir = RunDir(run)
+    if run_dir.task != "denoise":
+        raise InputError(f"{run}: not a denoise run (trained with task {run_dir.task})")
+    train_cfg = run_dir.config()
+    ckpt = run_dir.checkpoint("best")
     model, meta = load_model(ckpt, device=device)
     rows = _subset(store.select(split=cfg.split), cfg.denoise_patches)
     if rows.size == 0:

@@ -1,7 +1,7 @@
 """File writers in physical units: NIfTI, ImageJ TIFF, 8-bit PNG previews and .npy.
 
 Shared by the phantom cohort (``medvae.io.phantoms``: label NIfTIs, microscopy stacks) and the
-synthetic datasets (``medvae.generate``: HU slices, microscopy TIFFs, previews). Every write is
+synthetic datasets (``medvae.synthesis.generate``: HU slices, microscopy TIFFs, previews). Every write is
 atomic (a temporary name in the same folder, renamed into place), so a file that exists is
 complete. None of them writes a timestamp: the same array gives the same bytes every run
 (nibabel's gzip stores mtime 0; tifffile writes no DateTime tag unless asked).

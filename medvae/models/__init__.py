@@ -1,6 +1,6 @@
 """Models behind one interface (docs/architecture.md), built by name.
 
-Checkpoints are turned back into models by ``medvae.engine.checkpoint.load_model``.
+Checkpoints are turned back into models by ``medvae.training.checkpoint.load_model``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from torch import nn
 from medvae.config import ModelConfig
 from medvae.errors import ConfigError
 from medvae.models.denoisers import UNetDenoiser
-from medvae.models.vae import ConvVAE, VAEBase, VAEOutput
+from medvae.models.interface import GenerativeModel, VAEOutput
+from medvae.models.vae import ConvVAE, VAEBase
 from medvae.models.vaegan import VAEGAN, PatchDiscriminator
 
 __all__ = [
-    "ConvVAE", "VAEGAN", "VAEBase", "VAEOutput", "PatchDiscriminator", "build_model", "MODEL_NAMES",
+    "ConvVAE", "VAEGAN", "VAEBase", "VAEOutput", "GenerativeModel", "PatchDiscriminator", "build_model", "MODEL_NAMES",
     "UNetDenoiser", "DENOISERS", "CONDITIONAL_MODELS",
 ]
 

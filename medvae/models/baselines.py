@@ -5,7 +5,7 @@ is the standard VAE one on every MONAI version: ``encode`` returns the posterior
 and eval-mode ``forward`` decodes the posterior mean (MONAI's ``VarAutoEncoder`` returns
 mu + std in eval by default, and ``AutoencoderKL.forward`` samples even in eval). Outputs go
 through a sigmoid so x_hat is in [0, 1], and the pixel likelihood is the one every medvae model
-shares (:class:`medvae.losses.Likelihood`).
+shares (:class:`medvae.models.distributions.Likelihood`).
 """
 
 from __future__ import annotations

@@ -23,9 +23,10 @@ from torch import nn
 
 from medvae.config import ModelConfig
 from medvae.errors import ConfigError
-from medvae.losses import reparameterize, standard_normal
 from medvae.models.blocks import Downsample, ResUnit, Upsample, group_norm
-from medvae.models.vae import VAEBase, VAEOutput
+from medvae.models.distributions import reparameterize, standard_normal
+from medvae.models.interface import VAEOutput
+from medvae.models.vae import VAEBase
 
 _IN_CLAMP = 0.005  # logit of the input is taken on [0.005, 0.995]
 

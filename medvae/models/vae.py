@@ -1,42 +1,28 @@
-"""The convolutional VAE (vector latent) and the base class holding the shared model interface.
+"""The convolutional VAE (vector latent) and the base class implementing the model interface.
 
-Every medvae model derives from :class:`VAEBase`: subclasses implement ``encode`` and
+Every medvae model derives from :class:`VAEBase`, which implements
+:class:`medvae.models.interface.GenerativeModel`: subclasses implement ``encode`` and
 ``decode_logits``; the base class supplies ``decode`` (mean image), ``forward`` (what the
-training losses need, see :class:`VAEOutput`), ``sample``,
-``log_likelihood`` and ``generator_parameters`` from them, with the pixel likelihood of
-:class:`medvae.losses.Likelihood`.
+training losses need, see :class:`medvae.models.interface.VAEOutput`), ``log_likelihood``,
+``conditioned_on`` and ``generator_parameters`` from them, with the pixel likelihood of
+:class:`medvae.models.distributions.Likelihood`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from medvae.config import ModelConfig
 from medvae.errors import ConfigError
-from medvae.losses import Likelihood, reparameterize, standard_normal
 from medvae.models.blocks import Downsample, ResUnit, Upsample, group_norm
+from medvae.models.distributions import Likelihood, reparameterize, standard_normal
+from medvae.models.interface import VAEOutput
 
 BOTTLENECK = 8  # spatial size of the last encoder feature map, for every image size
-
-
-class VAEOutput(NamedTuple):
-    """What ``forward`` returns: everything the losses need, so they never call the model.
-
-    x_hat: (B, C, H, W) mean image in [0, 1]; mu, logvar, z: (B, D); logits: (B, C, H, W) the
-    decoder's raw output for z; x_prior: (n_prior, C, H, W) decoded prior samples, or None.
-    """
-
-    x_hat: torch.Tensor
-    mu: torch.Tensor
-    logvar: torch.Tensor
-    z: torch.Tensor
-    logits: torch.Tensor | None = None
-    x_prior: torch.Tensor | None = None
 
 
 class VAEBase(nn.Module):
@@ -119,7 +105,7 @@ class VAEBase(nn.Module):
     def forward(self, x: torch.Tensor, n_prior: int = 0) -> VAEOutput:
         """x: (B, C, H, W) in [0, 1] -> :class:`VAEOutput`.
 
-        z is sampled (:func:`medvae.losses.reparameterize`) in training mode and the posterior mean
+        z is sampled (:func:`medvae.models.distributions.reparameterize`) in training mode and the posterior mean
         in eval mode, so eval reconstructions are deterministic. ``n_prior > 0`` also decodes that
         many z ~ N(0, I) (``x_prior``, the critic's second kind of fake), drawn after z.
         """

@@ -2,7 +2,7 @@
 
 The VAE keeps its encoder and prior (varied samples); the discriminator judges the decoder
 on reconstructions and decoded prior samples (sharp samples), as in Larsen et al. 2016. The
-losses live in :mod:`medvae.losses`; the trainer owns the discriminator's optimizer.
+losses live in :mod:`medvae.training.losses`; the trainer owns the discriminator's optimizer.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import html
 import numpy as np
 
 from medvae.files import write_text
-from medvae.metric_table import DENOISE_METRICS
+from medvae.metrics.table import DENOISE_METRICS
 from medvae.report import figures as F
 
 _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"

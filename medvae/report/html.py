@@ -12,7 +12,7 @@ import jinja2
 import numpy as np
 
 from medvae.files import write_text
-from medvae.metric_table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS, SAMPLE_METRICS
+from medvae.metrics.table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS, SAMPLE_METRICS
 from medvae.report import figures as F
 from medvae.report.text import fmt
 from medvae.report.utility import utility_figure, utility_tables

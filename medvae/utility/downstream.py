@@ -7,7 +7,7 @@ the arms differ only in the data. Batches are epoch permutations of the training
 generator seeded with the seed, and the initial weights come from the same seed: two arms given the
 same data train to the same weights.
 
-Metrics (better direction in :data:`medvae.metric_table.UTILITY_METRICS`):
+Metrics (better direction in :data:`medvae.metrics.table.UTILITY_METRICS`):
 
 - classify: ``accuracy`` and ``macro_f1`` (F1 = 2TP / (2TP + FP + FN) per class, averaged over the
   classes present in the truth or the predictions, as scikit-learn's ``average="macro"``).

@@ -38,7 +38,7 @@ from medvae.data.store import PatchStore, open_store
 from medvae.devices import select_device
 from medvae.errors import InputError
 from medvae.files import atomic_open, atomic_path, write_json
-from medvae.metric_table import TASK_METRICS, UTILITY_METRICS
+from medvae.metrics.table import TASK_METRICS, UTILITY_METRICS
 from medvae.report.utility import utility_figure, write_utility_report
 from medvae.utility.downstream import (
     LabelledSet,

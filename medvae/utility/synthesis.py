@@ -13,7 +13,6 @@ A synthetic store is an ordinary patch store: patient ``synthetic``, split ``tra
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -24,12 +23,13 @@ import torch
 from medvae.config import TrainStageConfig, UtilityConfig, parse_config
 from medvae.data.conditions import split_joint
 from medvae.data.store import PatchStore, write_store
-from medvae.engine.checkpoint import load_model, resolve_checkpoint
-from medvae.engine.prior import prior_for
-from medvae.engine.sampling import balanced_conditions, sample_images
-from medvae.engine.trainer import train
 from medvae.errors import InputError
 from medvae.files import sha256_file
+from medvae.synthesis.prior import prior_for
+from medvae.synthesis.sampling import balanced_conditions, sample_images
+from medvae.training.checkpoint import load_model
+from medvae.training.rundir import RunDir
+from medvae.training.trainer import train
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,10 @@ def generator_config(cfg: UtilityConfig, n_rows: int, seed: int) -> TrainStageCo
 def train_generator(subset: PatchStore, run: str | os.PathLike, cfg: UtilityConfig, seed: int,
                     device: str = "auto") -> Path:
     """Train (or finish, from ``last.pt``) the generator of a cell on ``subset``; its ``last.pt``."""
-    run = Path(run)
-    status = run / "run.json"
-    finished = status.is_file() and json.loads(status.read_text(encoding="utf-8")).get("status") == "done"
-    if not finished:
+    run_dir = RunDir(run)
+    if not run_dir.done:
         train(subset, run, generator_config(cfg, len(subset), seed), device=device, resume=True)
-    return resolve_checkpoint(run, "last")
+    return run_dir.checkpoint("last")
 
 
 def write_synthetic_store(path: str | os.PathLike, images: np.ndarray, real: PatchStore, info: dict,

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from medvae.cli import app
 from medvae.config import PrepareConfig
 from medvae.data.discover import run_discovery
-from medvae.data.loader import PatchBatches, PatchDataset
+from medvae.data.loader import PatchBatches
 from medvae.data.manifest import read_manifest, write_manifest
 from medvae.data.prepare import prepare
 
@@ -83,12 +83,10 @@ def test_image_folder_prepare_pads_converts_and_keeps_classes(image_folder, tmp_
     want = (rgb.astype(np.float32) / 255.0) @ np.float32([0.299, 0.587, 0.114])
     np.testing.assert_allclose(g, want, atol=1e-4)
     assert any("broken.png" in p for p in store.meta["problems"])
-    ds = PatchDataset(store, split="test", with_classes=True)
-    xs, ys = zip(*[ds[i] for i in range(len(ds))])
-    assert sorted(int(y) for y in ys) == [0, 0, 1, 1] and xs[0].shape == (1, 32, 32)
-    x, y = next(iter(PatchBatches(store, split="train", batch_size=4, with_classes=True)))
-    assert x.shape == (4, 1, 32, 32) and y.dtype == torch.int64
-    np.testing.assert_array_equal(y.numpy(), store.class_ids(PatchBatches(store, split="train").epoch_rows()[:4]))
+    assert sorted(store.class_ids(store.select("test")).tolist()) == [0, 0, 1, 1]
+    batch = next(iter(PatchBatches(store, split="train", batch_size=4, condition=("class", ("cat", "dog")))))
+    assert batch.x.shape == (4, 1, 32, 32) and batch.ids.dtype == torch.int64
+    np.testing.assert_array_equal(batch.ids.numpy(), store.class_ids(batch.rows))
     res = CliRunner().invoke(app, ["prepare", str(manifest), "--out", str(tmp_path / "store"), "--patch-size", "32",
                                    "--config", str(_yaml(tmp_path, "dtype: uint16\n"))])
     assert res.exit_code == 0, res.output

@@ -6,7 +6,7 @@ import torch
 
 from medvae.config import TrainStageConfig
 from medvae.data.store import write_store
-from medvae.engine.trainer import train
+from medvae.pipeline import train_stage
 
 
 def make_hu_store(path, n_train=32, n_val=8, n_test=8):
@@ -43,7 +43,7 @@ def denoise_run(hu_store, tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(hu_store, run, denoise_config("ct-lowdose"), device="cpu")
+        train_stage(hu_store, run, denoise_config("ct-lowdose"), device="cpu")
     finally:
         torch.set_num_threads(before)
     return run

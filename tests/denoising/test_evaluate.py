@@ -6,7 +6,7 @@ import numpy as np
 
 from medvae.config import EvaluateConfig
 from medvae.denoising import classical
-from medvae.evaluate import evaluate
+from medvae.evaluation.evaluate import evaluate
 
 
 def test_classical_baselines_see_the_same_noisy_patches(denoise_run, hu_store, tmp_path, monkeypatch):

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from medvae.config import ModelConfig
 from medvae.errors import ConfigError
-from medvae.losses import generator_loss
 from medvae.models import ConvVAE, VAEOutput, build_model
 from medvae.models.blocks import Upsample
+from medvae.training.losses import generator_loss
 
 SMALL = dict(channels=(8, 16), latent_dim=16, norm_groups=4)
 
@@ -157,8 +157,8 @@ def test_loss_falls_over_adam_steps():
 
 @pytest.mark.parametrize("name", ["vae", "vaegan", "monai-kl"])
 def test_load_model_round_trip(tmp_path, name):
-    checkpoint = pytest.importorskip("medvae.engine.checkpoint")
-    from medvae.engine.checkpoint import load_model
+    checkpoint = pytest.importorskip("medvae.training.checkpoint")
+    from medvae.training.checkpoint import load_model
 
     cfg = small_cfg(name=name, image_size=64, latent_dim=64, spectral_norm=True, disc_channels=8)
     torch.manual_seed(0)

@@ -4,8 +4,8 @@ import re
 
 import numpy as np
 
-from medvae.compare import compare_table
-from medvae.metric_table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS
+from medvae.evaluation.tables import compare_table
+from medvae.metrics.table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS
 from medvae.report import render_report
 from medvae.report.text import fmt as _fmt
 

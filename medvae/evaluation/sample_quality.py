@@ -1,0 +1,97 @@
+"""Sample quality of one model per modality and prior: FID, KID, precision/recall, density/coverage.
+
+Real held-out patches and model samples are embedded with the store's own feature network
+(:mod:`medvae.evaluation.features`, shared by every model evaluated on the store) and compared with
+:func:`medvae.metrics.samples.sample_metrics`, for samples from N(0, I) (``standard``) and from the
+Gaussian mixture fitted on the training codes (``gmm``, :mod:`medvae.synthesis.prior`). The same
+metrics between two halves of the real patches (``real``) are the floor a perfect model reaches
+with that many samples.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from medvae.config import EvaluateConfig
+from medvae.data.conditions import condition_counts
+from medvae.data.store import PatchStore
+from medvae.evaluation.features import embed, feature_net
+from medvae.metrics.samples import sample_metrics
+from medvae.synthesis.prior import prior_for
+from medvae.synthesis.sampling import sample_conditions, sample_images
+
+log = logging.getLogger(__name__)
+MIN_PER_HALF = 8  # density / coverage use 5-NN balls
+
+
+@torch.no_grad()
+def prior_samples(model, checkpoint, store: PatchStore, modalities: list[str], cfg: EvaluateConfig,
+                  seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """``{modality: {"standard": (n, C, H, W), "gmm": (n, C, H, W)}}`` float32 CPU image samples (a joint
+    model's mask channel dropped), n = ``cfg.mmd_samples``.
+
+    A modality-conditioned model samples each modality under its own id; a class model samples classes
+    in the training split's proportions; an unconditional model's samples are shared by every modality.
+    Without training patches (a store of one split) there is no mixture to fit: ``standard`` only.
+    """
+    priors = {"standard": None}
+    if store.select(split="train").size >= 2:
+        priors["gmm"] = prior_for(checkpoint, model, store, cfg.prior_components, seed)
+    else:
+        log.warning("%s has no train split: samples from N(0, I) only", store.path)
+    kind, names = model.config.condition, tuple(model.config.condition_names)
+    channels, n = int(store.meta["channels"]), cfg.mmd_samples
+    ids = None
+    if kind == "class":
+        ids = sample_conditions(0, n, condition_counts(store, kind, names))
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for mod in modalities:
+        if kind != "modality" and out:  # the same samples for every modality
+            out[mod] = next(iter(out.values()))
+            continue
+        if kind == "modality":
+            ids = torch.full((n,), names.index(mod), dtype=torch.long)
+        out[mod] = {name: sample_images(model, n, seed=seed, prior=prior, conditions=ids,
+                                        batch_size=cfg.batch_size)[:, :channels] for name, prior in priors.items()}
+    return out
+
+
+def sample_quality(store: PatchStore, rows_by_modality: dict[str, np.ndarray],
+                   samples: dict[str, dict[str, torch.Tensor]], cfg: EvaluateConfig, device: torch.device,
+                   seed: int = 0) -> dict[str, dict[str, dict]]:
+    """Per modality and prior (``real``, ``standard``, ``gmm``): the sample metrics and their n.
+
+    ``samples``: :func:`prior_samples`, the model's samples per modality and prior.
+    """
+    if store.select(split="train").size < 2:
+        log.warning("%s has no train split to train the feature network on: no sample metrics", store.path)
+        return {}
+    net = feature_net(store, steps=cfg.feature_steps, seed=seed, device=device)
+    embedded: dict[int, np.ndarray] = {}  # shared samples (an unconditional model) are embedded once
+    rng = np.random.default_rng(seed)
+    out = {}
+    for mod, rows in rows_by_modality.items():
+        for x in samples[mod].values():
+            if id(x) not in embedded:  # (setdefault would embed again before finding the cached one)
+                embedded[id(x)] = embed(net, x).numpy()
+        fake = {name: embedded[id(x)] for name, x in samples[mod].items()}
+        pick = np.sort(rng.choice(rows, min(cfg.mmd_samples, len(rows)), replace=False))
+        real = embed(net, torch.from_numpy(store.get(pick))).numpy()
+        if len(real) < 2 * MIN_PER_HALF:
+            log.warning("%s: %d patches are too few for sample metrics (k-NN balls need %d per half); skipped",
+                        mod, len(real), MIN_PER_HALF)
+            continue
+        # Every comparison at the same n (FID and KID depend on it): half of the real patches are the
+        # reference, the other half the floor, and as many samples. The halves are a random split, not
+        # row order: rows are sorted by patient, and halves of different patients are no floor.
+        real = real[rng.permutation(len(real))]
+        half = len(real) // 2
+        ref = real[:half]
+        res = {"real": {**sample_metrics(ref, real[half:2 * half], seed), "n": half}}
+        for name, f in fake.items():
+            res[name] = {**sample_metrics(ref, f[:half], seed), "n": int(min(half, len(f)))}
+        out[mod] = res
+    return out

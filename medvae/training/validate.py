@@ -1,0 +1,57 @@
+"""Validation during training: reconstruction SSIM / PSNR and the ELBO on the val split."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from medvae.data.conditions import model_inputs
+from medvae.data.store import PatchStore
+from medvae.metrics import images as metrics
+from medvae.metrics.elbo import elbo
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, store: PatchStore, batch_size: int, max_batches: int,
+             device: torch.device, seed: int = 0, channels_last: bool = False) -> dict[str, float]:
+    """Mean metrics over the first ``max_batches`` batches of the val split (store order).
+
+    The same patches and the same noise (a generator seeded with ``seed``) every time, so values
+    are comparable across validations, and the global RNG the training draws from is untouched.
+
+    Returns:
+        ``elbo``, ``nll``, ``kl`` (nats per image), ``ssim`` and ``psnr`` (dB) of the reconstruction
+        ``decode(mu)``, ``mse``; an empty dict when the store has no val split.
+    """
+    rows = store.select("val")[: batch_size * max_batches]
+    if len(rows) == 0:
+        if str(store.path) not in _WARNED:  # once per store, not at every checkpoint
+            _WARNED.add(str(store.path))
+            log.warning("%s has no val split: no validation metrics and no best.pt", store.path)
+        return {}
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    for start in range(0, len(rows), batch_size):
+        x, ids = model_inputs(store, rows[start : start + batch_size], model.config)
+        x = torch.from_numpy(x).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with model.conditioned_on(None if ids is None else torch.from_numpy(ids).to(device)):
+            elbo_, terms = elbo(model, x, generator=gen, return_terms=True)
+            mu, _ = model.encode(x)
+            recon = model.decode(mu).float().clamp(0.0, 1.0)
+        x32 = x.float()
+        per_image = {"elbo": elbo_, "nll": terms["nll"], "kl": terms["kl"], "ssim": metrics.ssim(recon, x32),
+                     "psnr": metrics.psnr(recon, x32), "mse": metrics.mse(recon, x32)}
+        batch = torch.stack([v.float().sum() for v in per_image.values()]).tolist()
+        for k, v in zip(per_image, batch, strict=False):
+            sums[k] = sums.get(k, 0.0) + v
+    model.train(was_training)
+    return {k: float(np.float64(v) / len(rows)) for k, v in sums.items()}

@@ -1,0 +1,183 @@
+"""`medvae evaluate` end to end on a tiny store and two tiny (untrained) ConvVAE checkpoints."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from typer.testing import CliRunner
+
+from medvae.cli import app
+from medvae.config import EvaluateConfig, ModelConfig
+from medvae.data.store import write_store
+from medvae.evaluation.evaluate import evaluate
+from medvae.evaluation.tables import CSV_COLUMNS
+from medvae.metrics.table import PATCH_METRICS
+from medvae.models import build_model
+from medvae.training.checkpoint import load_model, save_checkpoint
+
+PATIENTS = ["PANCREAS_0001", "PANCREAS_0002", "PANCREAS_0003"]
+CFG = EvaluateConfig(split="test", iwae_k=4, mmd_samples=24, mmd_permutations=20, batch_size=16, worst_patches=2,
+                     feature_steps=5, prior_components=2)
+
+
+def _store(path):
+    """Three test patients (10 patches each) and a training patient the priors and features are fitted on."""
+    rng = np.random.default_rng(0)
+    n_per, size = 10, 64
+    yy, xx = np.mgrid[:size, :size] / size
+    ids, imgs = [], []
+    for p, pid in enumerate([*PATIENTS, "TRAIN_0001", "TRAIN_0002"]):
+        for _ in range(n_per):
+            cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.3)
+            imgs.append(((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) * (0.5 + 0.1 * p) + 0.1)
+            ids.append(pid)
+    n = len(ids)
+    index = {"patient_id": ids, "modality": ["ct"] * n,
+             "split": ["train" if i.startswith("TRAIN") else "test" for i in ids], "slice_index": list(range(n)),
+             "y": [0] * n, "x": [0] * n, "foreground_fraction": [1.0] * n, "source": ["phantom"] * n}
+    meta = {"content_hash": "tiny-eval-store",
+            "normalization": {"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}}}
+    return write_store(path, np.stack(imgs)[:, None].astype(np.float32), index, meta)
+
+
+def _run(path, seed, store_hash="tiny-eval-store", name="vae"):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(name=name, image_size=64, channels=(8, 16), latent_dim=8, disc_channels=8, disc_layers=2)
+    model = build_model(cfg)
+    save_checkpoint(path / "checkpoints" / "best.pt", {
+        "model_config": cfg.model_dump(mode="json"), "model_state": model.state_dict(), "step": 7,
+        "store_hash": store_hash})
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    return _store(root / "store"), _run(root / "vae_a", 0), _run(root / "vae_b", 1, store_hash="other", name="vaegan")
+
+
+def test_evaluate_writes_three_outputs(setup, tmp_path, caplog):
+    store, run_a, _ = setup
+    out = tmp_path / "report"
+    summary = evaluate(run_a, store.path, out, CFG, device="cpu")
+    assert {p.name for p in out.iterdir()} >= {"metrics.csv", "summary.json", "report.html"}
+
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0].keys()) == CSV_COLUMNS
+    for pid in PATIENTS:
+        mine = {r["metric"]: r for r in rows if r["patient_id"] == pid}
+        assert set(PATCH_METRICS) <= set(mine) and {f"{m}_sd" for m in PATCH_METRICS} <= set(mine)
+        assert int(mine["ssim"]["n"]) == 10 and int(mine["iwae"]["n"]) == 8
+        assert -1 <= float(mine["ssim"]["value"]) <= 1
+        assert mine["ssim"]["modality"] == "ct" and mine["ssim"]["split"] == "test"
+    # One patient's mean SSIM and PSNR recomputed independently: scikit-image on decode(mu).
+    model, _ = load_model(run_a / "checkpoints" / "best.pt")
+    rows_p1 = np.flatnonzero(store.index["patient_id"] == PATIENTS[0])
+    x = store.get(rows_p1)
+    with torch.no_grad():
+        recon = model.decode(model.encode(torch.from_numpy(x))[0]).numpy()
+    ref_ssim = np.mean([structural_similarity(r[0], o[0], data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                              use_sample_covariance=False) for r, o in zip(recon, x)])
+    ref_psnr = np.mean([peak_signal_noise_ratio(o[0], r[0], data_range=1.0) for r, o in zip(recon, x)])
+    mine = {r["metric"]: float(r["value"]) for r in rows if r["patient_id"] == PATIENTS[0]}
+    assert mine["ssim"] == pytest.approx(ref_ssim, abs=1e-4)
+    assert mine["psnr"] == pytest.approx(ref_psnr, abs=1e-3)
+    cohort = {r["metric"]: float(r["value"]) for r in rows
+              if r["patient_id"] == "ALL" and r["prior"] in ("", "standard")}
+    # Sample metrics per prior, on the same n, the real-vs-real floor beside them.
+    sample = {(r["prior"], r["metric"]): float(r["value"]) for r in rows if r["prior"] in ("real", "gmm", "standard")
+              and r["metric"] in ("fid", "kid", "kid_sd", "precision", "recall", "density", "coverage")}
+    assert {p for p, _ in sample} == {"real", "standard", "gmm"} and len(sample) == 21
+    assert all(0 <= sample[(p, k)] <= 1 for p in ("real", "gmm") for k in ("precision", "recall", "coverage"))
+    assert (out / "features").exists() is False and any((store.path / "features").glob("*.pt"))
+    assert any((run_a / "priors").glob("best-*.pt"))
+    assert {"mmd2_pixel", "mmd_p_pixel", "mmd2_randconv", "intensity_w1"} <= set(cohort)
+    assert 0 < cohort["mmd_p_pixel"] <= 1 and cohort["intensity_w1"] >= 0
+
+    js = json.loads((out / "summary.json").read_text())
+    assert set(js) >= {"per_patient", "per_modality", "cohort"}
+    assert sorted(js["per_patient"]) == PATIENTS
+    assert js["per_modality"]["ct"]["n_patches"] == 30
+    assert js["cohort"]["ct"]["unit"] == "HU"
+    assert len(js["per_patient"]["PANCREAS_0001"]["worst_patches"]) == 2
+    # ELBO <= IWAE on average (IWAE with k >= 1 is a tighter bound).
+    m = js["per_modality"]["ct"]["metrics"]
+    assert m["elbo"]["mean"] < m["iwae"]["mean"] + 1.0
+    assert summary["run"] == "vae_a"
+
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3 + len(PATIENTS)
+    for pid in PATIENTS:
+        assert f'id="p-{pid}"' in html
+    # Offline and anonymous: nothing fetched, no DICOM identity strings.
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+    for ident in ("PHANTOM^", "PatientName", "BirthDate"):
+        assert ident not in html and ident not in (out / "summary.json").read_text()
+
+
+def test_compare_marks_best(setup, tmp_path, caplog):
+    store, run_a, run_b = setup
+    out = tmp_path / "cmp"
+    with caplog.at_level("WARNING"):
+        res = CliRunner().invoke(app, ["evaluate", str(run_a), "--store", str(store.path), "--out", str(out),
+                                       "--compare", str(run_b), "--device", "cpu", "--config", str(_yaml(tmp_path))])
+    assert res.exit_code == 0, res.output
+    assert "trained on another store" in caplog.text  # run_b's store hash differs
+    summary = json.loads((out / "summary.json").read_text())
+    table = summary["compare"]["table"]
+    assert summary["compare"]["runs"] == ["vae_a", "vae_b"]
+    assert summary["compare"]["identical_weights"] == []  # two different models
+    ssim_row = next(r for r in table if r["metric"] == "ssim")
+    vals = ssim_row["values"]
+    assert ssim_row["best"] == max(vals, key=vals.get)
+    mse_row = next(r for r in table if r["metric"] == "mse")
+    assert mse_row["best"] == min(mse_row["values"], key=mse_row["values"].get)
+    assert next(r for r in table if r["metric"] == "kl")["best"] is None  # no better direction
+    with open(out / "metrics.csv", newline="") as f:
+        assert {r["run"] for r in csv.DictReader(f)} == {"vae_a", "vae_b"}
+    html = (out / "report.html").read_text()
+    assert 'id="compare"' in html and 'class="best"' in html
+
+
+def test_compare_flags_identical_weights(setup, tmp_path, caplog):
+    import shutil
+
+    store, run_a, _ = setup
+    twin = tmp_path / "vae_twin"
+    shutil.copytree(run_a / "checkpoints", twin / "checkpoints")  # the same weights under another name
+    cfg = CFG.model_copy(update={"sample_metrics": False})
+    with caplog.at_level("WARNING"):
+        summary = evaluate(run_a, store.path, tmp_path / "r", cfg, compare=[twin], device="cpu")
+    assert summary["compare"]["identical_weights"] == [["vae_a", "vae_twin"]]
+    assert "vae_a and vae_twin have IDENTICAL weights" in caplog.text
+    assert "vae_a and vae_twin have identical weights" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_bad_split_is_a_user_error(setup, tmp_path):
+    from medvae.errors import InputError
+
+    store, run_a, _ = setup
+    with pytest.raises(InputError, match="split 'nope'"):
+        evaluate(run_a, store.path, tmp_path / "x", CFG.model_copy(update={"split": "nope"}), device="cpu")
+
+
+def test_yaml_split_is_used_unless_the_option_is_given(setup, tmp_path):
+    store, run_a, _ = setup
+    args = ["evaluate", str(run_a), "--store", str(store.path), "--out", str(tmp_path / "r"), "--device", "cpu",
+            "--config", str(_yaml(tmp_path, split="val"))]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "split 'val'" in res.output  # the tiny store has only a test split
+    res = CliRunner().invoke(app, [*args, "--split", "test"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["split"] == "test"
+
+
+def _yaml(tmp_path, split="test"):
+    p = tmp_path / "eval.yaml"
+    p.write_text(f"split: {split}\niwae_k: 2\nmmd_samples: 16\nmmd_permutations: 10\nbatch_size: 16\n"
+                 "worst_patches: 1\nfeature_steps: 5\nprior_components: 2\n")
+    return p

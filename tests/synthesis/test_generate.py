@@ -1,0 +1,268 @@
+"""Synthetic dataset generation: determinism, physical units and headers, resume, mixing.
+
+A stub model (the model interface, decode only) stands in for a trained run: a fixed random
+projection of the latent (or a constant image) lets every expected value be computed by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from medvae.config import GenerateConfig
+from medvae.data.store import open_store, write_store
+from medvae.errors import InputError
+from medvae.files import sha256_file
+from medvae.synthesis import generate as gen
+from medvae.synthesis.sampling import latents
+
+SIZE = 32
+CT_NORM = {"low": -160.0, "high": 240.0, "unit": "HU"}
+MIC_NORM = {"low": 100.0, "high": 4000.0, "unit": "counts"}
+CT_SPACING, MIC_SPACING = [0.8, 0.7], [0.3, 0.25]  # (sy, sx)
+# (patient, modality, split, level): patients are flat images at distinct levels (+ 2% noise)
+PATIENTS = [("P1", "ct", "train", 0.1), ("P2", "ct", "train", 0.3), ("P3", "ct", "train", 0.5),
+            ("P4", "ct", "test", 0.45), ("S1", "microscopy", "train", 0.75),
+            ("S2", "microscopy", "train", 0.95)]
+PER_PATIENT = 6
+
+
+def _store_arrays(labels: bool = False):
+    rng = np.random.default_rng(0)
+    patches, index, masks = [], {k: [] for k in ("patient_id", "modality", "split", "slice_index", "y", "x",
+                                                  "foreground_fraction", "source")}, []
+    for pid, mod, split, level in PATIENTS:
+        for s in range(PER_PATIENT):
+            patches.append(np.clip(level + 0.02 * rng.standard_normal((1, SIZE, SIZE)), 0, 1))
+            masks.append((rng.random((1, SIZE, SIZE)) > 0.5).astype(np.uint8))
+            for k, v in zip(index, (pid, mod, split, s, 0, 0, 1.0, f"{pid}.nii.gz")):
+                index[k].append(v)
+    meta = {"normalization": {"ct": CT_NORM, "microscopy": MIC_NORM},
+            "spacing": {"ct": CT_SPACING, "microscopy": MIC_SPACING}, "content_hash": "teststore"}
+    return np.stack(patches).astype(np.float32), index, meta, (np.stack(masks) if labels else None)
+
+
+class StubModel(torch.nn.Module):
+    """decode(z) = sigmoid(z @ W) (a fixed random projection), or a constant image, or planted copies."""
+
+    def __init__(self, latent_dim=8, channels=1, constant=None, planted=None):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.config = SimpleNamespace(in_channels=channels, condition="none", condition_names=())
+        g = torch.Generator().manual_seed(1)
+        self.w = torch.randn(latent_dim, channels * SIZE * SIZE, generator=g) * 3.0
+        self.constant = constant
+        self.planted = planted or {}  # sample index -> (seed, image (C, H, W)) decoded for that sample's z
+
+    def conditioned_on(self, ids):
+        return contextlib.nullcontext()
+
+    def decode(self, z):
+        x = torch.sigmoid(z @ self.w.to(z.device)).view(-1, self.config.in_channels, SIZE, SIZE)
+        if self.constant is not None:
+            x = torch.full_like(x, self.constant)
+        for i, (seed, img) in self.planted.items():
+            hit = (z == latents(seed, i, i + 1, self.latent_dim).to(z.device)).all(dim=1)
+            x[hit] = torch.as_tensor(img, dtype=x.dtype, device=x.device)
+        return x
+
+
+@pytest.fixture
+def make_run(tmp_path, monkeypatch):
+    """Build a run dir (dummy checkpoint + run.json) over a tiny two-modality store; returns RUN."""
+
+    def make(model, labels=False, name="run"):
+        patches, index, meta, masks = _store_arrays(labels)
+        store = write_store(tmp_path / f"{name}_store", patches, index, meta, labels=masks)
+        run = tmp_path / name
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "best.pt").write_bytes(b"stub checkpoint " + name.encode())
+        info = {"store": str(store.path), "store_hash": store.content_hash}
+        (run / "run.json").write_text(json.dumps(info))
+        monkeypatch.setattr(gen, "_load_model", lambda path, device: (model, dict(info)))
+        return run
+
+    return make
+
+
+def _manifest(out):
+    with open(out / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _hashes(out):
+    return {p.relative_to(out): sha256_file(p) for p in sorted((out / "synthetic").rglob("*")) if p.is_file()}
+
+
+def test_latents_do_not_depend_on_batching():
+    whole = latents(3, 0, 600, 16)
+    parts = torch.cat([latents(3, a, min(a + 77, 600), 16) for a in range(0, 600, 77)])
+    assert torch.equal(whole, parts)
+    assert not torch.equal(whole, latents(4, 0, 600, 16))
+    assert torch.allclose(latents(3, 0, 10, 16, temperature=0.5), whole[:10] * 0.5)
+
+
+def test_same_seed_same_bytes_different_seed_differs(make_run, tmp_path):
+    run = make_run(StubModel())
+    cfg = GenerateConfig(prior="standard", n=12, seed=5, batch_size=5)
+    gen.generate(run, tmp_path / "a", cfg, device="cpu")
+    gen.generate(run, tmp_path / "b", cfg.model_copy(update={"batch_size": 4}), device="cpu")
+    gen.generate(run, tmp_path / "c", cfg.model_copy(update={"seed": 6}), device="cpu")
+    a, b, c = (_hashes(tmp_path / d) for d in "abc")
+    assert len(a) == 24 and a == b  # 12 samples x (physical file + PNG preview); batch size irrelevant
+    assert set(a) & set(c) and all(a[k] != c[k] for k in set(a) & set(c))
+    assert (tmp_path / "a" / "manifest.csv").read_bytes() == (tmp_path / "b" / "manifest.csv").read_bytes()
+
+
+def test_ct_sample_in_hu_with_store_spacing(make_run, tmp_path):
+    run = make_run(StubModel(constant=0.25))  # nearest training patches: CT patient at level 0.3
+    gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=3), device="cpu")
+    rows = _manifest(tmp_path / "out")
+    assert [r["modality"] for r in rows] == ["ct"] * 3
+    img = nib.load(tmp_path / "out" / rows[0]["path"])
+    data = np.asanyarray(img.dataobj)
+    assert data.dtype == np.int16 and data.shape == (SIZE, SIZE, 1)
+    assert np.all(data == round(-160 + 0.25 * 400))  # HU = low + x (high - low) = -60
+    assert img.header.get_zooms() == pytest.approx((CT_SPACING[1], CT_SPACING[0], 1.0))
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
+    assert img.header.get_xyzt_units()[0] == "mm"
+
+
+def test_microscopy_sample_uint16_tiff_with_um_spacing(make_run, tmp_path):
+    run = make_run(StubModel(constant=0.8))  # nearest: microscopy stack at level 0.75
+    gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=2), device="cpu")
+    row = _manifest(tmp_path / "out")[0]
+    assert row["modality"] == "microscopy" and row["path"].endswith(".tif")
+    with tifffile.TiffFile(tmp_path / "out" / row["path"]) as tif:
+        page = tif.pages[0]
+        data = page.asarray()
+        assert tif.is_imagej and tif.imagej_metadata["unit"] == "um"
+        xres, yres = page.tags["XResolution"].value, page.tags["YResolution"].value
+    assert data.dtype == np.uint16 and np.all(data == round(100 + 0.8 * 3900))
+    assert xres[1] / xres[0] == pytest.approx(MIC_SPACING[1], rel=1e-6)
+    assert yres[1] / yres[0] == pytest.approx(MIC_SPACING[0], rel=1e-6)
+
+
+def test_resume_rewrites_only_missing_files(make_run, tmp_path):
+    run = make_run(StubModel())
+    out = tmp_path / "out"
+    cfg = GenerateConfig(prior="standard", n=10, seed=2, batch_size=4)
+    gen.generate(run, out, cfg, device="cpu")
+    before = _hashes(out)
+    files = sorted(before)
+    deleted = files[::4]
+    for rel in deleted:
+        (out / rel).unlink()
+    for rel in set(files) - set(deleted):
+        os.utime(out / rel, ns=(1_000_000_000, 1_000_000_000))  # an mtime no rewrite could keep
+    summary = gen.generate(run, out, cfg, device="cpu")
+    assert _hashes(out) == before
+    assert summary["counts"]["written_files"] == len(deleted)
+    for rel in set(files) - set(deleted):
+        assert (out / rel).stat().st_mtime_ns == 1_000_000_000
+    with pytest.raises(InputError, match="other settings"):
+        gen.generate(run, out, cfg.model_copy(update={"seed": 3}), device="cpu")
+
+
+def test_audit_flags_planted_training_copy_only(make_run, tmp_path):
+    model = StubModel()
+    run = make_run(model)
+    store = open_store(json.loads((run / "run.json").read_text())["store"])
+    model.planted = {3: (0, store.get(7))}  # sample 3 decodes to a patch of training patient P2, exactly
+    out = tmp_path / "out"
+    summary = gen.generate(run, out, GenerateConfig(prior="standard", n=16, seed=0, batch_size=6), device="cpu")
+    rows = _manifest(out)
+    flagged = [r["id"] for r in rows if r["flagged"] == "1"]
+    assert flagged == ["000003"]
+    assert float(rows[3]["nearest_train_distance"]) < 1e-3 and rows[3]["nearest_train_patient"] == "P2"
+    assert summary["audit"]["flagged"] == 1 and "1/16" in summary["audit"]["summary"]
+    assert (out / "audit.png").stat().st_size > 1000
+    # --drop-flagged: the copy is not written, its manifest row stays with an empty path
+    summary = gen.generate(run, tmp_path / "dropped",
+                           GenerateConfig(prior="standard", n=16, drop_flagged=True, batch_size=6), device="cpu")
+    rows = _manifest(tmp_path / "dropped")
+    assert rows[3]["path"] == "" and summary["counts"]["dropped"] == 1
+    assert not list((tmp_path / "dropped" / "synthetic").rglob("000003*"))
+
+
+def test_mixed_store_loads_with_the_regular_loader(make_run, tmp_path):
+    from medvae.data.loader import PatchBatches
+
+    run = make_run(StubModel())
+    real = open_store(json.loads((run / "run.json").read_text())["store"])
+    n_train = real.select(split="train").size
+    summary = gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=5, batch_size=8), device="cpu",
+                           mix_with=real.path, ratio=1.5)
+    mixed = open_store(tmp_path / "out" / "augmented_store")
+    n_syn = round(1.5 * n_train)  # more than the 5 generated: the rest are decoded for the store only
+    assert len(mixed) == len(real) + n_syn
+    assert (mixed.index["source"] == "synthetic").sum() == n_syn
+    assert (mixed.index["source"] == "real").sum() == len(real)
+    assert summary["augmented_store"]["n_synthetic"] == n_syn
+    batches = PatchBatches(mixed, split="train", batch_size=n_train + n_syn, shuffle=False)
+    assert len(batches) == 1
+    x = next(iter(batches)).x[-1]
+    assert x.shape == (1, SIZE, SIZE) and x.dtype == torch.float32
+    assert 0 <= float(x.min()) <= float(x.max()) <= 1
+    # the synthetic rows hold the decoded samples (float16 store)
+    z = latents(0, 0, 1, 8)
+    first = np.flatnonzero(mixed.index["source"] == "synthetic")[0]
+    np.testing.assert_allclose(mixed.get(first), StubModel().decode(z)[0].numpy(), atol=1e-3)
+
+
+def test_manifest_columns(make_run, tmp_path):
+    run = make_run(StubModel())
+    gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=2), device="cpu")
+    with open(tmp_path / "out" / "manifest.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header == ["id", "modality", "class", "path", "mask", "preview", "seed", "checkpoint_sha256", "latent_norm",
+                      "nearest_train_distance", "nearest_train_distance_features", "nearest_train_patient",
+                      "flagged"]
+
+
+def test_mixing_with_a_labelled_store_drops_its_labels(make_run, tmp_path, caplog):
+    run = make_run(StubModel(), labels=True)  # synthetic patches have no masks
+    gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=4), device="cpu",
+                 mix_with=tmp_path / "run_store", ratio=0.1)
+    mixed = open_store(tmp_path / "out" / "augmented_store")
+    assert mixed.labels is None and (mixed.index["source"] == "synthetic").sum() == 3  # 0.1 x 30 train
+    assert "without labels" in caplog.text
+
+
+def test_model_channels_must_match_the_store(make_run, tmp_path):
+    run = make_run(StubModel(channels=2))  # e.g. an image + mask model over a one-channel store
+    with pytest.raises(InputError, match="2-channel"):
+        gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=2), device="cpu")
+
+
+def test_png_only_and_npy_formats(make_run, tmp_path):
+    run = make_run(StubModel())
+    gen.generate(run, tmp_path / "png", GenerateConfig(prior="standard", n=3, format="png"), device="cpu")
+    assert {p.suffix for p in (tmp_path / "png" / "synthetic").rglob("*.*")} == {".png"}
+    gen.generate(run, tmp_path / "npy", GenerateConfig(prior="standard", n=3, format="npy"), device="cpu")
+    row = _manifest(tmp_path / "npy")[0]
+    x = np.load(tmp_path / "npy" / row["path"])
+    np.testing.assert_allclose(x, StubModel().decode(latents(0, 0, 1, 8))[0].numpy(), atol=1e-6)
+
+
+def test_cli_writes_dataset_and_rejects_bad_format(make_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from medvae.cli import app
+
+    run = make_run(StubModel())
+    base = ["generate", str(run), "--n", "3", "--prior", "standard", "--out"]
+    res = CliRunner().invoke(app, [*base, str(tmp_path / "out"), "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    assert "0/3 samples" in res.output and len(_manifest(tmp_path / "out")) == 3
+    res = CliRunner().invoke(app, [*base, str(tmp_path / "x"), "--format", "jpg"])
+    assert res.exit_code == 2 and "format" in res.output
