@@ -174,6 +174,16 @@ class PatchStore:
 
 
 # --------------------------------------------------------------------------- reading
+def even_positions(n: int, k: int) -> np.ndarray:
+    """Positions (int64, ascending, distinct) of ``min(k, n)`` of ``n`` items, evenly spaced from the first
+    to the last (``round(i (n - 1) / (k - 1))``, halves to even; ``k == 1``: the first): all when ``k >= n``.
+
+    Thinning by position instead of at random keeps a subset deterministic and spread over the
+    whole ordering (a patient's slices, a split's patches): ``rows[even_positions(len(rows), k)]``.
+    """
+    return np.unique(np.linspace(0, n - 1, max(min(k, n), 0)).round().astype(np.int64))
+
+
 def read_rows(arr: np.ndarray, rows) -> np.ndarray:
     """``arr[rows]`` read in ascending row order (sequential on a memmap), returned in ``rows`` order."""
     rows = np.asarray(rows, dtype=np.int64)

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from medvae.data.store import FORMAT_VERSION, open_store, read_rows, write_store_json
+from medvae.data.store import FORMAT_VERSION, even_positions, open_store, read_rows, write_store_json
 from medvae.errors import StoreError
 from tests.data.test_loader import small_store
 
@@ -72,3 +72,15 @@ def test_one_store_json_writer(tmp_path):
     assert meta["format_version"] == FORMAT_VERSION and meta["n_patches"] == 4 and meta["problems"] == []
     with pytest.raises(ValueError, match="n_patches"):
         write_store_json(tmp_path / "t", {"content_hash": "x", "patch_size": 8, "channels": 1, "dtype": "float16"})
+
+
+@pytest.mark.parametrize("n,k", [(0, 5), (1, 3), (5, 5), (5, 9), (6, 3), (10, 1), (10, 4), (2000, 8), (1001, 1000)])
+def test_even_positions(n, k):
+    got = even_positions(n, k)
+    m = min(k, n)
+    # by definition: round(i (n - 1) / (m - 1)) for i < m (halves to even), no position twice
+    want = sorted({round(i * (n - 1) / (m - 1)) for i in range(m)}) if m > 1 else [0] * m
+    assert got.dtype == np.int64 and got.tolist() == want
+    assert len(got) == m and (m < 2 or (got[0] == 0 and got[-1] == n - 1))
+    assert even_positions(10, 4).tolist() == [0, 3, 6, 9] and even_positions(6, 3).tolist() == [0, 2, 5]
+    assert even_positions(3, 0).tolist() == []
