@@ -110,7 +110,6 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = 500
     log_every: int = 10
     seed: int = 0
-    num_workers: int = 0
     max_bad_steps: int = 20  # non-finite steps tolerated before stopping
     # VAE-GAN
     gan_loss: Literal["hinge", "lsgan"] = "hinge"
