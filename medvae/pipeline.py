@@ -21,7 +21,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from medvae.config import GenerateConfig, PipelineConfig, TrainStageConfig, load_yaml, parse_config
+from medvae.config import (
+    PACKAGED_PIPELINES,
+    GenerateConfig,
+    PipelineConfig,
+    TrainStageConfig,
+    load_yaml,
+    packaged_pipelines,
+    parse_config,
+)
 from medvae.data.discover import discover
 from medvae.data.manifest import write_manifest
 from medvae.data.prepare import prepare
@@ -39,9 +47,6 @@ from medvae.utility.study import run_utility
 
 log = logging.getLogger(__name__)
 
-PACKAGED_PIPELINES = Path(__file__).resolve().parent / "pipelines"  # shipped in the wheel
-
-
 def pipeline_path(pipeline: str | os.PathLike) -> Path:
     """A pipeline YAML path as given, or the packaged pipeline of that name (``demo``, ``pancreas_ct``)."""
     path = Path(pipeline)
@@ -49,8 +54,8 @@ def pipeline_path(pipeline: str | os.PathLike) -> Path:
     if not path.exists() and path.parent == Path(".") and packaged.is_file():
         return packaged
     if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in PACKAGED_PIPELINES.glob("*.yaml")))
-        raise ConfigError(f"{pipeline}: pipeline YAML not found; give a path or a packaged pipeline ({names})")
+        raise ConfigError(f"{pipeline}: pipeline YAML not found; give a path or a packaged pipeline "
+                          f"({', '.join(packaged_pipelines())})")
     return path
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from medvae.config import PACKAGED_PIPELINES
 from medvae.errors import ConfigError
-from medvae.pipeline import PACKAGED_PIPELINES, pipeline_path
+from medvae.pipeline import pipeline_path
 
 REPO = Path(__file__).resolve().parents[1]
 
