@@ -101,10 +101,11 @@ class ModelConfig(StrictModel):
     # unet-vae / dae (medvae.models.denoisers): fully convolutional, any size divisible by 2^(stages-1)
     skip_connections: bool = True  # U-Net skips from encoder to decoder (unet-vae; dae always has them)
     latent_channels: int = 8  # channels of the spatial latent of unet-vae
-    # Conditioning (vae / vaegan; medvae.models.conditioning). auto: modality when the store holds several
-    # (one model never mixes CT and microscopy), else none. class / modality: an embedding of the id joins the
-    # encoder's features and the decoder's latent, the VAE–GAN critic is a projection critic, the mixture
-    # prior is fitted per id. mask: a joint image + label-map model (one more channel: label / max label).
+    # Conditioning (vae / vaegan; the ids: medvae.data.conditions; the embedding: medvae.models.vae). auto:
+    # modality when the store holds several (one model never mixes CT and microscopy), else none. class /
+    # modality: an embedding of the id joins the encoder's features and the decoder's latent, the VAE–GAN critic
+    # is a projection critic, the mixture prior is fitted per id. mask: a joint image + label-map model (one more
+    # channel: label / max label).
     condition: Condition = "auto"
     condition_names: tuple[str, ...] = ()  # filled from the store by the trainer: class / modality / label names
     condition_dim: int = 32  # width of the condition embedding

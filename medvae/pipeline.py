@@ -36,7 +36,7 @@ from medvae.data.prepare import prepare
 from medvae.data.store import PatchStore, open_store
 from medvae.denoising.task import DenoiseTask
 from medvae.errors import ConfigError, InputError
-from medvae.evaluation.evaluate import evaluate
+from medvae.evaluation.evaluate import run_evaluation
 from medvae.files import sha256_file, sha256_json, write_json
 from medvae.io.phantoms import write_phantom_cohort
 from medvae.synthesis.generate import generate
@@ -245,7 +245,7 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     names = list(config.models)
     evaluate_key = sha256_json([[sha256_file(best(n)) for n in names], config.evaluate.model_dump(mode="json"),
                                 sha256_file(utility_dir / "utility.json") if utility_dir else None])
-    runner.run("evaluate", evaluate_key, lambda: evaluate(
+    runner.run("evaluate", evaluate_key, lambda: run_evaluation(
         model_dirs[names[0]], store_dir, report_dir, config.evaluate,
         compare=[model_dirs[n] for n in names[1:]], device=config.device, utility=utility_dir))
 

@@ -312,8 +312,8 @@ def _unique_names(results: list[dict]) -> None:
             r["run"] = f"{r['run']}#{n + 1}"
 
 
-def evaluate(run, store, out, config: EvaluateConfig | None = None, compare=(), device="auto",
-             utility=None) -> dict:
+def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compare=(), device="auto",
+                   utility=None) -> dict:
     """Evaluate ``run`` (and ``compare`` runs) on ``store``; write metrics.csv, summary.json, report.html.
 
     Args:

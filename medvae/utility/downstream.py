@@ -151,7 +151,7 @@ def segmentation_metrics(pred: torch.Tensor, truth: torch.Tensor, n_out: int) ->
     return {"dice": float(dice[present].mean()), "hd95": float(hd[present].mean())}
 
 
-def evaluate(task: str, net: torch.nn.Module, test: LabelledSet, n_out: int) -> dict[str, float]:
+def score_downstream(task: str, net: torch.nn.Module, test: LabelledSet, n_out: int) -> dict[str, float]:
     """The task's metrics of ``net`` on the real test data."""
     pred = predict(net, test.images)
     if task == "classify":
