@@ -401,9 +401,11 @@ def write_derived_store(path: str | os.PathLike, source: PatchStore, rows=None, 
     if n_add and "modality" not in (added_columns or {}):
         raise ValueError("write_derived_store: added patches need a modality column")
     new = {k: _column(v, n_add) for k, v in new.items()}
-    has_label = source.index.get("has_label")
-    kept["has_label"] = (np.asarray(has_label)[rows] if has_label is not None else np.ones(len(rows), np.int64)) \
-        if with_labels else np.zeros(len(rows), np.int64)
+    # has_label: whether the row has a label map in this store's labels.npy
+    if with_labels and "has_label" in source.index:
+        kept["has_label"] = np.asarray(source.index["has_label"])[rows]
+    else:
+        kept["has_label"] = np.full(len(rows), int(with_labels), np.int64)
     new["has_label"] = np.full(n_add, int(with_labels), np.int64)
     if "class" in kept or "class" in new:
         kept.setdefault("class", _column("", len(rows)))
