@@ -32,7 +32,7 @@ from medvae.data.discover import discover
 from medvae.data.manifest import write_manifest
 from medvae.data.prepare import prepare
 from medvae.data.store import write_store
-from medvae.evaluation.evaluate import evaluate
+from medvae.evaluation.evaluate import run_evaluation
 from medvae.io.phantoms import write_phantom_cohort
 from medvae.pipeline import train_stage
 
@@ -114,7 +114,7 @@ def main() -> None:
         summary = train_stage(store, run, model_cfg(kinds[name], steps), device="auto", resume=True)
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rep = evaluate(run, store, out / "reports" / name, EvaluateConfig(split="test", denoise_patches=n_eval))
+        rep = run_evaluation(run, store, out / "reports" / name, EvaluateConfig(split="test", denoise_patches=n_eval))
         results[name] = {"noise": kinds[name], "train_steps": summary["step"], "train_seconds": round(train_s, 1),
                          "eval_seconds": round(time.perf_counter() - t0, 1), "levels": rep["levels"],
                          "per_modality": rep["per_modality"], "gap_db": rep["medvae_minus_best_classical_psnr"],

@@ -4,8 +4,9 @@ A randomly initialised ConvVAE (build_model) and a synthetic CT store stand in f
 (the cost of generation does not depend on the weights). For 128² and 256² patches it runs
 ``medvae.synthesis.generate.generate`` end to end (NIfTI + PNG per sample, audit against the store's train
 split) and reports samples/s, the share of each phase, and, as the reference measured in the
-same run, the in-memory decode rate of ``model.sample`` (no audit, no files): the ratio says
-what the audit and writing cost on top. Goal on CPU: writing <= 30% of the time.
+same run, the in-memory rate of ``medvae.synthesis.sampling.sample_images`` (the seeded prior
+latents and the decoding that generation uses; no audit, no files): the ratio says what the audit
+and writing cost on top. Goal on CPU: writing <= 30% of the time.
 
     python benchmarks/bench_generate.py [--quick] [--device auto|cpu|cuda] [--out bench_out]
 """
@@ -28,6 +29,7 @@ from medvae.data.store import write_store
 from medvae.devices import select_device
 from medvae.models import build_model
 from medvae.synthesis.generate import generate
+from medvae.synthesis.sampling import sample_images
 from medvae.training.checkpoint import save_checkpoint
 
 
@@ -63,17 +65,15 @@ def make_run(root: Path, size: int, n_train: int) -> Path:
 
 @torch.inference_mode()
 def decode_only(run: Path, n: int, batch: int, device: torch.device) -> float:
-    """Reference: samples/s of model.sample in memory (no audit, no files)."""
+    """Reference: samples/s of sample_images in memory (no audit, no files)."""
     from medvae.training.checkpoint import load_model
 
     model, _ = load_model(run / "checkpoints" / "best.pt", device=device)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    model.sample(min(batch, n), generator=g)  # warm-up
+    sample_images(model, min(batch, n), seed=1, batch_size=batch)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    for start in range(0, n, batch):
-        model.sample(min(batch, n - start), generator=g)
+    sample_images(model, n, seed=0, batch_size=batch)  # returns on the CPU, as generation copies its batches
     if device.type == "cuda":
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t)

@@ -78,7 +78,7 @@ def bench_ssim(n: int, n_ref: int) -> dict:
 def bench_evaluate(n: int, patients: int = 10, quick: bool = False) -> dict:
     from medvae.config import EvaluateConfig, ModelConfig
     from medvae.data.store import write_store
-    from medvae.evaluation.evaluate import evaluate
+    from medvae.evaluation.evaluate import run_evaluation
     from medvae.models import build_model
     from medvae.training.checkpoint import save_checkpoint
 
@@ -102,7 +102,7 @@ def bench_evaluate(n: int, patients: int = 10, quick: bool = False) -> dict:
         # --quick: fewer IWAE samples and MMD samples (IWAE costs patients x 8 x k decodes).
         ecfg = EvaluateConfig(iwae_k=8, mmd_samples=200, mmd_permutations=100) if quick else EvaluateConfig()
         t = time.perf_counter()
-        evaluate(tmp / "run", store, tmp / "report", ecfg, device="cpu")
+        run_evaluation(tmp / "run", store, tmp / "report", ecfg, device="cpu")
         secs = time.perf_counter() - t
         html_mb = (tmp / "report" / "report.html").stat().st_size / 2**20
     return {"patches": n, "patients": patients, "seconds": secs, "patches_per_second": n / secs,

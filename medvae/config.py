@@ -1,6 +1,9 @@
 """Configuration models for every stage. YAML loading rejects unknown keys, naming key and file.
 
-Configs name options ("vae", "hinge", "resize"); the ``build_*`` functions map names to code.
+Configs name options ("vae", "hinge", "resize"); the ``build_*`` functions map names to code. Each
+list of names is written once, here, as a ``Literal`` type (``ModelName``, ``LikelihoodName``...): the
+fields validate against it, and the code and the command line's help read the tuple back with
+``typing.get_args`` (nested Literals come out flat, in order).
 """
 
 from __future__ import annotations
@@ -13,6 +16,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medvae.errors import ConfigError
+
+# --------------------------------------------------------------------------- the lists of names
+Modality = Literal["ct", "microscopy", "mr", "image"]  # of a manifest row / store patch ("image": a 2D image set)
+ScanModality = Literal["ct", "microscopy", "mr"]  # of a volume (what `medvae denoise` reads)
+PatchSize = Literal[32, 64, 128, 256]
+PrepareMode = Literal["auto", "resize", "tile", "pad"]
+ConditionalModel = Literal["vae", "vaegan"]  # take a class / modality id (medvae.data.conditions)
+DenoiserModel = Literal["unet-vae", "dae"]  # fully convolutional (medvae.models.denoisers): whole slices, any size
+ModelName = Literal[ConditionalModel, "monai-vae", "monai-kl", DenoiserModel]
+LikelihoodName = Literal["gaussian", "bernoulli", "cbernoulli", "l1", "l2"]  # medvae.models.distributions
+Condition = Literal["auto", "none", "class", "modality", "mask"]
+Task = Literal["reconstruct", "denoise"]
+NoiseKind = Literal["gaussian", "poisson-gaussian", "ct-lowdose"]  # medvae.denoising.noise
+Prior = Literal["standard", "gmm"]
+SampleFormat = Literal["nifti", "tiff", "png", "npy"]
+UtilityTask = Literal["classify", "segment"]
+UtilityCondition = Literal["class", "mask"]
 
 
 class StrictModel(BaseModel):
@@ -39,17 +59,17 @@ class SplitConfig(StrictModel):
 
 
 class DiscoverConfig(StrictModel):
-    modality: Literal["auto", "ct", "microscopy", "mr", "image"] = "auto"
+    modality: Literal["auto", Modality] = "auto"
     split: SplitConfig = Field(default_factory=SplitConfig)
 
 
 class PrepareConfig(StrictModel):
     """How volumes become normalized 2D patches."""
 
-    patch_size: Literal[32, 64, 128, 256] = 128
+    patch_size: PatchSize = 128
     # auto: volumes resize whole slices; 2D image sets pad an image that fits and is over half the
     # patch (28² -> 32²), else resize. pad: centre on a black canvas (image sets only).
-    mode: Literal["auto", "resize", "tile", "pad"] = "auto"
+    mode: PrepareMode = "auto"
     stride: int | None = None  # tile mode; default = patch_size (no overlap)
     ct_window: tuple[float, float] = (-160.0, 240.0)  # HU; abdominal W400/L40. MAISI uses (-1000, 1000)
     microscopy_percentiles: tuple[float, float] = (1.0, 99.8)  # per stack, as CSBDeep
@@ -64,15 +84,15 @@ class PrepareConfig(StrictModel):
 class ModelConfig(StrictModel):
     """Constructor config of a model; stored with its weights in every checkpoint."""
 
-    name: Literal["vae", "vaegan", "monai-vae", "monai-kl", "unet-vae", "dae"] = "vae"
+    name: ModelName = "vae"
     in_channels: int = 1
-    image_size: Literal[32, 64, 128, 256] = 128
+    image_size: PatchSize = 128
     latent_dim: int = 128
     channels: tuple[int, ...] = (32, 64, 128, 256)
     res_units: int = 1  # residual units per stage
     norm_groups: int = 8
     upsample: Literal["nearest", "pixelshuffle", "transpose"] = "nearest"
-    likelihood: Literal["gaussian", "bernoulli", "cbernoulli", "l1", "l2"] = "gaussian"
+    likelihood: LikelihoodName = "gaussian"
     fixed_scale: float = 0.1  # sigma for l1/l2 (Laplace/Gaussian with fixed scale)
     # VAE-GAN discriminator
     disc_channels: int = 64
@@ -81,11 +101,12 @@ class ModelConfig(StrictModel):
     # unet-vae / dae (medvae.models.denoisers): fully convolutional, any size divisible by 2^(stages-1)
     skip_connections: bool = True  # U-Net skips from encoder to decoder (unet-vae; dae always has them)
     latent_channels: int = 8  # channels of the spatial latent of unet-vae
-    # Conditioning (vae / vaegan; medvae.models.conditioning). auto: modality when the store holds several
-    # (one model never mixes CT and microscopy), else none. class / modality: an embedding of the id joins the
-    # encoder's features and the decoder's latent, the VAE–GAN critic is a projection critic, the mixture
-    # prior is fitted per id. mask: a joint image + label-map model (one more channel: label / max label).
-    condition: Literal["auto", "none", "class", "modality", "mask"] = "auto"
+    # Conditioning (vae / vaegan; the ids: medvae.data.conditions; the embedding: medvae.models.vae). auto:
+    # modality when the store holds several (one model never mixes CT and microscopy), else none. class /
+    # modality: an embedding of the id joins the encoder's features and the decoder's latent, the VAE–GAN critic
+    # is a projection critic, the mixture prior is fitted per id. mask: a joint image + label-map model (one more
+    # channel: label / max label).
+    condition: Condition = "auto"
     condition_names: tuple[str, ...] = ()  # filled from the store by the trainer: class / modality / label names
     condition_dim: int = 32  # width of the condition embedding
 
@@ -110,7 +131,6 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = 500
     log_every: int = 10
     seed: int = 0
-    num_workers: int = 0
     max_bad_steps: int = 20  # non-finite steps tolerated before stopping
     # VAE-GAN
     gan_loss: Literal["hinge", "lsgan"] = "hinge"
@@ -124,7 +144,7 @@ class TrainConfig(StrictModel):
 class NoiseConfig(StrictModel):
     """How the denoise task corrupts clean patches (medvae.denoising.noise); a level range is sampled per patch."""
 
-    kind: Literal["gaussian", "poisson-gaussian", "ct-lowdose"] = "gaussian"
+    kind: NoiseKind = "gaussian"
     # gaussian: sigma on the [0, 1] scale; poisson-gaussian: photons at the normalization's `high`
     # (fewer = noisier); ct-lowdose: dose fraction of `ct_photons`. None = the kind's default range.
     levels: tuple[float, float] | None = None
@@ -138,7 +158,7 @@ class NoiseConfig(StrictModel):
 class TrainStageConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    task: Literal["reconstruct", "denoise"] = "reconstruct"  # denoise: noisy input -> clean target
+    task: Task = "reconstruct"  # denoise: noisy input -> clean target
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
 
 
@@ -165,19 +185,19 @@ class DenoiseConfig(StrictModel):
     batch_size: int = 0  # slices per forward pass; 0 = auto: 1 on CPU (512² activations are cache-bound), 8 on GPU
     tile: int = 0  # 0 = whole slices; else MONAI sliding-window tiles of this size (memory-bound GPUs)
     overlap: float = 0.25  # sliding-window overlap (gaussian blending)
-    modality: Literal["auto", "ct", "microscopy", "mr"] = "auto"
+    modality: Literal["auto", ScanModality] = "auto"
 
 
 class GenerateConfig(StrictModel):
     n: int = 100
     seed: int = 0
-    format: Literal["nifti", "tiff", "png", "npy"] = "nifti"
+    format: SampleFormat = "nifti"
     batch_size: int = 64
     temperature: float = 1.0
     checkpoint: str = "best"
     audit_percentile: float = 1.0  # flag samples closer than this percentile of real-real NN distances
     drop_flagged: bool = False
-    prior: Literal["standard", "gmm"] = "gmm"  # N(0, I), or a Gaussian mixture fitted on the training codes
+    prior: Prior = "gmm"  # N(0, I), or a Gaussian mixture fitted on the training codes
     prior_components: int = Field(10, ge=1)
     per_class: bool = False  # class / modality models: balanced over classes (default: the training proportions)
 
@@ -233,14 +253,14 @@ class UtilityConfig(StrictModel):
     real+synthetic and synthetic, then scored on the real test split (medvae.utility.study).
     """
 
-    task: Literal["classify", "segment"] = "classify"
-    model: Literal["vae", "vaegan"] = "vae"  # the generator
-    condition: Literal["class", "mask"] | None = None  # None: class for classify, mask for segment
+    task: UtilityTask = "classify"
+    model: ConditionalModel = "vae"  # the generator
+    condition: UtilityCondition | None = None  # None: class for classify, mask for segment
     fractions: list[float] = Field(default_factory=lambda: [0.05, 0.1, 1.0])  # of the train split, in (0, 1]
     seeds: int = Field(3, ge=1)
     generator_steps: int = Field(2000, ge=1)  # train.max_steps of each generator
     ratio: float = Field(1.0, gt=0)  # synthetic images per real image of the subset
-    prior: Literal["standard", "gmm"] = "gmm"
+    prior: Prior = "gmm"
     prior_components: int = Field(10, ge=1)
     temperature: float = Field(1.0, gt=0)
     downstream_steps: int = Field(500, ge=1)  # the same for every arm
@@ -264,6 +284,14 @@ class UtilityConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------- pipelines
+PACKAGED_PIPELINES = Path(__file__).resolve().parent / "pipelines"  # the pipeline YAMLs shipped in the wheel
+
+
+def packaged_pipelines() -> list[str]:
+    """Names of the packaged pipelines (``medvae run NAME``), sorted."""
+    return sorted(p.stem for p in PACKAGED_PIPELINES.glob("*.yaml"))
+
+
 class PipelineGenerateConfig(GenerateConfig):
     model: str = ""  # which of `models` to sample from; default: the last one listed
     mix_ratio: float | None = None  # also write an augmented store with this synthetic:real ratio

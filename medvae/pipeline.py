@@ -21,14 +21,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from medvae.config import GenerateConfig, PipelineConfig, TrainStageConfig, load_yaml, parse_config
+from medvae.config import (
+    PACKAGED_PIPELINES,
+    GenerateConfig,
+    PipelineConfig,
+    TrainStageConfig,
+    load_yaml,
+    packaged_pipelines,
+    parse_config,
+)
 from medvae.data.discover import discover
 from medvae.data.manifest import write_manifest
 from medvae.data.prepare import prepare
 from medvae.data.store import PatchStore, open_store
 from medvae.denoising.task import DenoiseTask
 from medvae.errors import ConfigError, InputError
-from medvae.evaluation.evaluate import evaluate
+from medvae.evaluation.evaluate import run_evaluation
 from medvae.files import sha256_file, sha256_json, write_json
 from medvae.io.phantoms import write_phantom_cohort
 from medvae.synthesis.generate import generate
@@ -39,9 +47,6 @@ from medvae.utility.study import run_utility
 
 log = logging.getLogger(__name__)
 
-PACKAGED_PIPELINES = Path(__file__).resolve().parent / "pipelines"  # shipped in the wheel
-
-
 def pipeline_path(pipeline: str | os.PathLike) -> Path:
     """A pipeline YAML path as given, or the packaged pipeline of that name (``demo``, ``pancreas_ct``)."""
     path = Path(pipeline)
@@ -49,8 +54,8 @@ def pipeline_path(pipeline: str | os.PathLike) -> Path:
     if not path.exists() and path.parent == Path(".") and packaged.is_file():
         return packaged
     if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in PACKAGED_PIPELINES.glob("*.yaml")))
-        raise ConfigError(f"{pipeline}: pipeline YAML not found; give a path or a packaged pipeline ({names})")
+        raise ConfigError(f"{pipeline}: pipeline YAML not found; give a path or a packaged pipeline "
+                          f"({', '.join(packaged_pipelines())})")
     return path
 
 
@@ -240,7 +245,7 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     names = list(config.models)
     evaluate_key = sha256_json([[sha256_file(best(n)) for n in names], config.evaluate.model_dump(mode="json"),
                                 sha256_file(utility_dir / "utility.json") if utility_dir else None])
-    runner.run("evaluate", evaluate_key, lambda: evaluate(
+    runner.run("evaluate", evaluate_key, lambda: run_evaluation(
         model_dirs[names[0]], store_dir, report_dir, config.evaluate,
         compare=[model_dirs[n] for n in names[1:]], device=config.device, utility=utility_dir))
 

@@ -43,3 +43,27 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad, PrepareConfig)
+
+
+def test_name_lists_are_written_once_as_the_configs_literals():
+    from typer.testing import CliRunner
+
+    from medvae.cli import app
+    from medvae.cli.app import choices
+    from medvae.config import GenerateConfig, ModelConfig, UtilityConfig
+    from medvae.models import CONDITIONAL_MODELS, DENOISERS, MODEL_NAMES
+    from medvae.models.distributions import LIKELIHOODS
+
+    assert MODEL_NAMES == ("vae", "vaegan", "monai-vae", "monai-kl", "unet-vae", "dae")
+    assert set(CONDITIONAL_MODELS) | set(DENOISERS) < set(MODEL_NAMES) and "cbernoulli" in LIKELIHOODS
+    assert choices(ModelConfig, "name") == " | ".join(MODEL_NAMES)
+    assert choices(UtilityConfig, "condition") == "class | mask"  # Optional[Literal]: the names only
+    assert choices(UtilityConfig, "model") == " | ".join(CONDITIONAL_MODELS)
+    for command, listed in (("train", choices(ModelConfig, "name")), ("generate", choices(GenerateConfig, "format"))):
+        help_text = " ".join(CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"}).output.split())
+        assert listed in help_text, command
+
+
+def test_train_config_has_no_num_workers():
+    with pytest.raises(ConfigError, match="unknown key 'train.num_workers'"):
+        parse_config({"train": {"num_workers": 4}}, TrainStageConfig, "x.yaml")

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from medvae.config import PACKAGED_PIPELINES
 from medvae.errors import ConfigError
-from medvae.pipeline import PACKAGED_PIPELINES, pipeline_path
+from medvae.pipeline import pipeline_path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_wheel_contains_pipelines_manifests_and_template(tmp_path):
+def test_wheel_contains_pipelines_manifests_and_templates(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                            "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -21,7 +22,8 @@ def test_wheel_contains_pipelines_manifests_and_template(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"medvae/pipelines/{p.name}" for p in (REPO / "medvae" / "pipelines").glob("*.yaml")}
     expected |= {"medvae/data_manifests/tcia_pancreas_ct.csv", "medvae/data_manifests/msd_task07_pancreas.csv",
-                 "medvae/report/templates/report.html", "medvae/cli/__init__.py"}
+                 "medvae/cli/__init__.py"}
+    expected |= {f"medvae/report/templates/{p.name}" for p in (REPO / "medvae" / "report" / "templates").iterdir()}
     assert len(expected) >= 7 and expected <= names
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import typer
 from pydantic import BaseModel
@@ -49,6 +49,16 @@ def config_with_options(path, model: type[T], options: dict[str, Any]) -> T:
             section = section[p]
         section[key] = value
     return parse_config(data, model, "command line" if path is None else f"{path} + command line")
+
+
+def choices(model: type[BaseModel], field: str) -> str:
+    """``"a | b | c"``: the names the config field ``model.field`` accepts, read from its ``Literal`` type
+    (the one list of them), for the help of the option that sets it."""
+
+    def flat(tp) -> list:
+        return [x for a in get_args(tp) if a is not type(None) for x in (flat(a) if get_args(a) else [a])]
+
+    return " | ".join(map(str, flat(model.model_fields[field].annotation)))
 
 
 @app.callback()

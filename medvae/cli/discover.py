@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from medvae.cli.app import app, config_with_options, user_errors
+from medvae.cli.app import app, choices, config_with_options, user_errors
 from medvae.config import DiscoverConfig
 from medvae.errors import InputError
 
@@ -25,7 +25,8 @@ def discover(
     scans_dir: Path = typer.Argument(..., help="Scan directory (TCIA, MSD, NIfTI or TIFF folder)."),
     out: Path = typer.Option(..., "--out", help="Manifest CSV to write."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Directory of label maps."),
-    modality: Optional[str] = typer.Option(None, help="auto|ct|microscopy|mr (default: the config's, else auto)"),
+    modality: Optional[str] = typer.Option(
+        None, help=f"{choices(DiscoverConfig, 'modality')} (default: the config's, else auto)"),
     reference: Optional[Path] = typer.Option(None, help="Reference manifest to reconcile with."),
     seed: Optional[int] = typer.Option(None, help="Seed of the patient-level split (default 0)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with DiscoverConfig keys."),

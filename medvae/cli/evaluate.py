@@ -12,9 +12,9 @@ from medvae.config import EvaluateConfig
 from medvae.errors import InputError
 
 
-@app.command()
+@app.command("evaluate")
 @user_errors
-def evaluate(
+def evaluate_command(
     run: Path = typer.Argument(..., help="Run directory from `medvae train`."),
     store: Path = typer.Option(..., "--store", help="Patch store to evaluate on."),
     out: Path = typer.Option(..., "--out", help="Report directory."),
@@ -25,12 +25,12 @@ def evaluate(
     utility: Optional[Path] = typer.Option(None, "--utility", help="A `medvae utility` study directory to include."),
 ) -> None:
     """Per-patient and per-modality metrics, cohort MMD, and an offline HTML report."""
-    from medvae.evaluation.evaluate import evaluate as evaluate_runs
+    from medvae.evaluation.evaluate import run_evaluation
 
     cfg = config_with_options(config, EvaluateConfig, {"split": split})
     compare = list(compare or [])
     for path in [run, *compare]:
         if not path.exists():
             raise InputError(f"{path}: run directory not found; give the --out of `medvae train`")
-    evaluate_runs(run, store, out, cfg, compare=compare, device=device, utility=utility)
+    run_evaluation(run, store, out, cfg, compare=compare, device=device, utility=utility)
     typer.echo(f"report: {out / 'report.html'}")

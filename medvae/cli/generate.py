@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.progress import Progress
 
-from medvae.cli.app import app, config_with_options, user_errors
+from medvae.cli.app import app, choices, config_with_options, user_errors
 from medvae.config import GenerateConfig
 
 
@@ -19,12 +19,14 @@ def generate(
     n: Optional[int] = typer.Option(None, "--n", help="Number of synthetic images (default 100)."),
     out: Path = typer.Option(..., "--out", help="Output directory."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed (default 0)."),
-    format: Optional[str] = typer.Option(None, "--format", help="nifti | tiff | png | npy (default nifti)"),
+    format: Optional[str] = typer.Option(
+        None, "--format", help=f"{choices(GenerateConfig, 'format')} (default nifti)"),
     batch_size: Optional[int] = typer.Option(None, help="Samples decoded per batch (default 64)."),
     temperature: Optional[float] = typer.Option(None, help="Prior standard deviation multiplier (default 1)."),
     checkpoint: Optional[str] = typer.Option(None, help="best | last | PATH (default best)"),
     prior: Optional[str] = typer.Option(
-        None, help="gmm (a Gaussian mixture fitted on the training codes, the default) | standard (N(0, I))"),
+        None, help=f"{choices(GenerateConfig, 'prior')} (gmm, the default: a Gaussian mixture fitted on the training "
+                   "codes; standard: N(0, I))"),
     drop_flagged: bool = typer.Option(False, "--drop-flagged", help="Do not write samples flagged by the audit."),
     per_class: bool = typer.Option(False, "--per-class",
                                    help="Class / modality models: balance the samples over classes (else the "

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from medvae.cli.app import app, config_with_options, user_errors
+from medvae.cli.app import app, choices, config_with_options, user_errors
 from medvae.config import PrepareConfig
 from medvae.errors import ConfigError
 
@@ -22,9 +22,10 @@ if TYPE_CHECKING:
 def prepare(
     manifest: Optional[Path] = typer.Argument(None, help="manifest.csv from `medvae discover`."),
     out: Path = typer.Option(..., "--out", help="Patch store directory to write."),
-    patch_size: Optional[int] = typer.Option(None, help="32, 64, 128 or 256."),
+    patch_size: Optional[int] = typer.Option(None, help=f"{choices(PrepareConfig, 'patch_size')}."),
     mode: Optional[str] = typer.Option(
-        None, help="auto | resize (whole slice or image) | tile (native resolution) | pad (2D image sets)."),
+        None, help=f"{choices(PrepareConfig, 'mode')} (resize: whole slice or image; tile: native resolution; "
+                   "pad: 2D image sets)."),
     stride: Optional[int] = typer.Option(None, help="Tile stride in pixels (tile mode)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with PrepareConfig keys."),
     workers: Optional[int] = typer.Option(None, help="Volumes processed in parallel."),

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from medvae.cli.app import app, user_errors
+from medvae.config import packaged_pipelines
 
 
 def _print_paths(state: dict) -> None:
@@ -18,7 +19,7 @@ def _print_paths(state: dict) -> None:
 @user_errors
 def run(
     pipeline: str = typer.Argument(
-        ..., help="Pipeline YAML, or a packaged one: demo, pancreas_ct, microscopy, fashion_mnist, mnist."),
+        ..., help=f"Pipeline YAML, or a packaged one: {', '.join(packaged_pipelines())}."),
     scans: Path = typer.Option(..., "--scans", help="Scan directory."),
     out: Path = typer.Option(..., "--out", help="Run directory for all stages."),
     quick: bool = typer.Option(

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from medvae.cli.app import app, config_with_options, log, user_errors
-from medvae.config import TrainStageConfig
+from medvae.cli.app import app, choices, config_with_options, log, user_errors
+from medvae.config import ModelConfig, NoiseConfig, TrainStageConfig
 
 
 @app.command()
@@ -17,7 +17,7 @@ from medvae.config import TrainStageConfig
 def train(
     store: Path = typer.Argument(..., help="Patch store from `medvae prepare`."),
     model: Optional[str] = typer.Option(
-        None, help="vae | vaegan | monai-vae | monai-kl | unet-vae | dae (default: the config's model.name, else vae)"),
+        None, help=f"{choices(ModelConfig, 'name')} (default: the config's model.name, else vae)"),
     out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, logs)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with `model:` and `train:` sections."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
@@ -26,11 +26,12 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Batch size per process."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between periodic checkpoints."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoints/last.pt."),
-    task: Optional[str] = typer.Option(None, help="reconstruct | denoise (noisy input -> clean target)."),
-    noise: Optional[str] = typer.Option(None, help="denoise task: gaussian | poisson-gaussian | ct-lowdose"),
+    task: Optional[str] = typer.Option(
+        None, help=f"{choices(TrainStageConfig, 'task')} (denoise: noisy input -> clean target)."),
+    noise: Optional[str] = typer.Option(None, help=f"denoise task: {choices(NoiseConfig, 'kind')}"),
     condition: Optional[str] = typer.Option(
-        None, help="auto (modality when the store has several, the default) | none | class | modality | "
-                   "mask (joint image + label map)"),
+        None, help=f"{choices(ModelConfig, 'condition')} (default auto: modality when the store has several; "
+                   "mask: a joint image + label-map model)"),
 ) -> None:
     """Train a model on a patch store (multi-GPU: torchrun --nproc_per_node N -m medvae train ...)."""
     from medvae.pipeline import train_stage

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from medvae.cli.app import app, config_with_options, user_errors
+from medvae.cli.app import app, choices, config_with_options, user_errors
 from medvae.config import TrainStageConfig, UtilityConfig, load_config
 from medvae.errors import ConfigError
 
@@ -27,9 +27,10 @@ def _fractions(text: str | None) -> list[float] | None:
 def utility(
     store: Path = typer.Argument(..., help="Patch store: subsets of its train split, scores on its test split."),
     out: Path = typer.Option(..., "--out", help="Study directory (re-running it resumes)."),
-    task: Optional[str] = typer.Option(None, help="classify | segment (default classify)"),
-    model: Optional[str] = typer.Option(None, help="Generator: vae | vaegan (default vae)."),
-    condition: Optional[str] = typer.Option(None, help="class | mask (default: class to classify, mask to segment)"),
+    task: Optional[str] = typer.Option(None, help=f"{choices(UtilityConfig, 'task')} (default classify)"),
+    model: Optional[str] = typer.Option(None, help=f"Generator: {choices(UtilityConfig, 'model')} (default vae)."),
+    condition: Optional[str] = typer.Option(
+        None, help=f"{choices(UtilityConfig, 'condition')} (default: class to classify, mask to segment)"),
     fractions: Optional[str] = typer.Option(None, help="Real fractions of the train split (default 0.05,0.1,1.0)."),
     seeds: Optional[int] = typer.Option(None, help="Seeds per fraction (default 3)."),
     generator_steps: Optional[int] = typer.Option(None, help="Training steps of each generator (default 2000)."),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 from medvae.config import DiscoverConfig, SplitConfig
 from medvae.data.image_sets import bulk_rows, image_set_rows, is_split_known
@@ -75,7 +76,7 @@ class Discovery:
     reference: Path | None = None
 
 
-MODALITIES = ("auto", "ct", "microscopy", "mr", "image")
+MODALITIES = get_args(DiscoverConfig.model_fields["modality"].annotation)  # "auto" and config.Modality
 
 
 def _config(modality: str, config: DiscoverConfig | None) -> DiscoverConfig:

@@ -23,11 +23,13 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import get_args
 
+from medvae.config import Modality
 from medvae.errors import InputError
 from medvae.files import atomic_open
 
-MODALITIES = ("ct", "microscopy", "mr", "image")
+MODALITIES = get_args(Modality)  # written once, as the config's Literal
 FORMATS = ("dicom", "nifti", "tiff", "image", "idx", "npz")
 IMAGE_SET_FORMATS = ("image", "idx", "npz")  # 2D image sets: no volume, images kept as they are
 SPLITS = ("train", "val", "test")

@@ -51,7 +51,7 @@ from medvae.errors import ConfigError, InputError, MedvaeError, StoreError
 from medvae.files import atomic_path, sha256_json
 from medvae.io.images2d import convert_channels
 
-log = logging.getLogger("medvae.prepare")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- one volume (in a worker)
@@ -214,7 +214,7 @@ def harmonize_channels(volumes: list[PreparedVolume]) -> tuple[int, list[Prepare
     """The store's channel count (that of most patches) and the volumes that can have it.
 
     Grey and RGB mix (an RGB image in a grey set): the minority is converted on copy
-    (:func:`medvae.data.patches.convert_channels`), with a warning naming each file; other counts
+    (:func:`medvae.io.images2d.convert_channels`), with a warning naming each file; other counts
     (a 2-channel stack among grey ones) are left out, each with a problem line naming it.
     """
     counts: dict[int, int] = {}

@@ -14,7 +14,10 @@ A store is complete only when ``store.json`` exists: it is written last (atomica
 :func:`write_store_json`, the one writer of it), and removed first when a store is rebuilt
 (:func:`begin_store`), so a crash mid-write leaves a store that ``open_store`` refuses.
 Building a store from a manifest (``prepare``, ``merge_stores``) lives in
-``medvae.data.prepare``, which imports this module (never the other way round).
+``medvae.data.prepare``, which imports this module (never the other way round). A store made from
+another store (a utility cell's subset or synthetic store, generation's augmented store) is written
+by :func:`write_derived_store`, which decides once what carries over (``DERIVED_META``, the index
+columns, the label maps).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from medvae.errors import StoreError
-from medvae.files import atomic_open, atomic_path, sha256_json, write_json
+from medvae.files import atomic_open, atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +177,16 @@ class PatchStore:
 
 
 # --------------------------------------------------------------------------- reading
+def even_positions(n: int, k: int) -> np.ndarray:
+    """Positions (int64, ascending, distinct) of ``min(k, n)`` of ``n`` items, evenly spaced from the first
+    to the last (``round(i (n - 1) / (k - 1))``, halves to even; ``k == 1``: the first): all when ``k >= n``.
+
+    Thinning by position instead of at random keeps a subset deterministic and spread over the
+    whole ordering (a patient's slices, a split's patches): ``rows[even_positions(len(rows), k)]``.
+    """
+    return np.unique(np.linspace(0, n - 1, max(min(k, n), 0)).round().astype(np.int64))
+
+
 def read_rows(arr: np.ndarray, rows) -> np.ndarray:
     """``arr[rows]`` read in ascending row order (sequential on a memmap), returned in ``rows`` order."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -295,7 +308,7 @@ def write_store_json(path: str | os.PathLike, meta: dict) -> None:
 
 def write_store(path: str | os.PathLike, patches: np.ndarray, index: dict, meta: dict,
                 labels: np.ndarray | None = None) -> PatchStore:
-    """Write a small store from in-memory arrays (tests, synthetic/augmented stores).
+    """Write a small store from in-memory arrays (tests, benchmarks; derived stores: :func:`write_derived_store`).
 
     Args:
         patches: ``(N, C, H, W)`` float in [0, 1]; stored as ``meta["dtype"]`` (default float16).
@@ -305,9 +318,14 @@ def write_store(path: str | os.PathLike, patches: np.ndarray, index: dict, meta:
             and ``content_hash`` should be given (defaults: identity / 1.0 / hash of the arrays).
         labels: ``(N, 1, H, W)`` uint8 or None.
     """
+    return _write_arrays(path, to_stored(np.asarray(patches), meta.get("dtype", "float16")), index, meta, labels)
+
+
+def _write_arrays(path: str | os.PathLike, stored: np.ndarray, index: dict, meta: dict,
+                  labels: np.ndarray | None) -> PatchStore:
+    """Write ``stored`` (already in ``meta["dtype"]``), labels, index.csv, then store.json; open the store."""
     path = begin_store(path)
     dtype = meta.get("dtype", "float16")
-    stored = to_stored(np.asarray(patches), dtype)
     with atomic_path(path / "patches.npy") as tmp:
         np.save(tmp, stored)
     if labels is not None:
@@ -330,41 +348,98 @@ def write_store(path: str | os.PathLike, patches: np.ndarray, index: dict, meta:
     return open_store(path)
 
 
-def write_augmented_store(path: str | os.PathLike, real: PatchStore, synthetic: np.ndarray, modalities: list[str],
-                          origins: list[str], info: dict, synthetic_labels: np.ndarray | None = None) -> PatchStore:
-    """A store of all of ``real``'s patches plus ``synthetic`` ones in split ``train``.
+# store.json keys a derived store takes from its source: how its values map back to physical units
+# (normalization, spacing, the prepare config, the volumes' own constants), what its class ids mean
+# (classes) and how patches are stored (dtype)
+DERIVED_META = ("config", "normalization", "spacing", "volumes", "classes", "dtype")
+# index columns of an added (synthetic) patch unless given: no patient, slice or position of its own
+ADDED_DEFAULTS = {"patient_id": "synthetic", "split": "train", "slice_index": -1, "y": -1, "x": -1,
+                  "foreground_fraction": float("nan"), "source": "synthetic"}
+
+
+def write_derived_store(path: str | os.PathLike, source: PatchStore, rows=None, *, columns: dict | None = None,
+                        added: np.ndarray | None = None, added_columns: dict | None = None,
+                        added_labels: np.ndarray | None = None, meta: dict | None = None) -> PatchStore:
+    """A store made from ``source``: its ``rows`` as they are, then ``added`` patches. The one writer of
+    every derived store: a utility cell's subset and synthetic stores, generation's augmented store.
 
     Args:
         path: the new store's directory.
-        real: the store whose patches (and splits) are kept.
-        synthetic: ``(S, C, H, W)`` in [0, 1], already in ``real``'s normalization.
-        modalities, origins: per synthetic patch, its modality and where it came from (``seed<S>/<id>``).
-        info: provenance kept in store.json's ``augmented`` (its hash is the store's content hash).
-        synthetic_labels: ``(S, 1, H, W)`` uint8 label maps of the synthetic patches (a joint image + mask
-            model's), or None.
+        source: the store it derives from; its ``DERIVED_META`` keys carry over, so values map to the
+            same physical units and class ids mean the same classes in both stores.
+        rows: source rows kept, in this order (None: all; empty: none). Their patches are copied as
+            stored (no rounding), their index columns (``has_label``, ``class`` and any extra) and label
+            maps kept.
+        columns: index columns of the kept rows to set or replace: name -> one value or ``len(rows)`` values.
+        added: ``(S, C, H, W)`` new patches in [0, 1], already in the source's normalization.
+        added_columns: their index columns: name -> one value or S values. ``modality`` is required; the
+            other contract columns default to ``ADDED_DEFAULTS``, ``class`` to "" (no class).
+        added_labels: ``(S, 1, H, W)`` uint8 label maps of the added patches, or None.
+        meta: store.json keys on top: provenance (``augmented``, ``subset_of``, ``synthetic``) and
+            ``content_hash`` (default: the hash of the stored patches).
 
-    In ``index.csv``, ``source`` is ``real`` or ``synthetic`` and the real rows' original ``source``
-    moves to the extra column ``origin``. Without ``synthetic_labels`` a store with labels is written
-    without them (with a warning) unless no synthetic patch is added.
+    The index holds every column of either part (a column one part lacks is filled with "");
+    ``has_label`` says whether the row has a label map in ``labels.npy``. ``labels.npy`` is written
+    when every row has a label map (kept rows of a store with labels, added rows with
+    ``added_labels``); when only some would, it is left out with a warning, as a store's label maps
+    must cover all of its rows or say which ones they do not (never silently empty masks for
+    synthetic patches). ``classes`` is the source's list, with class names of added patches that it
+    lacks appended (sorted), so the source's ids stay the same.
     """
-    n_syn = len(synthetic)
-    dtype = real.meta.get("dtype", "float16")
-    real_x = np.asarray(real.patches) if dtype == "float16" else real.get(slice(None))
-    labels = np.asarray(real.labels) if real.labels is not None and not n_syn else None
-    if real.labels is not None and n_syn and synthetic_labels is not None:
-        labels = np.concatenate([np.asarray(real.labels), synthetic_labels.astype(np.uint8)])
-    elif real.labels is not None and n_syn:
-        log.warning("augmented store: synthetic patches have no masks, so it is written without labels")
-    idx = real.index
-    fill = {"patient_id": "synthetic", "split": "train", "slice_index": -1, "y": -1, "x": -1,
-            "foreground_fraction": float("nan")}  # not measured
-    index = {k: [*idx[k], *([v] * n_syn)] for k, v in fill.items()}
-    index.update(modality=[*idx["modality"], *modalities], source=["real"] * len(real) + ["synthetic"] * n_syn,
-                 origin=[*idx["source"], *origins])
-    meta = {k: real.meta[k] for k in ("config", "normalization", "spacing", "volumes") if k in real.meta}
-    meta.update(dtype=dtype, content_hash=sha256_json(info), augmented=info)
-    patches = np.concatenate([real_x, synthetic.astype(real_x.dtype)])
-    return write_store(path, patches, index, meta, labels=labels)
+    rows = np.arange(len(source), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    dtype = source.meta.get("dtype", "float16")
+    n_add = 0 if added is None else len(added)
+    parts = [(len(rows), source.labels is not None), (n_add, added_labels is not None)]
+    with_labels = any(n and has for n, has in parts) and all(has for n, has in parts if n)
+    if not with_labels and any(n and has for n, has in parts):
+        log.warning("%s: only some patches have label maps (%s), so the store is written without labels",
+                    path, "the added ones" if parts[1][1] else "those of the source")
+
+    kept = {k: np.asarray(v)[rows] for k, v in source.index.items()} if len(rows) else {}
+    kept.update({k: _column(v, len(rows)) for k, v in (columns or {}).items()})
+    new = {**ADDED_DEFAULTS, **(added_columns or {})} if n_add else {}
+    if n_add and "modality" not in (added_columns or {}):
+        raise ValueError("write_derived_store: added patches need a modality column")
+    new = {k: _column(v, n_add) for k, v in new.items()}
+    # has_label: whether the row has a label map in this store's labels.npy
+    if with_labels and "has_label" in source.index:
+        kept["has_label"] = np.asarray(source.index["has_label"])[rows]
+    else:
+        kept["has_label"] = np.full(len(rows), int(with_labels), np.int64)
+    new["has_label"] = np.full(n_add, int(with_labels), np.int64)
+    if "class" in kept or "class" in new:
+        kept.setdefault("class", _column("", len(rows)))
+        new.setdefault("class", _column("", n_add))
+    names = list(INDEX_COLUMNS) + [k for k in (*kept, *new) if k not in INDEX_COLUMNS]
+    index = {k: [*kept.get(k, [""] * len(rows)), *new.get(k, [""] * n_add)] for k in dict.fromkeys(names)}
+
+    info = {k: source.meta[k] for k in DERIVED_META if k in source.meta}
+    info["dtype"] = dtype
+    if "class" in new:  # names of added patches the source does not know go after its own
+        known = set(info.get("classes") or [])
+        extra = sorted({str(c) for c in new["class"]} - known - {""})
+        if extra:
+            info["classes"] = [*(info.get("classes") or []), *extra]
+    # kept patches as stored (no round trip through [0, 1]); added ones from float32, as float16 cannot hold
+    # the uint16 scale
+    stored = np.concatenate([read_rows(source.patches, rows),
+                             to_stored(np.asarray(added if n_add else source.patches[:0], np.float32), dtype)])
+    labels = None
+    if with_labels:  # every part with rows has its label maps
+        none = np.zeros((0, 1, *stored.shape[2:]), np.uint8)
+        labels = np.concatenate([np.asarray(source.labels[rows]) if len(rows) else none,
+                                 np.asarray(added_labels, np.uint8) if n_add else none])
+    return _write_arrays(path, stored, index, {**info, **(meta or {})}, labels)
+
+
+def _column(value, n: int) -> np.ndarray:
+    """One value repeated ``n`` times, or ``n`` values, as an array."""
+    if isinstance(value, (str, int, float, np.integer, np.floating)):
+        return np.full(n, value, dtype=object if isinstance(value, str) else None)
+    value = np.asarray(value)
+    if len(value) != n:
+        raise ValueError(f"index column of {len(value)} values for {n} patches")
+    return value
 
 
 def to_stored(x01: np.ndarray, dtype: str) -> np.ndarray:

@@ -4,8 +4,9 @@ back in the input's own format and geometry.
 - Inputs: a NIfTI or TIFF file, a DICOM series directory, a directory holding any of these, or a
   manifest (``.csv`` of `medvae discover`; its ``ok`` rows).
 - Intensities go to the model's [0, 1] scale with the normalization of the store the run was
-  trained on (CT: the HU window; microscopy: the stack's own percentiles, as prepare does), and
-  back to physical units afterwards. CT voxels outside the window pass through unchanged (the
+  trained on (CT: the store's HU window; microscopy and MR: the stack's own percentiles, computed
+  by prepare's :func:`medvae.data.transforms.normalization_constants` with the store's
+  ``PrepareConfig``), and back to physical units afterwards. CT voxels outside the window pass through unchanged (the
   model never saw them).
 - Slices are denoised whole (batches of ``batch_size`` slices, padded to the model's multiple),
   or with MONAI's ``sliding_window_inference`` (``tile`` > 0: gaussian-blended tiles with
@@ -26,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medvae.config import DenoiseConfig
+from medvae.config import DenoiseConfig, PrepareConfig
 from medvae.data.manifest import read_manifest
+from medvae.data.transforms import normalization_constants
 from medvae.errors import InputError
 from medvae.files import atomic_path
 from medvae.io import load_volume
@@ -90,6 +92,9 @@ class SliceDenoiser:
             raise InputError(f"{run}: model {self.meta.get('model_config', {}).get('name')} is not fully "
                              "convolutional; train --model dae or unet-vae with --task denoise")
         self.store = run_dir.store() if run_dir.info() else None
+        # the settings the training patches were normalized with (defaults for a run without its store)
+        saved = (self.store.meta.get("config") or {}) if self.store is not None else {}
+        self.prepare_config = PrepareConfig(**{k: v for k, v in saved.items() if k in PrepareConfig.model_fields})
 
     @property
     def batch_size(self) -> int:
@@ -115,13 +120,15 @@ class SliceDenoiser:
         return out
 
     def window(self, volume: np.ndarray, modality: str) -> tuple[float, float]:
-        """(low, high) mapping ``volume`` to [0, 1]: CT the store's window; else the stack's percentiles."""
+        """(low, high) mapping ``volume`` to [0, 1] as prepare mapped the training patches: CT the store's
+        HU window; otherwise (or without one) the stack's own percentiles, as prepare normalizes a
+        microscopy or MR stack (a constant stack gets a window of width 1)."""
         if modality == "ct" and self.store is not None and "ct" in self.store.meta.get("normalization", {}):
             n = self.store.normalization("ct")
             return float(n["low"]), float(n["high"])
-        pct = (self.store.meta.get("config", {}).get("microscopy_percentiles") if self.store else None) or (1.0, 99.8)
-        lo, hi = np.percentile(volume, pct)
-        return float(lo), float(hi if hi > lo else lo + 1.0)
+        n = normalization_constants(volume, "microscopy", self.prepare_config)
+        lo, hi = float(n["low"]), float(n["high"])
+        return lo, hi if hi > lo else lo + 1.0
 
     def volume(self, volume: np.ndarray, modality: str, on_batch=None) -> np.ndarray:
         """Denoise ``(..., Y, X)`` in physical units slice by slice; physical units back."""

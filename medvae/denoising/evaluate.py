@@ -24,13 +24,14 @@ import numpy as np
 import torch
 
 from medvae.config import EvaluateConfig
-from medvae.data.store import PatchStore
+from medvae.data.store import PatchStore, even_positions
 from medvae.denoising import classical
 from medvae.denoising.noise import LEVEL_NAMES, eval_levels, step_generator
 from medvae.denoising.task import DenoiseTask
 from medvae.errors import InputError
 from medvae.files import write_json, write_text
 from medvae.metrics import images as M
+from medvae.metrics.stats import finite_stats
 from medvae.metrics.table import DENOISE_METRICS
 from medvae.report.denoise import write_denoise_report
 from medvae.training.checkpoint import load_model
@@ -41,12 +42,6 @@ log = logging.getLogger(__name__)
 EVAL_SEED = 2024
 CSV_COLUMNS = ("run", "method", "noise", "level", "patient_id", "modality", "split", "metric", "value", "n")
 ALL = "ALL"
-
-
-def _subset(rows: np.ndarray, n: int) -> np.ndarray:
-    if len(rows) <= n:
-        return rows
-    return rows[np.unique(np.linspace(0, len(rows) - 1, n).round().astype(int))]
 
 
 @torch.no_grad()
@@ -62,12 +57,6 @@ def _scores(out: np.ndarray, clean: np.ndarray) -> dict[str, np.ndarray]:
     o, c = torch.from_numpy(np.clip(out, 0, 1).astype(np.float32)), torch.from_numpy(clean)
     return {"psnr": M.psnr(o, c).double().numpy(), "ssim": M.ssim(o, c).double().numpy(),
             "mae": M.mae(o, c).double().numpy()}
-
-
-def _stats(v: np.ndarray) -> dict:
-    v = v[np.isfinite(v)]
-    return {"mean": float(v.mean()) if v.size else float("nan"),
-            "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
 
 
 def _speed(model, methods: list[str], image: np.ndarray, device) -> dict[str, float]:
@@ -96,7 +85,8 @@ def evaluate_denoise(run, store: PatchStore, out, cfg: EvaluateConfig, device: t
     train_cfg = run_dir.config()
     ckpt = run_dir.checkpoint("best")
     model, meta = load_model(ckpt, device=device)
-    rows = _subset(store.select(split=cfg.split), cfg.denoise_patches)
+    rows = store.select(split=cfg.split)
+    rows = rows[even_positions(len(rows), cfg.denoise_patches)]
     if rows.size == 0:
         raise InputError(f"{store.path}: no patches in split '{cfg.split}'; the store has {store.splits}")
     skipped = classical.missing_methods()
@@ -132,11 +122,12 @@ def evaluate_denoise(run, store: PatchStore, out, cfg: EvaluateConfig, device: t
     for (level, name), scores in per.items():
         for mod in sorted(set(mods.tolist())):
             m = mods == mod
-            table.setdefault(mod, {}).setdefault(str(level), {})[name] = {k: _stats(v[m]) for k, v in scores.items()}
+            table.setdefault(mod, {}).setdefault(str(level), {})[name] = {
+                k: finite_stats(v[m]) for k, v in scores.items()}
         for pid in sorted(set(pids.tolist())):
             m = pids == pid
             per_patient.setdefault(pid, {}).setdefault(str(level), {})[name] = {
-                k: _stats(v[m]) for k, v in scores.items()}
+                k: finite_stats(v[m]) for k, v in scores.items()}
     gaps = {mod: {lv: _gap(t) for lv, t in by_level.items()} for mod, by_level in table.items()}
     speed_img = _speed_image(clean)
     speeds = _speed(model, methods, speed_img, device)

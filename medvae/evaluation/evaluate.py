@@ -39,7 +39,7 @@ import torch
 
 from medvae.config import EvaluateConfig
 from medvae.data.conditions import model_inputs
-from medvae.data.store import PatchStore, open_store
+from medvae.data.store import PatchStore, even_positions, open_store
 from medvae.denoising.evaluate import evaluate_denoise
 from medvae.devices import select_device
 from medvae.errors import InputError
@@ -49,6 +49,7 @@ from medvae.files import write_json, write_text
 from medvae.metrics import distances as D
 from medvae.metrics import elbo as L
 from medvae.metrics import images as M
+from medvae.metrics.stats import finite_stats
 from medvae.metrics.table import ALL_METRICS, PATCH_METRICS
 from medvae.report import write_report
 from medvae.training.checkpoint import load_model, resolve_checkpoint
@@ -106,13 +107,6 @@ def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: t
     return {k: torch.cat(v).double().cpu().numpy() for k, v in out.items()}, torch.cat(mus).numpy()
 
 
-def _stats(v: np.ndarray) -> dict:
-    v = v[np.isfinite(v)]
-    n = int(v.size)
-    return {"mean": float(v.mean()) if n else float("nan"),
-            "sd": float(v.std(ddof=1)) if n > 1 else 0.0 if n else float("nan"), "n": n}
-
-
 def group_rows(patient_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Patient id -> positions (ascending) into ``patient_ids``, with one stable sort (no per-patient scan)."""
     ids = patient_ids.astype(str)
@@ -122,14 +116,10 @@ def group_rows(patient_ids: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _iwae_subset(groups: dict[str, np.ndarray], rows: np.ndarray, per_patient: int, cap: int) -> np.ndarray:
-    picks = []
-    for pos in groups.values():
-        r = rows[pos]
-        picks.append(r[np.unique(np.linspace(0, len(r) - 1, min(per_patient, len(r))).round().astype(int))])
+    """Up to ``per_patient`` evenly spaced rows of each patient, then evenly thinned to ``cap`` (at least 1)."""
+    picks = [rows[pos][even_positions(len(pos), per_patient)] for pos in groups.values()]
     out = np.sort(np.concatenate(picks)) if picks else rows[:0]
-    if len(out) > cap:  # evenly thinned, deterministic
-        out = out[np.unique(np.linspace(0, len(out) - 1, max(cap, 1)).round().astype(int))]
-    return out
+    return out[even_positions(len(out), max(cap, 1))]
 
 
 def report_patients(per_patient: dict, n: int) -> list[str]:
@@ -206,7 +196,7 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
                   "y": int(store.index["y"][prow[i]]), "x": int(store.index["x"][prow[i]]),
                   "ssim": float(per["ssim"][m][i])} for i in order[:cfg.worst_patches]]
         per_patient[pid] = {"modality": str(mods[m][0]), "n_patches": int(len(m)),
-                            "metrics": {k: _stats(v[m]) for k, v in per.items()},
+                            "metrics": {k: finite_stats(v[m]) for k, v in per.items()},
                             "worst_patches": worst, "best_row": int(prow[order[-1]])}
     cohort, hists = {}, {}
     modalities = sorted(set(mods.tolist()))
@@ -214,7 +204,7 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
     for mod in modalities:
         m = mods == mod
         per_modality[mod] = {"n_patches": int(m.sum()), "n_patients": len(set(pids[m])),
-                             "metrics": {k: _stats(v[m]) for k, v in per.items()}}
+                             "metrics": {k: finite_stats(v[m]) for k, v in per.items()}}
         cohort[mod], hists[mod] = cohort_metrics(store, rows[m], by_prior[mod]["standard"], mod, cfg, device)
     quality = {}
     if cfg.sample_metrics:
@@ -239,7 +229,7 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
 def latent_map(store: PatchStore, rows: np.ndarray, mu: np.ndarray, max_points: int = 4000) -> dict:
     """The test codes' first two principal components, coloured by class (a store with classes), else
     modality (several), else patient (at most 20); evenly thinned to ``max_points``."""
-    keep = np.unique(np.linspace(0, len(rows) - 1, min(max_points, len(rows))).round().astype(int))
+    keep = even_positions(len(rows), max_points)
     centred = mu.astype(np.float64) - mu.mean(0)
     _, sv, vt = np.linalg.svd(centred, full_matrices=False)
     explained = (sv ** 2 / max(float((sv ** 2).sum()), 1e-12))[:2]
@@ -322,8 +312,8 @@ def _unique_names(results: list[dict]) -> None:
             r["run"] = f"{r['run']}#{n + 1}"
 
 
-def evaluate(run, store, out, config: EvaluateConfig | None = None, compare=(), device="auto",
-             utility=None) -> dict:
+def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compare=(), device="auto",
+                   utility=None) -> dict:
     """Evaluate ``run`` (and ``compare`` runs) on ``store``; write metrics.csv, summary.json, report.html.
 
     Args:

@@ -1,7 +1,7 @@
 """Sample-quality metrics on feature vectors: FID, KID, precision / recall, density / coverage.
 
 All take ``(N, D)`` feature matrices of real and generated images (from
-:mod:`medvae.features`, a network trained on the store's own training split — ImageNet Inception
+:mod:`medvae.evaluation.features`, a network trained on the store's own training split — ImageNet Inception
 weights cannot be downloaded and would not fit CT or fluorescence anyway).
 
 - ``fid``: Fréchet distance between Gaussians fitted to the two sets (Heusel et al. 2017).

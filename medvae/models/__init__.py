@@ -5,9 +5,11 @@ Checkpoints are turned back into models by ``medvae.training.checkpoint.load_mod
 
 from __future__ import annotations
 
+from typing import get_args
+
 from torch import nn
 
-from medvae.config import ModelConfig
+from medvae.config import ConditionalModel, DenoiserModel, ModelConfig, ModelName
 from medvae.errors import ConfigError
 from medvae.models.denoisers import UNetDenoiser
 from medvae.models.interface import GenerativeModel, VAEOutput
@@ -19,13 +21,14 @@ __all__ = [
     "UNetDenoiser", "DENOISERS", "CONDITIONAL_MODELS",
 ]
 
-MODEL_NAMES = ("vae", "vaegan", "monai-vae", "monai-kl", "unet-vae", "dae")
-DENOISERS = ("unet-vae", "dae")  # fully convolutional (medvae.models.denoisers): whole slices at any size
-CONDITIONAL_MODELS = ("vae", "vaegan")  # take a class / modality id (medvae.data.conditions)
+# the names, written once as the config's Literal types
+MODEL_NAMES = get_args(ModelName)
+DENOISERS = get_args(DenoiserModel)  # fully convolutional (medvae.models.denoisers): whole slices at any size
+CONDITIONAL_MODELS = get_args(ConditionalModel)  # take a class / modality id (medvae.data.conditions)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """Map ``cfg.name`` (vae | vaegan | monai-vae | monai-kl | unet-vae | dae) to a freshly initialised model."""
+    """Map ``cfg.name`` (one of ``MODEL_NAMES``) to a freshly initialised model."""
     if cfg.condition in ("class", "modality") and cfg.name not in CONDITIONAL_MODELS:
         raise ConfigError(f"model {cfg.name} takes no {cfg.condition} condition; use vae or vaegan, or condition "
                           "'none' / 'mask'")

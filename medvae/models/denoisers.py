@@ -9,10 +9,11 @@ trained on 128² patches denoises whole 512² slices at native resolution (calle
 ``sigmoid(logit(x_in) + f(x_in))``, so an untrained model starts near the identity.
 
 Interface (docs/architecture.md, "Model interface"): ``encode`` / ``decode`` / ``forward`` /
-``sample`` / ``log_likelihood`` as every medvae model. ``unet-vae``: ``mu``, ``logvar`` are the
-spatial latent ``(B, latent_channels, H/2^n, W/2^n)`` flattened to ``(B, D)``; ``decode(z)`` and
-``sample`` run the decoder without skip features (zeros). ``dae``: no latent distribution:
-``mu`` and ``logvar`` are zeros ``(B, 1)`` (KL 0) and ``sample`` raises ConfigError.
+``log_likelihood`` as every medvae model. ``unet-vae``: ``mu``, ``logvar`` are the spatial latent
+``(B, latent_channels, H/2^n, W/2^n)`` flattened to ``(B, D)``; ``decode(z)`` (so prior samples,
+:mod:`medvae.synthesis.sampling`) runs the decoder without skip features (zeros). ``dae``: no
+latent distribution: ``mu`` and ``logvar`` are zeros ``(B, 1)`` (KL 0) and ``decode`` raises
+ConfigError.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class UNetDenoiser(VAEBase):
     """The U-shaped network behind ``unet-vae`` (``variational=True``) and ``dae``.
 
     Args:
-        config: ModelConfig: in_channels, image_size (for ``sample``), channels (one entry per
+        config: ModelConfig: in_channels, image_size (the latent's size), channels (one entry per
             resolution), res_units, norm_groups, upsample, likelihood, skip_connections,
             latent_channels.
         variational: a spatial Gaussian latent at the bottleneck (unet-vae) or none (dae).

@@ -7,12 +7,15 @@ Everything is computed in float32 (inputs are cast here), so densities are safe 
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LIKELIHOODS = ("gaussian", "bernoulli", "cbernoulli", "l1", "l2")
+from medvae.config import LikelihoodName
+
+LIKELIHOODS = get_args(LikelihoodName)  # the names, written once as the config's Literal
 _LOG_2PI = math.log(2.0 * math.pi)
 _EPS = 1e-6
 

@@ -121,19 +121,6 @@ class VAEBase(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def sample(
-        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
-    ) -> torch.Tensor:
-        """Decode z ~ N(0, temperature^2 I): (n, C, H, W) in [0, 1].
-
-        z is drawn on the generator's device (the model's device when no generator is given)
-        and moved to the model, so a seeded CPU generator gives the same samples on any device.
-        """
-        device = self.device
-        gen_device = generator.device if generator is not None else device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=gen_device) * temperature
-        return self.decode(z.to(device))
-
     def log_likelihood(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         """log p(x | x_hat) summed over pixels: (B,) float32 nats. x_hat is the mean image."""
         return self.likelihood.log_prob(x, mean=x_hat)

@@ -24,7 +24,8 @@ plt.rcParams.update({
 })
 
 
-def _png(fig) -> str:
+def to_png(fig) -> str:
+    """A matplotlib figure as a base64 PNG string (the figure is closed)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
@@ -60,7 +61,7 @@ def triptych(items: list[dict], modality: str, norm: dict) -> str:
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
-    return _png(fig)
+    return to_png(fig)
 
 
 def image_grid(images: np.ndarray, modality: str, norm: dict, ncols: int = 8, title: str = "",
@@ -84,7 +85,7 @@ def image_grid(images: np.ndarray, modality: str, norm: dict, ncols: int = 8, ti
     if title:
         fig.suptitle(title)
     fig.subplots_adjust(wspace=0.04, hspace=0.04)
-    return _png(fig)
+    return to_png(fig)
 
 
 def histograms(hist: dict, modality: str) -> str:
@@ -98,7 +99,7 @@ def histograms(hist: dict, modality: str) -> str:
     ax.set_ylabel("density")
     ax.set_title(f"{modality}: intensity distribution")
     ax.legend(frameon=False)
-    return _png(fig)
+    return to_png(fig)
 
 
 def distributions(per_patient: dict[str, dict[str, np.ndarray]], metrics=("ssim", "psnr", "mae")) -> str:
@@ -114,7 +115,7 @@ def distributions(per_patient: dict[str, dict[str, np.ndarray]], metrics=("ssim"
         ax.set_yticks(range(1, len(pids) + 1), pids if ax is axes[0][0] else [""] * len(pids))
         ax.set_title(m.upper().replace("_", "-"))
         ax.invert_yaxis()
-    return _png(fig)
+    return to_png(fig)
 
 
 def latent_map(points: np.ndarray, labels: list[str], by: str, explained: list[float]) -> str:
@@ -133,4 +134,4 @@ def latent_map(points: np.ndarray, labels: list[str], by: str, explained: list[f
     ax.set_title(f"test codes (posterior means){' by ' + by if by else ''}")
     if by and len(names) <= 20:
         ax.legend(frameon=False, fontsize=7, markerscale=2.5, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return _png(fig)
+    return to_png(fig)

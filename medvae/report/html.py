@@ -1,4 +1,5 @@
-"""Self-contained report.html: one jinja2 template, inline CSS, figures as base64 PNG.
+"""The evaluation's self-contained report.html: ``templates/report.html`` (on the shared base page and
+stylesheet, :mod:`medvae.report.render`), figures as base64 PNG.
 
 No external CSS, fonts or scripts, so the file opens offline and can be mailed as is. Patients
 appear under their study ids (the store's patient_id) only.
@@ -6,27 +7,15 @@ appear under their study ids (the store's patient_id) only.
 
 from __future__ import annotations
 
-from importlib import resources
-
-import jinja2
 import numpy as np
 
 from medvae.files import write_text
 from medvae.metrics.table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS, SAMPLE_METRICS
-from medvae.report import figures as F
-from medvae.report.text import fmt
+from medvae.report import figures
+from medvae.report.render import render
 from medvae.report.utility import utility_figure, utility_tables
 
 PRIOR_LABELS = {"": "", "real": "real vs real (floor)", "standard": "N(0, I)", "gmm": "Gaussian mixture"}
-
-
-def _env() -> jinja2.Environment:
-    text = resources.files("medvae.report").joinpath("templates/report.html").read_text(encoding="utf-8")
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
-                             lstrip_blocks=True)
-    env.filters["fmt"] = fmt
-    env.globals["template_text"] = text
-    return env
 
 
 def build_figures(summary: dict, fig: dict) -> dict:
@@ -35,38 +24,36 @@ def build_figures(summary: dict, fig: dict) -> dict:
     out: dict = {"patients": {}, "samples": {}, "samples_gmm": {}, "traversal": {}, "histograms": {}}
     for pid, items in fig["triptychs"].items():
         mod = summary["per_patient"][pid]["modality"]
-        out["patients"][pid] = F.triptych(items, mod, norm[mod])
+        out["patients"][pid] = figures.triptych(items, mod, norm[mod])
     for mod in fig["modalities"]:
         lo, hi = float(norm[mod]["low"]), float(norm[mod]["high"])
-        out["samples"][mod] = F.image_grid(lo + np.asarray(fig["samples"][mod]) * (hi - lo), mod, norm[mod])
+        out["samples"][mod] = figures.image_grid(lo + np.asarray(fig["samples"][mod]) * (hi - lo), mod, norm[mod])
         if mod in fig["samples_gmm"]:
-            out["samples_gmm"][mod] = F.image_grid(lo + np.asarray(fig["samples_gmm"][mod]) * (hi - lo), mod,
+            out["samples_gmm"][mod] = figures.image_grid(lo + np.asarray(fig["samples_gmm"][mod]) * (hi - lo), mod,
                                                    norm[mod])
         labels = [f"z[{d}]" for d in fig["traversal_dims"][mod]]
-        out["traversal"][mod] = F.image_grid(lo + np.asarray(fig["traversal"][mod]) * (hi - lo), mod, norm[mod],
+        out["traversal"][mod] = figures.image_grid(lo + np.asarray(fig["traversal"][mod]) * (hi - lo), mod, norm[mod],
                                              ncols=len(fig["traversal_steps"]), row_labels=labels)
-        out["histograms"][mod] = F.histograms(fig["histograms"][mod], mod)
+        out["histograms"][mod] = figures.histograms(fig["histograms"][mod], mod)
     # box plots need several patches per patient: an image set's "patients" are single images
     several = any(len(v["ssim"]) > 1 for v in fig["distributions"].values())
-    out["distributions"] = F.distributions(fig["distributions"]) if several else None
+    out["distributions"] = figures.distributions(fig["distributions"]) if several else None
     if summary.get("utility"):
         out["utility"] = utility_figure(summary["utility"])
         out["utility_tables"] = utility_tables(summary["utility"])
     lm = fig.get("latent_map")
-    out["latent_map"] = F.latent_map(lm["points"], lm["labels"], lm["by"], lm["explained"]) if lm else None
+    out["latent_map"] = figures.latent_map(lm["points"], lm["labels"], lm["by"], lm["explained"]) if lm else None
     return out
 
 
 def render_report(summary: dict, fig: dict) -> str:
     """The report as one HTML string."""
-    env = _env()
-    template = env.from_string(env.globals["template_text"])
-    return template.render(s=summary, figs=build_figures(summary, fig), conditional=fig.get("conditional", "none"),
-                           metrics=list(PATCH_METRICS),
-                           cohort_metrics=list(COHORT_METRICS), info=summary["metric_info"],
-                           sample_metrics=list(SAMPLE_METRICS), prior_labels=PRIOR_LABELS,
-                           labels={k: m.label for k, m in ALL_METRICS.items()},
-                           explain={k: m.explain for k, m in ALL_METRICS.items()})
+    return render("report.html", s=summary, figs=build_figures(summary, fig),
+                  conditional=fig.get("conditional", "none"), metrics=list(PATCH_METRICS),
+                  cohort_metrics=list(COHORT_METRICS), info=summary["metric_info"],
+                  sample_metrics=list(SAMPLE_METRICS), prior_labels=PRIOR_LABELS,
+                  labels={k: m.label for k, m in ALL_METRICS.items()},
+                  explain={k: m.explain for k, m in ALL_METRICS.items()})
 
 
 def write_report(summary: dict, fig: dict, path) -> None:

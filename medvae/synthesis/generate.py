@@ -47,10 +47,10 @@ import torch
 
 from medvae.config import GenerateConfig
 from medvae.data.conditions import condition_counts, split_joint
-from medvae.data.store import PatchStore, open_store, write_augmented_store
+from medvae.data.store import PatchStore, open_store, write_derived_store
 from medvae.devices import select_device
 from medvae.errors import InputError
-from medvae.files import atomic_open, sha256_file, write_json
+from medvae.files import atomic_open, sha256_file, sha256_json, write_json
 from medvae.synthesis import audit
 from medvae.synthesis.prior import GaussianMixturePrior, prior_for
 from medvae.synthesis.sample_files import sample_files, write_sample
@@ -278,7 +278,7 @@ class _Augmented:
     wanted: int
     x: list[np.ndarray] = field(default_factory=list)
     masks: list[np.ndarray] = field(default_factory=list)  # a joint model's label maps
-    rows: list[tuple[str, str]] = field(default_factory=list)  # (modality, origin "seed<S>/<id>")
+    rows: list[tuple[str, str, str]] = field(default_factory=list)  # (modality, class, origin "seed<S>/<id>")
 
     @classmethod
     def open(cls, path, ratio: float, model_store: PatchStore, seed: int) -> _Augmented:
@@ -292,20 +292,26 @@ class _Augmented:
     def missing(self) -> int:
         return self.wanted - len(self.rows)
 
-    def add_batch(self, start: int, x01: np.ndarray, found: dict[str, np.ndarray], modalities: list[str],
+    def add_batch(self, start: int, x01: np.ndarray, found: dict[str, np.ndarray], labels: dict[str, list[str]],
                   masks: np.ndarray | None) -> None:
-        """Keep the batch's unflagged samples ``x01: (B, C, H, W)`` as float16 (and their label maps)
-        until ``wanted``."""
+        """Keep the batch's unflagged samples ``x01: (B, C, H, W)`` as float16 (with their ``modality`` and
+        ``class`` from ``labels``, and their label maps) until ``wanted``."""
         for j in range(len(x01)):
             if self.missing() > 0 and not found["flagged"][j]:
-                mod = modalities[j]
+                mod = labels["modality"][j]
                 if masks is not None:
                     self.masks.append(masks[j])
                 self.x.append(_renormalize(x01[j], mod, self.model_store, self.real).astype(np.float16))
-                self.rows.append((mod, f"seed{self.seed}/{start + j:06d}"))
+                self.rows.append((mod, labels["class"][j], f"seed{self.seed}/{start + j:06d}"))
 
     def write(self, path: Path, params: dict, ratio: float) -> dict:
-        """All patches of ``real`` + the synthetic ones (split ``train``): see ``write_augmented_store``."""
+        """All patches of ``real`` + the synthetic ones (split ``train``), by ``write_derived_store``.
+
+        In ``index.csv``, ``source`` is ``real`` or ``synthetic`` and a real row's own ``source`` moves
+        to the extra column ``origin`` (a synthetic row's: ``seed<S>/<id>``); the real rows keep every
+        other column (``class``, ``has_label``...), a class model's samples get the class they were
+        generated for. Without a joint model's masks a store with labels is written without them.
+        """
         real, n_syn = self.real, len(self.rows)
         if self.missing() > 0:
             log.warning("augmented store: only %d of %d synthetic patches passed the audit", n_syn, self.wanted)
@@ -314,8 +320,11 @@ class _Augmented:
                 "temperature": params["temperature"], "ratio": ratio, "n_real": len(real), "n_synthetic": n_syn,
                 "n_real_train": int(real.select(split="train").size)}
         syn = np.stack(self.x) if n_syn else np.zeros((0, *real.patches.shape[1:]), np.float16)
-        write_augmented_store(path, real, syn, [m for m, _ in self.rows], [o for _, o in self.rows], info,
-                              np.stack(self.masks) if self.masks else None)  # kept in step with rows
+        mods, classes, origins = (list(c) for c in zip(*self.rows)) if n_syn else ([], [], [])
+        added = {"modality": mods, "origin": origins, **({"class": classes} if any(classes) else {})}
+        write_derived_store(path, real, columns={"source": "real", "origin": real.index["source"]}, added=syn,
+                            added_columns=added, added_labels=np.stack(self.masks) if self.masks else None,
+                            meta={"content_hash": sha256_json(info), "augmented": info})  # masks in step with rows
         log.info("augmented store %s: %d real + %d synthetic patches", path, len(real), n_syn)
         return {"path": "augmented_store", **info}
 
@@ -362,7 +371,7 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
                 labels = _sample_labels(src, ids, found)
                 dataset.write_batch(pool, start, z, x01, found, labels, masks)
                 if mix is not None:
-                    mix.add_batch(start, x01, found, labels["modality"], masks)
+                    mix.add_batch(start, x01, found, labels, masks)
             if progress is not None:
                 progress(min(stop, config.n), config.n)
 

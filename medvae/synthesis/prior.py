@@ -49,11 +49,6 @@ class GaussianMixturePrior:
         z = self.means[ids, k] + torch.einsum("bij,bj->bi", self.scale_tril[ids, k], eps.double())
         return z.float()
 
-    def sample(self, n: int, generator: torch.Generator | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``(n, D)`` float32 latents on the CPU (of the conditions ``ids``, when given)."""
-        eps = torch.randn(n, self.means.shape[-1], generator=generator, dtype=torch.float64)
-        return self.transform(eps, torch.rand(n, generator=generator, dtype=torch.float64), ids)
-
     def state_dict(self) -> dict:
         return {"kind": "gmm", "weights": self.weights, "means": self.means, "scale_tril": self.scale_tril,
                 **self.info}

@@ -44,8 +44,8 @@ def validate(model: torch.nn.Module, store: PatchStore, batch_size: int, max_bat
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with model.conditioned_on(None if ids is None else torch.from_numpy(ids).to(device)):
-            elbo_, terms = elbo(model, x, generator=gen, return_terms=True)
-            mu, _ = model.encode(x)
+            mu, logvar = model.encode(x)  # once: the ELBO takes the posterior, the reconstruction its mean
+            elbo_, terms = elbo(model, x, generator=gen, return_terms=True, posterior=(mu, logvar))
             recon = model.decode(mu).float().clamp(0.0, 1.0)
         x32 = x.float()
         per_image = {"elbo": elbo_, "nll": terms["nll"], "kl": terms["kl"], "ssim": metrics.ssim(recon, x32),

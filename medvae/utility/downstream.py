@@ -9,8 +9,9 @@ same data train to the same weights.
 
 Metrics (better direction in :data:`medvae.metrics.table.UTILITY_METRICS`):
 
-- classify: ``accuracy`` and ``macro_f1`` (F1 = 2TP / (2TP + FP + FN) per class, averaged over the
-  classes present in the truth or the predictions, as scikit-learn's ``average="macro"``).
+- classify: ``accuracy`` and ``macro_f1``, scikit-learn's ``accuracy_score`` and ``f1_score(average="macro")``
+  (F1 = 2TP / (2TP + FP + FN) per class, averaged over the classes present in the truth or the
+  predictions).
 - segment: ``dice`` and ``hd95`` (pixels) from ``monai.metrics`` per test patch and foreground
   label, averaged over the (patch, label) pairs whose ground truth holds the label. A label missed
   entirely (empty prediction) has Dice 0 and HD95 the patch diagonal, the largest distance
@@ -121,14 +122,13 @@ def predict(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -
 
 
 def classification_metrics(y_true, y_pred) -> dict[str, float]:
-    """``accuracy`` and ``macro_f1`` of integer labels (classes present in either array)."""
+    """``accuracy`` and ``macro_f1`` of integer labels (scikit-learn's; F1 averaged over the classes present in
+    either array, 0 for a class never predicted or never true)."""
+    from sklearn.metrics import accuracy_score, f1_score  # scikit-learn is slow to import; only when scoring
+
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    f1 = []
-    for c in np.union1d(y_true, y_pred):
-        tp = np.sum((y_true == c) & (y_pred == c))
-        wrong = np.sum((y_true == c) != (y_pred == c))  # FP + FN
-        f1.append(2 * tp / (2 * tp + wrong))
-    return {"accuracy": float(np.mean(y_true == y_pred)), "macro_f1": float(np.mean(f1))}
+    return {"accuracy": float(accuracy_score(y_true, y_pred)),
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0))}
 
 
 def segmentation_metrics(pred: torch.Tensor, truth: torch.Tensor, n_out: int) -> dict[str, float]:
@@ -151,7 +151,7 @@ def segmentation_metrics(pred: torch.Tensor, truth: torch.Tensor, n_out: int) ->
     return {"dice": float(dice[present].mean()), "hd95": float(hd[present].mean())}
 
 
-def evaluate(task: str, net: torch.nn.Module, test: LabelledSet, n_out: int) -> dict[str, float]:
+def score_downstream(task: str, net: torch.nn.Module, test: LabelledSet, n_out: int) -> dict[str, float]:
     """The task's metrics of ``net`` on the real test data."""
     pred = predict(net, test.images)
     if task == "classify":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-import numpy as np
+from medvae.metrics.stats import finite_stats
 
 BASELINE = "real"
 
@@ -23,17 +23,13 @@ def fraction_key(fraction: float) -> str:
 
 
 def t_interval(values, level: float = 0.95) -> dict:
-    """``{"mean", "sd", "n", "ci_low", "ci_high"}`` of the finite ``values`` (None where undefined)."""
-    from scipy.stats import t  # scipy.stats is slow to import
-
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
-    n = len(v)
-    out = {"mean": float(v.mean()) if n else None, "sd": None, "n": n, "ci_low": None, "ci_high": None}
-    if n > 1:
-        sd = float(v.std(ddof=1))
-        half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-        out.update(sd=sd, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
-    return out
+    """``{"mean", "sd", "n", "ci_low", "ci_high"}`` of the finite ``values``
+    (:func:`medvae.metrics.stats.finite_stats`), None where undefined: the mean of no value, the sd and
+    the interval of fewer than two (utility.json writes null, never NaN)."""
+    out = finite_stats(values, level)
+    if out["n"] < 2:  # one seed: no interval, and utility.json reports the sd as undefined along with it
+        out["sd"] = math.nan
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -42,8 +42,8 @@ from medvae.metrics.table import TASK_METRICS, UTILITY_METRICS
 from medvae.report.utility import utility_figure, write_utility_report
 from medvae.utility.downstream import (
     LabelledSet,
-    evaluate,
     from_store,
+    score_downstream,
     train_downstream,
 )
 from medvae.utility.stats import fraction_key, summarize
@@ -141,14 +141,14 @@ def _run_cell(store: PatchStore, cell: Path, fraction: float, seed: int, ctx: _C
         if arm == FIDELITY:  # the real arm's network (trained again, identically, after a resume)
             real_net = real_net or fit(real)
             results[arm] = {"arm": arm, "fraction": fraction, "seed": seed, "n_synthetic": len(syn),
-                            "metrics": evaluate(task, real_net, syn, ctx.n_out)}
+                            "metrics": score_downstream(task, real_net, syn, ctx.n_out)}
         else:
             data = real if arm == "real" else syn if arm == "synthetic" else real + syn
             net = fit(data)
             real_net = net if arm == "real" else real_net
             results[arm] = {"arm": arm, "fraction": fraction, "seed": seed, "n_real": len(real),
                             "n_synthetic": 0 if arm == "real" else len(syn), "n_train": len(data),
-                            "metrics": evaluate(task, net, ctx.test, ctx.n_out)}
+                            "metrics": score_downstream(task, net, ctx.test, ctx.n_out)}
         write_json(cell / f"{arm}.json", results[arm])
     return results
 

@@ -21,7 +21,7 @@ import zlib
 
 import numpy as np
 
-from medvae.data.store import PatchStore, write_store
+from medvae.data.store import PatchStore, write_derived_store
 from medvae.errors import InputError
 from medvae.files import sha256_json
 
@@ -96,11 +96,6 @@ def write_subset_store(store: PatchStore, rows: np.ndarray, path: str | os.PathL
     rows = np.asarray(rows, dtype=np.int64)
     if not len(rows):
         raise InputError(f"{store.path}: empty subset; nothing to train on")
-    index = {k: np.asarray(v)[rows] for k, v in store.index.items()}
-    index["split"] = np.full(len(rows), "train", dtype=object)
-    index[SOURCE_ROW] = rows
-    meta = {k: store.meta[k] for k in ("normalization", "spacing", "classes", "volumes") if k in store.meta}
-    meta.update(dtype=store.meta.get("dtype", "float16"), subset_of=str(store.path),
-                content_hash=sha256_json({"source": store.content_hash, "rows": rows.tolist()}))
-    labels = np.asarray(store.labels[rows]) if store.labels is not None else None
-    return write_store(path, store.get(rows), index, meta, labels=labels)
+    return write_derived_store(path, store, rows, columns={"split": "train", SOURCE_ROW: rows},
+                               meta={"subset_of": str(store.path), "content_hash": sha256_json(
+                                   {"source": store.content_hash, "rows": rows.tolist()})})

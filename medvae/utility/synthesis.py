@@ -22,7 +22,7 @@ import torch
 
 from medvae.config import TrainStageConfig, UtilityConfig, parse_config
 from medvae.data.conditions import split_joint
-from medvae.data.store import PatchStore, write_store
+from medvae.data.store import PatchStore, write_derived_store
 from medvae.errors import InputError
 from medvae.files import sha256_file
 from medvae.synthesis.prior import prior_for
@@ -56,16 +56,13 @@ def train_generator(subset: PatchStore, run: str | os.PathLike, cfg: UtilityConf
 def write_synthetic_store(path: str | os.PathLike, images: np.ndarray, real: PatchStore, info: dict,
                           classes: list[str] | None = None, masks: np.ndarray | None = None) -> PatchStore:
     """A patch store of synthetic ``images (N, C, H, W)`` in [0, 1] with a class name per image or
-    label maps ``masks (N, 1, H, W)`` uint8; normalization, spacing and classes are ``real``'s."""
-    n = len(images)
-    index = {"patient_id": ["synthetic"] * n, "modality": [real.modalities[0]] * n, "split": ["train"] * n,
-             "slice_index": list(range(n)), "y": [0] * n, "x": [0] * n, "foreground_fraction": [float("nan")] * n,
-             "source": ["synthetic"] * n, "has_label": [int(masks is not None)] * n}
+    label maps ``masks (N, 1, H, W)`` uint8, derived from ``real`` (its normalization, spacing, classes)
+    with none of its rows; ``slice_index`` is the sample's index."""
+    columns = {"modality": real.modalities[0], "slice_index": np.arange(len(images)), "y": 0, "x": 0}
     if classes is not None:
-        index["class"] = classes
-    meta = {k: real.meta[k] for k in ("normalization", "spacing", "classes") if k in real.meta}
-    meta.update(dtype=real.meta.get("dtype", "float16"), synthetic=info)
-    return write_store(path, images, index, meta, labels=masks)
+        columns["class"] = classes
+    return write_derived_store(path, real, rows=[], added=images, added_columns=columns, added_labels=masks,
+                               meta={"synthetic": info})
 
 
 def _prior(checkpoint, model, subset: PatchStore, cfg: UtilityConfig, seed: int):

@@ -76,7 +76,7 @@ def test_reuse_when_unchanged_rebuild_on_config_change(cohort, tmp_path, caplog)
     cfg = PrepareConfig(patch_size=128, mode="resize", dtype="uint16")
     first = prepare(manifest, tmp_path / "s", cfg)
     mtime = (tmp_path / "s" / "patches.npy").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="medvae.prepare"):
+    with caplog.at_level(logging.INFO, logger="medvae.data.prepare"):
         again = prepare(manifest, tmp_path / "s", cfg.model_copy(update={"workers": 3}))
     assert "up to date" in caplog.text
     assert (tmp_path / "s" / "patches.npy").stat().st_mtime_ns == mtime and again.content_hash == first.content_hash
@@ -123,7 +123,7 @@ def test_corrupt_volume_reported_rest_processed(cohort, tmp_path, caplog):
     rows = [ManifestRow("BROKEN", "ct", "nifti", str(bad), split="train"),
             ManifestRow(s["ct"][1]["patient_id"], "ct", "dicom", s["ct"][1]["series"], split="val")]
     manifest = write_manifest(rows, tmp_path / "m.csv")
-    with caplog.at_level(logging.ERROR, logger="medvae.prepare"):
+    with caplog.at_level(logging.ERROR, logger="medvae.data.prepare"):
         store = prepare(manifest, tmp_path / "s", TILE.model_copy(update={"workers": 2}))
     assert "broken.nii.gz" in caplog.text and any("broken.nii.gz" in p for p in store.meta["problems"])
     assert store.patients() == [s["ct"][1]["patient_id"]] and store.labels is None

@@ -1,13 +1,19 @@
 """`medvae denoise`: whole scans in their own formats, geometry kept, resumable."""
 
+import json
+import shutil
+
 import nibabel as nib
 import numpy as np
 import tifffile
+import torch
 from typer.testing import CliRunner
 
 from medvae.cli import app
-from medvae.config import DenoiseConfig
-from medvae.denoising.apply import denoise_scans, find_inputs
+from medvae.config import DenoiseConfig, PrepareConfig
+from medvae.data.store import write_store
+from medvae.data.transforms import normalization_constants
+from medvae.denoising.apply import SliceDenoiser, denoise_scans, find_inputs
 from medvae.io import load_volume
 from medvae.io.writers import write_tiff
 
@@ -51,6 +57,28 @@ def test_tiff_keeps_um_spacing_and_dtype(denoise_run, tmp_path):
     np.testing.assert_allclose(vol.spacing, (2.0, 0.325, 0.325), rtol=1e-4)
     with tifffile.TiffFile(dst) as tif:
         assert tif.series[0].dtype == np.uint16 and tif.is_imagej
+
+
+def test_microscopy_window_is_the_one_prepare_used_for_the_store(denoise_run, hu_store, tmp_path):
+    stack = np.random.default_rng(2).gamma(2.0, 300.0, (4, 40, 48)).astype(np.float32)
+    # the run as trained: a store without prepare settings -> PrepareConfig's defaults
+    den = SliceDenoiser(denoise_run, DenoiseConfig(), torch.device("cpu"))
+    want = normalization_constants(stack, "microscopy", PrepareConfig())
+    assert den.window(stack, "microscopy") == (want["low"], want["high"])
+    # the same run over a store prepared with other percentiles: those
+    run = tmp_path / "run"
+    shutil.copytree(denoise_run, run)
+    cfg = PrepareConfig(microscopy_percentiles=(5.0, 95.0))
+    store = write_store(tmp_path / "store", hu_store.get(slice(None)), hu_store.index,
+                        {**{k: hu_store.meta[k] for k in ("normalization", "spacing", "content_hash")},
+                         "config": cfg.model_dump(mode="json")})
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "store": str(store.path)}))
+    want = normalization_constants(stack, "microscopy", cfg)
+    assert want["high"] - want["low"] < np.subtract(*np.percentile(stack, [99.8, 1.0]))
+    assert SliceDenoiser(run, DenoiseConfig(), torch.device("cpu")).window(stack, "microscopy") == \
+        (want["low"], want["high"])
+    assert den.window(stack, "ct") == (-160.0, 240.0)  # CT: the store's HU window
 
 
 def test_dicom_series_becomes_nifti_and_cli(denoise_run, tmp_path):

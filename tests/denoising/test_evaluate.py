@@ -6,7 +6,7 @@ import numpy as np
 
 from medvae.config import EvaluateConfig
 from medvae.denoising import classical
-from medvae.evaluation.evaluate import evaluate
+from medvae.evaluation.evaluate import run_evaluation
 
 
 def test_classical_baselines_see_the_same_noisy_patches(denoise_run, hu_store, tmp_path, monkeypatch):
@@ -22,7 +22,7 @@ def test_classical_baselines_see_the_same_noisy_patches(denoise_run, hu_store, t
 
     monkeypatch.setattr(classical, "denoise", spy)
     monkeypatch.setattr(classical, "available", lambda m: m != "bm3d" and available(m))  # bm3d is slow: skipped
-    summary = evaluate(denoise_run, hu_store, tmp_path / "rep", EvaluateConfig(split="test", denoise_patches=6),
+    summary = run_evaluation(denoise_run, hu_store, tmp_path / "rep", EvaluateConfig(split="test", denoise_patches=6),
                        device="cpu")
     assert set(seen) == expected
     for level_idx in range(len(summary["levels"])):

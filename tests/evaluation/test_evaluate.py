@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from medvae.cli import app
 from medvae.config import EvaluateConfig, ModelConfig
 from medvae.data.store import write_store
-from medvae.evaluation.evaluate import evaluate
+from medvae.evaluation.evaluate import run_evaluation
 from medvae.evaluation.tables import CSV_COLUMNS
 from medvae.metrics.table import PATCH_METRICS
 from medvae.models import build_model
@@ -62,7 +62,7 @@ def setup(tmp_path_factory):
 def test_evaluate_writes_three_outputs(setup, tmp_path, caplog):
     store, run_a, _ = setup
     out = tmp_path / "report"
-    summary = evaluate(run_a, store.path, out, CFG, device="cpu")
+    summary = run_evaluation(run_a, store.path, out, CFG, device="cpu")
     assert {p.name for p in out.iterdir()} >= {"metrics.csv", "summary.json", "report.html"}
 
     with open(out / "metrics.csv", newline="") as f:
@@ -151,7 +151,7 @@ def test_compare_flags_identical_weights(setup, tmp_path, caplog):
     shutil.copytree(run_a / "checkpoints", twin / "checkpoints")  # the same weights under another name
     cfg = CFG.model_copy(update={"sample_metrics": False})
     with caplog.at_level("WARNING"):
-        summary = evaluate(run_a, store.path, tmp_path / "r", cfg, compare=[twin], device="cpu")
+        summary = run_evaluation(run_a, store.path, tmp_path / "r", cfg, compare=[twin], device="cpu")
     assert summary["compare"]["identical_weights"] == [["vae_a", "vae_twin"]]
     assert "vae_a and vae_twin have IDENTICAL weights" in caplog.text
     assert "vae_a and vae_twin have identical weights" in (tmp_path / "r" / "report.html").read_text()
@@ -162,7 +162,7 @@ def test_bad_split_is_a_user_error(setup, tmp_path):
 
     store, run_a, _ = setup
     with pytest.raises(InputError, match="split 'nope'"):
-        evaluate(run_a, store.path, tmp_path / "x", CFG.model_copy(update={"split": "nope"}), device="cpu")
+        run_evaluation(run_a, store.path, tmp_path / "x", CFG.model_copy(update={"split": "nope"}), device="cpu")
 
 
 def test_yaml_split_is_used_unless_the_option_is_given(setup, tmp_path):

@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from medvae.config import GenerateConfig, ModelConfig, TrainStageConfig
 from medvae.data.conditions import condition_ids, model_inputs, resolve_condition, split_joint
@@ -13,6 +14,7 @@ from medvae.data.store import open_store, write_store
 from medvae.errors import ConfigError
 from medvae.models import build_model
 from medvae.synthesis.generate import generate
+from medvae.synthesis.sampling import sample_images
 from medvae.training.checkpoint import load_model, resolve_checkpoint
 from medvae.training.trainer import train
 
@@ -125,7 +127,10 @@ def test_a_conditional_model_refuses_to_run_without_its_condition():
     model = build_model(ModelConfig(image_size=32, channels=(8,), latent_dim=4, condition="class",
                                     condition_names=("a", "b")))
     with pytest.raises(ConfigError, match="outside `conditioned_on"):
-        model.sample(2)
+        model.decode(torch.zeros(2, 4))
+    with pytest.raises(ConfigError, match="give a condition id"):
+        sample_images(model, 2)
+    assert sample_images(model, 2, conditions=torch.tensor([1, 0])).shape == (2, 1, 32, 32)
     with pytest.raises(ConfigError, match="give a condition id"), model.conditioned_on(None):
         pass
     with pytest.raises(ConfigError, match="takes no class condition"):

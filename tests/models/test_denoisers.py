@@ -8,6 +8,7 @@ from medvae.config import ModelConfig
 from medvae.errors import ConfigError
 from medvae.models import build_model
 from medvae.models.denoisers import pad_to_multiple
+from medvae.synthesis.sampling import sample_images
 
 
 def _model(name, **kw):
@@ -33,14 +34,14 @@ def test_unet_vae_latent_sampling_and_dae_has_none():
     vae = _model("unet-vae")
     mu, logvar = vae.encode(torch.rand(3, 1, 64, 64))
     assert mu.shape == logvar.shape == (3, 2 * 16 * 16)
-    assert vae.sample(2, torch.Generator().manual_seed(0)).shape == (2, 1, 64, 64)
+    assert sample_images(vae, 2, seed=0).shape == (2, 1, 64, 64)
     no_skip = _model("unet-vae", skip_connections=False)
     assert no_skip(torch.rand(1, 1, 64, 64)).x_hat.shape == (1, 1, 64, 64)
     dae = _model("dae")
     mu, logvar = dae.encode(torch.rand(3, 1, 64, 64))
     assert mu.shape == (3, 1) and float(mu.abs().sum() + logvar.abs().sum()) == 0.0
     with pytest.raises(ConfigError, match="deterministic"):
-        dae.sample(1)
+        sample_images(dae, 1)
 
 
 def test_pad_to_multiple_reflects_and_keeps_size():

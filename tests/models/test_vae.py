@@ -10,6 +10,7 @@ from medvae.config import ModelConfig
 from medvae.errors import ConfigError
 from medvae.models import ConvVAE, VAEOutput, build_model
 from medvae.models.blocks import Upsample
+from medvae.synthesis.sampling import sample_images
 from medvae.training.losses import generator_loss
 
 SMALL = dict(channels=(8, 16), latent_dim=16, norm_groups=4)
@@ -65,7 +66,7 @@ def test_shapes(size, channels, upsample):
     assert out.mu.shape == out.logvar.shape == out.z.shape == (2, 16)
     assert 0 <= out.x_hat.min() and out.x_hat.max() <= 1
     assert m.log_likelihood(x, out.x_hat).shape == (2,)
-    assert m.sample(3).shape == (3, channels, size, size)
+    assert sample_images(m, 3).shape == (3, channels, size, size)  # prior samples, as generation draws them
     assert m.latent_dim == 16 and m.discriminator is None and m.config.image_size == size
     # the adaptive-weight anchor is the conv that writes the output
     assert m.last_decoder_weight is m.out_conv.weight
@@ -101,15 +102,17 @@ def test_eval_forward_is_deterministic_and_uses_the_mean():
     assert not torch.equal(m(x).z, m(x).z)
 
 
-def test_sample_is_seeded_and_in_unit_interval():
+def test_samples_are_seeded_and_in_unit_interval():
     m = build_model(small_cfg(image_size=64))
-    s1 = m.sample(4, torch.Generator().manual_seed(7))
-    s2 = m.sample(4, torch.Generator().manual_seed(7))
-    s3 = m.sample(4, torch.Generator().manual_seed(8))
+    s1 = sample_images(m, 4, seed=7)
+    s2 = sample_images(m, 4, seed=7)
+    s3 = sample_images(m, 4, seed=8)
     assert torch.equal(s1, s2) and not torch.equal(s1, s3)
-    assert s1.min() >= 0 and s1.max() <= 1
+    # sample i's latent depends on (seed, i) only: another batching decodes the same images (up to kernels)
+    torch.testing.assert_close(sample_images(m, 4, seed=7, batch_size=3), s1, atol=1e-5, rtol=0)
+    assert s1.shape == (4, 1, 64, 64) and s1.min() >= 0 and s1.max() <= 1
     # temperature scales z: T = 0 decodes the prior mean
-    s0 = m.sample(2, torch.Generator().manual_seed(1), temperature=0.0)
+    s0 = sample_images(m, 2, seed=1, temperature=0.0)
     torch.testing.assert_close(s0, m.decode(torch.zeros(2, 16)))
 
 

@@ -78,3 +78,48 @@ def test_number_format():
 def test_compare_table_stars_no_run_on_a_tie():
     a, b = _result("vae", 0.8), _result("vaegan", 0.8)  # every value equal
     assert all(row["best"] is None for row in compare_table([a, b]))
+
+
+def _self_contained(html: str) -> None:
+    assert html.lstrip().startswith("<!DOCTYPE html>") and "--goodbg" in html  # the one shared stylesheet, inline
+    assert not re.search(r"(src|href)=\"(https?:)?//", html) and "<script" not in html and "<link" not in html
+    assert "nan" not in re.sub(r"base64,[^\"]+", "", html).lower()
+
+
+def test_denoise_and_utility_pages_share_the_base_page_and_escape():
+    from types import SimpleNamespace
+
+    from medvae.report.denoise import render_denoise_report
+    from medvae.report.utility import render_utility_report
+
+    cell = {"mean": 0.5, "sd": float("nan"), "n": 0}  # an empty set's sd renders as a dash
+    by_method = {m: {k: cell for k in ("psnr", "ssim", "mae")} for m in ("noisy", "medvae", "<i>tv")}
+    rng = np.random.default_rng(0)
+    ex = {k: rng.random((1, 16, 16)).astype(np.float32) for k in ("clean", "noisy", "medvae", "classical")}
+    summary = {"run": "<b>run", "model": "dae", "step": 3, "split": "test", "n_patches": 4,
+               "noise": {"kind": "gaussian"}, "level_name": "sigma", "levels": [0.05, 0.1],
+               "methods": ["noisy", "medvae", "<i>tv"], "skipped_methods": {"bm3d": "not installed"},
+               "per_modality": {"ct": {"0.05": by_method}}, "per_patient": {"P1": {"0.05": by_method}},
+               "medvae_minus_best_classical_psnr": {"ct": {"0.05": -1.5}}, "seconds_per_512_slice": {"medvae": 0.1},
+               "device": "cpu", "torch_threads": 1}
+    store = SimpleNamespace(normalization=lambda m: {"low": -160.0, "high": 240.0, "unit": "HU"})
+    html = render_denoise_report(summary, {"0.05": {**ex, "classical_name": "<i>tv", "patient_id": "P1",
+                                                     "modality": "ct"}}, store)
+    _self_contained(html)
+    assert "&lt;b&gt;run" in html and "<b>run" not in html and "&lt;i&gt;tv" in html and "-1.50 dB" in html
+    assert html.count("data:image/png;base64,") == 1
+
+    interval = {"mean": 0.6, "sd": 0.1, "n": 3, "ci_low": 0.4, "ci_high": 0.8}
+    utility = {"store": "<s>", "task": "classify", "synthetic": None, "condition": "class", "seeds": 3, "n_test": 9,
+               "fractions": [0.1, 1.0], "metrics": ["accuracy"],
+               "metric_info": {"accuracy": {"label": "accuracy", "unit": "unitless", "better": "higher"}},
+               "arms": {"real": {"0.1": {"accuracy": interval}, "1": {"accuracy": {**interval, "n": 1, "sd": None,
+                                                                                   "ci_low": None, "ci_high": None}}}},
+               "paired_differences": {"real+synthetic - real": {"0.1": {"accuracy": {**interval, "ci_low": 0.1}}}},
+               "config": {"model": "vae", "generator_steps": 5, "ratio": 1.0, "downstream_steps": 4, "batch_size": 8,
+                          "lr": 0.001}}
+    html = render_utility_report(utility, "AAAA")
+    _self_contained(html)
+    assert "&lt;s&gt;" in html and "<s>" not in html
+    assert "0.6000 ± 0.2000" in html and '<td class="best">+0.6000 ± 0.2000' in html  # excludes 0: highlighted
+    assert "(n=1)" in html and html.count("<td>–</td>") == 1  # one seed: no interval; no difference at f = 1

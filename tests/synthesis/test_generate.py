@@ -36,7 +36,7 @@ PATIENTS = [("P1", "ct", "train", 0.1), ("P2", "ct", "train", 0.3), ("P3", "ct",
 PER_PATIENT = 6
 
 
-def _store_arrays(labels: bool = False):
+def _store_arrays(labels: bool = False, classes: str = ""):
     rng = np.random.default_rng(0)
     patches, index, masks = [], {k: [] for k in ("patient_id", "modality", "split", "slice_index", "y", "x",
                                                   "foreground_fraction", "source")}, []
@@ -48,6 +48,11 @@ def _store_arrays(labels: bool = False):
                 index[k].append(v)
     meta = {"normalization": {"ct": CT_NORM, "microscopy": MIC_NORM},
             "spacing": {"ct": CT_SPACING, "microscopy": MIC_SPACING}, "content_hash": "teststore"}
+    n = len(patches)
+    index["has_label"] = [int(labels)] * n
+    if classes:  # as an image set's store: a class per patch ("some": one patch has none), names in label order
+        index["class"] = [["shirt", "shoe", "bag"][i % 3] if i != 7 or classes == "all" else "" for i in range(n)]
+        meta["classes"] = ["shirt", "shoe", "bag"]
     return np.stack(patches).astype(np.float32), index, meta, (np.stack(masks) if labels else None)
 
 
@@ -80,8 +85,8 @@ class StubModel(torch.nn.Module):
 def make_run(tmp_path, monkeypatch):
     """Build a run dir (dummy checkpoint + run.json) over a tiny two-modality store; returns RUN."""
 
-    def make(model, labels=False, name="run"):
-        patches, index, meta, masks = _store_arrays(labels)
+    def make(model, labels=False, name="run", classes=""):
+        patches, index, meta, masks = _store_arrays(labels, classes)
         store = write_store(tmp_path / f"{name}_store", patches, index, meta, labels=masks)
         run = tmp_path / name
         (run / "checkpoints").mkdir(parents=True)
@@ -235,7 +240,64 @@ def test_mixing_with_a_labelled_store_drops_its_labels(make_run, tmp_path, caplo
                  mix_with=tmp_path / "run_store", ratio=0.1)
     mixed = open_store(tmp_path / "out" / "augmented_store")
     assert mixed.labels is None and (mixed.index["source"] == "synthetic").sum() == 3  # 0.1 x 30 train
+    assert (mixed.index["has_label"] == 0).all()  # no row has a label map in the store
     assert "without labels" in caplog.text
+
+
+def _real_rows_kept(mixed, real):
+    """The augmented store's first rows are the real store's, unchanged: patches as stored, label maps, every
+    index column (``source`` moved to ``origin``) and the class ids."""
+    n = len(real)
+    np.testing.assert_array_equal(np.asarray(mixed.patches[:n]), np.asarray(real.patches))
+    for col, values in real.index.items():
+        got = mixed.index["origin" if col == "source" else col][:n]
+        assert got.tolist() == values.tolist(), col
+    assert set(mixed.index["source"][:n]) == {"real"} and mixed.classes[:len(real.classes)] == real.classes
+    np.testing.assert_array_equal(mixed.class_ids(np.arange(n)), real.class_ids())
+    if real.labels is not None:
+        np.testing.assert_array_equal(np.asarray(mixed.labels[:n]), np.asarray(real.labels))
+
+
+def test_mixing_keeps_the_classes_of_a_labelled_image_store(make_run, tmp_path):
+    run = make_run(StubModel(), classes="some")  # an unconditional model: its samples have no class
+    real = open_store(tmp_path / "run_store")
+    gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=4, format="png"), device="cpu",
+                 mix_with=real.path, ratio=0.2)
+    mixed = open_store(tmp_path / "out" / "augmented_store")
+    _real_rows_kept(mixed, real)
+    assert mixed.classes == real.classes and (real.class_ids() >= 0).sum() == len(real) - 1
+    syn = np.flatnonzero(mixed.index["source"] == "synthetic")
+    assert len(syn) == 6 and (mixed.class_ids(syn) == -1).all()  # 0.2 x 30 train rows, no class
+    # a class-conditioned model's samples keep the class they were generated for
+    model = StubModel()
+    model.config.condition, model.config.condition_names = "class", ("shirt", "shoe", "bag")
+    run = make_run(model, classes="all", name="classes")
+    gen.generate(run, tmp_path / "out2", GenerateConfig(prior="standard", n=12, format="png"), device="cpu",
+                 mix_with=real.path, ratio=0.2)
+    mixed = open_store(tmp_path / "out2" / "augmented_store")
+    _real_rows_kept(mixed, real)
+    made = {r["id"]: r["class"] for r in _manifest(tmp_path / "out2")}
+    syn = np.flatnonzero(mixed.index["source"] == "synthetic")
+    want = [made[o.split("/")[1]] for o in mixed.index["origin"][syn]]
+    assert mixed.index["class"][syn].tolist() == want and set(want) <= set(real.classes)
+
+
+def test_mixing_keeps_the_masks_of_a_masked_store(make_run, tmp_path):
+    from medvae.data.conditions import split_joint
+
+    model = StubModel(channels=2)  # a joint image + mask model: each sample comes with its label map
+    model.config.condition, model.config.condition_names = "mask", ("0", "1")
+    run = make_run(model, labels=True)
+    real = open_store(tmp_path / "run_store")
+    gen.generate(run, tmp_path / "out", GenerateConfig(prior="standard", n=4, format="png"), device="cpu",
+                 mix_with=real.path, ratio=0.2)
+    mixed = open_store(tmp_path / "out" / "augmented_store")
+    _real_rows_kept(mixed, real)
+    assert (mixed.index["has_label"] == 1).all()
+    for row in np.flatnonzero(mixed.index["source"] == "synthetic"):  # the mask decoded from that sample's latent
+        i = int(mixed.index["origin"][row].split("/")[1])
+        _, mask = split_joint(model.decode(latents(0, i, i + 1, 8)).numpy(), ("0", "1"))
+        np.testing.assert_array_equal(mixed.labels[row], mask[0])
 
 
 def test_model_channels_must_match_the_store(make_run, tmp_path):

@@ -1,5 +1,6 @@
 """The Gaussian-mixture prior: the transform against its definition, fitting against known mixtures,
-and the per-checkpoint file (weights-only, reused, refitted when the checkpoint changes)."""
+samples (drawn as generation draws them, :func:`medvae.synthesis.sampling.latents`) against the fitted
+mixture, and the per-checkpoint file (weights-only, reused, refitted when the checkpoint changes)."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 from medvae.config import ModelConfig
 from medvae.models import build_model
 from medvae.synthesis.prior import GaussianMixturePrior, encoder_means, fit_gmm, prior_for, prior_path
+from medvae.synthesis.sampling import latents
 from medvae.training.checkpoint import save_checkpoint
 
 
@@ -31,10 +33,20 @@ def test_fit_recovers_a_two_component_mixture_and_samples_match_it():
     order = torch.argsort(prior.means[0, :, 0])  # one mixture: condition 0
     assert prior.weights[0, order].numpy() == pytest.approx([0.75, 0.25], abs=0.01)
     assert prior.means[0, order].numpy() == pytest.approx(np.array([[-4, 0, 1], [4, 2, -1]]), abs=0.1)
-    z = prior.sample(20000, generator=torch.Generator().manual_seed(1)).double()
+    z = latents(1, 0, 20000, 3, prior=prior).double()
+    assert torch.equal(z[100:200].float(), latents(1, 100, 200, 3, prior=prior))  # sample i depends on (seed, i)
     hi = z[:, 0] > 0
     assert hi.double().mean().item() == pytest.approx(0.25, abs=0.01)
     assert z[hi].std(0).numpy() == pytest.approx([1.0, 0.3, 0.3], rel=0.05)
+    # the moments of the fitted mixture: mean sum_k w_k mu_k, covariance sum_k w_k (L_k L_k' + mu_k mu_k') - m m'
+    w, mu, tril = prior.weights[0], prior.means[0], prior.scale_tril[0]
+    mean = (w[:, None] * mu).sum(0)
+    cov = (w[:, None, None] * (tril @ tril.transpose(1, 2) + mu[:, :, None] * mu[:, None, :])).sum(0) - mean.outer(mean)
+    assert z.mean(0).numpy() == pytest.approx(mean.numpy(), abs=0.05)
+    assert torch.cov(z.T).numpy() == pytest.approx(cov.numpy(), rel=0.03, abs=0.03)
+    # temperature 0: every latent is the mean of the component its uniform picks
+    z0 = latents(1, 0, 500, 3, temperature=0.0, prior=prior).double()
+    assert torch.cdist(z0, mu).min(1).values.max() < 1e-5
 
 
 def test_a_conditional_prior_fits_and_samples_each_condition_on_its_own_codes():
@@ -44,7 +56,7 @@ def test_a_conditional_prior_fits_and_samples_each_condition_on_its_own_codes():
     prior = fit_gmm(codes, components=1, seed=0, ids=ids, n_conditions=3)
     assert prior.means.shape == (3, 1, 2)
     want = torch.tensor([2, 0, 1, 1]).repeat(5000)
-    z = prior.sample(len(want), generator=torch.Generator().manual_seed(0), ids=want).double()
+    z = latents(0, 0, len(want), 2, prior=prior, ids=want).double()
     for c in range(3):  # each row from its own condition's fit: that condition's codes' mean and sd
         mine = codes[ids == c]
         assert z[want == c].mean(0).numpy() == pytest.approx(mine.mean(0), abs=0.05)

@@ -10,8 +10,8 @@ from sklearn.metrics import accuracy_score, f1_score
 from medvae.utility.downstream import (
     LabelledSet,
     classification_metrics,
-    evaluate,
     from_store,
+    score_downstream,
     segmentation_metrics,
     train_downstream,
 )
@@ -46,11 +46,11 @@ def test_same_data_same_seed_same_network(class_store):
     data = from_store(class_store, rows, "classify", class_store.classes)
     copy = LabelledSet(data.images.clone(), data.targets.clone())
     test = from_store(class_store, class_store.select("test"), "classify", class_store.classes)
-    a = evaluate("classify", train_downstream("classify", data, 3, 60, 8, 3e-3, seed=5), test, 3)
-    b = evaluate("classify", train_downstream("classify", copy, 3, 60, 8, 3e-3, seed=5), test, 3)
+    a = score_downstream("classify", train_downstream("classify", data, 3, 60, 8, 3e-3, seed=5), test, 3)
+    b = score_downstream("classify", train_downstream("classify", copy, 3, 60, 8, 3e-3, seed=5), test, 3)
     assert a == b
     assert a["accuracy"] > 0.5  # better than chance (1/3) after 60 steps on 30 patches
-    other = evaluate("classify", train_downstream("classify", data, 3, 3, 8, 3e-3, seed=6), test, 3)
+    other = score_downstream("classify", train_downstream("classify", data, 3, 3, 8, 3e-3, seed=6), test, 3)
     assert other != a
 
 

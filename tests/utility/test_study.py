@@ -127,14 +127,14 @@ def test_the_evaluation_report_embeds_the_study(classify_study):
 
 def test_label_fidelity_is_the_real_network_scored_on_the_synthetic_labels(classify_study, class_store):
     """At fraction 1 the 'synthetic' set is the real subset: fidelity = the real arm's net on its own training data."""
-    from medvae.utility.downstream import evaluate, from_store, train_downstream
+    from medvae.utility.downstream import from_store, score_downstream, train_downstream
 
     out, syn, _ = classify_study
     cfg = UtilityConfig(**SMALL)
     real = from_store(class_store, labelled_rows(class_store, "train", "classify"), "classify", class_store.classes)
     net = train_downstream("classify", real, len(class_store.classes), cfg.downstream_steps, cfg.batch_size, cfg.lr,
                            0, "cpu")
-    want = evaluate("classify", net, from_store(syn, syn.select(), "classify", class_store.classes),
+    want = score_downstream("classify", net, from_store(syn, syn.select(), "classify", class_store.classes),
                     len(class_store.classes))
     got = json.loads((out / "cells/f1_s0/fidelity.json").read_text())["metrics"]
     assert got == pytest.approx(want, abs=1e-9)
