@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from medvae.errors import ConfigError
-from medvae.io.phantoms import write_phantom_cohort
 from medvae.pipeline import load_pipeline, run_pipeline
+from tests.factories import phantom_cohort
 
 TINY = {
     "device": "cpu",
@@ -38,7 +38,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     scans = tmp_path_factory.mktemp("scans")
-    write_phantom_cohort(scans, ct_patients=3, microscopy_stacks=1, seed=1, ct_size=64, ct_slices=6)
+    phantom_cohort(scans, ct_patients=3, microscopy_stacks=1, seed=1, ct_size=64, ct_slices=6)
     return scans
 
 

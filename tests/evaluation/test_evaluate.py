@@ -11,12 +11,12 @@ from typer.testing import CliRunner
 
 from medvae.cli import app
 from medvae.config import EvaluateConfig, ModelConfig
-from medvae.data.store import write_store
 from medvae.evaluation.evaluate import evaluate
 from medvae.evaluation.tables import CSV_COLUMNS
 from medvae.metrics.table import PATCH_METRICS
 from medvae.models import build_model
 from medvae.training.checkpoint import load_model, save_checkpoint
+from tests.factories import patch_store
 
 PATIENTS = ["PANCREAS_0001", "PANCREAS_0002", "PANCREAS_0003"]
 CFG = EvaluateConfig(split="test", iwae_k=4, mmd_samples=24, mmd_permutations=20, batch_size=16, worst_patches=2,
@@ -34,13 +34,10 @@ def _store(path):
             cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.3)
             imgs.append(((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) * (0.5 + 0.1 * p) + 0.1)
             ids.append(pid)
-    n = len(ids)
-    index = {"patient_id": ids, "modality": ["ct"] * n,
-             "split": ["train" if i.startswith("TRAIN") else "test" for i in ids], "slice_index": list(range(n)),
-             "y": [0] * n, "x": [0] * n, "foreground_fraction": [1.0] * n, "source": ["phantom"] * n}
-    meta = {"content_hash": "tiny-eval-store",
-            "normalization": {"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}}}
-    return write_store(path, np.stack(imgs)[:, None].astype(np.float32), index, meta)
+    return patch_store(path, np.stack(imgs)[:, None], patient_id=ids,
+                       split=["train" if i.startswith("TRAIN") else "test" for i in ids], source="phantom",
+                       content_hash="tiny-eval-store",
+                       normalization={"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}})
 
 
 def _run(path, seed, store_hash="tiny-eval-store", name="vae"):
