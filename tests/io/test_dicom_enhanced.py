@@ -221,6 +221,17 @@ def test_multiframe_stack_spacing_from_pixel_spacing_and_slice_thickness(tmp_pat
 
 
 @needs_data
+def test_two_multiframe_files_without_positions_stack_in_file_name_order(tmp_path):
+    a = _emri_without_positions(tmp_path / "a.dcm")
+    b = _emri_without_positions(tmp_path / "b.dcm", SOPInstanceUID=pydicom.uid.generate_uid(),
+                                PixelData=(4095 - a.pixel_array).astype(np.uint16).tobytes())
+    vol = read_dicom_series(tmp_path)
+    np.testing.assert_array_equal(vol.array, np.concatenate([a.pixel_array, b.pixel_array]).astype(np.float32))
+    assert vol.spacing[0] == pytest.approx(1.2) and len(vol.warnings) == 1  # no gap, no duplicate
+    assert "a.dcm, b.dcm" in vol.warnings[0] and "stack of 20 frames" in vol.warnings[0]
+
+
+@needs_data
 def test_multiframe_without_positions_beside_positioned_frames_is_skipped(tmp_path):
     ds = _enhanced_from("emri_small.dcm", tmp_path / "good.dcm", row=(1.0, 0.0, 0.0), col=(0.0, 1.0, 0.0),
                         positions=np.arange(30.0).reshape(10, 3), slope_frames={})
