@@ -21,20 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from medvae.config import EvaluateConfig, PrepareConfig, TrainStageConfig
-from medvae.data.discover import discover
-from medvae.data.manifest import write_manifest
-from medvae.data.prepare import prepare
-from medvae.data.store import write_store
-from medvae.evaluation.evaluate import run_evaluation
-from medvae.io.phantoms import write_phantom_cohort
-from medvae.pipeline import train_stage
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # medvae and tests.factories of this checkout
+
+from medvae.config import EvaluateConfig, PrepareConfig, TrainStageConfig  # noqa: E402
+from medvae.data.discover import discover  # noqa: E402
+from medvae.data.manifest import write_manifest  # noqa: E402
+from medvae.data.prepare import prepare  # noqa: E402
+from medvae.evaluation.evaluate import run_evaluation  # noqa: E402
+from medvae.pipeline import train_stage  # noqa: E402
+from tests.factories import patch_store, phantom_cohort  # noqa: E402
 
 OUT = Path("bench_out/denoise")
 
@@ -45,29 +47,24 @@ def cell_store(path: Path):
 
     img = cell().astype(np.float32)
     h, w = img.shape
-    tiles, index = [], {k: [] for k in ("patient_id", "modality", "split", "slice_index", "y", "x",
-                                        "foreground_fraction", "source")}
+    tiles, where = [], {"split": [], "y": [], "x": []}
     regions = {"train": (0, 360, 16), "val": (330, 460, 64), "test": (420, w, 32)}
     for split, (x0, x1, stride) in regions.items():
         for y in range(0, h - 128 + 1, stride):
             for x in range(x0, x1 - 128 + 1, stride):
                 tiles.append(img[y:y + 128, x:x + 128] / 255.0)
-                for k, v in (("patient_id", f"cell-{split}"), ("modality", "microscopy"), ("split", split),
-                             ("slice_index", 0), ("y", y), ("x", x), ("foreground_fraction", 1.0),
-                             ("source", "skimage.data.cell")):
-                    index[k].append(v)
-    x = np.stack(tiles)[:, None]
-    meta = {"content_hash": "skimage-cell-v1", "normalization": {"microscopy": {"low": 0.0, "high": 255.0,
-                                                                                 "unit": "counts"}},
-            "spacing": {"microscopy": [1.0, 1.0]}}
-    return write_store(path, x, index, meta)
+                for k, v in (("split", split), ("y", y), ("x", x)):
+                    where[k].append(v)
+    return patch_store(path, np.stack(tiles)[:, None], patient_id=[f"cell-{s}" for s in where["split"]],
+                       modality="microscopy", slice_index=0, source="skimage.data.cell", **where,
+                       content_hash="skimage-cell-v1",
+                       normalization={"microscopy": {"low": 0.0, "high": 255.0, "unit": "counts"}},
+                       spacing={"microscopy": [1.0, 1.0]})
 
 
 def phantom_stores(root: Path, only=None) -> dict[str, Path]:
     scans = root / "scans"
-    if not (scans / ".done").exists():
-        write_phantom_cohort(scans, ct_patients=6, microscopy_stacks=6, seed=0, ct_size=256)
-        (scans / ".done").write_text("ok")
+    phantom_cohort(scans, ct_patients=6, microscopy_stacks=6, seed=0, ct_size=256, ct_slices=None)  # cached
     stores = {}
     for name, modality, cfg in (("phantom-microscopy", "microscopy", PrepareConfig(mode="tile", stride=64)),
                                 ("phantom-ct", "ct", PrepareConfig(mode="resize", slice_step=2))):

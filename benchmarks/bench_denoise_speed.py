@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,21 +22,21 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from medvae.config import DenoiseConfig, TrainStageConfig
-from medvae.data.store import write_store
-from medvae.denoising import classical
-from medvae.denoising.apply import denoise_scans
-from medvae.pipeline import train_stage
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # medvae and tests.factories of this checkout
+
+from medvae.config import DenoiseConfig, TrainStageConfig  # noqa: E402
+from medvae.denoising import classical  # noqa: E402
+from medvae.denoising.apply import denoise_scans  # noqa: E402
+from medvae.pipeline import train_stage  # noqa: E402
+from tests.factories import patch_store  # noqa: E402
 
 
 def tiny_run(tmp: Path) -> Path:
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (24, 1, 128, 128)).astype(np.float32)
-    index = {"patient_id": ["P"] * 24, "modality": ["ct"] * 24, "split": ["train"] * 16 + ["val"] * 8,
-             "slice_index": list(range(24)), "y": [0] * 24, "x": [0] * 24, "foreground_fraction": [1.0] * 24,
-             "source": ["bench"] * 24}
-    store = write_store(tmp / "store", x, index, {"content_hash": "speed", "normalization": {
-        "ct": {"low": -160.0, "high": 240.0, "unit": "HU"}}, "spacing": {"ct": [0.8, 0.8]}})
+    store = patch_store(tmp / "store", x, patient_id="P", split=["train"] * 16 + ["val"] * 8, source="bench",
+                        content_hash="speed", normalization={"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}},
+                        spacing={"ct": [0.8, 0.8]})
     cfg = TrainStageConfig.model_validate({
         "task": "denoise", "noise": {"kind": "gaussian"},
         "model": {"name": "dae", "channels": [16, 32, 64], "res_units": 1, "likelihood": "l2"},

@@ -24,13 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medvae.config import GenerateConfig, ModelConfig
-from medvae.data.store import write_store
-from medvae.devices import select_device
-from medvae.models import build_model
-from medvae.synthesis.generate import generate
-from medvae.synthesis.sampling import sample_images
-from medvae.training.checkpoint import save_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # medvae and tests.factories of this checkout
+
+from medvae.config import GenerateConfig, ModelConfig  # noqa: E402
+from medvae.devices import select_device  # noqa: E402
+from medvae.models import build_model  # noqa: E402
+from medvae.synthesis.generate import generate  # noqa: E402
+from medvae.synthesis.sampling import sample_images  # noqa: E402
+from medvae.training.checkpoint import save_checkpoint  # noqa: E402
+from tests.factories import patch_store  # noqa: E402
 
 
 def make_store(path: Path, size: int, n_patients: int, per_patient: int):
@@ -40,13 +42,10 @@ def make_store(path: Path, size: int, n_patients: int, per_patient: int):
     low = rng.random((n, 1, size // 16, size // 16)).astype(np.float32)
     x = torch.nn.functional.interpolate(torch.from_numpy(low), size=size, mode="bilinear").numpy()
     x = np.clip(x + 0.03 * rng.standard_normal(x.shape).astype(np.float32), 0, 1)
-    index = {"patient_id": np.repeat([f"P{i:03d}" for i in range(n_patients)], per_patient),
-             "modality": ["ct"] * n, "split": ["train"] * n,
-             "slice_index": np.tile(np.arange(per_patient), n_patients),
-             "y": [0] * n, "x": [0] * n, "foreground_fraction": [1.0] * n, "source": ["bench"] * n}
-    meta = {"normalization": {"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}},
-            "spacing": {"ct": [0.7, 0.7]}, "content_hash": f"bench{size}"}
-    return write_store(path, x, index, meta)
+    return patch_store(path, x, patient_id=np.repeat([f"P{i:03d}" for i in range(n_patients)], per_patient),
+                       slice_index=np.tile(np.arange(per_patient), n_patients), source="bench",
+                       normalization={"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}},
+                       spacing={"ct": [0.7, 0.7]}, content_hash=f"bench{size}")
 
 
 def make_run(root: Path, size: int, n_train: int) -> Path:

@@ -77,23 +77,22 @@ def bench_ssim(n: int, n_ref: int) -> dict:
 
 def bench_evaluate(n: int, patients: int = 10, quick: bool = False) -> dict:
     from medvae.config import EvaluateConfig, ModelConfig
-    from medvae.data.store import write_store
     from medvae.evaluation.evaluate import run_evaluation
     from medvae.models import build_model
     from medvae.training.checkpoint import save_checkpoint
+    from tests.factories import patch_store
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:128, :128] / 128.0
     cy, cx, r = rng.uniform(0.3, 0.7, (3, n, 1, 1))
     r = 0.1 + 0.2 * r
     imgs = (((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) * 0.6 + 0.2 + 0.02 * rng.standard_normal((n, 128, 128)))
-    index = {"patient_id": [f"PANCREAS_{i % patients + 1:04d}" for i in range(n)], "modality": ["ct"] * n,
-             "split": ["test"] * n, "slice_index": list(range(n)), "y": [0] * n, "x": [0] * n,
-             "foreground_fraction": [1.0] * n, "source": ["bench"] * n}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        store = write_store(tmp / "store", imgs[:, None].clip(0, 1).astype(np.float32), index, {
-            "content_hash": "bench", "normalization": {"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}}})
+        store = patch_store(tmp / "store", imgs[:, None].clip(0, 1),
+                            patient_id=[f"PANCREAS_{i % patients + 1:04d}" for i in range(n)], split="test",
+                            source="bench", content_hash="bench",
+                            normalization={"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}})
         cfg = ModelConfig()  # the default ConvVAE (128², latent 128); timing does not depend on training
         torch.manual_seed(0)
         save_checkpoint(tmp / "run" / "checkpoints" / "best.pt", {

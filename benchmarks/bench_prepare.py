@@ -36,16 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def cohort(out: Path, patients: int, slices: int) -> dict:
-    from medvae.io.phantoms import write_phantom_cohort
+    from tests.factories import phantom_cohort
 
-    d = out / f"phantom_{patients}x{slices}"
-    summary_path = d / "summary.json"
-    if summary_path.is_file():
-        return json.loads(summary_path.read_text())
     t = time.perf_counter()
-    s = write_phantom_cohort(d, ct_patients=patients, microscopy_stacks=0, seed=0, ct_size=512, ct_slices=slices)
-    summary_path.write_text(json.dumps(s))
-    print(f"wrote phantom cohort {d} in {time.perf_counter() - t:.1f} s")
+    s = phantom_cohort(out / f"phantom_{patients}x{slices}", ct_patients=patients, microscopy_stacks=0, seed=0,
+                       ct_size=512, ct_slices=slices)  # written once, then reused
+    print(f"phantom cohort ready in {time.perf_counter() - t:.1f} s")
     return s
 
 

@@ -37,12 +37,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from medvae.config import TrainStageConfig  # noqa: E402
-from medvae.data.store import open_store, write_store  # noqa: E402
+from medvae.data.store import open_store  # noqa: E402
 from medvae.devices import select_device  # noqa: E402
 from medvae.models import build_model  # noqa: E402
 from medvae.training.distributed import DistInfo  # noqa: E402
 from medvae.training.tasks import ReconstructTask  # noqa: E402
 from medvae.training.trainer import _Trainer, resolve_config, train  # noqa: E402
+from tests.factories import patch_store  # noqa: E402
 
 OUR_CHANNELS = (32, 64, 128, 256)
 
@@ -54,10 +55,9 @@ def random_store(path: Path, size: int, n: int) -> object:
     rng = np.random.default_rng(0)
     x = rng.random((n, 1, size // 8, size // 8), dtype=np.float32)
     x = np.repeat(np.repeat(x, 8, axis=2), 8, axis=3)  # blocky, compressible like anatomy, not noise
-    index = {"patient_id": [f"P{i % 10}" for i in range(n)], "modality": ["ct"] * n,
-             "split": ["train"] * (n - n // 8) + ["val"] * (n // 8), "slice_index": list(range(n)),
-             "y": [0] * n, "x": [0] * n, "foreground_fraction": [1.0] * n, "source": ["bench"] * n}
-    return write_store(path, x, index, {"content_hash": f"bench-random-{size}-{n}"})
+    return patch_store(path, x, patient_id=[f"P{i % 10}" for i in range(n)],
+                       split=["train"] * (n - n // 8) + ["val"] * (n // 8), source="bench",
+                       content_hash=f"bench-random-{size}-{n}")
 
 
 def n_params(model) -> int:

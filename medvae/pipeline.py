@@ -48,15 +48,19 @@ from medvae.utility.study import run_utility
 log = logging.getLogger(__name__)
 
 def pipeline_path(pipeline: str | os.PathLike) -> Path:
-    """A pipeline YAML path as given, or the packaged pipeline of that name (``demo``, ``pancreas_ct``)."""
+    """A pipeline YAML path as given, or the packaged pipeline of that name (``demo``, ``pancreas_ct``).
+
+    Only a file counts as a path: ``medvae demo --out demo`` creates a folder ``demo`` in the
+    working directory, and that folder must not hide the packaged ``demo`` pipeline.
+    """
     path = Path(pipeline)
+    if path.is_file():
+        return path
     packaged = PACKAGED_PIPELINES / f"{path.name.removesuffix('.yaml')}.yaml"
-    if not path.exists() and path.parent == Path(".") and packaged.is_file():
+    if path.parent == Path(".") and packaged.is_file():
         return packaged
-    if not path.is_file():
-        raise ConfigError(f"{pipeline}: pipeline YAML not found; give a path or a packaged pipeline "
-                          f"({', '.join(packaged_pipelines())})")
-    return path
+    what = "is a directory, not a pipeline YAML" if path.is_dir() else "pipeline YAML not found"
+    raise ConfigError(f"{pipeline}: {what}; give a path or a packaged pipeline ({', '.join(packaged_pipelines())})")
 
 
 def expand_sweep(config: PipelineConfig, source: str = "pipeline") -> PipelineConfig:
@@ -128,6 +132,7 @@ class StageRunner:
     def __init__(self, out: Path):
         self.path = out / "state.json"
         self.state: dict = {}
+        self.timings: list[dict] = []  # this invocation's stages in order (see :meth:`run`)
         if self.path.exists():
             self.state = json.loads(self.path.read_text())
 
@@ -142,6 +147,7 @@ class StageRunner:
         prev = self.previous(name)
         if prev.get("key") == key and prev.get("status") == "done":
             log.info("stage %s: up to date, skipped", name)
+            self.timings.append({"stage": name, "seconds": prev.get("seconds"), "ran": False})
             return False
         log.info("stage %s: running", name)
         started = time.time()
@@ -150,7 +156,14 @@ class StageRunner:
         fn()
         self.state[name].update(status="done", seconds=round(time.time() - started, 2))
         self._save()
+        self.timings.append({"stage": name, "seconds": self.state[name]["seconds"], "ran": True})
         return True
+
+    def result(self, paths: dict) -> dict:
+        """The state with the output ``paths`` (saved) and this invocation's ``timings`` (returned only)."""
+        self.state["paths"] = paths
+        self._save()
+        return {**self.state, "timings": list(self.timings)}
 
 
 def train_stage(store: PatchStore | str | os.PathLike, out: str | os.PathLike, cfg: TrainStageConfig,
@@ -198,7 +211,10 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     ``quick`` runs the tiny version of the pipeline (:func:`quick_config`).
 
     Returns:
-        The state dict (also in ``out/state.json``) with a ``paths`` entry naming the outputs.
+        The state dict (also in ``out/state.json``) with a ``paths`` entry naming the outputs, and
+        ``timings``: one ``{"stage", "seconds", "ran"}`` per stage in the order they came, where
+        ``ran`` is False for a stage skipped as up to date (its ``seconds`` are then those of the
+        run that made it, None if unrecorded). ``timings`` is not written to state.json.
     """
     pipeline = pipeline_path(pipeline)
     config = load_pipeline(pipeline)
@@ -250,11 +266,9 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
         compare=[model_dirs[n] for n in names[1:]], device=config.device, utility=utility_dir))
 
     if all(c.task == "denoise" for c in config.models.values()):  # denoisers have no prior to sample
-        runner.state["paths"] = {"manifest": str(manifest), "store": str(store_dir),
-                                 "models": {n: str(p) for n, p in model_dirs.items()},
-                                 "report": str(report_dir / "report.html")}
-        runner._save()
-        return runner.state
+        return runner.result({"manifest": str(manifest), "store": str(store_dir),
+                              "models": {n: str(p) for n, p in model_dirs.items()},
+                              "report": str(report_dir / "report.html")})
 
     gen = config.generate
     gen_model = gen.model or names[-1]
@@ -267,22 +281,30 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
         model_dirs[gen_model], synthetic_dir, GenerateConfig(**gen_cfg_dict), device=config.device,
         mix_with=store_dir if gen.mix_ratio else None, ratio=gen.mix_ratio or 1.0))
 
-    runner.state["paths"] = {
+    return runner.result({
         "manifest": str(manifest), "store": str(store_dir), "models": {n: str(p) for n, p in model_dirs.items()},
         "report": str(report_dir / "report.html"), "synthetic": str(synthetic_dir),
         **({"utility": str(utility_dir / "report.html")} if utility_dir else {}),
-    }
-    runner._save()
-    return runner.state
+    })
 
 
 def demo(out: str | os.PathLike = "demo_out", pipeline: str | os.PathLike = "demo", quick: bool = False) -> dict:
-    """Write the phantom cohort (CT + microscopy) into ``out/scans`` and run demo.yaml on it."""
+    """Write the phantom cohort (CT + microscopy) into ``out/scans`` and run demo.yaml on it.
+
+    Returns:
+        :func:`run_pipeline`'s state, its ``timings`` led by the phantom stage (``ran`` False when
+        the cohort was already written).
+    """
     out = Path(out)
     scans, done = out / "scans", out / "scans" / ".phantom-complete"
-    if not done.exists():  # the marker makes an interrupted phantom write start over
+    if done.exists():
+        phantom = {"stage": "phantom", "seconds": json.loads(done.read_text()).get("seconds"), "ran": False}
+    else:  # the marker makes an interrupted phantom write start over
+        started = time.time()
         shutil.rmtree(scans, ignore_errors=True)
         # 256² CT instead of 512²: the patches are 128² anyway, and more patients generalize better
         summary = write_phantom_cohort(scans, ct_patients=16, microscopy_stacks=4, seed=0, ct_size=256)
-        write_json(done, summary)
-    return run_pipeline(pipeline, scans, out / "run", quick=quick)
+        phantom = {"stage": "phantom", "seconds": round(time.time() - started, 2), "ran": True}
+        write_json(done, {**summary, "seconds": phantom["seconds"]})
+    state = run_pipeline(pipeline, scans, out / "run", quick=quick)
+    return {**state, "timings": [phantom, *state["timings"]]}

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from medvae.errors import ConfigError
-from medvae.io.phantoms import write_phantom_cohort
 from medvae.pipeline import load_pipeline, run_pipeline
+from tests.factories import phantom_cohort
 
 TINY = {
     "device": "cpu",
@@ -38,7 +38,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     scans = tmp_path_factory.mktemp("scans")
-    write_phantom_cohort(scans, ct_patients=3, microscopy_stacks=1, seed=1, ct_size=64, ct_slices=6)
+    phantom_cohort(scans, ct_patients=3, microscopy_stacks=1, seed=1, ct_size=64, ct_slices=6)
     return scans
 
 
@@ -78,10 +78,40 @@ def test_pipeline_end_to_end_then_noop(cohort, tmp_path):
     assert len(synth) == 4 and all((out / "synthetic" / r["path"]).is_file() or Path(r["path"]).is_file()
                                    for r in synth)
 
+    recorded = json.loads((out / "state.json").read_text())
+    assert state["timings"] == [{"stage": s, "seconds": recorded[s]["seconds"], "ran": True} for s in stages]
+    assert "timings" not in recorded  # this invocation's, not state
+
     before = _mtimes(out)
     again = run_pipeline(_pipeline(tmp_path), cohort, out)
     assert all(again[s]["seconds"] == state[s]["seconds"] for s in stages)  # nothing re-ran
+    assert again["timings"] == [{**t, "ran": False} for t in state["timings"]]
     assert _mtimes(out) == before
+
+
+def test_run_and_demo_print_each_stage_wall_time(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import medvae.pipeline
+    from medvae.cli import app
+
+    state = {"paths": {"report": "R/report.html", "synthetic": "R/synthetic"},
+             "timings": [{"stage": "phantom", "seconds": None, "ran": False},
+                         {"stage": "discover", "seconds": 1.25, "ran": False},
+                         {"stage": "train:vae", "seconds": 75.0, "ran": True},
+                         {"stage": "generate", "seconds": 3.0, "ran": True}]}
+    monkeypatch.setattr(medvae.pipeline, "run_pipeline", lambda *a, **k: state)
+    monkeypatch.setattr(medvae.pipeline, "demo", lambda *a, **k: state)
+    for args in (["run", "demo", "--scans", str(tmp_path), "--out", str(tmp_path / "o")], ["demo"]):
+        res = CliRunner().invoke(app, args, terminal_width=120)
+        assert res.exit_code == 0, res.output
+        lines = res.output.splitlines()
+        row = {name: next(line for line in lines if line.strip("│ ").startswith(name))
+               for name in ("phantom", "discover", "train:vae", "generate", "total")}
+        assert "?" in row["phantom"] and "up to date, skipped" in row["discover"]
+        assert "1 min 15 s" in row["train:vae"] and "skipped" not in row["train:vae"]
+        assert "1 min 18 s" in row["total"]  # 75 + 3: only the stages that ran now
+        assert "R/report.html" in res.output and "R/synthetic" in res.output
 
 
 def test_changed_config_reruns_only_downstream(cohort, tmp_path):

@@ -5,14 +5,40 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from medvae.cli.app import app, user_errors
 from medvae.config import packaged_pipelines
 
 
-def _print_paths(state: dict) -> None:
+def _wall(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _print_outcome(state: dict) -> None:
+    """Each stage's wall time (skipped stages say so: their time is the earlier run's), then the outputs."""
+    table = Table(title="stages")
+    table.add_column("stage")
+    table.add_column("wall time", justify="right")
+    table.add_column("")
+    ran = [t["seconds"] for t in state["timings"] if t["ran"]]
+    for t in state["timings"]:
+        table.add_row(t["stage"], _wall(t["seconds"]), "" if t["ran"] else "up to date, skipped")
+    table.add_section()
+    table.add_row("total (this run)", _wall(sum(ran)), "")
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(table)
+    # A denoise pipeline has no synthetic data; print the outputs there are.
     paths = state["paths"]
-    typer.echo(f"\nreport:    {paths['report']}\nsynthetic: {paths['synthetic']}\n")
+    for name in ("report", "synthetic", "utility"):
+        if name in paths:
+            console.print(f"{name + ':':<11}{paths[name]}")
 
 
 @app.command("run")
@@ -28,7 +54,7 @@ def run(
     """Run discover -> prepare -> train -> evaluate -> generate, skipping finished stages."""
     from medvae.pipeline import run_pipeline
 
-    _print_paths(run_pipeline(pipeline, scans, out, quick=quick))
+    _print_outcome(run_pipeline(pipeline, scans, out, quick=quick))
 
 
 @app.command()
@@ -40,4 +66,4 @@ def demo(
     """Write a phantom cohort and run the demo pipeline on it end to end (CPU, minutes)."""
     from medvae.pipeline import demo as run_demo
 
-    _print_paths(run_demo(out, quick=quick))
+    _print_outcome(run_demo(out, quick=quick))

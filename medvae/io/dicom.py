@@ -6,7 +6,9 @@ pydicom (``pydicom.pixels.pixel_array``) and rescales them to HU exactly as pydi
 :func:`_to_units`); the series geometry (slice order along the normal, gaps, duplicates,
 spacing, affine) is :mod:`medvae.io.dicom_geometry`. A series is single-frame files, or enhanced
 multi-frame files (CT/MR with functional groups) whose frames are its slices, or both; a folder
-holding one enhanced file reads as a volume. Every header is parsed once (pixel bytes deferred).
+holding one enhanced file reads as a volume. A multi-frame file without any frame position is a
+stack of its frames in file order with an assumed spacing, named in a warning (the manifest's
+``problem`` column of an ok row). Every header is parsed once (pixel bytes deferred).
 
 The volume keeps the acquired slices as ``array[k]`` (:func:`medvae.io.orient.plan_acquisition`):
 an axial series is ``array[z, y, x]`` with z toward Superior, y toward Posterior, x toward
@@ -38,9 +40,11 @@ from medvae.io.dicom_geometry import (
     SeriesPlan,
     Slice,
     enhanced_frames,
+    has_frame_positions,
     name_files,
     series_geometry,
     single_frame_slice,
+    stacked_frames,
 )
 from medvae.io.volume import Volume, VolumeInfo
 
@@ -184,8 +188,8 @@ def _slices_of(path: Path, ds: pydicom.Dataset) -> list[Slice]:
         raise _NotAnImage(f"malformed NumberOfFrames {ds.get('NumberOfFrames')!r}") from None
     multi = frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
     try:
-        if multi:
-            return enhanced_frames(path, ds)
+        if multi:  # frames with positions are placed by them; a file that gives none is a stack in frame order
+            return enhanced_frames(path, ds) if has_frame_positions(ds) else stacked_frames(path, ds)
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
             raise _NotAnImage("no image geometry: ImagePositionPatient/ImageOrientationPatient missing")
         return [single_frame_slice(path, ds)]

@@ -3,7 +3,9 @@
 A slice is one single-frame file or one frame of an enhanced multi-frame file (CT/MR Image
 Storage with functional groups: the frame's ``PlanePositionSequence``,
 ``PlaneOrientationSequence``, ``PixelMeasuresSequence`` and ``PixelValueTransformationSequence``,
-per frame or shared, see :func:`enhanced_frames`).
+per frame or shared, see :func:`enhanced_frames`). A multi-frame file that gives no frame any
+position (e.g. pydicom-data's ``emri_small.dcm``) is read as a stack of its frames in file order
+with an assumed spacing, said in a warning (:func:`stacked_frames`), as SimpleITK / GDCM read it.
 
 Slices are ordered by their position along the slice normal (``ImagePositionPatient`` dotted
 with the cross product of the ``ImageOrientationPatient`` rows), never by file name,
@@ -53,8 +55,9 @@ class Slice:
     shape: tuple[int, int]
     frame: int | None = None  # 0-based frame index in a multi-frame file; None: single-frame
     pixel_spacing: tuple[float, float] | None = None  # (row spacing, column spacing) mm, when given
-    thickness: float | None = None  # SliceThickness, when given
+    thickness: float | None = None  # SliceThickness, when given (a stacked frame: the assumed slice spacing)
     rescale: tuple[float, float] | None = None  # the frame's (slope, intercept); None: the file's own
+    stacked: str | None = None  # geometry assumed (stacked_frames): the assumptions, in words
 
     @property
     def sort_name(self) -> tuple[str, int]:
@@ -96,6 +99,75 @@ def _macro(groups, keyword: str):
     return None
 
 
+def _frame_rescale(groups, top: tuple[float, float] | None) -> tuple[float, float]:
+    transform = _macro(groups, "PixelValueTransformationSequence")
+    if transform is not None and "RescaleSlope" in transform and "RescaleIntercept" in transform:
+        return float(transform.RescaleSlope), float(transform.RescaleIntercept)
+    return top if top is not None else (1.0, 0.0)
+
+
+def _top_rescale(ds) -> tuple[float, float] | None:
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        return float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    return None
+
+
+def has_frame_positions(ds: pydicom.Dataset) -> bool:
+    """True when some frame of a multi-frame file has a PlanePositionSequence (per frame or shared)."""
+    shared_seq = ds.get("SharedFunctionalGroupsSequence", None)
+    groups = [shared_seq[0]] if shared_seq else []
+    groups += list(ds.get("PerFrameFunctionalGroupsSequence", None) or [])
+    return any(item is not None and item.get("PlanePositionSequence", None) for item in groups)
+
+
+def stacked_frames(path: Path, ds: pydicom.Dataset) -> list[Slice]:
+    """The frames of a multi-frame file without frame positions, as a stack in file (frame) order.
+
+    Nothing in the file says where its frames lie, so the stack is assumed: frame f at
+    ``origin + f * dz * normal``, with ``dz`` the SpacingBetweenSlices (centre to centre), else
+    the SliceThickness, else 1 mm; the orientation from a shared PlaneOrientationSequence or the
+    top-level ImageOrientationPatient, else axial (rows along patient Left, columns along
+    Posterior); the pixel spacing from a shared PixelMeasuresSequence or PixelSpacing, else 1 mm
+    (:func:`series_geometry` warns with each slice's ``stacked``: the assumptions in words).
+    """
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    shared_seq = ds.get("SharedFunctionalGroupsSequence", None)
+    shared = shared_seq[0] if shared_seq else None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence", None) or []
+    if per_frame and len(per_frame) != n:
+        raise ValueError(f"PerFrameFunctionalGroupsSequence has {len(per_frame)} items for {n} frames")
+    ori = _macro((shared,), "PlaneOrientationSequence")
+    iop = ori.get("ImageOrientationPatient", None) if ori is not None else None
+    iop = iop if iop is not None else ds.get("ImageOrientationPatient", None)
+    orientation = _floats(iop) if iop is not None and len(iop) == 6 else None
+    measures = _macro((shared,), "PixelMeasuresSequence")
+    spacing = _spacing(measures) if measures is not None and "PixelSpacing" in measures else _spacing(ds)
+    between = ds.get("SpacingBetweenSlices", None)
+    thickness = _thickness(measures) if measures is not None and "SliceThickness" in measures else _thickness(ds)
+    # Centre-to-centre distance first: the thickness differs from it when slices overlap or have gaps.
+    if between not in (None, "") and float(between) > 0:
+        dz, z_from = float(between), "SpacingBetweenSlices"
+    elif thickness is not None:
+        dz, z_from = thickness, "SliceThickness"
+    else:
+        dz, z_from = 1.0, "neither SpacingBetweenSlices nor SliceThickness given"
+    xy_from = "PixelSpacing" if spacing is not None else "no PixelSpacing"
+    dy, dx = spacing or (1.0, 1.0)
+    assumed = [f"slice spacing {dz:g} mm ({z_from})", f"pixel spacing {dy:g} x {dx:g} mm ({xy_from})"]
+    if orientation is None:
+        assumed.append("axial orientation (no ImageOrientationPatient)")
+        orientation = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    else:
+        assumed.append("the frames' order along the slice normal")
+    normal = np.cross(orientation[:3], orientation[3:])
+    ipp = ds.get("ImagePositionPatient", None)
+    origin = _floats(ipp) if ipp is not None and len(ipp) == 3 else np.zeros(3)
+    top = _top_rescale(ds)
+    return [Slice(path, ds, origin + f * dz * normal, orientation, (int(ds.Rows), int(ds.Columns)), f, spacing, dz,
+                  _frame_rescale((per_frame[f] if per_frame else None, shared), top), ", ".join(assumed))
+            for f in range(n)]
+
+
 def enhanced_frames(path: Path, ds: pydicom.Dataset) -> list[Slice]:
     """The frames of an enhanced multi-frame CT/MR file as slices, from its functional groups.
 
@@ -113,9 +185,7 @@ def enhanced_frames(path: Path, ds: pydicom.Dataset) -> list[Slice]:
     if per_frame and len(per_frame) != n:
         raise ValueError(f"PerFrameFunctionalGroupsSequence has {len(per_frame)} items for {n} frames")
     shape = (int(ds.Rows), int(ds.Columns))
-    top_rescale = None
-    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
-        top_rescale = (float(ds.RescaleSlope), float(ds.RescaleIntercept))
+    top_rescale = _top_rescale(ds)
     slices = []
     for f in range(n):
         groups = (per_frame[f] if per_frame else None, shared)
@@ -128,15 +198,11 @@ def enhanced_frames(path: Path, ds: pydicom.Dataset) -> list[Slice]:
         if iop is None or len(iop) != 6:
             raise ValueError(f"frame {f + 1} of {n} has no PlaneOrientationSequence (ImageOrientationPatient)")
         measures = _macro(groups, "PixelMeasuresSequence")
-        transform = _macro(groups, "PixelValueTransformationSequence")
-        rescale = top_rescale
-        if transform is not None and "RescaleSlope" in transform and "RescaleIntercept" in transform:
-            rescale = (float(transform.RescaleSlope), float(transform.RescaleIntercept))
         slices.append(Slice(
             path, ds, _floats(pos.ImagePositionPatient), _floats(iop), shape, f,
             _spacing(measures) if measures is not None and "PixelSpacing" in measures else _spacing(ds),
             _thickness(measures) if measures is not None and "SliceThickness" in measures else _thickness(ds),
-            rescale if rescale is not None else (1.0, 0.0),
+            _frame_rescale(groups, top_rescale),
         ))
     return slices
 
@@ -153,16 +219,46 @@ class SeriesPlan:
     dz: float
     reorient: Reorientation
     warnings: list[str] = field(default_factory=list)
+    assumed: bool = False  # a stack of frames without positions: geometry assumed (stacked_frames)
 
     @property
     def plane(self) -> str:
-        """``axial`` | ``coronal`` | ``sagittal`` | ``oblique``: the plane the slices were acquired in."""
-        return self.reorient.plane
+        """``axial`` | ``coronal`` | ``sagittal`` | ``oblique``: the plane the slices were acquired in;
+        "" when the geometry was assumed, since no header says it."""
+        return "" if self.assumed else self.reorient.plane
+
+
+def _stack_in_file_order(directory: Path, uid: str, slices: list[Slice], warnings: list[str]) -> list[Slice]:
+    """Slices of multi-frame files without frame positions: alone, a stack in (file name, frame)
+    order at the first file's assumed spacing; beside positioned slices, dropped (nothing places them)."""
+    stacked = [s for s in slices if s.stacked is not None]
+    if not stacked:
+        return slices
+    files = sorted({s.path for s in stacked})
+    if len(stacked) < len(slices):
+        warnings.append(
+            f"skipped {len(files)} multi-frame file(s) of series {uid} without frame positions, beside slices "
+            f"that have them: {name_files(files, directory)}"
+        )
+        return [s for s in slices if s.stacked is None]
+    stacked.sort(key=lambda s: s.sort_name)
+    first = stacked[0]
+    normal = np.cross(first.orientation[:3], first.orientation[3:])
+    for k, s in enumerate(stacked):  # several files: one after the other, by file name
+        s.position, s.orientation = first.position + k * first.thickness * normal, first.orientation
+    warnings.append(
+        f"series {uid} in {directory}: multi-frame file(s) without frame positions "
+        f"({name_files(files, directory)}); read as a stack of {len(stacked)} frames in file order, "
+        f"assuming {first.stacked}"
+    )
+    return stacked
 
 
 def series_geometry(directory: Path, uid: str, slices: list[Slice], warnings: list[str]) -> SeriesPlan:
     """Order, de-duplicate and measure ``slices`` of series ``uid`` (non-fatal problems -> ``warnings``)."""
     modality = IMAGE_MODALITIES[str(slices[0].ds.Modality)]
+    slices = _stack_in_file_order(directory, uid, slices, warnings)
+    assumed = slices[0].stacked is not None
 
     shapes = Counter(s.shape for s in slices)
     if len(shapes) > 1:
@@ -236,7 +332,8 @@ def series_geometry(directory: Path, uid: str, slices: list[Slice], warnings: li
 
     ps = slices[0].pixel_spacing
     if ps is None:
-        warnings.append(f"series {uid} in {directory} has no PixelSpacing; assuming 1 mm")
+        if not assumed:  # a stack's warning says it already
+            warnings.append(f"series {uid} in {directory} has no PixelSpacing; assuming 1 mm")
         ps = (1.0, 1.0)
     dy, dx = ps
     affine_lps = np.eye(4)
@@ -247,4 +344,4 @@ def series_geometry(directory: Path, uid: str, slices: list[Slice], warnings: li
     affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
     rows, cols = slices[0].shape
     reorient = plan_acquisition(affine_ras, (cols, rows, len(slices)), (dx, dy, dz))
-    return SeriesPlan(directory, uid, modality, slices, (dy, dx), dz, reorient, warnings)
+    return SeriesPlan(directory, uid, modality, slices, (dy, dx), dz, reorient, warnings, assumed)

@@ -1,7 +1,5 @@
 """2D image sets end to end in the data layer: discovery rows, prepare values, classes, loader batches."""
 
-import gzip
-import struct
 
 import numpy as np
 import pytest
@@ -15,17 +13,12 @@ from medvae.data.discover import run_discovery
 from medvae.data.loader import PatchBatches
 from medvae.data.manifest import read_manifest, write_manifest
 from medvae.data.prepare import prepare
+from tests.factories import write_idx, write_idx_set
 
 
 def _png(path, arr):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
-
-
-def _idx(path, arr):
-    raw = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(raw)
 
 
 @pytest.fixture
@@ -121,10 +114,8 @@ def test_idx_and_npz_discover_and_prepare_vectorized(tmp_path):
     root.mkdir()
     xtr, ytr = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8), rng.integers(0, 10, 30, dtype=np.uint8)
     xte, yte = rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), rng.integers(0, 10, 10, dtype=np.uint8)
-    _idx(root / "train-images-idx3-ubyte.gz", xtr)
-    _idx(root / "train-labels-idx1-ubyte.gz", ytr)
-    _idx(root / "t10k-images-idx3-ubyte.gz", xte)
-    _idx(root / "t10k-labels-idx1-ubyte.gz", yte)
+    write_idx_set(root, "train", xtr, ytr)
+    write_idx_set(root, "t10k", xte, yte)
     np.savez(root / "organamnist.npz", train_images=xtr[:6], train_labels=ytr[:6, None], val_images=xtr[6:9],
              val_labels=ytr[6:9, None])
     np.savez(root / "nokeys.npz", images=xtr)
@@ -152,9 +143,7 @@ def test_idx_and_npz_discover_and_prepare_vectorized(tmp_path):
 def test_idx_bad_header_is_a_problem_row(tmp_path):
     root = tmp_path / "mnist"
     root.mkdir()
-    x = np.zeros((5, 8, 8), np.uint8)
-    raw = struct.pack(">BBBB", 0, 0, 8, 3) + struct.pack(">3I", 7, 8, 8) + x.tobytes()
-    (root / "train-images-idx3-ubyte").write_bytes(raw)
+    write_idx(root / "train-images-idx3-ubyte", np.zeros((5, 8, 8), np.uint8), count=7)
     rows = run_discovery(root).rows
     assert len(rows) == 1 and rows[0].status == "problem"
     assert "train-images-idx3-ubyte: the IDX header says 7 items" in rows[0].problem

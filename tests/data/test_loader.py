@@ -4,26 +4,17 @@ import pytest
 import torch
 
 from medvae.data.loader import Batch, PatchBatches
-from medvae.data.store import write_store
+from tests.factories import patch_store
 
 
 def small_store(path, n=50, c=1, size=8, dtype="float16", labels=False, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.random((n, c, size, size)).astype(np.float32)
     x[:, 0, 0, 0] = np.arange(n) / 1000.0  # identifies the row
-    splits = np.array(["train", "val", "test"])[np.arange(n) % 3]
-    index = {
-        "patient_id": [f"P{i % 5}" for i in range(n)],
-        "modality": ["ct" if i % 2 == 0 else "microscopy" for i in range(n)],
-        "split": list(splits),
-        "slice_index": list(range(n)),
-        "y": [0] * n,
-        "x": [0] * n,
-        "foreground_fraction": [1.0] * n,
-        "source": ["mem"] * n,
-    }
     lab = (x[:, :1] > 0.5).astype(np.uint8) if labels else None
-    store = write_store(path, x, index, {"dtype": dtype}, labels=lab)
+    store = patch_store(path, x, labels=lab, dtype=dtype, patient_id=[f"P{i % 5}" for i in range(n)],
+                        modality=["ct" if i % 2 == 0 else "microscopy" for i in range(n)],
+                        split=np.array(["train", "val", "test"])[np.arange(n) % 3], source="mem")
     return store, x
 
 

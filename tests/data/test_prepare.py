@@ -15,7 +15,7 @@ from medvae.data.prepare import merge_stores, prepare
 from medvae.data.store import open_store
 from medvae.errors import StoreError
 from medvae.io import load_volume
-from medvae.io.phantoms import write_phantom_cohort
+from tests.factories import phantom_cohort
 
 TILE = PrepareConfig(patch_size=128, mode="tile", foreground_threshold=0.05)
 
@@ -23,7 +23,7 @@ TILE = PrepareConfig(patch_size=128, mode="tile", foreground_threshold=0.05)
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantom")
-    s = write_phantom_cohort(root, ct_patients=3, microscopy_stacks=1, seed=0, ct_size=128, ct_slices=12)
+    s = phantom_cohort(root, ct_patients=3, microscopy_stacks=1, seed=0, ct_size=128, ct_slices=12)
     splits = ["train", "val", "test"]
     rows = [ManifestRow(c["patient_id"], "ct", "dicom", c["series"], c["label"], split=splits[i])
             for i, c in enumerate(s["ct"])]

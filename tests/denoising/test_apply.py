@@ -16,6 +16,7 @@ from medvae.data.transforms import normalization_constants
 from medvae.denoising.apply import SliceDenoiser, denoise_scans, find_inputs
 from medvae.io import load_volume
 from medvae.io.writers import write_tiff
+from tests.factories import phantom_cohort
 
 
 def _oblique_affine():
@@ -82,13 +83,8 @@ def test_microscopy_window_is_the_one_prepare_used_for_the_store(denoise_run, hu
 
 
 def test_dicom_series_becomes_nifti_and_cli(denoise_run, tmp_path):
-    from medvae.io.phantoms import (
-        write_dicom_series,  # noqa: F401  (the phantom writer makes a real series)
-        write_phantom_cohort,
-    )
-
     scans = tmp_path / "scans"
-    write_phantom_cohort(scans, ct_patients=1, microscopy_stacks=0, seed=0, ct_size=64, ct_slices=4)
+    phantom_cohort(scans, ct_patients=1, microscopy_stacks=0, seed=0, ct_size=64, ct_slices=4)
     inputs = [p for p in find_inputs(scans) if p.is_dir()]
     assert len(inputs) == 1
     out = tmp_path / "out"

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from medvae.io.phantoms import write_phantom_cohort
 from medvae.pipeline import load_pipeline, pipeline_path, run_pipeline
+from tests.factories import phantom_cohort
 
 
 @pytest.mark.parametrize("name,kind", [("microscopy_denoise", "poisson-gaussian"), ("ct_lowdose", "ct-lowdose")])
@@ -17,7 +17,7 @@ def test_denoise_pipelines_load(name, kind):
 @pytest.mark.slow
 def test_microscopy_denoise_quick_run(tmp_path):
     scans = tmp_path / "scans"
-    write_phantom_cohort(scans, ct_patients=0, microscopy_stacks=3, seed=0)
+    phantom_cohort(scans, ct_patients=0, microscopy_stacks=3, seed=0, ct_slices=None)
     state = run_pipeline("microscopy_denoise", scans, tmp_path / "run", quick=True)
     assert "generate" not in state and state["evaluate"]["status"] == "done"
     summary = json.loads((tmp_path / "run" / "report" / "summary.json").read_text())

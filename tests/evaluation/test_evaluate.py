@@ -6,17 +6,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy.stats import wasserstein_distance
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from typer.testing import CliRunner
 
 from medvae.cli import app
 from medvae.config import EvaluateConfig, ModelConfig
-from medvae.data.store import write_store
-from medvae.evaluation.evaluate import run_evaluation
+from medvae.evaluation.evaluate import cohort_metrics, run_evaluation
 from medvae.evaluation.tables import CSV_COLUMNS
 from medvae.metrics.table import PATCH_METRICS
 from medvae.models import build_model
 from medvae.training.checkpoint import load_model, save_checkpoint
+from tests.factories import patch_store
 
 PATIENTS = ["PANCREAS_0001", "PANCREAS_0002", "PANCREAS_0003"]
 CFG = EvaluateConfig(split="test", iwae_k=4, mmd_samples=24, mmd_permutations=20, batch_size=16, worst_patches=2,
@@ -34,13 +35,10 @@ def _store(path):
             cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.3)
             imgs.append(((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) * (0.5 + 0.1 * p) + 0.1)
             ids.append(pid)
-    n = len(ids)
-    index = {"patient_id": ids, "modality": ["ct"] * n,
-             "split": ["train" if i.startswith("TRAIN") else "test" for i in ids], "slice_index": list(range(n)),
-             "y": [0] * n, "x": [0] * n, "foreground_fraction": [1.0] * n, "source": ["phantom"] * n}
-    meta = {"content_hash": "tiny-eval-store",
-            "normalization": {"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}}}
-    return write_store(path, np.stack(imgs)[:, None].astype(np.float32), index, meta)
+    return patch_store(path, np.stack(imgs)[:, None], patient_id=ids,
+                       split=["train" if i.startswith("TRAIN") else "test" for i in ids], source="phantom",
+                       content_hash="tiny-eval-store",
+                       normalization={"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}})
 
 
 def _run(path, seed, store_hash="tiny-eval-store", name="vae"):
@@ -59,25 +57,38 @@ def setup(tmp_path_factory):
     return _store(root / "store"), _run(root / "vae_a", 0), _run(root / "vae_b", 1, store_hash="other", name="vaegan")
 
 
-def test_evaluate_writes_three_outputs(setup, tmp_path, caplog):
+@pytest.fixture(scope="module")
+def evaluated(setup, tmp_path_factory):
+    """One evaluation of run_a on the test split: (store, run_a, output folder, summary, metrics.csv rows)."""
     store, run_a, _ = setup
-    out = tmp_path / "report"
+    out = tmp_path_factory.mktemp("evaluated") / "report"
     summary = run_evaluation(run_a, store.path, out, CFG, device="cpu")
-    assert {p.name for p in out.iterdir()} >= {"metrics.csv", "summary.json", "report.html"}
-
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    return store, run_a, out, summary, rows
+
+
+def test_evaluate_writes_metrics_summary_and_report(evaluated):
+    _, _, out, summary, rows = evaluated
+    assert {p.name for p in out.iterdir()} >= {"metrics.csv", "summary.json", "report.html"}
     assert tuple(rows[0].keys()) == CSV_COLUMNS
+    assert summary["run"] == "vae_a"
+
+
+def test_every_patient_has_every_patch_metric_with_its_count(evaluated):
+    rows = evaluated[4]
     for pid in PATIENTS:
         mine = {r["metric"]: r for r in rows if r["patient_id"] == pid}
         assert set(PATCH_METRICS) <= set(mine) and {f"{m}_sd" for m in PATCH_METRICS} <= set(mine)
         assert int(mine["ssim"]["n"]) == 10 and int(mine["iwae"]["n"]) == 8
-        assert -1 <= float(mine["ssim"]["value"]) <= 1
         assert mine["ssim"]["modality"] == "ct" and mine["ssim"]["split"] == "test"
-    # One patient's mean SSIM and PSNR recomputed independently: scikit-image on decode(mu).
+
+
+def test_patient_ssim_and_psnr_match_scikit_image(evaluated):
+    """One patient's mean SSIM and PSNR recomputed independently: scikit-image on decode(mu)."""
+    store, run_a, _, _, rows = evaluated
     model, _ = load_model(run_a / "checkpoints" / "best.pt")
-    rows_p1 = np.flatnonzero(store.index["patient_id"] == PATIENTS[0])
-    x = store.get(rows_p1)
+    x = store.get(np.flatnonzero(store.index["patient_id"] == PATIENTS[0]))
     with torch.no_grad():
         recon = model.decode(model.encode(torch.from_numpy(x))[0]).numpy()
     ref_ssim = np.mean([structural_similarity(r[0], o[0], data_range=1.0, gaussian_weights=True, sigma=1.5,
@@ -86,19 +97,22 @@ def test_evaluate_writes_three_outputs(setup, tmp_path, caplog):
     mine = {r["metric"]: float(r["value"]) for r in rows if r["patient_id"] == PATIENTS[0]}
     assert mine["ssim"] == pytest.approx(ref_ssim, abs=1e-4)
     assert mine["psnr"] == pytest.approx(ref_psnr, abs=1e-3)
-    cohort = {r["metric"]: float(r["value"]) for r in rows
-              if r["patient_id"] == "ALL" and r["prior"] in ("", "standard")}
-    # Sample metrics per prior, on the same n, the real-vs-real floor beside them.
-    sample = {(r["prior"], r["metric"]): float(r["value"]) for r in rows if r["prior"] in ("real", "gmm", "standard")
+
+
+def test_sample_metrics_per_prior_beside_the_real_floor(evaluated):
+    store, run_a, out, _, rows = evaluated
+    sample = {(r["prior"], r["metric"]) for r in rows if r["prior"] in ("real", "gmm", "standard")
               and r["metric"] in ("fid", "kid", "kid_sd", "precision", "recall", "density", "coverage")}
     assert {p for p, _ in sample} == {"real", "standard", "gmm"} and len(sample) == 21
-    assert all(0 <= sample[(p, k)] <= 1 for p in ("real", "gmm") for k in ("precision", "recall", "coverage"))
+    # The feature network is cached with the store, the mixture prior with the run, nothing in the report.
     assert (out / "features").exists() is False and any((store.path / "features").glob("*.pt"))
     assert any((run_a / "priors").glob("best-*.pt"))
-    assert {"mmd2_pixel", "mmd_p_pixel", "mmd2_randconv", "intensity_w1"} <= set(cohort)
-    assert 0 < cohort["mmd_p_pixel"] <= 1 and cohort["intensity_w1"] >= 0
+    cohort = {r["metric"] for r in rows if r["patient_id"] == "ALL" and r["prior"] in ("", "standard")}
+    assert {"mmd2_pixel", "mmd_p_pixel", "mmd2_randconv", "intensity_w1"} <= cohort
 
-    js = json.loads((out / "summary.json").read_text())
+
+def test_summary_groups_patients_and_modalities(evaluated):
+    js = json.loads((evaluated[2] / "summary.json").read_text())
     assert set(js) >= {"per_patient", "per_modality", "cohort"}
     assert sorted(js["per_patient"]) == PATIENTS
     assert js["per_modality"]["ct"]["n_patches"] == 30
@@ -107,8 +121,10 @@ def test_evaluate_writes_three_outputs(setup, tmp_path, caplog):
     # ELBO <= IWAE on average (IWAE with k >= 1 is a tighter bound).
     m = js["per_modality"]["ct"]["metrics"]
     assert m["elbo"]["mean"] < m["iwae"]["mean"] + 1.0
-    assert summary["run"] == "vae_a"
 
+
+def test_report_is_self_contained_and_anonymous(evaluated):
+    out = evaluated[2]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3 + len(PATIENTS)
     for pid in PATIENTS:
@@ -117,6 +133,30 @@ def test_evaluate_writes_three_outputs(setup, tmp_path, caplog):
     assert "http://" not in html and "https://" not in html and "<script" not in html
     for ident in ("PHANTOM^", "PatientName", "BirthDate"):
         assert ident not in html and ident not in (out / "summary.json").read_text()
+
+
+def test_cohort_w1_and_mmd_p_against_references(setup):
+    """The cohort's intensity W1 equals scipy's on the HU values (and a 0.05 shift of the 400 HU window
+    is 20 HU); the MMD test cannot tell the real patches from themselves and rejects flat images."""
+    store = setup[0]
+    rows = store.select("test")
+    real = store.get(rows)
+    cfg = CFG.model_copy(update={"mmd_samples": len(rows)})  # every real row: the reference sees the same set
+
+    def cohort(samples):
+        return cohort_metrics(store, rows, torch.from_numpy(samples), "ct", cfg, torch.device("cpu"))[0]
+
+    def hu(x):
+        return -160.0 + 400.0 * x.astype(np.float64).ravel()
+
+    shifted = cohort(real - np.float32(0.05))
+    assert shifted["intensity_w1"] == pytest.approx(wasserstein_distance(hu(real), hu(real - np.float32(0.05))),
+                                                    rel=1e-5)
+    assert shifted["intensity_w1"] == pytest.approx(20.0, rel=1e-3)
+    same = cohort(real)
+    assert same["intensity_w1"] == 0.0 and same["mmd_p_pixel"] > 0.5
+    flat = cohort(np.full_like(real, 0.5))
+    assert flat["mmd_p_pixel"] == pytest.approx(1 / (cfg.mmd_permutations + 1))  # no permutation reaches it
 
 
 def test_compare_marks_best(setup, tmp_path, caplog):

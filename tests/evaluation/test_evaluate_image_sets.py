@@ -4,30 +4,18 @@ Every test image is its own "patient": evaluate must group them in one pass and 
 show only ``report_patients`` patient sections.
 """
 
-import gzip
 import json
-import struct
 
-import numpy as np
 from typer.testing import CliRunner
 
 from medvae.cli import app
 from medvae.evaluation.evaluate import report_patients
-
-
-def _idx(path, arr):
-    raw = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(raw)
+from tests.factories import random_idx_set
 
 
 def test_idx_set_discover_prepare_train_evaluate(tmp_path):
-    rng = np.random.default_rng(0)
     scans = tmp_path / "fashion-mnist"
-    scans.mkdir()
-    for prefix, n in (("train", 96), ("t10k", 40)):
-        _idx(scans / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        _idx(scans / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
+    random_idx_set(scans, {"train": 96, "t10k": 40})
     cli = CliRunner()
 
     def ok(*args):

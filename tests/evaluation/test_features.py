@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from medvae.data.store import write_store
 from medvae.evaluation.features import FeatureNet, embed, feature_net
+from tests.factories import patch_store
 from tests.training.conftest import make_store
 
 
@@ -26,10 +26,8 @@ def test_classifier_when_the_store_has_classes(tmp_path):
     bright = np.arange(n) % 2 == 0
     x = rng.uniform(0, 0.2, (n, 1, 32, 32)).astype(np.float32)
     x[bright, :, 8:24, 8:24] += 0.7  # class "a": a bright square
-    index = {"patient_id": [f"I{i}" for i in range(n)], "modality": ["microscopy"] * n, "split": ["train"] * n,
-             "slice_index": [0] * n, "y": [0] * n, "x": [0] * n, "foreground_fraction": [1.0] * n,
-             "source": ["test"] * n, "class": np.where(bright, "a", "b").tolist()}
-    store = write_store(tmp_path / "s", x, index, {"content_hash": "classes"})
+    store = patch_store(tmp_path / "s", x, patient_id=[f"I{i}" for i in range(n)], modality="microscopy",
+                        slice_index=0, classes=np.where(bright, "a", "b").tolist(), content_hash="classes")
     net = feature_net(store, steps=40, batch_size=16)
     assert net.n_classes == 2
     with torch.no_grad():

@@ -14,7 +14,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 
 from medvae.errors import InputError
 from medvae.io.dicom import default_patient_id, inspect_dicom_series, read_dicom_series
-from tests.io.dicom_factory import new_instance
+from tests.factories import dicom_image, new_instance
 
 ROWS, COLS, N = 32, 28, 12
 IDENTITY = ("PHANTOM^ALICE", "19700101", "SECRET-ID-42")
@@ -66,20 +66,10 @@ def _series(
     for k in range(n):
         if k in skip:
             continue
-        ds = new_instance(CTImageStorage, modality, uid, int(numbers[k]))
+        ds = dicom_image(stored[k], modality=modality, series_uid=uid, instance_number=int(numbers[k]),
+                         sop_class=CTImageStorage, row_dir=row_dir, col_dir=col_dir, position=positions[k],
+                         pixel_spacing=dxy, thickness=dz, rescale=(slope, intercept))
         ds.PatientName, ds.PatientBirthDate, ds.PatientID = IDENTITY
-        ds.Rows, ds.Columns = rows, cols
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0 if unsigned else 1
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.ImageOrientationPatient = [*row_dir, *col_dir]
-        ds.ImagePositionPatient = list(positions[k])
-        ds.PixelSpacing = list(dxy)
-        ds.SliceThickness = dz
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-        ds.PixelData = stored[k].tobytes()
         ds.save_as(folder / f"IM{names[k]:04d}.dcm", enforce_file_format=True)
     return stored, positions
 

@@ -20,7 +20,6 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.sequence import Sequence
 
-from medvae.errors import InputError
 from medvae.io.dicom import inspect_dicom_series, read_dicom_series
 
 # Enhanced CT / MR files ship in pydicom-data (the `dev` extra); without it pydicom would try to
@@ -162,14 +161,84 @@ def test_enhanced_duplicate_frames_dropped_and_named(tmp_path):
     assert any("duplicate" in w and "dyn.dcm (frame 6)" in w for w in vol.warnings)
 
 
+def _emri_without_positions(out, **header):
+    """emri_small.dcm (enhanced MR, 10 frames, no functional groups) with ``header`` set (None: deleted)."""
+    ds = pydicom.dcmread(get_testdata_file("emri_small.dcm"))
+    assert "PerFrameFunctionalGroupsSequence" not in ds and "ImagePositionPatient" not in ds
+    for keyword, value in header.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(out)
+    return ds
+
+
 @needs_data
-def test_multiframe_without_geometry_is_a_clear_error(tmp_path):
-    shutil.copy(get_testdata_file("emri_small.dcm"), tmp_path / "emri_small.dcm")  # no functional groups
-    with pytest.raises(InputError, match=r"emri_small\.dcm") as err:
-        read_dicom_series(tmp_path)
-    assert "PlanePositionSequence" in str(err.value) and str(tmp_path) in str(err.value)
-    with pytest.raises(InputError, match="PlanePositionSequence"):
-        inspect_dicom_series(tmp_path)
+def test_multiframe_without_positions_is_a_stack_in_frame_order(tmp_path):
+    src = get_testdata_file("emri_small.dcm")
+    shutil.copy(src, tmp_path / "emri_small.dcm")
+    ds = pydicom.dcmread(src)
+    vol = read_dicom_series(tmp_path)
+    # Independent: pydicom's own frames in file order (no rescale in the file: stored values are the units).
+    assert "RescaleSlope" not in ds and ds.pixel_array.shape == (10, 64, 64)
+    np.testing.assert_array_equal(vol.array, ds.pixel_array.astype(np.float32))
+    # z from the header's SpacingBetweenSlices (1.2 mm); no PixelSpacing: 1 mm; no orientation: no plane.
+    assert vol.spacing == pytest.approx((float(ds.SpacingBetweenSlices), 1.0, 1.0))
+    assert vol.modality == "mr" and vol.plane == "" and vol.orientation == "LPS"
+    (warning,) = vol.warnings
+    assert "emri_small.dcm" in warning and str(tmp_path) in warning and "stack of 10 frames in file order" in warning
+    assert "slice spacing 1.2 mm (SpacingBetweenSlices)" in warning and "1 x 1 mm (no PixelSpacing)" in warning
+    info = inspect_dicom_series(tmp_path)
+    assert info.shape == vol.array.shape and info.spacing == pytest.approx(vol.spacing)
+    assert info.warnings == vol.warnings and info.plane == ""
+
+
+@needs_data
+def test_multiframe_stack_in_the_manifest_is_ok_with_the_assumption_as_its_problem(tmp_path):
+    from medvae.data.discover import discover
+
+    (tmp_path / "scans" / "MR_01").mkdir(parents=True)
+    shutil.copy(get_testdata_file("emri_small.dcm"), tmp_path / "scans" / "MR_01" / "emri_small.dcm")
+    (row,) = discover(tmp_path / "scans")
+    assert (row.status, row.modality, row.n_slices) == ("ok", "mr", 10)
+    assert (row.spacing_z, row.spacing_y, row.spacing_x) == pytest.approx((1.2, 1.0, 1.0))
+    assert "without frame positions" in row.problem and "SpacingBetweenSlices" in row.problem
+
+
+@needs_data
+def test_multiframe_stack_spacing_from_pixel_spacing_and_slice_thickness(tmp_path):
+    ds = _emri_without_positions(tmp_path / "mr.dcm", SpacingBetweenSlices=None, SliceThickness=2.5,
+                                 PixelSpacing=[0.7, 0.8], RescaleSlope=2, RescaleIntercept=-10)
+    vol = read_dicom_series(tmp_path)
+    assert vol.spacing == pytest.approx((2.5, 0.7, 0.8))
+    np.testing.assert_array_equal(vol.array, apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
+    assert "slice spacing 2.5 mm (SliceThickness)" in vol.warnings[0]
+    assert "0.7 x 0.8 mm (PixelSpacing)" in vol.warnings[0]
+    _emri_without_positions(tmp_path / "mr.dcm", SpacingBetweenSlices=None)
+    vol = read_dicom_series(tmp_path)
+    assert vol.spacing == pytest.approx((1.0, 1.0, 1.0)) and "neither SpacingBetweenSlices" in vol.warnings[0]
+
+
+@needs_data
+def test_two_multiframe_files_without_positions_stack_in_file_name_order(tmp_path):
+    a = _emri_without_positions(tmp_path / "a.dcm")
+    b = _emri_without_positions(tmp_path / "b.dcm", SOPInstanceUID=pydicom.uid.generate_uid(),
+                                PixelData=(4095 - a.pixel_array).astype(np.uint16).tobytes())
+    vol = read_dicom_series(tmp_path)
+    np.testing.assert_array_equal(vol.array, np.concatenate([a.pixel_array, b.pixel_array]).astype(np.float32))
+    assert vol.spacing[0] == pytest.approx(1.2) and len(vol.warnings) == 1  # no gap, no duplicate
+    assert "a.dcm, b.dcm" in vol.warnings[0] and "stack of 20 frames" in vol.warnings[0]
+
+
+@needs_data
+def test_multiframe_without_positions_beside_positioned_frames_is_skipped(tmp_path):
+    ds = _enhanced_from("emri_small.dcm", tmp_path / "good.dcm", row=(1.0, 0.0, 0.0), col=(0.0, 1.0, 0.0),
+                        positions=np.arange(30.0).reshape(10, 3), slope_frames={})
+    _emri_without_positions(tmp_path / "stack.dcm", SOPInstanceUID=pydicom.uid.generate_uid())
+    vol = read_dicom_series(tmp_path)
+    np.testing.assert_array_equal(vol.array, _frames_in_units(ds))  # good.dcm alone
+    assert any("stack.dcm" in w and "without frame positions" in w for w in vol.warnings)
 
 
 @needs_data

@@ -16,11 +16,11 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import MRImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
 from medvae.io.dicom import inspect_dicom_series, read_dicom_series
 from medvae.io.orient import PLANE_CODES, plan_acquisition, plan_lps
-from tests.io.dicom_factory import new_instance
+from tests.factories import dicom_image
 
 DICOMDIR_TESTS = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests"
 
@@ -76,15 +76,9 @@ def _stack(folder, *, row, col, n=6, rows=24, cols=20, dz=4.0, dxy=(0.8, 0.6), o
     normal = np.cross(row, col)
     uid = generate_uid()
     for k, name in enumerate(rng.permutation(n)):
-        ds = new_instance(MRImageStorage, "MR", uid, int(name) + 1)
-        ds.Rows, ds.Columns = rows, cols
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 15, 0, 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.ImageOrientationPatient = [*row, *col]
-        ds.ImagePositionPatient = list(np.asarray(origin) + k * dz * normal)
-        ds.PixelSpacing = list(dxy)
-        ds.PixelData = rng.integers(0, 4000, (rows, cols)).astype(np.uint16).tobytes()
+        ds = dicom_image(rng.integers(0, 4000, (rows, cols)).astype(np.uint16), modality="MR", series_uid=uid,
+                         instance_number=int(name) + 1, row_dir=row, col_dir=col,
+                         position=np.asarray(origin) + k * dz * normal, pixel_spacing=dxy)
         ds.save_as(folder / f"MR{name:03d}.dcm", enforce_file_format=True)
     return [pydicom.dcmread(f) for f in sorted(folder.iterdir())]
 

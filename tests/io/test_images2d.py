@@ -1,7 +1,5 @@
-"""2D image readers: values checked against Pillow / numpy, IDX files written here with struct + gzip."""
+"""2D image readers: values checked against Pillow / numpy, IDX files written by tests.factories (struct + gzip)."""
 
-import gzip
-import struct
 
 import numpy as np
 import pytest
@@ -20,17 +18,7 @@ from medvae.io.images2d import (
     read_image,
     read_npz_split,
 )
-
-
-def write_idx(path, arr: np.ndarray, gz: bool = True, count: int | None = None) -> None:
-    """IDX as LeCun describes it: magic 0 0 0x08 ndim, big-endian uint32 sizes, uint8 values."""
-    shape = list(arr.shape)
-    if count is not None:
-        shape[0] = count
-    raw = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *shape) + arr.astype(
-        np.uint8).tobytes()
-    with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
-        f.write(raw)
+from tests.factories import write_idx
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-from pydicom.uid import CTImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
 from medvae.errors import InputError
 from medvae.io import inspect_volume, load_volume
-from tests.io.dicom_factory import new_instance
+from tests.factories import dicom_image
 
 ROWS, COLS, N = 24, 20, 10
 DXY, DZ = (0.75, 0.9), 2.0  # PixelSpacing (row spacing, column spacing), slice step
@@ -26,15 +26,8 @@ def _write_series(folder, row_dir, col_dir, origin, bright):
         px = rng.integers(0, 200, (ROWS, COLS)).astype(np.int16)
         if k == bright[0]:
             px[bright[1], bright[2]] = 3000
-        ds = new_instance(CTImageStorage, "CT", uid, N - k)
-        ds.Rows, ds.Columns = ROWS, COLS
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.ImageOrientationPatient = [*row_dir, *col_dir]
-        ds.ImagePositionPatient = list(np.asarray(origin) + k * DZ * normal)
-        ds.PixelSpacing = list(DXY)
-        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-        ds.PixelData = px.tobytes()
+        ds = dicom_image(px, modality="CT", series_uid=uid, instance_number=N - k, row_dir=row_dir, col_dir=col_dir,
+                         position=np.asarray(origin) + k * DZ * normal, pixel_spacing=DXY, rescale=(1, 0))
         ds.save_as(folder / f"{(k * 7) % N:03d}.dcm", enforce_file_format=True)
 
 

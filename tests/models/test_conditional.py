@@ -10,13 +10,14 @@ import torch
 
 from medvae.config import GenerateConfig, ModelConfig, TrainStageConfig
 from medvae.data.conditions import condition_ids, model_inputs, resolve_condition, split_joint
-from medvae.data.store import open_store, write_store
+from medvae.data.store import open_store
 from medvae.errors import ConfigError
 from medvae.models import build_model
 from medvae.synthesis.generate import generate
 from medvae.synthesis.sampling import sample_images
 from medvae.training.checkpoint import load_model, resolve_checkpoint
 from medvae.training.trainer import train
+from tests.factories import patch_store
 
 SIZE, PER_GROUP = 32, 24
 
@@ -26,8 +27,7 @@ def _store(path, labels=False):
     """Bright CT discs (class 'disc') and dark microscopy squares (class 'square'), each with its mask."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:SIZE, :SIZE]
-    x, masks, index = [], [], {k: [] for k in ("patient_id", "modality", "split", "slice_index", "y", "x",
-                                                "foreground_fraction", "source", "class")}
+    x, masks, index = [], [], {k: [] for k in ("patient_id", "modality", "split", "slice_index", "classes")}
     for g, (mod, cls, level) in enumerate((("ct", "disc", 0.85), ("microscopy", "square", 0.15))):
         for i in range(PER_GROUP):
             c, r = rng.uniform(10, 22, 2), rng.uniform(4, 8)
@@ -35,12 +35,11 @@ def _store(path, labels=False):
                 (np.abs(yy - c[0]) < r) & (np.abs(xx - c[1]) < r)
             x.append((level + 0.1 * inside + 0.02 * rng.standard_normal((SIZE, SIZE)))[None])
             masks.append(inside[None].astype(np.uint8) * (g + 1))
-            split = "val" if i % 6 == 0 else "train"
-            for k, v in zip(index, (f"{mod}{i // 4}", mod, split, i, 0, 0, 1.0, "synthetic-test", cls)):
+            for k, v in zip(index, (f"{mod}{i // 4}", mod, "val" if i % 6 == 0 else "train", i, cls)):
                 index[k].append(v)
-    return write_store(path, np.clip(np.stack(x), 0, 1).astype(np.float32), index,
-                       {"content_hash": f"cond-{labels}", "classes": ["disc", "square"]},
-                       labels=np.stack(masks) if labels else None)
+    return patch_store(path, np.clip(np.stack(x), 0, 1), labels=np.stack(masks) if labels else None,
+                       class_names=["disc", "square"], source="synthetic-test", content_hash=f"cond-{labels}",
+                       **index)
 
 
 def _train(store, out, condition, name="vae", steps=60):

@@ -16,16 +16,6 @@ from medvae.training.losses import generator_loss
 SMALL = dict(channels=(8, 16), latent_dim=16, norm_groups=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs gain nothing from intra-op threads, and on a shared box (or under
-    ``pytest -n``) the threads' spinning costs several times the work itself."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_cfg(**kw) -> ModelConfig:
     return ModelConfig(**{**SMALL, **kw})
 

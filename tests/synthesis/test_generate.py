@@ -24,6 +24,7 @@ from medvae.errors import InputError
 from medvae.files import sha256_file
 from medvae.synthesis import generate as gen
 from medvae.synthesis.sampling import latents
+from tests.factories import store_index
 
 SIZE = 32
 CT_NORM = {"low": -160.0, "high": 240.0, "unit": "HU"}
@@ -38,14 +39,14 @@ PER_PATIENT = 6
 
 def _store_arrays(labels: bool = False, classes: str = ""):
     rng = np.random.default_rng(0)
-    patches, index, masks = [], {k: [] for k in ("patient_id", "modality", "split", "slice_index", "y", "x",
-                                                  "foreground_fraction", "source")}, []
+    patches, columns, masks = [], {k: [] for k in ("patient_id", "modality", "split", "slice_index", "source")}, []
     for pid, mod, split, level in PATIENTS:
         for s in range(PER_PATIENT):
             patches.append(np.clip(level + 0.02 * rng.standard_normal((1, SIZE, SIZE)), 0, 1))
             masks.append((rng.random((1, SIZE, SIZE)) > 0.5).astype(np.uint8))
-            for k, v in zip(index, (pid, mod, split, s, 0, 0, 1.0, f"{pid}.nii.gz")):
-                index[k].append(v)
+            for k, v in zip(columns, (pid, mod, split, s, f"{pid}.nii.gz")):
+                columns[k].append(v)
+    index = store_index(len(patches), **columns)
     meta = {"normalization": {"ct": CT_NORM, "microscopy": MIC_NORM},
             "spacing": {"ct": CT_SPACING, "microscopy": MIC_SPACING}, "content_hash": "teststore"}
     n = len(patches)

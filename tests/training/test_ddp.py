@@ -1,4 +1,5 @@
-"""Data-parallel training on CPU with the gloo backend: two processes end with the same weights."""
+"""Data-parallel training on CPU with the gloo backend: two processes end with the same weights
+(unconditional and class-conditional VAE–GAN)."""
 
 import json
 import os
@@ -20,6 +21,7 @@ from medvae.training.distributed import DistInfo, init_distributed, shutdown
 from medvae.training.step import TrainStep
 from medvae.training.tasks import ReconstructTask
 from medvae.training.trainer import _Trainer, resolve_config
+from tests.factories import disc_images, patch_store
 from tests.models.test_vae import blobs
 from tests.training.conftest import tiny_config
 
@@ -40,9 +42,17 @@ def _worker(rank: int, world: int, port: int, store_path: str, out: str, cfg: di
         cfg = resolve_config(TrainStageConfig.model_validate(cfg), store)
         trainer = _Trainer(store, Path(out), cfg, torch.device("cpu"), info, ReconstructTask(store, cfg.train.seed),
                            resume=False)
+        ids, train_step = [], trainer._train_step
+
+        def recording(batch):  # the condition ids each training step of this rank was given
+            ids.append(None if batch.ids is None else (tuple(batch.ids.shape), batch.ids.dtype, batch.ids.tolist(),
+                                                       batch.rows.tolist()))
+            return train_step(batch)
+
+        trainer._train_step = recording
         summary = trainer.run()
         result = {"state": trainer.model.state_dict(), "summary": summary,
-                  "rows": trainer.batches.epoch_rows(0)}
+                  "rows": trainer.batches.epoch_rows(0), "ids": ids}
         torch.save(result, Path(result_dir) / f"rank{rank}.pt")
     finally:
         shutdown(info)
@@ -64,6 +74,31 @@ def test_two_cpu_processes_keep_identical_weights(tiny_store, tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     for name, p0 in r0["state"].items():
         assert torch.equal(ckpt["model_state"][name], p0), name
+
+
+def test_two_cpu_processes_train_a_class_conditional_vaegan_identically(tmp_path):
+    """condition: class under DDP: the class embedding and the projection critic stay identical on
+    both ranks, and each rank conditions every step on one id per image of its own shard."""
+    n = 32
+    store = patch_store(tmp_path / "store", disc_images(n, 64, seed=3), patient_id=[f"P{i // 4}" for i in range(n)],
+                        split="train", classes=["disc", "ring"] * (n // 2), content_hash="ddp-classes")
+    cfg = tiny_config("vaegan", max_steps=3, disc_start=1, checkpoint_every=3, batch_size=4)
+    cfg.model.condition = "class"
+    mp.spawn(_worker, args=(2, _free_port(), str(store.path), str(tmp_path / "run"), cfg.model_dump(mode="json"),
+                            str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    conditional = [k for k in r0["state"] if "condition_embedding" in k or "projection" in k]
+    assert any("condition_embedding" in k for k in conditional) and any("projection" in k for k in conditional)
+    for name, p0 in r0["state"].items():
+        assert torch.equal(p0, r1["state"][name]), name
+    assert r0["summary"]["step"] == r1["summary"]["step"] == 3
+    assert len(r0["ids"]) == len(r1["ids"]) == 3
+    classes = store.class_ids()
+    for (shape0, dtype0, ids0, rows0), (shape1, dtype1, ids1, rows1) in zip(r0["ids"], r1["ids"]):
+        assert shape0 == shape1 == (4,) and dtype0 == dtype1 == torch.int64  # batch_size per rank
+        assert set(rows0).isdisjoint(rows1)  # each rank its own shard
+        assert ids0 == classes[rows0].tolist() and ids1 == classes[rows1].tolist()  # the rows' own classes
 
 
 def _rank_gradients(cfg: dict, info: DistInfo, rank: int) -> dict:

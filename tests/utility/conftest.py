@@ -3,15 +3,9 @@
 import numpy as np
 import pytest
 
-from medvae.data.store import write_store
+from tests.factories import patch_store
 
 YY, XX = np.mgrid[:32, :32] / 32.0
-
-
-def _index(splits, patients, **extra):
-    n = len(splits)
-    return {"patient_id": patients, "modality": ["image"] * n, "split": splits, "slice_index": list(range(n)),
-            "y": [0] * n, "x": [0] * n, "foreground_fraction": [1.0] * n, "source": ["test"] * n, **extra}
 
 
 def make_class_store(path, counts=(("train", (15, 9, 6)), ("val", (2, 2, 2)), ("test", (6, 6, 6)))):
@@ -29,9 +23,9 @@ def make_class_store(path, counts=(("train", (15, 9, 6)), ("val", (2, 2, 2)), ("
                 splits.append(split)
                 classes.append(["disc", "hbar", "vbar"][c])
     x = np.clip(np.asarray(images, dtype=np.float32)[:, None], 0, 1)
-    patients = [f"img{i}" for i in range(len(x))]
-    return write_store(path, x, _index(splits, patients, has_label=[0] * len(x), **{"class": classes}),
-                       {"content_hash": "utility-classes", "classes": ["disc", "hbar", "vbar"]})
+    return patch_store(path, x, patient_id=[f"img{i}" for i in range(len(x))], modality="image", split=splits,
+                       has_label=0, classes=classes, class_names=["disc", "hbar", "vbar"],
+                       content_hash="utility-classes")
 
 
 def make_mask_store(path, patients=(("train", 6), ("test", 2)), slices=3):
@@ -51,8 +45,8 @@ def make_mask_store(path, patients=(("train", 6), ("test", 2)), slices=3):
                 pids.append(f"P{p}")
             p += 1
     x = np.clip(np.asarray(images, dtype=np.float32)[:, None], 0, 1)
-    return write_store(path, x, _index(splits, pids, has_label=[1] * len(x)), {"content_hash": "utility-masks"},
-                       labels=np.asarray(masks)[:, None])
+    return patch_store(path, x, labels=np.asarray(masks)[:, None], patient_id=pids, modality="image", split=splits,
+                       has_label=1, content_hash="utility-masks")
 
 
 @pytest.fixture(scope="session")
