@@ -176,6 +176,12 @@ class EvaluateConfig(StrictModel):
     denoise_patches: int = 96  # denoise runs: evenly spaced patches of the split every method denoises
     iwae_max_patches: int = 2000  # IWAE on at most this many patches (8 per patient, evenly thinned beyond)
     report_patients: int = 20  # report.html shows sections for at most this many patients (worst and best half)
+    # Image sets (every patient one patch, evaluation.image_sets.is_image_set): per-image rows in metrics.csv and
+    # per_patient in summary.json only when asked (10,000 test images are 32 MB of rows), the report's grid of the
+    # split's worst reconstructions, and the other splits' reconstruction metrics on evenly spaced images.
+    per_image: bool = False
+    worst_images: int = Field(16, ge=1)
+    split_patches: int = Field(1000, ge=1)
 
 
 class DenoiseConfig(StrictModel):

@@ -23,11 +23,14 @@ def evaluate_command(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with EvaluateConfig keys."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     utility: Optional[Path] = typer.Option(None, "--utility", help="A `medvae utility` study directory to include."),
+    per_image: bool = typer.Option(False, "--per-image",
+                                   help="Image sets: also a row per image in metrics.csv and summary.json."),
 ) -> None:
-    """Per-patient and per-modality metrics, cohort MMD, and an offline HTML report."""
+    """Per-patient (image sets: per-class and per-split) and per-modality metrics, cohort MMD, and an offline
+    HTML report."""
     from medvae.evaluation.evaluate import run_evaluation
 
-    cfg = config_with_options(config, EvaluateConfig, {"split": split})
+    cfg = config_with_options(config, EvaluateConfig, {"split": split, "per_image": per_image or None})
     compare = list(compare or [])
     for path in [run, *compare]:
         if not path.exists():

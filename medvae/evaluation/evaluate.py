@@ -9,10 +9,14 @@ For one run (and any ``--compare`` runs) on one split of a patch store:
   ``config.iwae_max_patches`` (k decodes per patch are the dominant cost; the ``n`` column says
   how many patches each IWAE figure averages);
 - per patient and per modality: mean, sd and n of each metric, and the worst patches (SSIM).
-  Patients are grouped with one sort, so 10,000 single-image "patients" (an image set) cost
-  seconds; report.html then shows sections for ``config.report_patients`` of them only (the
-  worst and best halves by mean SSIM, listed in ``report_patients`` of summary.json), while
-  metrics.csv and summary.json keep every patient;
+  Patients are grouped with one sort; report.html shows sections for ``config.report_patients``
+  of them only (the worst and best halves by mean SSIM, listed in ``report_patients`` of
+  summary.json), while metrics.csv and summary.json keep every patient;
+- per class (a store with classes): mean, sd, n and 95 % interval of each metric;
+- an image set (:func:`medvae.evaluation.image_sets.is_image_set`: every patient one patch) has no
+  per-patient tables unless ``config.per_image`` asks (each would repeat one image's numbers); it
+  gets per-split tables (the other splits on up to ``config.split_patches`` images, no IWAE) and
+  the split's ``config.worst_images`` worst reconstructions instead;
 - per modality (cohort): unbiased MMD² with a permutation p-value between ``mmd_samples`` real
   patches and as many model samples, on downsampled-pixel and random-conv features, and the
   Wasserstein-1 distance between their intensity distributions in physical units. A
@@ -20,9 +24,9 @@ For one run (and any ``--compare`` runs) on one split of a patch store:
   compared with each modality's patches.
 - the test codes: a 2D PCA map of the posterior means, coloured by class, modality or patient.
 
-Writes ``metrics.csv`` (tidy: run, patient_id, modality, split, metric, value, n; sd as metric
-``<name>_sd``; modality and cohort rows have patient_id ``ALL``), ``summary.json`` and
-``report.html``.
+Writes ``metrics.csv`` (tidy: run, patient_id, modality, split, metric, value, n, prior; sd as
+metric ``<name>_sd``; modality and cohort rows have patient_id ``ALL``, class rows ``class:<name>``),
+``summary.json`` and ``report.html``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from medvae.data.store import PatchStore, even_positions, open_store
 from medvae.denoising.evaluate import evaluate_denoise
 from medvae.devices import select_device
 from medvae.errors import InputError
-from medvae.evaluation.sample_quality import prior_samples, sample_quality
+from medvae.evaluation.image_sets import class_stats, grouped_stats, is_image_set, split_rows, worst_images
+from medvae.evaluation.sample_quality import class_samples, prior_samples, sample_quality
 from medvae.evaluation.tables import CSV_COLUMNS, compare_table, identical_weights, jsonable, tidy_rows, weights_sha256
 from medvae.files import write_json, write_text
 from medvae.metrics import distances as D
@@ -61,7 +66,8 @@ IWAE_PER_PATIENT = 8  # patches per patient that get the k-sample IWAE bound
 TRAVERSAL_STEPS = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)  # prior standard deviations around the mean code
 HIST_BINS = 64
 # what summary.json keeps of each compared run
-_COMPARED = ("per_modality", "cohort", "checkpoint", "step", "weights_sha256", "sample_quality")
+_COMPARED = ("per_modality", "per_class", "per_split", "cohort", "checkpoint", "step", "weights_sha256",
+             "sample_quality")
 
 
 
@@ -188,8 +194,11 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
     iwae_rows = _iwae_subset(groups, rows, IWAE_PER_PATIENT, cfg.iwae_max_patches)
     per, codes = patch_metrics(model, store, rows, cfg, device, iwae_rows)
 
+    image_set = is_image_set(store)
     per_patient, per_modality = {}, {}
-    for pid, m in groups.items():
+    # An image set's "patients" are single images: their entries repeat each image's own numbers, so only when asked.
+    patients = groups if not image_set or cfg.per_image else {}
+    for pid, m in patients.items():
         order = np.argsort(per["ssim"][m])
         prow = rows[m]
         worst = [{"row": int(prow[i]), "slice_index": int(store.index["slice_index"][prow[i]]),
@@ -216,14 +225,49 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
               "condition": model.config.condition,
               "store": str(store.path),
               "store_hash_matches": meta.get("store_hash") in (None, store.content_hash),
-              "per_patient": per_patient, "per_modality": per_modality, "cohort": cohort,
-              "sample_quality": quality,
-              "report_patients": report_patients(per_patient, cfg.report_patients)}
+              "image_set": image_set,
+              "per_patient": per_patient, "per_modality": per_modality,
+              "per_class": class_stats(store, rows, per),
+              "per_split": split_stats(model, store, cfg, rows, per, device) if image_set else {},
+              "cohort": cohort, "sample_quality": quality,
+              "report_patients": [] if image_set else report_patients(per_patient, cfg.report_patients),
+              "worst_images": worst_images(store, rows, per["ssim"], cfg.worst_images) if image_set else []}
     if with_figures:
         shown = {p: per_patient[p] for p in result["report_patients"]}
         result["_figures"] = _figure_data(model, store, shown, by_prior, hists, per, groups, codes, mods, device)
         result["_figures"]["latent_map"] = latent_map(store, rows, codes)
+        result["_figures"]["worst"] = _worst_figure(model, store, result["worst_images"], device)
+        if model.config.condition == "class":
+            result["_figures"]["class_samples"] = {
+                "names": list(model.config.condition_names), "modality": modalities[0],
+                **class_samples(model, ckpt, store, cfg)}
     return result
+
+
+def split_stats(model, store: PatchStore, cfg: EvaluateConfig, rows: np.ndarray, per: dict[str, np.ndarray],
+                device: torch.device) -> dict[str, dict[str, dict]]:
+    """Reconstruction metrics per split and modality: the evaluated split's from its per-patch metrics
+    ``per`` (of ``rows``), every other split's on up to ``cfg.split_patches`` evenly spaced patches.
+
+    The other splits get no IWAE (k decodes per patch; the evaluated split's subset is what it is
+    capped for). Train against test is the view of what an image-set model memorised.
+
+    Returns:
+        ``{split: {modality: {"n_patches", "n_split", "metrics": {metric: interval stats}}}}``.
+    """
+    out = {}
+    for split in store.splits:
+        if split == cfg.split:
+            r, p = rows, per
+        else:
+            r, _ = split_rows(store, split, cfg.split_patches)
+            p, _ = patch_metrics(model, store, r, cfg, device, iwae_rows=r[:0])
+            p = {k: v for k, v in p.items() if k not in ("iwae", "bpd")}
+        mods = store.index["modality"][r].astype(str)
+        in_split = store.index["modality"][store.select(split=split)].astype(str)
+        out[split] = {mod: {"n_patches": g["n_patches"], "n_split": int((in_split == mod).sum()),
+                            "metrics": g["metrics"]} for mod, g in grouped_stats(p, mods, mods).items()}
+    return out
 
 
 def latent_map(store: PatchStore, rows: np.ndarray, mu: np.ndarray, max_points: int = 4000) -> dict:
@@ -263,6 +307,34 @@ def _traversal(model, codes: np.ndarray, condition_id: int, channels: int, devic
 
 
 @torch.no_grad()
+def _reconstructions(model, store, rows: np.ndarray, device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Store rows ``rows`` in one batch: images and ``decode(mu)`` ``(N, C, H, W)`` in [0, 1] (image channels;
+    a joint model's mask channel dropped) and their SSIM ``(N,)``."""
+    channels = int(store.meta["channels"])
+    if len(rows) == 0:
+        empty = np.zeros((0, channels, 1, 1), np.float32)
+        return empty, empty, np.zeros(0)
+    x, ids = model_inputs(store, rows, model.config)
+    x = torch.from_numpy(x).to(device)
+    with model.conditioned_on(None if ids is None else torch.from_numpy(ids).to(device)):
+        mu, _ = model.encode(x)
+        x, recon = x[:, :channels], model.decode(mu).float()[:, :channels]
+    return x.cpu().numpy(), recon.cpu().numpy(), M.ssim(recon, x).cpu().numpy()
+
+
+def _worst_figure(model, store, worst: list[dict], device) -> list[dict]:
+    """Original and reconstruction in physical units of each of the ``worst`` images (summary entries)."""
+    rows = np.array([w["row"] for w in worst], dtype=np.int64)
+    x, recon, _ = _reconstructions(model, store, rows, device)
+    out = []
+    for w, xi, ri in zip(worst, x, recon):
+        mod = str(store.index["modality"][w["row"]])
+        out.append({**w, "modality": mod, "original": store.to_physical(xi, mod),
+                    "reconstruction": store.to_physical(ri, mod)})
+    return out
+
+
+@torch.no_grad()
 def _figure_data(model, store, per_patient, by_prior, hists, per, groups, codes, row_modalities, device) -> dict:
     """Arrays the report draws: best/worst triptychs of the shown patients, samples, a latent
     traversal, histograms."""
@@ -270,15 +342,10 @@ def _figure_data(model, store, per_patient, by_prior, hists, per, groups, codes,
     for pid, p in per_patient.items():
         picks += [(pid, "best", p["best_row"]), (pid, "worst", p["worst_patches"][0]["row"])]
     rows = np.array([r for _, _, r in picks], dtype=np.int64)
-    x, ids = model_inputs(store, rows, model.config)
-    x = torch.from_numpy(x).to(device)
+    x, recon, ssim_vals = _reconstructions(model, store, rows, device)
     channels = int(store.meta["channels"])
-    with model.conditioned_on(None if ids is None else torch.from_numpy(ids).to(device)):
-        mu, _ = model.encode(x)
-        x, recon = x[:, :channels], model.decode(mu).float()[:, :channels]
-    ssim_vals = M.ssim(recon, x).cpu().numpy()
     tri = {}
-    for (pid, kind, row), xi, ri, s in zip(picks, x.cpu().numpy(), recon.cpu().numpy(), ssim_vals):
+    for (pid, kind, row), xi, ri, s in zip(picks, x, recon, ssim_vals):
         mod = per_patient[pid]["modality"]
         tri.setdefault(pid, []).append({
             "kind": kind, "slice_index": int(store.index["slice_index"][row]), "ssim": float(s),

@@ -59,6 +59,31 @@ def prior_samples(model, checkpoint, store: PatchStore, modalities: list[str], c
     return out
 
 
+@torch.no_grad()
+def class_samples(model, checkpoint, store: PatchStore, cfg: EvaluateConfig, per_class: int = 8,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """A class model's samples for the report: ``per_class`` of each class (its ``condition_names`` order).
+
+    Every class decodes the same latents (samples ``0..per_class-1`` of ``seed``; the mixture's per-class
+    components transform the same noise), so a column holds the code fixed and shows what the class changes.
+
+    Returns:
+        ``{"standard": (K * per_class, C, H, W), "gmm": ...}`` float32 in [0, 1], class by class (no
+        ``gmm`` without a train split to fit the mixture on).
+    """
+    priors = {"standard": None}
+    if store.select(split="train").size >= 2:
+        priors["gmm"] = prior_for(checkpoint, model, store, cfg.prior_components, seed)
+    channels = int(store.meta["channels"])
+    out = {}
+    for name, prior in priors.items():
+        out[name] = torch.cat([
+            sample_images(model, per_class, seed=seed, prior=prior, batch_size=cfg.batch_size,
+                          conditions=torch.full((per_class,), c, dtype=torch.long))[:, :channels]
+            for c in range(len(model.config.condition_names))]).numpy()
+    return out
+
+
 def sample_quality(store: PatchStore, rows_by_modality: dict[str, np.ndarray],
                    samples: dict[str, dict[str, torch.Tensor]], cfg: EvaluateConfig, device: torch.device,
                    seed: int = 0) -> dict[str, dict[str, dict]]:

@@ -11,26 +11,42 @@ from medvae.metrics.table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS, SAM
 
 log = logging.getLogger(__name__)
 ALL = "ALL"  # patient_id of per-modality and cohort rows
+CLASS_PREFIX = "class:"  # patient_id of per-class rows: class:<name> (the columns stay those of every run)
 CSV_COLUMNS = ("run", "patient_id", "modality", "split", "metric", "value", "n", "prior")
 
 
+def _stat_rows(run: str, pid: str, mod: str, split: str, metrics: dict) -> list[tuple]:
+    out = []
+    for k, s in metrics.items():
+        out += [(run, pid, mod, split, k, s["mean"], s["n"], ""),
+                (run, pid, mod, split, f"{k}_sd", s["sd"], s["n"], "")]
+    return out
+
+
 def tidy_rows(res: dict) -> list[tuple]:
-    """metrics.csv rows of one run result; ``prior`` names the samples a sample metric was computed on."""
+    """metrics.csv rows of one run result; ``prior`` names the samples a sample metric was computed on.
+
+    In order: per patient (an image set's per image only when evaluated with ``per_image``), per class
+    (patient_id ``class:<name>``), per modality with the cohort and sample metrics (patient_id ``ALL``),
+    then an image set's other splits per modality (patient_id ``ALL``, their split).
+    """
     out = []
     run, split = res["run"], res["split"]
     for pid, p in res["per_patient"].items():
-        for k, s in p["metrics"].items():
-            out += [(run, pid, p["modality"], split, k, s["mean"], s["n"], ""),
-                    (run, pid, p["modality"], split, f"{k}_sd", s["sd"], s["n"], "")]
+        out += _stat_rows(run, pid, p["modality"], split, p["metrics"])
+    for name, p in res.get("per_class", {}).items():
+        out += _stat_rows(run, CLASS_PREFIX + name, p["modality"], split, p["metrics"])
     for mod, p in res["per_modality"].items():
-        for k, s in p["metrics"].items():
-            out += [(run, ALL, mod, split, k, s["mean"], s["n"], ""),
-                    (run, ALL, mod, split, f"{k}_sd", s["sd"], s["n"], "")]
+        out += _stat_rows(run, ALL, mod, split, p["metrics"])
         c = res["cohort"][mod]
         out += [(run, ALL, mod, split, k, c[k], min(c["n_real"], c["n_samples"]), "standard")
                 for k in COHORT_METRICS]
         for prior, q in res.get("sample_quality", {}).get(mod, {}).items():
             out += [(run, ALL, mod, split, k, q[k], q["n"], prior) for k in (*SAMPLE_METRICS, "kid_sd")]
+    for other, by_mod in res.get("per_split", {}).items():
+        if other != split:  # the evaluated split's rows are the per-modality rows above
+            for mod, p in by_mod.items():
+                out += _stat_rows(run, ALL, mod, other, p["metrics"])
     return out
 
 

@@ -64,6 +64,40 @@ def triptych(items: list[dict], modality: str, norm: dict) -> str:
     return to_png(fig)
 
 
+def worst_grid(items: list[dict], modality: str, norm: dict, ncols: int = 4) -> str:
+    """Input / reconstruction / |error| of each item (``original``, ``reconstruction`` in physical units,
+    ``ssim``, ``class``), ``ncols`` triplets a row, each captioned with its class and SSIM.
+
+    One error scale (the 99.5th percentile of every item's error) and one colour bar for the grid, so
+    the tiles' errors compare at a glance.
+    """
+    disp = _display(modality, norm)
+    errs = [np.abs(_first_channel(it["original"]) - _first_channel(it["reconstruction"])) for it in items]
+    vmax = max(float(np.percentile(np.concatenate([e.ravel() for e in errs]), 99.5)), 1e-6)
+    ncols = max(1, min(ncols, len(items)))
+    nrows = -(-len(items) // ncols)
+    # a narrow empty column between triplets keeps each image's three tiles together
+    ratios = ([1, 1, 1, 0.3] * ncols)[:-1]
+    fig = plt.figure(figsize=(sum(ratios) * 1.05 + 0.6, nrows * 1.35 + 0.3), layout="constrained")
+    grid = fig.add_gridspec(nrows, len(ratios), width_ratios=ratios)
+    axes = []
+    for i, (it, err) in enumerate(zip(items, errs)):
+        r, c = divmod(i, ncols)
+        tiles = [fig.add_subplot(grid[r, 4 * c + j]) for j in range(3)]
+        tiles[0].imshow(_first_channel(it["original"]), **disp)
+        tiles[1].imshow(_first_channel(it["reconstruction"]), **disp)
+        im = tiles[2].imshow(err, cmap="inferno", vmin=0, vmax=vmax)
+        label = f"{it['class']} · " if it.get("class") else ""
+        tiles[1].set_title(f"{label}SSIM {it['ssim']:.3f}", fontsize=8)
+        for ax in tiles:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes += tiles
+    fig.colorbar(im, ax=axes, fraction=0.02, pad=0.01, label=f"|error| {norm.get('unit', '')}".strip())
+    fig.suptitle("each image: input · reconstruction · |error|", fontsize=9)
+    return to_png(fig)
+
+
 def image_grid(images: np.ndarray, modality: str, norm: dict, ncols: int = 8, title: str = "",
                row_labels: list[str] | None = None) -> str:
     """Grid of (N, C, H, W) images (physical units)."""

@@ -16,6 +16,7 @@ from medvae.report.render import render
 from medvae.report.utility import utility_figure, utility_tables
 
 PRIOR_LABELS = {"": "", "real": "real vs real (floor)", "standard": "N(0, I)", "gmm": "Gaussian mixture"}
+TABLE_METRICS = ("ssim", "ms_ssim", "psnr", "mse", "mae", "elbo")  # the class and split tables' columns
 
 
 def build_figures(summary: dict, fig: dict) -> dict:
@@ -43,13 +44,26 @@ def build_figures(summary: dict, fig: dict) -> dict:
         out["utility_tables"] = utility_tables(summary["utility"])
     lm = fig.get("latent_map")
     out["latent_map"] = figures.latent_map(lm["points"], lm["labels"], lm["by"], lm["explained"]) if lm else None
+    worst = fig.get("worst")
+    out["worst"] = figures.worst_grid(worst, worst[0]["modality"], norm[worst[0]["modality"]]) if worst else None
+    out["class_samples"] = _class_sample_grids(fig["class_samples"], norm) if fig.get("class_samples") else {}
     return out
+
+
+def _class_sample_grids(cs: dict, norm: dict) -> dict[str, str]:
+    """A class model's samples, a row per class: prior name -> grid."""
+    mod, names = cs["modality"], cs["names"]
+    lo, hi = float(norm[mod]["low"]), float(norm[mod]["high"])
+    return {prior: figures.image_grid(lo + np.asarray(cs[prior]) * (hi - lo), mod, norm[mod],
+                                ncols=len(cs[prior]) // len(names), row_labels=names)
+            for prior in ("standard", "gmm") if prior in cs}
 
 
 def render_report(summary: dict, fig: dict) -> str:
     """The report as one HTML string."""
     return render("report.html", s=summary, figs=build_figures(summary, fig),
-                  conditional=fig.get("conditional", "none"), metrics=list(PATCH_METRICS),
+                  conditional=fig.get("conditional", "none"), image_set=bool(summary.get("image_set")),
+                  table_metrics=list(TABLE_METRICS), metrics=list(PATCH_METRICS),
                   cohort_metrics=list(COHORT_METRICS), info=summary["metric_info"],
                   sample_metrics=list(SAMPLE_METRICS), prior_labels=PRIOR_LABELS,
                   labels={k: m.label for k, m in ALL_METRICS.items()},
