@@ -20,8 +20,8 @@ from medvae.training.distributed import DistInfo, init_distributed, shutdown
 from medvae.training.step import TrainStep
 from medvae.training.tasks import ReconstructTask
 from medvae.training.trainer import _Trainer, resolve_config
-from tests.training.conftest import tiny_config
 from tests.models.test_vae import blobs
+from tests.training.conftest import tiny_config
 
 
 def _free_port() -> int:
