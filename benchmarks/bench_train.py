@@ -249,6 +249,7 @@ def step_rate(store, cfg: TrainStageConfig, device, warmup: int, min_seconds: fl
             n += 1
         sync(device)
         dt = time.perf_counter() - t0
+        tr._settle()  # the device path's skip decisions: counted into bad_steps
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         return {"params": n_params(tr.model), "steps": n, "images_per_s": n * b / dt, "peak_gib": peak,
                 "amp": str(tr.amp_dtype).replace("torch.", "") if tr.amp_dtype else "fp32",
