@@ -112,14 +112,27 @@ def _channels_first(vol) -> torch.Tensor:
     return t if t.ndim == 4 else t[None]
 
 
+def _label(path: str) -> torch.Tensor:
+    """A label map ``(1, Z, Y, X)`` of class values; a NIfTI keeps its stored type (uint8 labels stay a
+    quarter of float32 through reorientation and patch cutting, and become the same uint8 patches)."""
+    from medvae.io import load_volume
+    from medvae.io.formats import scan_format
+    from medvae.io.nifti import read_nifti
+
+    vol = read_nifti(path, keep_dtype=True) if scan_format(path) == "nifti" else load_volume(path)
+    t = torch.from_numpy(np.ascontiguousarray(vol.array))
+    return t if t.ndim == 4 else t[None]
+
+
 def load_normalized(path: str, modality: str, config: PrepareConfig, label_path: str = "") -> dict:
     """A scan (and its label map) loaded and normalized for prepare.
 
     Returns:
-        ``image``: float32 ``(C, Z, Y, X)`` in [0, 1]; ``label``: float32 ``(1, Z, Y, X)`` class values
-        (only with ``label_path``); ``foreground``: bool ``(Z, Y, X)`` from the raw values;
-        ``normalization``: ``{"low", "high", "unit"}``; ``spacing``: ``(z, y, x)`` — as
-        ``build_transforms(modality, config, with_label)`` gives for ``{"image": path, "label": label_path}``.
+        ``image``: float32 ``(C, Z, Y, X)`` in [0, 1]; ``label``: ``(1, Z, Y, X)`` class values in the
+        file's type (only with ``label_path``; the chain gives the same values as float32);
+        ``foreground``: bool ``(Z, Y, X)`` from the raw values; ``normalization``: ``{"low", "high",
+        "unit"}``; ``spacing``: ``(z, y, x)`` — as ``build_transforms(modality, config, with_label)``
+        gives for ``{"image": path, "label": label_path}``.
     """
     from medvae.io import load_volume
 
@@ -127,7 +140,7 @@ def load_normalized(path: str, modality: str, config: PrepareConfig, label_path:
     image = _channels_first(vol)  # the reader's own float32 array: normalized in place, no copy
     out = {"spacing": spacing_zyx(array_affine(vol), vol.spacing)}
     if label_path:
-        out["label"] = _channels_first(load_volume(label_path))
+        out["label"] = _label(label_path)
     out["foreground"] = foreground_mask(image, modality, config)
     norm = out["normalization"] = normalization_constants(image, modality, config)
     out["image"] = clip_scale_(image, norm["low"], norm["high"])
