@@ -335,3 +335,12 @@ def test_averaged_model_is_the_decay_weighted_average():
     ema2.update_parameters(view2)
     for a, b in zip(ema.module.parameters(), ema2.module.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow  # inductor compiles for a minute on a CPU
+def test_compiled_vaegan_trains_past_the_critic_start(tiny_store, tmp_path):
+    """train.compile with a critic: the adaptive weight's retained backward through the compiled decoder
+    (AOTAutograd's donated buffers refused it at the first critic step)."""
+    cfg = tiny_config("vaegan", max_steps=3, disc_start=1, compile=True, checkpoint_every=3)
+    summary = train(tiny_store, tmp_path / "run", cfg, device="cpu")
+    assert summary["step"] == 3 and summary["bad_steps"] == 0
