@@ -185,8 +185,9 @@ def compare(store, cfg, device, n1: int, n2: int, repeats: int, load: int) -> di
     channels_last = cfg.train.channels_last and device.type == "cuda"
     bare, ours, ratios = [], [], []
     with busy_neighbours(load) if load else contextlib.nullcontext():
-        trainer_wall(store, cfg, device, 2)  # warm-up: first-call costs of both paths
-        bare_loop(store, cfg, device, 2, amp_dtype, channels_last)
+        # warm-up, untimed: a whole run of each (allocator, oneDNN primitive caches, page cache)
+        trainer_wall(store, cfg, device, n1)
+        bare_loop(store, cfg, device, n2, amp_dtype, channels_last, cfg.train.compile)
         for _ in range(repeats):
             clock = bare_loop(store, cfg, device, n2, amp_dtype, channels_last, cfg.train.compile)
             bare.append((n2 - n1) * b / (clock[n2 - 1] - clock[n1 - 1]))
