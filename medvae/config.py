@@ -57,7 +57,7 @@ class PrepareConfig(StrictModel):
     ct_body_hu: float = -500.0  # HU above which a CT pixel is body (foreground)
     slice_step: int = 1  # take every n-th slice along z
     dtype: Literal["float16", "uint16"] = "float16"
-    workers: int = 1
+    workers: int = Field(0, ge=0)  # processes, one volume each; 0: one per CPU core
 
 
 # --------------------------------------------------------------------------- models

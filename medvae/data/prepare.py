@@ -172,7 +172,7 @@ def _run_tasks(tasks: dict[int, VolumeTask], digests: dict[int, str], config: Pr
     tmpdir = out / f".prepare-{os.getpid()}"
     tmpdir.mkdir()
     cfg = config.model_dump(mode="json")
-    workers = max(1, min(int(config.workers), len(tasks)))
+    workers = max(1, min(int(config.workers) or os.cpu_count() or 1, len(tasks)))  # 0: one per core
     results: dict[int, PreparedVolume | str] = {}
     columns = (TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TextColumn("volumes"), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=not sys.stderr.isatty()) as bar:
