@@ -166,6 +166,9 @@ class DenoiseConfig(StrictModel):
     tile: int = 0  # 0 = whole slices; else MONAI sliding-window tiles of this size (memory-bound GPUs)
     overlap: float = 0.25  # sliding-window overlap (gaussian blending)
     modality: Literal["auto", "ct", "microscopy", "mr"] = "auto"
+    # bf16: autocast for the model (CPUs with AMX / AVX-512 bf16, GPUs): ~3x faster on such a CPU, outputs
+    # within ~1e-2 of fp32's on the [0, 1] scale; off (fp32) keeps the outputs of earlier releases
+    amp: Literal["off", "bf16"] = "off"
 
 
 class GenerateConfig(StrictModel):
