@@ -77,7 +77,7 @@ class PrepareConfig(StrictModel):
     ct_body_hu: float = -500.0  # HU above which a CT pixel is body (foreground)
     slice_step: int = 1  # take every n-th slice along z
     dtype: Literal["float16", "uint16"] = "float16"
-    workers: int = 1
+    workers: int = Field(0, ge=0)  # processes, one volume each; 0: one per CPU core
 
 
 # --------------------------------------------------------------------------- models
@@ -192,6 +192,9 @@ class DenoiseConfig(StrictModel):
     tile: int = 0  # 0 = whole slices; else MONAI sliding-window tiles of this size (memory-bound GPUs)
     overlap: float = 0.25  # sliding-window overlap (gaussian blending)
     modality: Literal["auto", ScanModality] = "auto"
+    # bf16: autocast for the model (CPUs with AMX / AVX-512 bf16, GPUs): ~3x faster on such a CPU, outputs
+    # within ~1e-2 of fp32's on the [0, 1] scale; off (fp32) keeps the outputs of earlier releases
+    amp: Literal["off", "bf16"] = "off"
 
 
 class GenerateConfig(StrictModel):

@@ -21,6 +21,8 @@ def denoise(
     checkpoint: Optional[str] = typer.Option(None, help="best | last | a step number (default best)."),
     batch_size: Optional[int] = typer.Option(None, help="Slices per forward pass."),
     tile: Optional[int] = typer.Option(None, help="Sliding-window tile size (0: whole slices)."),
+    amp: Optional[str] = typer.Option(None, help="off | bf16 (faster on CPUs with AMX and on GPUs; "
+                                                 "outputs differ from fp32 within ~1e-2 of the window)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
 ) -> None:
     """Denoise every slice of every scan at native resolution (NIfTI keeps its affine, TIFF its µm
@@ -31,7 +33,7 @@ def denoise(
     from medvae.devices import select_device
 
     cfg = config_with_options(config, DenoiseConfig, {"checkpoint": checkpoint, "batch_size": batch_size,
-                                                      "tile": tile})
+                                                      "tile": tile, "amp": amp})
     with Progress(TextColumn("[bold]denoise {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("slices"), TimeRemainingColumn()) as progress:
         bar = progress.add_task("", total=None)

@@ -28,7 +28,7 @@ def prepare(
                    "pad: 2D image sets)."),
     stride: Optional[int] = typer.Option(None, help="Tile stride in pixels (tile mode)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with PrepareConfig keys."),
-    workers: Optional[int] = typer.Option(None, help="Volumes processed in parallel."),
+    workers: Optional[int] = typer.Option(None, help="Volumes processed in parallel (default: one per CPU core)."),
     shard: Optional[str] = typer.Option(None, help="i/N: prepare only shard i of N volumes."),
     merge: Optional[list[Path]] = typer.Option(None, "--merge", help="Shard stores to join into --out."),
 ) -> None:

@@ -51,16 +51,36 @@ class Patches:
         return int(self.images.shape[0])
 
 
+def nearest_exact_index(n_in: int, n_out: int) -> torch.Tensor:
+    """Source index of each output pixel of ``F.interpolate(mode="nearest-exact")`` along one axis:
+    ``min(floor((i + 0.5) * n_in / n_out), n_in - 1)`` in float32, as torch computes it."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    idx = np.floor((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale).astype(np.int64)
+    return torch.from_numpy(np.minimum(idx, n_in - 1))
+
+
+def _gather(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(dim, idx)``; an evenly spaced ``idx`` (every 4th pixel from 512 to 128) as a
+    strided view, which reads only the rows it keeps."""
+    step = int(idx[1] - idx[0]) if len(idx) > 1 else 1
+    if step > 0 and bool((idx == idx[0] + step * torch.arange(len(idx))).all()):
+        index = [slice(None)] * x.ndim
+        index[dim] = slice(int(idx[0]), int(idx[-1]) + 1, step)
+        return x[tuple(index)]
+    return x.index_select(dim, idx)
+
+
 def resize_slices(x: torch.Tensor, size: int, label: bool = False) -> torch.Tensor:
     """Resize every slice of ``x: (Z, C, Y, X)`` to ``(Z, C, size, size)`` in one call.
 
-    Images: bilinear, antialiased when shrinking; labels: nearest-exact (class values kept).
+    Images: bilinear, antialiased when shrinking; labels: nearest-exact (class values kept), as a
+    gather of the source rows and columns in ``x``'s own type (``F.interpolate``'s pixels, tested).
     """
     if tuple(x.shape[-2:]) == (size, size):
         return x
     if label:
-        out = F.interpolate(x if x.is_floating_point() else x.float(), size=(size, size), mode="nearest-exact")
-        return out if x.is_floating_point() else out.to(x.dtype)
+        rows, cols = nearest_exact_index(x.shape[-2], size), nearest_exact_index(x.shape[-1], size)
+        return _gather(_gather(x, -2, rows), -1, cols)
     return F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 

@@ -24,7 +24,6 @@ Entry points: ``prepare``, ``merge_stores`` (the store format itself is ``medvae
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import multiprocessing as mp
 import os
@@ -55,21 +54,14 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- one volume (in a worker)
-# torch, MONAI and the patch cutter are imported inside the worker functions, not at module level:
-# importing them takes seconds (1.7 s for torch alone), and a store that is up to date, a merge,
-# or the parent of a multi-worker run never needs them.
+# torch and the patch cutter are imported inside the worker functions, not at module level: importing
+# torch takes about a second, and a store that is up to date, a merge, or the parent of a multi-worker
+# run never needs it. MONAI is not imported at all: medvae.data.normalize loads and normalizes a volume
+# with the same values as the MONAI chain of medvae.data.transforms.
 def _init_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, threads))
-
-
-@functools.lru_cache(maxsize=16)
-def _chain(modality: str, config_json: str, with_label: bool):
-    """One transform chain per kind of volume and process (building LoadImaged instantiates MONAI's readers)."""
-    from medvae.data.transforms import build_transforms
-
-    return build_transforms(modality, PrepareConfig.model_validate_json(config_json), with_label=with_label)
 
 
 def process_volume(position: int, task: VolumeTask, digest: str, config: dict,
@@ -78,19 +70,15 @@ def process_volume(position: int, task: VolumeTask, digest: str, config: dict,
 
     Never raises: a failure comes back as the message ``"<file>: <what>"``.
     """
-    import torch
-
+    from medvae.data.normalize import load_normalized
     from medvae.data.patches import extract_patches
 
     try:
         cfg = PrepareConfig(**config)
         if task.format in IMAGE_SET_FORMATS:
             return _process_image_set(position, task, digest, cfg, tmpdir)
-        with_label = bool(task.label_path)
-        data = {"image": task.path, **({"label": task.label_path} if with_label else {})}
-        d = _chain(task.modality, cfg.model_dump_json(), with_label)(data)
-        image = torch.as_tensor(d["image"]).float()
-        label = torch.as_tensor(d["label"]) if with_label else None
+        d = load_normalized(task.path, task.modality, cfg, task.label_path)
+        image, label = d["image"], d.get("label")
         if label is not None and label.shape[1:] != image.shape[1:]:
             raise InputError(f"{task.label_path}: label shape {tuple(label.shape[1:])} differs from the "
                              f"image's {tuple(image.shape[1:])} ({task.path}); check the label belongs to it")
@@ -184,7 +172,7 @@ def _run_tasks(tasks: dict[int, VolumeTask], digests: dict[int, str], config: Pr
     tmpdir = out / f".prepare-{os.getpid()}"
     tmpdir.mkdir()
     cfg = config.model_dump(mode="json")
-    workers = max(1, min(int(config.workers), len(tasks)))
+    workers = max(1, min(int(config.workers) or os.cpu_count() or 1, len(tasks)))  # 0: one per core
     results: dict[int, PreparedVolume | str] = {}
     columns = (TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TextColumn("volumes"), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=not sys.stderr.isatty()) as bar:
@@ -195,7 +183,8 @@ def _run_tasks(tasks: dict[int, VolumeTask], digests: dict[int, str], config: Pr
                 bar.advance(job)
         else:
             ctx = mp.get_context("forkserver")  # no fork of a parent holding OpenMP/torch threads
-            ctx.set_forkserver_preload(["medvae.data.prepare", "medvae.data.transforms", "medvae.data.patches"])
+            ctx.set_forkserver_preload(["medvae.data.prepare", "medvae.data.normalize", "medvae.data.patches",
+                                        "medvae.io"])
             threads = max(1, (os.cpu_count() or 1) // workers)
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
                 futures = {ex.submit(process_volume, k, t, digests[k], cfg, str(tmpdir)): k for k, t in tasks.items()}

@@ -187,12 +187,14 @@ def even_positions(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, max(min(k, n), 0)).round().astype(np.int64))
 
 
-def read_rows(arr: np.ndarray, rows) -> np.ndarray:
-    """``arr[rows]`` read in ascending row order (sequential on a memmap), returned in ``rows`` order."""
+def read_rows(arr: np.ndarray, rows, out: np.ndarray | None = None) -> np.ndarray:
+    """``arr[rows]`` read in ascending row order (sequential on a memmap), returned in ``rows`` order
+    (into ``out`` when given: e.g. a pinned host buffer, sparing a copy)."""
     rows = np.asarray(rows, dtype=np.int64)
     order = np.argsort(rows, kind="stable")
     raw = arr[rows[order]]
-    out = np.empty_like(raw)
+    if out is None:
+        out = np.empty_like(raw)
     out[order] = raw
     return out
 

@@ -28,6 +28,10 @@ applied to ``{"image": path, "label": label_path}``:
    instead of twice.
 
 Labels come out as float32 class values; ``medvae.data.patches`` turns label patches into uint8.
+
+The steps are the functions of :mod:`medvae.data.normalize`, which also runs them on a loaded volume
+without MONAI (``load_normalized``: what ``medvae prepare`` uses, equal value for value to this chain);
+this chain is for MONAI pipelines (``Compose``, ``LoadImaged``) and is imported only by them.
 """
 
 from __future__ import annotations
@@ -40,16 +44,18 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform
-from monai.transforms.utils_pytorch_numpy_unification import percentile
-from skimage.filters import threshold_otsu
 
 from medvae.config import PrepareConfig
+from medvae.data.normalize import (  # noqa: F401 -- UNITS, PERCENTILE_MODALITIES, otsu_threshold: this module's API
+    PERCENTILE_MODALITIES,
+    UNITS,
+    clip_scale_,
+    foreground_mask,
+    normalization_constants,
+    otsu_threshold,
+    spacing_zyx,
+)
 from medvae.io.monai_readers import VolumeReader
-
-UNITS = {"ct": "HU", "mr": "a.u.", "microscopy": "counts", "image": "grey level"}
-# MR has no absolute intensity scale (unlike HU): it is normalized like microscopy, per volume by
-# percentiles, with an Otsu foreground; only CT uses the HU window and body threshold.
-PERCENTILE_MODALITIES = ("microscopy", "mr")
 
 # LoadImage instantiates all of MONAI's readers; the optional nvImageCodec DICOM plugin then logs and
 # warns on every construction on machines without it. medvae decodes DICOM with pydicom itself.
@@ -65,15 +71,10 @@ class StripMetad(MapTransform):
         for key in self.key_iterator(d):
             img = d[key]
             if key == self.keys[0]:
-                d["spacing"] = _spacing_zyx(getattr(img, "meta", {}))
+                d["spacing"] = spacing_zyx(np.asarray(getattr(img, "meta", {}).get("affine", np.eye(4)),
+                                                      dtype=np.float64), None)
             d[key] = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
         return d
-
-
-def _spacing_zyx(meta: dict) -> tuple[float, float, float]:
-    aff = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
-    zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))  # world step of each array axis (z, y, x)
-    return tuple(float(s) for s in zooms)
 
 
 class ForegroundMaskd(MapTransform):
@@ -94,27 +95,6 @@ class ForegroundMaskd(MapTransform):
         return d
 
 
-def foreground_mask(img: torch.Tensor | np.ndarray, modality: str, config: PrepareConfig) -> torch.Tensor:
-    """Bool ``(Z, Y, X)`` foreground of a raw ``(C, Z, Y, X)`` or ``(Z, Y, X)`` volume."""
-    t = torch.as_tensor(img)
-    if t.ndim == 3:
-        t = t[None]
-    if modality in PERCENTILE_MODALITIES:
-        thr = otsu_threshold(t)
-    else:
-        thr = float(config.ct_body_hu)
-    return t[0] > thr if t.shape[0] == 1 else (t > thr).any(dim=0)
-
-
-def otsu_threshold(img: torch.Tensor | np.ndarray) -> float:
-    """Otsu threshold of the whole stack (skimage.filters.threshold_otsu); constant stack -> its value."""
-    arr = np.asarray(img.numpy() if isinstance(img, torch.Tensor) else img)
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo == hi:
-        return hi  # nothing above it: an empty stack has no foreground
-    return float(threshold_otsu(arr))
-
-
 class RecordNormalizationd(MapTransform):
     """``data["normalization"] = {"low", "high", "unit"}`` for the normalization that follows."""
 
@@ -126,25 +106,6 @@ class RecordNormalizationd(MapTransform):
         d = dict(data)
         d["normalization"] = normalization_constants(d[self.keys[0]], self.modality, self.config)
         return d
-
-
-def normalization_constants(img, modality: str, config: PrepareConfig) -> dict:
-    """Constants mapping normalized [0, 1] values back to physical units.
-
-    Args:
-        img: the raw volume (HU for CT; counts for microscopy). Ignored for CT.
-    Returns:
-        ``{"low", "high", "unit"}``: CT the window ``config.ct_window`` in HU; microscopy and MR the
-        volume's ``config.microscopy_percentiles`` (computed as ScaleIntensityRangePercentiles does).
-    """
-    if modality in PERCENTILE_MODALITIES:
-        p_lo, p_hi = config.microscopy_percentiles
-        t = torch.as_tensor(img)
-        t = t.as_tensor() if hasattr(t, "as_tensor") else t  # MetaTensor -> plain, for np.percentile
-        low, high = (float(v) for v in np.asarray(percentile(t, [p_lo, p_hi])).ravel())
-    else:
-        low, high = (float(v) for v in config.ct_window)
-    return {"low": low, "high": high, "unit": UNITS.get(modality, "a.u.")}
 
 
 class ClipScaled(MapTransform):
@@ -169,9 +130,7 @@ class ClipScaled(MapTransform):
                 t = t.float()
             elif not self.inplace:
                 t = t.clone()
-            t.clamp_(lo, hi).sub_(lo)
-            t.mul_(1.0 / (hi - lo) if hi > lo else 0.0)
-            d[key] = t
+            d[key] = clip_scale_(t, lo, hi)
         return d
 
 

@@ -10,7 +10,9 @@ back in the input's own format and geometry.
   model never saw them).
 - Slices are denoised whole (batches of ``batch_size`` slices, padded to the model's multiple),
   or with MONAI's ``sliding_window_inference`` (``tile`` > 0: gaussian-blended tiles with
-  ``overlap``) where memory requires; GPU when present.
+  ``overlap``) where memory requires; GPU when present. Inference mode and channels_last
+  (float rounding apart, fp32's values); ``amp: bf16`` is ~3x faster on CPUs with AMX, its outputs
+  within ~1e-2 of fp32's on the [0, 1] scale. Threads: torch's (all cores).
 - Outputs: NIfTI with the input's affine and header (same data type), ImageJ TIFF with the input's
   µm spacing and dtype, DICOM series -> NIfTI (int16 HU, the series' RAS affine). Each file is
   written atomically (``medvae.files.atomic_path``), and an existing output is skipped, so an
@@ -19,6 +21,7 @@ back in the input's own format and geometry.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -95,25 +98,38 @@ class SliceDenoiser:
         # the settings the training patches were normalized with (defaults for a run without its store)
         saved = (self.store.meta.get("config") or {}) if self.store is not None else {}
         self.prepare_config = PrepareConfig(**{k: v for k, v in saved.items() if k in PrepareConfig.model_fields})
+        # channels_last: oneDNN's (and cuDNN's) native layout for these convolutions, ~1.35x faster on the
+        # CPU; the same arithmetic up to float rounding (1e-7 on the [0, 1] scale)
+        self.channels_last = device.type in ("cpu", "cuda")
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
 
     @property
     def batch_size(self) -> int:
         return self.cfg.batch_size or (1 if self.device.type == "cpu" else 8)
 
-    @torch.no_grad()
+    def _autocast(self):
+        if self.cfg.amp != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    @torch.inference_mode()
     def __call__(self, slices: np.ndarray, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         out = np.empty(slices.shape, np.float32)
         for i in range(0, len(slices), self.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(slices[i:i + self.batch_size], np.float32))
             x = x[:, None].to(self.device)
-            if self.cfg.tile > 0:
-                from monai.inferers import sliding_window_inference  # MONAI import is slow; only when tiling
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                if self.cfg.tile > 0:
+                    from monai.inferers import sliding_window_inference  # MONAI import is slow; only when tiling
 
-                y = sliding_window_inference(x, (self.cfg.tile, self.cfg.tile), x.shape[0],
-                                             lambda t: self.model.denoise(t), overlap=self.cfg.overlap,
-                                             mode="gaussian")
-            else:
-                y = self.model.denoise(x)
+                    y = sliding_window_inference(x, (self.cfg.tile, self.cfg.tile), x.shape[0],
+                                                 lambda t: self.model.denoise(t), overlap=self.cfg.overlap,
+                                                 mode="gaussian")
+                else:
+                    y = self.model.denoise(x)
             out[i:i + len(x)] = y[:, 0].float().cpu().numpy()
             if on_batch is not None:
                 on_batch(len(x))

@@ -318,11 +318,16 @@ def _to_units(out: np.ndarray, raw: np.ndarray, s: Slice) -> None:
         return
     slope, intercept = rescale
     if _float32_exact(raw.dtype, slope, intercept):
-        np.copyto(out, raw, casting="unsafe")  # integer -> float32 is exact below 2**24
+        # integer -> float32 is exact below 2**24; the first operation converts as it computes (one pass
+        # instead of a copy and then an operation), with the same float32 result
         if slope != 1.0:
-            out *= np.float32(slope)
-        if intercept != 0.0:
-            out += np.float32(intercept)
+            np.multiply(raw, np.float32(slope), out=out, casting="unsafe")
+            if intercept != 0.0:
+                out += np.float32(intercept)
+        elif intercept != 0.0:
+            np.add(raw, np.float32(intercept), out=out, casting="unsafe")
+        else:
+            np.copyto(out, raw, casting="unsafe")
     else:
         out[...] = raw.astype(np.float64) * slope + intercept
 

@@ -42,6 +42,12 @@ def compile_model(model: torch.nn.Module, discriminator: bool = True) -> None:
     DistributedDataParallel. ``discriminator=False`` leaves the critic eager: R1 needs a double
     backward, which compiled graphs do not support.
     """
+    if getattr(model, "discriminator", None) is not None:
+        # The adaptive GAN weight runs autograd.grad(..., retain_graph=True) through the compiled decoder;
+        # AOTAutograd's donated buffers forbid a retained backward (RuntimeError at the first critic step).
+        import torch._functorch.config
+
+        torch._functorch.config.donated_buffer = False
     names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in _COMPILED]
     names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost only
     if not discriminator:

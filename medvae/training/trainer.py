@@ -6,7 +6,10 @@ One "step" is one batch: a generator (VAE) update and, for the VAE–GAN from ``
 discriminator update. A step whose loss or gradient norm is not finite is skipped (no optimizer
 step) but still counts as a step, so ``max_steps`` bounds the run and the LR schedule and data
 order stay functions of the step; after ``max_bad_steps`` skipped steps training stops with a
-TrainingError.
+TrainingError. On CUDA the guard's decision stays on the device (:class:`medvae.training.step.TrainStep`'s
+device path): the skip itself happens in the step, and the trainer reads the decisions back, counts
+and warns at each report (every ``log_every`` steps, each checkpoint and the last step), so the
+limit stops a run at most ``log_every - 1`` steps late; nothing else waits for the GPU.
 
 What a step optimizes and how validation scores it is the run's task
 (:mod:`medvae.training.tasks`; reconstruct by default), so the loop has no task branches.
@@ -48,7 +51,7 @@ from medvae.training.distributed import DistInfo, init_distributed, shutdown
 from medvae.training.rundir import RunDir
 from medvae.training.runtime import resolve_amp, seed_everything
 from medvae.training.schedule import ema_state_dict
-from medvae.training.step import TrainStep
+from medvae.training.step import StepRecord, TrainStep
 from medvae.training.tasks import ReconstructTask, Task
 
 log = logging.getLogger(__name__)
@@ -161,6 +164,7 @@ class _Trainer:
         self.best_score = -math.inf
         self.metrics: dict[str, float] = {}
         self.images_per_s = 0.0
+        self._pending: list[StepRecord] = []  # device path: steps whose skip decision is not read back yet
         # after the model is built: each rank draws its own noise from here on
         seed_everything(t.seed + 1_000_003 * info.rank)
         if resume:
@@ -247,25 +251,47 @@ class _Trainer:
             "total_steps": self.total_steps, "world_size": self.info.world_size, "device": str(self.device)})
 
     # ------------------------------------------------------------------ events of the loop
-    def _train_step(self, batch: Batch) -> dict:
-        """One optimizer step on ``batch`` (``self.step`` is not advanced here); the NaN guard's count."""
-        self.model.train()
+    def _train_step(self, batch: Batch) -> StepRecord:
+        """One optimizer step on ``batch`` (``self.step`` is not advanced here). On the host path its
+        skip decision is counted at once; on the device path at the next report (:meth:`_settle`)."""
+        if not self.model.training:
+            self.model.train()
         x, target = self.task.training_pair(batch, self.step)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.model.conditioned_on(batch.ids):
-            entry, problem = self.steps.step(x, self.step, target=target)
-        if problem is not None:
-            t = self.tc
-            self.bad_steps += 1
-            log.warning("step %d: non-finite %s; step skipped (%d/%d bad steps)", self.step, problem,
-                        self.bad_steps, t.max_bad_steps)
-            if self.bad_steps > t.max_bad_steps:
-                raise TrainingError(
-                    f"{self.bad_steps} training steps had a non-finite loss or gradient (limit max_bad_steps="
-                    f"{t.max_bad_steps}); lower train.lr, use amp: off or bf16, or check the store's data "
-                    f"({self.store.path})")
-        return entry
+            record = self.steps.step(x, self.step, target=target)
+        record.step = self.step
+        if record.deferred:
+            self._pending.append(record)
+        else:
+            self._count_bad(record)
+        return record
+
+    def _settle(self) -> None:
+        """Device path: read back the skip decisions of the steps since the last report (one sync) and
+        count them, so the NaN guard's count, warnings and limit hold at every report and checkpoint."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        flags = torch.stack([r.flags for r in pending]).float().tolist()
+        for record, (loss_bad, norm_bad) in zip(pending, flags, strict=True):
+            record.settle(loss_bad, norm_bad)
+            self._count_bad(record)
+
+    def _count_bad(self, record: StepRecord) -> None:
+        """Count a skipped step, warn, and stop past ``max_bad_steps``."""
+        if not record.bad:
+            return
+        t = self.tc
+        self.bad_steps += 1
+        log.warning("step %d: non-finite %s; step skipped (%d/%d bad steps)", record.step, record.problem,
+                    self.bad_steps, t.max_bad_steps)
+        if self.bad_steps > t.max_bad_steps:
+            raise TrainingError(
+                f"{self.bad_steps} training steps had a non-finite loss or gradient (limit max_bad_steps="
+                f"{t.max_bad_steps}); lower train.lr, use amp: off or bf16, or check the store's data "
+                f"({self.store.path})")
 
     def _validate(self) -> dict:
         """Validation metrics of the EMA weights (the model's when EMA is off); rank 0 only."""
@@ -346,13 +372,17 @@ class _Trainer:
             bar = progress.add_task("train", total=self.total_steps, completed=self.step,
                                     model=self.cfg.model.name, loss=float("nan"), ips=0.0)
             for batch in self._batches():
-                entry = self._train_step(batch)
+                record = self._train_step(batch)
                 self.step += 1
                 checkpoint = self.step % t.checkpoint_every == 0 or self.step == self.total_steps
                 epoch_end = t.max_steps is None and self.batches.position == len(self.batches)
                 if checkpoint or epoch_end or self.step % t.log_every == 0:
+                    self._settle()
+                    entry = record.entry()
                     self._report(entry, meter, validate=checkpoint or epoch_end, save_last=checkpoint)
-                progress.update(bar, completed=self.step, loss=entry["loss"], ips=self.images_per_s)
+                    progress.update(bar, completed=self.step, loss=entry["loss"], ips=self.images_per_s)
+                else:  # the values stay unread between reports (the device path waits for nothing)
+                    progress.update(bar, completed=self.step)
         if main:
             self._write_run_json("done")
             if self.tb is not None:

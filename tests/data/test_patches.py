@@ -86,3 +86,19 @@ def test_slice_step():
     cfg = PrepareConfig(slice_step=3, foreground_threshold=0.0)
     p = extract_patches(torch.rand(1, 10, 32, 32), torch.ones(10, 32, 32, dtype=torch.bool), cfg, (1.0, 1.0))
     assert p.slice_index.tolist() == [0, 3, 6, 9]
+
+
+@pytest.mark.parametrize("shape,size", [((3, 1, 512, 512), 128), ((2, 1, 500, 333), 64), ((2, 1, 97, 40), 32),
+                                        ((1, 1, 30, 20), 64)])
+def test_label_resize_is_torchs_nearest_exact(shape, size):
+    """Labels are resized by gathering rows and columns in their own type: the pixels of
+    F.interpolate(mode="nearest-exact") on the float values, for shrinking and growing, any aspect."""
+    import torch.nn.functional as F
+
+    lab = torch.randint(0, 7, shape, dtype=torch.uint8)
+    ref = F.interpolate(lab.float(), size=(size, size), mode="nearest-exact")
+    out = resize_slices(lab, size, label=True)
+    assert out.dtype == torch.uint8 and torch.equal(out.float(), ref)
+    flt = torch.rand(shape) * 5
+    ref = F.interpolate(flt, size=(size, size), mode="nearest-exact")
+    assert torch.equal(resize_slices(flt, size, label=True), ref)

@@ -4,6 +4,7 @@ import torch
 from skimage.filters import threshold_otsu
 
 from medvae.config import PrepareConfig
+from medvae.data.normalize import load_normalized
 from medvae.data.transforms import build_transforms, foreground_mask, normalization_constants, otsu_threshold
 
 
@@ -106,3 +107,41 @@ def test_readers_already_give_monai_spl_orientation(tmp_path):
         assert after.shape == before.shape
         np.testing.assert_array_equal(after.numpy(), before.numpy())
         np.testing.assert_allclose(after.affine.numpy(), before.affine.numpy())
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    """A CT series with its label NIfTI, a microscopy TIFF stack (over a million voxels: the numpy
+    percentile branch) and a small MR NIfTI (torch.quantile branch)."""
+    import nibabel as nib
+
+    from medvae.io.phantoms import write_phantom_cohort
+
+    root = tmp_path_factory.mktemp("scans")
+    s = write_phantom_cohort(root, ct_patients=1, microscopy_stacks=1, seed=0, ct_size=64, ct_slices=6)
+    mr = np.random.default_rng(4).gamma(2.0, 100.0, (20, 24, 7)).astype(np.float32)
+    nib.save(nib.Nifti1Image(mr, np.array([[0, 0, -2.0, 10], [-0.8, 0, 0, 5], [0, 0.9, 0, -3], [0, 0, 0, 1]])),
+             root / "mr.nii.gz")
+    return [("ct", s["ct"][0]["series"], s["ct"][0]["label"]), ("microscopy", s["microscopy"][0]["path"], ""),
+            ("mr", str(root / "mr.nii.gz"), "")]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_load_normalized_equals_the_monai_chain(scans, which):
+    """prepare's MONAI-free path gives what the MONAI chain gives, value for value."""
+    modality, path, label = scans[which]
+    cfg = PrepareConfig()
+    ours = load_normalized(path, modality, cfg, label)
+    data = {"image": path, **({"label": label} if label else {})}
+    ref = build_transforms(modality, cfg, with_label=bool(label))(data)
+    assert set(ours) == set(ref) - {"image_meta_dict", "label_meta_dict"}
+    for key in ("image", "foreground"):
+        assert torch.equal(ours[key], torch.as_tensor(ref[key]).as_subclass(torch.Tensor)), key
+        assert ours[key].dtype == torch.as_tensor(ref[key]).dtype
+    if label:  # the same class values, kept in the file's type (uint8) instead of float32
+        assert ours["label"].dtype == torch.uint8
+        assert torch.equal(ours["label"].float(), torch.as_tensor(ref["label"]).as_subclass(torch.Tensor))
+    assert ours["normalization"] == ref["normalization"]
+    assert ours["spacing"] == ref["spacing"]
+    if modality == "microscopy":
+        assert ours["image"].numel() > 1_000_000

@@ -102,3 +102,24 @@ def test_dicom_series_becomes_nifti_and_cli(denoise_run, tmp_path):
 def test_missing_input_is_one_line_error(denoise_run, tmp_path):
     result = CliRunner().invoke(app, ["denoise", str(denoise_run), str(tmp_path / "nope"), "--out", str(tmp_path)])
     assert result.exit_code == 2 and "input not found" in result.output
+
+
+def test_fast_paths_match_the_plain_fp32_forward(denoise_run):
+    """The slice denoiser's inference mode and channels_last give the model's plain NCHW fp32 forward up to
+    float rounding; amp: bf16 stays within 2e-2 on the [0, 1] scale."""
+    import torch
+
+    from medvae.denoising.apply import SliceDenoiser
+    from medvae.training.checkpoint import load_model
+    from medvae.training.rundir import RunDir
+
+    rng = np.random.default_rng(2)
+    slices = rng.uniform(0, 1, (3, 70, 54)).astype(np.float32)
+    plain, _ = load_model(RunDir(denoise_run).checkpoint("best"), device=torch.device("cpu"))
+    ref = plain.denoise(torch.from_numpy(slices)[:, None])[:, 0].numpy()
+    fast = SliceDenoiser(denoise_run, DenoiseConfig(batch_size=2), torch.device("cpu"))
+    assert fast.channels_last
+    np.testing.assert_allclose(fast(slices), ref, rtol=0, atol=1e-5)
+    bf16 = SliceDenoiser(denoise_run, DenoiseConfig(amp="bf16"), torch.device("cpu"))(slices)
+    assert not np.array_equal(bf16, ref)
+    np.testing.assert_allclose(bf16, ref, rtol=0, atol=2e-2)

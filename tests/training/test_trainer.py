@@ -10,6 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 import medvae.training.losses
+import medvae.training.step
 from medvae.cli import app
 from medvae.errors import CheckpointError, TrainingError
 from medvae.models import build_model
@@ -129,6 +130,70 @@ def test_nan_guard_skips_and_counts(tiny_store, tmp_path, monkeypatch, caplog):
     assert "non-finite loss; step skipped (1/3 bad steps)" in caplog.text
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model_state"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def _nan_at(monkeypatch, calls_nan):
+    """Make the generator loss of the given 1-based calls NaN."""
+    real = medvae.training.losses.generator_loss
+    calls = []
+
+    def flaky(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) in calls_nan:
+            loss = loss * float("nan")
+        return loss, terms
+
+    monkeypatch.setattr(medvae.training.losses, "generator_loss", flaky)
+
+
+@pytest.mark.parametrize("model", ["vae", "vaegan"])
+def test_device_path_nan_guard_skips_counts_and_resumes_exactly(tiny_store, tmp_path, monkeypatch, caplog, model):
+    """The CUDA path of the NaN guard, run on the CPU: the decision stays a tensor (fused AdamW's found_inf,
+    a masked EMA), the trainer reads it back only at reports; the skipped steps change no weight, are
+    counted and warned about by step number, and a run resumed from a checkpoint ends bit for bit where an
+    uninterrupted one does."""
+    monkeypatch.setattr(medvae.training.step, "device_path", lambda device, amp: True)
+    _nan_at(monkeypatch, (3, 5))  # steps 2 and 4 (0-based); the uninterrupted run's calls only
+    cfg = tiny_config(model, max_steps=12, max_bad_steps=3, log_every=3, checkpoint_every=6, ema_decay=0.9,
+                      disc_start=1)
+    summary = train(tiny_store, tmp_path / "a", cfg, device="cpu")
+    assert summary["step"] == 12 and summary["bad_steps"] == 2
+    assert "step 2: non-finite loss; step skipped (1/3 bad steps)" in caplog.text
+    assert "step 4: non-finite loss; step skipped (2/3 bad steps)" in caplog.text
+    log = read_log(tmp_path / "a")
+    assert [e["step"] for e in log] == [3, 6, 9, 12] and [e["bad_steps"] for e in log] == [1, 2, 2, 2]
+    ck = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in ck["model_state"].values() if v.is_floating_point())
+    step_counts = {int(s["step"]) for s in ck["optimizer_states"]["generator"]["state"].values()}
+    assert step_counts == {10}  # 12 steps, 2 skipped: the fused AdamW did not count them
+    # resume from step 6 (after both bad steps): the rest of the run is the same, bit for bit
+    monkeypatch.setattr(medvae.training.losses, "generator_loss", _real_generator_loss)
+    six = tiny_config(model, max_steps=6, max_bad_steps=3, log_every=3, checkpoint_every=6, ema_decay=0.9,
+                      disc_start=1)
+    b = tmp_path / "b"
+    (b / "checkpoints").mkdir(parents=True)
+    for f in ("config.yaml", "train_log.jsonl", "run.json"):
+        (b / f).write_bytes((tmp_path / "a" / f).read_bytes())
+    (b / "checkpoints" / "last.pt").write_bytes((tmp_path / "a" / "checkpoints" / "step_00000006.pt").read_bytes())
+    assert load_checkpoint(b / "checkpoints" / "last.pt")["step"] == six.train.max_steps
+    train(tiny_store, b, cfg, device="cpu", resume=True)
+    ca, cb = ck, load_checkpoint(b / "checkpoints" / "last.pt")
+    assert cb["bad_steps"] == 2
+    for key in ("model_state", "ema_state"):
+        for name, v in ca[key].items():
+            assert torch.equal(v, cb[key][name]), (key, name)
+    assert [e["loss"] for e in read_log(b)] == [e["loss"] for e in log]
+
+
+_real_generator_loss = medvae.training.losses.generator_loss
+
+
+def test_device_path_stops_with_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(medvae.training.step, "device_path", lambda device, amp: True)
+    store = make_store(tmp_path / "nan_store", nan_rows=range(64))
+    with pytest.raises(TrainingError, match="non-finite.*max_bad_steps=2"):
+        train(store, tmp_path / "run", tiny_config(max_steps=10, max_bad_steps=2, log_every=5), device="cpu")
 
 
 def test_nan_guard_stops_with_clear_error(tmp_path):
@@ -270,3 +335,12 @@ def test_averaged_model_is_the_decay_weighted_average():
     ema2.update_parameters(view2)
     for a, b in zip(ema.module.parameters(), ema2.module.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow  # inductor compiles for a minute on a CPU
+def test_compiled_vaegan_trains_past_the_critic_start(tiny_store, tmp_path):
+    """train.compile with a critic: the adaptive weight's retained backward through the compiled decoder
+    (AOTAutograd's donated buffers refused it at the first critic step)."""
+    cfg = tiny_config("vaegan", max_steps=3, disc_start=1, compile=True, checkpoint_every=3)
+    summary = train(tiny_store, tmp_path / "run", cfg, device="cpu")
+    assert summary["step"] == 3 and summary["bad_steps"] == 0
