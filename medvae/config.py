@@ -225,6 +225,23 @@ def load_config(path: str | os.PathLike | None, model: type[T]) -> T:
 
 
 # --------------------------------------------------------------------------- utility study
+class AugmentConfig(StrictModel):
+    """Classical augmentation of the utility study's ``+classical`` arms, drawn per image with MONAI's
+    RandFlip / RandAffine / Rand2DElastic / RandGaussianNoise conventions (medvae.utility.augment).
+    A geometric field left None takes the store's modality's default (``augment.MODALITY_DEFAULTS``)."""
+
+    flip_lr: bool | None = None
+    flip_ud: bool | None = None
+    rotate_deg: float | None = Field(None, ge=0, le=180)  # uniform in ±rotate_deg
+    scale: float | None = Field(None, ge=0, lt=1)  # isotropic factor uniform in 1 ± scale
+    translate: float | None = Field(None, ge=0, lt=0.5)  # per axis, uniform in ± translate × side
+    elastic_prob: float = Field(0.3, ge=0, le=1)
+    elastic_spacing: int = Field(8, ge=2)  # pixels between control points
+    elastic_magnitude: float = Field(1.0, ge=0)  # largest control-point offset, pixels
+    noise_prob: float = Field(0.3, ge=0, le=1)
+    noise_std: float = Field(0.02, ge=0)  # on the [0, 1] scale
+
+
 class UtilityConfig(StrictModel):
     """`medvae utility`: does synthetic data help a downstream model trained on little real data?
 
