@@ -242,42 +242,90 @@ class AugmentConfig(StrictModel):
     noise_std: float = Field(0.02, ge=0)  # on the [0, 1] scale
 
 
-class UtilityConfig(StrictModel):
-    """`medvae utility`: does synthetic data help a downstream model trained on little real data?
+ARMS = ("real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic")
+Arm = Literal["real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic"]
 
-    For each real fraction and seed a generator is trained on that real subset only, and one
-    downstream network (same steps, augmentations and seed) is trained on the arms real,
-    real+synthetic and synthetic, then scored on the real test split (medvae.utility.study).
+
+class UtilityConfig(StrictModel):
+    """`medvae utility`: does synthetic data help a downstream model trained on few labels?
+
+    For each label budget (``fractions`` of the train split, or ``labels_per_class``) and seed, the
+    labelled subset is drawn; a generator learns from the train images (every one, unlabelled,
+    with ``unlabelled: all``; else the subset) and synthesizes labelled images; one downstream network
+    (same steps, seed and real batches) is trained on each arm and scored on the real test split
+    (medvae.utility.study).
     """
 
     task: Literal["classify", "segment"] = "classify"
     model: Literal["vae", "vaegan"] = "vae"  # the generator
-    condition: Literal["class", "mask"] | None = None  # None: class for classify, mask for segment
+    condition: Literal["class", "mask", "none"] | None = None  # None: what the task and synthesis need
     fractions: list[float] = Field(default_factory=lambda: [0.05, 0.1, 1.0])  # of the train split, in (0, 1]
+    labels_per_class: list[int] | None = None  # classify: labelled images per class, instead of fractions
     seeds: int = Field(3, ge=1)
+    arms: list[Arm] = Field(default_factory=lambda: list(ARMS))
+    # neighbours | interpolate: variants of each labelled image (medvae.synthesis.anchored);
+    # prior: samples of the generator's mixture prior
+    synthesis: Literal["neighbours", "interpolate", "prior"] = "neighbours"
+    # all: the generator learns from every train image, without labels (classify; a segmentation
+    # generator makes image + mask pairs and learns from the labelled patients only)
+    unlabelled: Literal["all", "none"] = "all"
+    per_image: int = Field(10, ge=1)  # neighbours / interpolate: variants per labelled image
+    neighbour_range: tuple[float, float] = (0.5, 1.0)  # neighbours: lam ~ U(range), 1 = the neighbour's code
+    posterior_temperature: float = Field(0.0, ge=0)  # neighbours / interpolate: posterior noise on each variant
+    ratio: float = Field(1.0, gt=0)  # prior: synthetic images per real image of the subset
+    filter_threshold: float = Field(0.5, ge=0, le=1)  # classify: keep a sample whose label the real arm's net
+    #                                                   gives probability >= this (0 keeps all)
+    drop_flagged: bool = True  # drop samples the memorization audit flags as near-copies of training images
+    synthetic_share: float = Field(3.0, gt=0)  # synthetic images per real image in each batch, at most
     generator_steps: int = Field(2000, ge=1)  # train.max_steps of each generator
-    ratio: float = Field(1.0, gt=0)  # synthetic images per real image of the subset
     prior: Literal["standard", "gmm"] = "gmm"
     prior_components: int = Field(10, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)  # prior synthesis
     downstream_steps: int = Field(500, ge=1)  # the same for every arm
-    batch_size: int = Field(32, ge=1)  # downstream batch size
+    batch_size: int = Field(32, ge=1)  # real images per downstream batch
     lr: float = Field(1e-3, gt=0)  # downstream Adam learning rate
+    classical: AugmentConfig = Field(default_factory=AugmentConfig)  # the +classical arms
     generator: TrainStageConfig = Field(default_factory=TrainStageConfig)  # model / train settings of generators
 
     @model_validator(mode="after")
     def _check(self) -> UtilityConfig:
         if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
             raise ValueError(f"fractions must be in (0, 1], got {self.fractions}")
-        needed = {"classify": "class", "segment": "mask"}[self.task]
-        if self.condition not in (None, needed):
-            raise ValueError(f"task {self.task} needs condition {needed} (the generator must make its labels)")
+        if self.labels_per_class is not None:
+            if self.task != "classify":
+                raise ValueError("labels_per_class needs task classify (segmentation subsets are whole patients)")
+            if not self.labels_per_class or min(self.labels_per_class) < 1:
+                raise ValueError(f"labels_per_class must be positive counts, got {self.labels_per_class}")
+        if not self.arms:
+            raise ValueError("arms is empty; name at least one of " + ", ".join(ARMS))
+        if self.condition not in (None, self.generator_condition):
+            raise ValueError(f"task {self.task} with synthesis {self.synthesis} and unlabelled {self.unlabelled} "
+                             f"trains a generator with condition {self.generator_condition}, not {self.condition}")
+        lo, hi = self.neighbour_range
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"neighbour_range must satisfy 0 <= low <= high <= 1, got {self.neighbour_range}")
         return self
 
     @property
+    def pools_unlabelled(self) -> bool:
+        """Whether one generator learns from every train image without labels (classify, ``unlabelled: all``)."""
+        return self.task == "classify" and self.unlabelled == "all"
+
+    @property
     def generator_condition(self) -> str:
-        """What the generators are conditioned on: ``condition``, or the one the task needs when None."""
-        return self.condition or {"classify": "class", "segment": "mask"}[self.task]
+        """``mask`` (segment: joint image + mask pairs); ``class`` for prior samples of a generator of the
+        labelled subset; ``none`` otherwise (anchored variants take their anchor's label, and a generator
+        of unlabelled images has no labels to be conditioned on)."""
+        if self.task == "segment":
+            return "mask"
+        return "class" if self.synthesis == "prior" and not self.pools_unlabelled else "none"
+
+    @property
+    def budgets(self) -> list[tuple[str, float | None, int | None]]:
+        """``(key, fraction, labels per class)`` of each label budget, smallest first."""
+        if self.labels_per_class is not None:
+            return [(f"{n}pc", None, n) for n in sorted(set(self.labels_per_class))]
+        return [(f"{f:g}", f, None) for f in sorted(set(self.fractions))]
 
 
 # --------------------------------------------------------------------------- pipelines
