@@ -180,6 +180,13 @@ class GenerateConfig(StrictModel):
     prior: Literal["standard", "gmm"] = "gmm"  # N(0, I), or a Gaussian mixture fitted on the training codes
     prior_components: int = Field(10, ge=1)
     per_class: bool = False  # class / modality models: balanced over classes (default: the training proportions)
+    # prior: samples of the prior; neighbours / interpolate: per_image variants of every image of a store's
+    # split (generate(..., anchors=STORE); medvae.synthesis.anchored)
+    synthesis: Literal["prior", "neighbours", "interpolate"] = "prior"
+    per_image: int = Field(1, ge=1)
+    split: str = "train"  # the anchors' split
+    neighbour_range: tuple[float, float] = (0.5, 1.0)
+    posterior_temperature: float = Field(0.0, ge=0)
 
 
 T = TypeVar("T", bound=BaseModel)

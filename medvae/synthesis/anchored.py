@@ -21,8 +21,13 @@ gives the same variants for them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+
+from medvae.data.conditions import model_inputs
+from medvae.data.store import PatchStore
 
 MODES = ("neighbours", "interpolate")
 
@@ -109,3 +114,51 @@ def variant_latents(mu: np.ndarray, logvar: np.ndarray, pool: np.ndarray, neighb
         target = np.where((neighbours[i] >= 0)[:, None], pool[np.maximum(neighbours[i], 0)], mu[i])
         out[i] = mu[i] + lam * (target - mu[i]) + temperature * np.exp(0.5 * logvar[i]) * eps
     return out.reshape(n * k, -1)
+
+
+@dataclass
+class Anchors:
+    """Real images of a store to vary, with their codes and neighbours: ``len(self)`` = N × K samples,
+    sample ``i`` being variant ``i mod K`` of anchor ``i // K``."""
+
+    store: PatchStore
+    rows: np.ndarray  # (N,) the anchors' rows in ``store``
+    mu: np.ndarray  # (N, D)
+    logvar: np.ndarray  # (N, D)
+    pool: np.ndarray  # (M, D) codes the neighbour indices point into
+    neighbours: np.ndarray  # (N, K)
+    ids: np.ndarray | None  # (N,) the model's condition ids of the anchors (class / modality models)
+
+    @classmethod
+    def of(cls, model, store: PatchStore, rows: np.ndarray, per_image: int, pool: np.ndarray | None = None,
+           pool_exclude: np.ndarray | None = None, same_class: bool = False) -> Anchors:
+        """Encode ``rows`` of ``store`` and find each one's ``per_image`` neighbours: in ``pool`` (codes of
+        other images; ``pool_exclude[i]`` is anchor i's own position there, or -1) when given, else among
+        the anchors themselves (of the anchor's class with ``same_class``)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        x, ids = model_inputs(store, rows, model.config)
+        mu, logvar = encode(model, x, ids)
+        if pool is not None:
+            near = nearest(mu, pool, per_image, exclude=pool_exclude)
+        else:
+            groups = store.class_ids(rows) if same_class and store.classes else None
+            pool = mu
+            near = nearest(mu, mu, per_image, exclude=np.arange(len(rows)), anchor_groups=groups, pool_groups=groups)
+        return cls(store, rows, mu, logvar, pool, near, ids)
+
+    def __len__(self) -> int:
+        return len(self.rows) * self.neighbours.shape[1]
+
+    def latents(self, start: int, stop: int, mode: str, seed: int, lam_range: tuple[float, float] = (0.5, 1.0),
+                temperature: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Codes ``(stop - start, D)`` of samples ``start..stop-1`` and their condition ids (or None)."""
+        k = self.neighbours.shape[1]
+        first, last = start // k, (stop - 1) // k + 1
+        z = variant_latents(self.mu[first:last], self.logvar[first:last], self.pool, self.neighbours[first:last],
+                            mode, seed, lam_range, temperature, first_anchor=first)
+        z = torch.from_numpy(z[start - first * k: stop - first * k])
+        return z, None if self.ids is None else torch.from_numpy(self.ids[np.arange(start, stop) // k])
+
+    def source_rows(self, start: int, stop: int) -> np.ndarray:
+        """The anchor row in ``store`` of samples ``start..stop-1``."""
+        return self.rows[np.arange(start, stop) // self.neighbours.shape[1]]

@@ -128,33 +128,27 @@ def anchored_candidates(checkpoint: str | os.PathLike, subset: PatchStore, pool:
                         cfg: UtilityConfig, seed: int) -> Candidates:
     """``cfg.per_image`` variants of every labelled image of ``subset`` (:mod:`medvae.synthesis.anchored`).
 
-    Neighbours come from ``pool`` (every train image, without labels) when given, else from the
+    ``neighbours`` come from ``pool`` (every train image, without labels) when given, else from the
     subset's images of the anchor's class (classify) or all of them (segment); ``interpolate`` always
     moves between same-class labelled images.
     """
     checkpoint = Path(checkpoint)
     model, _ = load_model(checkpoint)
-    rows = np.arange(len(subset))
-    x, ids = model_inputs(subset, rows, model.config)
-    mu, logvar = anchored.encode(model, x, ids)
     anchor_rows = np.asarray(subset.index[SOURCE_ROW], dtype=np.int64)
-    classify = cfg.task == "classify"
-    classes = subset.class_ids(rows) if classify else None
+    codes, exclude = None, None
     if cfg.synthesis == "neighbours" and pool is not None:
-        pool_mu, pool_rows = _pool_codes(model, checkpoint, pool)
+        codes, pool_rows = _pool_codes(model, checkpoint, pool)
         where = {r: i for i, r in enumerate(pool_rows.tolist())}
         exclude = np.asarray([where.get(r, -1) for r in anchor_rows.tolist()])
-        near = anchored.nearest(mu, pool_mu, cfg.per_image, exclude=exclude)
-    else:
-        pool_mu = mu
-        near = anchored.nearest(mu, mu, cfg.per_image, exclude=rows, anchor_groups=classes, pool_groups=classes)
-    z = anchored.variant_latents(mu, logvar, pool_mu, near, cfg.synthesis, seed, tuple(cfg.neighbour_range),
-                                 cfg.posterior_temperature)
-    decoded = _decode(model, z)
-    k = cfg.per_image
-    source = np.repeat(anchor_rows, k)
-    if classify:
-        return Candidates(decoded, np.repeat(classes, k), None, source)
+    # without the unlabelled pool a classification anchor's neighbours are labelled images of its class
+    same_class = cfg.synthesis == "interpolate" or cfg.task == "classify"
+    anchors = anchored.Anchors.of(model, subset, np.arange(len(subset)), cfg.per_image, codes, exclude, same_class)
+    z, _ = anchors.latents(0, len(anchors), cfg.synthesis, seed, tuple(cfg.neighbour_range), cfg.posterior_temperature)
+    decoded = _decode(model, z.numpy())
+    source = anchor_rows[np.arange(len(anchors)) // cfg.per_image]
+    if cfg.task == "classify":
+        return Candidates(decoded, subset.class_ids(np.arange(len(subset)))[np.arange(len(anchors)) // cfg.per_image],
+                          None, source)
     images, masks = split_joint(decoded, tuple(model.config.condition_names))
     return Candidates(images, None, masks, source)
 
