@@ -285,6 +285,9 @@ class UtilityConfig(StrictModel):
     drop_flagged: bool = True  # drop samples the memorization audit flags as near-copies of training images
     synthetic_share: float = Field(3.0, gt=0)  # synthetic images per real image in each batch, at most
     generator_steps: int = Field(2000, ge=1)  # train.max_steps of each generator
+    # unlabelled: all: a run of `medvae train` on this store (unconditional) to use as the generator instead of
+    # training one; in a pipeline, the name of one of its models
+    generator_run: str | None = None
     prior: Literal["standard", "gmm"] = "gmm"
     prior_components: int = Field(10, ge=1)
     temperature: float = Field(1.0, gt=0)  # prior synthesis
@@ -308,6 +311,9 @@ class UtilityConfig(StrictModel):
         if self.condition not in (None, self.generator_condition):
             raise ValueError(f"task {self.task} with synthesis {self.synthesis} and unlabelled {self.unlabelled} "
                              f"trains a generator with condition {self.generator_condition}, not {self.condition}")
+        if self.generator_run is not None and not self.pools_unlabelled:
+            raise ValueError("generator_run needs task classify with unlabelled: all (one generator of every "
+                             "train image); the other generators are trained per cell")
         lo, hi = self.neighbour_range
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"neighbour_range must satisfy 0 <= low <= high <= 1, got {self.neighbour_range}")

@@ -138,9 +138,12 @@ class _Context:
         """The unlabelled store of every train image and the one generator trained on it (``unlabelled: all``)."""
         if "pool" not in self.shared:
             pool = synthesis.unlabelled_store(self.store, self.out / "unlabelled_store")
-            seed = self.cfg.generator.train.seed
-            self.shared["pool"] = (pool, synthesis.train_generator(pool, self.out / "generator", self.cfg, seed,
-                                                                   self.device))
+            if self.cfg.generator_run is not None:
+                checkpoint = synthesis.given_generator(self.cfg.generator_run, self.store)
+            else:
+                checkpoint = synthesis.train_generator(pool, self.out / "generator", self.cfg,
+                                                       self.cfg.generator.train.seed, self.device)
+            self.shared["pool"] = (pool, checkpoint)
         return self.shared["pool"]
 
     def reference(self) -> audit.TrainReference:

@@ -69,6 +69,22 @@ def train_generator(store: PatchStore, run: str | os.PathLike, cfg: UtilityConfi
     return run_dir.checkpoint("last")
 
 
+def given_generator(run: str | os.PathLike, store: PatchStore) -> Path:
+    """The checkpoint of a user's run to serve as the unlabelled generator: trained on ``store`` (same
+    content hash) without conditions, so it has seen the train images and no label; its ``best`` (or
+    ``last``) checkpoint."""
+    run_dir = RunDir(run)
+    info = run_dir.info()
+    if info.get("store_hash") != store.content_hash:
+        raise InputError(f"{run}: not a run trained on {store.path} (its run.json names {info.get('store')}); "
+                         "give a `medvae train` run of this store as generator_run")
+    cfg = run_dir.config()
+    if cfg.task != "reconstruct" or cfg.model.condition != "none" or cfg.model.name not in ("vae", "vaegan"):
+        raise InputError(f"{run}: a {cfg.model.name} with condition {cfg.model.condition}; the unlabelled generator "
+                         "must be an unconditional vae or vaegan (it may see no label)")
+    return run_dir.checkpoint("best")
+
+
 def unlabelled_store(store: PatchStore, path: str | os.PathLike) -> PatchStore:
     """The images of ``store``'s train split without their labels: no ``class`` column, no class list,
     no label maps; ``source_row`` maps each patch back to its row (reused once complete)."""

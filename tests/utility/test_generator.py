@@ -165,3 +165,27 @@ def test_joint_mask_generator_makes_label_maps(mask_store, tmp_path):
     assert syn.labels is not None and syn.patches.shape[1:] == mask_store.patches.shape[1:]
     assert int(np.max(syn.labels)) <= 2  # label values of the real store
     assert summary["metrics"] == ["dice", "hd95"] and summary["arms"]["synthetic"]["0.5"]["dice"]["n"] == 1
+
+
+def test_a_trained_run_can_serve_as_the_unlabelled_generator(class_store, mask_store, tmp_path, monkeypatch):
+    from medvae.config import TrainStageConfig
+    from medvae.errors import InputError
+    from medvae.training.trainer import train
+
+    gen_cfg = TrainStageConfig.model_validate({**TINY_GENERATOR, "model": {**TINY_GENERATOR["model"], "name": "vae"},
+                                               "train": {**TINY_GENERATOR["train"], "max_steps": 2}})
+    train(class_store, tmp_path / "run", gen_cfg, device="cpu")
+    monkeypatch.setattr(synthesis, "train", lambda *a, **k: pytest.fail("a generator was trained"))
+    cfg = UtilityConfig(labels_per_class=[2], arms=["real", "real+synthetic"], generator_run=str(tmp_path / "run"),
+                        **{k: v for k, v in FAST.items() if k != "generator"})
+    summary = run_utility(class_store, tmp_path / "out", cfg, device="cpu")
+    assert summary["arms"]["real+synthetic"]["2pc"]["accuracy"]["n"] == 1
+    info = open_store(tmp_path / "out/cells/2pc_s0/synthetic_store").meta["synthetic"]
+    assert info["checkpoint"].startswith(str(tmp_path / "run"))
+    with pytest.raises(InputError, match="not a run trained on"):
+        synthesis.given_generator(tmp_path / "run", mask_store)
+    conditional = gen_cfg.model_copy(deep=True)
+    conditional.model.condition = "class"
+    train(class_store, tmp_path / "class_run", conditional, device="cpu")
+    with pytest.raises(InputError, match="may see no label"):
+        synthesis.given_generator(tmp_path / "class_run", class_store)
