@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--store", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--generator-run", type=Path, default=None,
+                    help="fmnist: the unconditional VAE-GAN run of the store (default: the pipeline's models/vaegan)")
     args = ap.parse_args()
 
     from medvae.config import UtilityConfig
@@ -83,6 +85,8 @@ def main() -> None:
         cfg = load_pipeline(pipeline_path("fashion_mnist")).utility
         store = args.store or ROOT / "bench_out" / "seed_table" / "run" / "store"
         out = args.out or ROOT / "bench_out" / "seed_table" / "run" / "utility"
+        run = args.generator_run or ROOT / "bench_out" / "seed_table" / "run" / "models" / "vaegan"
+        cfg = cfg.model_copy(update={"generator_run": str(run)})
     else:
         cfg = UtilityConfig.model_validate(DEMO)
         store = args.store or ROOT / "demo_out" / "run" / "store"

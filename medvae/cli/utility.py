@@ -43,6 +43,9 @@ def utility(
     unlabelled: Optional[str] = typer.Option(
         None, help="all (default): the generator learns from every train image, without labels; none: the subset."),
     per_image: Optional[int] = typer.Option(None, help="Variants per labelled image (default 10)."),
+    generator_run: Optional[Path] = typer.Option(
+        None, "--generator-run", help="With --unlabelled all: a `medvae train` run of this store (unconditional) "
+                                      "to use as the generator instead of training one."),
     filter_threshold: Optional[float] = typer.Option(
         None, help="Keep a synthetic image when the real arm's network gives its label this probability "
                    "(default 0.5; 0 keeps all)."),
@@ -69,7 +72,7 @@ def utility(
         "fractions": _numbers(fractions, "--fractions", float, "0.05,0.1,1.0"),
         "labels_per_class": _numbers(labels_per_class, "--labels-per-class", int, "10,100"),
         "arms": _names(arms), "synthesis": synthesis, "unlabelled": unlabelled, "per_image": per_image,
-        "filter_threshold": filter_threshold,
+        "filter_threshold": filter_threshold, "generator_run": str(generator_run) if generator_run else None,
         "generator_steps": generator_steps, "downstream_steps": downstream_steps, "ratio": ratio,
         "generator": generator})
     with Progress(TextColumn("[bold]utility {task.description}"), BarColumn(), MofNCompleteColumn(),
