@@ -1,11 +1,13 @@
-"""The utility study on real and phantom data: prints its table (metric ± 95% CI per fraction and arm,
-paired differences to the real arm) and the wall time.
+"""The utility study on real and phantom data: prints its table (metric ± 95% CI per label budget and
+arm, paired differences), the verdict sentences and the wall time.
 
-- ``--study fmnist``: the ``utility:`` section of ``pipelines/fashion_mnist.yaml`` (class-conditional
-  generators, a MONAI classifier) on a Fashion-MNIST store, by default the one
-  ``bench_seed_table.py`` prepared (``bench_out/seed_table/run/store``);
-- ``--study demo``: image + mask generators and a MONAI BasicUNet on the demo cohort's CT (the
-  store ``make demo`` wrote, ``demo_out/run/store``), sized for a 2-core CPU (:data:`DEMO`).
+- ``--study fmnist``: the ``utility:`` section of ``pipelines/fashion_mnist.yaml`` (10 and 100 labels
+  per class, an unconditional VAE–GAN learned from every train image, neighbours synthesis, a MONAI
+  classifier, five arms) on a Fashion-MNIST store, by default the one ``bench_seed_table.py``
+  prepared (``bench_out/seed_table/run/store``);
+- ``--study demo``: a joint image + mask generator per cell with neighbours synthesis and a MONAI
+  BasicUNet on the demo cohort's CT at 25 % of the patients (the store ``make demo`` wrote,
+  ``demo_out/run/store``), sized for a 2-core CPU (:data:`DEMO`).
 
 The study resumes: re-running after an interruption continues with the unfinished (fraction, seed, arm).
 Run: ``.venv/bin/python benchmarks/bench_utility.py --study fmnist|demo [--store DIR] [--out DIR]``.
@@ -24,16 +26,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEMO = {  # 128² CT with the phantom pancreas labels; generators as small as the demo's models
-    "task": "segment", "model": "vae", "fractions": [0.25, 1.0], "seeds": 2, "generator_steps": 300,
-    "downstream_steps": 200, "batch_size": 16, "lr": 2e-3,
+    "task": "segment", "model": "vae", "fractions": [0.25], "seeds": 3, "generator_steps": 300,
+    "synthesis": "neighbours", "per_image": 3, "downstream_steps": 200, "batch_size": 16, "lr": 2e-3,
     "generator": {"model": {"name": "vae", "latent_dim": 64, "channels": [8, 16, 32, 64], "likelihood": "gaussian"},
                   "train": {"batch_size": 16, "lr": 2e-3, "warmup_steps": 20, "beta_warmup_steps": 150,
                             "checkpoint_every": 100, "log_every": 20}},
 }
 
 
+def budget_label(b: dict) -> str:
+    return f"{b['labels_per_class']} per class" if b["labels_per_class"] is not None else f"{b['fraction']:g}"
+
+
 def table(summary: dict) -> str:
-    """Markdown: one row per (metric, fraction), one column per arm and paired difference."""
+    """Markdown: one row per (metric, budget), one column per arm and paired difference."""
     arms, diffs = summary["arms"], summary["paired_differences"]
     cols = [*arms, *(f"Δ {d}" for d in diffs)]
 
@@ -42,13 +48,21 @@ def table(summary: dict) -> str:
             return "–"
         return f"{c['mean']:.4g}" + (f" ± {c['ci_high'] - c['mean']:.2g}" if c["ci_high"] is not None else "")
 
-    lines = ["| metric | real fraction | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines = ["| metric | label budget | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for metric in summary["metrics"]:
-        for f in summary["fractions"]:
-            key = f"{f:g}"
-            vals = [cell(arms[a].get(key, {}).get(metric)) for a in arms]
-            vals += [cell(diffs[d].get(key, {}).get(metric)) for d in diffs]
-            lines.append(f"| {metric} | {key} | " + " | ".join(vals) + " |")
+        for b in summary["budgets"]:
+            vals = [cell(arms[a].get(b["key"], {}).get(metric)) for a in arms]
+            vals += [cell(diffs[d].get(b["key"], {}).get(metric)) for d in diffs]
+            lines.append(f"| {metric} | {budget_label(b)} | " + " | ".join(vals) + " |")
+    kept = summary.get("filter", {})
+    if kept:
+        lines += ["", "| label budget | candidates | kept | flagged by the audit | label fidelity |",
+                  "|---|---|---|---|---|"]
+        for b in summary["budgets"]:
+            k = kept.get(b["key"])
+            if k:
+                lines.append(f"| {budget_label(b)} | {cell(k['candidates'])} | {cell(k['kept_fraction'])} | "
+                             f"{cell(k['flagged'])} | {cell(k['fidelity'])} |")
     return "\n".join(lines)
 
 
@@ -58,16 +72,21 @@ def main() -> None:
     ap.add_argument("--store", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--generator-run", type=Path, default=None,
+                    help="fmnist: the unconditional VAE-GAN run of the store (default: the pipeline's models/vaegan)")
     args = ap.parse_args()
 
     from medvae.config import UtilityConfig
     from medvae.pipeline import load_pipeline, pipeline_path
+    from medvae.report.utility import verdicts
     from medvae.utility.study import run_utility
 
     if args.study == "fmnist":
         cfg = load_pipeline(pipeline_path("fashion_mnist")).utility
         store = args.store or ROOT / "bench_out" / "seed_table" / "run" / "store"
         out = args.out or ROOT / "bench_out" / "seed_table" / "run" / "utility"
+        run = args.generator_run or ROOT / "bench_out" / "seed_table" / "run" / "models" / "vaegan"
+        cfg = cfg.model_copy(update={"generator_run": str(run)})
     else:
         cfg = UtilityConfig.model_validate(DEMO)
         store = args.store or ROOT / "demo_out" / "run" / "store"
@@ -80,6 +99,7 @@ def main() -> None:
     print(f"\nutility study '{args.study}' on {store} ({summary['n_test']} real test patches); mean ± 95% CI "
           f"half-width over {summary['seeds']} seeds\n")
     print(table(summary))
+    print("\n" + "\n".join(verdicts(summary)))
     print(f"\nwall time {wall:.0f} s (finished cells are skipped on a re-run); {os.cpu_count()} CPUs; report: "
           f"{out / 'report.html'}")
     (Path(out) / "bench_utility.json").write_text(json.dumps({"wall_s": wall, "study": args.study}, indent=1))

@@ -32,7 +32,7 @@ NoiseKind = Literal["gaussian", "poisson-gaussian", "ct-lowdose"]  # medvae.deno
 Prior = Literal["standard", "gmm"]
 SampleFormat = Literal["nifti", "tiff", "png", "npy"]
 UtilityTask = Literal["classify", "segment"]
-UtilityCondition = Literal["class", "mask"]
+UtilityCondition = Literal["class", "mask", "none"]
 
 
 class StrictModel(BaseModel):
@@ -209,6 +209,13 @@ class GenerateConfig(StrictModel):
     prior: Prior = "gmm"  # N(0, I), or a Gaussian mixture fitted on the training codes
     prior_components: int = Field(10, ge=1)
     per_class: bool = False  # class / modality models: balanced over classes (default: the training proportions)
+    # prior: samples of the prior; neighbours / interpolate: per_image variants of every image of a store's
+    # split (generate(..., anchors=STORE); medvae.synthesis.anchored)
+    synthesis: Literal["prior", "neighbours", "interpolate"] = "prior"
+    per_image: int = Field(1, ge=1)
+    split: str = "train"  # the anchors' split
+    neighbour_range: tuple[float, float] = (0.5, 1.0)
+    posterior_temperature: float = Field(0.0, ge=0)
 
 
 T = TypeVar("T", bound=BaseModel)
@@ -254,42 +261,113 @@ def load_config(path: str | os.PathLike | None, model: type[T]) -> T:
 
 
 # --------------------------------------------------------------------------- utility study
-class UtilityConfig(StrictModel):
-    """`medvae utility`: does synthetic data help a downstream model trained on little real data?
+class AugmentConfig(StrictModel):
+    """Classical augmentation of the utility study's ``+classical`` arms, drawn per image with MONAI's
+    RandFlip / RandAffine / Rand2DElastic / RandGaussianNoise conventions (medvae.utility.augment).
+    A geometric field left None takes the store's modality's default (``augment.MODALITY_DEFAULTS``)."""
 
-    For each real fraction and seed a generator is trained on that real subset only, and one
-    downstream network (same steps, augmentations and seed) is trained on the arms real,
-    real+synthetic and synthetic, then scored on the real test split (medvae.utility.study).
+    flip_lr: bool | None = None
+    flip_ud: bool | None = None
+    rotate_deg: float | None = Field(None, ge=0, le=180)  # uniform in ±rotate_deg
+    scale: float | None = Field(None, ge=0, lt=1)  # isotropic factor uniform in 1 ± scale
+    translate: float | None = Field(None, ge=0, lt=0.5)  # per axis, uniform in ± translate × side
+    elastic_prob: float = Field(0.3, ge=0, le=1)
+    elastic_spacing: int = Field(8, ge=2)  # pixels between control points
+    elastic_magnitude: float = Field(1.0, ge=0)  # largest control-point offset, pixels
+    noise_prob: float = Field(0.3, ge=0, le=1)
+    noise_std: float = Field(0.02, ge=0)  # on the [0, 1] scale
+
+
+ARMS = ("real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic")
+Arm = Literal["real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic"]
+
+
+class UtilityConfig(StrictModel):
+    """`medvae utility`: does synthetic data help a downstream model trained on few labels?
+
+    For each label budget (``fractions`` of the train split, or ``labels_per_class``) and seed, the
+    labelled subset is drawn; a generator learns from the train images (every one, unlabelled,
+    with ``unlabelled: all``; else the subset) and synthesizes labelled images; one downstream network
+    (same steps, seed and real batches) is trained on each arm and scored on the real test split
+    (medvae.utility.study).
     """
 
     task: UtilityTask = "classify"
     model: ConditionalModel = "vae"  # the generator
-    condition: UtilityCondition | None = None  # None: class for classify, mask for segment
+    condition: UtilityCondition | None = None  # None: what the task and synthesis need
     fractions: list[float] = Field(default_factory=lambda: [0.05, 0.1, 1.0])  # of the train split, in (0, 1]
+    labels_per_class: list[int] | None = None  # classify: labelled images per class, instead of fractions
     seeds: int = Field(3, ge=1)
+    arms: list[Arm] = Field(default_factory=lambda: list(ARMS))
+    # neighbours | interpolate: variants of each labelled image (medvae.synthesis.anchored);
+    # prior: samples of the generator's mixture prior
+    synthesis: Literal["neighbours", "interpolate", "prior"] = "neighbours"
+    # all: the generator learns from every train image, without labels (classify; a segmentation
+    # generator makes image + mask pairs and learns from the labelled patients only)
+    unlabelled: Literal["all", "none"] = "all"
+    per_image: int = Field(10, ge=1)  # neighbours / interpolate: variants per labelled image
+    neighbour_range: tuple[float, float] = (0.5, 1.0)  # neighbours: lam ~ U(range), 1 = the neighbour's code
+    posterior_temperature: float = Field(0.0, ge=0)  # neighbours / interpolate: posterior noise on each variant
+    ratio: float = Field(1.0, gt=0)  # prior: synthetic images per real image of the subset
+    filter_threshold: float = Field(0.5, ge=0, le=1)  # classify: keep a sample whose label the real arm's net
+    #                                                   gives probability >= this (0 keeps all)
+    drop_flagged: bool = True  # drop samples the memorization audit flags as near-copies of training images
+    synthetic_share: float = Field(3.0, gt=0)  # synthetic images per real image in each batch, at most
     generator_steps: int = Field(2000, ge=1)  # train.max_steps of each generator
-    ratio: float = Field(1.0, gt=0)  # synthetic images per real image of the subset
+    # unlabelled: all: a run of `medvae train` on this store (unconditional) to use as the generator instead of
+    # training one; in a pipeline, the name of one of its models
+    generator_run: str | None = None
     prior: Prior = "gmm"
     prior_components: int = Field(10, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)  # prior synthesis
     downstream_steps: int = Field(500, ge=1)  # the same for every arm
-    batch_size: int = Field(32, ge=1)  # downstream batch size
+    batch_size: int = Field(32, ge=1)  # real images per downstream batch
     lr: float = Field(1e-3, gt=0)  # downstream Adam learning rate
+    classical: AugmentConfig = Field(default_factory=AugmentConfig)  # the +classical arms
     generator: TrainStageConfig = Field(default_factory=TrainStageConfig)  # model / train settings of generators
 
     @model_validator(mode="after")
     def _check(self) -> UtilityConfig:
         if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
             raise ValueError(f"fractions must be in (0, 1], got {self.fractions}")
-        needed = {"classify": "class", "segment": "mask"}[self.task]
-        if self.condition not in (None, needed):
-            raise ValueError(f"task {self.task} needs condition {needed} (the generator must make its labels)")
+        if self.labels_per_class is not None:
+            if self.task != "classify":
+                raise ValueError("labels_per_class needs task classify (segmentation subsets are whole patients)")
+            if not self.labels_per_class or min(self.labels_per_class) < 1:
+                raise ValueError(f"labels_per_class must be positive counts, got {self.labels_per_class}")
+        if not self.arms:
+            raise ValueError("arms is empty; name at least one of " + ", ".join(ARMS))
+        if self.condition not in (None, self.generator_condition):
+            raise ValueError(f"task {self.task} with synthesis {self.synthesis} and unlabelled {self.unlabelled} "
+                             f"trains a generator with condition {self.generator_condition}, not {self.condition}")
+        if self.generator_run is not None and not self.pools_unlabelled:
+            raise ValueError("generator_run needs task classify with unlabelled: all (one generator of every "
+                             "train image); the other generators are trained per cell")
+        lo, hi = self.neighbour_range
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"neighbour_range must satisfy 0 <= low <= high <= 1, got {self.neighbour_range}")
         return self
 
     @property
+    def pools_unlabelled(self) -> bool:
+        """Whether one generator learns from every train image without labels (classify, ``unlabelled: all``)."""
+        return self.task == "classify" and self.unlabelled == "all"
+
+    @property
     def generator_condition(self) -> str:
-        """What the generators are conditioned on: ``condition``, or the one the task needs when None."""
-        return self.condition or {"classify": "class", "segment": "mask"}[self.task]
+        """``mask`` (segment: joint image + mask pairs); ``class`` for prior samples of a generator of the
+        labelled subset; ``none`` otherwise (anchored variants take their anchor's label, and a generator
+        of unlabelled images has no labels to be conditioned on)."""
+        if self.task == "segment":
+            return "mask"
+        return "class" if self.synthesis == "prior" and not self.pools_unlabelled else "none"
+
+    @property
+    def budgets(self) -> list[tuple[str, float | None, int | None]]:
+        """``(key, fraction, labels per class)`` of each label budget, smallest first."""
+        if self.labels_per_class is not None:
+            return [(f"{n}pc", None, n) for n in sorted(set(self.labels_per_class))]
+        return [(f"{f:g}", f, None) for f in sorted(set(self.fractions))]
 
 
 # --------------------------------------------------------------------------- pipelines

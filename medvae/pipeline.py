@@ -253,9 +253,13 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
 
     utility_dir = out / "utility" if config.utility is not None else None
     if config.utility is not None:
-        utility_key = sha256_json([store_hash, config.utility.model_dump(mode="json")])
-        runner.run("utility", utility_key, lambda: run_utility(store_dir, utility_dir, config.utility,
-                                                               device=config.device))
+        utility = config.utility
+        if utility.generator_run in model_dirs:  # one of this pipeline's models is the study's generator
+            utility = utility.model_copy(update={"generator_run": str(model_dirs[utility.generator_run])})
+        utility_key = sha256_json([store_hash, config.utility.model_dump(mode="json"),
+                                   sha256_file(best(config.utility.generator_run))
+                                   if config.utility.generator_run in model_dirs else None])
+        runner.run("utility", utility_key, lambda: run_utility(store_dir, utility_dir, utility, device=config.device))
 
     report_dir = out / "report"
     names = list(config.models)

@@ -32,6 +32,13 @@ def generate(
                                    help="Class / modality models: balance the samples over classes (else the "
                                         "training proportions)."),
     mix_with: Optional[Path] = typer.Option(None, "--mix-with", help="Real store to mix into an augmented store."),
+    anchors: Optional[Path] = typer.Option(
+        None, "--from", help="A patch store whose images anchored synthesis varies (--synthesis neighbours)."),
+    split: Optional[str] = typer.Option(None, help="The --from store's split (default train)."),
+    synthesis: Optional[str] = typer.Option(
+        None, help="prior (default): prior samples; neighbours | interpolate: --per-image variants of every "
+                   "--from image, labelled as it."),
+    per_image: Optional[int] = typer.Option(None, help="Variants per --from image (default 1)."),
     ratio: float = typer.Option(1.0, help="Synthetic-to-real ratio of the augmented store."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with GenerateConfig keys."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -42,12 +49,12 @@ def generate(
     cfg = config_with_options(config, GenerateConfig, {
         "n": n, "seed": seed, "format": format, "batch_size": batch_size, "temperature": temperature,
         "checkpoint": checkpoint, "drop_flagged": drop_flagged or None, "prior": prior,
-        "per_class": per_class or None})
+        "per_class": per_class or None, "synthesis": synthesis, "per_image": per_image, "split": split})
     with Progress(transient=True) as bar:
         task = bar.add_task("generating", total=cfg.n)
-        summary = generate_dataset(run, out, cfg, device=device, mix_with=mix_with, ratio=ratio,
-                                   progress=lambda done, total: bar.update(task, completed=done))
+        summary = generate_dataset(run, out, cfg, device=device, mix_with=mix_with, ratio=ratio, anchors=anchors,
+                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
     c, tm = summary["counts"], summary["timings_s"]
-    typer.echo(f"{cfg.n} samples -> {out} ({c['written_files']} files written, {c['skipped_existing']} already "
+    typer.echo(f"{c['samples']} samples -> {out} ({c['written_files']} files written, {c['skipped_existing']} already "
                f"there); decode {tm['decode']:.1f}s, audit {tm['audit']:.1f}s, write {tm['write']:.1f}s")
     typer.echo(summary["audit"]["summary"])

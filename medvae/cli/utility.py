@@ -8,18 +8,21 @@ from typing import Optional
 import typer
 
 from medvae.cli.app import app, choices, config_with_options, user_errors
-from medvae.config import TrainStageConfig, UtilityConfig, load_config
+from medvae.config import ARMS, TrainStageConfig, UtilityConfig, load_config
 from medvae.errors import ConfigError
 
 
-def _fractions(text: str | None) -> list[float] | None:
+def _numbers(text: str | None, option: str, kind: type, example: str) -> list | None:
     if text is None:
         return None
     try:
-        return [float(part) for part in text.split(",") if part.strip()]
+        return [kind(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"--fractions {text!r}: give comma-separated numbers in (0, 1], e.g. 0.05,0.1,1.0") \
-            from None
+        raise ConfigError(f"{option} {text!r}: give comma-separated numbers, e.g. {example}") from None
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
 
 
 @app.command()
@@ -32,6 +35,21 @@ def utility(
     condition: Optional[str] = typer.Option(
         None, help=f"{choices(UtilityConfig, 'condition')} (default: class to classify, mask to segment)"),
     fractions: Optional[str] = typer.Option(None, help="Real fractions of the train split (default 0.05,0.1,1.0)."),
+    labels_per_class: Optional[str] = typer.Option(
+        None, help="Labelled images per class, instead of fractions (classify), e.g. 10,100."),
+    arms: Optional[str] = typer.Option(
+        None, help="Comma-separated arms (default all): " + ", ".join(ARMS) + "."),
+    synthesis: Optional[str] = typer.Option(
+        None, help="neighbours (default) | interpolate: variants of each labelled image; prior: prior samples."),
+    unlabelled: Optional[str] = typer.Option(
+        None, help="all (default): the generator learns from every train image, without labels; none: the subset."),
+    per_image: Optional[int] = typer.Option(None, help="Variants per labelled image (default 10)."),
+    generator_run: Optional[Path] = typer.Option(
+        None, "--generator-run", help="With --unlabelled all: a `medvae train` run of this store (unconditional) "
+                                      "to use as the generator instead of training one."),
+    filter_threshold: Optional[float] = typer.Option(
+        None, help="Keep a synthetic image when the real arm's network gives its label this probability "
+                   "(default 0.5; 0 keeps all)."),
     seeds: Optional[int] = typer.Option(None, help="Seeds per fraction (default 3)."),
     generator_steps: Optional[int] = typer.Option(None, help="Training steps of each generator (default 2000)."),
     downstream_steps: Optional[int] = typer.Option(None, help="Training steps of each downstream model (default 500)."),
@@ -42,14 +60,20 @@ def utility(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with TrainStageConfig keys for the generators."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
-    """Train a downstream model on real, real+synthetic and synthetic data at several real fractions."""
+    """Train a downstream model on real, classically augmented, real+synthetic and synthetic data at several
+    label budgets; the report says whether synthetic data helps."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from medvae.report.utility import verdicts
     from medvae.utility.study import run_utility
 
     generator = load_config(config, TrainStageConfig).model_dump(mode="json")
     cfg = config_with_options(None, UtilityConfig, {
-        "task": task, "model": model, "condition": condition, "fractions": _fractions(fractions), "seeds": seeds,
+        "task": task, "model": model, "condition": condition, "seeds": seeds,
+        "fractions": _numbers(fractions, "--fractions", float, "0.05,0.1,1.0"),
+        "labels_per_class": _numbers(labels_per_class, "--labels-per-class", int, "10,100"),
+        "arms": _names(arms), "synthesis": synthesis, "unlabelled": unlabelled, "per_image": per_image,
+        "filter_threshold": filter_threshold, "generator_run": str(generator_run) if generator_run else None,
         "generator_steps": generator_steps, "downstream_steps": downstream_steps, "ratio": ratio,
         "generator": generator})
     with Progress(TextColumn("[bold]utility {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -58,9 +82,11 @@ def utility(
         summary = run_utility(store, out, cfg, device=device, synthetic=synthetic,
                               progress=lambda done, total, what: bar.update(job, completed=done, total=total,
                                                                             description=what))
-    for name, by_fraction in summary["paired_differences"].items():
+    for name, by_budget in summary["paired_differences"].items():
         for metric in summary["metrics"]:
-            cells = ", ".join(f"f={f}: {c[metric]['mean']:+.4g}" for f, c in by_fraction.items()
+            cells = ", ".join(f"{b}: {c[metric]['mean']:+.4g}" for b, c in by_budget.items()
                               if c[metric]["mean"] is not None)
             typer.echo(f"{name} {metric}: {cells}")
+    for line in verdicts(summary):
+        typer.echo(line)
     typer.echo(f"-> {out / 'utility.csv'}, {out / 'utility.json'}, {out / 'report.html'}")

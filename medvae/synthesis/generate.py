@@ -1,4 +1,5 @@
-"""Synthetic datasets: decode prior samples, audit them for memorization, write physical units.
+"""Synthetic datasets: decode prior samples or variants of real images, audit them for memorization,
+write physical units.
 
 Output of ``generate(RUN, OUT, config)``::
 
@@ -13,6 +14,11 @@ Output of ``generate(RUN, OUT, config)``::
 ``generate`` runs four steps per batch of samples: decode (prior latents through the model),
 audit (nearest training patch, ``medvae.synthesis.audit``), write (the sample's files, ``medvae.io.writers``,
 and its manifest row) and augment (collect unflagged samples for the augmented store).
+
+Anchored synthesis (``anchors=STORE`` with ``synthesis: neighbours | interpolate``,
+:mod:`medvae.synthesis.anchored`): sample ``i`` is variant ``i mod K`` of the ``i // K``-th image of
+the store's split (K = ``per_image``), decoded with its anchor's class or modality id; its ``class``
+is the anchor's and ``source_row`` the anchor's row in that store (provenance).
 
 Reproducibility: sample ``i``'s latent and condition depend only on ``(seed, i)``
 (:mod:`medvae.synthesis.sampling`), so the batch size, the device and ``n`` do not change which latent a
@@ -51,7 +57,7 @@ from medvae.data.store import PatchStore, open_store, write_derived_store
 from medvae.devices import select_device
 from medvae.errors import InputError
 from medvae.files import atomic_open, sha256_file, sha256_json, write_json
-from medvae.synthesis import audit
+from medvae.synthesis import anchored, audit
 from medvae.synthesis.prior import GaussianMixturePrior, prior_for
 from medvae.synthesis.sample_files import sample_files, write_sample
 from medvae.synthesis.sampling import decode_latents, latents, sample_conditions
@@ -60,9 +66,10 @@ from medvae.training.rundir import RunDir
 log = logging.getLogger(__name__)
 MANIFEST_COLUMNS = ("id", "modality", "class", "path", "mask", "preview", "seed", "checkpoint_sha256", "latent_norm",
                     "nearest_train_distance", "nearest_train_distance_features", "nearest_train_patient",
-                    "flagged")
+                    "flagged", "source_row")
 PARAM_KEYS = ("checkpoint_sha256", "store_hash", "seed", "temperature", "format", "drop_flagged",
-              "audit_percentile", "prior", "per_class")
+              "audit_percentile", "prior", "per_class", "synthesis", "per_image", "anchors_hash", "anchor_split",
+              "neighbour_range", "posterior_temperature")
 WRITE_THREADS = 4  # zlib / PNG encoding release the GIL: a batch's files are written in parallel
 
 
@@ -86,6 +93,21 @@ def _timed(timings: dict[str, float], phase: str):
 
 
 # --------------------------------------------------------------------------- inputs
+def _open_anchors(path, model, config: GenerateConfig) -> anchored.Anchors:
+    """The ``config.split`` images of the store at ``path``, encoded, with their neighbours in that split
+    (of the same class for ``interpolate``)."""
+    store = open_store(path)
+    rows = store.select(split=config.split)
+    if rows.size == 0:
+        raise InputError(f"{store.path}: no patches in split '{config.split}' to anchor variants on; the store "
+                         f"has {store.splits}")
+    channels = int(store.meta["channels"]) + (model.config.condition == "mask")
+    if store.patches.shape[2:] != (model.config.image_size,) * 2 or channels != model.config.in_channels:
+        raise InputError(f"{store.path}: patches {tuple(store.patches.shape[1:])} do not fit the model "
+                         f"({model.config.in_channels} channels, {model.config.image_size}²)")
+    return anchored.Anchors.of(model, store, rows, config.per_image, same_class=config.synthesis == "interpolate")
+
+
 @dataclass
 class _Source:
     """What a generation reads: the model, the store it was trained on, the recorded parameters."""
@@ -95,6 +117,7 @@ class _Source:
     device: torch.device
     params: dict
     prior: GaussianMixturePrior | None = None
+    anchors: anchored.Anchors | None = None
 
     @property
     def condition(self) -> tuple[str, tuple[str, ...]]:
@@ -118,8 +141,9 @@ def _load_model(path: Path, device: torch.device):
     return load_model(path, device=device, ema=True)
 
 
-def _open_source(run: Path, config: GenerateConfig, device: str) -> _Source:
-    """Load the checkpoint (EMA weights) and its training store; the parameters of this generation."""
+def _open_source(run: Path, config: GenerateConfig, device: str, anchors=None) -> _Source:
+    """Load the checkpoint (EMA weights), its training store and the anchor store; the parameters of this
+    generation."""
     if config.seed < 0:
         raise InputError(f"--seed {config.seed}: must be >= 0")
     dev = select_device(device)
@@ -143,6 +167,18 @@ def _open_source(run: Path, config: GenerateConfig, device: str) -> _Source:
     if config.per_class and model.config.condition not in ("class", "modality"):
         raise InputError(f"{ckpt_path}: --per-class needs a class- or modality-conditioned model (this one: "
                          f"condition {model.config.condition}); train with --condition class")
+    if (config.synthesis == "prior") != (anchors is None):
+        raise InputError(f"--synthesis {config.synthesis} " + ("needs --from STORE: the images to vary"
+                                                               if anchors is None else "takes no --from store"))
+    if anchors is not None:
+        src_anchors = _open_anchors(anchors, model, config)
+        params.update(n=len(src_anchors), anchors=str(src_anchors.store.path.resolve()),
+                      anchors_hash=src_anchors.store.content_hash, anchor_split=config.split)
+        params.update({k: getattr(config, k) for k in ("synthesis", "per_image", "posterior_temperature")},
+                      neighbour_range=list(config.neighbour_range))
+        return _Source(model, store, dev, params, None, src_anchors)
+    params.update(synthesis="prior", per_image=1, anchors_hash=None, anchor_split=None, neighbour_range=None,
+                  posterior_temperature=None)
     prior = prior_for(ckpt_path, model, store, config.prior_components) if config.prior == "gmm" else None
     return _Source(model, store, dev, params, prior)
 
@@ -163,8 +199,12 @@ def _check_params(out: Path, params: dict) -> None:
 def _decode(src: _Source, config: GenerateConfig, start: int, stop: int):
     """Samples ``start..stop-1``: latents ``z (B, D)`` on the CPU, condition ids (or None), images
     ``x (B, C, H, W)`` in [0, 1] on the device and label maps ``(B, 1, H, W)`` uint8 (a joint model) or None."""
-    ids = src.condition_ids(start, stop)
-    z = latents(config.seed, start, stop, int(src.model.latent_dim), config.temperature, src.prior, ids)
+    if src.anchors is not None:
+        z, ids = src.anchors.latents(start, stop, config.synthesis, config.seed, tuple(config.neighbour_range),
+                                     config.posterior_temperature)
+    else:
+        ids = src.condition_ids(start, stop)
+        z = latents(config.seed, start, stop, int(src.model.latent_dim), config.temperature, src.prior, ids)
     x = decode_latents(src.model, z.to(src.device), ids)
     if src.condition[0] != "mask":
         return z, ids, x, None
@@ -228,7 +268,8 @@ class _Dataset:
                               "latent_norm": f"{float(z[j].norm()):.6g}",
                               "nearest_train_distance": f"{found['pixel'][j]:.6g}",
                               "nearest_train_distance_features": f"{found['feature'][j]:.6g}",
-                              "nearest_train_patient": found["patient"][j], "flagged": int(flagged)})
+                              "nearest_train_patient": found["patient"][j], "flagged": int(flagged),
+                              "source_row": labels["source_row"][j]})
         for job in jobs:
             written, skipped = job.result()
             self.counts["written_files"] += written
@@ -249,14 +290,22 @@ class _Dataset:
         return {c: classes.count(c) for c in sorted(set(classes))}
 
 
-def _sample_labels(src: _Source, ids: torch.Tensor | None, found: dict[str, np.ndarray]) -> dict[str, list[str]]:
-    """Per sample: its ``modality`` (a modality model's condition, else the nearest training patch's) and
-    ``class`` (a class model's condition, else "")."""
+def _sample_labels(src: _Source, ids: torch.Tensor | None, found: dict[str, np.ndarray], start: int
+                   ) -> dict[str, list]:
+    """Per sample: its ``modality`` (an anchor's, a modality model's condition, else the nearest training
+    patch's), ``class`` (an anchor's, a class model's condition, else "") and ``source_row`` (an anchor's
+    row in its store, else "")."""
+    n = len(found["modality"])
+    if src.anchors is not None:
+        a = src.anchors
+        rows = a.source_rows(start, start + n)
+        classes = a.store.index["class"][rows].astype(str).tolist() if a.store.classes else [""] * n
+        return {"class": classes, "modality": a.store.index["modality"][rows].astype(str).tolist(),
+                "source_row": rows.tolist()}
     kind, names = src.condition
     named = [names[int(i)] for i in ids] if ids is not None else []
-    n = len(found["modality"])
     return {"modality": named if kind == "modality" else [str(m) for m in found["modality"]],
-            "class": named if kind == "class" else [""] * n}
+            "class": named if kind == "class" else [""] * n, "source_row": [""] * n}
 
 
 # --------------------------------------------------------------------------- augment
@@ -331,7 +380,7 @@ class _Augmented:
 
 # --------------------------------------------------------------------------- generate
 def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=None, ratio: float = 1.0,
-             progress=None) -> dict:
+             progress=None, anchors=None) -> dict:
     """Write ``config.n`` synthetic samples of a trained run in physical units, audited.
 
     Args:
@@ -342,14 +391,18 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
         device: ``auto|cpu|cuda``; decoding and the audit run there.
         mix_with: a real patch store: also write ``OUT/augmented_store`` with all its patches plus
             ``round(ratio * its train patches)`` unflagged synthetic ones (split ``train``); samples
-            past ``n`` are decoded (not written as files) when the ``n`` generated are too few.
+            past ``n`` are decoded (not written as files) when the ``n`` generated are too few (prior samples).
         progress: optional callback ``progress(done, total)`` after each batch.
+        anchors: a patch store whose ``config.split`` images anchored synthesis varies (``synthesis:
+            neighbours | interpolate``): ``per_image`` variants of each, so ``n`` is their number.
 
     Returns:
         The ``generation.json`` summary dict.
     """
     t0, out = time.perf_counter(), Path(out)
-    src = _open_source(Path(run), config, device)
+    src = _open_source(Path(run), config, device, anchors)
+    if src.anchors is not None:
+        config = config.model_copy(update={"n": len(src.anchors)})
     _check_params(out, src.params)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "generation.json", {"status": "running", "params": src.params})
@@ -359,7 +412,8 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
         ref = audit.build_reference(src.store, src.device, percentile=config.audit_percentile)
 
     dataset = _Dataset(out, src.store, config, src.params["checkpoint_sha256"])
-    wanted, missing = (mix.wanted, mix.missing) if mix is not None else (0, lambda: 0)
+    # anchored samples stop at the last anchor's variants: the augmented store takes what passes among them
+    wanted, missing = (mix.wanted, mix.missing) if mix is not None and src.anchors is None else (0, lambda: 0)
     with ThreadPoolExecutor(WRITE_THREADS) as pool, _deterministic_cudnn(), torch.inference_mode():
         for start, stop in _batch_ranges(config.n, config.batch_size, wanted, missing):
             with _timed(tm, "decode"):
@@ -368,7 +422,7 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
             with _timed(tm, "audit"):
                 found = audit.audit_batch(ref, audit.features(x))
             with _timed(tm, "write"):
-                labels = _sample_labels(src, ids, found)
+                labels = _sample_labels(src, ids, found, start)
                 dataset.write_batch(pool, start, z, x01, found, labels, masks)
                 if mix is not None:
                     mix.add_batch(start, x01, found, labels, masks)

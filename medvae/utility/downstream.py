@@ -1,11 +1,21 @@
 """The downstream model of the utility study: one small MONAI network per task, trained for a fixed
 number of steps, scored on real test patches.
 
-Every arm (real, real+synthetic, synthetic) goes through the same :func:`train_downstream` with the
-same seed, step budget, batch size, learning rate and augmentation (a random horizontal flip), so
-the arms differ only in the data. Batches are epoch permutations of the training set drawn from a
-generator seeded with the seed, and the initial weights come from the same seed: two arms given the
-same data train to the same weights.
+Every arm goes through the same :func:`train_downstream` with the same seed, step budget, batch
+size and learning rate, so the arms differ only in their data and augmentation:
+
+- each step takes ``batch_size`` real images, epoch permutations drawn from a generator seeded with
+  the seed, with their augmentation from a second seeded generator; so ``real`` and
+  ``real+synthetic`` (and ``real+classical`` and ``real+classical+synthetic``) see the same real
+  images in the same order with the same flips or warps, and the real images equally often;
+- a ``+synthetic`` arm adds ``min(share · batch_size, n_synthetic)`` synthetic images to every batch,
+  drawn from a third generator;
+- the ``synthetic`` arm puts the synthetic set where the real one was (so a copy of the real set
+  trains to exactly the real arm's weights);
+- augmentation is a random horizontal flip, or the classical draw (:mod:`medvae.utility.augment`)
+  in the ``+classical`` arms, applied to the synthetic images of that arm too.
+
+The initial weights come from the seed as well.
 
 Metrics (better direction in :data:`medvae.metrics.table.UTILITY_METRICS`):
 
@@ -27,9 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from medvae.config import AugmentConfig
 from medvae.data.conditions import condition_ids
 from medvae.data.store import PatchStore
 from medvae.errors import InputError
+from medvae.utility.augment import augment
 
 
 @dataclass
@@ -79,32 +91,65 @@ def _loss(task: str):
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
-def train_downstream(task: str, data: LabelledSet, n_out: int, steps: int, batch_size: int, lr: float, seed: int,
-                     device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Train the task's network on ``data`` for exactly ``steps`` Adam steps; returns it in eval mode.
+def _flip(x: torch.Tensor, y: torch.Tensor, task: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random horizontal flip per image (label maps alike)."""
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if task == "segment":
+        y = torch.where(flip[:, None, None, None], y.flip(-1), y)
+    return x, y
 
-    Initial weights, batch order and flips come from ``seed`` alone (the global RNG is left as it was).
+
+def _augmented(x, y, task: str, gen: torch.Generator, classical: AugmentConfig | None):
+    if classical is None:
+        return _flip(x, y, task, gen)
+    x, maps = augment(x, classical, gen, y if task == "segment" else None)
+    return x, (maps if task == "segment" else y)
+
+
+class _Stream:
+    """Seeded epoch permutations of a labelled set, ``n`` items at a time."""
+
+    def __init__(self, data: LabelledSet, n: int, seed: int):
+        self.data, self.n, self.gen = data, min(n, len(data)), torch.Generator().manual_seed(seed)
+        self.order, self.pos = torch.randperm(len(data), generator=self.gen), 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pos + self.n > len(self.order):
+            self.order, self.pos = torch.randperm(len(self.data), generator=self.gen), 0
+        idx = self.order[self.pos:self.pos + self.n]
+        self.pos += self.n
+        return self.data.images[idx], self.data.targets[idx]
+
+
+def train_downstream(task: str, data: LabelledSet, n_out: int, steps: int, batch_size: int, lr: float, seed: int,
+                     device: torch.device | str = "cpu", synthetic: LabelledSet | None = None, share: float = 3.0,
+                     classical: AugmentConfig | None = None) -> torch.nn.Module:
+    """Train the task's network for exactly ``steps`` Adam steps; returns it in eval mode.
+
+    Args:
+        data: the images in the role of the real set (``batch_size`` of them per step).
+        synthetic: added to every batch, ``min(share · batch_size, len(synthetic))`` images per step.
+        classical: the classical augmentation (else a random horizontal flip), on both.
+
+    Initial weights, batch order and augmentation come from ``seed`` alone (the global RNG is left as it
+    was); the ``data`` stream and its augmentation do not depend on ``synthetic``.
     """
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = build_net(task, data.images.shape[1], data.images.shape[-1], n_out).to(device)
-    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     loss_fn = _loss(task)
-    batch = min(batch_size, len(data))
-    order, pos = torch.randperm(len(data), generator=gen), 0
+    real = _Stream(data, batch_size, seed)
+    real_aug = torch.Generator().manual_seed(seed + 1)
+    extra = _Stream(synthetic, max(1, round(share * batch_size)), seed + 2) if synthetic is not None else None
     net.train()
     for _ in range(steps):
-        if pos + batch > len(order):
-            order, pos = torch.randperm(len(data), generator=gen), 0
-        idx = order[pos:pos + batch]
-        pos += batch
-        x, y = data.images[idx], data.targets[idx]
-        flip = torch.rand(len(idx), generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        if task == "segment":
-            y = torch.where(flip[:, None, None, None], y.flip(-1), y)
+        x, y = _augmented(*real.next(), task, real_aug, classical)
+        if extra is not None:
+            sx, sy = _augmented(*extra.next(), task, extra.gen, classical)
+            x, y = torch.cat([x, sx]), torch.cat([y, sy])
         loss = loss_fn(net(x.to(device)), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -113,11 +158,16 @@ def train_downstream(task: str, data: LabelledSet, n_out: int, steps: int, batch
 
 
 @torch.no_grad()
+def probabilities(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Softmax outputs on the CPU: ``(N, classes)`` or ``(N, labels, H, W)``."""
+    device = next(net.parameters()).device
+    return torch.cat([torch.softmax(net(images[i:i + batch_size].to(device)).float(), 1).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
 def predict(net: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Argmax predictions on the CPU: ``(N,)`` class ids or ``(N, 1, H, W)`` label maps."""
-    device = next(net.parameters()).device
-    out = [net(images[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
-    pred = torch.cat(out)
+    pred = probabilities(net, images, batch_size).argmax(1)
     return pred if pred.ndim == 1 else pred[:, None]
 
 

@@ -1,6 +1,8 @@
-"""Statistics over seeds: mean, standard deviation and a Student-t confidence interval, and the
-paired difference of an arm and the real arm (paired by seed, which shares the real subset, the
-initial weights and the batch order, so the difference cancels what the arms have in common).
+"""Statistics over seeds: mean, standard deviation and a Student-t confidence interval, and paired
+differences between arms (paired by seed, which shares the real subset, the initial weights, the
+real batches and their augmentation, so the difference cancels what the arms have in common):
+each arm against ``real``, and ``real+classical+synthetic`` against ``real+classical`` (does
+synthetic data add anything on top of classical augmentation?).
 
 With n seeds the interval is ``mean ± t(0.975, n - 1) · sd / √n`` (sd with n - 1 in the
 denominator); with one seed sd and the interval are undefined and reported as None. Values that
@@ -15,6 +17,8 @@ from collections import defaultdict
 from medvae.metrics.stats import finite_stats
 
 BASELINE = "real"
+# (arm, the arm it is compared with): every arm against real, and synthesis on top of classical
+EXTRA_PAIRS = (("real+classical+synthetic", "real+classical"),)
 
 
 def fraction_key(fraction: float) -> str:
@@ -33,24 +37,29 @@ def t_interval(values, level: float = 0.95) -> dict:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per arm, fraction and metric a :func:`t_interval` over seeds, and the paired differences.
+    """Per arm, budget and metric a :func:`t_interval` over seeds, and the paired differences.
 
     Args:
-        rows: dicts with ``arm, fraction, seed, metric, value`` (utility.csv's rows).
+        rows: dicts with ``arm, budget, seed, metric, value`` (utility.csv's rows; ``budget`` the key of a
+            label budget, e.g. ``0.05`` or ``10pc``).
     Returns:
-        ``{"arms": {arm: {fraction_key: {metric: interval}}},
-        "paired_differences": {"<arm> - real": {fraction_key: {metric: interval}}}}``.
+        ``{"arms": {arm: {budget: {metric: interval}}},
+        "paired_differences": {"<arm> - <other>": {budget: {metric: interval}}}}``.
     """
-    values: dict = defaultdict(dict)  # (arm, fraction, metric) -> {seed: value}
+    values: dict = defaultdict(dict)  # (arm, budget, metric) -> {seed: value}
     for r in rows:
-        values[r["arm"], fraction_key(r["fraction"]), r["metric"]][r["seed"]] = r["value"]
+        values[r["arm"], str(r["budget"]), r["metric"]][r["seed"]] = r["value"]
     arms: dict = defaultdict(lambda: defaultdict(dict))
     diffs: dict = defaultdict(lambda: defaultdict(dict))
-    for (arm, frac, metric), by_seed in values.items():
-        arms[arm][frac][metric] = t_interval(by_seed.values())
-        base = values.get((BASELINE, frac, metric))
-        if arm != BASELINE and base is not None:
+    pairs = [(a, BASELINE) for a in dict.fromkeys(k[0] for k in values) if a != BASELINE] + list(EXTRA_PAIRS)
+    for (arm, budget, metric), by_seed in values.items():
+        arms[arm][budget][metric] = t_interval(by_seed.values())
+    for arm, other in pairs:
+        for (a, budget, metric), by_seed in values.items():
+            base = values.get((other, budget, metric))
+            if a != arm or base is None:
+                continue
             paired = [by_seed[s] - base[s] for s in sorted(set(by_seed) & set(base))]
-            diffs[f"{arm} - {BASELINE}"][frac][metric] = t_interval(paired)
+            diffs[f"{arm} - {other}"][budget][metric] = t_interval(paired)
     as_dict = lambda d: {k: dict(v) for k, v in d.items()}  # noqa: E731
     return {"arms": as_dict(arms), "paired_differences": as_dict(diffs)}

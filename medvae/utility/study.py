@@ -1,22 +1,27 @@
-"""The utility study: does synthetic data help a downstream model trained on little real data?
+"""The utility study: does synthetic data help a downstream model trained on few labels?
 
-For each real fraction f of the train split and each seed s (a "cell"):
+For each label budget (a fraction of the train split, or a number of labels per class) and each
+seed s (a "cell"):
 
-1. the real subset (:mod:`medvae.utility.subsets`) is written as ``cells/f<f>_s<s>/real_store``;
-2. a generator is trained on that store only and sampled into ``synthetic_store``
-   (:mod:`medvae.utility.synthesis`), unless the user gave a synthetic store for every cell;
-3. the same downstream network, steps and seed (:mod:`medvae.utility.downstream`) is trained on
-   each arm — ``real``, ``real+synthetic``, ``synthetic`` — and scored on the real test split.
+1. the labelled subset (:mod:`medvae.utility.subsets`) is written as ``cells/<budget>_s<s>/real_store``;
+2. the real arm's network is trained on it (it is also the filter and the label-fidelity judge);
+3. a generator — one for the whole study, learned from every train image without labels
+   (``unlabelled: all``), or the cell's own, learned from its subset — makes labelled candidates
+   that the filter thins into ``synthetic_store`` (:mod:`medvae.utility.synthesis`), unless the
+   user gave a synthetic store for every cell;
+4. the same downstream network, steps, real batches and seed (:mod:`medvae.utility.downstream`) is
+   trained on each arm — ``real``, ``real+classical``, ``real+synthetic``,
+   ``real+classical+synthetic``, ``synthetic`` — and scored on the real test split.
 
-Resumable per (fraction, seed, arm): an arm's result is written atomically to
-``cells/f<f>_s<s>/<arm>.json`` and a re-run skips it; a finished subset or synthetic store is
-reused (complete only once its store.json exists); a half-trained generator resumes from its
-``last.pt``. ``study.json`` records the settings that results depend on (all but the fractions and
-seeds, which may grow), and a re-run with other settings in the same directory is refused.
+Resumable per (budget, seed, arm): an arm's result is written atomically to
+``cells/<budget>_s<s>/<arm>.json`` and a re-run skips it; a finished subset, unlabelled or synthetic
+store is reused (complete only once its store.json exists); a half-trained generator resumes from
+its ``last.pt``. ``study.json`` records the settings that results depend on (all but the budgets
+and seeds, which may grow), and a re-run with other settings in the same directory is refused.
 
-Outputs in the study directory: ``utility.csv`` (``arm, fraction, seed, metric, value``),
-``utility.json`` (:func:`medvae.utility.stats.summarize` plus settings), ``utility.png`` and
-``report.html`` (:mod:`medvae.report.utility`).
+Outputs in the study directory: ``utility.csv`` (``arm, budget, fraction, labels_per_class, seed,
+metric, value``), ``utility.json`` (:func:`medvae.utility.stats.summarize` plus what the filter kept
+and settings), ``utility.png`` and ``report.html`` (:mod:`medvae.report.utility`).
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medvae.config import UtilityConfig
 from medvae.data.store import PatchStore, open_store
@@ -40,24 +46,20 @@ from medvae.errors import InputError
 from medvae.files import atomic_open, atomic_path, write_json
 from medvae.metrics.table import TASK_METRICS, UTILITY_METRICS
 from medvae.report.utility import utility_figure, write_utility_report
-from medvae.utility.downstream import (
-    LabelledSet,
-    from_store,
-    score_downstream,
-    train_downstream,
-)
-from medvae.utility.stats import fraction_key, summarize
+from medvae.synthesis import audit
+from medvae.utility import synthesis
+from medvae.utility.augment import for_modality
+from medvae.utility.downstream import LabelledSet, from_store, score_downstream, train_downstream
+from medvae.utility.stats import summarize, t_interval
 from medvae.utility.subsets import check_task, labelled_rows, subset_rows, write_subset_store
-from medvae.utility.synthesis import synthesize, synthetic_rows, train_generator
 
 log = logging.getLogger(__name__)
-ARMS = ("real", "real+synthetic", "synthetic")
-# Label fidelity: the real arm's network scored on the synthetic set against the labels it was generated
-# with; near the real arm's test score, the synthetic labels are as right as real ones. Kept as a
-# pseudo-arm, so utility.csv, the intervals and the paired difference to `real` cover it.
+# Label fidelity: the real arm's network scored on every synthetic candidate (before the filter)
+# against the label it was made with; near the real arm's test score, the synthetic labels are as
+# right as real ones. Kept as a pseudo-arm, so utility.csv, the intervals and the paired difference
+# to `real` cover it.
 FIDELITY = "fidelity"
-RESULTS = (*ARMS, FIDELITY)
-CSV_COLUMNS = ("arm", "fraction", "seed", "metric", "value")
+CSV_COLUMNS = ("arm", "budget", "fraction", "labels_per_class", "seed", "metric", "value")
 Progress = Callable[[int, int, str], None]  # (arms done, arms in all, what runs now)
 
 
@@ -67,11 +69,11 @@ def run_utility(store: PatchStore | str | os.PathLike, out: str | os.PathLike, c
     """Run (or resume) the study on ``store`` into the directory ``out``.
 
     Args:
-        store: the real patch store (train split: the subsets; test split: the scores).
+        store: the real patch store (train split: the subsets and the unlabelled images; test split: the scores).
         out: the study directory.
-        cfg: fractions, seeds, generator and downstream settings.
+        cfg: budgets, seeds, arms, synthesis, generator and downstream settings.
         device: ``auto | cpu | cuda | ...`` for generators and downstream networks.
-        synthetic: a labelled synthetic patch store used at every fraction instead of training generators.
+        synthetic: a labelled synthetic patch store used at every budget instead of generators.
         progress: called with (arms done, arms in all, what runs now).
 
     Returns:
@@ -84,73 +86,164 @@ def run_utility(store: PatchStore | str | os.PathLike, out: str | os.PathLike, c
     _check_settings(out, store, cfg, user)
     task = cfg.task
     test = from_store(store, labelled_rows(store, "test", task), task, store.classes)
-    given = from_store(user, synthetic_rows(user, store), task, store.classes) if user is not None else None
+    given = from_store(user, synthesis.synthetic_rows(user, store), task, store.classes) if user is not None else None
     n_out = len(store.classes) if task == "classify" else int(np.max(store.labels)) + 1  # background + labels
-    ctx = _Context(cfg, store.classes, n_out, str(select_device(device)), test, given)
-    cells = [(f, s) for f in sorted(set(cfg.fractions)) for s in range(cfg.seeds)]
-    total, rows = len(cells) * len(RESULTS), []
-    for i, (f, s) in enumerate(cells):
-        results = _run_cell(store, out / "cells" / f"f{fraction_key(f)}_s{s}", f, s, ctx,
-                            functools.partial(_tell, progress, i * len(RESULTS), total))
-        rows += [{"arm": arm, "fraction": f, "seed": s, "metric": m, "value": v}
-                 for arm in RESULTS for m, v in results[arm]["metrics"].items()]
+    classical = for_modality(cfg.classical, store.modalities[0])
+    ctx = _Context(cfg, store, out, n_out, str(select_device(device)), test, given, classical)
+    results_of = [*cfg.arms, FIDELITY]
+    cells = [(b, s) for b in cfg.budgets for s in range(cfg.seeds)]
+    total, rows, kept = len(cells) * len(results_of), [], {}
+    n_train = len(labelled_rows(store, "train", task))
+    for i, ((key, fraction, per_class), s) in enumerate(cells):
+        cell = out / "cells" / f"{key}_s{s}"
+        results = _run_cell(cell, fraction, per_class, s, ctx, results_of,
+                            functools.partial(_tell, progress, i * len(results_of), total))
+        n_real = next(iter(results.values())).get("n_real")
+        for arm in results_of:
+            for m, v in results[arm]["metrics"].items():
+                rows.append({"arm": arm, "budget": key, "fraction": n_real / n_train if n_real else fraction,
+                             "labels_per_class": per_class, "seed": s, "metric": m, "value": v})
+        if (cell / "synthetic_store" / "store.json").is_file():
+            kept.setdefault(key, []).append(open_store(cell / "synthetic_store").meta.get("synthetic", {}))
     _tell(progress, total, total, 0, "report")
     info = {m: {"label": UTILITY_METRICS[m].label, "unit": UTILITY_METRICS[m].unit, "better": UTILITY_METRICS[m].better}
             for m in TASK_METRICS[task]}
-    summary = {"task": task, "condition": cfg.generator_condition, "store": str(store.path),
-               "synthetic": str(user.path) if user is not None else None, "fractions": sorted(set(cfg.fractions)),
-               "seeds": cfg.seeds, "metrics": list(TASK_METRICS[task]), "n_test": len(ctx.test), "metric_info": info,
-               **summarize(rows), "config": cfg.model_dump(mode="json")}
+    summary = {"task": task, "condition": cfg.generator_condition, "synthesis": cfg.synthesis,
+               "unlabelled": cfg.unlabelled if cfg.pools_unlabelled else "none", "store": str(store.path),
+               "synthetic": str(user.path) if user is not None else None,
+               "budgets": [{"key": k, "fraction": f, "labels_per_class": n} for k, f, n in cfg.budgets],
+               "arms_run": list(cfg.arms), "seeds": cfg.seeds, "metrics": list(TASK_METRICS[task]),
+               "n_test": len(ctx.test), "metric_info": info, **summarize(rows), "filter": _filter_summary(kept),
+               "config": cfg.model_dump(mode="json")}
     _write_outputs(out, rows, summary)
     return summary
 
 
 @dataclass
 class _Context:
-    """What every cell shares: settings, the class list, the network's outputs, the real test set."""
+    """What every cell shares: settings, the real store, the network's outputs, the real test set, and
+    (built on first use) the study's unlabelled generator and the memorization audit's reference."""
 
     cfg: UtilityConfig
-    classes: list[str]
+    store: PatchStore
+    out: Path
     n_out: int  # classes, or label values (background included)
     device: str
     test: LabelledSet
     given: LabelledSet | None  # the --synthetic set, used in every cell
+    classical: object  # the AugmentConfig of the +classical arms, modality defaults filled in
+    shared: dict = field(default_factory=dict)
+
+    def pool_generator(self) -> tuple[PatchStore, Path]:
+        """The unlabelled store of every train image and the one generator trained on it (``unlabelled: all``)."""
+        if "pool" not in self.shared:
+            pool = synthesis.unlabelled_store(self.store, self.out / "unlabelled_store")
+            if self.cfg.generator_run is not None:
+                checkpoint = synthesis.given_generator(self.cfg.generator_run, self.store)
+            else:
+                checkpoint = synthesis.train_generator(pool, self.out / "generator", self.cfg,
+                                                       self.cfg.generator.train.seed, self.device)
+            self.shared["pool"] = (pool, checkpoint)
+        return self.shared["pool"]
+
+    def reference(self) -> audit.TrainReference:
+        """The memorization audit's features of the real train split (computed once)."""
+        if "reference" not in self.shared:
+            self.shared["reference"] = audit.build_reference(self.store, torch.device(self.device))
+        return self.shared["reference"]
 
 
-def _run_cell(store: PatchStore, cell: Path, fraction: float, seed: int, ctx: _Context,
-              tell: Callable[[int, str], None]) -> dict[str, dict]:
+def _run_cell(cell: Path, fraction: float | None, per_class: int | None, seed: int, ctx: _Context,
+              results_of: list[str], tell: Callable[[int, str], None]) -> dict[str, dict]:
     """The arms' results of one cell: read when finished, else trained, scored and written."""
     cfg, task = ctx.cfg, ctx.cfg.task
-    results = {arm: _read_result(cell / f"{arm}.json") for arm in RESULTS}
-    todo = [arm for arm in RESULTS if results[arm] is None]
+    results = {arm: _read_result(cell / f"{arm}.json") for arm in results_of}
+    todo = [arm for arm in results_of if results[arm] is None]
     if not todo:
         return results
-    real_store = _subset(store, cfg, fraction, seed, cell / "real_store")
-    real, syn = from_store(real_store, real_store.select("train"), task, ctx.classes), ctx.given
-    real_net = None
+    real_store = _subset(ctx.store, cfg, fraction, per_class, seed, cell / "real_store")
+    real = from_store(real_store, real_store.select("train"), task, ctx.store.classes)
+    syn, nets = ctx.given, {}
+    label = f"{per_class} per class" if per_class is not None else f"f={fraction:g}"
 
-    def fit(data):
-        return train_downstream(task, data, ctx.n_out, cfg.downstream_steps, cfg.batch_size, cfg.lr, seed, ctx.device)
+    def fit(arm: str, data: LabelledSet, extra: LabelledSet | None = None):
+        classical = ctx.classical if "classical" in arm else None
+        return train_downstream(task, data, ctx.n_out, cfg.downstream_steps, cfg.batch_size, cfg.lr, seed,
+                                ctx.device, synthetic=extra, share=cfg.synthetic_share, classical=classical)
 
-    for k, arm in enumerate(todo):  # real first: its result is kept even if the generator then fails
-        done = len(RESULTS) - len(todo) + k
-        if arm != "real" and syn is None:
-            tell(done, f"f={fraction:g} seed {seed}: generator")
-            syn = _cell_synthetic(real_store, cell, cfg, seed, ctx.device)
-        tell(done, f"f={fraction:g} seed {seed}: {arm}")
-        if arm == FIDELITY:  # the real arm's network (trained again, identically, after a resume)
-            real_net = real_net or fit(real)
-            results[arm] = {"arm": arm, "fraction": fraction, "seed": seed, "n_synthetic": len(syn),
-                            "metrics": score_downstream(task, real_net, syn, ctx.n_out)}
+    def real_net():  # the real arm's network: its result, the filter and the fidelity judge
+        if "real" not in nets:
+            nets["real"] = fit("real", real)
+        return nets["real"]
+
+    for k, arm in enumerate(todo):
+        done = len(results_of) - len(todo) + k
+        if "synthetic" in arm or arm == FIDELITY:
+            if syn is None:
+                tell(done, f"{label} seed {seed}: synthetic data")
+                syn = _cell_synthetic(real_store, cell, seed, ctx, real_net)
+        tell(done, f"{label} seed {seed}: {arm}")
+        if arm == FIDELITY:
+            if ctx.given is not None:  # the user's set: the real arm's network on its labels
+                metrics = score_downstream(task, real_net(), syn, ctx.n_out)
+            else:  # on every candidate, before the filter (recorded when the set was made)
+                info = open_store(cell / "synthetic_store").meta["synthetic"]
+                metrics = {m: info.get(f"fidelity_{m}") for m in TASK_METRICS[task]}
+            results[arm] = {"arm": arm, "seed": seed, "n_synthetic": len(syn), "metrics": metrics}
         else:
-            data = real if arm == "real" else syn if arm == "synthetic" else real + syn
-            net = fit(data)
-            real_net = net if arm == "real" else real_net
-            results[arm] = {"arm": arm, "fraction": fraction, "seed": seed, "n_real": len(real),
-                            "n_synthetic": 0 if arm == "real" else len(syn), "n_train": len(data),
+            if arm == "real":
+                net = real_net()
+            elif arm == "synthetic":
+                net = fit(arm, syn)
+            else:
+                net = fit(arm, real, syn if "synthetic" in arm else None)
+            n_syn = len(syn) if "synthetic" in arm else 0
+            results[arm] = {"arm": arm, "seed": seed, "n_real": len(real), "n_synthetic": n_syn,
+                            "steps": cfg.downstream_steps,
+                            "real_images_seen": 0 if arm == "synthetic" else cfg.downstream_steps * min(
+                                cfg.batch_size, len(real)),
                             "metrics": score_downstream(task, net, ctx.test, ctx.n_out)}
         write_json(cell / f"{arm}.json", results[arm])
     return results
+
+
+def _cell_synthetic(real_store: PatchStore, cell: Path, seed: int, ctx: _Context,
+                    real_net: Callable[[], torch.nn.Module]) -> LabelledSet:
+    """The cell's filtered synthetic set (written once to ``synthetic_store``)."""
+    cfg, path = ctx.cfg, cell / "synthetic_store"
+    if not (path / "store.json").is_file():
+        if cfg.pools_unlabelled:
+            pool, checkpoint = ctx.pool_generator()
+        else:
+            pool, checkpoint = None, synthesis.train_generator(real_store, cell / "generator", cfg, seed, ctx.device)
+        judge = real_net()  # trained on the same labelled subset: it labels, filters and judges
+        teacher = judge if cfg.task == "classify" else None  # segmentation candidates are not filtered by it
+        if cfg.synthesis == "prior":
+            cands = synthesis.prior_candidates(checkpoint, real_store, pool, cfg, seed, teacher)
+        else:
+            cands = synthesis.anchored_candidates(checkpoint, real_store, pool, cfg, seed)
+        kept, info = synthesis.filter_candidates(cands, cfg, teacher, ctx.reference() if cfg.drop_flagged else None)
+        if len(cands.images):
+            labels = cands.classes if cands.classes is not None else cands.masks
+            info.update({f"fidelity_{m}": v for m, v in score_downstream(
+                cfg.task, judge, LabelledSet(torch.from_numpy(cands.images), torch.from_numpy(labels).long()),
+                ctx.n_out).items()})
+        info.update(seed=seed, synthesis=cfg.synthesis, checkpoint=str(checkpoint))
+        synthesis.write_synthetic_store(path, kept, real_store, info)
+    syn = open_store(path)
+    return from_store(syn, syn.select(), cfg.task, ctx.store.classes)
+
+
+def _filter_summary(kept: dict[str, list[dict]]) -> dict:
+    """Per budget: the kept fraction of candidates, flagged and label-fidelity intervals over seeds."""
+    out = {}
+    for key, infos in kept.items():
+        n = [i.get("candidates") for i in infos if i.get("candidates")]
+        out[key] = {"candidates": t_interval(n),
+                    "kept_fraction": t_interval([i["kept"] / i["candidates"] for i in infos if i.get("candidates")]),
+                    "flagged": t_interval([i.get("flagged") for i in infos if i.get("flagged") is not None]),
+                    "fidelity": t_interval([i.get("fidelity") for i in infos if i.get("fidelity") is not None])}
+    return out
 
 
 def _tell(progress: Progress | None, offset: int, total: int, done: int, what: str) -> None:
@@ -167,7 +260,7 @@ def _read_result(path: Path) -> dict | None:
 def _check_settings(out: Path, store: PatchStore, cfg: UtilityConfig, user: PatchStore | None) -> None:
     """Write ``study.json`` on the first run; refuse a re-run whose results would not be comparable."""
     settings = {"store_hash": store.content_hash, "synthetic_hash": user.content_hash if user is not None else None,
-                "config": cfg.model_dump(mode="json", exclude={"fractions", "seeds"})}
+                "config": cfg.model_dump(mode="json", exclude={"fractions", "labels_per_class", "seeds"})}
     path = out / "study.json"
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
@@ -182,22 +275,12 @@ def _check_settings(out: Path, store: PatchStore, cfg: UtilityConfig, user: Patc
     write_json(path, settings)
 
 
-def _subset(store: PatchStore, cfg: UtilityConfig, fraction: float, seed: int, path: Path) -> PatchStore:
+def _subset(store: PatchStore, cfg: UtilityConfig, fraction: float | None, per_class: int | None, seed: int,
+            path: Path) -> PatchStore:
     """The cell's real subset store (reused once complete)."""
     if (path / "store.json").is_file():
         return open_store(path)
-    return write_subset_store(store, subset_rows(store, cfg.task, fraction, seed), path)
-
-
-def _cell_synthetic(real_store: PatchStore, cell: Path, cfg: UtilityConfig, seed: int, device: str) -> LabelledSet:
-    """The cell's synthetic set: a generator trained on ``real_store`` only, sampled ``ratio × subset`` times."""
-    path = cell / "synthetic_store"
-    if not (path / "store.json").is_file():
-        checkpoint = train_generator(real_store, cell / "generator", cfg, seed, device)
-        n = max(1, round(cfg.ratio * len(real_store)))
-        synthesize(checkpoint, real_store, cfg, n, seed, path, device)
-    syn = open_store(path)
-    return from_store(syn, syn.select(), cfg.task, real_store.classes)
+    return write_subset_store(store, subset_rows(store, cfg.task, fraction, seed, per_class), path)
 
 
 def _write_outputs(out: Path, rows: list[dict], summary: dict) -> None:

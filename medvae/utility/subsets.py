@@ -1,11 +1,12 @@
 """Which real rows a utility cell may use: labelled rows of a split, and seeded fractions of the train split.
 
 Classification subsets are stratified by class (every class keeps ``max(1, round(f * n_c))`` of its
-``n_c`` rows), so a 5 % subset still holds every class; segmentation subsets are drawn by patient
-(``max(1, round(f * n_p))`` whole patients), because a patient's neighbouring slices are nearly
-copies of each other and a subset of slices would overstate how much real data an arm had.
+``n_c`` rows, or a fixed number of labels per class), so a 5 % subset still holds every class;
+segmentation subsets are drawn by patient (``max(1, round(f * n_p))`` whole patients), because a
+patient's neighbouring slices are nearly copies of each other and a subset of slices would
+overstate how much real data an arm had.
 
-Subsets are nested: with the same seed, a smaller fraction's rows are a subset of a larger one's
+Subsets are nested: with the same seed, a smaller budget's rows are a subset of a larger one's
 (each class's rows, or the patients, are permuted once per seed and the first ones taken). The
 curve over fractions then adds data to the same draw instead of comparing unrelated draws.
 
@@ -61,13 +62,16 @@ def _permutation(n: int, seed: int, key: str) -> np.ndarray:
     return np.random.default_rng([seed, zlib.crc32(key.encode())]).permutation(n)
 
 
-def stratified_rows(class_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Positions (ascending) of a class-stratified fraction: ``max(1, round(f * n_c))`` of each class."""
+def stratified_rows(class_ids: np.ndarray, fraction: float | None, seed: int, per_class: int | None = None
+                    ) -> np.ndarray:
+    """Positions (ascending) of a class-stratified subset: ``max(1, round(f * n_c))`` of each class's
+    ``n_c`` rows, or ``min(per_class, n_c)`` of each when ``per_class`` is given."""
     class_ids = np.asarray(class_ids)
     picked = []
     for c in np.unique(class_ids):
         members = np.flatnonzero(class_ids == c)
-        picked.append(members[_permutation(len(members), seed, f"class {c}")[: _take(len(members), fraction)]])
+        n = min(per_class, len(members)) if per_class is not None else _take(len(members), fraction)
+        picked.append(members[_permutation(len(members), seed, f"class {c}")[:n]])
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
@@ -79,11 +83,13 @@ def patient_rows(patients: np.ndarray, fraction: float, seed: int) -> np.ndarray
     return np.flatnonzero(np.isin(patients, chosen))
 
 
-def subset_rows(store: PatchStore, task: str, fraction: float, seed: int) -> np.ndarray:
-    """Store rows (ascending) of the cell ``(fraction, seed)``: a fraction of the labelled train rows."""
+def subset_rows(store: PatchStore, task: str, fraction: float | None, seed: int, per_class: int | None = None
+                ) -> np.ndarray:
+    """Store rows (ascending) of the cell ``(budget, seed)``: a fraction of the labelled train rows, or
+    ``per_class`` labelled rows of each class."""
     rows = labelled_rows(store, "train", task)
     if task == "classify":
-        return rows[stratified_rows(store.class_ids(rows), fraction, seed)]
+        return rows[stratified_rows(store.class_ids(rows), fraction, seed, per_class)]
     return rows[patient_rows(store.index["patient_id"][rows], fraction, seed)]
 
 

@@ -63,7 +63,7 @@ class StubModel(torch.nn.Module):
     def __init__(self, latent_dim=8, channels=1, constant=None, planted=None):
         super().__init__()
         self.latent_dim = latent_dim
-        self.config = SimpleNamespace(in_channels=channels, condition="none", condition_names=())
+        self.config = SimpleNamespace(in_channels=channels, image_size=SIZE, condition="none", condition_names=())
         g = torch.Generator().manual_seed(1)
         self.w = torch.randn(latent_dim, channels * SIZE * SIZE, generator=g) * 3.0
         self.constant = constant
@@ -71,6 +71,18 @@ class StubModel(torch.nn.Module):
 
     def conditioned_on(self, ids):
         return contextlib.nullcontext()
+
+    def parameters(self):  # the device the generation runs on
+        return iter([self.w])
+
+    def eval(self):
+        return self
+
+    def encode(self, x):
+        """A fixed random projection of the pixels: (mu, logvar = 0)."""
+        e = torch.randn(x[0].numel(), self.latent_dim, generator=torch.Generator().manual_seed(2)) / 32.0
+        mu = x.flatten(1).float() @ e
+        return mu, torch.zeros_like(mu)
 
     def decode(self, z):
         x = torch.sigmoid(z @ self.w.to(z.device)).view(-1, self.config.in_channels, SIZE, SIZE)
@@ -232,7 +244,7 @@ def test_manifest_columns(make_run, tmp_path):
         header = next(csv.reader(f))
     assert header == ["id", "modality", "class", "path", "mask", "preview", "seed", "checkpoint_sha256", "latent_norm",
                       "nearest_train_distance", "nearest_train_distance_features", "nearest_train_patient",
-                      "flagged"]
+                      "flagged", "source_row"]
 
 
 def test_mixing_with_a_labelled_store_drops_its_labels(make_run, tmp_path, caplog):
@@ -329,3 +341,30 @@ def test_cli_writes_dataset_and_rejects_bad_format(make_run, tmp_path):
     assert "0/3 samples" in res.output and len(_manifest(tmp_path / "out")) == 3
     res = CliRunner().invoke(app, [*base, str(tmp_path / "x"), "--format", "jpg"])
     assert res.exit_code == 2 and "format" in res.output
+
+
+def test_anchored_variants_of_a_store(make_run, tmp_path):
+    """--from STORE --synthesis neighbours: per_image variants of every train image, each decoded from
+    mu_i + lam (mu_j - mu_i) toward one of its nearest codes (closed form), with its row as provenance."""
+    from medvae.synthesis import anchored
+
+    model = StubModel()
+    run = make_run(model)
+    store = open_store(tmp_path / "run_store")
+    cfg = GenerateConfig(synthesis="neighbours", per_image=2, neighbour_range=(0.3, 0.3), format="npy")
+    summary = gen.generate(run, tmp_path / "out", cfg, device="cpu", anchors=store.path)
+    train = store.select("train")
+    rows = _manifest(tmp_path / "out")
+    assert summary["counts"]["samples"] == len(rows) == 2 * len(train)
+    assert [int(r["source_row"]) for r in rows] == np.repeat(train, 2).tolist()
+    assert [r["modality"] for r in rows] == np.repeat(store.index["modality"][train], 2).tolist()
+    mu, _ = model.encode(torch.from_numpy(store.get(train)))
+    mu = mu.numpy()
+    near = anchored.nearest(mu, mu, 2, exclude=np.arange(len(train)))
+    for i in (0, 5, len(rows) - 1):
+        a, v = divmod(i, 2)
+        z = mu[a] + 0.3 * (mu[near[a, v]] - mu[a])
+        want = model.decode(torch.from_numpy(z[None]).float())[0].numpy()
+        np.testing.assert_allclose(np.load(tmp_path / "out" / rows[i]["path"]), want, atol=1e-5)
+    with pytest.raises(InputError, match="needs --from"):
+        gen.generate(run, tmp_path / "x", GenerateConfig(synthesis="neighbours"), device="cpu")

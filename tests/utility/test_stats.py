@@ -31,8 +31,8 @@ def test_summarize_pairs_by_seed():
     rows = []
     real, both = {0: 0.50, 1: 0.60, 2: 0.55}, {0: 0.58, 1: 0.61, 2: 0.65}
     for seed in range(3):
-        rows += [{"arm": "real", "fraction": 0.1, "seed": seed, "metric": "accuracy", "value": real[seed]},
-                 {"arm": "real+synthetic", "fraction": 0.1, "seed": seed, "metric": "accuracy", "value": both[seed]}]
+        rows += [{"arm": "real", "budget": "0.1", "seed": seed, "metric": "accuracy", "value": real[seed]},
+                 {"arm": "real+synthetic", "budget": "0.1", "seed": seed, "metric": "accuracy", "value": both[seed]}]
     s = summarize(rows)
     assert s["arms"]["real"]["0.1"]["accuracy"]["mean"] == pytest.approx(0.55)
     d = s["paired_differences"]["real+synthetic - real"]["0.1"]["accuracy"]
@@ -41,3 +41,17 @@ def test_summarize_pairs_by_seed():
     assert d["mean"] == pytest.approx(mean) and d["sd"] == pytest.approx(sd)
     assert d["ci_high"] - d["mean"] == pytest.approx(T975_DF2 * sd / math.sqrt(3))
     assert "real" not in {k.split(" - ")[0] for k in s["paired_differences"]}
+
+
+def test_synthesis_on_top_of_classical_is_paired_with_classical():
+    rows = []
+    for seed, (c, cs) in enumerate([(0.70, 0.74), (0.68, 0.71), (0.72, 0.73)]):
+        rows += [{"arm": "real", "budget": "10pc", "seed": seed, "metric": "accuracy", "value": 0.6},
+                 {"arm": "real+classical", "budget": "10pc", "seed": seed, "metric": "accuracy", "value": c},
+                 {"arm": "real+classical+synthetic", "budget": "10pc", "seed": seed, "metric": "accuracy",
+                  "value": cs}]
+    d = summarize(rows)["paired_differences"]
+    assert set(d) == {"real+classical - real", "real+classical+synthetic - real",
+                      "real+classical+synthetic - real+classical"}
+    paired = d["real+classical+synthetic - real+classical"]["10pc"]["accuracy"]
+    assert paired["mean"] == pytest.approx((0.04 + 0.03 + 0.01) / 3)

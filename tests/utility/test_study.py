@@ -1,5 +1,5 @@
 """The study end to end with a given synthetic store (no generator): outputs, arms treated alike,
-resumption per (fraction, seed, arm), and the command line's errors."""
+resumption per (budget, seed, arm), the verdicts, and the command line's errors."""
 
 import csv
 import json
@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 import medvae.utility.study as study
 from medvae.cli import app
-from medvae.config import UtilityConfig
+from medvae.config import ARMS, UtilityConfig
 from medvae.errors import InputError
 from medvae.utility.subsets import labelled_rows
-from medvae.utility.synthesis import write_synthetic_store
+from medvae.utility.synthesis import Candidates, write_synthetic_store
 
 SMALL = {"fractions": [0.5, 1.0], "seeds": 2, "downstream_steps": 12, "batch_size": 8, "lr": 3e-3}
 
@@ -21,10 +21,9 @@ SMALL = {"fractions": [0.5, 1.0], "seeds": 2, "downstream_steps": 12, "batch_siz
 def copy_of_train(store, path, task):
     """A 'synthetic' store that is the real train split itself, in store order."""
     rows = labelled_rows(store, "train", task)
-    if task == "classify":
-        return write_synthetic_store(path, store.get(rows), store, {"copy": True},
-                                     classes=store.index["class"][rows].tolist())
-    return write_synthetic_store(path, store.get(rows), store, {"copy": True}, masks=np.asarray(store.labels)[rows])
+    classes = store.class_ids(rows) if task == "classify" else None
+    masks = np.asarray(store.labels)[rows] if task == "segment" else None
+    return write_synthetic_store(path, Candidates(store.get(rows), classes, masks, rows), store, {"copy": True})
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +38,17 @@ def test_outputs(classify_study):
     out, _, summary = classify_study
     with open(out / "utility.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["arm", "fraction", "seed", "metric", "value"]
-    assert len(rows) == 2 * 2 * 4 * 2  # fractions x seeds x (3 arms + label fidelity) x metrics
-    assert {r["arm"] for r in rows} == {"real", "real+synthetic", "synthetic", "fidelity"}
+    assert list(rows[0]) == ["arm", "budget", "fraction", "labels_per_class", "seed", "metric", "value"]
+    assert len(rows) == 2 * 2 * 6 * 2  # budgets x seeds x (5 arms + label fidelity) x metrics
+    assert {r["arm"] for r in rows} == {*ARMS, "fidelity"}
     saved = json.loads((out / "utility.json").read_text())
     assert saved["metrics"] == ["accuracy", "macro_f1"] and saved["arms"]["real"]["0.5"]["accuracy"]["n"] == 2
-    assert set(saved["paired_differences"]) == {"real+synthetic - real", "synthetic - real", "fidelity - real"}
+    assert set(saved["paired_differences"]) == {f"{a} - real" for a in (*ARMS[1:], "fidelity")} | {
+        "real+classical+synthetic - real+classical"}
     assert (out / "utility.png").read_bytes()[:4] == b"\x89PNG"
     page = (out / "report.html").read_text()
-    assert "data:image/png;base64," in page and "real+synthetic" in page and "http" not in page
+    assert "data:image/png;base64," in page and "real+classical+synthetic" in page and "http" not in page
+    assert "over classical augmentation" in page  # the verdict per budget
     assert summary["arms"] == saved["arms"]
 
 
@@ -55,26 +56,48 @@ def test_synthetic_copy_of_the_subset_scores_as_the_real_arm(classify_study):
     """At fraction 1 the 'synthetic' set is the real subset: same data, seed and steps -> same scores."""
     out, _, _ = classify_study
     for seed in range(2):
-        real = json.loads((out / f"cells/f1_s{seed}/real.json").read_text())
-        syn = json.loads((out / f"cells/f1_s{seed}/synthetic.json").read_text())
+        real = json.loads((out / f"cells/1_s{seed}/real.json").read_text())
+        syn = json.loads((out / f"cells/1_s{seed}/synthetic.json").read_text())
         assert syn["metrics"] == pytest.approx(real["metrics"], abs=1e-9)
-        assert syn["n_train"] == real["n_train"] == 30
+        assert syn["n_synthetic"] == real["n_real"] == 30
+
+
+def test_every_arm_gets_the_same_steps_and_real_images(classify_study):
+    out, _, _ = classify_study
+    for cell in (out / "cells").iterdir():
+        arms = {a: json.loads((cell / f"{a}.json").read_text()) for a in ARMS}
+        assert {r["steps"] for r in arms.values()} == {SMALL["downstream_steps"]}
+        seen = {a: r["real_images_seen"] for a, r in arms.items() if a != "synthetic"}
+        assert len(set(seen.values())) == 1 and next(iter(seen.values())) > 0
 
 
 def test_rerun_skips_finished_arms(classify_study, class_store, monkeypatch):
     out, syn, summary = classify_study
     calls = []
     train = study.train_downstream
-    monkeypatch.setattr(study, "train_downstream", lambda *a, **k: calls.append(a) or train(*a, **k))
+    monkeypatch.setattr(study, "train_downstream", lambda *a, **k: calls.append((a, k)) or train(*a, **k))
     again = study.run_utility(class_store, out, UtilityConfig(**SMALL), device="cpu", synthetic=syn.path)
     assert calls == [] and again["arms"] == summary["arms"]
-    (out / "cells/f0.5_s1/real+synthetic.json").unlink()
+    (out / "cells/0.5_s1/real+synthetic.json").unlink()
     again = study.run_utility(class_store, out, UtilityConfig(**SMALL), device="cpu", synthetic=syn.path)
-    assert len(calls) == 1 and len(calls[0][1]) == 15 + 30  # the one missing arm: half the real set + the copy
+    (args, kwargs), = calls  # the one missing arm: half the real set, the copy in every batch
+    assert len(args[1]) == 15 and len(kwargs["synthetic"]) == 30
     assert again["arms"] == summary["arms"]  # retrained to the same scores
     with pytest.raises(InputError, match="config.downstream_steps"):
         study.run_utility(class_store, out, UtilityConfig(**{**SMALL, "downstream_steps": 3}), device="cpu",
                           synthetic=syn.path)
+
+
+def test_labels_per_class_budgets(class_store, tmp_path):
+    syn = copy_of_train(class_store, tmp_path / "syn", "classify")
+    cfg = UtilityConfig(labels_per_class=[2, 4], seeds=1, arms=["real"], downstream_steps=2, batch_size=4)
+    summary = study.run_utility(class_store, tmp_path / "out", cfg, device="cpu", synthetic=syn.path)
+    assert [b["key"] for b in summary["budgets"]] == ["2pc", "4pc"]
+    real = json.loads((tmp_path / "out/cells/4pc_s0/real.json").read_text())
+    assert real["n_real"] == 12  # 4 of each of 3 classes
+    with open(tmp_path / "out/utility.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert row["labels_per_class"] == "2" and float(row["fraction"]) == pytest.approx(6 / 30)
 
 
 def test_segment_study(mask_store, tmp_path):
@@ -82,8 +105,8 @@ def test_segment_study(mask_store, tmp_path):
     cfg = UtilityConfig(task="segment", fractions=[0.5], seeds=1, downstream_steps=3, batch_size=4)
     summary = study.run_utility(mask_store, tmp_path / "out", cfg, device="cpu", synthetic=syn.path)
     assert summary["metrics"] == ["dice", "hd95"]
-    real = json.loads((tmp_path / "out/cells/f0.5_s0/real.json").read_text())
-    assert real["n_real"] == 9 and real["n_train"] == 9  # 3 of 6 patients, 3 slices each
+    real = json.loads((tmp_path / "out/cells/0.5_s0/real.json").read_text())
+    assert real["n_real"] == 9  # 3 of 6 patients, 3 slices each
     assert 0.0 <= real["metrics"]["dice"] <= 1.0 and real["metrics"]["hd95"] >= 0.0
 
 
@@ -100,15 +123,23 @@ def test_cli_errors(class_store, tmp_path):
     assert res.exit_code == 2 and "--fractions" in res.output
     res = _cli(class_store.path, "--out", tmp_path / "o", "--fractions", "0,1")
     assert res.exit_code == 2 and "(0, 1]" in res.output
+    res = _cli(class_store.path, "--out", tmp_path / "o", "--labels-per-class", "10,x")
+    assert res.exit_code == 2 and "--labels-per-class" in res.output
+    res = _cli(class_store.path, "--out", tmp_path / "o", "--arms", "real,real+magic")
+    assert res.exit_code == 2 and "arms" in res.output
     res = _cli(class_store.path, "--out", tmp_path / "o", "--task", "segment")
     assert res.exit_code == 2 and "no labels.npy" in res.output
 
 
-def test_condition_follows_the_task():
+def test_generator_condition_follows_task_and_synthesis():
     assert UtilityConfig(task="segment").generator_condition == "mask"
-    assert UtilityConfig().generator_condition == "class"
-    with pytest.raises(ValueError, match="needs condition mask"):
+    assert UtilityConfig().generator_condition == "none"  # neighbours of an unlabelled generator
+    assert UtilityConfig(synthesis="prior", unlabelled="none").generator_condition == "class"
+    assert UtilityConfig(synthesis="prior").generator_condition == "none"  # labelled by the real network
+    with pytest.raises(ValueError, match="condition mask, not class"):
         UtilityConfig(task="segment", condition="class")
+    with pytest.raises(ValueError, match="labels_per_class needs task classify"):
+        UtilityConfig(task="segment", labels_per_class=[10])
 
 
 def test_the_evaluation_report_embeds_the_study(classify_study):
@@ -136,5 +167,24 @@ def test_label_fidelity_is_the_real_network_scored_on_the_synthetic_labels(class
                            0, "cpu")
     want = score_downstream("classify", net, from_store(syn, syn.select(), "classify", class_store.classes),
                     len(class_store.classes))
-    got = json.loads((out / "cells/f1_s0/fidelity.json").read_text())["metrics"]
+    got = json.loads((out / "cells/1_s0/fidelity.json").read_text())["metrics"]
     assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_verdict_sentences():
+    from medvae.report.utility import verdicts
+
+    def interval(mean, half):
+        return {"mean": mean, "sd": 1, "n": 3, "ci_low": mean - half, "ci_high": mean + half}
+
+    summary = {"metrics": ["accuracy"], "synthesis": "neighbours",
+               "metric_info": {"accuracy": {"label": "accuracy", "unit": "unitless", "better": "higher"}},
+               "budgets": [{"key": "10pc", "fraction": None, "labels_per_class": 10},
+                           {"key": "100pc", "fraction": None, "labels_per_class": 100}],
+               "paired_differences": {"real+classical+synthetic - real+classical": {
+                   "10pc": {"accuracy": interval(0.031, 0.012)}, "100pc": {"accuracy": interval(0.004, 0.01)}}}}
+    assert verdicts(summary) == [
+        "With 10 labels per class, neighbours synthesis adds 3.1 ± 1.2 points of accuracy over classical "
+        "augmentation.",
+        "With 100 labels per class, neighbours synthesis gives no measurable gain in accuracy over classical "
+        "augmentation (+0.4 ± 1.0 points)."]
