@@ -57,7 +57,7 @@ def test_name_lists_are_written_once_as_the_configs_literals():
     assert MODEL_NAMES == ("vae", "vaegan", "monai-vae", "monai-kl", "unet-vae", "dae")
     assert set(CONDITIONAL_MODELS) | set(DENOISERS) < set(MODEL_NAMES) and "cbernoulli" in LIKELIHOODS
     assert choices(ModelConfig, "name") == " | ".join(MODEL_NAMES)
-    assert choices(UtilityConfig, "condition") == "class | mask"  # Optional[Literal]: the names only
+    assert choices(UtilityConfig, "condition") == "class | mask | none"  # Optional[Literal]: the names only
     assert choices(UtilityConfig, "model") == " | ".join(CONDITIONAL_MODELS)
     for command, listed in (("train", choices(ModelConfig, "name")), ("generate", choices(GenerateConfig, "format"))):
         help_text = " ".join(CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"}).output.split())

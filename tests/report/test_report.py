@@ -111,13 +111,16 @@ def test_denoise_and_utility_pages_share_the_base_page_and_escape():
 
     interval = {"mean": 0.6, "sd": 0.1, "n": 3, "ci_low": 0.4, "ci_high": 0.8}
     utility = {"store": "<s>", "task": "classify", "synthetic": None, "condition": "class", "seeds": 3, "n_test": 9,
-               "fractions": [0.1, 1.0], "metrics": ["accuracy"],
+               "synthesis": "prior", "unlabelled": "none",
+               "budgets": [{"key": "0.1", "fraction": 0.1, "labels_per_class": None},
+                           {"key": "1", "fraction": 1.0, "labels_per_class": None}], "metrics": ["accuracy"],
                "metric_info": {"accuracy": {"label": "accuracy", "unit": "unitless", "better": "higher"}},
                "arms": {"real": {"0.1": {"accuracy": interval}, "1": {"accuracy": {**interval, "n": 1, "sd": None,
                                                                                    "ci_low": None, "ci_high": None}}}},
                "paired_differences": {"real+synthetic - real": {"0.1": {"accuracy": {**interval, "ci_low": 0.1}}}},
                "config": {"model": "vae", "generator_steps": 5, "ratio": 1.0, "downstream_steps": 4, "batch_size": 8,
-                          "lr": 0.001}}
+                          "lr": 0.001, "generator_run": None, "per_image": 10, "filter_threshold": 0.5,
+                          "drop_flagged": True, "synthetic_share": 3.0}}
     html = render_utility_report(utility, "AAAA")
     _self_contained(html)
     assert "&lt;s&gt;" in html and "<s>" not in html
