@@ -94,8 +94,11 @@ def utility_figure(summary: dict) -> str:
                             [c["mean"] for c in cells], yerr=_error_bars(cells), marker="o", ms=4, capsize=3,
                             color=ARM_COLORS.get(arm), label=arm)
         info = summary["metric_info"][metric]
-        # few seeds give wide t intervals: keep the axis to the metric's range ([0, 1] for fractions, >= 0 else)
-        ax.set_ylim(*((0, 1.02) if info["unit"] == "unitless" else (0, None)))
+        # the data's range with a margin (arms differ by points, not by the whole [0, 1]); few seeds give
+        # wide t intervals, so the axis stays within the metric's range ([0, 1] for fractions, >= 0 else)
+        lo, hi = ax.get_ylim()
+        pad = 0.05 * (hi - lo)
+        ax.set_ylim(max(lo - pad, 0.0), min(hi + pad, 1.02) if info["unit"] == "unitless" else hi + pad)
         ax.set_xscale("log")
         ax.set_xticks(list(xs.values()), [f"{v:g}" for v in xs.values()])
         ax.minorticks_off()
