@@ -186,8 +186,9 @@ class _Trainer:
             raise CheckpointError(
                 f"{path}: trained on a store with hash {c.get('store_hash')}, but {self.store.path} has hash "
                 f"{self.store.content_hash}; resume on the same store or start a new run in another --out")
-        # validated first, so a checkpoint from before a ModelConfig key existed gets its default
-        saved = ModelConfig.model_validate(c["model_config"]).model_dump(mode="json")
+        # validated first, so a checkpoint from before a ModelConfig key existed gets its default; one from
+        # before conditioning existed holds an unconditional model
+        saved = ModelConfig.model_validate({"condition": "none", **c["model_config"]}).model_dump(mode="json")
         if saved != self.cfg.model.model_dump(mode="json"):
             raise CheckpointError(f"{path}: the checkpoint's model config differs from the one given; "
                                   "resume with the run's own config.yaml")

@@ -79,3 +79,26 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_store, tmp_path, mo
             assert eb[k] == pytest.approx(ea[k], rel=1e-5, abs=1e-6), (ea["step"], k)
     if denoise:
         assert "val_noisy_psnr" in log_a[-1] and log_a[-1]["val_psnr"] > 0
+
+
+def test_resume_of_a_checkpoint_from_before_conditioning(tiny_store, tmp_path):
+    """A checkpoint written before ModelConfig had condition / condition_names / condition_dim resumes:
+    the missing keys take their defaults, and training ends at the same step and weights."""
+    from medvae.training.checkpoint import save_checkpoint
+
+    cfg = tiny_config("vae", max_steps=6, checkpoint_every=3, log_every=1)
+    full = tmp_path / "full"
+    train_stage(tiny_store, full, cfg, device="cpu")
+    run = tmp_path / "old"
+    train_stage(tiny_store, run, cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 3})}),
+                device="cpu")
+    last = run / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last)
+    for key in ("condition", "condition_names", "condition_dim"):
+        ckpt["model_config"].pop(key)
+    save_checkpoint(last, ckpt)
+    summary = train_stage(tiny_store, run, cfg, device="cpu", resume=True)
+    assert summary["step"] == 6
+    a = load_checkpoint(full / "checkpoints" / "last.pt")["model_state"]
+    b = load_checkpoint(last)["model_state"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
