@@ -33,6 +33,17 @@ IMAGE_MODALITIES = {"CT": "ct", "MR": "mr"}
 MAX_NAMED = 5  # files named in one message; the rest are counted
 
 
+
+def _functional_groups(ds) -> tuple[int, object, list]:
+    """(frames, the shared functional group or None, the per-frame groups or []) of a multi-frame file."""
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    shared_seq = ds.get("SharedFunctionalGroupsSequence", None)
+    shared = shared_seq[0] if shared_seq else None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence", None) or []
+    if per_frame and len(per_frame) != n:
+        raise ValueError(f"PerFrameFunctionalGroupsSequence has {len(per_frame)} items for {n} frames")
+    return n, shared, per_frame
+
 def name_files(paths: Sequence[Path], root: Path) -> str:
     names = []
     for p in paths[:MAX_NAMED]:
@@ -130,12 +141,7 @@ def stacked_frames(path: Path, ds: pydicom.Dataset) -> list[Slice]:
     Posterior); the pixel spacing from a shared PixelMeasuresSequence or PixelSpacing, else 1 mm
     (:func:`series_geometry` warns with each slice's ``stacked``: the assumptions in words).
     """
-    n = int(ds.get("NumberOfFrames", 1) or 1)
-    shared_seq = ds.get("SharedFunctionalGroupsSequence", None)
-    shared = shared_seq[0] if shared_seq else None
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence", None) or []
-    if per_frame and len(per_frame) != n:
-        raise ValueError(f"PerFrameFunctionalGroupsSequence has {len(per_frame)} items for {n} frames")
+    n, shared, per_frame = _functional_groups(ds)
     ori = _macro((shared,), "PlaneOrientationSequence")
     iop = ori.get("ImageOrientationPatient", None) if ori is not None else None
     iop = iop if iop is not None else ds.get("ImageOrientationPatient", None)
@@ -178,12 +184,7 @@ def enhanced_frames(path: Path, ds: pydicom.Dataset) -> list[Slice]:
     Raises:
         ValueError: no plane position for some frame, or no orientation (the message says which).
     """
-    n = int(ds.get("NumberOfFrames", 1) or 1)
-    shared_seq = ds.get("SharedFunctionalGroupsSequence", None)
-    shared = shared_seq[0] if shared_seq else None
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence", None) or []
-    if per_frame and len(per_frame) != n:
-        raise ValueError(f"PerFrameFunctionalGroupsSequence has {len(per_frame)} items for {n} frames")
+    n, shared, per_frame = _functional_groups(ds)
     shape = (int(ds.Rows), int(ds.Columns))
     top_rescale = _top_rescale(ds)
     slices = []

@@ -114,21 +114,18 @@ def _cli(*args):
     return CliRunner().invoke(app, ["utility", *map(str, args)])
 
 
-def test_cli_errors(class_store, tmp_path):
+@pytest.mark.parametrize("options, message", [
+    (["--task", "count"], "'task'"), (["--fractions", "0.1,lots"], "--fractions"), (["--fractions", "0,1"], "(0, 1]"),
+    (["--labels-per-class", "10,x"], "--labels-per-class"), (["--arms", "real,real+magic"], "arms"),
+    (["--task", "segment"], "no labels.npy")])
+def test_cli_errors(class_store, tmp_path, options, message):
+    res = _cli(class_store.path, "--out", tmp_path / "o", *options)
+    assert res.exit_code == 2 and res.output.count("error:") == 1 and message in res.output
+
+
+def test_cli_missing_store(tmp_path):
     res = _cli(tmp_path / "nowhere", "--out", tmp_path / "o")
     assert res.exit_code == 2 and res.output.count("error:") == 1 and "no patch store" in res.output
-    res = _cli(class_store.path, "--out", tmp_path / "o", "--task", "count")
-    assert res.exit_code == 2 and "'task'" in res.output
-    res = _cli(class_store.path, "--out", tmp_path / "o", "--fractions", "0.1,lots")
-    assert res.exit_code == 2 and "--fractions" in res.output
-    res = _cli(class_store.path, "--out", tmp_path / "o", "--fractions", "0,1")
-    assert res.exit_code == 2 and "(0, 1]" in res.output
-    res = _cli(class_store.path, "--out", tmp_path / "o", "--labels-per-class", "10,x")
-    assert res.exit_code == 2 and "--labels-per-class" in res.output
-    res = _cli(class_store.path, "--out", tmp_path / "o", "--arms", "real,real+magic")
-    assert res.exit_code == 2 and "arms" in res.output
-    res = _cli(class_store.path, "--out", tmp_path / "o", "--task", "segment")
-    assert res.exit_code == 2 and "no labels.npy" in res.output
 
 
 def test_generator_condition_follows_task_and_synthesis():
