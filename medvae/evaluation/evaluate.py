@@ -48,7 +48,7 @@ from medvae.denoising.evaluate import evaluate_denoise
 from medvae.devices import select_device
 from medvae.errors import InputError
 from medvae.evaluation.image_sets import class_stats, grouped_stats, is_image_set, split_rows, worst_images
-from medvae.evaluation.sample_quality import class_samples, prior_samples, sample_quality
+from medvae.evaluation.sample_quality import class_samples, classified_samples, prior_samples, sample_quality
 from medvae.evaluation.tables import CSV_COLUMNS, compare_table, identical_weights, jsonable, tidy_rows, weights_sha256
 from medvae.files import write_json, write_text
 from medvae.metrics import distances as D
@@ -237,10 +237,15 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
         result["_figures"] = _figure_data(model, store, shown, by_prior, hists, per, groups, codes, mods, device)
         result["_figures"]["latent_map"] = latent_map(store, rows, codes)
         result["_figures"]["worst"] = _worst_figure(model, store, result["worst_images"], device)
-        if model.config.condition == "class":
+        if model.config.condition == "class":  # a row per class: the class condition
             result["_figures"]["class_samples"] = {
-                "names": list(model.config.condition_names), "modality": modalities[0],
+                "kind": "condition", "names": list(model.config.condition_names), "modality": modalities[0],
                 **class_samples(model, ckpt, store, cfg)}
+        elif model.config.condition == "none" and quality:  # a row per class the feature classifier assigns
+            classified = classified_samples(store, by_prior[modalities[0]], cfg, device)
+            if classified:
+                result["_figures"]["class_samples"] = {"kind": "classified", "modality": modalities[0],
+                                                       **classified}
     return result
 
 

@@ -63,6 +63,10 @@ class FeatureNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.prepare(x)).mean((-2, -1))
 
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """A classifier's logits ``(B, n_classes)``, in the order of :func:`classifier_names`."""
+        return self.head(self.features(x))
+
     def loss(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         h = self.encoder(self.prepare(x))
         if self.n_classes:
@@ -71,13 +75,22 @@ class FeatureNet(nn.Module):
         return F.mse_loss(self.head(h)[..., :target.shape[-2], :target.shape[-1]], target)
 
 
-def _classes(store: PatchStore, rows: np.ndarray) -> tuple[torch.Tensor | None, int]:
+def classifier_names(store: PatchStore) -> list[str]:
+    """The classes the store's feature network tells apart, in its output order (sorted), or [] when it is
+    an autoencoder (no ``class`` column, fewer than two classes or an unlabelled patch in the train split)."""
     if "class" not in store.index:
+        return []
+    names = store.index["class"][store.select(split="train")].astype(str)
+    if len(set(names)) < 2 or (names == "").any():
+        return []
+    return sorted(set(names))
+
+
+def _classes(store: PatchStore, rows: np.ndarray) -> tuple[torch.Tensor | None, int]:
+    uniq = classifier_names(store)
+    if not uniq:
         return None, 0
     names = store.index["class"][rows].astype(str)
-    if len(set(names)) < 2 or (names == "").any():
-        return None, 0
-    uniq = sorted(set(names))
     return torch.as_tensor([uniq.index(n) for n in names]), len(uniq)
 
 

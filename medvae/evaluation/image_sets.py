@@ -18,11 +18,10 @@ Patient cohorts (CT, microscopy: patients with many patches) keep their per-pati
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from medvae.data.store import PatchStore
+from medvae.metrics.stats import finite_stats
 
 CI_LEVEL = 0.95  # of the intervals in the class and split tables
 
@@ -38,34 +37,10 @@ def is_image_set(store: PatchStore) -> bool:
     return ids.size > 0 and np.unique(ids).size == ids.size
 
 
-def interval_stats(values: np.ndarray, level: float = CI_LEVEL) -> dict:
-    """Mean, sd and n of the finite ``values`` (as the per-patient tables write them) and the Student-t
-    interval of the mean.
-
-    Args:
-        values: (N,) float.
-        level: confidence level of ``mean ± t(0.5 + level / 2, n - 1) · sd / √n``.
-
-    Returns:
-        ``{"mean", "sd", "n", "ci_low", "ci_high"}``: NaN mean and sd for no finite value, sd 0 for
-        one; the interval NaN below two values (no degrees of freedom).
-    """
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    n = int(v.size)
-    mean = float(v.mean()) if n else math.nan
-    sd = float(v.std(ddof=1)) if n > 1 else 0.0 if n else math.nan
-    half = math.nan
-    if n > 1:
-        from scipy.stats import t  # scipy.stats is slow to import; only evaluations with a table need it
-
-        half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-    return {"mean": mean, "sd": sd, "n": n, "ci_low": mean - half, "ci_high": mean + half}
-
-
 def grouped_stats(per: dict[str, np.ndarray], labels: np.ndarray, modalities: np.ndarray,
                   order: list[str] = ()) -> dict[str, dict]:
-    """:func:`interval_stats` of every metric within each group of patches.
+    """:func:`~medvae.metrics.stats.finite_stats` with the ``CI_LEVEL`` interval of every metric within each
+    group of patches.
 
     Args:
         per: metric name -> (N,) per-patch values.
@@ -76,7 +51,7 @@ def grouped_stats(per: dict[str, np.ndarray], labels: np.ndarray, modalities: np
 
     Returns:
         ``{name: {"modality": the group's modality ("ALL" when it has several), "n_patches": int,
-        "metrics": {metric: interval_stats}}}``.
+        "metrics": {metric: {"mean", "sd", "n", "ci_low", "ci_high"}}}}``.
     """
     labels = np.asarray(labels).astype(str)
     uniq, inverse = np.unique(labels, return_inverse=True)  # one pass, however many patches
@@ -87,7 +62,7 @@ def grouped_stats(per: dict[str, np.ndarray], labels: np.ndarray, modalities: np
         m = inverse == position[name]
         mods = sorted(set(np.asarray(modalities)[m].astype(str).tolist()))
         out[name] = {"modality": mods[0] if len(mods) == 1 else "ALL", "n_patches": int(m.sum()),
-                     "metrics": {k: interval_stats(v[m]) for k, v in per.items()}}
+                     "metrics": {k: finite_stats(v[m], level=CI_LEVEL) for k, v in per.items()}}
     return out
 
 

@@ -18,7 +18,7 @@ import torch
 from medvae.config import EvaluateConfig
 from medvae.data.conditions import condition_counts
 from medvae.data.store import PatchStore
-from medvae.evaluation.features import embed, feature_net
+from medvae.evaluation.features import classifier_names, embed, feature_net
 from medvae.metrics.samples import sample_metrics
 from medvae.synthesis.prior import prior_for
 from medvae.synthesis.sampling import sample_conditions, sample_images
@@ -81,6 +81,44 @@ def class_samples(model, checkpoint, store: PatchStore, cfg: EvaluateConfig, per
             sample_images(model, per_class, seed=seed, prior=prior, batch_size=cfg.batch_size,
                           conditions=torch.full((per_class,), c, dtype=torch.long))[:, :channels]
             for c in range(len(model.config.condition_names))]).numpy()
+    return out
+
+
+@torch.no_grad()
+def classified_samples(store: PatchStore, samples: dict[str, torch.Tensor], cfg: EvaluateConfig,
+                       device: torch.device, per_class: int = 8, seed: int = 0) -> dict:
+    """An unconditional model's samples a row per class, as the store's feature classifier labels them.
+
+    A model without a class condition cannot be asked for a class; what it does generate of each class is
+    what the classifier (:mod:`medvae.evaluation.features`, trained on the train split's labels, shared with
+    the sample metrics) says of its samples. The counts show which classes the model favours or misses.
+
+    Args:
+        samples: prior name -> ``(N, C, H, W)`` samples in [0, 1] (:func:`prior_samples` of one modality).
+
+    Returns:
+        ``{"names": classes (the store's label order), "counts": {prior: [samples per class]},
+        "n": {prior: N}, prior: (K * per_class, C, H, W) float32}``: each class's first ``per_class``
+        samples, NaN (drawn blank) where it got fewer; ``{}`` when the feature network is no classifier
+        (no classes, or a train split without them).
+    """
+    predicted = classifier_names(store)
+    if not predicted or store.select(split="train").size < 2:
+        return {}
+    net = feature_net(store, steps=cfg.feature_steps, seed=seed, device=device)
+    names = [c for c in store.classes if c in predicted] + [c for c in predicted if c not in store.classes]
+    out: dict = {"names": names, "counts": {}, "n": {}}
+    for prior, x in samples.items():
+        label = torch.cat([net.classify(x[i:i + cfg.batch_size].to(device)).argmax(1).cpu()
+                           for i in range(0, len(x), cfg.batch_size)]).numpy()
+        label = np.asarray(predicted)[label]
+        grid = np.full((len(names) * per_class, *x.shape[1:]), np.nan, np.float32)
+        counts = []
+        for k, name in enumerate(names):
+            picked = np.flatnonzero(label == name)
+            counts.append(int(picked.size))
+            grid[k * per_class:k * per_class + min(picked.size, per_class)] = x[picked[:per_class]].numpy()
+        out[prior], out["counts"][prior], out["n"][prior] = grid, counts, int(len(x))
     return out
 
 

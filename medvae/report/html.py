@@ -46,17 +46,25 @@ def build_figures(summary: dict, fig: dict) -> dict:
     out["latent_map"] = figures.latent_map(lm["points"], lm["labels"], lm["by"], lm["explained"]) if lm else None
     worst = fig.get("worst")
     out["worst"] = figures.worst_grid(worst, worst[0]["modality"], norm[worst[0]["modality"]]) if worst else None
-    out["class_samples"] = _class_sample_grids(fig["class_samples"], norm) if fig.get("class_samples") else {}
+    cs = fig.get("class_samples")
+    out["class_samples"] = _class_sample_grids(cs, norm) if cs else {}
+    out["class_samples_kind"] = cs["kind"] if cs else ""
+    out["class_samples_n"] = cs.get("n", {}) if cs else {}
     return out
 
 
 def _class_sample_grids(cs: dict, norm: dict) -> dict[str, str]:
-    """A class model's samples, a row per class: prior name -> grid."""
+    """Samples a row per class (a class model's condition, or the feature classifier's label of an
+    unconditional model's samples, with each class's count): prior name -> grid."""
     mod, names = cs["modality"], cs["names"]
     lo, hi = float(norm[mod]["low"]), float(norm[mod]["high"])
-    return {prior: figures.image_grid(lo + np.asarray(cs[prior]) * (hi - lo), mod, norm[mod],
-                                ncols=len(cs[prior]) // len(names), row_labels=names)
-            for prior in ("standard", "gmm") if prior in cs}
+    out = {}
+    for prior in ("standard", "gmm"):
+        if prior in cs:
+            labels = names if "counts" not in cs else [f"{c} ({k})" for c, k in zip(names, cs["counts"][prior])]
+            out[prior] = figures.image_grid(lo + np.asarray(cs[prior]) * (hi - lo), mod, norm[mod],
+                                            ncols=len(cs[prior]) // len(names), row_labels=labels)
+    return out
 
 
 def render_report(summary: dict, fig: dict) -> str:

@@ -135,6 +135,19 @@ def test_report_is_self_contained_and_anonymous(evaluated):
         assert ident not in html and ident not in (out / "summary.json").read_text()
 
 
+def test_a_patient_cohort_keeps_its_patients_with_or_without_per_image(evaluated, tmp_path):
+    """Not an image set (patients of 10 patches): patient sections and rows, no image-set views, and
+    --per-image (an image-set option) changes nothing."""
+    store, run_a, out, summary, _ = evaluated
+    assert not summary["image_set"] and summary["report_patients"] == PATIENTS
+    assert summary["per_split"] == {} and summary["worst_images"] == [] and summary["per_class"] == {}
+    html = (out / "report.html").read_text()
+    assert 'id="patients"' in html and html.count('class="patient"') == len(PATIENTS) and 'id="distributions"' in html
+    assert 'id="classes"' not in html and 'id="worst"' not in html
+    run_evaluation(run_a, store.path, tmp_path / "per_image", CFG.model_copy(update={"per_image": True}), device="cpu")
+    assert (tmp_path / "per_image" / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
+
+
 def test_cohort_w1_and_mmd_p_against_references(setup):
     """The cohort's intensity W1 equals scipy's on the HU values (and a 0.05 shift of the 400 HU window
     is 20 HU); the MMD test cannot tell the real patches from themselves and rejects flat images."""

@@ -19,12 +19,14 @@ from medvae.cli import app
 from medvae.config import EvaluateConfig, ModelConfig
 from medvae.data.store import open_store, write_store
 from medvae.evaluation.evaluate import patch_metrics, report_patients, run_evaluation
+from medvae.evaluation.features import feature_net
 from medvae.evaluation.image_sets import is_image_set
+from medvae.evaluation.sample_quality import classified_samples
 from medvae.evaluation.tables import CLASS_PREFIX
 from medvae.metrics.table import PATCH_METRICS
 from medvae.models import build_model
 from medvae.training.checkpoint import load_model, save_checkpoint
-from tests.factories import random_idx_set
+from tests.factories import patch_store, random_idx_set
 
 CLASSES = ["circle", "square", "noise"]
 CFG = EvaluateConfig(split="test", iwae_k=2, iwae_max_patches=6, mmd_samples=16, mmd_permutations=5, batch_size=16,
@@ -70,6 +72,7 @@ def test_idx_set_discover_prepare_train_evaluate(tmp_path):
     html = (tmp_path / "report" / "report.html").read_text()
     assert 'class="patient"' not in html and 'id="patients"' not in html and 'id="distributions"' not in html
     assert 'id="classes"' in html and 'id="worst"' in html and "40 images" in html
+    assert "as the store's feature classifier labels the samples" in html  # an unconditional model's class rows
     assert {r["metric"] for r in summary["compare"]["table"]} >= {"ssim", "iwae", "elbo", "kl", "mse", "mmd2_pixel"}
 
     # --per-image: a row per image as well (the same per-class rows)
@@ -90,12 +93,12 @@ def test_report_patients_keeps_all_when_few():
 
 
 # --------------------------------------------------------------------------- a labelled store, direct
-def _labelled_store(path):
-    """32² images of three classes, one patch per image: 30 test, 24 train."""
+def _labelled_store(path, images_per_patient=1):
+    """32² images of three classes: 30 test, 24 train; one patch per image, each image its own patient
+    (an image set) or ``images_per_patient`` consecutive images one patient (a patient cohort)."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:32, :32] / 32
-    imgs, index = [], {k: [] for k in ("patient_id", "modality", "split", "slice_index", "y", "x",
-                                       "foreground_fraction", "source", "class")}
+    imgs, ids, splits, classes = [], [], [], []
     for split, n in (("test", 30), ("train", 24)):
         for i in range(n):
             cls = CLASSES[(i * 7) % 3]
@@ -107,12 +110,12 @@ def _labelled_store(path):
             else:
                 img = rng.uniform(0, 1, (32, 32))
             imgs.append(img)
-            for k, v in (("patient_id", f"{split}-{i}"), ("modality", "image"), ("split", split), ("slice_index", i),
-                         ("y", 0), ("x", 0), ("foreground_fraction", 1.0), ("source", "set.idx"), ("class", cls)):
-                index[k].append(v)
-    meta = {"content_hash": "labelled", "classes": CLASSES,
-            "normalization": {"image": {"low": 0.0, "high": 255.0, "unit": ""}}}
-    return write_store(path, np.stack(imgs)[:, None].astype(np.float32), index, meta)
+            ids.append(f"{split}-{i // images_per_patient}")
+            splits.append(split)
+            classes.append(cls)
+    return patch_store(path, np.stack(imgs)[:, None], classes=classes, class_names=CLASSES, content_hash="labelled",
+                       normalization={"image": {"low": 0.0, "high": 255.0, "unit": ""}}, patient_id=ids,
+                       modality="image", split=splits, source="set.idx")
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +208,50 @@ def test_the_rule(tmp_path):
             "foreground_fraction": [1.0] * 4, "source": ["s"] * 4}
     assert is_image_set(write_store(tmp_path / "a", img, {"patient_id": ["a", "b", "c", "d"], **base}, {}))
     assert not is_image_set(write_store(tmp_path / "b", img, {"patient_id": ["a", "a", "c", "d"], **base}, {}))
+
+
+def test_a_labelled_patient_cohort_keeps_its_patients(labelled, tmp_path):
+    """The same images two to a patient are a patient cohort: per-patient rows (each the mean and sd of its
+    two images' rows in the image set's --per-image evaluation), patient sections, no split tables or worst
+    grid, and the per-class tables of the same patches."""
+    store, root, per_image, _ = labelled
+    cohort = _labelled_store(tmp_path / "cohort", images_per_patient=2)
+    assert not is_image_set(cohort)
+    res = run_evaluation(root / "run", cohort.path, tmp_path / "report", CFG, device="cpu")
+    assert not res["image_set"] and res["per_split"] == {} and res["worst_images"] == []
+    assert sorted(res["per_patient"]) == sorted(f"test-{j}" for j in range(15)) == sorted(res["report_patients"])
+    rows, image_rows = _rows(tmp_path / "report" / "metrics.csv"), _rows(root / "per_image" / "metrics.csv")
+    for metric in ("ssim", "ms_ssim", "psnr", "mse", "mae"):  # no ELBO: its z draws follow the IWAE subset
+        image = {r["patient_id"]: float(r["value"]) for r in image_rows if r["metric"] == metric}
+        mean = {r["patient_id"]: r for r in rows if r["metric"] == metric}
+        sd = {r["patient_id"]: float(r["value"]) for r in rows if r["metric"] == f"{metric}_sd"}
+        for j in range(15):
+            pair = np.array([image[f"test-{2 * j}"], image[f"test-{2 * j + 1}"]])
+            assert float(mean[f"test-{j}"]["value"]) == pytest.approx(pair.mean(), rel=1e-9)
+            assert sd[f"test-{j}"] == pytest.approx(pair.std(ddof=1), rel=1e-9, abs=1e-12)
+            assert int(mean[f"test-{j}"]["n"]) == 2
+        for name in CLASSES:
+            got, want = (r["per_class"][name]["metrics"][metric] for r in (res, per_image))
+            assert got == pytest.approx(want)
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert 'id="patients"' in html and html.count('class="patient"') == 15 and 'id="distributions"' in html
+    assert "<h2>Classes</h2>" in html and "Per split" not in html and 'id="worst"' not in html
+
+
+def test_classified_samples_a_row_per_class_the_feature_classifier_assigns(labelled):
+    """An unconditional model's samples in rows by the feature classifier's label: the counts and each row's
+    first samples against the classifier's argmax over all samples, NaN (blank) cells beyond a class's count."""
+    store = labelled[0]
+    x = torch.from_numpy(store.get(store.select(split="test")))
+    x = (x + 0.1 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    got = classified_samples(store, {"standard": x}, CFG, torch.device("cpu"), per_class=4)
+    net = feature_net(store, steps=CFG.feature_steps, device="cpu")  # the cached network of the evaluations
+    with torch.no_grad():
+        label = np.asarray(sorted(CLASSES))[net.classify(x).argmax(1).numpy()]
+    assert got["names"] == CLASSES and got["n"] == {"standard": 30}
+    assert got["counts"]["standard"] == [int((label == c).sum()) for c in CLASSES]
+    for k, name in enumerate(CLASSES):
+        want = x[np.flatnonzero(label == name)[:4]].numpy()
+        cells = got["standard"][4 * k:4 * k + 4]
+        np.testing.assert_array_equal(cells[:len(want)], want)
+        assert np.isnan(cells[len(want):]).all()
