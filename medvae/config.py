@@ -185,12 +185,13 @@ class BlindSpotConfig(StrictModel):
 
 
 # The model settings each denoise objective takes when the config does not name them: a model that can denoise
-# whole slices (dae; unet-vae for divnoising), N2V2's architecture and an L2 loss for the blind-spot
-# objectives, and DivNoising's VAE: no path from the noisy input to the output but the latent.
+# whole slices (dae; unet-vae for divnoising), N2V2's architecture, an L2 loss and no input residual (N2V's
+# plain U-Net) for the blind-spot objectives, and DivNoising's VAE: no path from the noisy input to the output
+# but the latent.
 OBJECTIVE_MODEL_DEFAULTS: dict[str, dict] = {
     "supervised": {"name": "dae"},
-    "n2v": {"name": "dae", "top_skip": False, "downsample": "blurpool", "likelihood": "l2"},
-    "n2s": {"name": "dae", "top_skip": False, "downsample": "blurpool", "likelihood": "l2"},
+    "n2v": {"name": "dae", "top_skip": False, "downsample": "blurpool", "likelihood": "l2", "input_residual": False},
+    "n2s": {"name": "dae", "top_skip": False, "downsample": "blurpool", "likelihood": "l2", "input_residual": False},
     "divnoising": {"name": "unet-vae", "skip_connections": False, "input_residual": False,
                    "likelihood": "poisson-gaussian"},
 }
