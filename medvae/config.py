@@ -25,9 +25,12 @@ PrepareMode = Literal["auto", "resize", "tile", "pad"]
 ConditionalModel = Literal["vae", "vaegan"]  # take a class / modality id (medvae.data.conditions)
 DenoiserModel = Literal["unet-vae", "dae"]  # fully convolutional (medvae.models.denoisers): whole slices, any size
 ModelName = Literal[ConditionalModel, "monai-vae", "monai-kl", DenoiserModel]
-LikelihoodName = Literal["gaussian", "bernoulli", "cbernoulli", "l1", "l2"]  # medvae.models.distributions
+# medvae.models.distributions; poisson-gaussian: the noisy pixel given the clean estimate s, N(s, a·s + b) (DivNoising)
+LikelihoodName = Literal["gaussian", "bernoulli", "cbernoulli", "l1", "l2", "poisson-gaussian"]
 Condition = Literal["auto", "none", "class", "modality", "mask"]
 Task = Literal["reconstruct", "denoise"]
+# denoise task: supervised (clean store, simulated noise) or on the noisy store itself (medvae.denoising.selfsupervised)
+Objective = Literal["supervised", "n2v", "n2s", "divnoising"]
 NoiseKind = Literal["gaussian", "poisson-gaussian", "ct-lowdose"]  # medvae.denoising.noise
 Prior = Literal["standard", "gmm"]
 SampleFormat = Literal["nifti", "tiff", "png", "npy"]
@@ -101,6 +104,15 @@ class ModelConfig(StrictModel):
     # unet-vae / dae (medvae.models.denoisers): fully convolutional, any size divisible by 2^(stages-1)
     skip_connections: bool = True  # U-Net skips from encoder to decoder (unet-vae; dae always has them)
     latent_channels: int = 8  # channels of the spatial latent of unet-vae
+    # N2V2's fixes (Höck et al. 2022) for blind-spot training: no skip at the top (full-resolution) level and
+    # anti-aliased downsampling (conv, then a [1 2 1]² blur with stride 2, instead of a strided conv)
+    top_skip: bool = True
+    downsample: Literal["conv", "blurpool"] = "conv"
+    input_residual: bool = True  # output = sigmoid(logit(input) + f(input)); off for divnoising (no copy path)
+    # likelihood poisson-gaussian: the noise variance a·s + b of a pixel whose clean value is s, on the store's
+    # [0, 1] scale (Foi et al. 2008); None: not known (divnoising calibrates it from the noisy store, or refuses)
+    noise_a: float | None = Field(None, ge=0)
+    noise_b: float | None = Field(None, ge=0)
     # Conditioning (vae / vaegan; the ids: medvae.data.conditions; the embedding: medvae.models.vae). auto:
     # modality when the store holds several (one model never mixes CT and microscopy), else none. class /
     # modality: an embedding of the id joins the encoder's features and the decoder's latent, the VAE–GAN critic
@@ -155,11 +167,62 @@ class NoiseConfig(StrictModel):
     crop: int = 0  # train on random crops of this size, cut after the noise (unet-vae / dae); 0 = whole patches
 
 
+class BlindSpotConfig(StrictModel):
+    """Masking of the self-supervised objectives n2v / n2s (medvae.denoising.masks)."""
+
+    # n2v: share of pixels masked per patch, one per cell of a grid of side round(1 / sqrt(fraction))
+    # (N2V's stratified sampling; 1/64: 64 pixels of a 64² patch)
+    fraction: float = Field(1 / 64, gt=0, le=0.25)
+    # n2v: a masked pixel takes the value of a random unmasked neighbour (N2V) or the median of its unmasked
+    # neighbours (N2V2); neighbours within `radius` (5x5 at 2)
+    replace: Literal["random", "median"] = "median"
+    radius: int = Field(2, ge=1, le=5)
+    grid: int = Field(4, ge=2, le=8)  # n2s: J-invariant grid masking, one of grid² phases masked per patch
+    # StructN2V (Broaddus et al. 2020): also hide the pixels along a line through each masked pixel (given random
+    # values, no loss), for noise correlated along rows (horizontal) or columns (vertical); n2v only
+    struct: Literal["none", "horizontal", "vertical"] = "none"
+    struct_length: int = Field(5, ge=3, le=15)  # the line's length in pixels, the masked pixel in its middle
+
+
+# The model settings each denoise objective takes when the config does not name them: a model that can denoise
+# whole slices (dae; unet-vae for divnoising), N2V2's architecture, an L2 loss and no input residual (N2V's
+# plain U-Net) for the blind-spot objectives, and DivNoising's VAE: no path from the noisy input to the output
+# but the latent.
+OBJECTIVE_MODEL_DEFAULTS: dict[str, dict] = {
+    "supervised": {"name": "dae"},
+    "n2v": {"name": "dae", "top_skip": False, "downsample": "blurpool", "likelihood": "l2", "input_residual": False},
+    "n2s": {"name": "dae", "top_skip": False, "downsample": "blurpool", "likelihood": "l2", "input_residual": False},
+    "divnoising": {"name": "unet-vae", "skip_connections": False, "input_residual": False,
+                   "likelihood": "poisson-gaussian"},
+}
+
+
 class TrainStageConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     task: Task = "reconstruct"  # denoise: noisy input -> clean target
+    # denoise task: supervised (the store is clean, `noise` corrupts it) or self-supervised on a store of noisy
+    # scans as they are (n2v, n2s, divnoising: `noise` does not apply)
+    objective: Objective = "supervised"
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
+    blindspot: BlindSpotConfig = Field(default_factory=BlindSpotConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_defaults(cls, data):
+        """A denoise config takes its objective's model settings (OBJECTIVE_MODEL_DEFAULTS) for every key it
+        does not give: without `model.name` a denoise run trains dae (unet-vae for divnoising), never the
+        ConvVAE, which cannot denoise a whole slice."""
+        if not isinstance(data, dict) or data.get("task") != "denoise":
+            return data
+        model = data.get("model")
+        if isinstance(model, ModelConfig):
+            model = model.model_dump(exclude_unset=True)
+        model = dict(model) if isinstance(model, dict) else {} if model is None else model
+        if isinstance(model, dict):
+            defaults = OBJECTIVE_MODEL_DEFAULTS.get(data.get("objective", "supervised"), {})
+            model = {**defaults, **model}
+        return {**data, "model": model}
 
 
 # --------------------------------------------------------------------------- evaluation / generation
@@ -195,6 +258,11 @@ class DenoiseConfig(StrictModel):
     # bf16: autocast for the model (CPUs with AMX / AVX-512 bf16, GPUs): ~3x faster on such a CPU, outputs
     # within ~1e-2 of fp32's on the [0, 1] scale; off (fp32) keeps the outputs of earlier releases
     amp: Literal["off", "bf16"] = "off"
+    # unet-vae runs: 0 decodes the posterior mean code once; N > 0 returns the MMSE estimate, the mean of the clean
+    # estimates of N posterior samples (DivNoising), drawn from a generator seeded with `seed` for every scan
+    samples: int = Field(0, ge=0)
+    sd: bool = False  # also write each scan's per-pixel posterior sd (needs samples >= 2) as <stem>_sd beside it
+    seed: int = 0
 
 
 class GenerateConfig(StrictModel):

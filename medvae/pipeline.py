@@ -34,7 +34,7 @@ from medvae.data.discover import discover
 from medvae.data.manifest import write_manifest
 from medvae.data.prepare import prepare
 from medvae.data.store import PatchStore, open_store
-from medvae.denoising.task import DenoiseTask
+from medvae.denoising import selfsupervised
 from medvae.errors import ConfigError, InputError
 from medvae.evaluation.evaluate import run_evaluation
 from medvae.files import sha256_file, sha256_json, write_json
@@ -106,6 +106,11 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     config = expand_sweep(config, str(path))
     if not config.models:
         raise ConfigError(f"{path}: 'models' is empty; name at least one model to train")
+    for name, cfg in config.models.items():  # refused now, not after discovery and preparation
+        try:
+            selfsupervised.check_config(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: models.{name}: {err}") from None
     return config
 
 
@@ -169,10 +174,17 @@ class StageRunner:
 def train_stage(store: PatchStore | str | os.PathLike, out: str | os.PathLike, cfg: TrainStageConfig,
                 device: str = "auto", resume: bool = False) -> dict:
     """Train ``cfg`` on ``store`` into the run directory ``out`` with the task ``cfg.task`` names: the VAE's
-    reconstruction, or denoising (noisy input, clean target) with its noise model."""
+    reconstruction, or denoising with its objective (``supervised``: noisy input, clean target, the
+    noise model; ``n2v`` / ``n2s`` / ``divnoising``: the store's noisy patches alone,
+    :mod:`medvae.denoising.selfsupervised`). A config that cannot give a denoiser is refused here,
+    before the first step (ConfigError)."""
+    selfsupervised.check_config(cfg)
     store = store if isinstance(store, PatchStore) else open_store(store)
-    task = DenoiseTask(store, cfg.noise, cfg.train.seed) if cfg.task == "denoise" else \
-        ReconstructTask(store, cfg.train.seed)
+    if cfg.task == "denoise":
+        cfg = selfsupervised.resolve_noise_model(store, cfg)
+        task = selfsupervised.build_task(store, cfg)
+    else:
+        task = ReconstructTask(store, cfg.train.seed)
     return train(store, out, cfg, device=device, resume=resume, task=task)
 
 

@@ -10,7 +10,7 @@ from typing import Any, TypeVar, get_args
 import typer
 from pydantic import BaseModel
 
-from medvae.config import load_config, parse_config
+from medvae.config import load_config, load_yaml, parse_config
 from medvae.errors import MedvaeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -37,15 +37,22 @@ def config_with_options(path, model: type[T], options: dict[str, Any]) -> T:
     """``model`` from the YAML ``path`` (defaults when None) with the given command-line options on top.
 
     ``options`` maps dotted keys (``"train.max_steps"``) to values; ``None`` means "not given", so
-    the YAML's value stays. A bad value raises ConfigError naming the option.
+    the YAML's value stays. The options are laid on the YAML's own keys, not on a dump of every
+    default, so a config can still tell a key nobody gave (a denoise run without ``model.name``
+    trains the objective's denoiser, :class:`medvae.config.TrainStageConfig`). A bad value raises
+    ConfigError naming the option.
     """
-    data = load_config(path, model).model_dump(mode="json")
+    data = load_yaml(path) if path is not None else {}
+    if path is not None:
+        load_config(path, model)  # the YAML alone first: its own mistakes are named by its file
     for dotted, value in options.items():
         if value is None:
             continue
         *parents, key = dotted.split(".")
         section = data
         for p in parents:
+            if not isinstance(section.get(p), dict):
+                section[p] = {}
             section = section[p]
         section[key] = value
     return parse_config(data, model, "command line" if path is None else f"{path} + command line")

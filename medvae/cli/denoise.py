@@ -23,6 +23,11 @@ def denoise(
     tile: Optional[int] = typer.Option(None, help="Sliding-window tile size (0: whole slices)."),
     amp: Optional[str] = typer.Option(None, help="off | bf16 (faster on CPUs with AMX and on GPUs; "
                                                  "outputs differ from fp32 within ~1e-2 of the window)."),
+    samples: Optional[int] = typer.Option(
+        None, help="unet-vae runs: the MMSE estimate, the mean of N posterior samples' clean estimates "
+                   "(DivNoising; 0: the posterior mean code decoded once)."),
+    sd: Optional[bool] = typer.Option(None, "--sd/--no-sd", help="Also write the per-pixel posterior sd of the "
+                                                               "samples as <stem>_sd beside each output."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
 ) -> None:
     """Denoise every slice of every scan at native resolution (NIfTI keeps its affine, TIFF its µm
@@ -33,7 +38,8 @@ def denoise(
     from medvae.devices import select_device
 
     cfg = config_with_options(config, DenoiseConfig, {"checkpoint": checkpoint, "batch_size": batch_size,
-                                                      "tile": tile, "amp": amp})
+                                                      "tile": tile, "amp": amp,
+                                                      "samples": samples, "sd": sd})
     with Progress(TextColumn("[bold]denoise {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("slices"), TimeRemainingColumn()) as progress:
         bar = progress.add_task("", total=None)

@@ -28,25 +28,41 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoints/last.pt."),
     task: Optional[str] = typer.Option(
         None, help=f"{choices(TrainStageConfig, 'task')} (denoise: noisy input -> clean target)."),
-    noise: Optional[str] = typer.Option(None, help=f"denoise task: {choices(NoiseConfig, 'kind')}"),
+    noise: Optional[str] = typer.Option(
+        None, help=f"denoise task, objective supervised: {choices(NoiseConfig, 'kind')}"),
+    objective: Optional[str] = typer.Option(
+        None, help=f"denoise task: {choices(TrainStageConfig, 'objective')} (supervised: a clean store and simulated "
+                   "noise; n2v, n2s, divnoising: a store of noisy scans as they are, no clean images)"),
     condition: Optional[str] = typer.Option(
         None, help=f"{choices(ModelConfig, 'condition')} (default auto: modality when the store has several; "
                    "mask: a joint image + label-map model)"),
 ) -> None:
-    """Train a model on a patch store (multi-GPU: torchrun --nproc_per_node N -m medvae train ...)."""
+    """Train a model on a patch store (multi-GPU: torchrun --nproc_per_node N -m medvae train ...).
+
+    --task denoise without --model trains dae (unet-vae for --objective divnoising)."""
+    from medvae.errors import ConfigError
     from medvae.pipeline import train_stage
 
     cfg = config_with_options(config, TrainStageConfig, {
         "model.name": model, "train.max_steps": max_steps, "train.epochs": epochs,
         "train.batch_size": batch_size, "train.checkpoint_every": checkpoint_every, "task": task,
-        "noise.kind": noise, "model.condition": condition})
+        "objective": objective, "noise.kind": noise, "model.condition": condition})
+    if noise is not None and cfg.objective != "supervised":
+        raise ConfigError(f"--noise does not apply to objective {cfg.objective}: it trains on the store's noisy scans "
+                          "as they are; leave --noise out")
     summary = train_stage(store, out, cfg, device=device, resume=resume)
-    if int(os.environ.get("RANK", "0")) == 0 and cfg.task == "denoise":
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0 and cfg.task == "denoise" and cfg.objective != "supervised":
+        m = summary["metrics"]
+        shown = ", ".join(f"val {k} {v:.4g}" for k, v in m.items()) or "no val split"
+        log.info("trained %s to denoise (%s, no clean images) for %d steps: %s; checkpoints in %s", cfg.model.name,
+                 cfg.objective, summary["step"], shown, out / "checkpoints")
+    elif rank0 and cfg.task == "denoise":
         m = summary["metrics"]
         log.info("trained %s to denoise (%s) for %d steps: val PSNR %.2f dB (noisy %.2f dB), SSIM %.3f; "
                  "checkpoints in %s", cfg.model.name, cfg.noise.kind, summary["step"], m.get("psnr", float("nan")),
                  m.get("noisy_psnr", float("nan")), m.get("ssim", float("nan")), out / "checkpoints")
-    elif int(os.environ.get("RANK", "0")) == 0:
+    elif rank0:
         m = summary["metrics"]
         log.info("trained %s for %d steps: val ELBO %.1f nats, SSIM %.3f, PSNR %.1f dB; checkpoints in %s",
                  cfg.model.name, summary["step"], m.get("elbo", float("nan")), m.get("ssim", float("nan")),

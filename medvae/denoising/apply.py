@@ -13,6 +13,11 @@ back in the input's own format and geometry.
   ``overlap``) where memory requires; GPU when present. Inference mode and channels_last
   (float rounding apart, fp32's values); ``amp: bf16`` is ~3x faster on CPUs with AMX, its outputs
   within ~1e-2 of fp32's on the [0, 1] scale. Threads: torch's (all cores).
+- unet-vae runs (DivNoising): ``samples`` N > 0 returns the MMSE estimate, the mean of N posterior
+  samples' clean estimates (a generator seeded with ``seed`` anew for every scan), and ``sd`` also
+  writes their per-pixel sample sd in physical units (float32) as ``<stem>_sd`` + the suffix beside
+  each output (0 outside a CT window). A scan is done when its output exists (the sd is written
+  first).
 - Outputs: NIfTI with the input's affine and header (same data type), ImageJ TIFF with the input's
   µm spacing and dtype, DICOM series -> NIfTI (int16 HU, the series' RAS affine). Each file is
   written atomically (``medvae.files.atomic_path``), and an existing output is skipped, so an
@@ -33,7 +38,7 @@ import torch
 from medvae.config import DenoiseConfig, PrepareConfig
 from medvae.data.manifest import read_manifest
 from medvae.data.transforms import normalization_constants
-from medvae.errors import InputError
+from medvae.errors import ConfigError, InputError
 from medvae.files import atomic_path
 from medvae.io import load_volume
 from medvae.io.formats import NIFTI_SUFFIXES, TIFF_SUFFIXES, scan_format, scan_stem
@@ -91,9 +96,16 @@ class SliceDenoiser:
         self.cfg, self.device = cfg, device
         run_dir = RunDir(run)
         self.model, self.meta = load_model(run_dir.checkpoint(cfg.checkpoint), device=device)
+        name = self.meta.get("model_config", {}).get("name")
         if not hasattr(self.model, "denoise"):
-            raise InputError(f"{run}: model {self.meta.get('model_config', {}).get('name')} is not fully "
-                             "convolutional; train --model dae or unet-vae with --task denoise")
+            raise InputError(f"{run}: model {name} is not fully convolutional; train --model dae or unet-vae "
+                             "with --task denoise")
+        if (cfg.samples > 0 or cfg.sd) and not getattr(self.model, "variational", False):
+            raise ConfigError(f"{run}: model {name} is deterministic: posterior samples (--samples, --sd) need a "
+                              "unet-vae run (e.g. --objective divnoising)")
+        if cfg.sd and cfg.samples < 2:
+            raise ConfigError(f"--sd needs at least 2 posterior samples (--samples N), got {cfg.samples}")
+        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.store = run_dir.store() if run_dir.info() else None
         # the settings the training patches were normalized with (defaults for a run without its store)
         saved = (self.store.meta.get("config") or {}) if self.store is not None else {}
@@ -113,9 +125,30 @@ class SliceDenoiser:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    @torch.inference_mode()
+    def reseed(self) -> None:
+        """Restart the posterior samples' generator at ``cfg.seed`` (before each scan)."""
+        self.generator.manual_seed(self.cfg.seed)
+
+    def _predict(self, t: torch.Tensor) -> torch.Tensor:
+        """The model's denoised ``t`` (MMSE of ``cfg.samples`` posterior samples when > 0), with the
+        posterior sd as a second block of channels when ``cfg.sd``."""
+        if self.cfg.sd:
+            return torch.cat(self.model.denoise(t, self.cfg.samples, self.generator, return_sd=True), 1)
+        return self.model.denoise(t, self.cfg.samples, self.generator) if self.cfg.samples else self.model.denoise(t)
+
     def __call__(self, slices: np.ndarray, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """Denoised ``(N, H, W)`` [0, 1] slices (the MMSE estimate with ``cfg.samples``)."""
+        return self._run(slices, on_batch)[0]
+
+    def with_sd(self, slices: np.ndarray, on_batch: Callable[[int], None] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """``(denoised, posterior sd)`` of ``(N, H, W)`` [0, 1] slices (``cfg.sd``)."""
+        return self._run(slices, on_batch)
+
+    @torch.inference_mode()
+    def _run(self, slices: np.ndarray, on_batch) -> tuple[np.ndarray, np.ndarray | None]:
         out = np.empty(slices.shape, np.float32)
+        sd = np.empty(slices.shape, np.float32) if self.cfg.sd else None
         for i in range(0, len(slices), self.batch_size):
             x = torch.from_numpy(np.ascontiguousarray(slices[i:i + self.batch_size], np.float32))
             x = x[:, None].to(self.device)
@@ -125,15 +158,16 @@ class SliceDenoiser:
                 if self.cfg.tile > 0:
                     from monai.inferers import sliding_window_inference  # MONAI import is slow; only when tiling
 
-                    y = sliding_window_inference(x, (self.cfg.tile, self.cfg.tile), x.shape[0],
-                                                 lambda t: self.model.denoise(t), overlap=self.cfg.overlap,
-                                                 mode="gaussian")
+                    y = sliding_window_inference(x, (self.cfg.tile, self.cfg.tile), x.shape[0], self._predict,
+                                                 overlap=self.cfg.overlap, mode="gaussian")
                 else:
-                    y = self.model.denoise(x)
+                    y = self._predict(x)
             out[i:i + len(x)] = y[:, 0].float().cpu().numpy()
+            if sd is not None:
+                sd[i:i + len(x)] = y[:, 1].float().cpu().numpy()
             if on_batch is not None:
                 on_batch(len(x))
-        return out
+        return out, sd
 
     def window(self, volume: np.ndarray, modality: str) -> tuple[float, float]:
         """(low, high) mapping ``volume`` to [0, 1] as prepare mapped the training patches: CT the store's
@@ -146,15 +180,23 @@ class SliceDenoiser:
         lo, hi = float(n["low"]), float(n["high"])
         return lo, hi if hi > lo else lo + 1.0
 
-    def volume(self, volume: np.ndarray, modality: str, on_batch=None) -> np.ndarray:
-        """Denoise ``(..., Y, X)`` in physical units slice by slice; physical units back."""
+    def volume(self, volume: np.ndarray, modality: str, on_batch=None):
+        """Denoise ``(..., Y, X)`` in physical units slice by slice; physical units back. With
+        ``cfg.sd`` returns ``(denoised, posterior sd)``, the sd in physical units too."""
         lo, hi = self.window(volume, modality)
         flat = volume.reshape(-1, *volume.shape[-2:]).astype(np.float32)
         x01 = (flat - lo) / (hi - lo)
-        den = lo + self(np.clip(x01, 0, 1) if modality == "ct" else x01, on_batch) * (hi - lo)
+        self.reseed()
+        den01, sd01 = self._run(np.clip(x01, 0, 1) if modality == "ct" else x01, on_batch)
+        den = lo + den01 * (hi - lo)
+        sd = sd01 * (hi - lo) if sd01 is not None else None
         if modality == "ct":  # outside the window the model saw nothing: keep the input
-            den = np.where((x01 >= 0) & (x01 <= 1), den, flat)
-        return den.reshape(volume.shape)
+            inside = (x01 >= 0) & (x01 <= 1)
+            den = np.where(inside, den, flat)
+            sd = np.where(inside, sd, 0.0).astype(np.float32) if sd is not None else None
+        if sd is None:
+            return den.reshape(volume.shape)
+        return den.reshape(volume.shape), sd.reshape(volume.shape)
 
 
 def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -162,6 +204,16 @@ def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
         info = np.iinfo(dtype)
         return np.clip(np.rint(arr), info.min, info.max).astype(dtype)
     return arr.astype(dtype)
+
+
+def sd_path(dst: Path) -> Path:
+    """Where a scan's posterior sd goes: ``<stem>_sd`` + the output's suffix, beside it."""
+    suffix = next((s for s in NIFTI_SUFFIXES + TIFF_SUFFIXES if dst.name.lower().endswith(s)), dst.suffix)
+    return dst.with_name(f"{dst.name[: len(dst.name) - len(suffix)]}_sd{suffix}")
+
+
+def _split(result, want_sd: bool):
+    return result if want_sd else (result, None)
 
 
 def _nifti(den: SliceDenoiser, src: Path, dst: Path, modality: str, on_batch) -> int:
@@ -172,14 +224,23 @@ def _nifti(den: SliceDenoiser, src: Path, dst: Path, modality: str, on_batch) ->
     if data.ndim < 2 or data.ndim > 3:
         raise InputError(f"{src}: {data.ndim}D NIfTI; denoise takes 2D or 3D volumes")
     zyx = data.T if data.ndim == 3 else data.T[None]  # (k, j, i): slices along the third voxel axis
-    out = den.volume(zyx, modality, on_batch).T.reshape(data.shape)
+    out, sd = _split(den.volume(zyx, modality, on_batch), den.cfg.sd)
+    out = out.T.reshape(data.shape)
     hdr = img.header.copy()
-    new = nib.Nifti1Image(_cast(out, hdr.get_data_dtype()) if hdr.get_slope_inter()[0] in (None, 1.0)
-                          else out, img.affine, hdr)
-    new.set_qform(img.get_qform(), code=int(img.header["qform_code"]))
-    new.set_sform(img.get_sform(), code=int(img.header["sform_code"]))
-    with atomic_path(dst) as tmp:
-        nib.save(new, tmp)
+
+    def save(arr: np.ndarray, header, path: Path) -> None:
+        new = nib.Nifti1Image(arr, img.affine, header)
+        new.set_qform(img.get_qform(), code=int(img.header["qform_code"]))
+        new.set_sform(img.get_sform(), code=int(img.header["sform_code"]))
+        with atomic_path(path) as tmp:
+            nib.save(new, tmp)
+
+    if sd is not None:
+        sd_hdr = img.header.copy()
+        sd_hdr.set_data_dtype(np.float32)
+        sd_hdr.set_slope_inter(1.0, 0.0)
+        save(sd.T.reshape(data.shape).astype(np.float32), sd_hdr, sd_path(dst))
+    save(_cast(out, hdr.get_data_dtype()) if hdr.get_slope_inter()[0] in (None, 1.0) else out, hdr, dst)
     return zyx.shape[0]
 
 
@@ -189,8 +250,10 @@ def _tiff(den: SliceDenoiser, src: Path, dst: Path, on_batch) -> int:
     with tifffile.TiffFile(str(src)) as tif:
         dtype = tif.series[0].dtype
     vol = load_volume(src)
-    out = den.volume(vol.array, "microscopy", on_batch)
+    out, sd = _split(den.volume(vol.array, "microscopy", on_batch), den.cfg.sd)
     axes = "CZYX" if out.ndim == 4 else "ZYX"
+    if sd is not None:
+        write_tiff(sd_path(dst), sd.astype(np.float32), axes, vol.spacing, unit="um")
     write_tiff(dst, _cast(out, dtype) if dtype in (np.uint8, np.uint16) else out.astype(np.float32), axes,
                vol.spacing, unit="um")
     return int(np.prod(out.shape[:-2]))
@@ -200,14 +263,16 @@ def _dicom(den: SliceDenoiser, src: Path, dst: Path, on_batch) -> int:
     import nibabel as nib
 
     vol = load_volume(src)
-    out = den.volume(vol.array, "ct", on_batch)
+    out, sd = _split(den.volume(vol.array, "ct", on_batch), den.cfg.sd)
     affine = vol.affine if vol.affine is not None else np.diag([*vol.spacing[::-1], 1.0])
-    img = nib.Nifti1Image(_cast(out, np.dtype(np.int16)).transpose(2, 1, 0), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units(xyz="mm")
-    with atomic_path(dst) as tmp:
-        nib.save(img, tmp)
+    for arr, path in ([(sd.astype(np.float32), sd_path(dst))] if sd is not None else []) + \
+            [(_cast(out, np.dtype(np.int16)), dst)]:
+        img = nib.Nifti1Image(arr.transpose(2, 1, 0), affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        img.header.set_xyzt_units(xyz="mm")
+        with atomic_path(path) as tmp:
+            nib.save(img, tmp)
     return out.shape[0]
 
 

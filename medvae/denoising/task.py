@@ -20,6 +20,7 @@ from medvae.data.store import PatchStore
 from medvae.denoising import noise
 from medvae.errors import ConfigError
 from medvae.metrics import images as metrics
+from medvae.training.tasks import TrainingPair
 
 VAL_SEED_OFFSET = 7919  # validation noise stream: (seed + offset, batch index), never a training step's
 
@@ -78,7 +79,7 @@ class DenoiseTask:
                               ct_angles=c.ct_angles)
         return noisy.to(x.dtype), levels
 
-    def training_pair(self, batch: Batch, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_pair(self, batch: Batch, step: int) -> TrainingPair:
         """``(noisy input, clean target)`` of training step ``step`` for the clean ``batch``; with
         ``noise.crop`` both are the same random crop (the noise is made on the whole patch, so CT
         streaks keep their geometry)."""
@@ -90,8 +91,8 @@ class DenoiseTask:
         if 0 < c < min(h, w):
             y0, x0 = (int(v) for v in torch.randint(0, min(h, w) - c + 1, (2,), generator=gen, device=gen.device))
             y0, x0 = min(y0, h - c), min(x0, w - c)
-            return noisy[..., y0:y0 + c, x0:x0 + c], x[..., y0:y0 + c, x0:x0 + c]
-        return noisy, x
+            return TrainingPair(noisy[..., y0:y0 + c, x0:x0 + c], x[..., y0:y0 + c, x0:x0 + c])
+        return TrainingPair(noisy, x)
 
     @torch.no_grad()
     def validate(self, model: torch.nn.Module, tc: TrainConfig, device: torch.device,

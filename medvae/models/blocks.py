@@ -45,14 +45,27 @@ class ResUnit(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve the resolution with a strided 3x3 conv (learned, no aliasing-prone pooling)."""
+    """Halve the resolution: a strided 3x3 conv (``mode="conv"``: learned, no aliasing-prone pooling),
+    or ``"blurpool"``: a 3x3 conv at full resolution, then a fixed ``[1 2 1]ᵀ[1 2 1] / 16`` blur taken
+    with stride 2 (Zhang 2019's anti-aliased ConvBlurPool; N2V2's replacement of max-pooling, whose
+    aliasing shows as checkerboard artefacts in blind-spot networks)."""
 
-    def __init__(self, in_ch: int, out_ch: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, mode: str = "conv") -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1)
+        if mode not in ("conv", "blurpool"):
+            raise ValueError(f"unknown downsample mode {mode!r}")
+        self.mode = mode
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, stride=2 if mode == "conv" else 1, padding=1)
+        if mode == "blurpool":
+            k = torch.tensor([1.0, 2.0, 1.0])
+            self.register_buffer("blur", (torch.outer(k, k) / 16).expand(out_ch, 1, 3, 3).clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        h = self.conv(x)
+        if self.mode == "blurpool":
+            h = nn.functional.conv2d(nn.functional.pad(h, (1, 1, 1, 1), mode="reflect"), self.blur.to(h.dtype),
+                                     stride=2, groups=h.shape[1])
+        return h
 
 
 def icnr_(conv: nn.Conv2d, scale: int = 2) -> nn.Conv2d:

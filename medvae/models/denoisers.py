@@ -6,7 +6,15 @@ nearest-neighbour upsampling + conv: no transposed convolutions, so no checkerbo
 take any image whose height and width are multiples of ``2 ** (len(channels) - 1)``, so a model
 trained on 128² patches denoises whole 512² slices at native resolution (callers pad other sizes:
 :func:`pad_to_multiple`). The output is a residual on the input in logit space,
-``sigmoid(logit(x_in) + f(x_in))``, so an untrained model starts near the identity.
+``sigmoid(logit(x_in) + f(x_in))``, so an untrained model starts near the identity
+(``input_residual``; DivNoising turns it off, and the skips, so that the latent is the only path
+from the noisy input to the output).
+
+Options for self-supervised training (ModelConfig): ``top_skip`` False drops the skip at full
+resolution and ``downsample: blurpool`` replaces the strided convs by anti-aliased ones, N2V2's
+two architecture fixes (Höck et al. 2022). ``unet-vae`` can return the MMSE estimate of N
+posterior samples and their per-pixel sd (:meth:`UNetDenoiser.denoise`; DivNoising, Prakash et
+al. 2021).
 
 Interface (docs/architecture.md, "Model interface"): ``encode`` / ``decode`` / ``forward`` /
 ``log_likelihood`` as every medvae model. ``unet-vae``: ``mu``, ``logvar`` are the spatial latent
@@ -61,14 +69,17 @@ class UNetDenoiser(VAEBase):
         self.multiple = 2 ** self.n_down
         self.stem = nn.Conv2d(config.in_channels, chs[0], 3, padding=1)
         self.enc = nn.ModuleList(nn.Sequential(*[ResUnit(c, c, g) for _ in range(r)]) for c in chs[:-1])
-        self.down = nn.ModuleList(Downsample(chs[k], chs[k + 1]) for k in range(self.n_down))
+        self.down = nn.ModuleList(Downsample(chs[k], chs[k + 1], config.downsample) for k in range(self.n_down))
         self.mid = nn.Sequential(*[ResUnit(chs[-1], chs[-1], g) for _ in range(max(r, 1))])
         lc = config.latent_channels
         if variational:
             self.to_stats = nn.Sequential(group_norm(chs[-1], g), nn.SiLU(), nn.Conv2d(chs[-1], 2 * lc, 1))
             self.from_latent = nn.Conv2d(lc, chs[-1], 3, padding=1)
         self.up = nn.ModuleList(Upsample(chs[k + 1], chs[k], config.upsample) for k in range(self.n_down))
-        self.fuse = nn.ModuleList(ResUnit(2 * chs[k] if self.skips else chs[k], chs[k], g) for k in range(self.n_down))
+        # the skip of level k is used unless skips are off, or k is the top level and top_skip is off (N2V2)
+        self.skip_at = [self.skips and (k > 0 or config.top_skip) for k in range(self.n_down)]
+        self.fuse = nn.ModuleList(ResUnit(2 * chs[k] if self.skip_at[k] else chs[k], chs[k], g)
+                                  for k in range(self.n_down))
         self.out_norm = nn.Sequential(group_norm(chs[0], g), nn.SiLU())
         self.out_conv = nn.Conv2d(chs[0], config.in_channels, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)  # start at the identity (the residual is 0)
@@ -113,11 +124,11 @@ class UNetDenoiser(VAEBase):
     def _decode(self, h: torch.Tensor, feats: list[torch.Tensor] | None, x_in: torch.Tensor | None) -> torch.Tensor:
         for k in reversed(range(self.n_down)):
             h = self.up[k](h)
-            if self.skips:
+            if self.skip_at[k]:
                 h = torch.cat([h, feats[k] if feats is not None else torch.zeros_like(h)], 1)
             h = self.fuse[k](h)
         out = self.out_conv(self.out_norm(h))
-        if x_in is not None:
+        if x_in is not None and self.config.input_residual:
             out = out + torch.logit(x_in.float().clamp(_IN_CLAMP, 1 - _IN_CLAMP)).to(out.dtype)
         return out
 
@@ -147,8 +158,44 @@ class UNetDenoiser(VAEBase):
             x_prior = self.decode(standard_normal((n_prior, self.latent_dim), x.device))
         return VAEOutput(self.likelihood.mean(logits), mu, logvar, z, logits, x_prior)
 
+    def posterior_samples(self, x: torch.Tensor, n: int, generator: torch.Generator | None = None):
+        """The clean estimates of ``n`` posterior samples of unet-vae, one at a time: for each,
+        ``z = mu + sigma * eps`` (eps from ``generator``, ``mu.shape`` per draw) decoded with the
+        input's skip features; yields ``(B, C, H, W)`` images (x's size must be a multiple)."""
+        if not self.variational:
+            raise ConfigError("the dae model is deterministic: it has no posterior to sample; train unet-vae")
+        h, feats = self._encode_features(x)
+        mu, logvar = self._stats(h)
+        for _ in range(n):
+            z = reparameterize(mu, logvar, generator).to(mu.dtype)
+            yield self.likelihood.mean(self._decode(self.from_latent(z), feats, x))
+
     @torch.no_grad()
-    def denoise(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``(B, C, H, W)`` of any size -> denoised mean image, same shape (padded internally)."""
+    def denoise(self, x: torch.Tensor, samples: int = 0, generator: torch.Generator | None = None,
+                return_sd: bool = False):
+        """x ``(B, C, H, W)`` of any size -> denoised image, same shape (padded internally).
+
+        ``samples`` 0: one forward pass (unet-vae decodes the posterior mean code). ``samples`` N > 0
+        (unet-vae): the MMSE estimate, the mean of N posterior samples' clean estimates
+        (:meth:`posterior_samples`), and with ``return_sd`` also their per-pixel sample sd (N - 1
+        in the denominator; zeros for N = 1): returns ``(mean, sd)``.
+        """
         xp, (h, w) = pad_to_multiple(x, self.multiple)
-        return self.forward(xp).x_hat[..., :h, :w]
+        if samples <= 0:
+            if return_sd:
+                raise ConfigError("a posterior sd needs posterior samples: give samples >= 2 (unet-vae)")
+            return self.forward(xp).x_hat[..., :h, :w]
+        mean = m2 = None
+        for k, s in enumerate(self.posterior_samples(xp, samples, generator), start=1):
+            s = s.float()
+            if mean is None:
+                mean, m2 = s.clone(), torch.zeros_like(s)
+            else:  # Welford: stable running mean and sum of squared deviations
+                delta = s - mean
+                mean += delta / k
+                m2 += delta * (s - mean)
+        mean = mean[..., :h, :w].to(x.dtype)
+        if not return_sd:
+            return mean
+        sd = (m2 / max(samples - 1, 1)).sqrt()[..., :h, :w].to(x.dtype)
+        return mean, sd

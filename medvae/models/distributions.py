@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvae.config import LikelihoodName
+from medvae.errors import ConfigError
 
 LIKELIHOODS = get_args(LikelihoodName)  # the names, written once as the config's Literal
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -68,9 +69,12 @@ class Likelihood(nn.Module):
 
     Args:
         kind: ``gaussian`` (learned per-channel scale), ``bernoulli``, ``cbernoulli``
-            (continuous Bernoulli), ``l1`` (Laplace, fixed scale) or ``l2`` (Gaussian, fixed sigma).
+            (continuous Bernoulli), ``l1`` (Laplace, fixed scale), ``l2`` (Gaussian, fixed sigma) or
+            ``poisson-gaussian`` (the noisy pixel x given the decoder's clean estimate s:
+            ``N(s, a·s + b)``, DivNoising's noise model of shot + read noise; s = sigmoid(logits)).
         channels: image channels (one learned scale per channel for ``gaussian``).
         fixed_scale: scale of ``l1`` / sigma of ``l2``.
+        noise_model: ``(a, b)`` of ``poisson-gaussian`` on the [0, 1] scale (required there).
         init_log_sigma: initial log-sigma of the learned Gaussian scale.
         log_sigma_range: clamp of the learned log-sigma (sigma in [1e-3, 1] by default).
     """
@@ -82,11 +86,23 @@ class Likelihood(nn.Module):
         fixed_scale: float = 0.1,
         init_log_sigma: float = math.log(0.1),
         log_sigma_range: tuple[float, float] = (math.log(1e-3), 0.0),
+        noise_model: tuple[float | None, float | None] | None = None,
     ) -> None:
         super().__init__()
         if kind not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {kind!r}; choose one of {LIKELIHOODS}")
         self.kind = kind
+        self.noise_model = None
+        if kind == "poisson-gaussian":
+            if noise_model is None or None in noise_model:
+                raise ConfigError("likelihood poisson-gaussian needs the noise variance a·s + b: set model.noise_a "
+                                  "and model.noise_b (the [0, 1] scale of the store), or let divnoising calibrate "
+                                  "them from the noisy store")
+            a, b = (float(v) for v in noise_model)
+            if a < 0 or b < 0 or a + b <= 0:
+                raise ConfigError(f"model.noise_a = {a:g}, model.noise_b = {b:g}: the noise variance a·s + b "
+                                  "must be positive")
+            self.noise_model = (a, b)
         self.fixed_scale = float(fixed_scale)
         self.log_sigma_range = log_sigma_range
         if kind == "gaussian":
@@ -107,10 +123,16 @@ class Likelihood(nn.Module):
             return _cb_mean(logits).to(logits.dtype)
         return torch.sigmoid(logits)
 
+    def variance(self, mean: torch.Tensor) -> torch.Tensor:
+        """``poisson-gaussian``: the noise variance ``a·s + b`` of clean values ``s`` (floored at 1e-8), float32."""
+        a, b = self.noise_model
+        return (a * mean.float().clamp_min(0.0) + b).clamp_min(1e-8)
+
     def log_prob(
-        self, x: torch.Tensor, *, mean: torch.Tensor | None = None, logits: torch.Tensor | None = None
+        self, x: torch.Tensor, *, mean: torch.Tensor | None = None, logits: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """log p(x | decoder output) summed over pixels, in nats.
+        """log p(x | decoder output) summed over pixels, in nats (weighted by ``weight`` when given).
 
         Args:
             x: (B, C, H, W) in [0, 1].
@@ -119,6 +141,8 @@ class Likelihood(nn.Module):
                 ``mean`` or ``logits``.
             logits: (B, C, H, W) the decoder's raw output; mean = sigmoid(logits). Preferred:
                 Bernoulli-type likelihoods are exact and stable on logits.
+            weight: (B, C, H, W) or broadcastable, >= 0: each pixel's term is multiplied by it before
+                the sum (a blind-spot objective's loss on its masked pixels only); None: 1.
 
         Returns:
             (B,) float32 log-likelihoods.
@@ -139,12 +163,17 @@ class Likelihood(nn.Module):
             if self.kind == "l1":
                 b = self.fixed_scale
                 lp = -(x - m).abs() / b - math.log(2.0 * b)
+            elif self.kind == "poisson-gaussian":
+                var = self.variance(m)
+                lp = -0.5 * (x - m) ** 2 / var - 0.5 * torch.log(var) - 0.5 * _LOG_2PI
             else:
                 if self.kind == "gaussian":
                     log_sigma = self.log_sigma.float().clamp(*self.log_sigma_range).view(1, -1, 1, 1)
                 else:
                     log_sigma = torch.tensor(math.log(self.fixed_scale), device=x.device)
                 lp = -0.5 * ((x - m) * torch.exp(-log_sigma)) ** 2 - log_sigma - 0.5 * _LOG_2PI
+        if weight is not None:
+            lp = lp * weight.float()
         return lp.flatten(1).sum(1)
 
 

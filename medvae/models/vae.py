@@ -39,7 +39,8 @@ class VAEBase(nn.Module):
         super().__init__()
         self.config = config
         self.discriminator = None  # instance attribute: a VAE–GAN replaces it with a Module
-        self.likelihood = Likelihood(config.likelihood, config.in_channels, config.fixed_scale)
+        self.likelihood = Likelihood(config.likelihood, config.in_channels, config.fixed_scale,
+                                     noise_model=(config.noise_a, config.noise_b))
         # class / modality models: an embedding of the condition id (medvae.data.conditions); the id of
         # the current batch is set by `conditioned_on`, so every caller (losses, metrics) stays unchanged
         self.condition_embedding = None

@@ -97,6 +97,7 @@ def generator_loss(
     gan_loss: str = "hinge",
     adv_weight: float = 1.0,
     fm_weight: float = 1.0,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss minimised over the generator's parameters, from the model's forward output.
 
@@ -118,6 +119,8 @@ def generator_loss(
         gan_loss: ``hinge`` or ``lsgan``.
         adv_weight: scale of the adaptive adversarial weight.
         fm_weight: weight of the feature-matching term.
+        weight: per-pixel weights of the NLL ``(B, C, H, W)`` (a task's training pair: a blind-spot
+            objective's masked pixels), or None (every pixel 1). The adversarial terms ignore it.
 
     Returns:
         ``(loss, terms)``: terms ``nll``, ``kl``, ``elbo`` (batch means, nats per image),
@@ -125,7 +128,7 @@ def generator_loss(
         ``fm``, ``adv_weight`` (zeros while ``out.x_prior`` is None: the critic has not started).
         Under ``torch.no_grad`` the adaptive weight is 0.
     """
-    nll = -likelihood.log_prob(x, logits=out.logits).mean()
+    nll = -likelihood.log_prob(x, logits=out.logits, weight=weight).mean()
     kl = kl_normal(out.mu, out.logvar).mean()
     kl_term = free_bits_kl(out.mu, out.logvar, free_bits) if free_bits > 0 else kl
     loss = nll + beta * kl_term

@@ -128,11 +128,12 @@ class TrainStep:
         max_norm = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    def backward(self, x: torch.Tensor, step: int, beta: float,
-                 target: torch.Tensor | None = None) -> tuple[dict, list[torch.Tensor]]:
+    def backward(self, x: torch.Tensor, step: int, beta: float, target: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None) -> tuple[dict, list[torch.Tensor]]:
         """Gradients of step ``step`` on this rank's batch ``x``, averaged over ranks, unscaled and
         clipped; no optimizer step. Returns this rank's loss terms and the gradient norms.
-        ``target``: what the output should match (the clean batch of the denoise task; default x)."""
+        ``target``: what the output should match (the clean batch of the denoise task; default x);
+        ``weight``: per-pixel weights of the likelihood term (None: every pixel 1)."""
         t = self.tc
         target = x if target is None else target
         critic_on = self.critic is not None and step >= t.disc_start
@@ -144,7 +145,7 @@ class TrainStep:
                 loss, terms = losses.generator_loss(
                     target, out, self.model.likelihood, beta=beta, free_bits=t.free_bits, discriminator=self.critic,
                     last_layer=self.model.last_decoder_weight, gan_loss=t.gan_loss, adv_weight=t.adv_weight,
-                    fm_weight=t.feature_matching_weight)
+                    fm_weight=t.feature_matching_weight, weight=weight)
             norms = [self._backward(loss, self.gen_params, "generator")]
         terms = {"loss": loss.detach(), **{k: v for k, v in terms.items() if k != "loss"}}
         if critic_on:
@@ -156,9 +157,11 @@ class TrainStep:
             terms.update({"d_loss": d_loss.detach(), **{k: v for k, v in d_terms.items() if k != "d_loss"}})
         return terms, norms
 
-    def step(self, x: torch.Tensor, step: int, target: torch.Tensor | None = None) -> StepRecord:
+    def step(self, x: torch.Tensor, step: int, target: torch.Tensor | None = None,
+             weight: torch.Tensor | None = None) -> StepRecord:
         """Train on batch ``x`` (this rank's share) as step ``step`` (0-based), toward ``target``
-        (default ``x``; the clean batch when ``x`` is its noisy copy).
+        (default ``x``; the clean batch when ``x`` is its noisy copy), the likelihood's pixels
+        weighted by ``weight`` (None: all 1).
 
         A step whose loss or gradient norm is not finite on any rank is skipped (no optimizer or
         EMA update) on every rank; the schedules advance anyway. On the host path (CPU, MPS,
@@ -173,7 +176,7 @@ class TrainStep:
         """
         lrs = {k: s.get_last_lr()[0] for k, s in self.schedulers.items()}
         beta = beta_at(step, self.tc.beta, self.tc.beta_warmup_steps)
-        terms, norms = self.backward(x, step, beta, target)
+        terms, norms = self.backward(x, step, beta, target, weight)
         names = [*terms, "grad_norm", "d_grad_norm"][: len(terms) + len(norms)]
         values = all_reduce_mean(torch.stack([v.float() for v in [*terms.values(), *norms]]), self.info)
         d_on = "d_loss" in terms

@@ -1,14 +1,20 @@
-"""What a training run optimizes: a task turns a batch into ``(input, target)`` and scores validation.
+"""What a training run optimizes: a task turns a batch into a :class:`TrainingPair` ``(input, target,
+weight)`` and scores validation.
 
 The trainer is task-agnostic: it calls :meth:`Task.training_pair` every step and
 :meth:`Task.validate` at every checkpoint, and keeps ``best.pt`` by the task's ``best_key``.
 :class:`ReconstructTask` (the VAE's own objective: the input is its target) is the default;
-``medvae.denoising.task.DenoiseTask`` (noisy input, clean target) is the other one.
+``medvae.denoising.task.DenoiseTask`` (noisy input, clean target) and the self-supervised tasks of
+``medvae.denoising.selfsupervised`` (a blind-spot input whose loss counts only its masked pixels:
+``weight``; DivNoising) are the others. A pair's ``weight`` multiplies each pixel's term of the
+likelihood (``Likelihood.log_prob(weight=...)``); None, the default, is every pixel 1, so a task
+that gives none trains exactly as before the weight existed. A task may still return a plain
+``(input, target)`` tuple.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -16,6 +22,16 @@ from medvae.config import TrainConfig
 from medvae.data.loader import Batch
 from medvae.data.store import PatchStore
 from medvae.training.validate import validate
+
+
+class TrainingPair(NamedTuple):
+    """One step's training data: the model's ``input``, the ``target`` its likelihood scores, both
+    ``(B, C, H, W)``, and an optional per-pixel ``weight`` of that likelihood (broadcastable to the
+    target, >= 0; None: every pixel 1)."""
+
+    input: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor | None = None
 
 
 class Task(Protocol):
@@ -30,8 +46,9 @@ class Task(Protocol):
     best_key: str
     conditional: bool
 
-    def training_pair(self, batch: Batch, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input, target)`` of training step ``step`` (0-based) for ``batch``."""
+    def training_pair(self, batch: Batch, step: int) -> TrainingPair | tuple[torch.Tensor, torch.Tensor]:
+        """:class:`TrainingPair` (or ``(input, target)``) of training step ``step`` (0-based) for ``batch``;
+        a function of the batch and ``step`` alone (no hidden RNG state), so resume stays exact."""
 
     def validate(self, model: torch.nn.Module, tc: TrainConfig, device: torch.device,
                  channels_last: bool) -> dict[str, float]:
@@ -49,8 +66,8 @@ class ReconstructTask:
     def __init__(self, store: PatchStore, seed: int):
         self.store, self.seed = store, int(seed)
 
-    def training_pair(self, batch: Batch, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch.x, batch.x
+    def training_pair(self, batch: Batch, step: int) -> TrainingPair:
+        return TrainingPair(batch.x, batch.x)
 
     def validate(self, model: torch.nn.Module, tc: TrainConfig, device: torch.device,
                  channels_last: bool) -> dict[str, float]:

@@ -52,7 +52,7 @@ from medvae.training.rundir import RunDir
 from medvae.training.runtime import resolve_amp, seed_everything
 from medvae.training.schedule import ema_state_dict
 from medvae.training.step import StepRecord, TrainStep
-from medvae.training.tasks import ReconstructTask, Task
+from medvae.training.tasks import ReconstructTask, Task, TrainingPair
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +257,11 @@ class _Trainer:
         skip decision is counted at once; on the device path at the next report (:meth:`_settle`)."""
         if not self.model.training:
             self.model.train()
-        x, target = self.task.training_pair(batch, self.step)
+        x, target, weight = TrainingPair(*self.task.training_pair(batch, self.step))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.model.conditioned_on(batch.ids):
-            record = self.steps.step(x, self.step, target=target)
+            record = self.steps.step(x, self.step, target=target, weight=weight)
         record.step = self.step
         if record.deferred:
             self._pending.append(record)

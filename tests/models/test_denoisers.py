@@ -49,3 +49,21 @@ def test_pad_to_multiple_reflects_and_keeps_size():
     p, (h, w) = pad_to_multiple(x, 4)
     assert p.shape == (1, 1, 8, 8) and (h, w) == (5, 6)
     assert torch.equal(p[..., :5, :6], x)
+
+
+@pytest.mark.parametrize("name", ["unet-vae", "dae"])
+def test_n2v2_options_blurpool_and_no_top_skip(name):
+    plain, n2v2 = _model(name), _model(name, top_skip=False, downsample="blurpool")
+    assert n2v2.skip_at == [False, True] and plain.skip_at == [True, True]
+    assert n2v2.fuse[0].conv1.in_channels == 8 and plain.fuse[0].conv1.in_channels == 16
+    x = torch.rand(2, 1, 96, 160) * 0.9 + 0.05
+    torch.testing.assert_close(n2v2(x).x_hat, x, atol=1e-5, rtol=0)  # still the identity at init
+    # the blur-pool: a full-resolution conv, then [1 2 1]²/16 with stride 2 (a constant map stays constant)
+    down = n2v2.down[0]
+    assert down.conv.stride == (1, 1)
+    h = torch.ones(1, 16, 8, 8)
+    out = torch.nn.functional.conv2d(torch.nn.functional.pad(h, (1, 1, 1, 1), mode="reflect"), down.blur, stride=2,
+                                     groups=16)
+    torch.testing.assert_close(out, torch.ones(1, 16, 4, 4))
+    no_residual = _model(name, input_residual=False)
+    torch.testing.assert_close(no_residual(x).x_hat, torch.full_like(x, 0.5))  # sigmoid(0): no copy of the input

@@ -1,7 +1,8 @@
 """Exact resume: a `medvae train` process killed with SIGKILL and resumed equals an uninterrupted run.
 
 Also for the denoise task: its noise comes from (seed, step), so the resumed run draws the same
-noisy inputs."""
+noisy inputs, and for the self-supervised objectives: the blind-spot masks (n2v) and crops come from
+(seed, step) too, and divnoising's posterior samples from the restored RNG."""
 
 import json
 import os
@@ -26,19 +27,22 @@ def _losses(run):
     return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
-def _denoise_config(model: str) -> TrainStageConfig:
+def _denoise_config(model: str, objective: str = "supervised") -> TrainStageConfig:
+    extra = {"noise_a": 0.05, "noise_b": 0.01} if objective == "divnoising" else {}
     return TrainStageConfig.model_validate({
-        "task": "denoise", "noise": {"kind": "poisson-gaussian", "levels": [5, 50], "crop": 32},
-        "model": {"name": model, "channels": [8, 16], "norm_groups": 4, "latent_channels": 2},
+        "task": "denoise", "objective": objective,
+        "noise": {"kind": "poisson-gaussian", "levels": [5, 50], "crop": 32},
+        "model": {"name": model, "channels": [8, 16], "norm_groups": 4, "latent_channels": 2, **extra},
         "train": {"batch_size": 8, "max_steps": N_STEPS, "lr": 2e-3, "warmup_steps": 2, "checkpoint_every": 5,
                   "log_every": 1, "val_batches": 1, "ema_decay": 0.9, "amp": "off", "beta": 0.01}})
 
 
-@pytest.mark.parametrize("model", ["vae", "vaegan", "dae", "unet-vae"])
+@pytest.mark.parametrize("model", ["vae", "vaegan", "dae", "unet-vae", "dae:n2v", "unet-vae:divnoising"])
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_store, tmp_path, model):
     # the kill lands mid-epoch (8 batches per epoch), and for the VAE-GAN after the critic started
+    model, _, objective = model.partition(":")
     denoise = model in ("dae", "unet-vae")
-    cfg = _denoise_config(model) if denoise else \
+    cfg = _denoise_config(model, objective or "supervised") if denoise else \
         tiny_config(model, max_steps=N_STEPS, checkpoint_every=5, log_every=1, ema_decay=0.9, disc_start=3)
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -77,8 +81,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_store, tmp_path, mo
     for ea, eb in zip(log_a, log_b, strict=False):
         for k in terms:
             assert eb[k] == pytest.approx(ea[k], rel=1e-5, abs=1e-6), (ea["step"], k)
-    if denoise:
+    if denoise and not objective:
         assert "val_noisy_psnr" in log_a[-1] and log_a[-1]["val_psnr"] > 0
+    elif objective:
+        assert {"n2v": "val_blindspot_psnr", "divnoising": "val_elbo"}[objective] in log_a[-1]
 
 
 def test_resume_of_a_checkpoint_from_before_conditioning(tiny_store, tmp_path):

@@ -1,0 +1,257 @@
+"""Self-supervised denoising (n2v, divnoising) trained on the noisy image only, against the supervised dae
+trained on clean -> simulated noise of similar images, on a real fluorescence image with Poisson–Gaussian
+noise at 5, 20 and 100 photons (at the image's brightest pixel; read noise 2 photons).
+
+The clean reference: a 512² fluorescence image of nuclei. scikit-image's ``human_mitosis`` when its data
+is installed (it downloads on first use), else the one StarDist ships (``stardist/data/images/img2d.tif``,
+Kaggle DSB 2018, in the ``stardist`` wheel from PyPI: ``pip download stardist --no-deps`` and give the
+wheel to ``--image``), or any 2D TIFF given to ``--image``. It is scaled to [0, 1] by its maximum.
+
+- test region: the right half (512 x 256); every method is scored there (PSNR / SSIM against the clean image,
+  outputs clipped to [0, 1]).
+- ``n2v`` (N2V2 defaults: median replacement, blur-pool, no top skip; 1/16 of the pixels masked) and
+  ``divnoising`` (unet-vae with the Poisson–Gaussian likelihood, the simulation's own (a, b); MMSE of
+  ``--samples`` posterior samples)
+  train per level on 64² tiles of the *noisy* image (all of it: the data a user has) and nothing else.
+- ``supervised``: one dae trained on clean 64² tiles of the left half with noise drawn per patch over 5–100
+  photons (the denoise task), applied at each level.
+- references measured in the same run: the noisy input and scikit-image TV / NLM as
+  ``medvae.denoising.classical`` runs them (BM3D when installed).
+
+Prints the table (dB per level and method) and wall times, writes ``--out``/bench_selfsupervised.json.
+:func:`selfsupervised_rows` is the callable other benchmarks use (bench_denoise.py's table). Run under the
+shared CPU lock: ``flock /tmp/medvae-cpu.lock .venv/bin/python benchmarks/bench_selfsupervised.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # medvae and tests.factories of this checkout
+
+from medvae.config import TrainStageConfig  # noqa: E402
+from medvae.denoising import classical  # noqa: E402
+from medvae.metrics import images as M  # noqa: E402
+from medvae.pipeline import train_stage  # noqa: E402
+from medvae.training.checkpoint import (
+    load_model,  # noqa: E402
+    resolve_checkpoint,  # noqa: E402
+)
+from tests.factories import patch_store  # noqa: E402
+
+READ_NOISE = 2.0
+STARDIST_IMAGE = "stardist/data/images/img2d.tif"
+
+
+def load_clean(image: str | None) -> tuple[np.ndarray, str]:
+    """The clean reference in [0, 1] (max-scaled) and where it came from (module docstring)."""
+    import tifffile
+
+    if image is None:
+        try:
+            from skimage.data import human_mitosis
+
+            return _unit(human_mitosis()), "skimage.data.human_mitosis"
+        except Exception:  # noqa: BLE001 - its data needs a download (pooch); try StarDist's next
+            import importlib.util
+
+            spec = importlib.util.find_spec("stardist")
+            if spec is None or not spec.submodule_search_locations:
+                raise SystemExit("no fluorescence image: skimage's human_mitosis needs a download and stardist is "
+                                 "not installed; give --image FILE.tif or the stardist wheel (pip download "
+                                 "stardist --no-deps)") from None
+            path = Path(spec.submodule_search_locations[0]) / "data" / "images" / "img2d.tif"
+            return _unit(tifffile.imread(path)), str(path)
+    if image.endswith(".whl"):
+        with zipfile.ZipFile(image) as z:
+            return _unit(tifffile.imread(io.BytesIO(z.read(STARDIST_IMAGE)))), f"{Path(image).name}:{STARDIST_IMAGE}"
+    return _unit(tifffile.imread(image)), image
+
+
+def _unit(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img, np.float32)
+    img = img if img.ndim == 2 else img.reshape(-1, *img.shape[-2:])[0]
+    return (img - min(float(img.min()), 0.0)) / float(img.max() - min(float(img.min()), 0.0))
+
+
+def simulate(clean: np.ndarray, photons: float, seed: int) -> np.ndarray:
+    """Poisson(photons · clean) + N(0, read²) photons, back on the [0, 1] scale (the denoise task's
+    poisson-gaussian with low 0, high 1): variance clean / photons + read² / photons²."""
+    rng = np.random.default_rng(seed)
+    return ((rng.poisson(clean * photons) + READ_NOISE * rng.standard_normal(clean.shape)) / photons).astype(np.float32)
+
+
+def tiles(img: np.ndarray, size: int, stride: int) -> np.ndarray:
+    h, w = img.shape
+    return np.stack([img[y:y + size, x:x + size] for y in range(0, h - size + 1, stride)
+                     for x in range(0, w - size + 1, stride)])[:, None]
+
+
+def _store(path: Path, patches: np.ndarray, n_val: int, tag: str):
+    """Patches as a store; the last ``n_val`` (evenly spread) form the val split."""
+    n = len(patches)
+    val = set(np.linspace(0, n - 1, n_val).round().astype(int).tolist())
+    return patch_store(path, patches, patient_id=["img"] * n, modality="microscopy",
+                       split=["val" if i in val else "train" for i in range(n)], source="bench", content_hash=tag,
+                       normalization={"microscopy": {"low": 0.0, "high": 1.0, "unit": "counts"}},
+                       spacing={"microscopy": [1.0, 1.0]})
+
+
+def _train_cfg(steps: int, **extra) -> dict:
+    return {"batch_size": 16, "max_steps": steps, "lr": 1e-3, "warmup_steps": 20,
+            "checkpoint_every": max(steps // 4, 1), "log_every": 50, "val_batches": 2, "betas": [0.9, 0.99],
+            "amp": "off", **extra}
+
+
+def configs(steps: int, photons: float | None = None) -> dict[str, TrainStageConfig]:
+    """The three trainings: n2v (N2V2 defaults), divnoising (the simulation's noise model), supervised dae."""
+    small = {"channels": [16, 32, 64], "res_units": 1}  # bench_denoise.py's dae
+    out = {"supervised": TrainStageConfig.model_validate({
+        "task": "denoise", "noise": {"kind": "poisson-gaussian", "levels": [5, 100], "read_noise": READ_NOISE,
+                                     "crop": 64},
+        "model": {"name": "dae", "likelihood": "l2", **small}, "train": _train_cfg(steps)})}
+    if photons is not None:
+        # 1/16 of the pixels masked (N2V: 1/64): four times the loss pixels per step, for a short CPU budget
+        out["n2v"] = TrainStageConfig.model_validate({
+            "task": "denoise", "objective": "n2v", "blindspot": {"fraction": 1 / 16}, "model": small,
+            "train": _train_cfg(steps)})
+        out["divnoising"] = TrainStageConfig.model_validate({
+            "task": "denoise", "objective": "divnoising",
+            "model": {"channels": [16, 32, 64], "latent_channels": 16, "noise_a": 1 / photons,
+                      "noise_b": READ_NOISE**2 / photons**2},
+            "train": _train_cfg(steps, beta_warmup_steps=max(steps // 4, 1), ema_decay=0.0)})
+    return out
+
+
+@torch.no_grad()
+def apply(run: Path, noisy: np.ndarray, samples: int = 0) -> tuple[np.ndarray, float]:
+    """The run's best checkpoint on a whole noisy image; (denoised, seconds)."""
+    model, _ = load_model(resolve_checkpoint(run, "best"), device="cpu")
+    x = torch.from_numpy(noisy)[None, None]
+    t0 = time.perf_counter()
+    if samples:
+        y = model.denoise(x, samples=samples, generator=torch.Generator().manual_seed(0))
+    else:
+        y = model.denoise(x)
+    return y[0, 0].numpy(), time.perf_counter() - t0
+
+
+def scores(out: np.ndarray, clean: np.ndarray) -> dict[str, float]:
+    o = torch.from_numpy(np.clip(out, 0, 1)[None, None].astype(np.float32))
+    c = torch.from_numpy(clean[None, None])
+    return {"psnr": float(M.psnr(o, c)[0]), "ssim": float(M.ssim(o, c)[0])}
+
+
+def selfsupervised_rows(clean: np.ndarray, levels=(5.0, 20.0, 100.0), steps: int = 500,
+                        out: Path = Path("bench_out/selfsupervised"), samples: int = 16,
+                        methods=("n2v", "divnoising", "supervised"), references=("tv", "nlm", "bm3d"),
+                        log=print) -> list[dict]:
+    """Train and score every method at every level on ``clean`` (module docstring).
+
+    Returns rows ``{method, photons, psnr, ssim, train_s, denoise_s}`` (train_s of the supervised dae is its
+    one training, repeated on each level's row; references and the noisy input have ``train_s`` 0).
+    """
+    h, w = clean.shape
+    test = (slice(None), slice(w // 2, None))
+    rows: list[dict] = []
+    sup_run, sup_train = out / "supervised", 0.0
+    if "supervised" in methods:  # clean tiles of the left half only; the test half is never seen
+        store = _store(out / "store-clean", tiles(clean[:, : w // 2], 64, 16), 16, "bench-ss-clean")
+        t0 = time.perf_counter()
+        train_stage(store, sup_run, configs(steps)["supervised"], device="cpu", resume=True)
+        sup_train = time.perf_counter() - t0
+        log(f"supervised dae: {steps} steps in {sup_train:.0f} s")
+    for li, photons in enumerate(levels):
+        noisy = simulate(clean, photons, seed=100 + li)
+        ref = clean[test]
+        rows.append({"method": "noisy", "photons": photons, **scores(noisy[test], ref), "train_s": 0.0,
+                     "denoise_s": 0.0})
+        for m in references:
+            if m in classical.missing_methods():
+                continue
+            t0 = time.perf_counter()
+            den = classical.denoise(m, noisy[test][None, None].astype(np.float32))[0, 0]
+            rows.append({"method": m, "photons": photons, **scores(den, ref), "train_s": 0.0,
+                         "denoise_s": time.perf_counter() - t0})
+        if "supervised" in methods:
+            den, sec = apply(sup_run, noisy[:, w // 2:])
+            rows.append({"method": "supervised dae", "photons": photons, **scores(den, ref), "train_s": sup_train,
+                         "denoise_s": sec})
+        store = None
+        for m in ("n2v", "divnoising"):
+            if m not in methods:
+                continue
+            if store is None:  # the noisy image, all of it: the only data a self-supervised model sees
+                store = _store(out / f"store-noisy-{photons:g}", tiles(noisy, 64, 32), 16,
+                               f"bench-ss-noisy-{photons:g}")
+            run = out / f"{m}-{photons:g}"
+            t0 = time.perf_counter()
+            train_stage(store, run, configs(steps, photons)[m], device="cpu", resume=True)
+            train_s = time.perf_counter() - t0
+            den, sec = apply(run, noisy[:, w // 2:], samples if m == "divnoising" else 0)
+            name = f"{m} (MMSE of {samples})" if m == "divnoising" else "n2v (N2V2)"
+            rows.append({"method": name, "photons": photons, **scores(den, ref), "train_s": train_s,
+                         "denoise_s": sec})
+            log(f"  {photons:g} photons: {name} {rows[-1]['psnr']:.2f} dB after {train_s:.0f} s of training")
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    levels = sorted({r["photons"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["photons"]): r for r in rows}
+    lines = ["| method | " + " | ".join(f"{p:g} photons PSNR / SSIM" for p in levels) + " | train s | denoise s |",
+             "|---|" + "---|" * (len(levels) + 2)]
+    for m in methods:
+        vals = [cell.get((m, p)) for p in levels]
+        train = max((v["train_s"] for v in vals if v), default=0.0)
+        den = np.mean([v["denoise_s"] for v in vals if v])
+        lines.append(f"| {m} | " + " | ".join(f"{v['psnr']:.2f} / {v['ssim']:.3f}" if v else "-" for v in vals)
+                     + f" | {train:.0f} | {den:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--image", default=None, help="a 2D fluorescence TIFF, or the stardist wheel")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--samples", type=int, default=16, help="divnoising posterior samples (MMSE)")
+    ap.add_argument("--levels", type=float, nargs="*", default=[5.0, 20.0, 100.0])
+    ap.add_argument("--methods", nargs="*", default=["n2v", "divnoising", "supervised"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="10 steps, 2 samples: checks the script only")
+    ap.add_argument("--out", type=Path, default=Path("bench_out/selfsupervised"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    clean, source = load_clean(args.image)
+    steps, samples = (10, 2) if args.quick else (args.steps, args.samples)
+    out = args.out / ("quick" if args.quick else f"steps{steps}")
+    t0 = time.perf_counter()
+    rows = selfsupervised_rows(clean, args.levels, steps, out, samples, args.methods)
+    total = time.perf_counter() - t0
+    print(f"\nclean reference: {source} {clean.shape}; scored on the right half; {steps} steps per training, "
+          f"{torch.get_num_threads()} threads, {total:.0f} s in all\n")
+    print(table(rows))
+    best_ref = {p: max((r["psnr"] for r in rows if r["photons"] == p and r["method"] in ("tv", "nlm", "bm3d")),
+                       default=float("nan")) for p in args.levels}
+    for r in rows:
+        if r["method"] not in ("noisy", "tv", "nlm", "bm3d"):
+            print(f"{r['method']} at {r['photons']:g} photons: {r['psnr'] - best_ref[r['photons']]:+.2f} dB over the "
+                  "best of TV / NLM / BM3D")
+    (out / "bench_selfsupervised.json").write_text(json.dumps({
+        "source": source, "steps": steps, "samples": samples, "seconds": total, "rows": rows,
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Denoising without clean images: the self-supervised objectives of the denoise task, trained on a
+store of the user's noisy scans as they are (no noise is added; ``noise`` does not apply).
+
+- ``n2v`` / ``n2s`` (:class:`BlindSpotTask`): the input is the noisy batch with blind-spot masks
+  (:mod:`medvae.denoising.masks`), the target the same noisy batch, and the training pair's
+  per-pixel ``weight`` keeps only the masked pixels in the loss (Krull et al. 2019; Batson & Royer
+  2019). Since the noise of a pixel is independent of its neighbours' and has mean zero, the
+  network's best prediction of a hidden noisy pixel is its clean value. Validation: the same loss
+  on the val split with fixed masks, as ``blindspot_mse`` and ``blindspot_psnr`` = 10 log10(1 / mse)
+  (best.pt); both contain the noise variance, so they rank checkpoints, not the denoising quality.
+- ``divnoising`` (:class:`DivNoisingTask`, Prakash et al. 2021): unet-vae without skips or input
+  residual learns the noisy batch itself under a Poisson–Gaussian noise model as the decoder's
+  likelihood (model.likelihood ``poisson-gaussian``, variance ``a·s + b``), so the latent must
+  explain the signal and the noise model the noise; the decoder's mean is the clean estimate, and
+  ``medvae denoise --samples N`` averages N posterior samples (MMSE). Validation: the val ELBO
+  (best.pt), NLL and KL.
+
+:func:`check_config` refuses a config that cannot work before anything is trained;
+:func:`build_task` builds the task of any denoise objective (``supervised``: DenoiseTask).
+:func:`resolve_noise_model` is the hook where divnoising gets (a, b) when the config has none.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from medvae.config import TrainConfig, TrainStageConfig
+from medvae.data.loader import Batch
+from medvae.data.store import PatchStore
+from medvae.denoising import masks
+from medvae.denoising.noise import step_generator
+from medvae.denoising.task import VAL_SEED_OFFSET, DenoiseTask
+from medvae.errors import ConfigError
+from medvae.models import DENOISERS
+from medvae.training.tasks import TrainingPair
+from medvae.training.validate import validate
+
+log = logging.getLogger(__name__)
+
+
+def check_config(cfg: TrainStageConfig) -> None:
+    """Raise ConfigError for a config whose run could not give a denoiser (before the first step):
+    an objective without the denoise task, a model that cannot denoise whole slices, divnoising
+    with a path from the noisy input to the output besides the latent, struct masks outside n2v."""
+    m, obj = cfg.model, cfg.objective
+    if cfg.task != "denoise":
+        if obj != "supervised":
+            raise ConfigError(f"objective {obj} trains a denoiser: give --task denoise (task is {cfg.task})")
+        return
+    if m.name not in DENOISERS:
+        raise ConfigError(f"model {m.name} cannot denoise whole slices (it is not fully convolutional): --task "
+                          f"denoise trains {' or '.join(DENOISERS)}; leave --model out for "
+                          f"{'unet-vae' if obj == 'divnoising' else 'dae'}")
+    if obj == "divnoising":
+        if m.name != "unet-vae":
+            raise ConfigError(f"objective divnoising is a VAE with the noise model as its likelihood: it needs "
+                              f"model unet-vae, not {m.name}")
+        if m.skip_connections or m.input_residual:
+            raise ConfigError("objective divnoising needs model.skip_connections and model.input_residual false: "
+                              "either lets the decoder copy the noisy input, and the VAE then learns the noise")
+        if m.likelihood != "poisson-gaussian":
+            raise ConfigError(f"objective divnoising needs model.likelihood poisson-gaussian (the noise model), "
+                              f"not {m.likelihood}")
+    if cfg.blindspot.struct != "none" and obj != "n2v":
+        raise ConfigError(f"blindspot.struct {cfg.blindspot.struct} is a StructN2V mask: objective n2v only")
+
+
+def calibrate_noise_model(store: PatchStore) -> tuple[float, float]:
+    """(a, b) of the store's Poisson–Gaussian noise, variance ``a·s + b`` on its [0, 1] scale.
+
+    The hook for a calibration from the noisy data (e.g. Foi et al. 2008 from one image); none is
+    wired in yet, so it raises ConfigError asking for the values.
+    """
+    raise ConfigError(f"{store.path}: objective divnoising needs the noise model's variance a·s + b on the store's "
+                      "[0, 1] scale; set model.noise_a and model.noise_b in the config (no calibration from the "
+                      "data is available in this version)")
+
+
+def resolve_noise_model(store: PatchStore, cfg: TrainStageConfig) -> TrainStageConfig:
+    """``cfg`` with ``model.noise_a`` / ``noise_b`` set when the likelihood is poisson-gaussian and the
+    config lacks them (:func:`calibrate_noise_model`); the run's config.yaml and checkpoints keep them."""
+    m = cfg.model
+    if m.likelihood != "poisson-gaussian" or (m.noise_a is not None and m.noise_b is not None):
+        return cfg
+    a, b = calibrate_noise_model(store)
+    log.info("noise model of %s: variance %.4g·s + %.4g", store.path, a, b)
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.noise_a, cfg.model.noise_b = float(a), float(b)
+    return cfg
+
+
+def build_task(store: PatchStore, cfg: TrainStageConfig):
+    """The training task of a denoise config's objective (:func:`check_config` first)."""
+    check_config(cfg)
+    seed, crop = cfg.train.seed, cfg.noise.crop
+    if cfg.objective == "supervised":
+        return DenoiseTask(store, cfg.noise, seed)
+    if cfg.objective == "divnoising":
+        return DivNoisingTask(store, seed, crop)
+    return BlindSpotTask(store, cfg.objective, cfg.blindspot, seed, crop)
+
+
+def random_crop(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """One random ``size`` crop of the batch (the same window for every image), or ``x`` when
+    ``size`` is 0 or not smaller than the patch; the window comes from ``gen``."""
+    h, w = x.shape[-2:]
+    if not 0 < size < min(h, w):
+        return x
+    y0, x0 = (int(v) for v in torch.randint(0, min(h, w) - size + 1, (2,), generator=gen, device=gen.device))
+    return x[..., y0:y0 + size, x0:x0 + size]
+
+
+class BlindSpotTask:
+    """n2v / n2s on a store of noisy patches (module docstring); one per training run.
+
+    Args:
+        store: the noisy patch store.
+        objective: ``n2v`` or ``n2s``.
+        cfg: BlindSpotConfig (fraction, replacement, radius, grid, struct).
+        seed: the run's ``train.seed``: masks of step s come from ``(seed, s)`` alone.
+        crop: train on random crops of this size (``noise.crop``; 0: whole patches).
+    """
+
+    name = "denoise"
+    best_key = "blindspot_psnr"
+    conditional = False
+
+    def __init__(self, store: PatchStore, objective: str, cfg, seed: int, crop: int = 0):
+        if objective not in ("n2v", "n2s"):
+            raise ValueError(f"not a blind-spot objective: {objective!r}")
+        self.store, self.objective, self.cfg, self.seed, self.crop = store, objective, cfg, int(seed), int(crop)
+
+    def masked(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(network input, mask)`` of the noisy batch ``x`` (:mod:`medvae.denoising.masks`)."""
+        c = self.cfg
+        if self.objective == "n2s":
+            return masks.n2s(x, gen, c.grid)
+        return masks.n2v(x, gen, c.fraction, c.replace, c.radius, c.struct, c.struct_length)
+
+    def training_pair(self, batch: Batch, step: int) -> TrainingPair:
+        gen = step_generator(self.seed, step, batch.x.device)
+        x = random_crop(batch.x, self.crop, gen)
+        x_in, mask = self.masked(x.float(), gen)
+        return TrainingPair(x_in.to(x.dtype), x, masks.loss_weight(mask))
+
+    @torch.no_grad()
+    def validate(self, model: torch.nn.Module, tc: TrainConfig, device: torch.device,
+                 channels_last: bool = False) -> dict[str, float]:
+        """``blindspot_mse`` (mean over the val patches of the masked pixels' squared error against
+        their noisy values) and ``blindspot_psnr``, with the same masks every time."""
+        rows = self.store.select("val")[: tc.batch_size * tc.val_batches]
+        if len(rows) == 0:
+            return {}
+        was_training = model.training
+        model.eval()
+        total = 0.0
+        for i, start in enumerate(range(0, len(rows), tc.batch_size)):
+            x = torch.from_numpy(self.store.get(rows[start:start + tc.batch_size])).to(device)
+            x_in, mask = self.masked(x, step_generator(self.seed + VAL_SEED_OFFSET, i, device))
+            out = model(x_in).x_hat.float()
+            m = mask.expand_as(x).float()
+            total += float((((out - x) ** 2 * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)).double().sum())
+        model.train(was_training)
+        mse = total / len(rows)
+        return {"blindspot_mse": mse, "blindspot_psnr": float(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))))}
+
+
+class DivNoisingTask:
+    """DivNoising on a store of noisy patches: the VAE learns the noisy batch under its noise-model
+    likelihood; validation is the val ELBO (best.pt), NLL and KL (module docstring).
+
+    Args:
+        store: the noisy patch store.
+        seed: the run's ``train.seed`` (crops of step s from ``(seed, s)``; validation's posterior noise).
+        crop: train on random crops of this size (0: whole patches).
+    """
+
+    name = "denoise"
+    best_key = "elbo"
+    conditional = False
+
+    def __init__(self, store: PatchStore, seed: int, crop: int = 0):
+        self.store, self.seed, self.crop = store, int(seed), int(crop)
+
+    def training_pair(self, batch: Batch, step: int) -> TrainingPair:
+        x = random_crop(batch.x, self.crop, step_generator(self.seed, step, batch.x.device))
+        return TrainingPair(x, x)
+
+    def validate(self, model: torch.nn.Module, tc: TrainConfig, device: torch.device,
+                 channels_last: bool = False) -> dict[str, float]:
+        out = validate(model, self.store, tc.batch_size, tc.val_batches, device, seed=self.seed,
+                       channels_last=channels_last)
+        return {k: v for k, v in out.items() if k in ("elbo", "nll", "kl")}
