@@ -21,7 +21,9 @@ Each condition prints images/s of both and the median of the per-pair ratios tra
 
 Writes bench_out/bench_train.json (``_quick`` with ``--quick``). Run:
 ``.venv/bin/python benchmarks/bench_train.py [--quick] [--size 32] [--channels 32 64 128 256]``
-(``--channels default``: the patch-size default of ``ModelConfig``).
+(``--channels default``: the patch-size default of ``ModelConfig``). CPU paths (#20): ``--amp bf16``,
+``--compile`` (the warm-up's wall time, compilation included, is printed), ``--threads N``,
+``--interop-threads N``; ``--conditions quiet`` for one condition.
 """
 
 from __future__ import annotations
@@ -185,9 +187,12 @@ def compare(store, cfg, device, n1: int, n2: int, repeats: int, load: int) -> di
     channels_last = cfg.train.channels_last and device.type == "cuda"
     bare, ours, ratios = [], [], []
     with busy_neighbours(load) if load else contextlib.nullcontext():
-        # warm-up, untimed: a whole run of each (allocator, oneDNN primitive caches, page cache)
-        trainer_wall(store, cfg, device, n1)
+        # warm-up, untimed: a whole run of each (allocator, oneDNN primitive caches, page cache; with
+        # --compile the compilation: its wall time is reported as warmup_trainer_s / warmup_bare_s)
+        warm_trainer = trainer_wall(store, cfg, device, n1)
+        t0 = time.perf_counter()
         bare_loop(store, cfg, device, n2, amp_dtype, channels_last, cfg.train.compile)
+        warm_bare = time.perf_counter() - t0
         for _ in range(repeats):
             clock = bare_loop(store, cfg, device, n2, amp_dtype, channels_last, cfg.train.compile)
             bare.append((n2 - n1) * b / (clock[n2 - 1] - clock[n1 - 1]))
@@ -199,7 +204,8 @@ def compare(store, cfg, device, n1: int, n2: int, repeats: int, load: int) -> di
                   f"img/s, ratio {ratios[-1]:.3f}", flush=True)
     return {"bare_images_per_s": statistics.median(bare), "trainer_images_per_s": statistics.median(ours),
             "ratio_median": statistics.median(ratios), "ratios": ratios, "bare_all": bare, "trainer_all": ours,
-            "busy_processes": load}
+            "busy_processes": load, "warmup_trainer_s": warm_trainer, "warmup_bare_s": warm_bare,
+            "warmup_trainer_steps": n1, "warmup_bare_steps": n2}
 
 
 def resolve_amp_dtype(cfg: TrainStageConfig, device):
@@ -300,6 +306,11 @@ def main() -> None:
     ap.add_argument("--load-procs", type=int, default=1, help="busy processes of the loaded condition")
     ap.add_argument("--conditions", nargs="+", default=["quiet", "loaded"], choices=["quiet", "loaded"])
     ap.add_argument("--amp", default="auto", help="the trainer's amp (the bare loop follows it)")
+    ap.add_argument("--compile", action="store_true",
+                    help="train.compile on (the bare loop compiles encoder and decoder too); the warm-up's wall "
+                         "time, compilation included, is printed")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    ap.add_argument("--interop-threads", type=int, default=None, help="torch.set_num_interop_threads")
     ap.add_argument("--table", action="store_true", help="also the model table at --sizes")
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--table-batch", type=int, default=None)
@@ -307,6 +318,10 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows on CUDA")
     ap.add_argument("--out", type=Path, default=ROOT / "bench_out")
     args = ap.parse_args()
+    if args.interop_threads:
+        torch.set_num_interop_threads(args.interop_threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = select_device(args.device)
     n1, n2 = args.steps or ((3, 8) if args.quick else (10, 40))
     repeats = args.repeats or (1 if args.quick else 5)
@@ -319,12 +334,14 @@ def main() -> None:
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
                "torch": torch.__version__, "load_average_before": os.getloadavg()}
     store = random_store(args.out / f"bench_train_store_{args.size}_cmp", args.size, max(40 * args.batch, 512))
-    cfg = trainer_cfg(channels, args.batch, n2, amp=args.amp)
+    cfg = trainer_cfg(channels, args.batch, n2, amp=args.amp, compile_=args.compile)
     params = n_params(build_model(resolve_config(cfg, store).model))
     results["comparison"] = cmp = {"size": args.size, "batch": args.batch, "params": params, "steps": [n1, n2],
-                                   "channels": None if channels is None else list(channels), "amp": args.amp}
+                                   "channels": None if channels is None else list(channels), "amp": args.amp,
+                                   "compile": args.compile, "interop_threads": torch.get_num_interop_threads()}
     print(f"ConvVAE {args.size}², {params / 1e6:.2f} M parameters, batch {args.batch}, marginal steps {n1}..{n2}, "
-          f"{repeats} pair(s) per condition, {torch.get_num_threads()} torch threads", flush=True)
+          f"{repeats} pair(s) per condition, {torch.get_num_threads()} torch threads, amp {args.amp}, "
+          f"compile {args.compile}", flush=True)
     for cond in args.conditions:
         cmp[cond] = compare(store, cfg, device, n1, n2, repeats, args.load_procs if cond == "loaded" else 0)
     if args.table:
@@ -339,6 +356,8 @@ def main() -> None:
         label = cond if cond == "quiet" else f"loaded ({c['busy_processes']} busy)"
         print(f"{label:<10} {c['bare_images_per_s']:>11.1f} {c['trainer_images_per_s']:>12.1f} "
               f"{c['ratio_median']:>15.3f}  (pairs: {', '.join(f'{r:.3f}' for r in c['ratios'])})")
+        print(f"{'':<10} warm-up: trainer {c['warmup_trainer_s']:.1f} s ({n1} steps), bare loop "
+              f"{c['warmup_bare_s']:.1f} s ({n2} steps)")
     for r in results.get("rows", []):
         print(f"{r['model']:9s} {r['size']}² {r['amp']:5s} {r['params'] / 1e6:6.2f} M {r['images_per_s']:8.3g} img/s"
               f"  vs MONAI KL {r.get('ratio_vs_monai_kl', float('nan')):.2f}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,6 +25,7 @@ PrepareMode = Literal["auto", "resize", "tile", "pad"]
 ConditionalModel = Literal["vae", "vaegan"]  # take a class / modality id (medvae.data.conditions)
 DenoiserModel = Literal["unet-vae", "dae"]  # fully convolutional (medvae.models.denoisers): whole slices, any size
 ModelName = Literal[ConditionalModel, "monai-vae", "monai-kl", DenoiserModel]
+DENOISER_CHANNELS_MODELS = get_args(DenoiserModel)
 # medvae.models.distributions; poisson-gaussian: the noisy pixel given the clean estimate s, N(s, a·s + b) (DivNoising)
 LikelihoodName = Literal["gaussian", "bernoulli", "cbernoulli", "l1", "l2", "poisson-gaussian"]
 Condition = Literal["auto", "none", "class", "modality", "mask"]
@@ -84,6 +85,28 @@ class PrepareConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------- models
+# Default widths per resolution when a config gives no `channels`, sized to the patch. ConvVAE, VAE–GAN and the
+# MONAI baselines go down to an 8×8 map, so their depth follows the patch: 3 levels at 32², 4 at 64², 5 at 128²,
+# 6 at 256² (the last width repeats). 32² takes narrow widths (1.8 M parameters at latent 128 against 4.1 M
+# for the 128²-era 32/64/128: the same ELBO, SSIM and MSE on Fashion-MNIST at the same budget, ~2× the
+# images/s; README "Speed"); 64² and up keep the widths they had.
+DEFAULT_CHANNELS: dict[int, tuple[int, ...]] = {
+    32: (16, 32, 64),
+    64: (32, 64, 128, 256),
+    128: (32, 64, 128, 256, 256),
+    256: (32, 64, 128, 256, 256, 256),
+}
+# unet-vae / dae: one entry per level at any patch size (they denoise whole slices of any size, not patches)
+DENOISER_CHANNELS: tuple[int, ...] = (32, 64, 128, 256)
+
+
+def default_channels(name: str, image_size: int) -> tuple[int, ...]:
+    """The widths a model of ``name`` takes at ``image_size``² when its config gives no ``channels``."""
+    if name in DENOISER_CHANNELS_MODELS:
+        return DENOISER_CHANNELS
+    return DEFAULT_CHANNELS[int(image_size)]
+
+
 class ModelConfig(StrictModel):
     """Constructor config of a model; stored with its weights in every checkpoint."""
 
@@ -91,7 +114,8 @@ class ModelConfig(StrictModel):
     in_channels: int = 1
     image_size: PatchSize = 128
     latent_dim: int = 128
-    channels: tuple[int, ...] = (32, 64, 128, 256)
+    # widths per resolution; None: sized to the patch (default_channels; resolved into the run's config)
+    channels: tuple[int, ...] | None = None
     res_units: int = 1  # residual units per stage
     norm_groups: int = 8
     upsample: Literal["nearest", "pixelshuffle", "transpose"] = "nearest"
@@ -121,6 +145,10 @@ class ModelConfig(StrictModel):
     condition: Condition = "auto"
     condition_names: tuple[str, ...] = ()  # filled from the store by the trainer: class / modality / label names
     condition_dim: int = 32  # width of the condition embedding
+
+    def resolved_channels(self) -> tuple[int, ...]:
+        """``channels`` as given, else the default for this model at ``image_size`` (:func:`default_channels`)."""
+        return tuple(self.channels) if self.channels else default_channels(self.name, self.image_size)
 
 
 class TrainConfig(StrictModel):

@@ -63,7 +63,7 @@ class UNetDenoiser(VAEBase):
 
     def __init__(self, config: ModelConfig, variational: bool) -> None:
         super().__init__(config)
-        chs, g, r = list(config.channels), config.norm_groups, config.res_units
+        chs, g, r = list(config.resolved_channels()), config.norm_groups, config.res_units
         self.variational, self.skips = variational, config.skip_connections or not variational
         self.n_down = len(chs) - 1
         self.multiple = 2 ** self.n_down

@@ -141,11 +141,12 @@ class VAEBase(nn.Module):
 def stage_channels(config: ModelConfig) -> list[int]:
     """Channels at each resolution, from the image size down to the 8x8 bottleneck.
 
-    ``config.channels`` gives the first stages; deeper stages (256² inputs need one more
-    than 128²) repeat its last entry. Returns ``n_down + 1`` entries.
+    ``config.channels`` (None: the patch-size default, ``ModelConfig.resolved_channels``) gives the
+    first stages; deeper stages (256² inputs need one more than 128²) repeat its last entry.
+    Returns ``n_down + 1`` entries.
     """
     n_down = int(round(math.log2(config.image_size / BOTTLENECK)))
-    ch = list(config.channels)
+    ch = list(config.resolved_channels())
     return [ch[min(k, len(ch) - 1)] for k in range(n_down + 1)]
 
 

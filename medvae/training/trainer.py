@@ -75,6 +75,7 @@ def resolve_config(cfg: TrainStageConfig, store: PatchStore, conditional: bool =
         cfg.model.condition, cfg.model.condition_names = kind, names
         cfg.model.in_channels = int(store.meta["channels"]) + (kind == "mask")
         cfg.model.image_size = int(store.meta["patch_size"])
+        cfg.model.channels = cfg.model.resolved_channels()  # the run's config.yaml and checkpoints name the widths
     except ValidationError as err:
         raise ConfigError(f"{store.path}: patch size {store.meta['patch_size']} is not one the models take "
                           f"({err.errors()[0]['msg']}); prepare the store with --patch-size 32, 64, 128 or 256"

@@ -1,0 +1,75 @@
+"""Models sized to their patches (#20): default widths and depth follow the patch size; explicit channels win."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medvae.config import DEFAULT_CHANNELS, DENOISER_CHANNELS, PACKAGED_PIPELINES, ModelConfig, TrainStageConfig
+from medvae.models import build_model
+from medvae.models.vae import stage_channels
+from medvae.pipeline import load_pipeline
+from medvae.training.trainer import resolve_config
+from tests.factories import patch_store
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("size, widths", [
+    (32, [16, 32, 64]),  # 3 levels down to 8x8, narrow: a 32² patch
+    (64, [32, 64, 128, 256]),  # 4 levels: the widths 64² had before
+    (128, [32, 64, 128, 256, 256]),  # 5 levels
+    (256, [32, 64, 128, 256, 256, 256]),  # 6 levels (8x8 bottleneck), as before
+])
+def test_default_widths_follow_the_patch_size(size, widths):
+    cfg = ModelConfig(image_size=size)
+    assert cfg.channels is None
+    assert list(cfg.resolved_channels()) == list(DEFAULT_CHANNELS[size])
+    assert stage_channels(cfg) == widths
+
+
+def test_32_default_is_smaller_than_the_old_one():
+    new = n_params(build_model(ModelConfig(image_size=32)))
+    old = n_params(build_model(ModelConfig(image_size=32, channels=(32, 64, 128, 256))))
+    assert new < 0.5 * old
+
+
+@pytest.mark.parametrize("name", ["vae", "vaegan", "monai-vae", "monai-kl"])
+def test_every_patch_model_builds_at_every_default_size(name):
+    for size in (32, 64):
+        build_model(ModelConfig(name=name, image_size=size, latent_dim=64))
+
+
+@pytest.mark.parametrize("size", [32, 64, 128, 256])
+def test_explicit_channels_win(size):
+    cfg = ModelConfig(image_size=size, channels=(8, 16, 24))
+    assert cfg.resolved_channels() == (8, 16, 24)
+    assert stage_channels(cfg)[:3] == [8, 16, 24]
+    assert set(stage_channels(cfg)[3:]) <= {24}
+
+
+@pytest.mark.parametrize("name", ["dae", "unet-vae"])
+def test_denoisers_keep_their_levels_at_every_size(name):
+    for size in (32, 128):
+        assert ModelConfig(name=name, image_size=size).resolved_channels() == DENOISER_CHANNELS
+
+
+def test_resolve_config_names_the_widths_for_the_run(tmp_path):
+    x = np.random.default_rng(0).random((16, 1, 32, 32), dtype=np.float32)
+    store = patch_store(tmp_path / "s", x, patient_id=[f"P{i % 4}" for i in range(16)],
+                        split=["train"] * 12 + ["val"] * 4)
+    cfg = resolve_config(TrainStageConfig(), store)
+    assert cfg.model.image_size == 32 and cfg.model.channels == (16, 32, 64)  # written into config.yaml / checkpoints
+    mine = TrainStageConfig.model_validate({"model": {"channels": [32, 64, 128]}})
+    assert resolve_config(mine, store).model.channels == (32, 64, 128)
+
+
+@pytest.mark.parametrize("pipeline", ["demo", "fashion_mnist"])
+def test_shipped_pipelines_name_their_widths(pipeline):
+    """Their measured tables stay as they are: every model states its channels, so the new defaults do not apply."""
+    config = load_pipeline(PACKAGED_PIPELINES / f"{pipeline}.yaml")
+    assert config.models
+    for stage in config.models.values():
+        assert stage.model.channels is not None
