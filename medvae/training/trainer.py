@@ -35,17 +35,19 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 from pydantic import ValidationError
 
-from medvae.config import ModelConfig, TrainStageConfig
+from medvae.config import DenoiserModel, ModelConfig, TrainStageConfig
 from medvae.data.conditions import resolve_condition
 from medvae.data.loader import Batch, PatchBatches
 from medvae.data.store import PatchStore, open_store
 from medvae.devices import select_device
 from medvae.errors import CheckpointError, ConfigError, TrainingError
 from medvae.models import CONDITIONAL_MODELS, build_model
+from medvae.models.vae import stage_channels
 from medvae.training import checkpoint as ck
 from medvae.training.distributed import DistInfo, init_distributed, shutdown
 from medvae.training.rundir import RunDir
@@ -81,6 +83,16 @@ def resolve_config(cfg: TrainStageConfig, store: PatchStore, conditional: bool =
                           f"({err.errors()[0]['msg']}); prepare the store with --patch-size 32, 64, 128 or 256"
                           ) from None
     return cfg
+
+
+def _same_model_dump(model: ModelConfig) -> dict:
+    """``model`` as JSON with ``channels`` as the widths the network has at each level, so a checkpoint from
+    before the patch-size defaults (``channels: [32, 64, 128, 256]`` at 32²: levels 32/64/128) matches the
+    resolved default of today (``[32, 64, 128]``): the same network."""
+    out = model.model_dump(mode="json")
+    if model.name not in get_args(DenoiserModel):
+        out["channels"] = stage_channels(model)
+    return out
 
 
 def train(store: PatchStore | str | os.PathLike, out: str | os.PathLike, cfg: TrainStageConfig,
@@ -189,8 +201,8 @@ class _Trainer:
                 f"{self.store.content_hash}; resume on the same store or start a new run in another --out")
         # validated first, so a checkpoint from before a ModelConfig key existed gets its default; one from
         # before conditioning existed holds an unconditional model
-        saved = ModelConfig.model_validate({"condition": "none", **c["model_config"]}).model_dump(mode="json")
-        if saved != self.cfg.model.model_dump(mode="json"):
+        saved = ModelConfig.model_validate({"condition": "none", **c["model_config"]})
+        if _same_model_dump(saved) != _same_model_dump(self.cfg.model):
             raise CheckpointError(f"{path}: the checkpoint's model config differs from the one given; "
                                   "resume with the run's own config.yaml")
         self.step, self.bad_steps = int(c["step"]), int(c.get("bad_steps", 0))

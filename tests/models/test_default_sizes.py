@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from medvae.config import DEFAULT_CHANNELS, DENOISER_CHANNELS, PACKAGED_PIPELINES, ModelConfig, TrainStageConfig
+from medvae.errors import CheckpointError
 from medvae.models import build_model
 from medvae.models.vae import stage_channels
 from medvae.pipeline import load_pipeline
@@ -75,3 +76,23 @@ def test_shipped_pipelines_name_their_widths(pipeline):
     assert config.models
     for stage in config.models.values():
         assert stage.model.channels is not None
+
+
+def test_a_run_from_before_the_defaults_resumes_with_them(tmp_path):
+    """A checkpoint that names the old default (32/64/128/256 at 32²: levels 32/64/128) is the same network as
+    today's resolved default (32/64/128), so ``--resume`` without ``channels`` continues it."""
+    from medvae.training.trainer import train
+
+    x = np.random.default_rng(0).random((16, 1, 32, 32), dtype=np.float32)
+    store = patch_store(tmp_path / "s", x, patient_id=[f"P{i % 4}" for i in range(16)],
+                        split=["train"] * 12 + ["val"] * 4)
+    train_keys = {"batch_size": 4, "checkpoint_every": 2, "val_batches": 1, "warmup_steps": 0}
+    old = TrainStageConfig.model_validate({"model": {"latent_dim": 8, "channels": [32, 64, 128, 256]},
+                                           "train": {**train_keys, "max_steps": 2}})
+    train(store, tmp_path / "run", old, device="cpu")
+    new = TrainStageConfig.model_validate({"model": {"latent_dim": 8}, "train": {**train_keys, "max_steps": 3}})
+    assert train(store, tmp_path / "run", new, device="cpu", resume=True)["step"] == 3
+    with pytest.raises(CheckpointError, match="model config differs"):
+        other = TrainStageConfig.model_validate({"model": {"latent_dim": 8, "channels": [16, 32, 64]},
+                                                 "train": {**train_keys, "max_steps": 4}})
+        train(store, tmp_path / "run", other, device="cpu", resume=True)
