@@ -171,6 +171,20 @@ class StageRunner:
         return {**self.state, "timings": list(self.timings)}
 
 
+# The widths ModelConfig.channels defaulted to before the patch-size defaults (config.DEFAULT_CHANNELS), which
+# build the same networks at every size: a config without `channels` is keyed with them, so the training stages
+# of a pipeline run before the change stay up to date. Change this when a default changes a network.
+_KEYED_DEFAULT_CHANNELS = [32, 64, 128, 256]
+
+
+def train_stage_key(store_hash: str, cfg: TrainStageConfig) -> str:
+    """The up-to-date key of a training stage: the store and the stage's config as given."""
+    data = cfg.model_dump(mode="json")
+    if data["model"]["channels"] is None:
+        data["model"]["channels"] = _KEYED_DEFAULT_CHANNELS
+    return sha256_json([store_hash, data])
+
+
 def train_stage(store: PatchStore | str | os.PathLike, out: str | os.PathLike, cfg: TrainStageConfig,
                 device: str = "auto", resume: bool = False) -> dict:
     """Train ``cfg`` on ``store`` into the run directory ``out`` with the task ``cfg.task`` names: the VAE's
@@ -257,7 +271,7 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     store_hash = open_store(store_dir).content_hash
 
     for name, cfg in config.models.items():
-        key = sha256_json([store_hash, cfg.model_dump(mode="json")])
+        key = train_stage_key(store_hash, cfg)
         _train_stage(runner, name, key, store_dir, model_dirs[name], cfg, config.device)
 
     def best(name: str) -> Path:

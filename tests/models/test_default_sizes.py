@@ -96,3 +96,16 @@ def test_a_run_from_before_the_defaults_resumes_with_them(tmp_path):
         other = TrainStageConfig.model_validate({"model": {"latent_dim": 8, "channels": [16, 32, 64]},
                                                  "train": {**train_keys, "max_steps": 4}})
         train(store, tmp_path / "run", other, device="cpu", resume=True)
+
+
+def test_pipeline_training_keys_do_not_change_with_the_defaults():
+    """A pipeline stage without channels keeps the key it had when the default was 32/64/128/256 (same networks)."""
+    from medvae.files import sha256_json
+    from medvae.pipeline import train_stage_key
+
+    cfg = TrainStageConfig()
+    before = cfg.model_dump(mode="json")
+    before["model"]["channels"] = [32, 64, 128, 256]
+    assert train_stage_key("h", cfg) == sha256_json(["h", before])
+    mine = TrainStageConfig.model_validate({"model": {"channels": [8, 16]}})
+    assert train_stage_key("h", mine) == sha256_json(["h", mine.model_dump(mode="json")])
