@@ -18,6 +18,22 @@ wheel to ``--image``), or any 2D TIFF given to ``--image``. It is scaled to [0, 
 - references measured in the same run: the noisy input and scikit-image TV / NLM as
   ``medvae.denoising.classical`` runs them (BM3D when installed).
 
+The peer ``careamics`` (``--peer careamics``): CAREamics 0.3.5 Noise2Void with its N2V2 configuration
+(``benchmarks/careamics_peer.py``), trained on the same noisy image with the same number of optimizer
+steps and batch size (16) on 64² patches, applied to the same right half, scored the same way. CAREamics
+pins torchvision/lightning versions of its own, so it runs in a separate venv (``--peer-python``)::
+
+    python3 -m venv /work/exp/careamics-venv
+    /work/exp/careamics-venv/bin/pip install torch==2.13.0       # the CPU wheel (a plain torch pulls CUDA)
+    /work/exp/careamics-venv/bin/pip install --no-deps careamics==0.3.5
+    /work/exp/careamics-venv/bin/pip install "bioimageio-core>=0.9,<=0.11" "lightning>=2.2,<=2.6.6"
+        "microssim<=0.0.5" "pydantic>=2.11,<=2.14.1" "torchmetrics>0.7,<1.9" "zarr>=3,<4"
+        matplotlib pillow psutil pyyaml scikit-image tifffile      # (one line)
+
+(careamics 0.3.5 requires torchvision<=0.26, i.e. torch 2.11, so ``pip install torch==2.13.0
+careamics==0.3.5`` is refused; N2V never calls torchvision, and careamics_peer.py stands in an empty
+package for it.) Arrays travel as ``.npy`` files in a temporary directory.
+
 Prints the table (dB per level and method) and wall times, writes ``--out``/bench_selfsupervised.json.
 :func:`selfsupervised_rows` is the callable other benchmarks use (bench_denoise.py's table). Run under the
 shared CPU lock: ``flock /tmp/medvae-cpu.lock .venv/bin/python benchmarks/bench_selfsupervised.py``.
@@ -29,7 +45,9 @@ import argparse
 import io
 import json
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -50,6 +68,7 @@ from medvae.training.checkpoint import (
 from tests.factories import patch_store  # noqa: E402
 
 READ_NOISE = 2.0
+PEER_PYTHON = "/work/exp/careamics-venv/bin/python"
 STARDIST_IMAGE = "stardist/data/images/img2d.tif"
 
 
@@ -203,7 +222,36 @@ def selfsupervised_rows(clean: np.ndarray, levels=(5.0, 20.0, 100.0), steps: int
             rows.append({"method": name, "photons": photons, **scores(den, ref), "train_s": train_s,
                          "denoise_s": sec})
             log(f"  {photons:g} photons: {name} {rows[-1]['psnr']:.2f} dB after {train_s:.0f} s of training")
+        if "careamics" in methods:
+            try:
+                den, info = careamics_peer(noisy, noisy[:, w // 2:], steps, PEER_PYTHON)
+            except Exception as e:  # noqa: BLE001 - the peer's failure is reported, the bench goes on
+                log(f"  {photons:g} photons: careamics failed: {e}")
+                continue
+            rows.append({"method": "careamics n2v (N2V2)", "photons": photons, **scores(den, ref),
+                         "train_s": info["train_s"], "denoise_s": info["denoise_s"], "peer": info})
+            log(f"  {photons:g} photons: careamics {rows[-1]['psnr']:.2f} dB after {info['train_s']:.0f} s of "
+                f"training ({info['steps']} steps)")
     return rows
+
+
+def careamics_peer(noisy: np.ndarray, region: np.ndarray, steps: int, python: str = PEER_PYTHON,
+                   batch_size: int = 16) -> tuple[np.ndarray, dict]:
+    """CAREamics N2V2 trained on ``noisy`` for ``steps`` steps of ``batch_size`` 64² patches, applied to
+    ``region`` (benchmarks/careamics_peer.py in the peer venv); (denoised region, its JSON line)."""
+    script = Path(__file__).resolve().parent / "careamics_peer.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        np.save(t / "noisy.npy", noisy)
+        np.save(t / "region.npy", region)
+        proc = subprocess.run([python, str(script), "--train", str(t / "noisy.npy"), "--predict",
+                               str(t / "region.npy"), "--out", str(t / "out.npy"), "--steps", str(steps),
+                               "--batch-size", str(batch_size), "--threads", str(torch.get_num_threads())],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"careamics_peer.py exited {proc.returncode}: {proc.stderr[-2000:]}")
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        return np.load(t / "out.npy"), info
 
 
 def table(rows: list[dict]) -> str:
@@ -228,6 +276,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16, help="divnoising posterior samples (MMSE)")
     ap.add_argument("--levels", type=float, nargs="*", default=[5.0, 20.0, 100.0])
     ap.add_argument("--methods", nargs="*", default=["n2v", "divnoising", "supervised"])
+    ap.add_argument("--peer", nargs="*", default=[], choices=["careamics"],
+                    help="peers trained on the same noisy image with the same steps (careamics: its own venv)")
+    ap.add_argument("--peer-python", default="/work/exp/careamics-venv/bin/python", help="the CAREamics venv's python")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="10 steps, 2 samples: checks the script only")
     ap.add_argument("--out", type=Path, default=Path("bench_out/selfsupervised"))
@@ -237,7 +288,8 @@ def main() -> None:
     steps, samples = (10, 2) if args.quick else (args.steps, args.samples)
     out = args.out / ("quick" if args.quick else f"steps{steps}")
     t0 = time.perf_counter()
-    rows = selfsupervised_rows(clean, args.levels, steps, out, samples, args.methods)
+    globals()["PEER_PYTHON"] = args.peer_python
+    rows = selfsupervised_rows(clean, args.levels, steps, out, samples, [*args.methods, *args.peer])
     total = time.perf_counter() - t0
     print(f"\nclean reference: {source} {clean.shape}; scored on the right half; {steps} steps per training, "
           f"{torch.get_num_threads()} threads, {total:.0f} s in all\n")
