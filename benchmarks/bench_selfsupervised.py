@@ -15,8 +15,9 @@ wheel to ``--image``), or any 2D TIFF given to ``--image``. It is scaled to [0, 
   train per level on 64² tiles of the *noisy* image (all of it: the data a user has) and nothing else.
 - ``supervised``: one dae trained on clean 64² tiles of the left half with noise drawn per patch over 5–100
   photons (the denoise task), applied at each level.
-- references measured in the same run: the noisy input and scikit-image TV / NLM as
-  ``medvae.denoising.classical`` runs them (BM3D when installed).
+- references measured in the same run: the noisy input and every method of
+  ``medvae.denoising.classical.METHODS`` as it runs them (Noise2Self-tuned TV / wavelet / NLM; BM3D and
+  Anscombe + BM3D when installed).
 
 The peer ``careamics`` (``--peer careamics``): CAREamics 0.3.5 Noise2Void with its N2V2 configuration
 (``benchmarks/careamics_peer.py``), trained on the same noisy image with the same number of optimizer
@@ -173,7 +174,7 @@ def scores(out: np.ndarray, clean: np.ndarray) -> dict[str, float]:
 
 def selfsupervised_rows(clean: np.ndarray, levels=(5.0, 20.0, 100.0), steps: int = 500,
                         out: Path = Path("bench_out/selfsupervised"), samples: int = 16,
-                        methods=("n2v", "divnoising", "supervised"), references=("tv", "nlm", "bm3d"),
+                        methods=("n2v", "divnoising", "supervised"), references=classical.METHODS,
                         log=print) -> list[dict]:
     """Train and score every method at every level on ``clean`` (module docstring).
 
@@ -294,12 +295,12 @@ def main() -> None:
     print(f"\nclean reference: {source} {clean.shape}; scored on the right half; {steps} steps per training, "
           f"{torch.get_num_threads()} threads, {total:.0f} s in all\n")
     print(table(rows))
-    best_ref = {p: max((r["psnr"] for r in rows if r["photons"] == p and r["method"] in ("tv", "nlm", "bm3d")),
+    best_ref = {p: max((r["psnr"] for r in rows if r["photons"] == p and r["method"] in classical.METHODS),
                        default=float("nan")) for p in args.levels}
     for r in rows:
-        if r["method"] not in ("noisy", "tv", "nlm", "bm3d"):
+        if r["method"] not in ("noisy", *classical.METHODS):
             print(f"{r['method']} at {r['photons']:g} photons: {r['psnr'] - best_ref[r['photons']]:+.2f} dB over the "
-                  "best of TV / NLM / BM3D")
+                  f"best of {' / '.join(classical.METHODS)}")
     (out / "bench_selfsupervised.json").write_text(json.dumps({
         "source": source, "steps": steps, "samples": samples, "seconds": total, "rows": rows,
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()}}, indent=2))

@@ -72,7 +72,7 @@ def _speed(model, methods: list[str], image: np.ndarray, device) -> dict[str, fl
         best = min(best, time.perf_counter() - t0)
     speeds = {"medvae": best}
     for m in methods:
-        speeds[m] = classical.seconds_per_slice(m, image, repeats=1 if m == "bm3d" else 2)
+        speeds[m] = classical.seconds_per_slice(m, image, repeats=1 if m in classical.SLOW else 2)
     return speeds
 
 

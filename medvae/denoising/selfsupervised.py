@@ -17,7 +17,7 @@ store of the user's noisy scans as they are (no noise is added; ``noise`` does n
 
 :func:`check_config` refuses a config that cannot work before anything is trained;
 :func:`build_task` builds the task of any denoise objective (``supervised``: DenoiseTask).
-:func:`resolve_noise_model` is the hook where divnoising gets (a, b) when the config has none.
+:func:`resolve_noise_model` calibrates divnoising's (a, b) from the store when the config has none.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 
 from medvae.config import TrainConfig, TrainStageConfig
 from medvae.data.loader import Batch
-from medvae.data.store import PatchStore
-from medvae.denoising import masks
+from medvae.data.store import PatchStore, even_positions
+from medvae.denoising import calibration, masks
 from medvae.denoising.noise import step_generator
 from medvae.denoising.task import VAL_SEED_OFFSET, DenoiseTask
 from medvae.errors import ConfigError
@@ -67,15 +67,18 @@ def check_config(cfg: TrainStageConfig) -> None:
         raise ConfigError(f"blindspot.struct {cfg.blindspot.struct} is a StructN2V mask: objective n2v only")
 
 
-def calibrate_noise_model(store: PatchStore) -> tuple[float, float]:
-    """(a, b) of the store's Poisson–Gaussian noise, variance ``a·s + b`` on its [0, 1] scale.
-
-    The hook for a calibration from the noisy data (e.g. Foi et al. 2008 from one image); none is
-    wired in yet, so it raises ConfigError asking for the values.
-    """
-    raise ConfigError(f"{store.path}: objective divnoising needs the noise model's variance a·s + b on the store's "
-                      "[0, 1] scale; set model.noise_a and model.noise_b in the config (no calibration from the "
-                      "data is available in this version)")
+def calibrate_noise_model(store: PatchStore, max_patches: int = 64) -> tuple[float, float]:
+    """(a, b) of the store's Poisson–Gaussian noise, variance ``a·s + b`` on its [0, 1] scale, fitted
+    (:func:`medvae.denoising.calibration.estimate_noise`, Foi et al. 2008) on the level sets of up to
+    ``max_patches`` evenly spaced training patches (every patch when the store has no train split)."""
+    rows = store.select(split="train") if "train" in store.splits else store.select()
+    rows = rows[even_positions(len(rows), min(max_patches, len(rows)))]
+    try:
+        cal = calibration.estimate_noise(store.get(rows))
+    except ValueError as e:
+        raise ConfigError(f"{store.path}: no noise model could be calibrated from its patches ({e}); set "
+                          "model.noise_a and model.noise_b (variance a·s + b on the [0, 1] scale)") from e
+    return float(cal.a), float(cal.b)
 
 
 def resolve_noise_model(store: PatchStore, cfg: TrainStageConfig) -> TrainStageConfig:
@@ -85,7 +88,8 @@ def resolve_noise_model(store: PatchStore, cfg: TrainStageConfig) -> TrainStageC
     if m.likelihood != "poisson-gaussian" or (m.noise_a is not None and m.noise_b is not None):
         return cfg
     a, b = calibrate_noise_model(store)
-    log.info("noise model of %s: variance %.4g·s + %.4g", store.path, a, b)
+    log.info("noise model calibrated from %s: variance %.4g·s + %.4g (set model.noise_a / noise_b to override)",
+             store.path, a, b)
     cfg = cfg.model_copy(deep=True)
     cfg.model.noise_a, cfg.model.noise_b = float(a), float(b)
     return cfg
