@@ -24,10 +24,10 @@ The peer ``careamics`` (``--peer careamics``): CAREamics 0.3.5 Noise2Void with i
 steps and batch size (16) on 64² patches, applied to the same right half, scored the same way. CAREamics
 pins torchvision/lightning versions of its own, so it runs in a separate venv (``--peer-python``)::
 
-    python3 -m venv /work/exp/careamics-venv
-    /work/exp/careamics-venv/bin/pip install torch==2.13.0       # the CPU wheel (a plain torch pulls CUDA)
-    /work/exp/careamics-venv/bin/pip install --no-deps careamics==0.3.5
-    /work/exp/careamics-venv/bin/pip install "bioimageio-core>=0.9,<=0.11" "lightning>=2.2,<=2.6.6"
+    python3 -m venv .venv-careamics
+    .venv-careamics/bin/pip install torch==2.13.0       # the CPU wheel (a plain torch pulls CUDA)
+    .venv-careamics/bin/pip install --no-deps careamics==0.3.5
+    .venv-careamics/bin/pip install "bioimageio-core>=0.9,<=0.11" "lightning>=2.2,<=2.6.6"
         "microssim<=0.0.5" "pydantic>=2.11,<=2.14.1" "torchmetrics>0.7,<1.9" "zarr>=3,<4"
         matplotlib pillow psutil pyyaml scikit-image tifffile      # (one line)
 
@@ -69,7 +69,7 @@ from medvae.training.checkpoint import (
 from tests.factories import patch_store  # noqa: E402
 
 READ_NOISE = 2.0
-PEER_PYTHON = "/work/exp/careamics-venv/bin/python"
+PEER_PYTHON = ".venv-careamics/bin/python"
 STARDIST_IMAGE = "stardist/data/images/img2d.tif"
 
 
@@ -279,7 +279,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=["n2v", "divnoising", "supervised"])
     ap.add_argument("--peer", nargs="*", default=[], choices=["careamics"],
                     help="peers trained on the same noisy image with the same steps (careamics: its own venv)")
-    ap.add_argument("--peer-python", default="/work/exp/careamics-venv/bin/python", help="the CAREamics venv's python")
+    ap.add_argument("--peer-python", default=".venv-careamics/bin/python", help="the CAREamics venv's python")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="10 steps, 2 samples: checks the script only")
     ap.add_argument("--out", type=Path, default=Path("bench_out/selfsupervised"))

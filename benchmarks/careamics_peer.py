@@ -4,7 +4,7 @@ CAREamics pins its own torchvision and lightning, so it lives in its own venv an
 (``bench_selfsupervised.py``'s docstring has the install). The bench writes the noisy image and the region
 to denoise as ``.npy`` files and runs::
 
-    /work/exp/careamics-venv/bin/python benchmarks/careamics_peer.py --train noisy.npy --predict test.npy \
+    .venv-careamics/bin/python benchmarks/careamics_peer.py --train noisy.npy --predict test.npy \
         --out denoised.npy --steps 150 --batch-size 16
 
 Training: CAREamics' own N2V2 configuration (``create_advanced_n2v_config(use_n2v2=True)``: median
