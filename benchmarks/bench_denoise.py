@@ -6,6 +6,9 @@ present):
 - ``phantom-microscopy``: the phantom cohort's fluorescence stacks, 128² tiles, Poisson–Gaussian
   noise in the stacks' counts;
 - ``phantom-ct``: the phantom cohort's CT, whole slices resized to 128², low-dose CT noise;
+- ``pydicom-ct`` (only with ``--only pydicom-ct``): real CT slices that pydicom and pydicom-data ship (two
+  slices of a head CT from CQ500 for training, ``CT_small`` for validation, another patient's head slice
+  for test), native resolution in 128² tiles, low-dose CT noise;
 - ``skimage-cell``: scikit-image's bundled ``data.cell()`` microscopy image as the clean
   reference (the only bundled microscopy image that needs no download), 128² tiles from disjoint
   regions for train / val / test, Gaussian noise.
@@ -76,6 +79,32 @@ def phantom_stores(root: Path, only=None) -> dict[str, Path]:
     return stores
 
 
+PYDICOM_CT = {"train": ["data_store/data/693_UNCI.dcm", "data_store/data/693_UNCR.dcm"],
+              "val": ["pydicom/data/test_files/CT_small.dcm"],
+              "test": ["pydicom/data/test_files/J2K_pixelrep_mismatch.dcm"]}  # paths in site-packages
+
+
+def pydicom_ct_store(root: Path) -> Path:
+    """The real CT slices of PYDICOM_CT, one folder per file, through discover and prepare (128² tiles)."""
+    import shutil
+    import site
+
+    base = next(Path(p) for p in site.getsitepackages() if (Path(p) / "data_store").is_dir())
+    scans, split_of = root / "scans-pydicom-ct", {}
+    for split, files in PYDICOM_CT.items():
+        for f in files:
+            folder = scans / Path(f).stem
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(base / f, folder / Path(f).name)
+            split_of[folder.name] = split
+    rows = discover(scans, modality="ct")
+    for r in rows:
+        r.split = split_of[Path(r.path).parent.name if Path(r.path).is_file() else Path(r.path).name]
+    manifest = root / "pydicom-ct.csv"
+    write_manifest(rows, manifest)
+    return prepare(manifest, root / "pydicom-ct", PrepareConfig(mode="tile", patch_size=128, stride=32)).path
+
+
 def model_cfg(kind: str, steps: int) -> TrainStageConfig:
     return TrainStageConfig.model_validate({
         "task": "denoise", "noise": {"kind": kind, "crop": 64},
@@ -98,10 +127,13 @@ def main() -> None:
     steps, n_eval = (20, 16) if args.quick else (args.steps, 48)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    stores = phantom_stores(out, args.only) if not args.only or set(args.only) - {"skimage-cell"} else {}
+    stores = phantom_stores(out, args.only) if not args.only or set(args.only) - {"skimage-cell", "pydicom-ct"} else {}
     if not args.only or "skimage-cell" in args.only:
         stores["skimage-cell"] = cell_store(out / "skimage-cell").path
-    kinds = {"phantom-microscopy": "poisson-gaussian", "phantom-ct": "ct-lowdose", "skimage-cell": "gaussian"}
+    if args.only and "pydicom-ct" in args.only:
+        stores["pydicom-ct"] = pydicom_ct_store(out)
+    kinds = {"phantom-microscopy": "poisson-gaussian", "phantom-ct": "ct-lowdose", "skimage-cell": "gaussian",
+             "pydicom-ct": "ct-lowdose"}
     results = {}
     for name, store in stores.items():
         if args.only and name not in args.only:
