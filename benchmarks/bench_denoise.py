@@ -99,7 +99,7 @@ def pydicom_ct_store(root: Path) -> Path:
             split_of[folder.name] = split
     rows = discover(scans, modality="ct")
     for r in rows:
-        r.split = split_of[Path(r.path).parent.name if Path(r.path).is_file() else Path(r.path).name]
+        r.split = split_of[Path(r.path).name]  # a DICOM row's path is its series folder
     manifest = root / "pydicom-ct.csv"
     write_manifest(rows, manifest)
     return prepare(manifest, root / "pydicom-ct", PrepareConfig(mode="tile", patch_size=128, stride=32)).path

@@ -35,12 +35,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import get_args
 
 import torch
 from pydantic import ValidationError
 
-from medvae.config import DenoiserModel, ModelConfig, TrainStageConfig
+from medvae.config import DENOISER_CHANNELS_MODELS, ModelConfig, TrainStageConfig
 from medvae.data.conditions import resolve_condition
 from medvae.data.loader import Batch, PatchBatches
 from medvae.data.store import PatchStore, open_store
@@ -90,7 +89,7 @@ def _same_model_dump(model: ModelConfig) -> dict:
     before the patch-size defaults (``channels: [32, 64, 128, 256]`` at 32²: levels 32/64/128) matches the
     resolved default of today (``[32, 64, 128]``): the same network."""
     out = model.model_dump(mode="json")
-    if model.name not in get_args(DenoiserModel):
+    if model.name not in DENOISER_CHANNELS_MODELS:
         out["channels"] = stage_channels(model)
     return out
 
