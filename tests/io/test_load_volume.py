@@ -19,7 +19,7 @@ def _write_series(folder, row_dir, col_dir, origin, bright):
     """Slices k = 0..N-1 at origin + k * DZ * (row_dir x col_dir); one bright voxel at (k, r, c)."""
     rng = np.random.default_rng(0)
     px = np.stack([rng.integers(0, 200, (ROWS, COLS)).astype(np.int16) for _ in range(N)])
-    px[bright] = 3000
+    px[tuple(bright)] = 3000
     dicom_series(folder, px, modality="CT", row_dir=row_dir, col_dir=col_dir, origin=origin, dz=DZ, pixel_spacing=DXY,
                  names=[f"{(k * 7) % N:03d}.dcm" for k in range(N)], numbers=N - np.arange(N), rescale=(1, 0))
 
