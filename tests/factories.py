@@ -1,9 +1,10 @@
-"""Builders shared by the tests and the benchmarks: patch stores, IDX image sets, phantom cohorts,
-DICOM instances.
+"""Builders shared by the tests and the benchmarks: patch stores, image batches, training configs,
+IDX image sets, phantom cohorts, DICOM instances and series.
 
 Each builder writes what medvae reads in its on-disk format, from the contracts in
 docs/architecture.md, not through the code a test checks (the IDX writer follows LeCun's
-description, a DICOM image is built element by element with pydicom). Benchmarks import this
+description, a DICOM image is built element by element with pydicom). A test module imports its
+builders from here only, never from another test module or a conftest. Benchmarks import this
 module too (they put the repository root on ``sys.path``), so it imports nothing from pytest.
 """
 
@@ -18,10 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from medvae.config import TrainStageConfig
 from medvae.data.store import PatchStore, write_store
+from medvae.training.losses import generator_loss
 
 # ----------------------------------------------------------------------------------------- patch stores
 
@@ -84,6 +88,82 @@ def disc_images(n: int, size: int = 64, *, seed: int = 0, radius=(0.1, 0.3), lev
     cy, cx = rng.uniform(0.3, 0.7, (2, n, 1, 1))
     r = rng.uniform(*radius, (n, 1, 1))
     return (((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) * level + background)[:, None].astype(np.float32)
+
+
+def disc_store(path: str | os.PathLike, splits: dict[str, int], *, size: int = 64, seed: int = 0,
+               radius=(0.1, 0.3), level: float = 0.8, background: float = 0.1, nan_rows: Sequence[int] = (),
+               **columns) -> PatchStore:
+    """A store of :func:`disc_images`, ``splits`` patches per split in that order (e.g. train then val).
+
+    Args:
+        size, seed, radius, level, background: :func:`disc_images`'.
+        nan_rows: rows whose pixels are all NaN (a store the NaN guard must refuse).
+        columns: :func:`patch_store`'s (``patient_id``, ``content_hash``, ...); ``source`` defaults to phantom.
+    """
+    x = disc_images(sum(splits.values()), size, seed=seed, radius=radius, level=level, background=background)
+    x[list(nan_rows)] = np.nan
+    return patch_store(path, x, split=[name for name, n in splits.items() for _ in range(n)],
+                       **{"source": "phantom", **columns})
+
+
+TINY_TRAIN, TINY_VAL = 64, 16  # the tiny training store's splits
+
+
+def tiny_disc_store(path: str | os.PathLike, content_hash: str = "tiny-store-v1",
+                    nan_rows: Sequence[int] = ()) -> PatchStore:
+    """The training-engine tests' store: 64² discs, TINY_TRAIN train then TINY_VAL val patches, 8 per patient."""
+    return disc_store(path, {"train": TINY_TRAIN, "val": TINY_VAL}, nan_rows=nan_rows, content_hash=content_hash,
+                      patient_id=[f"P{i // 8:03d}" for i in range(TINY_TRAIN + TINY_VAL)])
+
+
+def row_store(path: str | os.PathLike, n: int = 50, c: int = 1, size: int = 8, dtype: str = "float16",
+              labels: bool = False, seed: int = 0) -> tuple[PatchStore, np.ndarray]:
+    """Random patches whose pixel (0, 0) is ``row / 1000`` (a batch tells which rows it holds), five
+    patients, both modalities and the three splits in turn. Returns (store, the float32 patches)."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, c, size, size)).astype(np.float32)
+    x[:, 0, 0, 0] = np.arange(n) / 1000.0  # identifies the row
+    lab = (x[:, :1] > 0.5).astype(np.uint8) if labels else None
+    store = patch_store(path, x, labels=lab, dtype=dtype, patient_id=[f"P{i % 5}" for i in range(n)],
+                        modality=["ct" if i % 2 == 0 else "microscopy" for i in range(n)],
+                        split=np.array(["train", "val", "test"])[np.arange(n) % 3], source="mem")
+    return store, x
+
+
+# ----------------------------------------------------------------------------------------- models and training
+
+
+def blobs(n: int = 16, size: int = 64, channels: int = 1, seed: int = 0) -> torch.Tensor:
+    """Structured images in [0, 1]: a few Gaussian-smoothed random blobs per image."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    out = torch.zeros(n, channels, size, size)
+    for _ in range(3):
+        cy = torch.rand(n, channels, 1, 1, generator=g) * size
+        cx = torch.rand(n, channels, 1, 1, generator=g) * size
+        r = 4 + torch.rand(n, channels, 1, 1, generator=g) * size / 6
+        amp = 0.3 + 0.7 * torch.rand(n, channels, 1, 1, generator=g)
+        out = out + amp * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2))
+    return out.clamp(0, 1)
+
+
+def model_loss(m, x: torch.Tensor, *, beta: float = 1.0, critic: bool = False, **kw):
+    """The trainer's generator loss of model ``m`` on ``x``: forward, then the loss on its output."""
+    out = m(x, n_prior=x.shape[0] if critic else 0)
+    loss, terms = generator_loss(x, out, m.likelihood, beta=beta, discriminator=m.discriminator,
+                                 last_layer=m.last_decoder_weight, **kw)
+    return loss, terms, out
+
+
+def tiny_config(name="vae", **train) -> TrainStageConfig:
+    """channels (8, 16, 32), latent 16, 64² (the image size comes from the store)."""
+    base = {"batch_size": 8, "max_steps": 12, "lr": 2e-3, "warmup_steps": 2, "beta_warmup_steps": 4,
+            "checkpoint_every": 4, "log_every": 1, "val_batches": 1, "disc_start": 2}
+    return TrainStageConfig.model_validate({
+        "model": {"name": name, "channels": [8, 16, 32], "latent_dim": 16, "disc_channels": 8,
+                  "disc_layers": 2},
+        "train": {**base, **train},
+    })
 
 
 # ----------------------------------------------------------------------------------------- 2D image sets
@@ -207,3 +287,41 @@ def dicom_image(pixels: np.ndarray, *, modality: str, series_uid: str, row_dir, 
         ds.RescaleSlope, ds.RescaleIntercept = rescale
     ds.PixelData = pixels.tobytes()
     return ds
+
+
+def dicom_series(folder: str | os.PathLike, pixels: np.ndarray, *, modality: str, row_dir, col_dir, origin, dz: float,
+                 pixel_spacing, names: Sequence[str] | None = None, numbers: Sequence[int] | None = None,
+                 skip: Sequence[int] = (), uid: str | None = None, sop_class: str | None = None,
+                 thickness: float | None = None, rescale: tuple[float, float] | None = None,
+                 **elements) -> np.ndarray:
+    """A single-frame series, one :func:`dicom_image` file per slice; slice ``k`` lies at
+    ``origin + k * dz * (row_dir x col_dir)``.
+
+    Args:
+        pixels: ``(n, rows, cols)`` 16-bit stored values, slice by slice.
+        names, numbers: each slice's file name and InstanceNumber (a shuffled order tests the reader's
+            sorting); default ``k.dcm`` and no InstanceNumber.
+        skip: slices left out (a gap).
+        uid: the SeriesInstanceUID; default a fresh one.
+        sop_class, thickness, rescale: :func:`dicom_image`'s.
+        elements: data elements set on every file (``PatientName="..."``).
+
+    Returns:
+        ``(n, 3)`` the ImagePositionPatient of each slice (LPS, mm), skipped ones included.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    normal = np.cross(np.asarray(row_dir, float), np.asarray(col_dir, float))
+    positions = np.asarray(origin, float) + np.arange(len(pixels))[:, None] * dz * normal
+    uid = uid or generate_uid()
+    for k in range(len(pixels)):
+        if k in skip:
+            continue
+        ds = dicom_image(pixels[k], modality=modality, series_uid=uid, row_dir=row_dir, col_dir=col_dir,
+                         position=positions[k], pixel_spacing=pixel_spacing, sop_class=sop_class,
+                         instance_number=None if numbers is None else int(numbers[k]), thickness=thickness,
+                         rescale=rescale)
+        for keyword, value in elements.items():
+            setattr(ds, keyword, value)
+        ds.save_as(folder / (f"{k}.dcm" if names is None else names[k]), enforce_file_format=True)
+    return positions

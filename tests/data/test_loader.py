@@ -4,22 +4,11 @@ import pytest
 import torch
 
 from medvae.data.loader import Batch, PatchBatches
-from tests.factories import patch_store
-
-
-def small_store(path, n=50, c=1, size=8, dtype="float16", labels=False, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.random((n, c, size, size)).astype(np.float32)
-    x[:, 0, 0, 0] = np.arange(n) / 1000.0  # identifies the row
-    lab = (x[:, :1] > 0.5).astype(np.uint8) if labels else None
-    store = patch_store(path, x, labels=lab, dtype=dtype, patient_id=[f"P{i % 5}" for i in range(n)],
-                        modality=["ct" if i % 2 == 0 else "microscopy" for i in range(n)],
-                        split=np.array(["train", "val", "test"])[np.arange(n) % 3], source="mem")
-    return store, x
+from tests.factories import row_store
 
 
 def rows_of(batch: Batch):
-    """The rows small_store encoded in pixel (0, 0), checked against the rows the batch reports."""
+    """The rows row_store encoded in pixel (0, 0), checked against the rows the batch reports."""
     rows = np.rint(batch.x[:, 0, 0, 0].numpy() * 1000).astype(int)
     np.testing.assert_array_equal(rows, batch.rows)
     return rows
@@ -27,7 +16,7 @@ def rows_of(batch: Batch):
 
 @pytest.mark.parametrize("dtype", ["float16", "uint16"])
 def test_patch_batches_epoch_coverage_and_values(tmp_path, dtype):
-    store, x = small_store(tmp_path / "s", n=60, dtype=dtype)
+    store, x = row_store(tmp_path / "s", n=60, dtype=dtype)
     pb = PatchBatches(store, "train", batch_size=5, seed=1)
     batches = list(pb)
     assert len(batches) == len(pb) == 4
@@ -42,7 +31,7 @@ def test_patch_batches_epoch_coverage_and_values(tmp_path, dtype):
 
 
 def test_patch_batches_deterministic_and_resume(tmp_path):
-    store, _ = small_store(tmp_path / "s", n=90)
+    store, _ = row_store(tmp_path / "s", n=90)
     a = [rows_of(b) for _ in range(2) for b in PatchBatches(store, None, 7, seed=5)]
     b = [rows_of(b) for b in PatchBatches(store, None, 7, seed=5)]
     assert all((u == v).all() for u, v in zip(a, b))
@@ -62,7 +51,7 @@ def test_patch_batches_deterministic_and_resume(tmp_path):
 
 
 def test_patch_batches_ranks_disjoint(tmp_path):
-    store, _ = small_store(tmp_path / "s", n=101)
+    store, _ = row_store(tmp_path / "s", n=101)
     world = 3
     parts = [np.concatenate([rows_of(b) for b in PatchBatches(store, None, 4, seed=2, rank=r,
                                                              world_size=world, drop_last=False)])
@@ -73,7 +62,7 @@ def test_patch_batches_ranks_disjoint(tmp_path):
 
 
 def test_patch_batches_mask_channel_follows_images(tmp_path):
-    store, x = small_store(tmp_path / "s", labels=True)
+    store, x = row_store(tmp_path / "s", labels=True)
     for b in PatchBatches(store, None, 8, seed=0, condition=("mask", ("background", "label 1"))):
         assert b.x.shape[1] == 2 and b.ids is None
         # the joint model's last channel is label / max label: here the 0/1 mask itself
@@ -81,7 +70,7 @@ def test_patch_batches_mask_channel_follows_images(tmp_path):
 
 
 def test_patch_batches_condition_ids_follow_rows(tmp_path):
-    store, _ = small_store(tmp_path / "s")
+    store, _ = row_store(tmp_path / "s")
     names = ("ct", "microscopy")
     for b in PatchBatches(store, None, 8, seed=0, condition=("modality", names)):
         want = [names.index(m) for m in store.index["modality"][rows_of(b)]]
@@ -91,7 +80,7 @@ def test_patch_batches_condition_ids_follow_rows(tmp_path):
 def test_patch_batches_world_size_from_torch_distributed(tmp_path):
     import torch.distributed as dist
 
-    store, _ = small_store(tmp_path / "s", n=30)
+    store, _ = row_store(tmp_path / "s", n=30)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
     try:
         assert PatchBatches(store, "train", 2).world_size == 1

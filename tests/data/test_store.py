@@ -13,11 +13,11 @@ from medvae.data.store import (
     write_store_json,
 )
 from medvae.errors import StoreError
-from tests.data.test_loader import small_store
+from tests.factories import row_store
 
 
 def test_round_trip_memmap(tmp_path):
-    store, x = small_store(tmp_path / "s", n=12, c=2, labels=True)
+    store, x = row_store(tmp_path / "s", n=12, c=2, labels=True)
     again = open_store(tmp_path / "s")
     assert isinstance(again.patches, np.memmap) and again.patches.shape == (12, 2, 8, 8)
     np.testing.assert_array_equal(np.asarray(again.patches), x.astype(np.float16))
@@ -29,13 +29,13 @@ def test_round_trip_memmap(tmp_path):
 
 
 def test_uint16_get_scaled(tmp_path):
-    store, x = small_store(tmp_path / "s", n=6, dtype="uint16")
+    store, x = row_store(tmp_path / "s", n=6, dtype="uint16")
     assert store.patches.dtype == np.uint16
     np.testing.assert_allclose(store.get(slice(None)), x, atol=1 / 65535)
 
 
 def test_incomplete_store_refused(tmp_path):
-    small_store(tmp_path / "s")
+    row_store(tmp_path / "s")
     (tmp_path / "s" / "store.json").unlink()  # as if prepare crashed before writing it
     with pytest.raises(StoreError, match="incomplete"):
         open_store(tmp_path / "s")
@@ -44,7 +44,7 @@ def test_incomplete_store_refused(tmp_path):
 
 
 def test_size_mismatch_refused(tmp_path):
-    small_store(tmp_path / "s", n=10)
+    row_store(tmp_path / "s", n=10)
     meta = json.loads((tmp_path / "s" / "store.json").read_text())
     meta["n_patches"] = 11
     (tmp_path / "s" / "store.json").write_text(json.dumps(meta))
@@ -53,7 +53,7 @@ def test_size_mismatch_refused(tmp_path):
 
 
 def test_to_physical_inverts_ct_window(tmp_path):
-    store, _ = small_store(tmp_path / "s", n=3)
+    store, _ = row_store(tmp_path / "s", n=3)
     meta = json.loads((tmp_path / "s" / "store.json").read_text())
     meta["normalization"]["ct"] = {"low": -160.0, "high": 240.0, "unit": "HU"}
     (tmp_path / "s" / "store.json").write_text(json.dumps(meta))
@@ -64,7 +64,7 @@ def test_to_physical_inverts_ct_window(tmp_path):
 
 
 def test_read_rows_returns_rows_in_the_order_asked(tmp_path):
-    store, x = small_store(tmp_path / "s", n=20)
+    store, x = row_store(tmp_path / "s", n=20)
     rows = np.array([17, 3, 3, 0, 12])
     np.testing.assert_array_equal(read_rows(store.patches, rows), np.asarray(store.patches)[rows])
     np.testing.assert_array_equal(store.get(rows), x[rows].astype(np.float16).astype(np.float32))
@@ -73,7 +73,7 @@ def test_read_rows_returns_rows_in_the_order_asked(tmp_path):
 def test_one_store_json_writer(tmp_path):
     """write_store fills the same store.json keys prepare writes (both go through write_store_json),
     keeps extra keys, and refuses a store.json without its required keys."""
-    small_store(tmp_path / "s", n=4)
+    row_store(tmp_path / "s", n=4)
     meta = json.loads((tmp_path / "s" / "store.json").read_text())
     assert set(meta) == {"format_version", "config", "content_hash", "n_patches", "patch_size", "channels",
                          "dtype", "normalization", "spacing", "volumes", "shard", "problems", "created", "classes"}
@@ -96,7 +96,7 @@ def test_even_positions(n, k):
 
 @pytest.mark.parametrize("dtype", ["float16", "uint16"])
 def test_derived_store_keeps_rows_meta_classes_and_labels(tmp_path, dtype, caplog):
-    _, x = small_store(tmp_path / "s0", n=9, dtype=dtype, labels=True)
+    _, x = row_store(tmp_path / "s0", n=9, dtype=dtype, labels=True)
     src0 = open_store(tmp_path / "s0")
     index = {**src0.index, "class": np.array(["b", "a", ""] * 3, dtype=object), "has_label": [1, 0, 1] * 3}
     meta = {"dtype": dtype, "classes": ["b", "a"], "normalization": {"ct": {"low": -1.0, "high": 1.0, "unit": "HU"}},

@@ -92,13 +92,15 @@ def test_readers_already_give_monai_spl_orientation(tmp_path):
     from monai.transforms import EnsureChannelFirstd, LoadImaged, Orientationd
 
     from medvae.io.monai_readers import VolumeReader
-    from tests.io.test_load_volume import _write_series
+    from tests.factories import dicom_series
 
     data = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.9, 2.0, 1.0])), tmp_path / "ras.nii.gz")
     odd = np.array([[0, 0, -2.0, 10], [-0.8, 0, 0, 5], [0, 0.9, 0, -3], [0, 0, 0, 1]])  # i to P, j to S, k to L
     nib.save(nib.Nifti1Image(data, odd), tmp_path / "odd.nii.gz")
-    _write_series(tmp_path / "dcm", (1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (-30.0, 12.0, 80.0), (7, 5, 13))
+    pixels = np.random.default_rng(0).integers(0, 200, (10, 24, 20)).astype(np.int16)
+    dicom_series(tmp_path / "dcm", pixels, modality="CT", row_dir=(1.0, 0.0, 0.0), col_dir=(0.0, -1.0, 0.0),
+                 origin=(-30.0, 12.0, 80.0), dz=2.0, pixel_spacing=(0.75, 0.9), rescale=(1, 0))
     load = LoadImaged("image", reader=VolumeReader(), image_only=True)
     for path, codes in ((tmp_path / "ras.nii.gz", "SPL"), (tmp_path / "odd.nii.gz", "LIP"), (tmp_path / "dcm", "SPL")):
         d = EnsureChannelFirstd("image")(load({"image": str(path)}))

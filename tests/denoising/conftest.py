@@ -4,16 +4,7 @@ import pytest
 
 from medvae.config import TrainStageConfig
 from medvae.pipeline import train_stage
-from tests.factories import disc_images, patch_store
-
-
-def make_hu_store(path, n_train=32, n_val=8, n_test=8):
-    n = n_train + n_val + n_test
-    return patch_store(path, disc_images(n, 64, seed=1, radius=(0.15, 0.3), level=0.5, background=0.3),
-                       patient_id=[f"P{i % 4}" for i in range(n)],
-                       split=["train"] * n_train + ["val"] * n_val + ["test"] * n_test, source="phantom",
-                       content_hash="hu-store", normalization={"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}},
-                       spacing={"ct": [2.0, 2.0]})
+from tests.factories import disc_store
 
 
 def denoise_config(kind="gaussian", steps=4, **train) -> TrainStageConfig:
@@ -26,7 +17,10 @@ def denoise_config(kind="gaussian", steps=4, **train) -> TrainStageConfig:
 
 @pytest.fixture(scope="session")
 def hu_store(tmp_path_factory):
-    return make_hu_store(tmp_path_factory.mktemp("hu") / "store")
+    return disc_store(tmp_path_factory.mktemp("hu") / "store", {"train": 32, "val": 8, "test": 8}, seed=1,
+                      radius=(0.15, 0.3), level=0.5, background=0.3, patient_id=[f"P{i % 4}" for i in range(48)],
+                      content_hash="hu-store", normalization={"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}},
+                      spacing={"ct": [2.0, 2.0]})
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,11 @@ import numpy as np
 import torch
 
 from medvae.evaluation.features import FeatureNet, embed, feature_net
-from tests.factories import patch_store
-from tests.training.conftest import make_store
+from tests.factories import patch_store, tiny_disc_store
 
 
 def test_autoencoder_features_are_cached_with_the_store(tmp_path):
-    store = make_store(tmp_path / "store")
+    store = tiny_disc_store(tmp_path / "store")
     net = feature_net(store, steps=5, batch_size=8)
     assert net.n_classes == 0  # no classes: an autoencoder
     (cached,) = (store.path / "features").glob("*.pt")

@@ -14,7 +14,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 
 from medvae.errors import InputError
 from medvae.io.dicom import default_patient_id, inspect_dicom_series, read_dicom_series
-from tests.factories import dicom_image, new_instance
+from tests.factories import dicom_series, new_instance
 
 ROWS, COLS, N = 32, 28, 12
 IDENTITY = ("PHANTOM^ALICE", "19700101", "SECRET-ID-42")
@@ -49,28 +49,19 @@ def _series(
         (stored, positions): stored pixel arrays ``(n, rows, cols)`` by generating index k and the
         ImagePositionPatient of each k (LPS, mm).
     """
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    row_dir, col_dir = np.asarray(row_dir, float), np.asarray(col_dir, float)
-    normal = np.cross(row_dir, col_dir)
     if unsigned:
         stored = rng.integers(0, 3000, (n, rows, cols)).astype(np.uint16)
     else:
         stored = rng.integers(-1000, 2000, (n, rows, cols)).astype(np.int16)
-    positions = np.asarray(origin) + np.arange(n)[:, None] * dz * normal
-    uid = uid or generate_uid()
     names = rng.permutation(n)
     numbers = rng.permutation(n) + 1
     if reverse:
         numbers = n - np.arange(n)
-    for k in range(n):
-        if k in skip:
-            continue
-        ds = dicom_image(stored[k], modality=modality, series_uid=uid, instance_number=int(numbers[k]),
-                         sop_class=CTImageStorage, row_dir=row_dir, col_dir=col_dir, position=positions[k],
-                         pixel_spacing=dxy, thickness=dz, rescale=(slope, intercept))
-        ds.PatientName, ds.PatientBirthDate, ds.PatientID = IDENTITY
-        ds.save_as(folder / f"IM{names[k]:04d}.dcm", enforce_file_format=True)
+    positions = dicom_series(folder, stored, modality=modality, row_dir=row_dir, col_dir=col_dir, origin=origin, dz=dz,
+                             pixel_spacing=dxy, names=[f"IM{i:04d}.dcm" for i in names], numbers=numbers, skip=skip,
+                             uid=uid, sop_class=CTImageStorage, thickness=dz, rescale=(slope, intercept),
+                             PatientName=IDENTITY[0], PatientBirthDate=IDENTITY[1], PatientID=IDENTITY[2])
     return stored, positions
 
 

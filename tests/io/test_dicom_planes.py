@@ -16,11 +16,10 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import generate_uid
 
 from medvae.io.dicom import inspect_dicom_series, read_dicom_series
 from medvae.io.orient import PLANE_CODES, plan_acquisition, plan_lps
-from tests.factories import dicom_image
+from tests.factories import dicom_series
 
 DICOMDIR_TESTS = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests"
 
@@ -70,16 +69,11 @@ def test_real_single_slices_keep_their_plane(tmp_path, rel, plane, expected):
 
 def _stack(folder, *, row, col, n=6, rows=24, cols=20, dz=4.0, dxy=(0.8, 0.6), origin=(5.0, -30.0, 60.0), seed=0):
     """A thin single-frame MR stack in any plane, files in shuffled order."""
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    row, col = np.asarray(row, float), np.asarray(col, float)
-    normal = np.cross(row, col)
-    uid = generate_uid()
-    for k, name in enumerate(rng.permutation(n)):
-        ds = dicom_image(rng.integers(0, 4000, (rows, cols)).astype(np.uint16), modality="MR", series_uid=uid,
-                         instance_number=int(name) + 1, row_dir=row, col_dir=col,
-                         position=np.asarray(origin) + k * dz * normal, pixel_spacing=dxy)
-        ds.save_as(folder / f"MR{name:03d}.dcm", enforce_file_format=True)
+    names = rng.permutation(n)
+    pixels = np.stack([rng.integers(0, 4000, (rows, cols)).astype(np.uint16) for _ in range(n)])
+    dicom_series(folder, pixels, modality="MR", row_dir=row, col_dir=col, origin=origin, dz=dz, pixel_spacing=dxy,
+                 names=[f"MR{i:03d}.dcm" for i in names], numbers=names + 1)
     return [pydicom.dcmread(f) for f in sorted(folder.iterdir())]
 
 

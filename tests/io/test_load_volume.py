@@ -6,11 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-from pydicom.uid import generate_uid
 
 from medvae.errors import InputError
 from medvae.io import inspect_volume, load_volume
-from tests.factories import dicom_image
+from tests.factories import dicom_series
 
 ROWS, COLS, N = 24, 20, 10
 DXY, DZ = (0.75, 0.9), 2.0  # PixelSpacing (row spacing, column spacing), slice step
@@ -18,17 +17,11 @@ DXY, DZ = (0.75, 0.9), 2.0  # PixelSpacing (row spacing, column spacing), slice 
 
 def _write_series(folder, row_dir, col_dir, origin, bright):
     """Slices k = 0..N-1 at origin + k * DZ * (row_dir x col_dir); one bright voxel at (k, r, c)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    normal = np.cross(row_dir, col_dir)
     rng = np.random.default_rng(0)
-    uid = generate_uid()
-    for k in range(N):
-        px = rng.integers(0, 200, (ROWS, COLS)).astype(np.int16)
-        if k == bright[0]:
-            px[bright[1], bright[2]] = 3000
-        ds = dicom_image(px, modality="CT", series_uid=uid, instance_number=N - k, row_dir=row_dir, col_dir=col_dir,
-                         position=np.asarray(origin) + k * DZ * normal, pixel_spacing=DXY, rescale=(1, 0))
-        ds.save_as(folder / f"{(k * 7) % N:03d}.dcm", enforce_file_format=True)
+    px = np.stack([rng.integers(0, 200, (ROWS, COLS)).astype(np.int16) for _ in range(N)])
+    px[tuple(bright)] = 3000
+    dicom_series(folder, px, modality="CT", row_dir=row_dir, col_dir=col_dir, origin=origin, dz=DZ, pixel_spacing=DXY,
+                 names=[f"{(k * 7) % N:03d}.dcm" for k in range(N)], numbers=N - np.arange(N), rescale=(1, 0))
 
 
 def _write_label(path, row_dir, col_dir, origin, bright):

@@ -10,7 +10,7 @@ from medvae.errors import ConfigError
 from medvae.models import VAEOutput, build_model
 from medvae.models.baselines import MonaiKL, MonaiVAE
 from medvae.synthesis.sampling import sample_images
-from tests.models.test_vae import blobs, model_loss
+from tests.factories import blobs, model_loss
 
 
 def small(name: str, **kw):

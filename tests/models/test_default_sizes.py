@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from medvae.config import DEFAULT_CHANNELS, DENOISER_CHANNELS, PACKAGED_PIPELINES, ModelConfig, TrainStageConfig
+from medvae.config import PACKAGED_PIPELINES, ModelConfig, TrainStageConfig
 from medvae.errors import CheckpointError
 from medvae.models import build_model
 from medvae.models.vae import stage_channels
 from medvae.pipeline import load_pipeline
 from medvae.training.trainer import resolve_config
 from tests.factories import patch_store
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("size, widths", [
@@ -25,9 +22,10 @@ def n_params(model) -> int:
     (256, [32, 64, 128, 256, 256, 256]),  # 6 levels (8x8 bottleneck), as before
 ])
 def test_default_widths_follow_the_patch_size(size, widths):
+    """The documented default table (one width per level, 32 doubling to 256), not the code's own table."""
     cfg = ModelConfig(image_size=size)
     assert cfg.channels is None
-    assert list(cfg.resolved_channels()) == list(DEFAULT_CHANNELS[size])
+    assert cfg.resolved_channels() == tuple(widths)
     assert stage_channels(cfg) == widths
 
 
@@ -40,29 +38,45 @@ def test_defaults_build_the_models_of_before(size):
 
 
 @pytest.mark.parametrize("name", ["vae", "vaegan", "monai-vae", "monai-kl"])
-def test_every_patch_model_builds_at_every_default_size(name):
-    for size in (32, 64):
-        build_model(ModelConfig(name=name, image_size=size, latent_dim=64))
+@pytest.mark.parametrize("size", [32, 64])
+def test_every_patch_model_runs_at_every_default_size(name, size):
+    """At its default widths each patch model encodes a patch to ``latent_dim`` and decodes to its shape."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, image_size=size, latent_dim=64)).eval()
+    with torch.no_grad():
+        mu, logvar = model.encode(torch.rand(2, 1, size, size))
+        x = model.decode(mu)
+    assert mu.shape == logvar.shape == (2, 64)
+    assert x.shape == (2, 1, size, size)
+    assert torch.all((x >= 0) & (x <= 1))  # a mean image of [0, 1] pixels
 
 
-@pytest.mark.parametrize("size", [32, 64, 128, 256])
-def test_explicit_channels_win(size):
+@pytest.mark.parametrize("size, widths", [
+    (32, [8, 16, 24]),
+    (64, [8, 16, 24, 24]),  # deeper levels repeat the last width given
+    (128, [8, 16, 24, 24, 24]),
+    (256, [8, 16, 24, 24, 24, 24]),
+])
+def test_explicit_channels_win(size, widths):
     cfg = ModelConfig(image_size=size, channels=(8, 16, 24))
     assert cfg.resolved_channels() == (8, 16, 24)
-    assert stage_channels(cfg)[:3] == [8, 16, 24]
-    assert set(stage_channels(cfg)[3:]) <= {24}
+    assert stage_channels(cfg) == widths
 
 
 @pytest.mark.parametrize("name", ["dae", "unet-vae"])
 def test_denoisers_keep_their_levels_at_every_size(name):
     for size in (32, 128):
-        assert ModelConfig(name=name, image_size=size).resolved_channels() == DENOISER_CHANNELS
+        assert ModelConfig(name=name, image_size=size).resolved_channels() == (32, 64, 128, 256)
+
+
+def _store_32(path):
+    """16 random 32² patches, 12 train and 4 val."""
+    x = np.random.default_rng(0).random((16, 1, 32, 32), dtype=np.float32)
+    return patch_store(path, x, patient_id=[f"P{i % 4}" for i in range(16)], split=["train"] * 12 + ["val"] * 4)
 
 
 def test_resolve_config_names_the_widths_for_the_run(tmp_path):
-    x = np.random.default_rng(0).random((16, 1, 32, 32), dtype=np.float32)
-    store = patch_store(tmp_path / "s", x, patient_id=[f"P{i % 4}" for i in range(16)],
-                        split=["train"] * 12 + ["val"] * 4)
+    store = _store_32(tmp_path / "s")
     cfg = resolve_config(TrainStageConfig(), store)
     assert cfg.model.image_size == 32 and cfg.model.channels == (32, 64, 128)  # written into config.yaml / checkpoints
     mine = TrainStageConfig.model_validate({"model": {"channels": [16, 32, 64]}})
@@ -83,9 +97,7 @@ def test_a_run_from_before_the_defaults_resumes_with_them(tmp_path):
     today's resolved default (32/64/128), so ``--resume`` without ``channels`` continues it."""
     from medvae.training.trainer import train
 
-    x = np.random.default_rng(0).random((16, 1, 32, 32), dtype=np.float32)
-    store = patch_store(tmp_path / "s", x, patient_id=[f"P{i % 4}" for i in range(16)],
-                        split=["train"] * 12 + ["val"] * 4)
+    store = _store_32(tmp_path / "s")
     train_keys = {"batch_size": 4, "checkpoint_every": 2, "val_batches": 1, "warmup_steps": 0}
     old = TrainStageConfig.model_validate({"model": {"latent_dim": 8, "channels": [32, 64, 128, 256]},
                                            "train": {**train_keys, "max_steps": 2}})

@@ -11,35 +11,13 @@ from medvae.errors import ConfigError
 from medvae.models import ConvVAE, VAEOutput, build_model
 from medvae.models.blocks import Upsample
 from medvae.synthesis.sampling import sample_images
-from medvae.training.losses import generator_loss
+from tests.factories import blobs, model_loss
 
 SMALL = dict(channels=(8, 16), latent_dim=16, norm_groups=4)
 
 
 def small_cfg(**kw) -> ModelConfig:
     return ModelConfig(**{**SMALL, **kw})
-
-
-def model_loss(m, x: torch.Tensor, *, beta: float = 1.0, critic: bool = False, **kw):
-    """The trainer's generator loss of model ``m`` on ``x``: forward, then the loss on its output."""
-    out = m(x, n_prior=x.shape[0] if critic else 0)
-    loss, terms = generator_loss(x, out, m.likelihood, beta=beta, discriminator=m.discriminator,
-                                 last_layer=m.last_decoder_weight, **kw)
-    return loss, terms, out
-
-
-def blobs(n: int = 16, size: int = 64, channels: int = 1, seed: int = 0) -> torch.Tensor:
-    """Structured images in [0, 1]: a few Gaussian-smoothed random blobs per image."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    out = torch.zeros(n, channels, size, size)
-    for _ in range(3):
-        cy = torch.rand(n, channels, 1, 1, generator=g) * size
-        cx = torch.rand(n, channels, 1, 1, generator=g) * size
-        r = 4 + torch.rand(n, channels, 1, 1, generator=g) * size / 6
-        amp = 0.3 + 0.7 * torch.rand(n, channels, 1, 1, generator=g)
-        out = out + amp * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2))
-    return out.clamp(0, 1)
 
 
 @pytest.mark.parametrize(

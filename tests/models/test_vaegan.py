@@ -9,7 +9,7 @@ from medvae.config import ModelConfig
 from medvae.models import VAEGAN, PatchDiscriminator, build_model
 from medvae.models.distributions import kl_normal, reparameterize
 from medvae.training.losses import discriminator_loss, gan_generator_term
-from tests.models.test_vae import blobs, model_loss
+from tests.factories import blobs, model_loss
 
 
 def tiny(**kw) -> VAEGAN:

@@ -11,6 +11,7 @@ from medvae.models import build_model
 from medvae.synthesis.prior import GaussianMixturePrior, encoder_means, fit_gmm, prior_for, prior_path
 from medvae.synthesis.sampling import latents
 from medvae.training.checkpoint import save_checkpoint
+from tests.factories import tiny_disc_store
 
 
 def test_transform_picks_components_by_inverse_cdf_and_scales_by_the_cholesky_factor():
@@ -66,9 +67,7 @@ def test_a_conditional_prior_fits_and_samples_each_condition_on_its_own_codes():
 
 
 def test_prior_file_per_checkpoint(tmp_path):
-    from tests.training.conftest import make_store
-
-    store = make_store(tmp_path / "store")
+    store = tiny_disc_store(tmp_path / "store")
     cfg = ModelConfig(image_size=64, channels=(8, 16, 32), latent_dim=4)
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -21,9 +21,7 @@ from medvae.training.distributed import DistInfo, init_distributed, shutdown
 from medvae.training.step import TrainStep
 from medvae.training.tasks import ReconstructTask
 from medvae.training.trainer import _Trainer, resolve_config
-from tests.factories import disc_images, patch_store
-from tests.models.test_vae import blobs
-from tests.training.conftest import tiny_config
+from tests.factories import blobs, disc_store, tiny_config
 
 
 def _free_port() -> int:
@@ -80,8 +78,8 @@ def test_two_cpu_processes_train_a_class_conditional_vaegan_identically(tmp_path
     """condition: class under DDP: the class embedding and the projection critic stay identical on
     both ranks, and each rank conditions every step on one id per image of its own shard."""
     n = 32
-    store = patch_store(tmp_path / "store", disc_images(n, 64, seed=3), patient_id=[f"P{i // 4}" for i in range(n)],
-                        split="train", classes=["disc", "ring"] * (n // 2), content_hash="ddp-classes")
+    store = disc_store(tmp_path / "store", {"train": n}, seed=3, patient_id=[f"P{i // 4}" for i in range(n)],
+                       classes=["disc", "ring"] * (n // 2), content_hash="ddp-classes")
     cfg = tiny_config("vaegan", max_steps=3, disc_start=1, checkpoint_every=3, batch_size=4)
     cfg.model.condition = "class"
     mp.spawn(_worker, args=(2, _free_port(), str(store.path), str(tmp_path / "run"), cfg.model_dump(mode="json"),

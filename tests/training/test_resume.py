@@ -18,7 +18,7 @@ import yaml
 from medvae.config import TrainStageConfig
 from medvae.pipeline import train_stage
 from medvae.training.checkpoint import load_checkpoint
-from tests.training.conftest import tiny_config
+from tests.factories import tiny_config
 
 N_STEPS = 20
 

@@ -26,7 +26,7 @@ from medvae.training.schedule import (
     warmup_cosine,
 )
 from medvae.training.trainer import resolve_config, train
-from tests.training.conftest import make_store, tiny_config
+from tests.factories import tiny_config, tiny_disc_store
 
 
 def read_log(run):
@@ -191,13 +191,13 @@ _real_generator_loss = medvae.training.losses.generator_loss
 
 def test_device_path_stops_with_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(medvae.training.step, "device_path", lambda device, amp: True)
-    store = make_store(tmp_path / "nan_store", nan_rows=range(64))
+    store = tiny_disc_store(tmp_path / "nan_store", nan_rows=range(64))
     with pytest.raises(TrainingError, match="non-finite.*max_bad_steps=2"):
         train(store, tmp_path / "run", tiny_config(max_steps=10, max_bad_steps=2, log_every=5), device="cpu")
 
 
 def test_nan_guard_stops_with_clear_error(tmp_path):
-    store = make_store(tmp_path / "nan_store", nan_rows=range(64))  # every training patch is NaN
+    store = tiny_disc_store(tmp_path / "nan_store", nan_rows=range(64))  # every training patch is NaN
     with pytest.raises(TrainingError, match="non-finite.*max_bad_steps=2.*lower train.lr"):
         train(store, tmp_path / "run", tiny_config(max_steps=10, max_bad_steps=2), device="cpu")
 
@@ -216,7 +216,7 @@ def test_train_cli_overrides_config_and_resume_checks(tiny_store, tmp_path, capl
     assert resolved["model"]["name"] == "vae" and resolved["train"]["batch_size"] == 8
     assert resolved["model"]["channels"] == [8, 16, 32]  # from the YAML
 
-    other = make_store(tmp_path / "other", content_hash="another-hash")
+    other = tiny_disc_store(tmp_path / "other", content_hash="another-hash")
     with pytest.raises(CheckpointError, match="tiny-store-v1.*another-hash"):
         train(other, run, resolve_config(tiny_config(max_steps=4), other), device="cpu", resume=True)
     res = _train_cli(tiny_store.path, tmp_path / "r3", "--batch-size", 0)

@@ -9,7 +9,7 @@ from medvae.metrics import images
 from medvae.metrics.elbo import elbo
 from medvae.models import build_model
 from medvae.training.validate import validate
-from tests.training.conftest import N_VAL
+from tests.factories import TINY_VAL
 
 
 def test_validation_encodes_each_batch_once_and_matches_the_metrics_by_hand(tiny_store):
@@ -27,7 +27,7 @@ def test_validation_encodes_each_batch_once_and_matches_the_metrics_by_hand(tiny
     per: dict[str, list] = {k: [] for k in ("elbo", "nll", "kl", "ssim", "psnr", "mse")}
     rows = tiny_store.select("val")
     with torch.no_grad():
-        for start in range(0, N_VAL, 6):
+        for start in range(0, TINY_VAL, 6):
             x = torch.from_numpy(tiny_store.get(rows[start:start + 6]))
             e, terms = elbo(model, x, generator=gen, return_terms=True)
             recon = model.decode(model.encode(x)[0]).clamp(0, 1)
