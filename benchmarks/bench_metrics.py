@@ -80,6 +80,7 @@ def bench_evaluate(n: int, patients: int = 10, quick: bool = False) -> dict:
     from medvae.evaluation.evaluate import run_evaluation
     from medvae.models import build_model
     from medvae.training.checkpoint import save_checkpoint
+    from medvae.training.rundir import RunDir
     from tests.factories import patch_store
 
     rng = np.random.default_rng(0)
@@ -95,7 +96,7 @@ def bench_evaluate(n: int, patients: int = 10, quick: bool = False) -> dict:
                             normalization={"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}})
         cfg = ModelConfig()  # the default ConvVAE (128², latent 128); timing does not depend on training
         torch.manual_seed(0)
-        save_checkpoint(tmp / "run" / "checkpoints" / "best.pt", {
+        save_checkpoint(RunDir(tmp / "run").checkpoint_path("best"), {
             "model_config": cfg.model_dump(mode="json"), "model_state": build_model(cfg).state_dict(),
             "store_hash": "bench", "step": 0})
         # --quick: fewer IWAE samples and MMD samples (IWAE costs patients x 8 x k decodes).

@@ -41,6 +41,7 @@ from medvae.data.store import (
     PatchStore,
     begin_store,
     open_store,
+    store_complete,
     to_stored,
     write_index,
     write_store_json,
@@ -137,7 +138,7 @@ def prepare(manifest_path: str | os.PathLike, out: str | os.PathLike, config: Pr
     tasks = {p: VolumeTask.from_row(usable[p], manifest_path.parent) for p in positions}
     digests = {p: t.digest() for p, t in tasks.items()}
     chash = content_hash([digests[p] for p in positions], config, shard)
-    if (out / "store.json").is_file():
+    if store_complete(out):
         try:
             existing = open_store(out)
         except StoreError:

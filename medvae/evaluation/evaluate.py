@@ -57,7 +57,7 @@ from medvae.metrics import images as M
 from medvae.metrics.stats import finite_stats
 from medvae.metrics.table import ALL_METRICS, PATCH_METRICS
 from medvae.report import write_report
-from medvae.training.checkpoint import load_model, resolve_checkpoint
+from medvae.training.checkpoint import load_model
 from medvae.training.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def cohort_metrics(store, rows: np.ndarray, samples: torch.Tensor, modality: str
 # --------------------------------------------------------------------------- one run
 def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_figures: bool = True) -> dict:
     """All metrics of one run on ``cfg.split`` of ``store``; figures data when ``with_figures``."""
-    ckpt = resolve_checkpoint(run, "best")
+    ckpt = Path(run) if Path(run).is_file() else RunDir(run).checkpoint("best")  # a checkpoint file, or the run's
     model, meta = load_model(ckpt, device=device)
     name = Path(run).resolve().name if Path(run).is_dir() else Path(run).stem
     if meta.get("store_hash") and meta["store_hash"] != store.content_hash:

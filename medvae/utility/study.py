@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from medvae.config import UtilityConfig
-from medvae.data.store import PatchStore, open_store
+from medvae.data.store import PatchStore, open_store, store_complete
 from medvae.devices import select_device
 from medvae.errors import InputError
 from medvae.files import atomic_open, atomic_path, write_json
@@ -103,7 +103,7 @@ def run_utility(store: PatchStore | str | os.PathLike, out: str | os.PathLike, c
             for m, v in results[arm]["metrics"].items():
                 rows.append({"arm": arm, "budget": key, "fraction": n_real / n_train if n_real else fraction,
                              "labels_per_class": per_class, "seed": s, "metric": m, "value": v})
-        if (cell / "synthetic_store" / "store.json").is_file():
+        if store_complete(cell / "synthetic_store"):
             kept.setdefault(key, []).append(open_store(cell / "synthetic_store").meta.get("synthetic", {}))
     _tell(progress, total, total, 0, "report")
     info = {m: {"label": UTILITY_METRICS[m].label, "unit": UTILITY_METRICS[m].unit, "better": UTILITY_METRICS[m].better}
@@ -211,7 +211,7 @@ def _cell_synthetic(real_store: PatchStore, cell: Path, seed: int, ctx: _Context
                     real_net: Callable[[], torch.nn.Module]) -> LabelledSet:
     """The cell's filtered synthetic set (written once to ``synthetic_store``)."""
     cfg, path = ctx.cfg, cell / "synthetic_store"
-    if not (path / "store.json").is_file():
+    if not store_complete(path):
         if cfg.pools_unlabelled:
             pool, checkpoint = ctx.pool_generator()
         else:
@@ -278,7 +278,7 @@ def _check_settings(out: Path, store: PatchStore, cfg: UtilityConfig, user: Patc
 def _subset(store: PatchStore, cfg: UtilityConfig, fraction: float | None, per_class: int | None, seed: int,
             path: Path) -> PatchStore:
     """The cell's real subset store (reused once complete)."""
-    if (path / "store.json").is_file():
+    if store_complete(path):
         return open_store(path)
     return write_subset_store(store, subset_rows(store, cfg.task, fraction, seed, per_class), path)
 
