@@ -78,9 +78,9 @@ def main() -> None:
 
     from medvae.config import UtilityConfig
     from medvae.data.store import store_complete
+    from medvae.downstream.study import run_utility
     from medvae.pipeline import PipelineDir, load_pipeline, pipeline_path
-    from medvae.report.utility import verdicts
-    from medvae.utility.study import run_utility
+    from medvae.report.downstream import verdicts
 
     if args.study == "fmnist":
         cfg = load_pipeline(pipeline_path("fashion_mnist")).utility

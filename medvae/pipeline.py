@@ -35,6 +35,7 @@ from medvae.data.manifest import write_manifest
 from medvae.data.prepare import prepare
 from medvae.data.store import PatchStore, open_store
 from medvae.denoising import selfsupervised
+from medvae.downstream.study import run_utility
 from medvae.errors import ConfigError, InputError
 from medvae.evaluation.evaluate import run_evaluation
 from medvae.files import sha256_file, sha256_json, write_json
@@ -43,7 +44,6 @@ from medvae.synthesis.generate import generate
 from medvae.training.rundir import RunDir
 from medvae.training.tasks import ReconstructTask
 from medvae.training.trainer import train
-from medvae.utility.study import run_utility
 
 log = logging.getLogger(__name__)
 

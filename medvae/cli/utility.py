@@ -64,8 +64,8 @@ def utility(
     label budgets; the report says whether synthetic data helps."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from medvae.report.utility import verdicts
-    from medvae.utility.study import run_utility
+    from medvae.downstream.study import run_utility
+    from medvae.report.downstream import verdicts
 
     generator = load_config(config, TrainStageConfig).model_dump(mode="json")
     cfg = config_with_options(None, UtilityConfig, {

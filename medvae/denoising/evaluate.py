@@ -27,7 +27,7 @@ from medvae.config import EvaluateConfig
 from medvae.data.store import PatchStore, even_positions
 from medvae.denoising import classical
 from medvae.denoising.noise import LEVEL_NAMES, eval_levels, step_generator
-from medvae.denoising.task import DenoiseTask
+from medvae.denoising.supervised import DenoiseTask
 from medvae.errors import InputError
 from medvae.files import write_json, write_text
 from medvae.metrics import images as M

@@ -31,7 +31,7 @@ from medvae.data.loader import Batch
 from medvae.data.store import PatchStore, even_positions
 from medvae.denoising import calibration, masks
 from medvae.denoising.noise import step_generator
-from medvae.denoising.task import VAL_SEED_OFFSET, DenoiseTask, random_crop
+from medvae.denoising.supervised import VAL_SEED_OFFSET, DenoiseTask, random_crop
 from medvae.errors import ConfigError
 from medvae.models import DENOISERS
 from medvae.training.tasks import TrainingPair

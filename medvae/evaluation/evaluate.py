@@ -13,7 +13,7 @@ For one run (and any ``--compare`` runs) on one split of a patch store:
   of them only (the worst and best halves by mean SSIM, listed in ``report_patients`` of
   summary.json), while metrics.csv and summary.json keep every patient;
 - per class (a store with classes): mean, sd, n and 95 % interval of each metric;
-- an image set (:func:`medvae.evaluation.image_sets.is_image_set`: every patient one patch) has no
+- an image set (:func:`medvae.evaluation.class_tables.is_image_set`: every patient one patch) has no
   per-patient tables unless ``config.per_image`` asks (each would repeat one image's numbers); it
   gets per-split tables (the other splits on up to ``config.split_patches`` images, no IWAE) and
   the split's ``config.worst_images`` worst reconstructions instead;
@@ -47,7 +47,7 @@ from medvae.data.store import PatchStore, even_positions, open_store
 from medvae.denoising.evaluate import evaluate_denoise
 from medvae.devices import select_device
 from medvae.errors import InputError
-from medvae.evaluation.image_sets import class_stats, grouped_stats, is_image_set, split_rows, worst_images
+from medvae.evaluation.class_tables import class_stats, grouped_stats, is_image_set, split_rows, worst_images
 from medvae.evaluation.sample_quality import class_samples, classified_samples, prior_samples, sample_quality
 from medvae.evaluation.tables import CSV_COLUMNS, compare_table, identical_weights, jsonable, tidy_rows, weights_sha256
 from medvae.files import write_json, write_text

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from medvae.utility.downstream import (
+from medvae.downstream.networks import (
     LabelledSet,
     classification_metrics,
     from_store,

@@ -3,13 +3,13 @@
 For each label budget (a fraction of the train split, or a number of labels per class) and each
 seed s (a "cell"):
 
-1. the labelled subset (:mod:`medvae.utility.subsets`) is written as ``cells/<budget>_s<s>/real_store``;
+1. the labelled subset (:mod:`medvae.downstream.subsets`) is written as ``cells/<budget>_s<s>/real_store``;
 2. the real arm's network is trained on it (it is also the filter and the label-fidelity judge);
 3. a generator — one for the whole study, learned from every train image without labels
    (``unlabelled: all``), or the cell's own, learned from its subset — makes labelled candidates
-   that the filter thins into ``synthetic_store`` (:mod:`medvae.utility.synthesis`), unless the
+   that the filter thins into ``synthetic_store`` (:mod:`medvae.downstream.synthetic_sets`), unless the
    user gave a synthetic store for every cell;
-4. the same downstream network, steps, real batches and seed (:mod:`medvae.utility.downstream`) is
+4. the same downstream network, steps, real batches and seed (:mod:`medvae.downstream.networks`) is
    trained on each arm — ``real``, ``real+classical``, ``real+synthetic``,
    ``real+classical+synthetic``, ``synthetic`` — and scored on the real test split.
 
@@ -20,8 +20,8 @@ its ``last.pt``. ``study.json`` records the settings that results depend on (all
 and seeds, which may grow), and a re-run with other settings in the same directory is refused.
 
 Outputs in the study directory: ``utility.csv`` (``arm, budget, fraction, labels_per_class, seed,
-metric, value``), ``utility.json`` (:func:`medvae.utility.stats.summarize` plus what the filter kept
-and settings), ``utility.png`` and ``report.html`` (:mod:`medvae.report.utility`).
+metric, value``), ``utility.json`` (:func:`medvae.downstream.intervals.summarize` plus what the filter kept
+and settings), ``utility.png`` and ``report.html`` (:mod:`medvae.report.downstream`).
 """
 
 from __future__ import annotations
@@ -42,16 +42,16 @@ import torch
 from medvae.config import UtilityConfig
 from medvae.data.store import PatchStore, open_store, store_complete
 from medvae.devices import select_device
+from medvae.downstream import synthetic_sets
+from medvae.downstream.augment import for_modality
+from medvae.downstream.intervals import summarize, t_interval
+from medvae.downstream.networks import LabelledSet, from_store, score_downstream, train_downstream
+from medvae.downstream.subsets import check_task, labelled_rows, subset_rows, write_subset_store
 from medvae.errors import InputError
 from medvae.files import atomic_open, atomic_path, write_json
 from medvae.metrics.table import TASK_METRICS, UTILITY_METRICS
-from medvae.report.utility import utility_figure, write_utility_report
+from medvae.report.downstream import utility_figure, write_utility_report
 from medvae.synthesis import audit
-from medvae.utility import synthesis
-from medvae.utility.augment import for_modality
-from medvae.utility.downstream import LabelledSet, from_store, score_downstream, train_downstream
-from medvae.utility.stats import summarize, t_interval
-from medvae.utility.subsets import check_task, labelled_rows, subset_rows, write_subset_store
 
 log = logging.getLogger(__name__)
 # Label fidelity: the real arm's network scored on every synthetic candidate (before the filter)
@@ -86,7 +86,8 @@ def run_utility(store: PatchStore | str | os.PathLike, out: str | os.PathLike, c
     _check_settings(out, store, cfg, user)
     task = cfg.task
     test = from_store(store, labelled_rows(store, "test", task), task, store.classes)
-    given = from_store(user, synthesis.synthetic_rows(user, store), task, store.classes) if user is not None else None
+    given = None if user is None else from_store(user, synthetic_sets.synthetic_rows(user, store), task,
+                                                 store.classes)
     n_out = len(store.classes) if task == "classify" else int(np.max(store.labels)) + 1  # background + labels
     classical = for_modality(cfg.classical, store.modalities[0])
     ctx = _Context(cfg, store, out, n_out, str(select_device(device)), test, given, classical)
@@ -137,11 +138,11 @@ class _Context:
     def pool_generator(self) -> tuple[PatchStore, Path]:
         """The unlabelled store of every train image and the one generator trained on it (``unlabelled: all``)."""
         if "pool" not in self.shared:
-            pool = synthesis.unlabelled_store(self.store, self.out / "unlabelled_store")
+            pool = synthetic_sets.unlabelled_store(self.store, self.out / "unlabelled_store")
             if self.cfg.generator_run is not None:
-                checkpoint = synthesis.given_generator(self.cfg.generator_run, self.store)
+                checkpoint = synthetic_sets.given_generator(self.cfg.generator_run, self.store)
             else:
-                checkpoint = synthesis.train_generator(pool, self.out / "generator", self.cfg,
+                checkpoint = synthetic_sets.train_generator(pool, self.out / "generator", self.cfg,
                                                        self.cfg.generator.train.seed, self.device)
             self.shared["pool"] = (pool, checkpoint)
         return self.shared["pool"]
@@ -215,21 +216,23 @@ def _cell_synthetic(real_store: PatchStore, cell: Path, seed: int, ctx: _Context
         if cfg.pools_unlabelled:
             pool, checkpoint = ctx.pool_generator()
         else:
-            pool, checkpoint = None, synthesis.train_generator(real_store, cell / "generator", cfg, seed, ctx.device)
+            pool = None
+            checkpoint = synthetic_sets.train_generator(real_store, cell / "generator", cfg, seed, ctx.device)
         judge = real_net()  # trained on the same labelled subset: it labels, filters and judges
         teacher = judge if cfg.task == "classify" else None  # segmentation candidates are not filtered by it
         if cfg.synthesis == "prior":
-            cands = synthesis.prior_candidates(checkpoint, real_store, pool, cfg, seed, teacher)
+            cands = synthetic_sets.prior_candidates(checkpoint, real_store, pool, cfg, seed, teacher)
         else:
-            cands = synthesis.anchored_candidates(checkpoint, real_store, pool, cfg, seed)
-        kept, info = synthesis.filter_candidates(cands, cfg, teacher, ctx.reference() if cfg.drop_flagged else None)
+            cands = synthetic_sets.anchored_candidates(checkpoint, real_store, pool, cfg, seed)
+        reference = ctx.reference() if cfg.drop_flagged else None
+        kept, info = synthetic_sets.filter_candidates(cands, cfg, teacher, reference)
         if len(cands.images):
             labels = cands.classes if cands.classes is not None else cands.masks
             info.update({f"fidelity_{m}": v for m, v in score_downstream(
                 cfg.task, judge, LabelledSet(torch.from_numpy(cands.images), torch.from_numpy(labels).long()),
                 ctx.n_out).items()})
         info.update(seed=seed, synthesis=cfg.synthesis, checkpoint=str(checkpoint))
-        synthesis.write_synthetic_store(path, kept, real_store, info)
+        synthetic_sets.write_synthetic_store(path, kept, real_store, info)
     syn = open_store(path)
     return from_store(syn, syn.select(), cfg.task, ctx.store.classes)
 

@@ -36,6 +36,8 @@ import torch
 from medvae.config import TrainStageConfig, UtilityConfig, parse_config
 from medvae.data.conditions import model_inputs, split_joint
 from medvae.data.store import PatchStore, open_store, store_complete, write_derived_store, write_store
+from medvae.downstream.networks import probabilities
+from medvae.downstream.subsets import SOURCE_ROW
 from medvae.errors import InputError
 from medvae.synthesis import anchored, audit
 from medvae.synthesis.prior import prior_for
@@ -43,8 +45,6 @@ from medvae.synthesis.sampling import balanced_conditions, decode_latents, sampl
 from medvae.training.checkpoint import load_model
 from medvae.training.rundir import RunDir
 from medvae.training.trainer import train
-from medvae.utility.downstream import probabilities
-from medvae.utility.subsets import SOURCE_ROW
 
 log = logging.getLogger(__name__)
 
