@@ -151,10 +151,10 @@ def _tree_fingerprint(root: Path) -> str:
 
 
 class StageRunner:
-    """Runs stages once per key and records them in state.json (written atomically)."""
+    """Runs stages once per key and records them in ``path`` (RUN/state.json, written atomically)."""
 
-    def __init__(self, out: PipelineDir):
-        self.path = out.state
+    def __init__(self, path: Path):
+        self.path = path
         self.state: dict = {}
         self.timings: list[dict] = []  # this invocation's stages in order (see :meth:`run`)
         if self.path.exists():
@@ -269,7 +269,7 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     if not scans.is_dir():
         raise InputError(f"{scans}: scan directory not found; pass the folder that holds the scans to --scans")
     run.path.mkdir(parents=True, exist_ok=True)
-    runner = StageRunner(run)
+    runner = StageRunner(run.state)
     labels = scans / config.labels if config.labels else None
     reference = _beside(pipeline, config.reference) if config.reference else None
     manifest, store_dir = run.manifest, run.store

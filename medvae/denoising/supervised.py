@@ -1,5 +1,5 @@
-"""The denoise training task: each clean batch becomes ``(noisy input, clean target)``, and
-validation scores the denoised val patches.
+"""The supervised denoise training task (beside :mod:`medvae.denoising.selfsupervised`): each clean
+batch becomes ``(noisy input, clean target)``, and validation scores the denoised val patches.
 
 The noise of step ``s`` comes from a generator seeded with ``(train.seed, s)``
 (:func:`medvae.denoising.noise.step_generator`) and depends on nothing else, so a run resumed from a
