@@ -36,6 +36,7 @@ from medvae.data.prepare import prepare
 from medvae.data.store import PatchStore, open_store
 from medvae.denoising import selfsupervised
 from medvae.downstream.study import run_utility
+from medvae.downstream.studydir import StudyDir
 from medvae.errors import ConfigError, InputError
 from medvae.evaluation.evaluate import run_evaluation
 from medvae.files import sha256_file, sha256_json, write_json
@@ -309,10 +310,11 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     report_dir = run.report
     names = list(config.models)
     evaluate_key = sha256_json([[sha256_file(best(n)) for n in names], config.evaluate.model_dump(mode="json"),
-                                sha256_file(utility_dir / "utility.json") if utility_dir else None])
+                                sha256_file(StudyDir(utility_dir).json) if utility_dir else None])
     runner.run("evaluate", evaluate_key, lambda: run_evaluation(
         model_dirs[names[0]], store_dir, report_dir, config.evaluate,
-        compare=[model_dirs[n] for n in names[1:]], device=config.device, utility=utility_dir))
+        compare=[model_dirs[n] for n in names[1:]], device=config.device,
+        utility=StudyDir(utility_dir).summary() if utility_dir else None))
 
     if all(c.task == "denoise" for c in config.models.values()):  # denoisers have no prior to sample
         return runner.result({"manifest": str(manifest), "store": str(store_dir),
@@ -333,7 +335,7 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     return runner.result({
         "manifest": str(manifest), "store": str(store_dir), "models": {n: str(p) for n, p in model_dirs.items()},
         "report": str(report_dir / "report.html"), "synthetic": str(synthetic_dir),
-        **({"utility": str(utility_dir / "report.html")} if utility_dir else {}),
+        **({"utility": str(StudyDir(utility_dir).report)} if utility_dir else {}),
     })
 
 

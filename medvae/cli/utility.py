@@ -65,6 +65,7 @@ def utility(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from medvae.downstream.study import run_utility
+    from medvae.downstream.studydir import StudyDir
     from medvae.report.downstream import verdicts
 
     generator = load_config(config, TrainStageConfig).model_dump(mode="json")
@@ -89,4 +90,5 @@ def utility(
             typer.echo(f"{name} {metric}: {cells}")
     for line in verdicts(summary):
         typer.echo(line)
-    typer.echo(f"-> {out / 'utility.csv'}, {out / 'utility.json'}, {out / 'report.html'}")
+    study = StudyDir(out)
+    typer.echo(f"-> {study.csv}, {study.json}, {study.report}")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -385,7 +384,7 @@ def _unique_names(results: list[dict]) -> None:
 
 
 def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compare=(), device="auto",
-                   utility=None) -> dict:
+                   utility: dict | None = None) -> dict:
     """Evaluate ``run`` (and ``compare`` runs) on ``store``; write metrics.csv, summary.json, report.html.
 
     Args:
@@ -395,7 +394,7 @@ def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compar
         config: EvaluateConfig (split, iwae_k, mmd_samples, mmd_permutations, batch_size, worst_patches).
         compare: more runs, evaluated alike and tabulated side by side.
         device: auto | cpu | cuda | cuda:N | mps.
-        utility: a `medvae utility` study directory; its results become a section of the report.
+        utility: a `medvae utility` study's utility.json (``StudyDir.summary()``); a section of the report.
 
     Returns:
         The summary dict written to summary.json.
@@ -431,10 +430,7 @@ def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compar
                                           for r in results[1:]},
                               "identical_weights": identical_weights(results)}
     if utility is not None:
-        path = Path(utility) / "utility.json"
-        if not path.is_file():
-            raise InputError(f"{utility}: no utility.json; run `medvae utility` into it first")
-        summary["utility"] = json.loads(path.read_text(encoding="utf-8"))
+        summary["utility"] = utility
     write_json(out / "summary.json", jsonable(summary))
     write_report(summary, figures, out / "report.html")
     log.info("wrote %s, %s and %s", out / "metrics.csv", out / "summary.json", out / "report.html")
