@@ -79,6 +79,7 @@ def bench_evaluate(n: int, patients: int = 10, quick: bool = False) -> dict:
     from medvae.config import EvaluateConfig, ModelConfig
     from medvae.evaluation.evaluate import run_evaluation
     from medvae.models import build_model
+    from medvae.report.reportdir import ReportDir
     from medvae.training.checkpoint import save_checkpoint
     from medvae.training.rundir import RunDir
     from tests.factories import patch_store
@@ -104,7 +105,7 @@ def bench_evaluate(n: int, patients: int = 10, quick: bool = False) -> dict:
         t = time.perf_counter()
         run_evaluation(tmp / "run", store, tmp / "report", ecfg, device="cpu")
         secs = time.perf_counter() - t
-        html_mb = (tmp / "report" / "report.html").stat().st_size / 2**20
+        html_mb = ReportDir(tmp / "report").html.stat().st_size / 2**20
     return {"patches": n, "patients": patients, "seconds": secs, "patches_per_second": n / secs,
             "config": ecfg.model_dump(), "report_html_mb": html_mb}
 

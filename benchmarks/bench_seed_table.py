@@ -102,6 +102,7 @@ def main() -> None:
         sys.exit(f"{args.scans}: not found; `apt-get install dataset-fashion-mnist` or pass --scans DIR")
 
     from medvae.pipeline import PipelineDir, run_pipeline
+    from medvae.report.reportdir import ReportDir
 
     name = "seed_table_quick" if args.quick else "seed_table"
     work = args.out / name
@@ -110,7 +111,7 @@ def main() -> None:
     run = PipelineDir(work / "run")
     state = run_pipeline(yaml_path, args.scans, run.path)
     wall = time.perf_counter() - t0
-    summary = json.loads((run.report / "summary.json").read_text())
+    summary = json.loads(ReportDir(run.report).summary.read_text())
     runs = summary["compare"]["runs"] if "compare" in summary else [summary["run"]]
     stages = {k: v.get("seconds") for k, v in state.items() if isinstance(v, dict) and "seconds" in v}
 

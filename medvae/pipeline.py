@@ -41,6 +41,7 @@ from medvae.errors import ConfigError, InputError
 from medvae.evaluation.evaluate import run_evaluation
 from medvae.files import sha256_file, sha256_json, write_json
 from medvae.io.phantoms import write_phantom_cohort
+from medvae.report.reportdir import ReportDir
 from medvae.synthesis.generate import generate
 from medvae.training.rundir import RunDir
 from medvae.training.tasks import ReconstructTask
@@ -319,7 +320,7 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     if all(c.task == "denoise" for c in config.models.values()):  # denoisers have no prior to sample
         return runner.result({"manifest": str(manifest), "store": str(store_dir),
                               "models": {n: str(p) for n, p in model_dirs.items()},
-                              "report": str(report_dir / "report.html")})
+                              "report": str(ReportDir(report_dir).html)})
 
     gen = config.generate
     gen_model = gen.model or names[-1]
@@ -334,7 +335,7 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
 
     return runner.result({
         "manifest": str(manifest), "store": str(store_dir), "models": {n: str(p) for n, p in model_dirs.items()},
-        "report": str(report_dir / "report.html"), "synthetic": str(synthetic_dir),
+        "report": str(ReportDir(report_dir).html), "synthetic": str(synthetic_dir),
         **({"utility": str(StudyDir(utility_dir).report)} if utility_dir else {}),
     })
 

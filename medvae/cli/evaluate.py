@@ -30,6 +30,7 @@ def evaluate_command(
     HTML report."""
     from medvae.downstream.studydir import StudyDir
     from medvae.evaluation.evaluate import run_evaluation
+    from medvae.report.reportdir import ReportDir
 
     cfg = config_with_options(config, EvaluateConfig, {"split": split, "per_image": per_image or None})
     compare = list(compare or [])
@@ -38,4 +39,4 @@ def evaluate_command(
             raise InputError(f"{path}: run directory not found; give the --out of `medvae train`")
     study = StudyDir(utility).summary() if utility is not None else None
     run_evaluation(run, store, out, cfg, compare=compare, device=device, utility=study)
-    typer.echo(f"report: {out / 'report.html'}")
+    typer.echo(f"report: {ReportDir(out).html}")

@@ -49,13 +49,13 @@ from medvae.errors import InputError
 from medvae.evaluation.class_tables import class_stats, grouped_stats, is_image_set, split_rows, worst_images
 from medvae.evaluation.sample_quality import class_samples, classified_samples, prior_samples, sample_quality
 from medvae.evaluation.tables import CSV_COLUMNS, compare_table, identical_weights, jsonable, tidy_rows, weights_sha256
-from medvae.files import write_json, write_text
 from medvae.metrics import distances as D
 from medvae.metrics import elbo as L
 from medvae.metrics import images as M
 from medvae.metrics.stats import finite_stats
 from medvae.metrics.table import ALL_METRICS, PATCH_METRICS
 from medvae.report import write_report
+from medvae.report.reportdir import ReportDir
 from medvae.training.checkpoint import load_model
 from medvae.training.rundir import RunDir
 
@@ -407,8 +407,8 @@ def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compar
         if compare:
             raise InputError("--compare is not supported for denoise runs; evaluate each run on its own")
         return evaluate_denoise(run, store, out, cfg, dev)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    report = ReportDir(out)
+    report.path.mkdir(parents=True, exist_ok=True)
     results = [evaluate_run(r, store, cfg, dev, with_figures=(i == 0)) for i, r in enumerate([run, *compare])]
     _unique_names(results)
     figures = results[0].pop("_figures")
@@ -418,7 +418,6 @@ def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compar
     w.writerow(CSV_COLUMNS)
     for r in results:
         w.writerows(tidy_rows(r))
-    write_text(out / "metrics.csv", buf.getvalue())
 
     summary = dict(results[0])
     summary["metric_info"] = {k: {"unit": m.unit, "direction": m.better} for k, m in ALL_METRICS.items()}
@@ -431,7 +430,5 @@ def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compar
                               "identical_weights": identical_weights(results)}
     if utility is not None:
         summary["utility"] = utility
-    write_json(out / "summary.json", jsonable(summary))
-    write_report(summary, figures, out / "report.html")
-    log.info("wrote %s, %s and %s", out / "metrics.csv", out / "summary.json", out / "report.html")
+    report.write(buf.getvalue(), jsonable(summary), lambda path: write_report(summary, figures, path))
     return summary
