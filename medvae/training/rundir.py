@@ -1,4 +1,5 @@
-"""A training run's directory: the one owner of its layout, and the reader and writer of its files.
+"""A training run's directory: the one owner of its layout, and the reader and writer of run.json and
+config.yaml.
 
     RUN/config.yaml          the resolved TrainStageConfig (model in_channels / image_size from the store)
     RUN/run.json             {"store", "store_hash", "model", "task", "status": "running"|"done", "step",
@@ -7,6 +8,7 @@
     RUN/checkpoints/         last.pt, best.pt, step_00001000.pt (the file format: medvae.training.checkpoint)
     RUN/priors/              <checkpoint stem>-<sha256[:12]>.pt: fitted sampling priors (medvae.synthesis.prior)
     RUN/pool_codes-<sha256[:12]>.npz   a generator's codes of the utility study's unlabelled pool
+                             (medvae.downstream.synthetic_sets)
 
 Training, generation, denoising, evaluation, the pipeline and the utility study find these paths
 here and nowhere else, so the layout is known in one place. The caches are keyed by the content
