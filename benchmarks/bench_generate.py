@@ -32,6 +32,7 @@ from medvae.models import build_model  # noqa: E402
 from medvae.synthesis.generate import generate  # noqa: E402
 from medvae.synthesis.sampling import sample_images  # noqa: E402
 from medvae.training.checkpoint import save_checkpoint  # noqa: E402
+from medvae.training.rundir import RunDir  # noqa: E402
 from tests.factories import patch_store  # noqa: E402
 
 
@@ -53,13 +54,13 @@ def make_run(root: Path, size: int, n_train: int) -> Path:
     cfg = ModelConfig(name="vae", image_size=size, latent_dim=128)
     torch.manual_seed(0)
     model = build_model(cfg)
-    run = root / f"run{size}"
-    save_checkpoint(run / "checkpoints" / "best.pt",
+    run = RunDir(root / f"run{size}")
+    save_checkpoint(run.checkpoint_path("best"),
                     {"model_config": cfg.model_dump(mode="json"), "model_state": model.state_dict(),
                      "store_hash": store.content_hash, "step": 0})
-    (run / "run.json").write_text(json.dumps({"store": str(store.path), "store_hash": store.content_hash,
-                                              "model": "vae", "status": "done", "step": 0}))
-    return run
+    run.write_info({"store": str(store.path), "store_hash": store.content_hash, "model": "vae", "status": "done",
+                    "step": 0})
+    return run.path
 
 
 @torch.inference_mode()
@@ -67,7 +68,7 @@ def decode_only(run: Path, n: int, batch: int, device: torch.device) -> float:
     """Reference: samples/s of sample_images in memory (no audit, no files)."""
     from medvae.training.checkpoint import load_model
 
-    model, _ = load_model(run / "checkpoints" / "best.pt", device=device)
+    model, _ = load_model(RunDir(run).checkpoint("best"), device=device)
     sample_images(model, min(batch, n), seed=1, batch_size=batch)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()

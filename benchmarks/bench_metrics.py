@@ -79,7 +79,9 @@ def bench_evaluate(n: int, patients: int = 10, quick: bool = False) -> dict:
     from medvae.config import EvaluateConfig, ModelConfig
     from medvae.evaluation.evaluate import run_evaluation
     from medvae.models import build_model
+    from medvae.report.reportdir import ReportDir
     from medvae.training.checkpoint import save_checkpoint
+    from medvae.training.rundir import RunDir
     from tests.factories import patch_store
 
     rng = np.random.default_rng(0)
@@ -95,7 +97,7 @@ def bench_evaluate(n: int, patients: int = 10, quick: bool = False) -> dict:
                             normalization={"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}})
         cfg = ModelConfig()  # the default ConvVAE (128², latent 128); timing does not depend on training
         torch.manual_seed(0)
-        save_checkpoint(tmp / "run" / "checkpoints" / "best.pt", {
+        save_checkpoint(RunDir(tmp / "run").checkpoint_path("best"), {
             "model_config": cfg.model_dump(mode="json"), "model_state": build_model(cfg).state_dict(),
             "store_hash": "bench", "step": 0})
         # --quick: fewer IWAE samples and MMD samples (IWAE costs patients x 8 x k decodes).
@@ -103,7 +105,7 @@ def bench_evaluate(n: int, patients: int = 10, quick: bool = False) -> dict:
         t = time.perf_counter()
         run_evaluation(tmp / "run", store, tmp / "report", ecfg, device="cpu")
         secs = time.perf_counter() - t
-        html_mb = (tmp / "report" / "report.html").stat().st_size / 2**20
+        html_mb = ReportDir(tmp / "report").html.stat().st_size / 2**20
     return {"patches": n, "patients": patients, "seconds": secs, "patches_per_second": n / secs,
             "config": ecfg.model_dump(), "report_html_mb": html_mb}
 

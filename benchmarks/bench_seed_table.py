@@ -101,15 +101,17 @@ def main() -> None:
     if not args.scans.is_dir():
         sys.exit(f"{args.scans}: not found; `apt-get install dataset-fashion-mnist` or pass --scans DIR")
 
-    from medvae.pipeline import run_pipeline
+    from medvae.pipeline import PipelineDir, run_pipeline
+    from medvae.report.reportdir import ReportDir
 
     name = "seed_table_quick" if args.quick else "seed_table"
     work = args.out / name
     yaml_path = configure(args.pipeline, args.quick, args.steps, args.device, work)
     t0 = time.perf_counter()
-    state = run_pipeline(yaml_path, args.scans, work / "run")
+    run = PipelineDir(work / "run")
+    state = run_pipeline(yaml_path, args.scans, run.path)
     wall = time.perf_counter() - t0
-    summary = json.loads((work / "run" / "report" / "summary.json").read_text())
+    summary = json.loads(ReportDir(run.report).summary.read_text())
     runs = summary["compare"]["runs"] if "compare" in summary else [summary["run"]]
     stages = {k: v.get("seconds") for k, v in state.items() if isinstance(v, dict) and "seconds" in v}
 
@@ -135,7 +137,7 @@ def main() -> None:
           f"= {sum(stages.values()) / BUDGET_S:.2f} x the one-hour CPU budget")
     print(f"machine: {machine}")
     result = {"pipeline": args.pipeline, "quick": args.quick, "wall_s": wall, "stages_s": stages, "table": table,
-              "budget_s": BUDGET_S, "machine": machine, "report": str(work / "run" / "report" / "report.html")}
+              "budget_s": BUDGET_S, "machine": machine, "report": state["paths"]["report"]}
     (args.out / f"bench_{name}.json").write_text(json.dumps(result, indent=1))
 
 

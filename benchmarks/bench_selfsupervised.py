@@ -63,10 +63,8 @@ from medvae.config import TrainStageConfig  # noqa: E402
 from medvae.denoising import classical  # noqa: E402
 from medvae.metrics import images as M  # noqa: E402
 from medvae.pipeline import train_stage  # noqa: E402
-from medvae.training.checkpoint import (
-    load_model,  # noqa: E402
-    resolve_checkpoint,  # noqa: E402
-)
+from medvae.training.checkpoint import load_model  # noqa: E402
+from medvae.training.rundir import RunDir  # noqa: E402
 from tests.factories import patch_store  # noqa: E402
 
 READ_NOISE = 2.0
@@ -161,7 +159,7 @@ def configs(steps: int, photons: float) -> dict[str, TrainStageConfig]:
 @torch.no_grad()
 def apply(run: Path, noisy: np.ndarray, samples: int = 0) -> tuple[np.ndarray, float]:
     """The run's best checkpoint on a whole noisy image; (denoised, seconds)."""
-    model, _ = load_model(resolve_checkpoint(run, "best"), device="cpu")
+    model, _ = load_model(RunDir(run).checkpoint("best"), device="cpu")
     x = torch.from_numpy(noisy)[None, None]
     t0 = time.perf_counter()
     if samples:

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from medvae.config import TrainStageConfig  # noqa: E402
-from medvae.data.store import open_store  # noqa: E402
+from medvae.data.store import open_store, store_complete  # noqa: E402
 from medvae.devices import select_device  # noqa: E402
 from medvae.models import build_model  # noqa: E402
 from medvae.training.distributed import DistInfo  # noqa: E402
@@ -62,7 +62,7 @@ OUR_CHANNELS = (32, 64, 128, 256)
 
 def random_store(path: Path, size: int, n: int) -> object:
     """A store of ``n`` random patches (smooth blobs) of ``size``², 7/8 in the train split."""
-    if (path / "store.json").is_file():
+    if store_complete(path):
         return open_store(path)
     rng = np.random.default_rng(0)
     x = rng.random((n, 1, size // 8, size // 8), dtype=np.float32)

@@ -77,21 +77,23 @@ def main() -> None:
     args = ap.parse_args()
 
     from medvae.config import UtilityConfig
-    from medvae.pipeline import load_pipeline, pipeline_path
-    from medvae.report.utility import verdicts
-    from medvae.utility.study import run_utility
+    from medvae.data.store import store_complete
+    from medvae.downstream.study import run_utility
+    from medvae.pipeline import PipelineDir, load_pipeline, pipeline_path
+    from medvae.report.downstream import verdicts
 
     if args.study == "fmnist":
         cfg = load_pipeline(pipeline_path("fashion_mnist")).utility
-        store = args.store or ROOT / "bench_out" / "seed_table" / "run" / "store"
-        out = args.out or ROOT / "bench_out" / "seed_table" / "run" / "utility"
-        run = args.generator_run or ROOT / "bench_out" / "seed_table" / "run" / "models" / "vaegan"
+        seed_table = PipelineDir(ROOT / "bench_out" / "seed_table" / "run")
+        store = args.store or seed_table.store
+        out = args.out or seed_table.utility
+        run = args.generator_run or seed_table.model("vaegan")
         cfg = cfg.model_copy(update={"generator_run": str(run)})
     else:
         cfg = UtilityConfig.model_validate(DEMO)
-        store = args.store or ROOT / "demo_out" / "run" / "store"
+        store = args.store or PipelineDir(ROOT / "demo_out" / "run").store
         out = args.out or ROOT / "bench_out" / "utility_demo"
-    if not (Path(store) / "store.json").is_file():
+    if not store_complete(store):
         sys.exit(f"{store}: no patch store; run bench_seed_table.py (fmnist) or `make demo` (demo) first, or --store")
     t0 = time.perf_counter()
     summary = run_utility(store, out, cfg, device=args.device)

@@ -267,7 +267,7 @@ class EvaluateConfig(StrictModel):
     denoise_patches: int = 96  # denoise runs: evenly spaced patches of the split every method denoises
     iwae_max_patches: int = 2000  # IWAE on at most this many patches (8 per patient, evenly thinned beyond)
     report_patients: int = 20  # report.html shows sections for at most this many patients (worst and best half)
-    # Image sets (every patient one patch, evaluation.image_sets.is_image_set): per-image rows in metrics.csv and
+    # Image sets (every patient one patch, evaluation.class_tables.is_image_set): per-image rows in metrics.csv and
     # per_patient in summary.json only when asked (10,000 test images are 32 MB of rows), the report's grid of the
     # split's worst reconstructions, and the other splits' reconstruction metrics on evenly spaced images.
     per_image: bool = False
@@ -359,7 +359,7 @@ def load_config(path: str | os.PathLike | None, model: type[T]) -> T:
 # --------------------------------------------------------------------------- utility study
 class AugmentConfig(StrictModel):
     """Classical augmentation of the utility study's ``+classical`` arms, drawn per image with MONAI's
-    RandFlip / RandAffine / Rand2DElastic / RandGaussianNoise conventions (medvae.utility.augment).
+    RandFlip / RandAffine / Rand2DElastic / RandGaussianNoise conventions (medvae.downstream.augment).
     A geometric field left None takes the store's modality's default (``augment.MODALITY_DEFAULTS``)."""
 
     flip_lr: bool | None = None
@@ -385,7 +385,7 @@ class UtilityConfig(StrictModel):
     labelled subset is drawn; a generator learns from the train images (every one, unlabelled,
     with ``unlabelled: all``; else the subset) and synthesizes labelled images; one downstream network
     (same steps, seed and real batches) is trained on each arm and scored on the real test split
-    (medvae.utility.study).
+    (medvae.downstream.study).
     """
 
     task: UtilityTask = "classify"
@@ -494,4 +494,4 @@ class PipelineConfig(StrictModel):
     # Ablations: "model.latent_dim": [32, 128], "train.beta": [0.5, 1.0], ... Every model above is trained
     # once per combination of values (named e.g. "vae[latent_dim=32,beta=0.5]") and all are compared.
     sweep: dict[str, list] = Field(default_factory=dict)
-    utility: UtilityConfig | None = None  # a downstream utility study on the store (medvae.utility), in RUN/utility
+    utility: UtilityConfig | None = None  # a downstream utility study on the store (medvae.downstream), in RUN/utility

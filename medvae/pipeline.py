@@ -5,9 +5,9 @@ Every stage is recorded in ``RUN/state.json`` with a key: the hash of its inputs
 Re-running skips stages whose key is unchanged, re-runs those whose inputs changed, and resumes
 an interrupted training stage from its last checkpoint.
 
-Layout of RUN: ``manifest.csv``, ``store/``, ``models/<name>/``, ``utility/`` (when the pipeline has a
-``utility`` section: the downstream study, run before the evaluation so its report includes it),
-``report/``, ``synthetic/``, ``state.json``.
+Layout of RUN (:class:`PipelineDir`): ``manifest.csv``, ``store/``, ``models/<name>/``, ``utility/`` (when
+the pipeline has a ``utility`` section: the downstream study, run before the evaluation so its report
+includes it), ``report/``, ``synthetic/``, ``state.json``.
 """
 
 from __future__ import annotations
@@ -35,17 +35,38 @@ from medvae.data.manifest import write_manifest
 from medvae.data.prepare import prepare
 from medvae.data.store import PatchStore, open_store
 from medvae.denoising import selfsupervised
+from medvae.downstream.study import run_utility
+from medvae.downstream.studydir import StudyDir
 from medvae.errors import ConfigError, InputError
 from medvae.evaluation.evaluate import run_evaluation
 from medvae.files import sha256_file, sha256_json, write_json
 from medvae.io.phantoms import write_phantom_cohort
+from medvae.report.reportdir import ReportDir
 from medvae.synthesis.generate import generate
-from medvae.training.checkpoint import resolve_checkpoint
+from medvae.training.rundir import RunDir
 from medvae.training.tasks import ReconstructTask
 from medvae.training.trainer import train
-from medvae.utility.study import run_utility
 
 log = logging.getLogger(__name__)
+
+
+class PipelineDir:
+    """A pipeline's RUN directory: the one owner of its layout (each training run inside it is a
+    :class:`~medvae.training.rundir.RunDir`)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.state = self.path / "state.json"
+        self.manifest = self.path / "manifest.csv"
+        self.store = self.path / "store"
+        self.utility = self.path / "utility"
+        self.report = self.path / "report"
+        self.synthetic = self.path / "synthetic"
+
+    def model(self, name: str) -> Path:
+        """The run directory of the pipeline's model ``name``."""
+        return self.path / "models" / name
+
 
 def pipeline_path(pipeline: str | os.PathLike) -> Path:
     """A pipeline YAML path as given, or the packaged pipeline of that name (``demo``, ``pancreas_ct``).
@@ -132,10 +153,10 @@ def _tree_fingerprint(root: Path) -> str:
 
 
 class StageRunner:
-    """Runs stages once per key and records them in state.json (written atomically)."""
+    """Runs stages once per key and records them in ``path`` (RUN/state.json, written atomically)."""
 
-    def __init__(self, out: Path):
-        self.path = out / "state.json"
+    def __init__(self, path: Path):
+        self.path = path
         self.state: dict = {}
         self.timings: list[dict] = []  # this invocation's stages in order (see :meth:`run`)
         if self.path.exists():
@@ -205,7 +226,7 @@ def train_stage(store: PatchStore | str | os.PathLike, out: str | os.PathLike, c
 def _train_stage(runner: StageRunner, name: str, key: str, store: Path, run_dir: Path, cfg, device: str) -> None:
     prev = runner.previous(f"train:{name}")
     interrupted = prev.get("key") == key and prev.get("status") == "running"
-    resume = interrupted and (run_dir / "checkpoints" / "last.pt").exists()
+    resume = interrupted and RunDir(run_dir).checkpoint_path("last").exists()
     if not resume and run_dir.exists() and prev.get("key") != key:
         shutil.rmtree(run_dir)  # inputs changed: the old run belongs to other data or config
     if resume:
@@ -246,15 +267,15 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
     config = load_pipeline(pipeline)
     if quick:
         config = quick_config(config)
-    scans, out = Path(scans), Path(out)
+    scans, run = Path(scans), PipelineDir(out)
     if not scans.is_dir():
         raise InputError(f"{scans}: scan directory not found; pass the folder that holds the scans to --scans")
-    out.mkdir(parents=True, exist_ok=True)
-    runner = StageRunner(out)
+    run.path.mkdir(parents=True, exist_ok=True)
+    runner = StageRunner(run.state)
     labels = scans / config.labels if config.labels else None
     reference = _beside(pipeline, config.reference) if config.reference else None
-    manifest, store_dir = out / "manifest.csv", out / "store"
-    model_dirs = {name: out / "models" / name for name in config.models}
+    manifest, store_dir = run.manifest, run.store
+    model_dirs = {name: run.model(name) for name in config.models}
 
     discover_key = sha256_json([config.discover.model_dump(mode="json"), config.labels, config.reference,
                                 _tree_fingerprint(scans)])
@@ -275,9 +296,9 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
         _train_stage(runner, name, key, store_dir, model_dirs[name], cfg, config.device)
 
     def best(name: str) -> Path:
-        return resolve_checkpoint(model_dirs[name], "best")
+        return RunDir(model_dirs[name]).checkpoint("best")
 
-    utility_dir = out / "utility" if config.utility is not None else None
+    utility_dir = run.utility if config.utility is not None else None
     if config.utility is not None:
         utility = config.utility
         if utility.generator_run in model_dirs:  # one of this pipeline's models is the study's generator
@@ -287,24 +308,25 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
                                    if config.utility.generator_run in model_dirs else None])
         runner.run("utility", utility_key, lambda: run_utility(store_dir, utility_dir, utility, device=config.device))
 
-    report_dir = out / "report"
+    report_dir = run.report
     names = list(config.models)
     evaluate_key = sha256_json([[sha256_file(best(n)) for n in names], config.evaluate.model_dump(mode="json"),
-                                sha256_file(utility_dir / "utility.json") if utility_dir else None])
+                                sha256_file(StudyDir(utility_dir).json) if utility_dir else None])
     runner.run("evaluate", evaluate_key, lambda: run_evaluation(
         model_dirs[names[0]], store_dir, report_dir, config.evaluate,
-        compare=[model_dirs[n] for n in names[1:]], device=config.device, utility=utility_dir))
+        compare=[model_dirs[n] for n in names[1:]], device=config.device,
+        utility=StudyDir(utility_dir).summary() if utility_dir else None))
 
     if all(c.task == "denoise" for c in config.models.values()):  # denoisers have no prior to sample
         return runner.result({"manifest": str(manifest), "store": str(store_dir),
                               "models": {n: str(p) for n, p in model_dirs.items()},
-                              "report": str(report_dir / "report.html")})
+                              "report": str(ReportDir(report_dir).html)})
 
     gen = config.generate
     gen_model = gen.model or names[-1]
     gen_cfg_dict = gen.model_dump(mode="json", exclude={"model", "mix_ratio"})
     gen_key = sha256_json([sha256_file(best(gen_model)), gen_cfg_dict, gen.mix_ratio])
-    synthetic_dir = out / "synthetic"
+    synthetic_dir = run.synthetic
     if runner.previous("generate").get("key") not in (None, gen_key) and synthetic_dir.exists():
         shutil.rmtree(synthetic_dir)  # another checkpoint or settings: generate refuses to mix old files in
     runner.run("generate", gen_key, lambda: generate(
@@ -313,8 +335,8 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
 
     return runner.result({
         "manifest": str(manifest), "store": str(store_dir), "models": {n: str(p) for n, p in model_dirs.items()},
-        "report": str(report_dir / "report.html"), "synthetic": str(synthetic_dir),
-        **({"utility": str(utility_dir / "report.html")} if utility_dir else {}),
+        "report": str(ReportDir(report_dir).html), "synthetic": str(synthetic_dir),
+        **({"utility": str(StudyDir(utility_dir).report)} if utility_dir else {}),
     })
 
 

@@ -28,12 +28,15 @@ def evaluate_command(
 ) -> None:
     """Per-patient (image sets: per-class and per-split) and per-modality metrics, cohort MMD, and an offline
     HTML report."""
+    from medvae.downstream.studydir import StudyDir
     from medvae.evaluation.evaluate import run_evaluation
+    from medvae.report.reportdir import ReportDir
 
     cfg = config_with_options(config, EvaluateConfig, {"split": split, "per_image": per_image or None})
     compare = list(compare or [])
     for path in [run, *compare]:
         if not path.exists():
             raise InputError(f"{path}: run directory not found; give the --out of `medvae train`")
-    run_evaluation(run, store, out, cfg, compare=compare, device=device, utility=utility)
-    typer.echo(f"report: {out / 'report.html'}")
+    study = StudyDir(utility).summary() if utility is not None else None
+    run_evaluation(run, store, out, cfg, compare=compare, device=device, utility=study)
+    typer.echo(f"report: {ReportDir(out).html}")

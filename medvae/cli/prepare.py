@@ -70,8 +70,10 @@ def print_summary(store: PatchStore) -> None:
         for c in classes:
             by_class.add_row(c, *(str(counts.get((s, c), 0)) for s in splits))
         console.print(by_class)
+    from medvae.data.store import STORE_JSON  # loaded with the store already
+
     problems = store.meta.get("problems", [])
     for p in problems[:10]:
         console.print(f"[yellow]problem:[/] {p}")
     if len(problems) > 10:
-        console.print(f"[yellow]... and {len(problems) - 10} more problems, listed in {store.path / 'store.json'}[/]")
+        console.print(f"[yellow]... and {len(problems) - 10} more problems, listed in {store.path / STORE_JSON}[/]")

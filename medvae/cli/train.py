@@ -42,6 +42,7 @@ def train(
     --task denoise without --model trains dae (unet-vae for --objective divnoising)."""
     from medvae.errors import ConfigError
     from medvae.pipeline import train_stage
+    from medvae.training.rundir import RunDir
 
     cfg = config_with_options(config, TrainStageConfig, {
         "model.name": model, "train.max_steps": max_steps, "train.epochs": epochs,
@@ -52,18 +53,19 @@ def train(
                           "as they are; leave --noise out")
     summary = train_stage(store, out, cfg, device=device, resume=resume)
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    checkpoints = RunDir(out).checkpoints
     if rank0 and cfg.task == "denoise" and cfg.objective != "supervised":
         m = summary["metrics"]
         shown = ", ".join(f"val {k} {v:.4g}" for k, v in m.items()) or "no val split"
         log.info("trained %s to denoise (%s, no clean images) for %d steps: %s; checkpoints in %s", cfg.model.name,
-                 cfg.objective, summary["step"], shown, out / "checkpoints")
+                 cfg.objective, summary["step"], shown, checkpoints)
     elif rank0 and cfg.task == "denoise":
         m = summary["metrics"]
         log.info("trained %s to denoise (%s) for %d steps: val PSNR %.2f dB (noisy %.2f dB), SSIM %.3f; "
                  "checkpoints in %s", cfg.model.name, cfg.noise.kind, summary["step"], m.get("psnr", float("nan")),
-                 m.get("noisy_psnr", float("nan")), m.get("ssim", float("nan")), out / "checkpoints")
+                 m.get("noisy_psnr", float("nan")), m.get("ssim", float("nan")), checkpoints)
     elif rank0:
         m = summary["metrics"]
         log.info("trained %s for %d steps: val ELBO %.1f nats, SSIM %.3f, PSNR %.1f dB; checkpoints in %s",
                  cfg.model.name, summary["step"], m.get("elbo", float("nan")), m.get("ssim", float("nan")),
-                 m.get("psnr", float("nan")), out / "checkpoints")
+                 m.get("psnr", float("nan")), checkpoints)

@@ -64,8 +64,9 @@ def utility(
     label budgets; the report says whether synthetic data helps."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from medvae.report.utility import verdicts
-    from medvae.utility.study import run_utility
+    from medvae.downstream.study import run_utility
+    from medvae.downstream.studydir import StudyDir
+    from medvae.report.downstream import verdicts
 
     generator = load_config(config, TrainStageConfig).model_dump(mode="json")
     cfg = config_with_options(None, UtilityConfig, {
@@ -89,4 +90,5 @@ def utility(
             typer.echo(f"{name} {metric}: {cells}")
     for line in verdicts(summary):
         typer.echo(line)
-    typer.echo(f"-> {out / 'utility.csv'}, {out / 'utility.json'}, {out / 'report.html'}")
+    study = StudyDir(out)
+    typer.echo(f"-> {study.csv}, {study.json}, {study.report}")

@@ -11,7 +11,7 @@ Entry points: ``prepare``, ``merge_stores`` (the store format itself is ``medvae
   ``.npy`` chunk in ``STORE/.prepare-<pid>/``, and the parent copies the chunks, in manifest
   order, into the memory-mapped ``patches.npy`` (``np.lib.format.open_memmap``), so neither side
   ever holds the whole store in memory. ``store.json`` is removed first and written last.
-- Tasks, results and the content hash are in ``medvae.data.tasks``. Content hash: SHA-256 over
+- Tasks, results and the content hash are in ``medvae.data.prepare_tasks``. Content hash: SHA-256 over
   the format version, the config (less ``workers``), and for each
   usable manifest row its patient id, modality, split, format and, for the image and label paths,
   the resolved path plus size and mtime (ns) of every file (a DICOM directory: each file in it).
@@ -37,15 +37,16 @@ import numpy as np
 
 from medvae.config import PrepareConfig
 from medvae.data.manifest import IMAGE_SET_FORMATS, read_manifest
+from medvae.data.prepare_tasks import INDEX_ARRAYS, PreparedVolume, VolumeTask, content_hash, parse_shard
 from medvae.data.store import (
     PatchStore,
     begin_store,
     open_store,
+    store_complete,
     to_stored,
     write_index,
     write_store_json,
 )
-from medvae.data.tasks import INDEX_ARRAYS, PreparedVolume, VolumeTask, content_hash, parse_shard
 from medvae.errors import ConfigError, InputError, MedvaeError, StoreError
 from medvae.files import atomic_path, sha256_json
 from medvae.io.images2d import convert_channels
@@ -137,7 +138,7 @@ def prepare(manifest_path: str | os.PathLike, out: str | os.PathLike, config: Pr
     tasks = {p: VolumeTask.from_row(usable[p], manifest_path.parent) for p in positions}
     digests = {p: t.digest() for p, t in tasks.items()}
     chash = content_hash([digests[p] for p in positions], config, shard)
-    if (out / "store.json").is_file():
+    if store_complete(out):
         try:
             existing = open_store(out)
         except StoreError:

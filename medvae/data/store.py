@@ -38,6 +38,7 @@ from medvae.files import atomic_open, atomic_path, write_json
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+STORE_JSON = "store.json"  # written last: a store is complete once it exists
 INDEX_COLUMNS = ("patient_id", "modality", "split", "slice_index", "y", "x", "foreground_fraction", "source")
 _INT_COLUMNS = ("slice_index", "y", "x", "has_label")
 _FLOAT_COLUMNS = ("foreground_fraction",)
@@ -220,6 +221,12 @@ def read_index(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return index
 
 
+def store_complete(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a complete store: its ``store.json``, written last, exists
+    (:func:`open_store` may still refuse it: a missing file, another format version)."""
+    return (Path(path) / STORE_JSON).is_file()
+
+
 def open_store(path: str | os.PathLike) -> PatchStore:
     """Open a complete store read-only (arrays memory-mapped).
 
@@ -230,7 +237,7 @@ def open_store(path: str | os.PathLike) -> PatchStore:
     path = Path(path)
     if not path.is_dir():
         raise StoreError(f"{path}: no patch store here; create one with `medvae prepare manifest.csv --out {path}`")
-    meta_path = path / "store.json"
+    meta_path = path / STORE_JSON
     if not meta_path.is_file():
         raise StoreError(f"{path}: incomplete patch store (store.json missing: `medvae prepare` was interrupted "
                          "or is still running); re-run `medvae prepare`")
@@ -282,7 +289,7 @@ def begin_store(path: str | os.PathLike) -> Path:
     """Create the store directory and remove its ``store.json``: incomplete until :func:`write_store_json`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "store.json").unlink(missing_ok=True)
+    (path / STORE_JSON).unlink(missing_ok=True)
     return path
 
 
@@ -301,7 +308,7 @@ def write_store_json(path: str | os.PathLike, meta: dict) -> None:
     missing = [k for k in STORE_JSON_REQUIRED if k not in meta]
     if missing:
         raise ValueError(f"store.json for {path}: missing {missing}")
-    write_json(Path(path) / "store.json", {
+    write_json(Path(path) / STORE_JSON, {
         "format_version": FORMAT_VERSION, "config": {}, "normalization": {}, "spacing": {}, "volumes": [],
         "classes": [],
         "shard": None, "problems": [], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **meta,

@@ -140,11 +140,6 @@ class SliceDenoiser:
         """Denoised ``(N, H, W)`` [0, 1] slices (the MMSE estimate with ``cfg.samples``)."""
         return self._run(slices, on_batch)[0]
 
-    def with_sd(self, slices: np.ndarray, on_batch: Callable[[int], None] | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """``(denoised, posterior sd)`` of ``(N, H, W)`` [0, 1] slices (``cfg.sd``)."""
-        return self._run(slices, on_batch)
-
     @torch.inference_mode()
     def _run(self, slices: np.ndarray, on_batch) -> tuple[np.ndarray, np.ndarray | None]:
         out = np.empty(slices.shape, np.float32)

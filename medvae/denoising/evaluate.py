@@ -27,13 +27,13 @@ from medvae.config import EvaluateConfig
 from medvae.data.store import PatchStore, even_positions
 from medvae.denoising import classical
 from medvae.denoising.noise import LEVEL_NAMES, eval_levels, step_generator
-from medvae.denoising.task import DenoiseTask
+from medvae.denoising.supervised import DenoiseTask
 from medvae.errors import InputError
-from medvae.files import write_json, write_text
 from medvae.metrics import images as M
 from medvae.metrics.stats import finite_stats
 from medvae.metrics.table import DENOISE_METRICS
 from medvae.report.denoise import write_denoise_report
+from medvae.report.reportdir import ReportDir
 from medvae.training.checkpoint import load_model
 from medvae.training.rundir import RunDir
 
@@ -141,12 +141,8 @@ def evaluate_denoise(run, store: PatchStore, out, cfg: EvaluateConfig, device: t
                "device": str(device), "torch_threads": torch.get_num_threads(),
                "metric_info": {k: {"unit": m.unit, "direction": m.better} for k, m in DENOISE_METRICS.items()},
                "config": cfg.model_dump(mode="json")}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "metrics.csv", _csv(summary, kind))
-    write_json(out / "summary.json", summary)
-    write_denoise_report(summary, examples, store, out / "report.html")
-    log.info("wrote %s, %s and %s", out / "metrics.csv", out / "summary.json", out / "report.html")
+    ReportDir(out).write(_csv(summary, kind), summary,
+                         lambda path: write_denoise_report(summary, examples, store, path))
     return summary
 
 

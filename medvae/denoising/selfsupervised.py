@@ -31,7 +31,7 @@ from medvae.data.loader import Batch
 from medvae.data.store import PatchStore, even_positions
 from medvae.denoising import calibration, masks
 from medvae.denoising.noise import step_generator
-from medvae.denoising.task import VAL_SEED_OFFSET, DenoiseTask
+from medvae.denoising.supervised import VAL_SEED_OFFSET, DenoiseTask, random_crop
 from medvae.errors import ConfigError
 from medvae.models import DENOISERS
 from medvae.training.tasks import TrainingPair
@@ -106,16 +106,6 @@ def build_task(store: PatchStore, cfg: TrainStageConfig):
     return BlindSpotTask(store, cfg.objective, cfg.blindspot, seed, crop)
 
 
-def random_crop(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-    """One random ``size`` crop of the batch (the same window for every image), or ``x`` when
-    ``size`` is 0 or not smaller than the patch; the window comes from ``gen``."""
-    h, w = x.shape[-2:]
-    if not 0 < size < min(h, w):
-        return x
-    y0, x0 = (int(v) for v in torch.randint(0, min(h, w) - size + 1, (2,), generator=gen, device=gen.device))
-    return x[..., y0:y0 + size, x0:x0 + size]
-
-
 class BlindSpotTask:
     """n2v / n2s on a store of noisy patches (module docstring); one per training run.
 
@@ -145,7 +135,7 @@ class BlindSpotTask:
 
     def training_pair(self, batch: Batch, step: int) -> TrainingPair:
         gen = step_generator(self.seed, step, batch.x.device)
-        x = random_crop(batch.x, self.crop, gen)
+        (x,) = random_crop(self.crop, gen, batch.x)
         x_in, mask = self.masked(x.float(), gen)
         return TrainingPair(x_in.to(x.dtype), x, masks.loss_weight(mask))
 
@@ -189,7 +179,7 @@ class DivNoisingTask:
         self.store, self.seed, self.crop = store, int(seed), int(crop)
 
     def training_pair(self, batch: Batch, step: int) -> TrainingPair:
-        x = random_crop(batch.x, self.crop, step_generator(self.seed, step, batch.x.device))
+        (x,) = random_crop(self.crop, step_generator(self.seed, step, batch.x.device), batch.x)
         return TrainingPair(x, x)
 
     def validate(self, model: torch.nn.Module, tc: TrainConfig, device: torch.device,

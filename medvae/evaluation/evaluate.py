@@ -13,7 +13,7 @@ For one run (and any ``--compare`` runs) on one split of a patch store:
   of them only (the worst and best halves by mean SSIM, listed in ``report_patients`` of
   summary.json), while metrics.csv and summary.json keep every patient;
 - per class (a store with classes): mean, sd, n and 95 % interval of each metric;
-- an image set (:func:`medvae.evaluation.image_sets.is_image_set`: every patient one patch) has no
+- an image set (:func:`medvae.evaluation.class_tables.is_image_set`: every patient one patch) has no
   per-patient tables unless ``config.per_image`` asks (each would repeat one image's numbers); it
   gets per-split tables (the other splits on up to ``config.split_patches`` images, no IWAE) and
   the split's ``config.worst_images`` worst reconstructions instead;
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -47,17 +46,17 @@ from medvae.data.store import PatchStore, even_positions, open_store
 from medvae.denoising.evaluate import evaluate_denoise
 from medvae.devices import select_device
 from medvae.errors import InputError
-from medvae.evaluation.image_sets import class_stats, grouped_stats, is_image_set, split_rows, worst_images
+from medvae.evaluation.class_tables import class_stats, grouped_stats, is_image_set, split_rows, worst_images
 from medvae.evaluation.sample_quality import class_samples, classified_samples, prior_samples, sample_quality
 from medvae.evaluation.tables import CSV_COLUMNS, compare_table, identical_weights, jsonable, tidy_rows, weights_sha256
-from medvae.files import write_json, write_text
 from medvae.metrics import distances as D
 from medvae.metrics import elbo as L
 from medvae.metrics import images as M
 from medvae.metrics.stats import finite_stats
 from medvae.metrics.table import ALL_METRICS, PATCH_METRICS
 from medvae.report import write_report
-from medvae.training.checkpoint import load_model, resolve_checkpoint
+from medvae.report.reportdir import ReportDir
+from medvae.training.checkpoint import load_model
 from medvae.training.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -176,7 +175,7 @@ def cohort_metrics(store, rows: np.ndarray, samples: torch.Tensor, modality: str
 # --------------------------------------------------------------------------- one run
 def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_figures: bool = True) -> dict:
     """All metrics of one run on ``cfg.split`` of ``store``; figures data when ``with_figures``."""
-    ckpt = resolve_checkpoint(run, "best")
+    ckpt = Path(run) if Path(run).is_file() else RunDir(run).checkpoint("best")  # a checkpoint file, or the run's
     model, meta = load_model(ckpt, device=device)
     name = Path(run).resolve().name if Path(run).is_dir() else Path(run).stem
     if meta.get("store_hash") and meta["store_hash"] != store.content_hash:
@@ -385,7 +384,7 @@ def _unique_names(results: list[dict]) -> None:
 
 
 def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compare=(), device="auto",
-                   utility=None) -> dict:
+                   utility: dict | None = None) -> dict:
     """Evaluate ``run`` (and ``compare`` runs) on ``store``; write metrics.csv, summary.json, report.html.
 
     Args:
@@ -395,7 +394,7 @@ def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compar
         config: EvaluateConfig (split, iwae_k, mmd_samples, mmd_permutations, batch_size, worst_patches).
         compare: more runs, evaluated alike and tabulated side by side.
         device: auto | cpu | cuda | cuda:N | mps.
-        utility: a `medvae utility` study directory; its results become a section of the report.
+        utility: a `medvae utility` study's utility.json (``StudyDir.summary()``); a section of the report.
 
     Returns:
         The summary dict written to summary.json.
@@ -408,8 +407,8 @@ def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compar
         if compare:
             raise InputError("--compare is not supported for denoise runs; evaluate each run on its own")
         return evaluate_denoise(run, store, out, cfg, dev)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    report = ReportDir(out)
+    report.path.mkdir(parents=True, exist_ok=True)
     results = [evaluate_run(r, store, cfg, dev, with_figures=(i == 0)) for i, r in enumerate([run, *compare])]
     _unique_names(results)
     figures = results[0].pop("_figures")
@@ -419,7 +418,6 @@ def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compar
     w.writerow(CSV_COLUMNS)
     for r in results:
         w.writerows(tidy_rows(r))
-    write_text(out / "metrics.csv", buf.getvalue())
 
     summary = dict(results[0])
     summary["metric_info"] = {k: {"unit": m.unit, "direction": m.better} for k, m in ALL_METRICS.items()}
@@ -431,11 +429,6 @@ def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compar
                                           for r in results[1:]},
                               "identical_weights": identical_weights(results)}
     if utility is not None:
-        path = Path(utility) / "utility.json"
-        if not path.is_file():
-            raise InputError(f"{utility}: no utility.json; run `medvae utility` into it first")
-        summary["utility"] = json.loads(path.read_text(encoding="utf-8"))
-    write_json(out / "summary.json", jsonable(summary))
-    write_report(summary, figures, out / "report.html")
-    log.info("wrote %s, %s and %s", out / "metrics.csv", out / "summary.json", out / "report.html")
+        summary["utility"] = utility
+    report.write(buf.getvalue(), jsonable(summary), lambda path: write_report(summary, figures, path))
     return summary

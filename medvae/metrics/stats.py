@@ -9,7 +9,7 @@ the rest) by :func:`finite_stats`:
 - ``sd``: the sample standard deviation (``n - 1`` in the denominator, ``np.std(ddof=1)``); 0.0 for
   a single value (no spread observed: metrics.csv and the reports show 0 for a one-patch patient),
   NaN for an empty set. The utility study reports a single seed's sd as undefined (null), because
-  it reports it with the interval (:func:`medvae.utility.stats.t_interval`).
+  it reports it with the interval (:func:`medvae.downstream.intervals.t_interval`).
 - ``ci_low``, ``ci_high`` (with ``level``): the Student-t interval of the mean,
   ``mean ± t(0.5 + level / 2, n - 1) · sd / √n``; NaN with fewer than two values (no degrees of
   freedom).

@@ -93,7 +93,7 @@ DENOISE_METRICS = {  # denoise runs (medvae.denoising.evaluate): each method's o
                                     "classical: best of 2, noise estimate included) on the evaluating machine."),
 }
 
-UTILITY_METRICS = {  # the utility study's downstream scores on the real test split (medvae.utility)
+UTILITY_METRICS = {  # the utility study's downstream scores on the real test split (medvae.downstream)
     "accuracy": Metric("accuracy", "unitless", +1, "Fraction of real test patches whose class is predicted."),
     "macro_f1": Metric("macro F1", "unitless", +1, "Per-class F1 = 2TP / (2TP + FP + FN), averaged over classes."),
     "dice": Metric("Dice", "unitless", +1, "2|P ∩ G| / (|P| + |G|) per test patch and foreground label present."),

@@ -12,8 +12,8 @@ import numpy as np
 from medvae.files import write_text
 from medvae.metrics.table import ALL_METRICS, COHORT_METRICS, PATCH_METRICS, SAMPLE_METRICS
 from medvae.report import figures
+from medvae.report.downstream import utility_figure, utility_tables
 from medvae.report.render import render
-from medvae.report.utility import utility_figure, utility_tables
 
 PRIOR_LABELS = {"": "", "real": "real vs real (floor)", "standard": "N(0, I)", "gmm": "Gaussian mixture"}
 TABLE_METRICS = ("ssim", "ms_ssim", "psnr", "mse", "mae", "elbo")  # the class and split tables' columns

@@ -4,8 +4,9 @@ A VAE's decoder is trained on codes from q(z|x), whose aggregate over the traini
 N(0, I): prior samples from N(0, I) fall into its "holes" and decode to implausible images.
 Ex-post density estimation fits a density to the encoder means of the training split and
 samples from that instead. The mixture is fitted with scikit-learn's ``GaussianMixture`` (full
-covariances, seeded) the first time a checkpoint is sampled with it, and saved beside the
-checkpoints (:func:`prior_path`), a dict of tensors that loads with ``torch.load(weights_only=True)``.
+covariances, seeded) the first time a checkpoint is sampled with it, and saved in the run's
+``priors/`` (:meth:`medvae.training.rundir.RunDir.prior_path`), a dict of tensors that loads with
+``torch.load(weights_only=True)``.
 
 Sampling is a deterministic transform of given noise, so generation keeps its "sample i depends
 only on (seed, i)" contract: component ``k = F⁻¹(u)`` from a uniform ``u`` (inverse CDF of the
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +24,8 @@ import torch
 from medvae.data.conditions import model_inputs
 from medvae.data.store import PatchStore
 from medvae.errors import CheckpointError, InputError
-from medvae.files import atomic_path, sha256_file
+from medvae.files import atomic_path
+from medvae.training.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +107,12 @@ def fit_gmm(codes: np.ndarray, components: int = 10, seed: int = 0, ids: np.ndar
     return GaussianMixturePrior(torch.from_numpy(weights), torch.from_numpy(means), torch.from_numpy(tril), info)
 
 
-def prior_path(checkpoint: str | os.PathLike) -> Path:
-    """Where the prior of a checkpoint lives: ``RUN/priors/<name>-<sha256[:12]>.pt``.
-
-    Keyed by the checkpoint's content, so best.pt and last.pt (different encoders) each get their
-    own, and a checkpoint that changes (training went on) is fitted again.
-    """
-    checkpoint = Path(checkpoint)
-    return checkpoint.parent.parent / "priors" / f"{checkpoint.stem}-{sha256_file(checkpoint)[:12]}.pt"
-
-
 def prior_for(checkpoint: str | os.PathLike, model, store: PatchStore, components: int = 10,
               seed: int = 0) -> GaussianMixturePrior:
     """The Gaussian-mixture prior of ``checkpoint``'s model: loaded, or fitted on the training split's
-    encoder means and saved (atomically) beside the checkpoints."""
-    path = prior_path(checkpoint)
+    encoder means and saved (atomically) in the run's priors (:meth:`~medvae.training.rundir.RunDir.prior_path`:
+    keyed by the checkpoint's content)."""
+    path = RunDir(checkpoint).prior_path(checkpoint)
     if path.is_file():
         return load_prior(path)
     if store.select(split="train").size < 2:

@@ -17,7 +17,8 @@ A checkpoint is a dict (docs/architecture.md, "Checkpoint"):
     metrics           {name: float}
 
 Everything in it loads with ``torch.load(weights_only=True)``, so opening a checkpoint never
-runs code from the file; a file that needs more than that is refused.
+runs code from the file; a file that needs more than that is refused. Where a run keeps its
+checkpoints (and which one ``best`` means) is :class:`medvae.training.rundir.RunDir`'s business.
 """
 
 from __future__ import annotations
@@ -45,16 +46,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model_config", "model_state")
-
-
-def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
-    """``RUN/checkpoints``."""
-    return Path(run_dir) / "checkpoints"
-
-
-def step_name(step: int) -> str:
-    """File name of the periodic checkpoint of ``step``: ``step_00001000.pt``."""
-    return f"step_{step:08d}.pt"
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> Path:
@@ -117,40 +108,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             f"(reads version {FORMAT_VERSION}); upgrade medvae or retrain"
         )
     return ckpt
-
-
-def resolve_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Path:
-    """Find a checkpoint of a run.
-
-    Args:
-        run_dir: the run directory (``RUN``) or a ``.pt`` file itself.
-        which: ``"best"``, ``"last"``, ``"step_00001000"``-like name, or a path (absolute, relative
-            to the working directory, or relative to ``RUN/checkpoints``). ``"best"`` falls back to
-            ``last.pt`` (with a warning) when no validation has kept a best checkpoint yet.
-
-    Raises:
-        CheckpointError: nothing matching exists; the message names what was looked for.
-    """
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        return run_dir
-    ckdir = checkpoint_dir(run_dir)
-    if which in ("best", "last"):
-        path = ckdir / f"{which}.pt"
-        if path.is_file():
-            return path
-        if which == "best" and (ckdir / "last.pt").is_file():
-            log.warning("%s has no best.pt; using last.pt", ckdir)
-            return ckdir / "last.pt"
-        if not run_dir.is_dir():
-            raise CheckpointError(f"{run_dir}: run directory not found; give the --out of `medvae train`")
-        raise CheckpointError(f"{path}: no {which} checkpoint in this run; "
-                              "has `medvae train` written one yet?")
-    candidates = [Path(which), ckdir / which, ckdir / f"{which}.pt"]
-    for cand in candidates:
-        if cand.is_file():
-            return cand
-    raise CheckpointError(f"checkpoint '{which}' not found (looked for {', '.join(map(str, candidates))})")
 
 
 def truncate_log(log_path: str | os.PathLike, step: int) -> None:

@@ -4,7 +4,7 @@ weight)`` and scores validation.
 The trainer is task-agnostic: it calls :meth:`Task.training_pair` every step and
 :meth:`Task.validate` at every checkpoint, and keeps ``best.pt`` by the task's ``best_key``.
 :class:`ReconstructTask` (the VAE's own objective: the input is its target) is the default;
-``medvae.denoising.task.DenoiseTask`` (noisy input, clean target) and the self-supervised tasks of
+``medvae.denoising.supervised.DenoiseTask`` (noisy input, clean target) and the self-supervised tasks of
 ``medvae.denoising.selfsupervised`` (a blind-spot input whose loss counts only its masked pixels:
 ``weight``; DivNoising) are the others. A pair's ``weight`` multiplies each pixel's term of the
 likelihood (``Likelihood.log_prob(weight=...)``); None, the default, is every pixel 1, so a task

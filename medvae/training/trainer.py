@@ -152,7 +152,6 @@ class _Trainer:
         self.store, self.out, self.cfg, self.device, self.info, self.task = store, out, cfg, device, info, task
         t = self.tc = cfg.train
         self.run_dir = RunDir(out)
-        self.ckdir = self.run_dir.checkpoints
         self.log_path = self.run_dir.log_path
         self.amp_dtype = resolve_amp(t.amp, device)
         self.channels_last = t.channels_last and device.type == "cuda"
@@ -181,15 +180,15 @@ class _Trainer:
         seed_everything(t.seed + 1_000_003 * info.rank)
         if resume:
             self._resume()
-        elif info.is_main and (self.ckdir / "last.pt").exists():
+        elif info.is_main and self.run_dir.checkpoint_path("last").exists():
             log.warning("%s holds an earlier run; starting over (pass --resume to continue it)", out)
-            for old in self.ckdir.glob("*.pt"):
+            for old in self.run_dir.checkpoints.glob("*.pt"):
                 old.unlink()
             self.log_path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ resume / checkpoints
     def _resume(self) -> None:
-        path = self.ckdir / "last.pt"
+        path = self.run_dir.checkpoint_path("last")
         if not path.exists():
             log.warning("--resume: %s has no checkpoint yet; starting from scratch", self.out)
             return
@@ -217,7 +216,7 @@ class _Trainer:
             ck.truncate_log(self.log_path, self.step)
         log.info("resumed %s at step %d (epoch %d)", self.out, self.step, self.batches.epoch)
 
-    def _checkpoint(self, names: list[str]) -> None:
+    def _checkpoint(self, names: list[str | int]) -> None:
         state = {
             "format_version": ck.FORMAT_VERSION,
             "model_config": self.cfg.model.model_dump(mode="json"),
@@ -234,7 +233,7 @@ class _Trainer:
             "metrics": {k: float(v) for k, v in self.metrics.items()},
         }
         for name in names:
-            ck.save_checkpoint(self.ckdir / name, state)
+            ck.save_checkpoint(self.run_dir.checkpoint_path(name), state)
 
     def _selectable(self) -> bool:
         """Whether this step's weights may become best.pt: for a model with a critic only once the
@@ -247,12 +246,12 @@ class _Trainer:
     def _save(self, last: bool) -> None:
         """After a validation: last.pt (and step_*.pt when due) if ``last``, best.pt when the task's
         validation score improved (:meth:`_selectable`); run.json follows."""
-        names = ["last.pt"] if last else []
+        names: list[str | int] = ["last"] if last else []
         if self.step % self.tc.checkpoint_every == 0:
-            names.append(ck.step_name(self.step))
+            names.append(self.step)
         if self._selectable() and self.metrics.get(self.task.best_key, -math.inf) > self.best_score:
             self.best_score = self.metrics[self.task.best_key]
-            names.append("best.pt")
+            names.append("best")
         if names:
             self._checkpoint(names)
             self._write_run_json("running")
@@ -403,5 +402,5 @@ class _Trainer:
         elapsed = time.perf_counter() - t0
         return {"step": self.step, "epoch": self.batches.epoch, "bad_steps": self.bad_steps,
                 "metrics": dict(self.metrics), "best_score": self.best_score,
-                "checkpoint": str(self.ckdir / "last.pt"),
+                "checkpoint": str(self.run_dir.checkpoint_path("last")),
                 "images_per_s": (self.step - started) * meter.images_per_step / max(elapsed, 1e-9)}

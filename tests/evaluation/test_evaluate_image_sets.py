@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from medvae.cli import app
 from medvae.config import EvaluateConfig, ModelConfig
 from medvae.data.store import open_store, write_store
+from medvae.evaluation.class_tables import is_image_set
 from medvae.evaluation.evaluate import patch_metrics, report_patients, run_evaluation
 from medvae.evaluation.features import feature_net
-from medvae.evaluation.image_sets import is_image_set
 from medvae.evaluation.sample_quality import classified_samples
 from medvae.evaluation.tables import CLASS_PREFIX
 from medvae.metrics.table import PATCH_METRICS

@@ -15,7 +15,8 @@ from medvae.errors import ConfigError
 from medvae.models import build_model
 from medvae.synthesis.generate import generate
 from medvae.synthesis.sampling import sample_images
-from medvae.training.checkpoint import load_model, resolve_checkpoint
+from medvae.training.checkpoint import load_model
+from medvae.training.rundir import RunDir
 from medvae.training.trainer import train
 from tests.factories import patch_store
 
@@ -49,7 +50,7 @@ def _train(store, out, condition, name="vae", steps=60):
         "train": {"batch_size": 8, "max_steps": steps, "lr": 3e-3, "warmup_steps": 2, "beta_warmup_steps": 10,
                   "checkpoint_every": steps, "log_every": 10, "val_batches": 1, "disc_start": steps // 2}})
     train(store, out, cfg, device="cpu")
-    return load_model(resolve_checkpoint(out, "last"), device="cpu")[0]
+    return load_model(RunDir(out).checkpoint("last"), device="cpu")[0]
 
 
 def _manifest(out):

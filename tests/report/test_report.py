@@ -90,7 +90,7 @@ def test_denoise_and_utility_pages_share_the_base_page_and_escape():
     from types import SimpleNamespace
 
     from medvae.report.denoise import render_denoise_report
-    from medvae.report.utility import render_utility_report
+    from medvae.report.downstream import render_utility_report
 
     cell = {"mean": 0.5, "sd": float("nan"), "n": 0}  # an empty set's sd renders as a dash
     by_method = {m: {k: cell for k in ("psnr", "ssim", "mae")} for m in ("noisy", "medvae", "<i>tv")}

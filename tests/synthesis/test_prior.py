@@ -8,9 +8,10 @@ import torch
 
 from medvae.config import ModelConfig
 from medvae.models import build_model
-from medvae.synthesis.prior import GaussianMixturePrior, encoder_means, fit_gmm, prior_for, prior_path
+from medvae.synthesis.prior import GaussianMixturePrior, encoder_means, fit_gmm, prior_for
 from medvae.synthesis.sampling import latents
 from medvae.training.checkpoint import save_checkpoint
+from medvae.training.rundir import RunDir
 from tests.factories import tiny_disc_store
 
 
@@ -74,14 +75,15 @@ def test_prior_file_per_checkpoint(tmp_path):
     ckpt = save_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", {
         "format_version": 1, "model_config": cfg.model_dump(mode="json"), "model_state": model.state_dict()})
     prior = prior_for(ckpt, model, store, components=3)
-    path = prior_path(ckpt)
+    path = RunDir(ckpt).prior_path(ckpt)
     assert path.parent == tmp_path / "run" / "priors" and path.is_file()
     state = torch.load(path, weights_only=True)
     assert state["n_fit"] == 64 and state["components"] == 3  # the train split only
     codes, ids = encoder_means(model, store)
     assert codes.shape == (64, 4) and ids is None
+    mtime = path.stat().st_mtime_ns
     again = prior_for(ckpt, model, store, components=3)  # loaded, not refitted
-    assert torch.equal(again.means, prior.means) and path.stat().st_mtime_ns == prior_path(ckpt).stat().st_mtime_ns
+    assert torch.equal(again.means, prior.means) and path.stat().st_mtime_ns == mtime
     save_checkpoint(ckpt, {"format_version": 1, "model_config": cfg.model_dump(mode="json"),
                            "model_state": build_model(cfg).state_dict(), "step": 2})
-    assert prior_path(ckpt) != path  # another checkpoint content: another prior file
+    assert RunDir(ckpt).prior_path(ckpt) != path  # another checkpoint content: another prior file

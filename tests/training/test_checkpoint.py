@@ -10,7 +10,6 @@ from medvae.errors import CheckpointError
 from medvae.training.checkpoint import (
     FORMAT_VERSION,
     load_checkpoint,
-    resolve_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -92,23 +91,6 @@ def test_not_a_checkpoint_and_future_version(tmp_path):
     save_checkpoint(tmp_path / "new.pt", ckpt)
     with pytest.raises(CheckpointError, match="format version"):
         load_checkpoint(tmp_path / "new.pt")
-
-
-def test_resolve_checkpoint(tmp_path):
-    run = tmp_path / "run"
-    with pytest.raises(CheckpointError, match="run directory not found"):
-        resolve_checkpoint(run, "best")
-    last = save_checkpoint(run / "checkpoints" / "last.pt", _ckpt())
-    assert resolve_checkpoint(run, "best") == last  # falls back to last.pt
-    best = save_checkpoint(run / "checkpoints" / "best.pt", _ckpt())
-    step = save_checkpoint(run / "checkpoints" / "step_00000007.pt", _ckpt())
-    assert resolve_checkpoint(run, "best") == best
-    assert resolve_checkpoint(run, "last") == last
-    assert resolve_checkpoint(run, "step_00000007") == step
-    assert resolve_checkpoint(run, str(step)) == step
-    assert resolve_checkpoint(step) == step
-    with pytest.raises(CheckpointError, match="nope"):
-        resolve_checkpoint(run, "nope")
 
 
 def test_rng_states_round_trip(tmp_path):

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import medvae.utility.study as study
+import medvae.downstream.study as study
 from medvae.cli import app
 from medvae.config import ARMS, UtilityConfig
+from medvae.downstream.subsets import labelled_rows
+from medvae.downstream.synthetic_sets import Candidates, write_synthetic_store
 from medvae.errors import InputError
-from medvae.utility.subsets import labelled_rows
-from medvae.utility.synthesis import Candidates, write_synthetic_store
 
 SMALL = {"fractions": [0.5, 1.0], "seeds": 2, "downstream_steps": 12, "batch_size": 8, "lr": 3e-3}
 
@@ -140,8 +140,8 @@ def test_generator_condition_follows_task_and_synthesis():
 
 
 def test_the_evaluation_report_embeds_the_study(classify_study):
+    from medvae.report.downstream import utility_tables
     from medvae.report.html import build_figures
-    from medvae.report.utility import utility_tables
 
     _, _, summary = classify_study
     tables = utility_tables(summary)
@@ -155,7 +155,7 @@ def test_the_evaluation_report_embeds_the_study(classify_study):
 
 def test_label_fidelity_is_the_real_network_scored_on_the_synthetic_labels(classify_study, class_store):
     """At fraction 1 the 'synthetic' set is the real subset: fidelity = the real arm's net on its own training data."""
-    from medvae.utility.downstream import from_store, score_downstream, train_downstream
+    from medvae.downstream.networks import from_store, score_downstream, train_downstream
 
     out, syn, _ = classify_study
     cfg = UtilityConfig(**SMALL)
@@ -169,7 +169,7 @@ def test_label_fidelity_is_the_real_network_scored_on_the_synthetic_labels(class
 
 
 def test_verdict_sentences():
-    from medvae.report.utility import verdicts
+    from medvae.report.downstream import verdicts
 
     def interval(mean, half):
         return {"mean": mean, "sd": 1, "n": 3, "ci_low": mean - half, "ci_high": mean + half}

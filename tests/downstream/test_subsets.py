@@ -4,8 +4,7 @@ store of exactly those rows (what the cell's generator trains on)."""
 import numpy as np
 import pytest
 
-from medvae.errors import InputError
-from medvae.utility.subsets import (
+from medvae.downstream.subsets import (
     SOURCE_ROW,
     check_task,
     labelled_rows,
@@ -14,6 +13,7 @@ from medvae.utility.subsets import (
     subset_rows,
     write_subset_store,
 )
+from medvae.errors import InputError
 
 
 @pytest.mark.parametrize("fraction", [0.01, 0.05, 0.1, 0.33, 0.5, 1.0])

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-import medvae.utility.study as study
-import medvae.utility.synthesis as synthesis
+import medvae.downstream.study as study
+import medvae.downstream.synthetic_sets as synthetic_sets
 from medvae.config import UtilityConfig
 from medvae.data.store import open_store, write_store
+from medvae.downstream.study import run_utility
+from medvae.downstream.subsets import SOURCE_ROW, subset_rows
 from medvae.synthesis import anchored
 from medvae.synthesis.sampling import decode_latents
 from medvae.training.checkpoint import load_model
-from medvae.utility.study import run_utility
-from medvae.utility.subsets import SOURCE_ROW, subset_rows
 
 TINY_GENERATOR = {"model": {"channels": [8, 16], "latent_dim": 8, "disc_channels": 8, "disc_layers": 2},
                   "train": {"batch_size": 8, "lr": 2e-3, "warmup_steps": 1, "beta_warmup_steps": 2,
@@ -35,7 +35,7 @@ def _capture_training(monkeypatch):
         seen.append((store, cfg, resume))
         raise _Stop
 
-    monkeypatch.setattr(synthesis, "train", fake_train)
+    monkeypatch.setattr(synthetic_sets, "train", fake_train)
     return seen
 
 
@@ -152,7 +152,7 @@ def test_generated_cell_end_to_end_and_resumed(class_store, tmp_path, monkeypatc
     assert summary["filter"]["0.5"]["kept_fraction"]["mean"] == pytest.approx(len(syn) / 45)
     # resumed: a lost arm is retrained from the stored synthetic set, the generator is not touched
     (cell / "synthetic.json").unlink()
-    monkeypatch.setattr(synthesis, "train", lambda *a, **k: pytest.fail("generator retrained"))
+    monkeypatch.setattr(synthetic_sets, "train", lambda *a, **k: pytest.fail("generator retrained"))
     again = run_utility(class_store, tmp_path / "out", cfg, device="cpu")
     assert again["arms"] == summary["arms"]
 
@@ -175,7 +175,7 @@ def test_a_trained_run_can_serve_as_the_unlabelled_generator(class_store, mask_s
     gen_cfg = TrainStageConfig.model_validate({**TINY_GENERATOR, "model": {**TINY_GENERATOR["model"], "name": "vae"},
                                                "train": {**TINY_GENERATOR["train"], "max_steps": 2}})
     train(class_store, tmp_path / "run", gen_cfg, device="cpu")
-    monkeypatch.setattr(synthesis, "train", lambda *a, **k: pytest.fail("a generator was trained"))
+    monkeypatch.setattr(synthetic_sets, "train", lambda *a, **k: pytest.fail("a generator was trained"))
     cfg = UtilityConfig(labels_per_class=[2], arms=["real", "real+synthetic"], generator_run=str(tmp_path / "run"),
                         **{k: v for k, v in FAST.items() if k != "generator"})
     summary = run_utility(class_store, tmp_path / "out", cfg, device="cpu")
@@ -183,9 +183,9 @@ def test_a_trained_run_can_serve_as_the_unlabelled_generator(class_store, mask_s
     info = open_store(tmp_path / "out/cells/2pc_s0/synthetic_store").meta["synthetic"]
     assert info["checkpoint"].startswith(str(tmp_path / "run"))
     with pytest.raises(InputError, match="not a run trained on"):
-        synthesis.given_generator(tmp_path / "run", mask_store)
+        synthetic_sets.given_generator(tmp_path / "run", mask_store)
     conditional = gen_cfg.model_copy(deep=True)
     conditional.model.condition = "class"
     train(class_store, tmp_path / "class_run", conditional, device="cpu")
     with pytest.raises(InputError, match="may see no label"):
-        synthesis.given_generator(tmp_path / "class_run", class_store)
+        synthetic_sets.given_generator(tmp_path / "class_run", class_store)

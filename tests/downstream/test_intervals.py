@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats
 
-from medvae.utility.stats import summarize, t_interval
+from medvae.downstream.intervals import summarize, t_interval
 
 T975_DF2 = 4.302652729911275  # t(0.975, 2), from tables
 

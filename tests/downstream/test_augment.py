@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from monai.transforms import Affine
 
 from medvae.config import AugmentConfig
-from medvae.utility.augment import affine_matrices, augment, for_modality
+from medvae.downstream.augment import affine_matrices, augment, for_modality
 
 
 def test_batched_affine_equals_monai_affine_per_image():

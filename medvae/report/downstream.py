@@ -1,4 +1,4 @@
-"""report.html and utility.png of a utility study (medvae.utility): each metric against the label
+"""report.html and utility.png of a utility study (medvae.downstream): each metric against the label
 budget per arm with 95 % confidence intervals over seeds, the paired differences, and one sentence
 per budget saying what to do, in one self-contained page (``templates/utility.html`` on the shared
 base page and stylesheet, the plot as base64 PNG); the tables are the ``_utility.html`` macro the

@@ -35,17 +35,16 @@ import torch
 
 from medvae.config import TrainStageConfig, UtilityConfig, parse_config
 from medvae.data.conditions import model_inputs, split_joint
-from medvae.data.store import PatchStore, open_store, write_derived_store, write_store
+from medvae.data.store import PatchStore, open_store, store_complete, write_derived_store, write_store
+from medvae.downstream.networks import probabilities
+from medvae.downstream.subsets import SOURCE_ROW
 from medvae.errors import InputError
-from medvae.files import sha256_file
 from medvae.synthesis import anchored, audit
 from medvae.synthesis.prior import prior_for
 from medvae.synthesis.sampling import balanced_conditions, decode_latents, sample_images
 from medvae.training.checkpoint import load_model
 from medvae.training.rundir import RunDir
 from medvae.training.trainer import train
-from medvae.utility.downstream import probabilities
-from medvae.utility.subsets import SOURCE_ROW
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def given_generator(run: str | os.PathLike, store: PatchStore) -> Path:
 def unlabelled_store(store: PatchStore, path: str | os.PathLike) -> PatchStore:
     """The images of ``store``'s train split without their labels: no ``class`` column, no class list,
     no label maps; ``source_row`` maps each patch back to its row (reused once complete)."""
-    if (Path(path) / "store.json").is_file():
+    if store_complete(path):
         return open_store(path)
     rows = store.select("train")
     keep = ("patient_id", "modality", "split", "slice_index", "y", "x", "foreground_fraction", "source")
@@ -126,8 +125,9 @@ def _decode(model, z: np.ndarray, batch_size: int = 512) -> np.ndarray:
 
 
 def _pool_codes(model, checkpoint: Path, pool: PatchStore) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior means of every pool image and their real-store rows, cached beside the checkpoint."""
-    cache = checkpoint.parent.parent / f"pool_codes-{sha256_file(checkpoint)[:12]}.npz"
+    """Posterior means of every pool image and their real-store rows, cached in the checkpoint's run
+    (:meth:`~medvae.training.rundir.RunDir.pool_codes_path`)."""
+    cache = RunDir(checkpoint).pool_codes_path(checkpoint)
     if cache.is_file():
         d = np.load(cache)
         return d["mu"], d["rows"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from medvae.utility.downstream import (
+from medvae.downstream.networks import (
     LabelledSet,
     classification_metrics,
     from_store,

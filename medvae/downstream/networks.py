@@ -12,7 +12,7 @@ size and learning rate, so the arms differ only in their data and augmentation:
   drawn from a third generator;
 - the ``synthetic`` arm puts the synthetic set where the real one was (so a copy of the real set
   trains to exactly the real arm's weights);
-- augmentation is a random horizontal flip, or the classical draw (:mod:`medvae.utility.augment`)
+- augmentation is a random horizontal flip, or the classical draw (:mod:`medvae.downstream.augment`)
   in the ``+classical`` arms, applied to the synthetic images of that arm too.
 
 The initial weights come from the seed as well.
@@ -40,8 +40,8 @@ import torch
 from medvae.config import AugmentConfig
 from medvae.data.conditions import condition_ids
 from medvae.data.store import PatchStore
+from medvae.downstream.augment import augment
 from medvae.errors import InputError
-from medvae.utility.augment import augment
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The denoise training task: each clean batch becomes ``(noisy input, clean target)``, and
-validation scores the denoised val patches.
+"""The supervised denoise training task (beside :mod:`medvae.denoising.selfsupervised`): each clean
+batch becomes ``(noisy input, clean target)``, and validation scores the denoised val patches.
 
 The noise of step ``s`` comes from a generator seeded with ``(train.seed, s)``
 (:func:`medvae.denoising.noise.step_generator`) and depends on nothing else, so a run resumed from a
@@ -48,6 +48,17 @@ def row_constants(store: PatchStore) -> dict[str, np.ndarray]:
     return {"low": low, "high": high, "pixel_mm": pix}
 
 
+def random_crop(size: int, gen: torch.Generator, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same random ``size``² window of each of ``xs`` ``(B, C, H, W)`` (one window for the whole
+    batch, drawn from ``gen``); ``xs`` as they are when ``size`` is 0 or not smaller than the patch.
+    Every denoise objective's ``noise.crop``."""
+    h, w = xs[0].shape[-2:]
+    if not 0 < size < min(h, w):
+        return xs
+    y0, x0 = (int(v) for v in torch.randint(0, min(h, w) - size + 1, (2,), generator=gen, device=gen.device))
+    return tuple(x[..., y0:y0 + size, x0:x0 + size] for x in xs)
+
+
 class DenoiseTask:
     """Corrupts training batches and validates denoising; one per training run. best.pt is the best
     val PSNR; denoisers take no class / modality condition.
@@ -86,13 +97,7 @@ class DenoiseTask:
         x = batch.x
         gen = noise.step_generator(self.seed, step, x.device)
         noisy = self.corrupt(x, batch.rows, gen)[0]
-        c = self.cfg.crop
-        h, w = x.shape[-2:]
-        if 0 < c < min(h, w):
-            y0, x0 = (int(v) for v in torch.randint(0, min(h, w) - c + 1, (2,), generator=gen, device=gen.device))
-            y0, x0 = min(y0, h - c), min(x0, w - c)
-            return TrainingPair(noisy[..., y0:y0 + c, x0:x0 + c], x[..., y0:y0 + c, x0:x0 + c])
-        return TrainingPair(noisy, x)
+        return TrainingPair(*random_crop(self.cfg.crop, gen, noisy, x))
 
     @torch.no_grad()
     def validate(self, model: torch.nn.Module, tc: TrainConfig, device: torch.device,

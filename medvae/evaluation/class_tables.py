@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medvae.data.store import PatchStore
+from medvae.data.store import PatchStore, even_positions
 from medvae.metrics.stats import finite_stats
 
 CI_LEVEL = 0.95  # of the intervals in the class and split tables
@@ -77,10 +77,7 @@ def class_stats(store: PatchStore, rows: np.ndarray, per: dict[str, np.ndarray])
 def split_rows(store: PatchStore, split: str, cap: int) -> tuple[np.ndarray, int]:
     """Up to ``cap`` evenly spaced rows of ``split`` (deterministic) and the split's size."""
     rows = store.select(split=split)
-    total = int(rows.size)
-    if total > cap:
-        rows = rows[np.unique(np.linspace(0, total - 1, cap).round().astype(int))]
-    return rows, total
+    return rows[even_positions(len(rows), cap)], int(rows.size)
 
 
 def worst_images(store: PatchStore, rows: np.ndarray, ssim: np.ndarray, n: int) -> list[dict]:

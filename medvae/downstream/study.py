@@ -3,25 +3,26 @@
 For each label budget (a fraction of the train split, or a number of labels per class) and each
 seed s (a "cell"):
 
-1. the labelled subset (:mod:`medvae.utility.subsets`) is written as ``cells/<budget>_s<s>/real_store``;
+1. the labelled subset (:mod:`medvae.downstream.subsets`) is written as ``cells/<budget>_s<s>/real_store``;
 2. the real arm's network is trained on it (it is also the filter and the label-fidelity judge);
 3. a generator — one for the whole study, learned from every train image without labels
    (``unlabelled: all``), or the cell's own, learned from its subset — makes labelled candidates
-   that the filter thins into ``synthetic_store`` (:mod:`medvae.utility.synthesis`), unless the
+   that the filter thins into ``synthetic_store`` (:mod:`medvae.downstream.synthetic_sets`), unless the
    user gave a synthetic store for every cell;
-4. the same downstream network, steps, real batches and seed (:mod:`medvae.utility.downstream`) is
+4. the same downstream network, steps, real batches and seed (:mod:`medvae.downstream.networks`) is
    trained on each arm — ``real``, ``real+classical``, ``real+synthetic``,
    ``real+classical+synthetic``, ``synthetic`` — and scored on the real test split.
 
-Resumable per (budget, seed, arm): an arm's result is written atomically to
-``cells/<budget>_s<s>/<arm>.json`` and a re-run skips it; a finished subset, unlabelled or synthetic
-store is reused (complete only once its store.json exists); a half-trained generator resumes from
-its ``last.pt``. ``study.json`` records the settings that results depend on (all but the budgets
-and seeds, which may grow), and a re-run with other settings in the same directory is refused.
+The directory's layout is :class:`medvae.downstream.studydir.StudyDir`'s. Resumable per (budget,
+seed, arm): an arm's result is written atomically to ``cells/<budget>_s<s>/<arm>.json`` and a
+re-run skips it; a finished subset, unlabelled or synthetic store is reused (complete only once
+its store.json exists); a half-trained generator resumes from its ``last.pt``. ``study.json``
+records the settings that results depend on (all but the budgets and seeds, which may grow), and a
+re-run with other settings in the same directory is refused.
 
 Outputs in the study directory: ``utility.csv`` (``arm, budget, fraction, labels_per_class, seed,
-metric, value``), ``utility.json`` (:func:`medvae.utility.stats.summarize` plus what the filter kept
-and settings), ``utility.png`` and ``report.html`` (:mod:`medvae.report.utility`).
+metric, value``), ``utility.json`` (:func:`medvae.downstream.intervals.summarize` plus what the filter kept
+and settings), ``utility.png`` and ``report.html`` (:mod:`medvae.report.downstream`).
 """
 
 from __future__ import annotations
@@ -40,18 +41,19 @@ import numpy as np
 import torch
 
 from medvae.config import UtilityConfig
-from medvae.data.store import PatchStore, open_store
+from medvae.data.store import PatchStore, open_store, store_complete
 from medvae.devices import select_device
+from medvae.downstream import synthetic_sets
+from medvae.downstream.augment import for_modality
+from medvae.downstream.intervals import summarize, t_interval
+from medvae.downstream.networks import LabelledSet, from_store, score_downstream, train_downstream
+from medvae.downstream.studydir import CellDir, StudyDir
+from medvae.downstream.subsets import check_task, labelled_rows, subset_rows, write_subset_store
 from medvae.errors import InputError
 from medvae.files import atomic_open, atomic_path, write_json
 from medvae.metrics.table import TASK_METRICS, UTILITY_METRICS
-from medvae.report.utility import utility_figure, write_utility_report
+from medvae.report.downstream import utility_figure, write_utility_report
 from medvae.synthesis import audit
-from medvae.utility import synthesis
-from medvae.utility.augment import for_modality
-from medvae.utility.downstream import LabelledSet, from_store, score_downstream, train_downstream
-from medvae.utility.stats import summarize, t_interval
-from medvae.utility.subsets import check_task, labelled_rows, subset_rows, write_subset_store
 
 log = logging.getLogger(__name__)
 # Label fidelity: the real arm's network scored on every synthetic candidate (before the filter)
@@ -81,12 +83,13 @@ def run_utility(store: PatchStore | str | os.PathLike, out: str | os.PathLike, c
     """
     store = store if isinstance(store, PatchStore) else open_store(store)
     check_task(store, cfg.task)
-    out = Path(out)
+    out = StudyDir(out)
     user = open_store(synthetic) if synthetic is not None else None
     _check_settings(out, store, cfg, user)
     task = cfg.task
     test = from_store(store, labelled_rows(store, "test", task), task, store.classes)
-    given = from_store(user, synthesis.synthetic_rows(user, store), task, store.classes) if user is not None else None
+    given = None if user is None else from_store(user, synthetic_sets.synthetic_rows(user, store), task,
+                                                 store.classes)
     n_out = len(store.classes) if task == "classify" else int(np.max(store.labels)) + 1  # background + labels
     classical = for_modality(cfg.classical, store.modalities[0])
     ctx = _Context(cfg, store, out, n_out, str(select_device(device)), test, given, classical)
@@ -95,7 +98,7 @@ def run_utility(store: PatchStore | str | os.PathLike, out: str | os.PathLike, c
     total, rows, kept = len(cells) * len(results_of), [], {}
     n_train = len(labelled_rows(store, "train", task))
     for i, ((key, fraction, per_class), s) in enumerate(cells):
-        cell = out / "cells" / f"{key}_s{s}"
+        cell = out.cell(key, s)
         results = _run_cell(cell, fraction, per_class, s, ctx, results_of,
                             functools.partial(_tell, progress, i * len(results_of), total))
         n_real = next(iter(results.values())).get("n_real")
@@ -103,8 +106,8 @@ def run_utility(store: PatchStore | str | os.PathLike, out: str | os.PathLike, c
             for m, v in results[arm]["metrics"].items():
                 rows.append({"arm": arm, "budget": key, "fraction": n_real / n_train if n_real else fraction,
                              "labels_per_class": per_class, "seed": s, "metric": m, "value": v})
-        if (cell / "synthetic_store" / "store.json").is_file():
-            kept.setdefault(key, []).append(open_store(cell / "synthetic_store").meta.get("synthetic", {}))
+        if store_complete(cell.synthetic_store):
+            kept.setdefault(key, []).append(open_store(cell.synthetic_store).meta.get("synthetic", {}))
     _tell(progress, total, total, 0, "report")
     info = {m: {"label": UTILITY_METRICS[m].label, "unit": UTILITY_METRICS[m].unit, "better": UTILITY_METRICS[m].better}
             for m in TASK_METRICS[task]}
@@ -126,7 +129,7 @@ class _Context:
 
     cfg: UtilityConfig
     store: PatchStore
-    out: Path
+    out: StudyDir
     n_out: int  # classes, or label values (background included)
     device: str
     test: LabelledSet
@@ -137,11 +140,11 @@ class _Context:
     def pool_generator(self) -> tuple[PatchStore, Path]:
         """The unlabelled store of every train image and the one generator trained on it (``unlabelled: all``)."""
         if "pool" not in self.shared:
-            pool = synthesis.unlabelled_store(self.store, self.out / "unlabelled_store")
+            pool = synthetic_sets.unlabelled_store(self.store, self.out.unlabelled_store)
             if self.cfg.generator_run is not None:
-                checkpoint = synthesis.given_generator(self.cfg.generator_run, self.store)
+                checkpoint = synthetic_sets.given_generator(self.cfg.generator_run, self.store)
             else:
-                checkpoint = synthesis.train_generator(pool, self.out / "generator", self.cfg,
+                checkpoint = synthetic_sets.train_generator(pool, self.out.generator, self.cfg,
                                                        self.cfg.generator.train.seed, self.device)
             self.shared["pool"] = (pool, checkpoint)
         return self.shared["pool"]
@@ -153,15 +156,15 @@ class _Context:
         return self.shared["reference"]
 
 
-def _run_cell(cell: Path, fraction: float | None, per_class: int | None, seed: int, ctx: _Context,
+def _run_cell(cell: CellDir, fraction: float | None, per_class: int | None, seed: int, ctx: _Context,
               results_of: list[str], tell: Callable[[int, str], None]) -> dict[str, dict]:
     """The arms' results of one cell: read when finished, else trained, scored and written."""
     cfg, task = ctx.cfg, ctx.cfg.task
-    results = {arm: _read_result(cell / f"{arm}.json") for arm in results_of}
+    results = {arm: _read_result(cell.result(arm)) for arm in results_of}
     todo = [arm for arm in results_of if results[arm] is None]
     if not todo:
         return results
-    real_store = _subset(ctx.store, cfg, fraction, per_class, seed, cell / "real_store")
+    real_store = _subset(ctx.store, cfg, fraction, per_class, seed, cell.real_store)
     real = from_store(real_store, real_store.select("train"), task, ctx.store.classes)
     syn, nets = ctx.given, {}
     label = f"{per_class} per class" if per_class is not None else f"f={fraction:g}"
@@ -187,7 +190,7 @@ def _run_cell(cell: Path, fraction: float | None, per_class: int | None, seed: i
             if ctx.given is not None:  # the user's set: the real arm's network on its labels
                 metrics = score_downstream(task, real_net(), syn, ctx.n_out)
             else:  # on every candidate, before the filter (recorded when the set was made)
-                info = open_store(cell / "synthetic_store").meta["synthetic"]
+                info = open_store(cell.synthetic_store).meta["synthetic"]
                 metrics = {m: info.get(f"fidelity_{m}") for m in TASK_METRICS[task]}
             results[arm] = {"arm": arm, "seed": seed, "n_synthetic": len(syn), "metrics": metrics}
         else:
@@ -203,33 +206,35 @@ def _run_cell(cell: Path, fraction: float | None, per_class: int | None, seed: i
                             "real_images_seen": 0 if arm == "synthetic" else cfg.downstream_steps * min(
                                 cfg.batch_size, len(real)),
                             "metrics": score_downstream(task, net, ctx.test, ctx.n_out)}
-        write_json(cell / f"{arm}.json", results[arm])
+        write_json(cell.result(arm), results[arm])
     return results
 
 
-def _cell_synthetic(real_store: PatchStore, cell: Path, seed: int, ctx: _Context,
+def _cell_synthetic(real_store: PatchStore, cell: CellDir, seed: int, ctx: _Context,
                     real_net: Callable[[], torch.nn.Module]) -> LabelledSet:
     """The cell's filtered synthetic set (written once to ``synthetic_store``)."""
-    cfg, path = ctx.cfg, cell / "synthetic_store"
-    if not (path / "store.json").is_file():
+    cfg, path = ctx.cfg, cell.synthetic_store
+    if not store_complete(path):
         if cfg.pools_unlabelled:
             pool, checkpoint = ctx.pool_generator()
         else:
-            pool, checkpoint = None, synthesis.train_generator(real_store, cell / "generator", cfg, seed, ctx.device)
+            pool = None
+            checkpoint = synthetic_sets.train_generator(real_store, cell.generator, cfg, seed, ctx.device)
         judge = real_net()  # trained on the same labelled subset: it labels, filters and judges
         teacher = judge if cfg.task == "classify" else None  # segmentation candidates are not filtered by it
         if cfg.synthesis == "prior":
-            cands = synthesis.prior_candidates(checkpoint, real_store, pool, cfg, seed, teacher)
+            cands = synthetic_sets.prior_candidates(checkpoint, real_store, pool, cfg, seed, teacher)
         else:
-            cands = synthesis.anchored_candidates(checkpoint, real_store, pool, cfg, seed)
-        kept, info = synthesis.filter_candidates(cands, cfg, teacher, ctx.reference() if cfg.drop_flagged else None)
+            cands = synthetic_sets.anchored_candidates(checkpoint, real_store, pool, cfg, seed)
+        reference = ctx.reference() if cfg.drop_flagged else None
+        kept, info = synthetic_sets.filter_candidates(cands, cfg, teacher, reference)
         if len(cands.images):
             labels = cands.classes if cands.classes is not None else cands.masks
             info.update({f"fidelity_{m}": v for m, v in score_downstream(
                 cfg.task, judge, LabelledSet(torch.from_numpy(cands.images), torch.from_numpy(labels).long()),
                 ctx.n_out).items()})
         info.update(seed=seed, synthesis=cfg.synthesis, checkpoint=str(checkpoint))
-        synthesis.write_synthetic_store(path, kept, real_store, info)
+        synthetic_sets.write_synthetic_store(path, kept, real_store, info)
     syn = open_store(path)
     return from_store(syn, syn.select(), cfg.task, ctx.store.classes)
 
@@ -257,40 +262,40 @@ def _read_result(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _check_settings(out: Path, store: PatchStore, cfg: UtilityConfig, user: PatchStore | None) -> None:
+def _check_settings(out: StudyDir, store: PatchStore, cfg: UtilityConfig, user: PatchStore | None) -> None:
     """Write ``study.json`` on the first run; refuse a re-run whose results would not be comparable."""
     settings = {"store_hash": store.content_hash, "synthetic_hash": user.content_hash if user is not None else None,
                 "config": cfg.model_dump(mode="json", exclude={"fractions", "labels_per_class", "seeds"})}
-    path = out / "study.json"
+    path = out.settings
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
         if before != json.loads(json.dumps(settings)):
             changed = sorted(k for k in settings if before.get(k) != settings[k])
             changed += sorted(f"config.{k}" for k in settings["config"]
                               if before.get("config", {}).get(k) != settings["config"][k])
-            raise InputError(f"{out}: holds a study with other settings ({', '.join(changed)}); resume it with the "
-                             "same store and options, or use another --out")
+            raise InputError(f"{out.path}: holds a study with other settings ({', '.join(changed)}); resume it with "
+                             "the same store and options, or use another --out")
         return
-    out.mkdir(parents=True, exist_ok=True)
+    out.path.mkdir(parents=True, exist_ok=True)
     write_json(path, settings)
 
 
 def _subset(store: PatchStore, cfg: UtilityConfig, fraction: float | None, per_class: int | None, seed: int,
             path: Path) -> PatchStore:
     """The cell's real subset store (reused once complete)."""
-    if (path / "store.json").is_file():
+    if store_complete(path):
         return open_store(path)
     return write_subset_store(store, subset_rows(store, cfg.task, fraction, seed, per_class), path)
 
 
-def _write_outputs(out: Path, rows: list[dict], summary: dict) -> None:
+def _write_outputs(out: StudyDir, rows: list[dict], summary: dict) -> None:
     """utility.csv, utility.json, utility.png and report.html (each atomically)."""
-    with atomic_open(out / "utility.csv", "w", newline="", encoding="utf-8") as f:
+    with atomic_open(out.csv, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    write_json(out / "utility.json", summary)
+    write_json(out.json, summary)
     png = utility_figure(summary)
-    with atomic_path(out / "utility.png") as tmp:
+    with atomic_path(out.png) as tmp:
         tmp.write_bytes(base64.b64decode(png))
-    write_utility_report(summary, png, out / "report.html")
+    write_utility_report(summary, png, out.report)

@@ -21,11 +21,6 @@ BASELINE = "real"
 EXTRA_PAIRS = (("real+classical+synthetic", "real+classical"),)
 
 
-def fraction_key(fraction: float) -> str:
-    """How a fraction is written in keys and paths: ``0.05``, ``1``."""
-    return f"{fraction:g}"
-
-
 def t_interval(values, level: float = 0.95) -> dict:
     """``{"mean", "sd", "n", "ci_low", "ci_high"}`` of the finite ``values``
     (:func:`medvae.metrics.stats.finite_stats`), None where undefined: the mean of no value, the sd and
