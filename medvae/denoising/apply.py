@@ -26,7 +26,6 @@ back in the input's own format and geometry.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from medvae.io.formats import NIFTI_SUFFIXES, TIFF_SUFFIXES, scan_format, scan_s
 from medvae.io.writers import write_tiff
 from medvae.training.checkpoint import load_model
 from medvae.training.rundir import RunDir
+from medvae.training.runtime import autocast
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,6 @@ class SliceDenoiser:
     def batch_size(self) -> int:
         return self.cfg.batch_size or (1 if self.device.type == "cpu" else 8)
 
-    def _autocast(self):
-        if self.cfg.amp != "bf16":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
     def reseed(self) -> None:
         """Restart the posterior samples' generator at ``cfg.seed`` (before each scan)."""
         self.generator.manual_seed(self.cfg.seed)
@@ -154,7 +149,7 @@ class SliceDenoiser:
             x = x[:, None].to(self.device)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
+            with autocast(self.device, torch.bfloat16 if self.cfg.amp == "bf16" else None):
                 if self.cfg.tile > 0:
                     from monai.inferers import sliding_window_inference  # MONAI import is slow; only when tiling
 
