@@ -252,6 +252,15 @@ def parse_model_config(data: dict | BaseModel, source: str = "model config") -> 
 
 
 _MODEL_ADAPTER = TypeAdapter(ModelConfig)
+MODEL_KEYS = frozenset(k for c in FAMILY_CONFIGS.values() for k in c.model_fields)  # of every family
+
+
+def flat_model_dump(cfg: ModelConfigBase) -> dict:
+    """``cfg`` as the flat dict of medvae <= 0.3 (every family's key, another family's at its default), for
+    keys that must not change with the families (a pipeline's train-stage key)."""
+    flat = {k: list(f.default) if isinstance(f.default, tuple) else f.default
+            for c in FAMILY_CONFIGS.values() for k, f in c.model_fields.items()}
+    return {**flat, **cfg.model_dump(mode="json")}
 
 
 class TrainConfig(StrictModel):

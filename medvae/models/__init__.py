@@ -20,7 +20,7 @@ from medvae.models.vaegan import VAEGAN, PatchDiscriminator
 
 __all__ = [
     "ConvVAE", "VAEGAN", "VAEBase", "VAEOutput", "VariationalModel", "Denoiser", "PatchDiscriminator", "DAE",
-    "UNetVAE", "build_model", "MODEL_NAMES", "DENOISERS", "CONDITIONAL_MODELS",
+    "UNetVAE", "build_model", "require_latent", "MODEL_NAMES", "DENOISERS", "CONDITIONAL_MODELS",
 ]
 
 # the names, written once as the config's Literal types
@@ -46,3 +46,10 @@ def build_model(cfg: AnyModelConfig) -> nn.Module:
 
         return MonaiVAE(cfg) if cfg.name == "monai-vae" else MonaiKL(cfg)
     raise ValueError(f"unknown model {cfg.name!r}; choose one of {MODEL_NAMES}")
+
+
+def require_latent(model: nn.Module) -> None:
+    """ConfigError unless ``model`` has a latent to encode to, decode and sample from (the dae has none)."""
+    if isinstance(model, DAE):
+        raise ConfigError("the dae model is deterministic: it has no latent to decode or sample from; "
+                          "train a vae, vaegan or unet-vae")

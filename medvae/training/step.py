@@ -34,6 +34,12 @@ from medvae.training.schedule import (
 Loss = Callable[[torch.Tensor, object, float, "torch.Tensor | None"], tuple[torch.Tensor, dict]]
 
 
+def device_path(device: torch.device, amp_dtype: torch.dtype | None) -> bool:
+    """Whether the NaN guard's flag stays on the device (CUDA without fp16: the fused AdamW takes it as its
+    found_inf): a host read-back per step would make the CPU wait for the GPU at every step."""
+    return device.type == "cuda" and amp_dtype != torch.float16
+
+
 class TrainStep:
     """Runs training steps of ``model``; ``step(x, i)`` returns the step's :class:`StepRecord`.
 
@@ -62,11 +68,11 @@ class TrainStep:
         self.model, self.loss, self.tc, self.device, self.info = model, loss, tc, device, info
         self.amp_dtype, self.total_steps = amp_dtype, total_steps
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        # CUDA without fp16: the fused AdamW takes the NaN guard's flag as its found_inf, so no step waits
-        # for the GPU. Elsewhere the flag is read at once (free on a CPU, whose tensors are computed as the
-        # call returns) and the optimizer is the multi-tensor AdamW: on a CPU bit for bit the per-parameter
-        # loop, in a few calls instead of ~8 per parameter tensor; fp16's GradScaler decides on the host.
-        self.fused = device.type == "cuda" and amp_dtype != torch.float16
+        # CUDA without fp16 (device_path): the fused AdamW takes the NaN guard's flag. Elsewhere the flag is
+        # read at once (free on a CPU, whose tensors are computed as the call returns) and the optimizer is
+        # the multi-tensor AdamW: on a CPU bit for bit the per-parameter loop, in a few calls instead of ~8
+        # per parameter tensor; fp16's GradScaler decides on the host.
+        self.fused = device_path(device, amp_dtype)
         skip = {id(p) for p in exclude.parameters()} if exclude is not None else set()
         self.params = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
         self.optimizers = {"generator": self.adamw(self.params, tc.lr)}

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medvae.config import DEFAULT_CHANNELS, DENOISER_CHANNELS, PACKAGED_PIPELINES, ModelConfig, TrainStageConfig
+from medvae.config import (
+    DEFAULT_CHANNELS,
+    DENOISER_CHANNELS,
+    PACKAGED_PIPELINES,
+    TrainStageConfig,
+    flat_model_dump,
+    parse_model_config,
+)
 from medvae.errors import CheckpointError
 from medvae.models import build_model
 from medvae.models.vae import stage_channels
@@ -25,7 +32,7 @@ def n_params(model) -> int:
     (256, [32, 64, 128, 256, 256, 256]),  # 6 levels (8x8 bottleneck), as before
 ])
 def test_default_widths_follow_the_patch_size(size, widths):
-    cfg = ModelConfig(image_size=size)
+    cfg = parse_model_config(dict(image_size=size))
     assert cfg.channels is None
     assert list(cfg.resolved_channels()) == list(DEFAULT_CHANNELS[size])
     assert stage_channels(cfg) == widths
@@ -34,20 +41,20 @@ def test_default_widths_follow_the_patch_size(size, widths):
 @pytest.mark.parametrize("size", [32, 64, 128, 256])
 def test_defaults_build_the_models_of_before(size):
     """No result changes: the default model at each size is the one the old default widths (32/64/128/256) gave."""
-    new = build_model(ModelConfig(image_size=size))
-    old = build_model(ModelConfig(image_size=size, channels=(32, 64, 128, 256)))
+    new = build_model(parse_model_config(dict(image_size=size)))
+    old = build_model(parse_model_config(dict(image_size=size, channels=(32, 64, 128, 256))))
     assert [p.shape for p in new.parameters()] == [p.shape for p in old.parameters()]
 
 
 @pytest.mark.parametrize("name", ["vae", "vaegan", "monai-vae", "monai-kl"])
 def test_every_patch_model_builds_at_every_default_size(name):
     for size in (32, 64):
-        build_model(ModelConfig(name=name, image_size=size, latent_dim=64))
+        build_model(parse_model_config(dict(name=name, image_size=size, latent_dim=64)))
 
 
 @pytest.mark.parametrize("size", [32, 64, 128, 256])
 def test_explicit_channels_win(size):
-    cfg = ModelConfig(image_size=size, channels=(8, 16, 24))
+    cfg = parse_model_config(dict(image_size=size, channels=(8, 16, 24)))
     assert cfg.resolved_channels() == (8, 16, 24)
     assert stage_channels(cfg)[:3] == [8, 16, 24]
     assert set(stage_channels(cfg)[3:]) <= {24}
@@ -56,7 +63,7 @@ def test_explicit_channels_win(size):
 @pytest.mark.parametrize("name", ["dae", "unet-vae"])
 def test_denoisers_keep_their_levels_at_every_size(name):
     for size in (32, 128):
-        assert ModelConfig(name=name, image_size=size).resolved_channels() == DENOISER_CHANNELS
+        assert parse_model_config(dict(name=name, image_size=size)).resolved_channels() == DENOISER_CHANNELS
 
 
 def test_resolve_config_names_the_widths_for_the_run(tmp_path):
@@ -104,8 +111,20 @@ def test_pipeline_training_keys_do_not_change_with_the_defaults():
     from medvae.pipeline import train_stage_key
 
     cfg = TrainStageConfig()
-    before = cfg.model_dump(mode="json")
+    before = {**cfg.model_dump(mode="json"), "model": flat_model_dump(cfg.model)}
     before["model"]["channels"] = [32, 64, 128, 256]
     assert train_stage_key("h", cfg) == sha256_json(["h", before])
     mine = TrainStageConfig.model_validate({"model": {"channels": [8, 16]}})
-    assert train_stage_key("h", mine) == sha256_json(["h", mine.model_dump(mode="json")])
+    assert train_stage_key("h", mine) == sha256_json(["h", {**mine.model_dump(mode="json"),
+                                                             "model": flat_model_dump(mine.model)}])
+
+
+def test_flat_model_dump_is_the_flat_config_of_before_the_families():
+    """The train-stage key hashes the flat model config every family's keys used to share (medvae <= 0.3), so a
+    pipeline's trained models stay up to date across the split into family configs."""
+    old = {"name": "dae", "in_channels": 1, "image_size": 128, "latent_dim": 128, "channels": None, "res_units": 1,
+           "norm_groups": 8, "upsample": "nearest", "likelihood": "l2", "fixed_scale": 0.1, "disc_channels": 64,
+           "disc_layers": 3, "spectral_norm": False, "skip_connections": True, "latent_channels": 8,
+           "top_skip": False, "downsample": "conv", "input_residual": True, "noise_a": None, "noise_b": None,
+           "condition": "auto", "condition_names": [], "condition_dim": 32}
+    assert flat_model_dump(parse_model_config({"name": "dae", "likelihood": "l2", "top_skip": False})) == old

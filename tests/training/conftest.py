@@ -23,8 +23,8 @@ def tiny_config(name="vae", **train) -> TrainStageConfig:
     base = {"batch_size": 8, "max_steps": 12, "lr": 2e-3, "warmup_steps": 2, "beta_warmup_steps": 4,
             "checkpoint_every": 4, "log_every": 1, "val_batches": 1, "disc_start": 2}
     return TrainStageConfig.model_validate({
-        "model": {"name": name, "channels": [8, 16, 32], "latent_dim": 16, "disc_channels": 8,
-                  "disc_layers": 2},
+        "model": {"name": name, "channels": [8, 16, 32], "latent_dim": 16,
+                  **({"disc_channels": 8, "disc_layers": 2} if name == "vaegan" else {})},
         "train": {**base, **train},
     })
 

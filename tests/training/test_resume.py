@@ -29,10 +29,12 @@ def _losses(run):
 
 def _denoise_config(model: str, objective: str = "supervised") -> TrainStageConfig:
     extra = {"noise_a": 0.05, "noise_b": 0.01} if objective == "divnoising" else {}
+    if model == "unet-vae":
+        extra["latent_channels"] = 2
     return TrainStageConfig.model_validate({
         "task": "denoise", "objective": objective,
         "noise": {"kind": "poisson-gaussian", "levels": [5, 50], "crop": 32},
-        "model": {"name": model, "channels": [8, 16], "norm_groups": 4, "latent_channels": 2, **extra},
+        "model": {"name": model, "channels": [8, 16], "norm_groups": 4, **extra},
         "train": {"batch_size": 8, "max_steps": N_STEPS, "lr": 2e-3, "warmup_steps": 2, "checkpoint_every": 5,
                   "log_every": 1, "val_batches": 1, "ema_decay": 0.9, "amp": "off", "beta": 0.01}})
 

@@ -112,7 +112,7 @@ def test_vaegan_best_checkpoint_is_chosen_after_the_critic_started(tiny_store, t
 
 
 def test_nan_guard_skips_and_counts(tiny_store, tmp_path, monkeypatch, caplog):
-    real = medvae.training.losses.generator_loss
+    real = medvae.training.losses.vae_loss
     calls = []
 
     def flaky(*args, **kwargs):  # the generator loss of the 3rd and 5th step (0-based 2 and 4) is NaN
@@ -122,7 +122,7 @@ def test_nan_guard_skips_and_counts(tiny_store, tmp_path, monkeypatch, caplog):
             loss = loss * float("nan")
         return loss, terms
 
-    monkeypatch.setattr(medvae.training.losses, "generator_loss", flaky)
+    monkeypatch.setattr(medvae.training.losses, "vae_loss", flaky)
     summary = train(tiny_store, tmp_path / "run", tiny_config(max_steps=6, max_bad_steps=3), device="cpu")
     assert summary["step"] == 6 and summary["bad_steps"] == 2
     log = read_log(tmp_path / "run")
@@ -134,7 +134,7 @@ def test_nan_guard_skips_and_counts(tiny_store, tmp_path, monkeypatch, caplog):
 
 def _nan_at(monkeypatch, calls_nan):
     """Make the generator loss of the given 1-based calls NaN."""
-    real = medvae.training.losses.generator_loss
+    real = medvae.training.losses.vae_loss
     calls = []
 
     def flaky(*args, **kwargs):
@@ -144,7 +144,7 @@ def _nan_at(monkeypatch, calls_nan):
             loss = loss * float("nan")
         return loss, terms
 
-    monkeypatch.setattr(medvae.training.losses, "generator_loss", flaky)
+    monkeypatch.setattr(medvae.training.losses, "vae_loss", flaky)
 
 
 @pytest.mark.parametrize("model", ["vae", "vaegan"])
@@ -168,7 +168,7 @@ def test_device_path_nan_guard_skips_counts_and_resumes_exactly(tiny_store, tmp_
     step_counts = {int(s["step"]) for s in ck["optimizer_states"]["generator"]["state"].values()}
     assert step_counts == {10}  # 12 steps, 2 skipped: the fused AdamW did not count them
     # resume from step 6 (after both bad steps): the rest of the run is the same, bit for bit
-    monkeypatch.setattr(medvae.training.losses, "generator_loss", _real_generator_loss)
+    monkeypatch.setattr(medvae.training.losses, "vae_loss", _real_vae_loss)
     six = tiny_config(model, max_steps=6, max_bad_steps=3, log_every=3, checkpoint_every=6, ema_decay=0.9,
                       disc_start=1)
     b = tmp_path / "b"
@@ -186,7 +186,7 @@ def test_device_path_nan_guard_skips_counts_and_resumes_exactly(tiny_store, tmp_
     assert [e["loss"] for e in read_log(b)] == [e["loss"] for e in log]
 
 
-_real_generator_loss = medvae.training.losses.generator_loss
+_real_vae_loss = medvae.training.losses.vae_loss
 
 
 def test_device_path_stops_with_clear_error(tmp_path, monkeypatch):
