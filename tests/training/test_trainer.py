@@ -204,8 +204,12 @@ def test_nan_guard_stops_with_clear_error(tmp_path):
 
 def test_train_cli_overrides_config_and_resume_checks(tiny_store, tmp_path, caplog):
     cfg_path = tmp_path / "cfg.yaml"
-    cfg = tiny_config("vaegan", max_steps=50, batch_size=4)
-    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    cfg_path.write_text(yaml.safe_dump(tiny_config("vaegan").model_dump(mode="json")))
+    res = _train_cli(tiny_store.path, tmp_path / "gan", "--model", "vae", "--config", cfg_path)
+    assert res.exit_code == 2 and "model.disc_channels is an option of vaegan, not of model vae" in res.output
+    cfg = tiny_config("vae", max_steps=50, batch_size=4)
+    cfg_path.write_text(yaml.safe_dump({**cfg.model_dump(mode="json"), "model": {**cfg.model.model_dump(mode="json"),
+                                                                                "name": "monai-vae"}}))
     run = tmp_path / "run"
     res = _train_cli(tiny_store.path, run, "--model", "vae", "--config", cfg_path, "--max-steps", 2,
                      "--batch-size", 8, "--checkpoint-every", 2, "--resume")  # resume without checkpoint: fresh
