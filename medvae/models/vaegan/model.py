@@ -8,7 +8,6 @@ losses and the critic's step live in :mod:`medvae.training.adversarial`.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from medvae.config import VAEGANConfig
 from medvae.models.vae.conv import ConvVAE
@@ -16,7 +15,7 @@ from medvae.models.vaegan.discriminator import PatchDiscriminator
 
 
 class VAEGAN(ConvVAE):
-    """ConvVAE + PatchDiscriminator (``discriminator``; excluded from ``generator_parameters``).
+    """ConvVAE + PatchDiscriminator (``discriminator``: its own optimizer trains it, medvae.training.adversarial).
 
     Args:
         config: VAEGANConfig; ``disc_channels``, ``disc_layers``, ``spectral_norm`` shape D.
@@ -30,11 +29,6 @@ class VAEGAN(ConvVAE):
         )
         if self.conditional:
             self.discriminator.condition = self._critic_ids
-
-    def generator_parameters(self) -> list[nn.Parameter]:
-        """Every parameter but the critic's (the generator optimizer's)."""
-        skip = {id(p) for p in self.discriminator.parameters()}
-        return [p for p in self.parameters() if id(p) not in skip]
 
     def _critic_ids(self) -> torch.Tensor:
         if self._condition is None:
