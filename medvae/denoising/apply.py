@@ -42,6 +42,7 @@ from medvae.files import atomic_path
 from medvae.io import load_volume
 from medvae.io.formats import NIFTI_SUFFIXES, TIFF_SUFFIXES, scan_format, scan_stem
 from medvae.io.writers import write_tiff
+from medvae.models import UNetVAE
 from medvae.training.checkpoint import load_model
 from medvae.training.rundir import RunDir
 from medvae.training.runtime import autocast
@@ -100,7 +101,7 @@ class SliceDenoiser:
         if not hasattr(self.model, "denoise"):
             raise InputError(f"{run}: model {name} is not fully convolutional; train --model dae or unet-vae "
                              "with --task denoise")
-        if (cfg.samples > 0 or cfg.sd) and not getattr(self.model, "variational", False):
+        if (cfg.samples > 0 or cfg.sd) and not isinstance(self.model, UNetVAE):
             raise ConfigError(f"{run}: model {name} is deterministic: posterior samples (--samples, --sd) need a "
                               "unet-vae run (e.g. --objective divnoising)")
         if cfg.sd and cfg.samples < 2:
