@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # medvae and tests.factories of this checkout
 
-from medvae.config import GenerateConfig, ModelConfig  # noqa: E402
+from medvae.config import GenerateConfig, parse_model_config  # noqa: E402
 from medvae.devices import select_device  # noqa: E402
 from medvae.models import build_model  # noqa: E402
 from medvae.synthesis.generate import generate  # noqa: E402
@@ -51,7 +51,7 @@ def make_store(path: Path, size: int, n_patients: int, per_patient: int):
 
 def make_run(root: Path, size: int, n_train: int) -> Path:
     store = make_store(root / f"store{size}", size, n_patients=8, per_patient=max(n_train // 8, 2))
-    cfg = ModelConfig(name="vae", image_size=size, latent_dim=128)
+    cfg = parse_model_config(dict(name="vae", image_size=size, latent_dim=128))
     torch.manual_seed(0)
     model = build_model(cfg)
     run = RunDir(root / f"run{size}")

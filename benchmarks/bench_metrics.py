@@ -76,7 +76,7 @@ def bench_ssim(n: int, n_ref: int) -> dict:
 
 
 def bench_evaluate(n: int, patients: int = 10, quick: bool = False) -> dict:
-    from medvae.config import EvaluateConfig, ModelConfig
+    from medvae.config import EvaluateConfig, parse_model_config
     from medvae.evaluation.evaluate import run_evaluation
     from medvae.models import build_model
     from medvae.report.reportdir import ReportDir
@@ -95,7 +95,7 @@ def bench_evaluate(n: int, patients: int = 10, quick: bool = False) -> dict:
                             patient_id=[f"PANCREAS_{i % patients + 1:04d}" for i in range(n)], split="test",
                             source="bench", content_hash="bench",
                             normalization={"ct": {"low": -160.0, "high": 240.0, "unit": "HU"}})
-        cfg = ModelConfig()  # the default ConvVAE (128², latent 128); timing does not depend on training
+        cfg = parse_model_config({})  # the default ConvVAE (128², latent 128); timing does not depend on training
         torch.manual_seed(0)
         save_checkpoint(RunDir(tmp / "run").checkpoint_path("best"), {
             "model_config": cfg.model_dump(mode="json"), "model_state": build_model(cfg).state_dict(),

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, TypeVar, get_args
+from typing import Annotated, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
 
 from medvae.errors import ConfigError
 
@@ -25,7 +25,7 @@ PrepareMode = Literal["auto", "resize", "tile", "pad"]
 ConditionalModel = Literal["vae", "vaegan"]  # take a class / modality id (medvae.data.conditions)
 DenoiserModel = Literal["unet-vae", "dae"]  # fully convolutional (medvae.models.denoisers): whole slices, any size
 ModelName = Literal[ConditionalModel, "monai-vae", "monai-kl", DenoiserModel]
-DENOISER_CHANNELS_MODELS = get_args(DenoiserModel)
+DENOISERS = get_args(DenoiserModel)
 # medvae.models.distributions; poisson-gaussian: the noisy pixel given the clean estimate s, N(s, a·s + b) (DivNoising)
 LikelihoodName = Literal["gaussian", "bernoulli", "cbernoulli", "l1", "l2", "poisson-gaussian"]
 Condition = Literal["auto", "none", "class", "modality", "mask"]
@@ -102,18 +102,22 @@ DENOISER_CHANNELS: tuple[int, ...] = (32, 64, 128, 256)
 
 def default_channels(name: str, image_size: int) -> tuple[int, ...]:
     """The widths a model of ``name`` takes at ``image_size``² when its config gives no ``channels``."""
-    if name in DENOISER_CHANNELS_MODELS:
+    if name in DENOISERS:
         return DENOISER_CHANNELS
     return DEFAULT_CHANNELS[int(image_size)]
 
 
-class ModelConfig(StrictModel):
-    """Constructor config of a model; stored with its weights in every checkpoint."""
+class ModelConfigBase(StrictModel):
+    """What every model family's config holds; stored with its weights in every checkpoint.
+
+    A family's config (below) adds its own options, so a VAE config cannot carry a denoiser's. Old
+    configs and checkpoints hold one flat dict with every family's keys: :meth:`_foreign_keys` drops
+    another family's keys that hold their old default and refuses the others.
+    """
 
     name: ModelName = "vae"
     in_channels: int = 1
     image_size: PatchSize = 128
-    latent_dim: int = 128
     # widths per resolution; None: sized to the patch (default_channels; resolved into the run's config)
     channels: tuple[int, ...] | None = None
     res_units: int = 1  # residual units per stage
@@ -121,34 +125,142 @@ class ModelConfig(StrictModel):
     upsample: Literal["nearest", "pixelshuffle", "transpose"] = "nearest"
     likelihood: LikelihoodName = "gaussian"
     fixed_scale: float = 0.1  # sigma for l1/l2 (Laplace/Gaussian with fixed scale)
-    # VAE-GAN discriminator
+    # likelihood poisson-gaussian: the noise variance a·s + b of a pixel whose clean value is s, on the store's
+    # [0, 1] scale (Foi et al. 2008); None: not known (divnoising calibrates it from the noisy store, or refuses)
+    noise_a: float | None = Field(None, ge=0)
+    noise_b: float | None = Field(None, ge=0)
+    # Conditioning (the ids: medvae.data.conditions; the embedding: medvae.models.vae). auto: modality when the
+    # store holds several (one model never mixes CT and microscopy), else none. class / modality (vae / vaegan):
+    # an embedding of the id joins the encoder's features and the decoder's latent, the VAE–GAN critic is a
+    # projection critic, the mixture prior is fitted per id. mask: a joint image + label-map model (one more
+    # channel: label / max label).
+    condition: Condition = "auto"
+    condition_names: tuple[str, ...] = ()  # filled from the store by the trainer: class / modality / label names
+
+    def resolved_channels(self) -> tuple[int, ...]:
+        """``channels`` as given, else the default for this model at ``image_size`` (:func:`default_channels`)."""
+        return tuple(self.channels) if self.channels else default_channels(self.name, self.image_size)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _foreign_keys(cls, data):
+        """Drop another family's keys that hold their default (a flat config of medvae <= 0.3); refuse the
+        others, naming the key and the families that take it."""
+        if not isinstance(data, dict):
+            return data
+        own = cls.model_fields
+        out = {}
+        for key, value in data.items():
+            if key in own or key not in _FAMILY_KEYS:
+                out[key] = value  # unknown keys stay: extra="forbid" names them
+            elif value != _FAMILY_KEYS[key][1] and not _same_default(value, _FAMILY_KEYS[key][1]):
+                raise ValueError(f"model.{key} is an option of {_FAMILY_KEYS[key][0]}, not of model "
+                                 f"{data.get('name', 'vae')}; remove it or choose such a model")
+        return out
+
+
+class VAEConfig(ModelConfigBase):
+    """``vae``: the ConvVAE (medvae.models.vae)."""
+
+    name: Literal["vae"] = "vae"
+    latent_dim: int = 128
+    condition_dim: int = 32  # width of the condition embedding (condition class / modality)
+
+
+class VAEGANConfig(VAEConfig):
+    """``vaegan``: the ConvVAE and a PatchGAN critic (medvae.models.vaegan)."""
+
+    name: Literal["vaegan"] = "vaegan"
     disc_channels: int = 64
     disc_layers: int = 3
     spectral_norm: bool = False
-    # unet-vae / dae (medvae.models.denoisers): fully convolutional, any size divisible by 2^(stages-1)
-    skip_connections: bool = True  # U-Net skips from encoder to decoder (unet-vae; dae always has them)
-    latent_channels: int = 8  # channels of the spatial latent of unet-vae
+
+
+class MonaiConfig(ModelConfigBase):
+    """``monai-vae`` / ``monai-kl``: MONAI's VarAutoEncoder and AutoencoderKL (medvae.models.monai)."""
+
+    name: Literal["monai-vae", "monai-kl"] = "monai-vae"
+    latent_dim: int = 128
+
+
+class _DenoiserBase(ModelConfigBase):
+    """The fully convolutional denoisers (medvae.models.denoisers): any size divisible by 2^(stages-1)."""
+
     # N2V2's fixes (Höck et al. 2022) for blind-spot training: no skip at the top (full-resolution) level and
     # anti-aliased downsampling (conv, then a [1 2 1]² blur with stride 2, instead of a strided conv)
     top_skip: bool = True
     downsample: Literal["conv", "blurpool"] = "conv"
     input_residual: bool = True  # output = sigmoid(logit(input) + f(input)); off for divnoising (no copy path)
-    # likelihood poisson-gaussian: the noise variance a·s + b of a pixel whose clean value is s, on the store's
-    # [0, 1] scale (Foi et al. 2008); None: not known (divnoising calibrates it from the noisy store, or refuses)
-    noise_a: float | None = Field(None, ge=0)
-    noise_b: float | None = Field(None, ge=0)
-    # Conditioning (vae / vaegan; the ids: medvae.data.conditions; the embedding: medvae.models.vae). auto:
-    # modality when the store holds several (one model never mixes CT and microscopy), else none. class /
-    # modality: an embedding of the id joins the encoder's features and the decoder's latent, the VAE–GAN critic
-    # is a projection critic, the mixture prior is fitted per id. mask: a joint image + label-map model (one more
-    # channel: label / max label).
-    condition: Condition = "auto"
-    condition_names: tuple[str, ...] = ()  # filled from the store by the trainer: class / modality / label names
-    condition_dim: int = 32  # width of the condition embedding
 
-    def resolved_channels(self) -> tuple[int, ...]:
-        """``channels`` as given, else the default for this model at ``image_size`` (:func:`default_channels`)."""
-        return tuple(self.channels) if self.channels else default_channels(self.name, self.image_size)
+
+class DAEConfig(_DenoiserBase):
+    """``dae``: the deterministic denoising U-Net (always with skips)."""
+
+    name: Literal["dae"] = "dae"
+
+
+class UNetVAEConfig(_DenoiserBase):
+    """``unet-vae``: the U-Net with a spatial Gaussian latent at its bottleneck."""
+
+    name: Literal["unet-vae"] = "unet-vae"
+    skip_connections: bool = True  # U-Net skips from encoder to decoder
+    latent_channels: int = 8  # channels of the spatial latent
+
+
+FAMILY_CONFIGS: dict[str, type[ModelConfigBase]] = {
+    "vae": VAEConfig, "vaegan": VAEGANConfig, "monai-vae": MonaiConfig, "monai-kl": MonaiConfig,
+    "dae": DAEConfig, "unet-vae": UNetVAEConfig,
+}
+
+
+def _family_tag(data) -> str:
+    name = data.get("name", "vae") if isinstance(data, dict) else getattr(data, "name", "vae")
+    return name if name in FAMILY_CONFIGS else None  # an unknown name: pydantic lists the names it knows
+
+
+# A model's config: one family's config, chosen by `name` ("vae" when absent).
+ModelConfig = Annotated[
+    Annotated[VAEConfig, Tag("vae")] | Annotated[VAEGANConfig, Tag("vaegan")]
+    | Annotated[MonaiConfig, Tag("monai-vae")] | Annotated[MonaiConfig, Tag("monai-kl")]
+    | Annotated[DAEConfig, Tag("dae")] | Annotated[UNetVAEConfig, Tag("unet-vae")],
+    Discriminator(_family_tag),
+]
+AnyModelConfig = VAEConfig | VAEGANConfig | MonaiConfig | DAEConfig | UNetVAEConfig
+
+# every family's key (beyond the shared ones) -> (the families that take it, its default)
+_FAMILY_KEYS: dict[str, tuple[str, object]] = {}
+for _name, _cls in FAMILY_CONFIGS.items():
+    for _key, _field in _cls.model_fields.items():
+        if _key not in ModelConfigBase.model_fields:
+            names = _FAMILY_KEYS.get(_key, ("", None))[0]
+            if _name not in names.split(" / "):
+                _FAMILY_KEYS[_key] = (f"{names} / {_name}" if names else _name, _field.default)
+
+
+def _same_default(value, default) -> bool:
+    return isinstance(value, (list, tuple)) and isinstance(default, tuple) and tuple(value) == default
+
+
+def parse_model_config(data: dict | BaseModel, source: str = "model config") -> AnyModelConfig:
+    """``data`` (a dict, or another family's config) as its family's config; ConfigError naming ``source``."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump()
+    try:
+        return _MODEL_ADAPTER.validate_python(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+_MODEL_ADAPTER = TypeAdapter(ModelConfig)
+MODEL_KEYS = frozenset(k for c in FAMILY_CONFIGS.values() for k in c.model_fields)  # of every family
+
+
+def flat_model_dump(cfg: ModelConfigBase) -> dict:
+    """``cfg`` as the flat dict of medvae <= 0.3 (every family's key, another family's at its default), for
+    keys that must not change with the families (a pipeline's train-stage key)."""
+    flat = {k: list(f.default) if isinstance(f.default, tuple) else f.default
+            for c in FAMILY_CONFIGS.values() for k, f in c.model_fields.items()}
+    return {**flat, **cfg.model_dump(mode="json")}
 
 
 class TrainConfig(StrictModel):
@@ -226,7 +338,7 @@ OBJECTIVE_MODEL_DEFAULTS: dict[str, dict] = {
 
 
 class TrainStageConfig(StrictModel):
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=VAEConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     task: Task = "reconstruct"  # denoise: noisy input -> clean target
     # denoise task: supervised (the store is clean, `noise` corrupts it) or self-supervised on a store of noisy
@@ -244,12 +356,15 @@ class TrainStageConfig(StrictModel):
         if not isinstance(data, dict) or data.get("task") != "denoise":
             return data
         model = data.get("model")
-        if isinstance(model, ModelConfig):
+        if isinstance(model, BaseModel):
             model = model.model_dump(exclude_unset=True)
         model = dict(model) if isinstance(model, dict) else {} if model is None else model
         if isinstance(model, dict):
             defaults = OBJECTIVE_MODEL_DEFAULTS.get(data.get("objective", "supervised"), {})
             model = {**defaults, **model}
+            family = FAMILY_CONFIGS.get(model["name"])  # only the keys the chosen model has (check_config
+            if family is not None:                       # names a model that cannot denoise)
+                model = {k: v for k, v in model.items() if k in family.model_fields or k not in defaults}
         return {**data, "model": model}
 
 
@@ -319,7 +434,10 @@ T = TypeVar("T", bound=BaseModel)
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    loc = first["loc"]
+    # a model config's location holds its family's tag after "model" (model.vae.latent_dim): not a key
+    loc = [p for i, p in enumerate(loc) if not (p in FAMILY_CONFIGS and (i == 0 or loc[i - 1] == "model"))]
+    key = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'; remove it or fix its spelling"
     return f"{source}: bad value for '{key}': {first['msg']}"

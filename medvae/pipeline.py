@@ -22,10 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from medvae.config import (
+    MODEL_KEYS,
     PACKAGED_PIPELINES,
     GenerateConfig,
     PipelineConfig,
     TrainStageConfig,
+    flat_model_dump,
     load_yaml,
     packaged_pipelines,
     parse_config,
@@ -95,8 +97,8 @@ def expand_sweep(config: PipelineConfig, source: str = "pipeline") -> PipelineCo
     keys = list(config.sweep)
     for key in keys:
         section, _, name = key.partition(".")
-        fields = {"model": TrainStageConfig.model_fields["model"].annotation.model_fields,
-                  "train": TrainStageConfig.model_fields["train"].annotation.model_fields}.get(section, {})
+        fields = {"model": MODEL_KEYS, "train": TrainStageConfig.model_fields["train"].annotation.model_fields
+                  }.get(section, {})
         if name not in fields:
             raise ConfigError(f"{source}: unknown sweep key '{key}'; use model.<key> or train.<key> of a model config")
         if not isinstance(config.sweep[key], list) or not config.sweep[key]:
@@ -200,7 +202,7 @@ _KEYED_DEFAULT_CHANNELS = [32, 64, 128, 256]
 
 def train_stage_key(store_hash: str, cfg: TrainStageConfig) -> str:
     """The up-to-date key of a training stage: the store and the stage's config as given."""
-    data = cfg.model_dump(mode="json")
+    data = {**cfg.model_dump(mode="json"), "model": flat_model_dump(cfg.model)}  # the key of medvae <= 0.3
     if data["model"]["channels"] is None:
         data["model"]["channels"] = _KEYED_DEFAULT_CHANNELS
     return sha256_json([store_hash, data])

@@ -25,7 +25,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 
 from medvae.config import TrainStageConfig
 from medvae.data.store import PatchStore, write_store
-from medvae.training.losses import generator_loss
+from medvae.models import VAEGAN
+from medvae.training.adversarial import generator_adversarial_loss
+from medvae.training.losses import vae_loss
 
 # ----------------------------------------------------------------------------------------- patch stores
 
@@ -148,11 +150,18 @@ def blobs(n: int = 16, size: int = 64, channels: int = 1, seed: int = 0) -> torc
 
 
 def model_loss(m, x: torch.Tensor, *, beta: float = 1.0, critic: bool = False, **kw):
-    """The trainer's generator loss of model ``m`` on ``x``: forward, then the loss on its output."""
+    """The trainer's generator loss of model ``m`` on ``x``: forward, then the VAE loss on its output and, for
+    a VAE–GAN, the adversarial terms (zeros unless ``critic``). Returns (loss, detached terms, output)."""
     out = m(x, n_prior=x.shape[0] if critic else 0)
-    loss, terms = generator_loss(x, out, m.likelihood, beta=beta, discriminator=m.discriminator,
-                                 last_layer=m.last_decoder_weight, **kw)
-    return loss, terms, out
+    loss, terms = vae_loss(x, out, m.likelihood, beta=beta)
+    if isinstance(m, VAEGAN):
+        zero = torch.zeros(())
+        adv = {"adv": zero, "fm": zero, "adv_weight": zero}
+        if critic:
+            loss, adv = generator_adversarial_loss(loss, terms["nll"], x, out, m.discriminator,
+                                                   last_layer=m.last_decoder_weight, **kw)
+        terms = {**terms, **adv}
+    return loss, {k: v.detach() for k, v in terms.items()}, out
 
 
 def tiny_config(name="vae", **train) -> TrainStageConfig:
@@ -160,8 +169,8 @@ def tiny_config(name="vae", **train) -> TrainStageConfig:
     base = {"batch_size": 8, "max_steps": 12, "lr": 2e-3, "warmup_steps": 2, "beta_warmup_steps": 4,
             "checkpoint_every": 4, "log_every": 1, "val_batches": 1, "disc_start": 2}
     return TrainStageConfig.model_validate({
-        "model": {"name": name, "channels": [8, 16, 32], "latent_dim": 16, "disc_channels": 8,
-                  "disc_layers": 2},
+        "model": {"name": name, "channels": [8, 16, 32], "latent_dim": 16,
+                  **({"disc_channels": 8, "disc_layers": 2} if name == "vaegan" else {})},
         "train": {**base, **train},
     })
 

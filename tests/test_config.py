@@ -50,16 +50,17 @@ def test_name_lists_are_written_once_as_the_configs_literals():
 
     from medvae.cli import app
     from medvae.cli.app import choices
-    from medvae.config import GenerateConfig, ModelConfig, UtilityConfig
+    from medvae.config import GenerateConfig, ModelConfigBase, UtilityConfig
     from medvae.models import CONDITIONAL_MODELS, DENOISERS, MODEL_NAMES
     from medvae.models.distributions import LIKELIHOODS
 
     assert MODEL_NAMES == ("vae", "vaegan", "monai-vae", "monai-kl", "unet-vae", "dae")
     assert set(CONDITIONAL_MODELS) | set(DENOISERS) < set(MODEL_NAMES) and "cbernoulli" in LIKELIHOODS
-    assert choices(ModelConfig, "name") == " | ".join(MODEL_NAMES)
+    assert choices(ModelConfigBase, "name") == " | ".join(MODEL_NAMES)
     assert choices(UtilityConfig, "condition") == "class | mask | none"  # Optional[Literal]: the names only
     assert choices(UtilityConfig, "model") == " | ".join(CONDITIONAL_MODELS)
-    for command, listed in (("train", choices(ModelConfig, "name")), ("generate", choices(GenerateConfig, "format"))):
+    listings = (("train", choices(ModelConfigBase, "name")), ("generate", choices(GenerateConfig, "format")))
+    for command, listed in listings:
         help_text = " ".join(CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"}).output.split())
         assert listed in help_text, command
 

@@ -23,7 +23,7 @@ TINY = {
     "models": {
         name: {
             "model": {"name": name, "latent_dim": 8, "channels": [8, 8, 16, 16], "res_units": 1,
-                      "norm_groups": 4, "disc_channels": 8, "disc_layers": 2},
+                      "norm_groups": 4, **({"disc_channels": 8, "disc_layers": 2} if name == "vaegan" else {})},
             "train": {"batch_size": 4, "max_steps": steps, "warmup_steps": 1, "beta_warmup_steps": 2,
                       "checkpoint_every": 2, "log_every": 1, "disc_start": 2, "val_batches": 1},
         }

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from medvae.cli.app import app, choices, config_with_options, log, user_errors
-from medvae.config import ModelConfig, NoiseConfig, TrainStageConfig
+from medvae.config import ModelConfigBase, NoiseConfig, TrainStageConfig
 
 
 @app.command()
@@ -17,7 +17,7 @@ from medvae.config import ModelConfig, NoiseConfig, TrainStageConfig
 def train(
     store: Path = typer.Argument(..., help="Patch store from `medvae prepare`."),
     model: Optional[str] = typer.Option(
-        None, help=f"{choices(ModelConfig, 'name')} (default: the config's model.name, else vae)"),
+        None, help=f"{choices(ModelConfigBase, 'name')} (default: the config's model.name, else vae)"),
     out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, logs)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with `model:` and `train:` sections."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
@@ -34,7 +34,7 @@ def train(
         None, help=f"denoise task: {choices(TrainStageConfig, 'objective')} (supervised: a clean store and simulated "
                    "noise; n2v, n2s, divnoising: a store of noisy scans as they are, no clean images)"),
     condition: Optional[str] = typer.Option(
-        None, help=f"{choices(ModelConfig, 'condition')} (default auto: modality when the store has several; "
+        None, help=f"{choices(ModelConfigBase, 'condition')} (default auto: modality when the store has several; "
                    "mask: a joint image + label-map model)"),
 ) -> None:
     """Train a model on a patch store (multi-GPU: torchrun --nproc_per_node N -m medvae train ...).

@@ -26,7 +26,6 @@ back in the input's own format and geometry.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -43,8 +42,10 @@ from medvae.files import atomic_path
 from medvae.io import load_volume
 from medvae.io.formats import NIFTI_SUFFIXES, TIFF_SUFFIXES, scan_format, scan_stem
 from medvae.io.writers import write_tiff
+from medvae.models import UNetVAE
 from medvae.training.checkpoint import load_model
 from medvae.training.rundir import RunDir
+from medvae.training.runtime import autocast
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class SliceDenoiser:
         if not hasattr(self.model, "denoise"):
             raise InputError(f"{run}: model {name} is not fully convolutional; train --model dae or unet-vae "
                              "with --task denoise")
-        if (cfg.samples > 0 or cfg.sd) and not getattr(self.model, "variational", False):
+        if (cfg.samples > 0 or cfg.sd) and not isinstance(self.model, UNetVAE):
             raise ConfigError(f"{run}: model {name} is deterministic: posterior samples (--samples, --sd) need a "
                               "unet-vae run (e.g. --objective divnoising)")
         if cfg.sd and cfg.samples < 2:
@@ -119,11 +120,6 @@ class SliceDenoiser:
     @property
     def batch_size(self) -> int:
         return self.cfg.batch_size or (1 if self.device.type == "cpu" else 8)
-
-    def _autocast(self):
-        if self.cfg.amp != "bf16":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def reseed(self) -> None:
         """Restart the posterior samples' generator at ``cfg.seed`` (before each scan)."""
@@ -149,7 +145,7 @@ class SliceDenoiser:
             x = x[:, None].to(self.device)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
+            with autocast(self.device, torch.bfloat16 if self.cfg.amp == "bf16" else None):
                 if self.cfg.tile > 0:
                     from monai.inferers import sliding_window_inference  # MONAI import is slow; only when tiling
 

@@ -58,6 +58,7 @@ from medvae.report import write_report
 from medvae.report.reportdir import ReportDir
 from medvae.training.checkpoint import load_model
 from medvae.training.rundir import RunDir
+from medvae.training.validate import reconstruct
 
 log = logging.getLogger(__name__)
 
@@ -91,24 +92,21 @@ def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: t
         batch = rows[start:start + cfg.batch_size]
         x, ids = model_inputs(store, batch, model.config)
         x = torch.from_numpy(x).to(device)
-        with model.conditioned_on(None if ids is None else torch.from_numpy(ids).to(device)):
-            mu, logvar = model.encode(x)
-            recon = model.decode(mu).float()
-            mus.append(mu.float().cpu())
-            for name, fn in (("ssim", M.ssim), ("ms_ssim", M.ms_ssim), ("psnr", M.psnr), ("mse", M.mse),
-                             ("mae", M.mae)):
-                out[name].append(fn(recon[:, :channels], x[:, :channels]))
-            elbo, terms = L.elbo(model, x, generator=gen, return_terms=True, posterior=(mu, logvar))
-            out["elbo"].append(elbo)
-            out["kl"].append(terms["kl"])
-            iw = torch.full((len(batch),), float("nan"), device=device)
-            sel = torch.from_numpy(np.isin(batch, iwae_rows)).to(device)
-            if sel.any():
-                with model.conditioned_on(None if ids is None else torch.from_numpy(ids[sel.cpu().numpy()]).to(device)):
-                    iw[sel] = L.iwae_log_likelihood(model, x[sel], k=cfg.iwae_k, batch_chunk=4 * cfg.batch_size,
-                                                    generator=gen, posterior=(mu[sel], logvar[sel]))
-            out["iwae"].append(iw)
-            out["bpd"].append(L.bits_per_dim(iw, x[0].numel()))
+        bounds, recon, mu, logvar = reconstruct(model, x, None if ids is None else torch.from_numpy(ids).to(device),
+                                                gen)
+        mus.append(mu.float().cpu())
+        for name, fn in (("ssim", M.ssim), ("ms_ssim", M.ms_ssim), ("psnr", M.psnr), ("mse", M.mse), ("mae", M.mae)):
+            out[name].append(fn(recon[:, :channels], x[:, :channels]))
+        out["elbo"].append(bounds["elbo"])
+        out["kl"].append(bounds["kl"])
+        iw = torch.full((len(batch),), float("nan"), device=device)
+        sel = torch.from_numpy(np.isin(batch, iwae_rows)).to(device)
+        if sel.any():
+            with model.conditioned_on(None if ids is None else torch.from_numpy(ids[sel.cpu().numpy()]).to(device)):
+                iw[sel] = L.iwae_log_likelihood(model, x[sel], k=cfg.iwae_k, batch_chunk=4 * cfg.batch_size,
+                                                generator=gen, posterior=(mu[sel], logvar[sel]))
+        out["iwae"].append(iw)
+        out["bpd"].append(L.bits_per_dim(iw, x[0].numel()))
     return {k: torch.cat(v).double().cpu().numpy() for k, v in out.items()}, torch.cat(mus).numpy()
 
 

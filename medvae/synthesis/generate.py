@@ -57,6 +57,7 @@ from medvae.data.store import PatchStore, open_store, write_derived_store
 from medvae.devices import select_device
 from medvae.errors import InputError
 from medvae.files import atomic_open, sha256_file, sha256_json, write_json
+from medvae.models import require_latent
 from medvae.synthesis import anchored, audit
 from medvae.synthesis.prior import GaussianMixturePrior, prior_for
 from medvae.synthesis.sample_files import sample_files, write_sample
@@ -138,7 +139,9 @@ class _Source:
 def _load_model(path: Path, device: torch.device):
     from medvae.training.checkpoint import load_model
 
-    return load_model(path, device=device, ema=True)
+    model, meta = load_model(path, device=device, ema=True)
+    require_latent(model)
+    return model, meta
 
 
 def _open_source(run: Path, config: GenerateConfig, device: str, anchors=None) -> _Source:

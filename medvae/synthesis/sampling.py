@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from medvae.models import require_latent
 from medvae.synthesis.prior import GaussianMixturePrior
 
 CHUNK = 256
@@ -73,6 +74,7 @@ def sample_images(model, n: int, *, seed: int = 0, prior: GaussianMixturePrior |
                   batch_size: int = 256) -> torch.Tensor:
     """``n`` samples ``(n, C, H, W)`` float32 on the CPU in [0, 1]: latents from ``prior`` (None: N(0, I)),
     decoded with condition ids ``conditions (n,)`` (required by a class / modality model)."""
+    require_latent(model)
     model.eval()
     device = next(model.parameters()).device
     out = []

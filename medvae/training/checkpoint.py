@@ -3,7 +3,7 @@
 A checkpoint is a dict (docs/architecture.md, "Checkpoint"):
 
     format_version    int (FORMAT_VERSION)
-    model_config      dict, ModelConfig.model_dump(mode="json") -> the model rebuilds from it
+    model_config      dict, the family config's model_dump(mode="json") -> the model rebuilds from it
     train_config      dict, TrainStageConfig.train as JSON
     model_state       state_dict of the model (discriminator included for the VAE-GAN)
     ema_state         optional state_dict of the EMA generator weights
@@ -34,11 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 from torch import nn
 
-from medvae.config import ModelConfig
-from medvae.errors import CheckpointError
+from medvae.config import parse_model_config
+from medvae.errors import CheckpointError, ConfigError
 from medvae.files import atomic_open, atomic_path
 from medvae.models import build_model
 
@@ -206,8 +205,8 @@ def load_model(path: str | os.PathLike, device="cpu", ema: bool = True) -> tuple
     """
     ckpt = load_checkpoint(path, map_location="cpu")
     try:
-        cfg = ModelConfig.model_validate(ckpt["model_config"])
-    except (KeyError, ValidationError) as err:
+        cfg = parse_model_config(ckpt["model_config"], f"{path}: model_config")
+    except (KeyError, ConfigError) as err:
         raise CheckpointError(f"{path}: no usable model_config in checkpoint ({err}); re-train or re-save it") \
             from None
     model = build_model(cfg)

@@ -91,11 +91,6 @@ def wrap_ddp(module: nn.Module, info: DistInfo, device: torch.device, ignore: nn
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (``module`` itself when not wrapped)."""
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
 def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Mean over ranks of a tensor of scalars (one all-reduce); ``values`` itself for one process."""
     if not info.enabled:

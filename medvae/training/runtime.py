@@ -1,7 +1,9 @@
-"""Runtime setup of a training process: mixed precision, seeding, torch.compile."""
+"""Runtime setup of a training process: mixed precision (and the one autocast helper training and
+``medvae denoise`` use), seeding, torch.compile."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -24,6 +26,13 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device`` with ``dtype``, or a no-op for None (full precision)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and CUDA), numpy's global RNG and python ``random``."""
     random.seed(seed)
@@ -31,28 +40,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-_COMPILED = ("encoder", "decoder", "encode", "decode", "discriminator")
+_COMPILED = ("encoder", "decoder", "encode", "decode")
 
 
-def compile_model(model: torch.nn.Module, discriminator: bool = True) -> None:
+def compile_model(model: torch.nn.Module) -> None:
     """``torch.compile`` the model's networks in place (attributes and state_dict keys unchanged).
 
-    The heavy submodules named encoder / decoder / discriminator (MONAI: encode / decode) are
-    compiled, not the whole ``forward``: the decoder's last conv stays eager, because the adaptive
-    GAN weight differentiates through it twice (``retain_graph``). Compile before wrapping in
-    DistributedDataParallel. ``discriminator=False`` leaves the critic eager: R1 needs a double
-    backward, which compiled graphs do not support.
+    The heavy submodules named encoder / decoder (MONAI: encode / decode) are compiled, not the whole
+    ``forward``: the decoder's last conv stays eager, because the VAE–GAN's adaptive weight differentiates
+    through it twice (``retain_graph``; its critic: :class:`medvae.training.adversarial.AdversarialStep`).
+    Compile before wrapping in DistributedDataParallel.
     """
-    if getattr(model, "discriminator", None) is not None:
-        # The adaptive GAN weight runs autograd.grad(..., retain_graph=True) through the compiled decoder;
-        # AOTAutograd's donated buffers forbid a retained backward (RuntimeError at the first critic step).
-        import torch._functorch.config
-
-        torch._functorch.config.donated_buffer = False
     names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in _COMPILED]
     names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost only
-    if not discriminator:
-        names = [n for n in names if not n.endswith("discriminator")]
     for n in names:
         model.get_submodule(n).compile()
     if not names:

@@ -2,7 +2,7 @@
 
 The LR schedule is a ``torch.optim.lr_scheduler.LambdaLR`` whose lambda is :func:`lr_factor`;
 the EMA is a ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``, over the
-generator's parameters only (the discriminator is not averaged). Both resume exactly from their
+trained model's parameters (a VAE–GAN's critic is not averaged). Both resume exactly from their
 checkpointed states.
 """
 
@@ -72,14 +72,14 @@ def load_scheduler_state(scheduler: LambdaLR, state: dict, step: int) -> None:
 
 # --------------------------------------------------------------------------- EMA
 class GeneratorView(nn.Module):
-    """The model's submodules, parameters and buffers except the discriminator, under the model's
-    own names (so its state_dict keys are a subset of the model's). Shares the tensors."""
+    """The model's submodules, parameters and buffers except ``exclude`` (a submodule another optimizer
+    trains: the VAE–GAN's critic), under the model's own names (so its state_dict keys are a subset of
+    the model's). Shares the tensors."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, exclude: nn.Module | None = None) -> None:
         super().__init__()
-        disc = getattr(model, "discriminator", None)
         for name, child in model.named_children():
-            if child is not disc:
+            if child is not exclude:
                 self.add_module(name, child)
         for name, p in model.named_parameters(recurse=False):
             self.register_parameter(name, p)
@@ -87,14 +87,16 @@ class GeneratorView(nn.Module):
             self.register_buffer(name, b)
 
 
-def ema_model(model: nn.Module, decay: float) -> tuple[AveragedModel, GeneratorView]:
-    """An ``AveragedModel`` of the generator with ``get_ema_multi_avg_fn(decay)``, and the view of
-    ``model`` to pass to its ``update_parameters`` after every optimizer step.
+def ema_model(model: nn.Module, decay: float, exclude: nn.Module | None = None
+              ) -> tuple[AveragedModel, GeneratorView]:
+    """An ``AveragedModel`` of the model without ``exclude`` (:class:`GeneratorView`) with
+    ``get_ema_multi_avg_fn(decay)``, and the view of ``model`` to pass to its ``update_parameters`` after
+    every optimizer step.
 
     The average starts at the current weights (``W_0^EMA = W_0``; the first update then gives
     ``decay * W_0 + (1 - decay) * W_1``). Buffers are not averaged: they follow the model.
     """
-    view = GeneratorView(model)
+    view = GeneratorView(model, exclude)
     ema = AveragedModel(view, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
     ema.update_parameters(view)  # n_averaged 0 -> 1: a copy of W_0
     return ema, view

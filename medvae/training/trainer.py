@@ -2,14 +2,15 @@
 rich progress bar around :class:`medvae.training.step.TrainStep` (AMP, channels_last, torch.compile,
 DDP under torchrun, clipping, NaN guard, LR schedules, EMA).
 
-One "step" is one batch: a generator (VAE) update and, for the VAE–GAN from ``disc_start`` on, a
-discriminator update. A step whose loss or gradient norm is not finite is skipped (no optimizer
-step) but still counts as a step, so ``max_steps`` bounds the run and the LR schedule and data
-order stay functions of the step; after ``max_bad_steps`` skipped steps training stops with a
-TrainingError. On CUDA the guard's decision stays on the device (:class:`medvae.training.step.TrainStep`'s
-device path): the skip itself happens in the step, and the trainer reads the decisions back, counts
-and warns at each report (every ``log_every`` steps, each checkpoint and the last step), so the
-limit stops a run at most ``log_every - 1`` steps late; nothing else waits for the GPU.
+One "step" is one batch and the step of the model's family (:func:`medvae.training.families.build_step`):
+the model's update and, for the VAE–GAN from ``disc_start`` on, its critic's. A step whose loss or
+gradient norm is not finite is skipped (no optimizer step) but still counts as a step, so
+``max_steps`` bounds the run and the LR schedule and data order stay functions of the step; after
+``max_bad_steps`` skipped steps training stops with a TrainingError. On CUDA the guard's decision
+stays on the device (:meth:`medvae.training.step.TrainStep.update`): the skip itself happens in the
+step, and the trainer reads the decisions back, counts and warns at each report (every ``log_every``
+steps, each checkpoint and the last step), so the limit stops a run at most ``log_every - 1`` steps
+late; nothing else waits for the GPU.
 
 What a step optimizes and how validation scores it is the run's task
 (:mod:`medvae.training.tasks`; reconstruct by default), so the loop has no task branches.
@@ -39,20 +40,21 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from medvae.config import DENOISER_CHANNELS_MODELS, ModelConfig, TrainStageConfig
+from medvae.config import AnyModelConfig, MonaiConfig, TrainStageConfig, VAEConfig, parse_model_config
 from medvae.data.conditions import resolve_condition
 from medvae.data.loader import Batch, PatchBatches
 from medvae.data.store import PatchStore, open_store
 from medvae.devices import select_device
 from medvae.errors import CheckpointError, ConfigError, TrainingError
-from medvae.models import CONDITIONAL_MODELS, build_model
+from medvae.models import build_model
 from medvae.models.vae import stage_channels
 from medvae.training import checkpoint as ck
 from medvae.training.distributed import DistInfo, init_distributed, shutdown
+from medvae.training.families import build_step
 from medvae.training.rundir import RunDir
-from medvae.training.runtime import resolve_amp, seed_everything
+from medvae.training.runtime import autocast, resolve_amp, seed_everything
 from medvae.training.schedule import ema_state_dict
-from medvae.training.step import StepRecord, TrainStep
+from medvae.training.step import StepRecord
 from medvae.training.tasks import ReconstructTask, Task, TrainingPair
 
 log = logging.getLogger(__name__)
@@ -70,8 +72,8 @@ def resolve_config(cfg: TrainStageConfig, store: PatchStore, conditional: bool =
         raise ConfigError(f"train.max_steps is {t.max_steps}; it must be at least 1")
     try:
         kind = cfg.model.condition
-        if not conditional or (kind == "auto" and cfg.model.name not in CONDITIONAL_MODELS):
-            kind = "none"  # denoisers need no condition; the MONAI baselines take none
+        if not conditional or (kind == "auto" and not isinstance(cfg.model, VAEConfig)):
+            kind = "none"  # only the ConvVAE family takes a class / modality condition
         kind, names = resolve_condition(kind, store)
         cfg.model.condition, cfg.model.condition_names = kind, names
         cfg.model.in_channels = int(store.meta["channels"]) + (kind == "mask")
@@ -84,12 +86,12 @@ def resolve_config(cfg: TrainStageConfig, store: PatchStore, conditional: bool =
     return cfg
 
 
-def _same_model_dump(model: ModelConfig) -> dict:
+def _same_model_dump(model: AnyModelConfig) -> dict:
     """``model`` as JSON with ``channels`` as the widths the network has at each level, so a checkpoint from
     before the patch-size defaults (``channels: [32, 64, 128, 256]`` at 32²: levels 32/64/128) matches the
     resolved default of today (``[32, 64, 128]``): the same network."""
     out = model.model_dump(mode="json")
-    if model.name not in DENOISER_CHANNELS_MODELS:
+    if isinstance(model, (VAEConfig, MonaiConfig)):  # down to an 8×8 map (the denoisers: one width per level)
         out["channels"] = stage_channels(model)
     return out
 
@@ -169,13 +171,13 @@ class _Trainer:
             raise ConfigError(f"{store.path}: the train split has {n} patches per process, fewer than the "
                               f"batch size {t.batch_size}; lower --batch-size or add training data")
         self.total_steps = t.max_steps if t.max_steps is not None else t.epochs * len(self.batches)
-        self.steps = TrainStep(self.model, t, device, info, self.amp_dtype, self.total_steps)
+        self.steps = build_step(self.model, t, device, info, self.amp_dtype, self.total_steps)
         self.eval_model = None  # a copy holding the EMA weights, built on first validation
         self.step = self.bad_steps = 0
         self.best_score = -math.inf
         self.metrics: dict[str, float] = {}
         self.images_per_s = 0.0
-        self._pending: list[StepRecord] = []  # device path: steps whose skip decision is not read back yet
+        self._pending: list[StepRecord] = []  # steps whose skip decision is not read back yet (CUDA)
         # after the model is built: each rank draws its own noise from here on
         seed_everything(t.seed + 1_000_003 * info.rank)
         if resume:
@@ -199,7 +201,7 @@ class _Trainer:
                 f"{self.store.content_hash}; resume on the same store or start a new run in another --out")
         # validated first, so a checkpoint from before a ModelConfig key existed gets its default; one from
         # before conditioning existed holds an unconditional model
-        saved = ModelConfig.model_validate({"condition": "none", **c["model_config"]})
+        saved = parse_model_config({"condition": "none", **c["model_config"]}, f"{path}: model_config")
         if _same_model_dump(saved) != _same_model_dump(self.cfg.model):
             raise CheckpointError(f"{path}: the checkpoint's model config differs from the one given; "
                                   "resume with the run's own config.yaml")
@@ -235,21 +237,14 @@ class _Trainer:
         for name in names:
             ck.save_checkpoint(self.run_dir.checkpoint_path(name), state)
 
-    def _selectable(self) -> bool:
-        """Whether this step's weights may become best.pt: for a model with a critic only once the
-        critic has trained. The adversarial phase trades likelihood for sharpness on purpose, so the
-        best val ELBO of a VAE–GAN would otherwise be its last pre-critic step — the plain VAE's
-        weights (docs/architecture.md, "Checkpoint selection")."""
-        has_critic = getattr(self.model, "discriminator", None) is not None
-        return not has_critic or self.step > self.tc.disc_start
-
     def _save(self, last: bool) -> None:
         """After a validation: last.pt (and step_*.pt when due) if ``last``, best.pt when the task's
-        validation score improved (:meth:`_selectable`); run.json follows."""
+        validation score improved and the step may select it (a VAE–GAN's, once its critic has trained);
+        run.json follows."""
         names: list[str | int] = ["last"] if last else []
         if self.step % self.tc.checkpoint_every == 0:
             names.append(self.step)
-        if self._selectable() and self.metrics.get(self.task.best_key, -math.inf) > self.best_score:
+        if self.steps.selectable(self.step) and self.metrics.get(self.task.best_key, -math.inf) > self.best_score:
             self.best_score = self.metrics[self.task.best_key]
             names.append("best")
         if names:
@@ -264,8 +259,8 @@ class _Trainer:
 
     # ------------------------------------------------------------------ events of the loop
     def _train_step(self, batch: Batch) -> StepRecord:
-        """One optimizer step on ``batch`` (``self.step`` is not advanced here). On the host path its
-        skip decision is counted at once; on the device path at the next report (:meth:`_settle`)."""
+        """One optimizer step on ``batch`` (``self.step`` is not advanced here). Its skip decision is
+        counted at once when the step has read it (off CUDA), else at the next report (:meth:`_settle`)."""
         if not self.model.training:
             self.model.train()
         x, target, weight = TrainingPair(*self.task.training_pair(batch, self.step))
@@ -274,21 +269,21 @@ class _Trainer:
         with self.model.conditioned_on(batch.ids):
             record = self.steps.step(x, self.step, target=target, weight=weight)
         record.step = self.step
-        if record.deferred:
-            self._pending.append(record)
-        else:
-            self._count_bad(record)
+        self._pending.append(record)
+        if record.bad is not None:
+            self._settle()
         return record
 
     def _settle(self) -> None:
-        """Device path: read back the skip decisions of the steps since the last report (one sync) and
-        count them, so the NaN guard's count, warnings and limit hold at every report and checkpoint."""
+        """Read back the skip decisions of the steps since the last report (one sync; on CUDA) and count
+        them, so the NaN guard's count, warnings and limit hold at every report and checkpoint."""
         pending, self._pending = self._pending, []
-        if not pending:
-            return
-        flags = torch.stack([r.flags for r in pending]).float().tolist()
-        for record, (loss_bad, norm_bad) in zip(pending, flags, strict=True):
-            record.settle(loss_bad, norm_bad)
+        unread = [r for r in pending if r.bad is None]
+        if unread:
+            flags = torch.stack([r.flags for r in unread]).float().tolist()
+            for record, (loss_bad, norm_bad) in zip(unread, flags, strict=True):
+                record.settle(loss_bad, norm_bad)
+        for record in pending:
             self._count_bad(record)
 
     def _count_bad(self, record: StepRecord) -> None:
@@ -318,7 +313,7 @@ class _Trainer:
                 self.eval_model.to(self.device)
             self.eval_model.load_state_dict(ema_state_dict(ema, self.model))
             model = self.eval_model
-        with self.steps._autocast():
+        with autocast(self.device, self.amp_dtype):
             return self.task.validate(model, self.tc, self.device, self.channels_last)
 
     def _log(self, entry: dict, val: dict | None) -> None:

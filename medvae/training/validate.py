@@ -1,4 +1,5 @@
-"""Validation during training: reconstruction SSIM / PSNR and the ELBO on the val split."""
+"""Validation during training: reconstruction SSIM / PSNR and the ELBO on the val split, and the one
+reconstruction pass (encode -> ELBO -> decode) that validation and the evaluate stage share."""
 
 from __future__ import annotations
 
@@ -11,9 +12,32 @@ from medvae.data.conditions import model_inputs
 from medvae.data.store import PatchStore
 from medvae.metrics import images as metrics
 from medvae.metrics.elbo import elbo
+from medvae.models.vae import VariationalModel
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
+
+
+@torch.no_grad()
+def reconstruct(model: VariationalModel, x: torch.Tensor, ids: torch.Tensor | None, generator: torch.Generator
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One reconstruction pass of a VAE-like model over a batch, with condition ``ids`` (or None).
+
+    Encodes once: the ELBO takes the posterior (one z from ``generator``), the reconstruction its mean.
+
+    Args:
+        model: a VAE-like model.
+        x: (B, C, H, W) in [0, 1] on the model's device.
+
+    Returns:
+        ``(bounds, recon, mu, logvar)``: bounds ``elbo``, ``nll``, ``kl`` (B,) nats; ``recon`` the float32
+        ``decode(mu)`` (B, C, H, W); the posterior ``mu``, ``logvar`` (B, D).
+    """
+    with model.conditioned_on(ids):
+        mu, logvar = model.encode(x)
+        elbo_, terms = elbo(model, x, generator=generator, return_terms=True, posterior=(mu, logvar))
+        recon = model.decode(mu).float()
+    return {"elbo": elbo_, "nll": terms["nll"], "kl": terms["kl"]}, recon, mu, logvar
 
 
 @torch.no_grad()
@@ -43,13 +67,10 @@ def validate(model: torch.nn.Module, store: PatchStore, batch_size: int, max_bat
         x = torch.from_numpy(x).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with model.conditioned_on(None if ids is None else torch.from_numpy(ids).to(device)):
-            mu, logvar = model.encode(x)  # once: the ELBO takes the posterior, the reconstruction its mean
-            elbo_, terms = elbo(model, x, generator=gen, return_terms=True, posterior=(mu, logvar))
-            recon = model.decode(mu).float().clamp(0.0, 1.0)
-        x32 = x.float()
-        per_image = {"elbo": elbo_, "nll": terms["nll"], "kl": terms["kl"], "ssim": metrics.ssim(recon, x32),
-                     "psnr": metrics.psnr(recon, x32), "mse": metrics.mse(recon, x32)}
+        bounds, recon, _, _ = reconstruct(model, x, None if ids is None else torch.from_numpy(ids).to(device), gen)
+        recon, x32 = recon.clamp(0.0, 1.0), x.float()
+        per_image = {**bounds, "ssim": metrics.ssim(recon, x32), "psnr": metrics.psnr(recon, x32),
+                     "mse": metrics.mse(recon, x32)}
         batch = torch.stack([v.float().sum() for v in per_image.values()]).tolist()
         for k, v in zip(per_image, batch, strict=False):
             sums[k] = sums.get(k, 0.0) + v

@@ -4,7 +4,7 @@ masking and a real denoiser), J-invariance of Noise2Self's grid, N2V's stratific
 import pytest
 import torch
 
-from medvae.config import ModelConfig
+from medvae.config import parse_model_config
 from medvae.denoising import masks
 from medvae.models import build_model
 
@@ -12,8 +12,10 @@ from medvae.models import build_model
 def _net(name="dae", channels=1, **kw):
     """A small N2V2-style denoiser with a random (not zero) output layer, so every path carries signal."""
     torch.manual_seed(0)
-    m = build_model(ModelConfig(name=name, channels=(8, 16, 32), norm_groups=4, image_size=32, latent_channels=2,
-                                top_skip=False, downsample="blurpool", in_channels=channels, **kw)).eval()
+    latent = {"latent_channels": 2} if name == "unet-vae" else {}
+    m = build_model(parse_model_config(dict(name=name, channels=(8, 16, 32), norm_groups=4, image_size=32,
+                                            top_skip=False,
+                                            downsample="blurpool", in_channels=channels, **latent, **kw))).eval()
     torch.nn.init.normal_(m.out_conv.weight, std=0.2)
     return m
 

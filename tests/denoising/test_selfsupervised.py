@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from medvae.cli import app
-from medvae.config import DenoiseConfig, ModelConfig, TrainStageConfig
+from medvae.config import DenoiseConfig, TrainStageConfig, parse_model_config
 from medvae.denoising.apply import SliceDenoiser, denoise_scans, sd_path
 from medvae.denoising.selfsupervised import BlindSpotTask, check_config
 from medvae.errors import ConfigError
@@ -41,7 +41,8 @@ def noisy_store(tmp_path_factory):
 def _cfg(objective, steps=3, **model):
     return TrainStageConfig.model_validate({
         "task": "denoise", "objective": objective,
-        "model": {"channels": [8, 16], "norm_groups": 4, "latent_channels": 2, **model},
+        "model": {"channels": [8, 16], "norm_groups": 4, **model,
+                  **({"latent_channels": 2} if objective == "divnoising" or model.get("name") == "unet-vae" else {})},
         "train": {"batch_size": 8, "max_steps": steps, "lr": 2e-3, "warmup_steps": 1, "checkpoint_every": steps,
                   "log_every": 1, "val_batches": 1, "amp": "off", "beta_warmup_steps": 1}})
 
@@ -121,9 +122,9 @@ def test_poisson_gaussian_likelihood_is_normal_with_variance_a_s_plus_b():
 
 def test_mmse_is_the_mean_of_independently_drawn_posterior_samples():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="unet-vae", channels=(8, 16), norm_groups=4, image_size=32,
+    model = build_model(parse_model_config(dict(name="unet-vae", channels=(8, 16), norm_groups=4, image_size=32,
                                     latent_channels=2, skip_connections=False, input_residual=False,
-                                    likelihood="poisson-gaussian", noise_a=A, noise_b=B)).eval()
+                                    likelihood="poisson-gaussian", noise_a=A, noise_b=B))).eval()
     torch.nn.init.normal_(model.out_conv.weight, std=0.2)
     x = torch.rand(2, 1, 31, 33)  # padded to the model's multiple (2) inside
     mean, sd = model.denoise(x, samples=5, generator=torch.Generator().manual_seed(7), return_sd=True)

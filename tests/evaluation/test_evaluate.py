@@ -11,7 +11,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from typer.testing import CliRunner
 
 from medvae.cli import app
-from medvae.config import EvaluateConfig, ModelConfig
+from medvae.config import EvaluateConfig, parse_model_config
 from medvae.evaluation.evaluate import cohort_metrics, run_evaluation
 from medvae.evaluation.tables import CSV_COLUMNS
 from medvae.metrics.table import PATCH_METRICS
@@ -43,7 +43,8 @@ def _store(path):
 
 def _run(path, seed, store_hash="tiny-eval-store", name="vae"):
     torch.manual_seed(seed)
-    cfg = ModelConfig(name=name, image_size=64, channels=(8, 16), latent_dim=8, disc_channels=8, disc_layers=2)
+    critic = dict(disc_channels=8, disc_layers=2) if name == "vaegan" else {}
+    cfg = parse_model_config(dict(name=name, image_size=64, channels=(8, 16), latent_dim=8, **critic))
     model = build_model(cfg)
     save_checkpoint(path / "checkpoints" / "best.pt", {
         "model_config": cfg.model_dump(mode="json"), "model_state": model.state_dict(), "step": 7,

@@ -16,7 +16,7 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from medvae.cli import app
-from medvae.config import EvaluateConfig, ModelConfig
+from medvae.config import EvaluateConfig, parse_model_config
 from medvae.data.store import open_store, write_store
 from medvae.evaluation.class_tables import is_image_set
 from medvae.evaluation.evaluate import patch_metrics, report_patients, run_evaluation
@@ -123,8 +123,8 @@ def labelled(tmp_path_factory):
     root = tmp_path_factory.mktemp("imgset")
     store = _labelled_store(root / "store")
     torch.manual_seed(0)
-    cfg = ModelConfig(name="vae", image_size=32, channels=(8, 16), latent_dim=8, condition="class",
-                      condition_names=tuple(CLASSES))
+    cfg = parse_model_config(dict(name="vae", image_size=32, channels=(8, 16), latent_dim=8, condition="class",
+                      condition_names=tuple(CLASSES)))
     save_checkpoint(root / "run" / "checkpoints" / "best.pt", {
         "model_config": cfg.model_dump(mode="json"), "model_state": build_model(cfg).state_dict(), "step": 3,
         "store_hash": "labelled"})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from medvae.config import PACKAGED_PIPELINES, ModelConfig, TrainStageConfig
+from medvae.config import PACKAGED_PIPELINES, TrainStageConfig, flat_model_dump, parse_model_config
 from medvae.errors import CheckpointError
 from medvae.models import build_model
 from medvae.models.vae import stage_channels
@@ -23,7 +23,7 @@ from tests.factories import patch_store
 ])
 def test_default_widths_follow_the_patch_size(size, widths):
     """The documented default table (one width per level, 32 doubling to 256), not the code's own table."""
-    cfg = ModelConfig(image_size=size)
+    cfg = parse_model_config(dict(image_size=size))
     assert cfg.channels is None
     assert cfg.resolved_channels() == tuple(widths)
     assert stage_channels(cfg) == widths
@@ -32,8 +32,8 @@ def test_default_widths_follow_the_patch_size(size, widths):
 @pytest.mark.parametrize("size", [32, 64, 128, 256])
 def test_defaults_build_the_models_of_before(size):
     """No result changes: the default model at each size is the one the old default widths (32/64/128/256) gave."""
-    new = build_model(ModelConfig(image_size=size))
-    old = build_model(ModelConfig(image_size=size, channels=(32, 64, 128, 256)))
+    new = build_model(parse_model_config(dict(image_size=size)))
+    old = build_model(parse_model_config(dict(image_size=size, channels=(32, 64, 128, 256))))
     assert [p.shape for p in new.parameters()] == [p.shape for p in old.parameters()]
 
 
@@ -42,7 +42,7 @@ def test_defaults_build_the_models_of_before(size):
 def test_every_patch_model_runs_at_every_default_size(name, size):
     """At its default widths each patch model encodes a patch to ``latent_dim`` and decodes to its shape."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name=name, image_size=size, latent_dim=64)).eval()
+    model = build_model(parse_model_config(dict(name=name, image_size=size, latent_dim=64))).eval()
     with torch.no_grad():
         mu, logvar = model.encode(torch.rand(2, 1, size, size))
         x = model.decode(mu)
@@ -58,7 +58,7 @@ def test_every_patch_model_runs_at_every_default_size(name, size):
     (256, [8, 16, 24, 24, 24, 24]),
 ])
 def test_explicit_channels_win(size, widths):
-    cfg = ModelConfig(image_size=size, channels=(8, 16, 24))
+    cfg = parse_model_config(dict(image_size=size, channels=(8, 16, 24)))
     assert cfg.resolved_channels() == (8, 16, 24)
     assert stage_channels(cfg) == widths
 
@@ -66,7 +66,7 @@ def test_explicit_channels_win(size, widths):
 @pytest.mark.parametrize("name", ["dae", "unet-vae"])
 def test_denoisers_keep_their_levels_at_every_size(name):
     for size in (32, 128):
-        assert ModelConfig(name=name, image_size=size).resolved_channels() == (32, 64, 128, 256)
+        assert parse_model_config(dict(name=name, image_size=size)).resolved_channels() == (32, 64, 128, 256)
 
 
 def _store_32(path):
@@ -116,8 +116,20 @@ def test_pipeline_training_keys_do_not_change_with_the_defaults():
     from medvae.pipeline import train_stage_key
 
     cfg = TrainStageConfig()
-    before = cfg.model_dump(mode="json")
+    before = {**cfg.model_dump(mode="json"), "model": flat_model_dump(cfg.model)}
     before["model"]["channels"] = [32, 64, 128, 256]
     assert train_stage_key("h", cfg) == sha256_json(["h", before])
     mine = TrainStageConfig.model_validate({"model": {"channels": [8, 16]}})
-    assert train_stage_key("h", mine) == sha256_json(["h", mine.model_dump(mode="json")])
+    assert train_stage_key("h", mine) == sha256_json(["h", {**mine.model_dump(mode="json"),
+                                                             "model": flat_model_dump(mine.model)}])
+
+
+def test_flat_model_dump_is_the_flat_config_of_before_the_families():
+    """The train-stage key hashes the flat model config every family's keys used to share (medvae <= 0.3), so a
+    pipeline's trained models stay up to date across the split into family configs."""
+    old = {"name": "dae", "in_channels": 1, "image_size": 128, "latent_dim": 128, "channels": None, "res_units": 1,
+           "norm_groups": 8, "upsample": "nearest", "likelihood": "l2", "fixed_scale": 0.1, "disc_channels": 64,
+           "disc_layers": 3, "spectral_norm": False, "skip_connections": True, "latent_channels": 8,
+           "top_skip": False, "downsample": "conv", "input_residual": True, "noise_a": None, "noise_b": None,
+           "condition": "auto", "condition_names": [], "condition_dim": 32}
+    assert flat_model_dump(parse_model_config({"name": "dae", "likelihood": "l2", "top_skip": False})) == old

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medvae.config import ModelConfig
+from medvae.config import TrainConfig, parse_model_config
 from medvae.models import VAEGAN, PatchDiscriminator, build_model
 from medvae.models.distributions import kl_normal, reparameterize
-from medvae.training.losses import discriminator_loss, gan_generator_term
+from medvae.training.adversarial import discriminator_loss, gan_generator_term
+from medvae.training.distributed import DistInfo
+from medvae.training.families import build_step
 from tests.factories import blobs, model_loss
 
 
@@ -16,7 +18,7 @@ def tiny(**kw) -> VAEGAN:
     torch.manual_seed(0)
     cfg = dict(name="vaegan", image_size=64, channels=(4, 8, 16), latent_dim=16, norm_groups=4,
                disc_channels=8, disc_layers=2)
-    return build_model(ModelConfig(**{**cfg, **kw}))
+    return build_model(parse_model_config(dict(**{**cfg, **kw})))
 
 
 @pytest.mark.parametrize("sn", [False, True])
@@ -27,12 +29,21 @@ def test_discriminator_outputs_logit_map_and_features(sn):
     assert len(feats) == 4 and feats[0].shape == (2, 8, 64, 64)
 
 
-def test_generator_parameters_exclude_the_discriminator():
+def generator_parameters(m: VAEGAN) -> list:
+    critic = {id(p) for p in m.discriminator.parameters()}
+    return [p for p in m.parameters() if id(p) not in critic]
+
+
+def test_the_critic_has_its_own_optimizer():
+    """The VAE–GAN's step: the generator's optimizer holds every parameter but the critic's, the critic's the
+    rest, and the EMA averages the generator only."""
     m = tiny()
-    gen = {id(p) for p in m.generator_parameters()}
-    disc = {id(p) for p in m.discriminator.parameters()}
-    assert gen and disc and not gen & disc
+    steps = build_step(m, TrainConfig(ema_decay=0.9), torch.device("cpu"), DistInfo(), None, total_steps=10)
+    gen = {id(p) for g in steps.optimizers["generator"].param_groups for p in g["params"]}
+    disc = {id(p) for g in steps.optimizers["discriminator"].param_groups for p in g["params"]}
+    assert disc == {id(p) for p in m.discriminator.parameters()} and not gen & disc
     assert gen | disc == {id(p) for p in m.parameters()}
+    assert not any(n.startswith("discriminator.") for n, _ in steps.ema.module.named_parameters())
 
 
 def test_before_disc_start_no_adversarial_terms_and_d_not_run():
@@ -93,7 +104,7 @@ def test_adaptive_weight_matches_hand_computation():
     mu, logvar = m.encode(x)
     z = reparameterize(mu, logvar)
     logits = m.decode_logits(z)
-    nll = -m.log_likelihood_logits(x, logits).mean()
+    nll = -m.likelihood.log_prob(x, logits=logits).mean()
     x_prior = m.decode(torch.randn(4, m.latent_dim))
     d_fake, _ = m.discriminator(torch.cat([torch.sigmoid(logits), x_prior]))
     adv = -d_fake.mean()
@@ -118,7 +129,7 @@ def test_discriminator_loss_trains_only_the_discriminator():
     loss, terms = discriminator_loss(m.discriminator, x, _fakes(out), r1_gamma=2.0)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.discriminator.parameters())
-    assert all(p.grad is None for p in m.generator_parameters())
+    assert all(p.grad is None for p in generator_parameters(m))
     # hinge on the logits the discriminator gives, plus gamma/2 * R1
     with torch.no_grad():
         r, _ = m.discriminator(x)
@@ -134,7 +145,7 @@ def test_discriminator_loss_trains_only_the_discriminator():
 def test_one_step_changes_both_networks_and_losses_fall():
     m = tiny()
     x = blobs(8)
-    g_opt = torch.optim.Adam(m.generator_parameters(), lr=2e-3, betas=(0.5, 0.9))
+    g_opt = torch.optim.Adam(generator_parameters(m), lr=2e-3, betas=(0.5, 0.9))
     d_opt = torch.optim.Adam(m.discriminator.parameters(), lr=2e-3, betas=(0.5, 0.9))
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     elbos = []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from medvae.config import ModelConfig
+from medvae.config import parse_model_config
 from medvae.models import build_model
 from medvae.synthesis.prior import GaussianMixturePrior, encoder_means, fit_gmm, prior_for
 from medvae.synthesis.sampling import latents
@@ -69,7 +69,7 @@ def test_a_conditional_prior_fits_and_samples_each_condition_on_its_own_codes():
 
 def test_prior_file_per_checkpoint(tmp_path):
     store = tiny_disc_store(tmp_path / "store")
-    cfg = ModelConfig(image_size=64, channels=(8, 16, 32), latent_dim=4)
+    cfg = parse_model_config(dict(image_size=64, channels=(8, 16, 32), latent_dim=4))
     torch.manual_seed(0)
     model = build_model(cfg)
     ckpt = save_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", {

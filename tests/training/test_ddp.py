@@ -18,7 +18,7 @@ from medvae.config import TrainStageConfig
 from medvae.data.store import open_store
 from medvae.models import build_model
 from medvae.training.distributed import DistInfo, init_distributed, shutdown
-from medvae.training.step import TrainStep
+from medvae.training.families import build_step
 from medvae.training.tasks import ReconstructTask
 from medvae.training.trainer import _Trainer, resolve_config
 from tests.factories import blobs, disc_store, tiny_config
@@ -106,9 +106,10 @@ def _rank_gradients(cfg: dict, info: DistInfo, rank: int) -> dict:
     stage.model.image_size = 64
     torch.manual_seed(0)
     model = build_model(stage.model)
-    steps = TrainStep(model, stage.train, torch.device("cpu"), info, None, total_steps=10)
+    steps = build_step(model, stage.train, torch.device("cpu"), info, None, total_steps=10)
     torch.manual_seed(100 + rank)
-    terms, _ = steps.backward(blobs(4, seed=rank), step=stage.train.disc_start, beta=0.5)
+    x = blobs(4, seed=rank)
+    terms, _ = steps.backward(x, step=stage.train.disc_start, beta=0.5, target=x, weight=None)
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 

@@ -9,14 +9,10 @@ import torch
 from torch.distributions import Bernoulli, ContinuousBernoulli, Laplace, Normal, kl_divergence
 
 from medvae.models import VAEOutput
+from medvae.models.denoisers import DenoiserOutput
 from medvae.models.distributions import Likelihood, kl_normal
-from medvae.training.losses import (
-    adaptive_weight,
-    free_bits_kl,
-    gan_discriminator_terms,
-    gan_generator_term,
-    generator_loss,
-)
+from medvae.training.adversarial import adaptive_weight, gan_discriminator_terms, gan_generator_term
+from medvae.training.losses import denoiser_loss, free_bits_kl, vae_loss
 
 
 def test_kl_normal_matches_torch_distributions():
@@ -152,7 +148,7 @@ def test_adaptive_weight_is_gradient_norm_ratio():
     assert float(adaptive_weight(rec, (w * 0).sum() + 0 * w.sum(), w)) == pytest.approx(1e4)
 
 
-def test_generator_loss_against_torch_distributions():
+def test_vae_loss_against_torch_distributions():
     """-log N(x | sigmoid(logits), sigma) + beta * KL(N(mu, sigma_q) || N(0, 1)), batch means."""
     g = torch.Generator().manual_seed(3)
     x = torch.rand(4, 1, 8, 8, generator=g)
@@ -160,14 +156,24 @@ def test_generator_loss_against_torch_distributions():
     mu, logvar = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g) * 0.5
     lik = Likelihood("gaussian", channels=1, init_log_sigma=math.log(0.2))
     out = VAEOutput(torch.sigmoid(logits), mu, logvar, mu, logits)
-    loss, terms = generator_loss(x, out, lik, beta=0.25)
+    loss, terms = vae_loss(x, out, lik, beta=0.25)
     nll = -Normal(torch.sigmoid(logits), 0.2).log_prob(x).flatten(1).sum(1).mean()
     kl = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(-1).mean()
     torch.testing.assert_close(terms["nll"], nll)
     torch.testing.assert_close(terms["kl"], kl)
     torch.testing.assert_close(loss, nll + 0.25 * kl)
     torch.testing.assert_close(terms["elbo"], -(nll + kl))
-    assert "adv" not in terms  # no discriminator, no GAN terms
+    assert set(terms) == {"nll", "kl", "elbo", "kl_loss"}  # no GAN terms
+
+
+def test_denoiser_loss_is_the_nll_alone():
+    """The dae has no latent: its loss is -log N(x | sigmoid(logits), sigma), no KL term."""
+    g = torch.Generator().manual_seed(4)
+    x, logits = torch.rand(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
+    lik = Likelihood("gaussian", channels=1, init_log_sigma=math.log(0.3))
+    loss, terms = denoiser_loss(x, DenoiserOutput(torch.sigmoid(logits), logits), lik)
+    torch.testing.assert_close(loss, -Normal(torch.sigmoid(logits), 0.3).log_prob(x).flatten(1).sum(1).mean())
+    assert set(terms) == {"nll"}
 
 
 def test_losses_do_not_read_the_config():

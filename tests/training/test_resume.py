@@ -29,10 +29,12 @@ def _losses(run):
 
 def _denoise_config(model: str, objective: str = "supervised") -> TrainStageConfig:
     extra = {"noise_a": 0.05, "noise_b": 0.01} if objective == "divnoising" else {}
+    if model == "unet-vae":
+        extra["latent_channels"] = 2
     return TrainStageConfig.model_validate({
         "task": "denoise", "objective": objective,
         "noise": {"kind": "poisson-gaussian", "levels": [5, 50], "crop": 32},
-        "model": {"name": model, "channels": [8, 16], "norm_groups": 4, "latent_channels": 2, **extra},
+        "model": {"name": model, "channels": [8, 16], "norm_groups": 4, **extra},
         "train": {"batch_size": 8, "max_steps": N_STEPS, "lr": 2e-3, "warmup_steps": 2, "checkpoint_every": 5,
                   "log_every": 1, "val_batches": 1, "ema_decay": 0.9, "amp": "off", "beta": 0.01}})
 
@@ -87,12 +89,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_store, tmp_path, mo
         assert {"n2v": "val_blindspot_psnr", "divnoising": "val_elbo"}[objective] in log_a[-1]
 
 
-def test_resume_of_a_checkpoint_from_before_conditioning(tiny_store, tmp_path):
-    """A checkpoint written before ModelConfig had condition / condition_names / condition_dim resumes:
-    the missing keys take their defaults, and training ends at the same step and weights."""
+@pytest.mark.parametrize("model", ["vae", "dae"])
+def test_resume_of_a_checkpoint_from_before_conditioning(tiny_store, tmp_path, model):
+    """A checkpoint of medvae <= 0.3 resumes: its model config is the flat dict with every family's keys
+    (another family's at their defaults: dropped) and, older still, without condition / condition_names /
+    condition_dim (they take their defaults); training ends at the same step and weights."""
+    from medvae.config import flat_model_dump
     from medvae.training.checkpoint import save_checkpoint
 
-    cfg = tiny_config("vae", max_steps=6, checkpoint_every=3, log_every=1)
+    cfg = tiny_config("vae", max_steps=6, checkpoint_every=3, log_every=1) if model == "vae" else \
+        _denoise_config("dae").model_copy(update={"train": tiny_config(max_steps=6, checkpoint_every=3).train})
     full = tmp_path / "full"
     train_stage(tiny_store, full, cfg, device="cpu")
     run = tmp_path / "old"
@@ -100,6 +106,9 @@ def test_resume_of_a_checkpoint_from_before_conditioning(tiny_store, tmp_path):
                 device="cpu")
     last = run / "checkpoints" / "last.pt"
     ckpt = load_checkpoint(last)
+    ckpt["model_config"] = flat_model_dump(cfg.model.model_copy(update={
+        "condition": "none", "in_channels": 1, "image_size": 64, "channels": cfg.model.resolved_channels()}))
+    assert {"latent_channels", "disc_channels", "top_skip"} <= set(ckpt["model_config"])
     for key in ("condition", "condition_names", "condition_dim"):
         ckpt["model_config"].pop(key)
     save_checkpoint(last, ckpt)

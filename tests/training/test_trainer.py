@@ -112,7 +112,7 @@ def test_vaegan_best_checkpoint_is_chosen_after_the_critic_started(tiny_store, t
 
 
 def test_nan_guard_skips_and_counts(tiny_store, tmp_path, monkeypatch, caplog):
-    real = medvae.training.losses.generator_loss
+    real = medvae.training.losses.vae_loss
     calls = []
 
     def flaky(*args, **kwargs):  # the generator loss of the 3rd and 5th step (0-based 2 and 4) is NaN
@@ -122,7 +122,7 @@ def test_nan_guard_skips_and_counts(tiny_store, tmp_path, monkeypatch, caplog):
             loss = loss * float("nan")
         return loss, terms
 
-    monkeypatch.setattr(medvae.training.losses, "generator_loss", flaky)
+    monkeypatch.setattr(medvae.training.losses, "vae_loss", flaky)
     summary = train(tiny_store, tmp_path / "run", tiny_config(max_steps=6, max_bad_steps=3), device="cpu")
     assert summary["step"] == 6 and summary["bad_steps"] == 2
     log = read_log(tmp_path / "run")
@@ -134,7 +134,7 @@ def test_nan_guard_skips_and_counts(tiny_store, tmp_path, monkeypatch, caplog):
 
 def _nan_at(monkeypatch, calls_nan):
     """Make the generator loss of the given 1-based calls NaN."""
-    real = medvae.training.losses.generator_loss
+    real = medvae.training.losses.vae_loss
     calls = []
 
     def flaky(*args, **kwargs):
@@ -144,7 +144,7 @@ def _nan_at(monkeypatch, calls_nan):
             loss = loss * float("nan")
         return loss, terms
 
-    monkeypatch.setattr(medvae.training.losses, "generator_loss", flaky)
+    monkeypatch.setattr(medvae.training.losses, "vae_loss", flaky)
 
 
 @pytest.mark.parametrize("model", ["vae", "vaegan"])
@@ -168,7 +168,7 @@ def test_device_path_nan_guard_skips_counts_and_resumes_exactly(tiny_store, tmp_
     step_counts = {int(s["step"]) for s in ck["optimizer_states"]["generator"]["state"].values()}
     assert step_counts == {10}  # 12 steps, 2 skipped: the fused AdamW did not count them
     # resume from step 6 (after both bad steps): the rest of the run is the same, bit for bit
-    monkeypatch.setattr(medvae.training.losses, "generator_loss", _real_generator_loss)
+    monkeypatch.setattr(medvae.training.losses, "vae_loss", _real_vae_loss)
     six = tiny_config(model, max_steps=6, max_bad_steps=3, log_every=3, checkpoint_every=6, ema_decay=0.9,
                       disc_start=1)
     b = tmp_path / "b"
@@ -186,7 +186,7 @@ def test_device_path_nan_guard_skips_counts_and_resumes_exactly(tiny_store, tmp_
     assert [e["loss"] for e in read_log(b)] == [e["loss"] for e in log]
 
 
-_real_generator_loss = medvae.training.losses.generator_loss
+_real_vae_loss = medvae.training.losses.vae_loss
 
 
 def test_device_path_stops_with_clear_error(tmp_path, monkeypatch):
@@ -204,8 +204,12 @@ def test_nan_guard_stops_with_clear_error(tmp_path):
 
 def test_train_cli_overrides_config_and_resume_checks(tiny_store, tmp_path, caplog):
     cfg_path = tmp_path / "cfg.yaml"
-    cfg = tiny_config("vaegan", max_steps=50, batch_size=4)
-    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    cfg_path.write_text(yaml.safe_dump(tiny_config("vaegan").model_dump(mode="json")))
+    res = _train_cli(tiny_store.path, tmp_path / "gan", "--model", "vae", "--config", cfg_path)
+    assert res.exit_code == 2 and "model.disc_channels is an option of vaegan, not of model vae" in res.output
+    cfg = tiny_config("vae", max_steps=50, batch_size=4)
+    cfg_path.write_text(yaml.safe_dump({**cfg.model_dump(mode="json"), "model": {**cfg.model.model_dump(mode="json"),
+                                                                                "name": "monai-vae"}}))
     run = tmp_path / "run"
     res = _train_cli(tiny_store.path, run, "--model", "vae", "--config", cfg_path, "--max-steps", 2,
                      "--batch-size", 8, "--checkpoint-every", 2, "--resume")  # resume without checkpoint: fresh
@@ -310,7 +314,7 @@ def test_averaged_model_is_the_decay_weighted_average():
     torch.manual_seed(0)
     model = build_model(tiny_config("vaegan").model.model_copy(update={"image_size": 64}))
     d = 0.8
-    ema, view = ema_model(model, d)
+    ema, view = ema_model(model, d, exclude=model.discriminator)
     gen = {n for n, _ in model.named_parameters() if not n.startswith("discriminator.")}
     history = [{n: p.detach().clone() for n, p in model.named_parameters()}]
     for _ in range(4):
@@ -328,7 +332,7 @@ def test_averaged_model_is_the_decay_weighted_average():
     for n, p in model.discriminator.named_parameters():
         assert torch.equal(state[f"discriminator.{n}"], p)
     # resume: a fresh EMA restored from the state continues exactly
-    ema2, view2 = ema_model(model, d)
+    ema2, view2 = ema_model(model, d, exclude=model.discriminator)
     load_ema_state(ema2, state, n_updates=t)
     assert int(ema2.n_averaged) == int(ema.n_averaged)
     ema.update_parameters(view)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from medvae.config import ModelConfig
+from medvae.config import parse_model_config
 from medvae.metrics import images
 from medvae.metrics.elbo import elbo
 from medvae.models import build_model
@@ -14,7 +14,7 @@ from tests.factories import TINY_VAL
 
 def test_validation_encodes_each_batch_once_and_matches_the_metrics_by_hand(tiny_store):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(image_size=64, channels=(8, 16, 32), latent_dim=16)).eval()
+    model = build_model(parse_model_config(dict(image_size=64, channels=(8, 16, 32), latent_dim=16))).eval()
     calls = []
     encode = model.encode
     model.encode = lambda x: calls.append(len(x)) or encode(x)

@@ -1,9 +1,4 @@
-"""The VAE–GAN hybrid: the ConvVAE plus a PatchGAN-style discriminator.
-
-The VAE keeps its encoder and prior (varied samples); the discriminator judges the decoder
-on reconstructions and decoded prior samples (sharp samples), as in Larsen et al. 2016. The
-losses live in :mod:`medvae.training.losses`; the trainer owns the discriminator's optimizer.
-"""
+"""The VAE–GAN's critic: a PatchGAN discriminator, optionally a projection critic."""
 
 from __future__ import annotations
 
@@ -11,9 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-from medvae.config import ModelConfig
 from medvae.models.blocks import group_norm
-from medvae.models.vae import ConvVAE
 
 
 class PatchDiscriminator(nn.Module):
@@ -73,25 +66,3 @@ class PatchDiscriminator(nn.Module):
             e = self.projection(ids.to(h.device).repeat(h.shape[0] // len(ids)))
             logits = logits + (h.mean((2, 3)) * e.to(h.dtype)).sum(1)[:, None, None, None]  # on every patch
         return logits, feats
-
-
-class VAEGAN(ConvVAE):
-    """ConvVAE + PatchDiscriminator (``discriminator``; excluded from ``generator_parameters``).
-
-    Args:
-        config: ModelConfig; ``disc_channels``, ``disc_layers``, ``spectral_norm`` shape D.
-    """
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.discriminator = PatchDiscriminator(
-            config.in_channels, config.disc_channels, config.disc_layers, config.norm_groups,
-            config.spectral_norm, len(config.condition_names) if self.conditional else 0,
-        )
-        if self.conditional:
-            self.discriminator.condition = self._critic_ids
-
-    def _critic_ids(self) -> torch.Tensor:
-        if self._condition is None:
-            raise ValueError("the projection critic was called outside `conditioned_on(ids)`")
-        return self._condition

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from monai.networks.nets import AutoencoderKL, VarAutoEncoder
 from torch import nn
 
-from medvae.config import ModelConfig
+from medvae.config import MonaiConfig
 from medvae.errors import ConfigError
-from medvae.models.vae import BOTTLENECK, VAEBase, stage_channels
+from medvae.models.vae.base import VAEBase
+from medvae.models.vae.conv import BOTTLENECK, stage_channels
 
 
 def _last_conv_weight(module: nn.Module) -> nn.Parameter:
@@ -36,7 +37,7 @@ class MonaiVAE(VAEBase):
     (MONAI's defaults), latent ``config.latent_dim``.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: MonaiConfig) -> None:
         super().__init__(config)
         self.latent_dim = config.latent_dim
         chs = tuple(stage_channels(config)[1:])
@@ -79,7 +80,7 @@ class MonaiKL(VAEBase):
     so ``latent_dim`` equals ConvVAE's; mu and logvar are (B, D), the prior N(0, I) over all D.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: MonaiConfig) -> None:
         super().__init__(config)
         chs = tuple(stage_channels(config))
         area = BOTTLENECK * BOTTLENECK

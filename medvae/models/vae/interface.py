@@ -1,16 +1,16 @@
-"""The model interface every medvae model implements (ours and the MONAI baselines), and what
-``forward`` returns. Training, evaluation, synthesis and denoising depend on this, never on a
-model class; :class:`medvae.models.vae.VAEBase` implements it once for all our models."""
+"""What a VAE-like model is to the code that trains, scores and samples it: :class:`VariationalModel`,
+and what its ``forward`` returns (:class:`VAEOutput`). Training, evaluation and synthesis depend on
+this, never on a model class; :class:`medvae.models.vae.base.VAEBase` implements it once for the
+ConvVAE, the VAE–GAN, the MONAI baselines and unet-vae."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
 
-from medvae.config import ModelConfig
 from medvae.models.distributions import Likelihood
 
 
@@ -30,21 +30,17 @@ class VAEOutput(NamedTuple):
     x_prior: torch.Tensor | None = None
 
 
-@runtime_checkable
-class GenerativeModel(Protocol):
-    """A VAE-family model: images ``(B, C, H, W)`` in [0, 1], likelihoods in nats per image.
+class VariationalModel(Protocol):
+    """A VAE-like model: images ``(B, C, H, W)`` in [0, 1], likelihoods in nats per image.
 
-    config: the ModelConfig it was built from (stored with its weights); latent_dim: D;
-    likelihood: the decoder's pixel likelihood; discriminator: the VAE–GAN's critic or None;
-    last_decoder_weight: the weight the adaptive adversarial weight is computed on.
-    A class- or modality-conditioned model is called inside ``with model.conditioned_on(ids):``;
-    an unconditional one accepts ``conditioned_on(None)``.
+    config: the family's config it was built from (stored with its weights); latent_dim: D;
+    likelihood: the decoder's pixel likelihood; last_decoder_weight: the weight the adaptive
+    adversarial weight is computed on. A class- or modality-conditioned model is called inside
+    ``with model.conditioned_on(ids):``; an unconditional one accepts ``conditioned_on(None)``.
     """
 
-    config: ModelConfig
     latent_dim: int
     likelihood: Likelihood
-    discriminator: nn.Module | None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x -> (mu, logvar) of q(z | x)."""
@@ -60,9 +56,6 @@ class GenerativeModel(Protocol):
 
     def conditioned_on(self, ids: torch.Tensor | None) -> contextlib.AbstractContextManager:
         """Condition ids ``(B,)`` for the calls inside the block."""
-
-    def generator_parameters(self) -> list[nn.Parameter]:
-        """Every parameter but the critic's."""
 
     @property
     def last_decoder_weight(self) -> nn.Parameter: ...

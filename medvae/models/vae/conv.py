@@ -1,0 +1,90 @@
+"""The convolutional VAE (vector latent) on :class:`medvae.models.vae.base.VAEBase`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from medvae.config import MonaiConfig, VAEConfig
+from medvae.models.blocks import Downsample, ResUnit, Upsample, group_norm
+from medvae.models.vae.base import VAEBase
+
+BOTTLENECK = 8  # spatial size of the last encoder feature map, for every image size
+
+
+def stage_channels(config: VAEConfig | MonaiConfig) -> list[int]:
+    """Channels at each resolution, from the image size down to the 8x8 bottleneck.
+
+    ``config.channels`` (None: the patch-size default, ``resolved_channels()``) gives the
+    first stages; deeper stages (256² inputs need one more than 128²) repeat its last entry.
+    Returns ``n_down + 1`` entries.
+    """
+    n_down = int(round(math.log2(config.image_size / BOTTLENECK)))
+    ch = list(config.resolved_channels())
+    return [ch[min(k, len(ch) - 1)] for k in range(n_down + 1)]
+
+
+class ConvVAE(VAEBase):
+    """2D convolutional VAE with a vector latent.
+
+    Encoder: conv3x3 stem, then per resolution ``res_units`` residual units and a strided conv,
+    down to an 8x8 map; GroupNorm + SiLU; flatten; linear to (mu, logvar) of ``latent_dim``.
+    Decoder mirrored: linear to (C, 8, 8), residual units, upsample (nearest+conv,
+    pixel-shuffle or transposed conv) per resolution, GroupNorm + SiLU, conv3x3 to logits.
+
+    Args:
+        config: VAEConfig (in_channels, image_size 64/128/256, latent_dim, channels,
+            res_units, norm_groups, upsample, likelihood, fixed_scale).
+    """
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__(config)
+        self.latent_dim = config.latent_dim
+        chs = stage_channels(config)
+        g, r = config.norm_groups, config.res_units
+        c_bot = chs[-1]
+        self.bottleneck_shape = (c_bot, BOTTLENECK, BOTTLENECK)
+        flat = c_bot * BOTTLENECK * BOTTLENECK
+
+        enc: list[nn.Module] = [nn.Conv2d(config.in_channels, chs[0], 3, padding=1)]
+        for k in range(len(chs) - 1):
+            enc += [ResUnit(chs[k], chs[k], g) for _ in range(r)]
+            enc.append(Downsample(chs[k], chs[k + 1]))
+        enc += [ResUnit(c_bot, c_bot, g) for _ in range(r)]
+        enc += [group_norm(c_bot, g), nn.SiLU()]
+        self.encoder = nn.Sequential(*enc)
+        cond = config.condition_dim if self.conditional else 0
+        self.to_stats = nn.Linear(flat + cond, 2 * self.latent_dim)
+
+        self.from_latent = nn.Linear(self.latent_dim + cond, flat)
+        dec: list[nn.Module] = [ResUnit(c_bot, c_bot, g) for _ in range(r)]
+        for k in reversed(range(len(chs) - 1)):
+            dec.append(Upsample(chs[k + 1], chs[k], config.upsample))
+            dec += [ResUnit(chs[k], chs[k], g) for _ in range(r)]
+        dec += [group_norm(chs[0], g), nn.SiLU()]
+        self.decoder = nn.Sequential(*dec)
+        self.out_conv = nn.Conv2d(chs[0], config.in_channels, 3, padding=1)
+
+    @property
+    def last_decoder_weight(self) -> nn.Parameter:
+        return self.out_conv.weight
+
+    def _with_condition(self, h: torch.Tensor) -> torch.Tensor:
+        """``h (B, F)`` with the condition embedding appended (a conditional model), else ``h``."""
+        c = self.condition_vector(h.shape[0])
+        return h if c is None else torch.cat([h, c.to(h.dtype)], 1)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C, H, W) in [0, 1] -> mu, logvar: (B, D); logvar clamped to [-30, 20]."""
+        self._check_input(x)
+        h = self.encoder(x).reshape(x.shape[0], -1)
+        h = self._with_condition(h)
+        mu, logvar = self.to_stats(h).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, D) -> decoder logits (B, C, H, W); the mean image is ``likelihood.mean`` of them."""
+        h = self.from_latent(self._with_condition(z)).reshape(z.shape[0], *self.bottleneck_shape)
+        return self.out_conv(self.decoder(h))
