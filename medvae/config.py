@@ -540,6 +540,20 @@ class UtilityConfig(StrictModel):
     classical: AugmentConfig = Field(default_factory=AugmentConfig)  # the +classical arms
     generator: TrainStageConfig = Field(default_factory=TrainStageConfig)  # model / train settings of generators
 
+    @model_validator(mode="before")
+    @classmethod
+    def _generator_family(cls, data):
+        """The generators are the study's ``model`` (medvae.downstream.synthetic_sets sets the name), so a
+        ``generator.model`` that names no model is read as that family: its keys (a vaegan's
+        ``disc_channels``...) are checked against the model the study trains, not against the default vae."""
+        generator = data.get("generator", {}) if isinstance(data, dict) else None
+        if not isinstance(generator, dict):
+            return data
+        study, model = data.get("model", cls.model_fields["model"].default), generator.get("model", {})
+        if study not in FAMILY_CONFIGS or not isinstance(model, dict) or "name" in model:
+            return data
+        return {**data, "generator": {**generator, "model": {"name": study, **model}}}
+
     @model_validator(mode="after")
     def _check(self) -> UtilityConfig:
         if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from medvae.config import DENOISERS, TrainConfig, TrainStageConfig
@@ -34,7 +35,7 @@ from medvae.denoising.noise import step_generator
 from medvae.denoising.supervised import VAL_SEED_OFFSET, DenoiseTask, random_crop
 from medvae.errors import ConfigError
 from medvae.training.tasks import TrainingPair
-from medvae.training.validate import validate
+from medvae.training.validate import over_batches, validate
 
 log = logging.getLogger(__name__)
 
@@ -138,25 +139,22 @@ class BlindSpotTask:
         x_in, mask = self.masked(x.float(), gen)
         return TrainingPair(x_in.to(x.dtype), x, masks.loss_weight(mask))
 
-    @torch.no_grad()
     def validate(self, model: torch.nn.Module, tc: TrainConfig, device: torch.device,
                  channels_last: bool = False) -> dict[str, float]:
         """``blindspot_mse`` (mean over the val patches of the masked pixels' squared error against
         their noisy values) and ``blindspot_psnr``, with the same masks every time."""
-        rows = self.store.select("val")[: tc.batch_size * tc.val_batches]
-        if len(rows) == 0:
-            return {}
-        was_training = model.training
-        model.eval()
-        total = 0.0
-        for i, start in enumerate(range(0, len(rows), tc.batch_size)):
-            x = torch.from_numpy(self.store.get(rows[start:start + tc.batch_size])).to(device)
+
+        def batch_metrics(i: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
+            x = torch.from_numpy(self.store.get(rows)).to(device)
             x_in, mask = self.masked(x, step_generator(self.seed + VAL_SEED_OFFSET, i, device))
             out = model(x_in).x_hat.float()
             m = mask.expand_as(x).float()
-            total += float((((out - x) ** 2 * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)).double().sum())
-        model.train(was_training)
-        mse = total / len(rows)
+            return {"blindspot_mse": ((out - x) ** 2 * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)}
+
+        val = over_batches(model, self.store, tc.batch_size, tc.val_batches, batch_metrics, torch.float64)
+        if not val:
+            return {}
+        mse = val["blindspot_mse"]
         return {"blindspot_mse": mse, "blindspot_psnr": float(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))))}
 
 

@@ -21,6 +21,7 @@ from medvae.denoising import noise
 from medvae.errors import ConfigError
 from medvae.metrics import images as metrics
 from medvae.training.tasks import TrainingPair
+from medvae.training.validate import over_batches
 
 VAL_SEED_OFFSET = 7919  # validation noise stream: (seed + offset, batch index), never a training step's
 
@@ -99,27 +100,16 @@ class DenoiseTask:
         noisy = self.corrupt(x, batch.rows, gen)[0]
         return TrainingPair(*random_crop(self.cfg.crop, gen, noisy, x))
 
-    @torch.no_grad()
     def validate(self, model: torch.nn.Module, tc: TrainConfig, device: torch.device,
                  channels_last: bool = False) -> dict[str, float]:
         """Mean ``psnr``, ``ssim``, ``mse`` of the denoised val patches and ``noisy_psnr`` of their
         noisy inputs, over the same patches and noise every time (levels across the whole range)."""
-        batch_size = tc.batch_size
-        rows = self.store.select("val")[: batch_size * tc.val_batches]
-        if len(rows) == 0:
-            return {}
-        was_training = model.training
-        model.eval()
-        sums: dict[str, float] = {}
-        for i, start in enumerate(range(0, len(rows), batch_size)):
-            r = rows[start:start + batch_size]
-            x = torch.from_numpy(self.store.get(r)).to(device)
-            gen = noise.step_generator(self.seed + VAL_SEED_OFFSET, i, device)
-            noisy, _ = self.corrupt(x, r, gen)
+
+        def batch_metrics(i: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
+            x = torch.from_numpy(self.store.get(rows)).to(device)
+            noisy, _ = self.corrupt(x, rows, noise.step_generator(self.seed + VAL_SEED_OFFSET, i, device))
             out = model(noisy).x_hat.float().clamp(0, 1)
-            per = {"psnr": metrics.psnr(out, x), "ssim": metrics.ssim(out, x), "mse": metrics.mse(out, x),
-                   "noisy_psnr": metrics.psnr(noisy.float(), x)}
-            for k, v in per.items():
-                sums[k] = sums.get(k, 0.0) + float(v.double().sum())
-        model.train(was_training)
-        return {k: v / len(rows) for k, v in sums.items()}
+            return {"psnr": metrics.psnr(out, x), "ssim": metrics.ssim(out, x), "mse": metrics.mse(out, x),
+                    "noisy_psnr": metrics.psnr(noisy.float(), x)}
+
+        return over_batches(model, self.store, tc.batch_size, tc.val_batches, batch_metrics, torch.float64)

@@ -52,7 +52,8 @@ class Task(Protocol):
 
     def validate(self, model: torch.nn.Module, tc: TrainConfig, device: torch.device,
                  channels_last: bool) -> dict[str, float]:
-        """Validation metrics of ``model`` (an empty dict when there is nothing to validate on)."""
+        """Validation metrics of ``model`` (an empty dict when there is nothing to validate on): the task's
+        per-batch metrics through the one scaffold, :func:`medvae.training.validate.over_batches`."""
 
 
 class ReconstructTask:

@@ -1,9 +1,12 @@
-"""Validation during training: reconstruction SSIM / PSNR and the ELBO on the val split, and the one
-reconstruction pass (encode -> ELBO -> decode) that validation and the evaluate stage share."""
+"""Validation during training: the one scaffold every task validates with (:func:`over_batches`: the
+val batches, eval mode, the reduction to means), the reconstruct task's metrics (the ELBO, SSIM and
+PSNR of the reconstruction), and the one reconstruction pass (encode -> ELBO -> decode) that
+validation and the evaluate stage share."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -41,16 +44,21 @@ def reconstruct(model: VariationalModel, x: torch.Tensor, ids: torch.Tensor | No
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, store: PatchStore, batch_size: int, max_batches: int,
-             device: torch.device, seed: int = 0, channels_last: bool = False) -> dict[str, float]:
-    """Mean metrics over the first ``max_batches`` batches of the val split (store order).
+def over_batches(model: torch.nn.Module, store: PatchStore, batch_size: int, max_batches: int,
+                 batch_metrics: Callable[[int, np.ndarray], dict[str, torch.Tensor]],
+                 sum_dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Every task's validation: mean per-image metrics over the first ``max_batches`` batches of the
+    val split (store order), the model in eval mode and without gradients (the caller autocasts).
 
-    The same patches and the same noise (a generator seeded with ``seed``) every time, so values
-    are comparable across validations, and the global RNG the training draws from is untouched.
+    Args:
+        batch_metrics: ``(batch index, store rows) -> {name: (B,) per-image values}``; the task's own
+            metrics of one batch (it loads the rows and seeds its noise from the batch index).
+        sum_dtype: the dtype each batch's values are summed in before the float64 running total;
+            the task's own (float32 for reconstruction, float64 for the denoisers), so best.pt and
+            the logged values do not change with the scaffold.
 
     Returns:
-        ``elbo``, ``nll``, ``kl`` (nats per image), ``ssim`` and ``psnr`` (dB) of the reconstruction
-        ``decode(mu)``, ``mse``; an empty dict when the store has no val split.
+        ``{name: mean over the val patches}``; an empty dict when the store has no val split.
     """
     rows = store.select("val")[: batch_size * max_batches]
     if len(rows) == 0:
@@ -60,19 +68,38 @@ def validate(model: torch.nn.Module, store: PatchStore, batch_size: int, max_bat
         return {}
     was_training = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
     sums: dict[str, float] = {}
-    for start in range(0, len(rows), batch_size):
-        x, ids = model_inputs(store, rows[start : start + batch_size], model.config)
+    try:
+        for i, start in enumerate(range(0, len(rows), batch_size)):
+            per_image = batch_metrics(i, rows[start : start + batch_size])
+            batch = torch.stack([v.to(sum_dtype).sum() for v in per_image.values()]).tolist()  # one host sync
+            for k, v in zip(per_image, batch, strict=True):
+                sums[k] = sums.get(k, 0.0) + v
+    finally:
+        model.train(was_training)
+    return {k: v / len(rows) for k, v in sums.items()}
+
+
+def validate(model: torch.nn.Module, store: PatchStore, batch_size: int, max_batches: int,
+             device: torch.device, seed: int = 0, channels_last: bool = False) -> dict[str, float]:
+    """The reconstruct task's validation (:func:`over_batches`): the reconstruction of the same val
+    patches with the same posterior noise (a generator seeded with ``seed``) every time, so values
+    are comparable across validations, and the global RNG the training draws from is untouched.
+
+    Returns:
+        ``elbo``, ``nll``, ``kl`` (nats per image), ``ssim`` and ``psnr`` (dB) of the reconstruction
+        ``decode(mu)``, ``mse``; an empty dict when the store has no val split.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def batch_metrics(_: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        x, ids = model_inputs(store, rows, model.config)
         x = torch.from_numpy(x).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         bounds, recon, _, _ = reconstruct(model, x, None if ids is None else torch.from_numpy(ids).to(device), gen)
         recon, x32 = recon.clamp(0.0, 1.0), x.float()
-        per_image = {**bounds, "ssim": metrics.ssim(recon, x32), "psnr": metrics.psnr(recon, x32),
-                     "mse": metrics.mse(recon, x32)}
-        batch = torch.stack([v.float().sum() for v in per_image.values()]).tolist()
-        for k, v in zip(per_image, batch, strict=False):
-            sums[k] = sums.get(k, 0.0) + v
-    model.train(was_training)
-    return {k: float(np.float64(v) / len(rows)) for k, v in sums.items()}
+        return {**bounds, "ssim": metrics.ssim(recon, x32), "psnr": metrics.psnr(recon, x32),
+                "mse": metrics.mse(recon, x32)}
+
+    return over_batches(model, store, batch_size, max_batches, batch_metrics)

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 import medvae.downstream.study as study
 from medvae.cli import app
-from medvae.config import ARMS, UtilityConfig
+from medvae.config import ARMS, UtilityConfig, parse_config
 from medvae.downstream.subsets import labelled_rows
-from medvae.downstream.synthetic_sets import Candidates, write_synthetic_store
-from medvae.errors import InputError
+from medvae.downstream.synthetic_sets import Candidates, generator_config, write_synthetic_store
+from medvae.errors import ConfigError, InputError
 
 SMALL = {"fractions": [0.5, 1.0], "seeds": 2, "downstream_steps": 12, "batch_size": 8, "lr": 3e-3}
 
@@ -137,6 +137,18 @@ def test_generator_condition_follows_task_and_synthesis():
         UtilityConfig(task="segment", condition="class")
     with pytest.raises(ValueError, match="labels_per_class needs task classify"):
         UtilityConfig(task="segment", labels_per_class=[10])
+
+
+def test_the_generator_settings_are_read_as_the_studys_model():
+    vaegan = parse_config({"model": "vaegan", "generator": {"model": {"disc_channels": 16, "latent_dim": 8}}},
+                          UtilityConfig)
+    assert (vaegan.generator.model.name, vaegan.generator.model.disc_channels) == ("vaegan", 16)
+    assert generator_config(vaegan, 100, seed=1).model.disc_channels == 16  # what the generators train
+    assert UtilityConfig(model="vaegan").generator.model.name == "vaegan"
+    with pytest.raises(ConfigError, match="disc_channels is an option of vaegan, not of model vae"):
+        parse_config({"model": "vae", "generator": {"model": {"disc_channels": 16}}}, UtilityConfig)
+    named = parse_config({"model": "vaegan", "generator": {"model": {"name": "vae", "latent_dim": 8}}}, UtilityConfig)
+    assert named.generator.model.name == "vae"  # a name given is kept (generator_config sets the study's)
 
 
 def test_the_evaluation_report_embeds_the_study(classify_study):
