@@ -347,6 +347,12 @@ class TrainStageConfig(StrictModel):
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
     blindspot: BlindSpotConfig = Field(default_factory=BlindSpotConfig)
 
+    def stable_dump(self) -> dict:
+        """``model_dump(mode="json")`` with the model as the flat dict of medvae <= 0.3 (:func:`flat_model_dump`):
+        what up-to-date keys and saved settings compare, so runs and studies from before the model families
+        are not redone."""
+        return {**self.model_dump(mode="json"), "model": flat_model_dump(self.model)}
+
     @model_validator(mode="before")
     @classmethod
     def _objective_defaults(cls, data):
@@ -553,6 +559,11 @@ class UtilityConfig(StrictModel):
         if study not in FAMILY_CONFIGS or not isinstance(model, dict) or "name" in model:
             return data
         return {**data, "generator": {**generator, "model": {"name": study, **model}}}
+
+    def stable_dump(self, exclude: set[str] | None = None) -> dict:
+        """``model_dump(mode="json", exclude=exclude)`` with the generator's config as
+        :meth:`TrainStageConfig.stable_dump`: what a study's settings and a pipeline's utility key compare."""
+        return {**self.model_dump(mode="json", exclude=exclude), "generator": self.generator.stable_dump()}
 
     @model_validator(mode="after")
     def _check(self) -> UtilityConfig:

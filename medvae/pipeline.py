@@ -27,7 +27,6 @@ from medvae.config import (
     GenerateConfig,
     PipelineConfig,
     TrainStageConfig,
-    flat_model_dump,
     load_yaml,
     packaged_pipelines,
     parse_config,
@@ -202,7 +201,7 @@ _KEYED_DEFAULT_CHANNELS = [32, 64, 128, 256]
 
 def train_stage_key(store_hash: str, cfg: TrainStageConfig) -> str:
     """The up-to-date key of a training stage: the store and the stage's config as given."""
-    data = {**cfg.model_dump(mode="json"), "model": flat_model_dump(cfg.model)}  # the key of medvae <= 0.3
+    data = cfg.stable_dump()
     if data["model"]["channels"] is None:
         data["model"]["channels"] = _KEYED_DEFAULT_CHANNELS
     return sha256_json([store_hash, data])
@@ -305,7 +304,7 @@ def run_pipeline(pipeline: str | os.PathLike, scans: str | os.PathLike, out: str
         utility = config.utility
         if utility.generator_run in model_dirs:  # one of this pipeline's models is the study's generator
             utility = utility.model_copy(update={"generator_run": str(model_dirs[utility.generator_run])})
-        utility_key = sha256_json([store_hash, config.utility.model_dump(mode="json"),
+        utility_key = sha256_json([store_hash, config.utility.stable_dump(),
                                    sha256_file(best(config.utility.generator_run))
                                    if config.utility.generator_run in model_dirs else None])
         runner.run("utility", utility_key, lambda: run_utility(store_dir, utility_dir, utility, device=config.device))

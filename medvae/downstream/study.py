@@ -265,7 +265,7 @@ def _read_result(path: Path) -> dict | None:
 def _check_settings(out: StudyDir, store: PatchStore, cfg: UtilityConfig, user: PatchStore | None) -> None:
     """Write ``study.json`` on the first run; refuse a re-run whose results would not be comparable."""
     settings = {"store_hash": store.content_hash, "synthetic_hash": user.content_hash if user is not None else None,
-                "config": cfg.model_dump(mode="json", exclude={"fractions", "labels_per_class", "seeds"})}
+                "config": cfg.stable_dump(exclude={"fractions", "labels_per_class", "seeds"})}
     path = out.settings
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))

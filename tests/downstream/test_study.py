@@ -197,3 +197,12 @@ def test_verdict_sentences():
         "augmentation.",
         "With 100 labels per class, neighbours synthesis gives no measurable gain in accuracy over classical "
         "augmentation (+0.4 ± 1.0 points)."]
+
+
+def test_a_default_study_keeps_the_settings_of_before_the_model_families():
+    """study.json's settings and the pipeline's utility key hash the flat model config of medvae <= 0.3, so a
+    study made before the families resumes. The reference: the hash the pre-family code (ae502c0) wrote."""
+    from medvae.files import sha256_json
+
+    settings = UtilityConfig().stable_dump(exclude={"fractions", "labels_per_class", "seeds"})
+    assert sha256_json(settings) == "ffb46cfe1e99e981672356ce49a9e5c4dd5f6575fc8e85001e3c9c9424bd9357"
