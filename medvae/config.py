@@ -30,6 +30,9 @@ DENOISERS = get_args(DenoiserModel)
 LikelihoodName = Literal["gaussian", "bernoulli", "cbernoulli", "l1", "l2", "poisson-gaussian"]
 Condition = Literal["auto", "none", "class", "modality", "mask"]
 Task = Literal["reconstruct", "denoise"]
+# autocast precision (medvae.training.runtime.resolve_amp): auto is bf16 where the device has it (CPUs with AMX /
+# AVX-512 BF16, GPUs from Ampere), fp16 on older GPUs, float32 elsewhere; off is float32
+Amp = Literal["auto", "bf16", "fp16", "off"]
 # denoise task: supervised (clean store, simulated noise) or on the noisy store itself (medvae.denoising.selfsupervised)
 Objective = Literal["supervised", "n2v", "n2s", "divnoising"]
 NoiseKind = Literal["gaussian", "poisson-gaussian", "ct-lowdose"]  # medvae.denoising.noise
@@ -276,7 +279,7 @@ class TrainConfig(StrictModel):
     beta_warmup_steps: int = 1000  # KL annealing from 0 to beta
     free_bits: float = 0.0  # nats per latent dimension; 0 disables
     grad_clip: float = 1.0
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    amp: Amp = "auto"  # fp16 trains with a GradScaler
     channels_last: bool = True
     compile: bool = False
     ema_decay: float = 0.0  # 0 disables EMA weights
@@ -404,9 +407,9 @@ class DenoiseConfig(StrictModel):
     tile: int = 0  # 0 = whole slices; else MONAI sliding-window tiles of this size (memory-bound GPUs)
     overlap: float = 0.25  # sliding-window overlap (gaussian blending)
     modality: Literal["auto", ScanModality] = "auto"
-    # bf16: autocast for the model (CPUs with AMX / AVX-512 bf16, GPUs): ~3x faster on such a CPU, outputs
-    # within ~1e-2 of fp32's on the [0, 1] scale; off (fp32) keeps the outputs of earlier releases
-    amp: Literal["off", "bf16"] = "off"
+    # autocast for the model: bf16 is ~3x faster on a CPU with AMX, its outputs within ~1e-2 of fp32's on the
+    # [0, 1] scale; off (fp32) keeps the outputs of releases before auto was the default
+    amp: Amp = "auto"
     # unet-vae runs: 0 decodes the posterior mean code once; N > 0 returns the MMSE estimate, the mean of the clean
     # estimates of N posterior samples (DivNoising), drawn from a generator seeded with `seed` for every scan
     samples: int = Field(0, ge=0)

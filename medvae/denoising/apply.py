@@ -11,8 +11,10 @@ back in the input's own format and geometry.
 - Slices are denoised whole (batches of ``batch_size`` slices, padded to the model's multiple),
   or with MONAI's ``sliding_window_inference`` (``tile`` > 0: gaussian-blended tiles with
   ``overlap``) where memory requires; GPU when present. Inference mode and channels_last
-  (float rounding apart, fp32's values); ``amp: bf16`` is ~3x faster on CPUs with AMX, its outputs
-  within ~1e-2 of fp32's on the [0, 1] scale. Threads: torch's (all cores).
+  (float rounding apart, fp32's values); ``amp: auto`` (the default) runs the model in bf16 where the
+  device has it (:func:`medvae.training.runtime.resolve_amp`), ~3x faster on CPUs with AMX, its outputs
+  within ~1e-2 of fp32's on the [0, 1] scale and cast to float32 before anything is written; ``off``
+  is fp32. Threads: torch's (all cores).
 - unet-vae runs (DivNoising): ``samples`` N > 0 returns the MMSE estimate, the mean of N posterior
   samples' clean estimates (a generator seeded with ``seed`` anew for every scan), and ``sd`` also
   writes their per-pixel sample sd in physical units (float32) as ``<stem>_sd`` + the suffix beside
@@ -45,7 +47,7 @@ from medvae.io.writers import write_tiff
 from medvae.models import UNetVAE
 from medvae.training.checkpoint import load_model
 from medvae.training.rundir import RunDir
-from medvae.training.runtime import autocast
+from medvae.training.runtime import autocast, precision_name, resolve_amp
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,7 @@ class SliceDenoiser:
 
     def __init__(self, run, cfg: DenoiseConfig, device: torch.device):
         self.cfg, self.device = cfg, device
+        self.amp_dtype = resolve_amp(cfg.amp, device)
         run_dir = RunDir(run)
         self.model, self.meta = load_model(run_dir.checkpoint(cfg.checkpoint), device=device)
         name = self.meta.get("model_config", {}).get("name")
@@ -145,7 +148,7 @@ class SliceDenoiser:
             x = x[:, None].to(self.device)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, torch.bfloat16 if self.cfg.amp == "bf16" else None):
+            with autocast(self.device, self.amp_dtype):
                 if self.cfg.tile > 0:
                     from monai.inferers import sliding_window_inference  # MONAI import is slow; only when tiling
 
@@ -276,6 +279,7 @@ def denoise_scans(run, inputs, out, cfg: DenoiseConfig | None = None, device: to
     cfg = cfg or DenoiseConfig()
     device = torch.device(device)
     den = SliceDenoiser(run, cfg, device)
+    log.info("denoising in %s on %s (amp: %s)", precision_name(den.amp_dtype), device, cfg.amp)
     srcs, out = find_inputs(inputs), Path(out)
     single = len(srcs) == 1 and not Path(inputs).suffix.lower() == ".csv"
     done = []

@@ -139,6 +139,7 @@ def evaluate_denoise(run, store: PatchStore, out, cfg: EvaluateConfig, device: t
                "patient_modality": {str(p): str(m) for p, m in zip(pids, mods)},
                "medvae_minus_best_classical_psnr": gaps, "seconds_per_512_slice": speeds,
                "device": str(device), "torch_threads": torch.get_num_threads(),
+               "train_precision": run_dir.info().get("precision"),  # None: a run from before it was recorded
                "metric_info": {k: {"unit": m.unit, "direction": m.better} for k, m in DENOISE_METRICS.items()},
                "config": cfg.model_dump(mode="json")}
     ReportDir(out).write(_csv(summary, kind), summary,

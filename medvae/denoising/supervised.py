@@ -20,6 +20,7 @@ from medvae.data.store import PatchStore
 from medvae.denoising import noise
 from medvae.errors import ConfigError
 from medvae.metrics import images as metrics
+from medvae.training.runtime import full_precision
 from medvae.training.tasks import TrainingPair
 from medvae.training.validate import over_batches
 
@@ -107,9 +108,13 @@ class DenoiseTask:
 
         def batch_metrics(i: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
             x = torch.from_numpy(self.store.get(rows)).to(device)
-            noisy, _ = self.corrupt(x, rows, noise.step_generator(self.seed + VAL_SEED_OFFSET, i, device))
+            # the trainer validates under its autocast: the noise (the CT projector's sparse matmul has no
+            # bf16 kernel on the CPU) and the metrics are float32, only the model runs in reduced precision
+            with full_precision(device):
+                noisy, _ = self.corrupt(x, rows, noise.step_generator(self.seed + VAL_SEED_OFFSET, i, device))
             out = model(noisy).x_hat.float().clamp(0, 1)
-            return {"psnr": metrics.psnr(out, x), "ssim": metrics.ssim(out, x), "mse": metrics.mse(out, x),
-                    "noisy_psnr": metrics.psnr(noisy.float(), x)}
+            with full_precision(device):
+                return {"psnr": metrics.psnr(out, x), "ssim": metrics.ssim(out, x), "mse": metrics.mse(out, x),
+                        "noisy_psnr": metrics.psnr(noisy.float(), x)}
 
         return over_batches(model, self.store, tc.batch_size, tc.val_batches, batch_metrics, torch.float64)

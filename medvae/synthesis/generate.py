@@ -23,7 +23,9 @@ is the anchor's and ``source_row`` the anchor's row in that store (provenance).
 Reproducibility: sample ``i``'s latent and condition depend only on ``(seed, i)``
 (:mod:`medvae.synthesis.sampling`), so the batch size, the device and ``n`` do not change which latent a
 sample gets; decoding on the same device with the same arguments gives byte-identical files (no
-timestamps are written).
+timestamps are written). The decoder runs in bf16 where the device has it (``amp: auto``,
+:func:`medvae.training.runtime.resolve_amp`; float32 elsewhere), its images cast back to float32 before
+they are audited or written; ``generation.json`` records the ``precision``.
 Resumption: files are written atomically, so a file that exists is complete; a re-run with the
 same arguments (checked against ``generation.json``) writes only the missing files.
 
@@ -63,6 +65,7 @@ from medvae.synthesis.prior import GaussianMixturePrior, prior_for
 from medvae.synthesis.sample_files import sample_files, write_sample
 from medvae.synthesis.sampling import decode_latents, latents, sample_conditions
 from medvae.training.rundir import RunDir
+from medvae.training.runtime import precision_name, resolve_amp
 
 log = logging.getLogger(__name__)
 MANIFEST_COLUMNS = ("id", "modality", "class", "path", "mask", "preview", "seed", "checkpoint_sha256", "latent_norm",
@@ -123,6 +126,11 @@ class _Source:
     @property
     def condition(self) -> tuple[str, tuple[str, ...]]:
         return self.model.config.condition, tuple(self.model.config.condition_names)
+
+    @functools.cached_property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The decoder's autocast dtype: bf16 where the device has it (``amp: auto``), else float32."""
+        return resolve_amp("auto", self.device)
 
     @functools.cached_property
     def condition_counts(self) -> np.ndarray:
@@ -208,7 +216,7 @@ def _decode(src: _Source, config: GenerateConfig, start: int, stop: int):
     else:
         ids = src.condition_ids(start, stop)
         z = latents(config.seed, start, stop, int(src.model.latent_dim), config.temperature, src.prior, ids)
-    x = decode_latents(src.model, z.to(src.device), ids)
+    x = decode_latents(src.model, z.to(src.device), ids, src.amp_dtype)
     if src.condition[0] != "mask":
         return z, ids, x, None
     _, masks = split_joint(x.cpu().numpy(), src.condition[1])
@@ -445,6 +453,7 @@ def generate(run, out, config: GenerateConfig, device: str = "auto", mix_with=No
                           "per_class": dataset.per_class(), **dataset.counts},
                "audit": audited, "augmented_store": augmented,
                "timings_s": {k: round(v, 4) for k, v in tm.items()},
-               "samples_per_s": round(config.n / max(tm["total"], 1e-9), 2), "device": str(src.device)}
+               "samples_per_s": round(config.n / max(tm["total"], 1e-9), 2), "device": str(src.device),
+               "precision": precision_name(src.amp_dtype)}
     write_json(out / "generation.json", summary)
     return summary

@@ -14,6 +14,7 @@ import torch
 
 from medvae.models import require_latent
 from medvae.synthesis.prior import GaussianMixturePrior
+from medvae.training.runtime import autocast
 
 CHUNK = 256
 
@@ -62,9 +63,11 @@ def sample_conditions(start: int, stop: int, counts, balanced: bool = False) -> 
 
 
 @torch.no_grad()
-def decode_latents(model, z: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Latents ``(B, D)`` on the model's device (condition ``ids``) -> images ``(B, C, H, W)`` float32 in [0, 1]."""
-    with model.conditioned_on(None if ids is None else ids.to(z.device)):
+def decode_latents(model, z: torch.Tensor, ids: torch.Tensor | None = None,
+                   amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Latents ``(B, D)`` on the model's device (condition ``ids``) -> images ``(B, C, H, W)`` float32 in [0, 1];
+    the decoder runs under autocast to ``amp_dtype`` (None: float32), its output cast back to float32."""
+    with model.conditioned_on(None if ids is None else ids.to(z.device)), autocast(z.device, amp_dtype):
         return model.decode(z).float().clamp_(0, 1)
 
 

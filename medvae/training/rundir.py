@@ -3,7 +3,9 @@ config.yaml.
 
     RUN/config.yaml          the resolved TrainStageConfig (model in_channels / image_size from the store)
     RUN/run.json             {"store", "store_hash", "model", "task", "status": "running"|"done", "step",
-                              "total_steps", "world_size", "device"}; "store" is the training store's path
+                              "total_steps", "world_size", "device", "precision": "bf16"|"fp16"|"fp32"};
+                             "store" is the training store's path; "precision" what train.amp resolved to
+                             (absent in runs written before it was recorded)
     RUN/train_log.jsonl      one JSON object per logged step
     RUN/checkpoints/         last.pt, best.pt, step_00001000.pt (the file format: medvae.training.checkpoint)
     RUN/priors/              <checkpoint stem>-<sha256[:12]>.pt: fitted sampling priors (medvae.synthesis.prior)

@@ -1,5 +1,5 @@
-"""Runtime setup of a training process: mixed precision (and the one autocast helper training and
-``medvae denoise`` use), seeding, torch.compile."""
+"""Runtime setup of a training process: mixed precision (the capability probe, and the autocast
+helpers training, generation and ``medvae denoise`` use), seeding, torch.compile."""
 
 from __future__ import annotations
 
@@ -10,20 +10,39 @@ import numpy as np
 import torch
 
 
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``cfg.amp`` on ``device`` (None = full precision).
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` has native bf16 arithmetic, where bf16 autocast is faster than float32.
 
-    ``auto``: bf16 on CUDA where supported, else fp16 (with a GradScaler); off on CPU and MPS. On a
-    CPU with AMX, bf16 is about 2× float32's images/s for the ConvVAE (README "Speed"), but it changes
-    every result, so it is opt-in there. ``bf16`` / ``fp16`` force it.
+    CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and newer). CPU: AMX tiles or AVX-512 BF16 (on
+    an AVX2-only CPU bf16 runs, emulated, slower than float32). MPS and anything else: False.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for an ``amp`` setting on ``device`` (None = full precision).
+
+    ``auto``: bf16 where the device has it (:func:`bf16_supported`), else fp16 on CUDA (training adds
+    a GradScaler), else full precision. bf16 is about 2x float32's images/s on a CPU with AMX and its
+    validation ELBO / SSIM stay within float32's seed-to-seed interval (tests/training/test_amp.py).
+    ``bf16`` / ``fp16`` force it, ``off`` is float32.
     """
     if amp == "off":
         return None
     if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if bf16_supported(device):
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else None
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``bf16`` | ``fp16`` | ``fp32``: what run.json, generation.json and the logs call an autocast dtype."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -31,6 +50,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def full_precision(device: torch.device):
+    """Autocast off on ``device`` inside an autocast region: for metrics and noise made in float32
+    (likelihoods, distances, SSIM's window matmuls, the CT projector's sparse matmul)."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def seed_everything(seed: int) -> None:

@@ -52,7 +52,7 @@ from medvae.training import checkpoint as ck
 from medvae.training.distributed import DistInfo, init_distributed, shutdown
 from medvae.training.families import build_step
 from medvae.training.rundir import RunDir
-from medvae.training.runtime import autocast, resolve_amp, seed_everything
+from medvae.training.runtime import autocast, precision_name, resolve_amp, seed_everything
 from medvae.training.schedule import ema_state_dict
 from medvae.training.step import StepRecord
 from medvae.training.tasks import ReconstructTask, Task, TrainingPair
@@ -255,7 +255,8 @@ class _Trainer:
         self.run_dir.write_info({
             "store": str(self.store.path.resolve()), "store_hash": self.store.content_hash,
             "model": self.cfg.model.name, "task": self.task.name, "status": status, "step": self.step,
-            "total_steps": self.total_steps, "world_size": self.info.world_size, "device": str(self.device)})
+            "total_steps": self.total_steps, "world_size": self.info.world_size, "device": str(self.device),
+            "precision": precision_name(self.amp_dtype)})
 
     # ------------------------------------------------------------------ events of the loop
     def _train_step(self, batch: Batch) -> StepRecord:
@@ -343,6 +344,8 @@ class _Trainer:
             return
         self.run_dir.write_config(self.cfg)
         self._write_run_json("running")
+        log.info("training %s in %s on %s (amp: %s)", self.out, precision_name(self.amp_dtype), self.device,
+                 self.tc.amp)
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
 

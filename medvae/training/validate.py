@@ -16,6 +16,7 @@ from medvae.data.store import PatchStore
 from medvae.metrics import images as metrics
 from medvae.metrics.elbo import elbo
 from medvae.models.vae import VariationalModel
+from medvae.training.runtime import full_precision
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
@@ -48,7 +49,8 @@ def over_batches(model: torch.nn.Module, store: PatchStore, batch_size: int, max
                  batch_metrics: Callable[[int, np.ndarray], dict[str, torch.Tensor]],
                  sum_dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Every task's validation: mean per-image metrics over the first ``max_batches`` batches of the
-    val split (store order), the model in eval mode and without gradients (the caller autocasts).
+    val split (store order), the model in eval mode and without gradients (the caller autocasts the
+    model; each task computes its metrics, and makes its noise, in float32: ``full_precision``).
 
     Args:
         batch_metrics: ``(batch index, store rows) -> {name: (B,) per-image values}``; the task's own
@@ -98,8 +100,9 @@ def validate(model: torch.nn.Module, store: PatchStore, batch_size: int, max_bat
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         bounds, recon, _, _ = reconstruct(model, x, None if ids is None else torch.from_numpy(ids).to(device), gen)
-        recon, x32 = recon.clamp(0.0, 1.0), x.float()
-        return {**bounds, "ssim": metrics.ssim(recon, x32), "psnr": metrics.psnr(recon, x32),
-                "mse": metrics.mse(recon, x32)}
+        with full_precision(device):  # the model may run in bf16 / fp16; the distances are float32
+            recon, x32 = recon.clamp(0.0, 1.0), x.float()
+            return {**bounds, "ssim": metrics.ssim(recon, x32), "psnr": metrics.psnr(recon, x32),
+                    "mse": metrics.mse(recon, x32)}
 
     return over_batches(model, store, batch_size, max_batches, batch_metrics)
