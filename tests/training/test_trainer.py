@@ -15,7 +15,7 @@ from medvae.cli import app
 from medvae.errors import CheckpointError, TrainingError
 from medvae.models import build_model
 from medvae.training.checkpoint import load_checkpoint, load_model
-from medvae.training.runtime import resolve_amp, seed_everything
+from medvae.training.runtime import seed_everything
 from medvae.training.schedule import (
     beta_at,
     ema_model,
@@ -40,8 +40,6 @@ def test_schedules_closed_forms():
     assert lr_factor(110, 10, 110) == pytest.approx(0.0, abs=1e-12)
     assert beta_at(0, 2.0, 100) == 0.0 and beta_at(50, 2.0, 100) == 1.0 and beta_at(500, 2.0, 100) == 2.0
     assert beta_at(0, 2.0, 0) == 2.0
-    assert resolve_amp("auto", torch.device("cpu")) is None
-    assert resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16
 
 
 def test_vae_loss_falls_and_run_files(tiny_store, tmp_path):
