@@ -5,6 +5,7 @@ import shutil
 
 import nibabel as nib
 import numpy as np
+import pytest
 import tifffile
 import torch
 from typer.testing import CliRunner
@@ -16,6 +17,7 @@ from medvae.data.transforms import normalization_constants
 from medvae.denoising.apply import SliceDenoiser, denoise_scans, find_inputs
 from medvae.io import load_volume
 from medvae.io.writers import write_tiff
+from medvae.training.runtime import precision_name
 from tests.factories import phantom_cohort
 
 
@@ -117,9 +119,22 @@ def test_fast_paths_match_the_plain_fp32_forward(denoise_run):
     slices = rng.uniform(0, 1, (3, 70, 54)).astype(np.float32)
     plain, _ = load_model(RunDir(denoise_run).checkpoint("best"), device=torch.device("cpu"))
     ref = plain.denoise(torch.from_numpy(slices)[:, None])[:, 0].numpy()
-    fast = SliceDenoiser(denoise_run, DenoiseConfig(batch_size=2), torch.device("cpu"))
+    fast = SliceDenoiser(denoise_run, DenoiseConfig(batch_size=2, amp="off"), torch.device("cpu"))
     assert fast.channels_last
     np.testing.assert_allclose(fast(slices), ref, rtol=0, atol=1e-5)
     bf16 = SliceDenoiser(denoise_run, DenoiseConfig(amp="bf16"), torch.device("cpu"))(slices)
     assert not np.array_equal(bf16, ref)
     np.testing.assert_allclose(bf16, ref, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("supported, precision", [(False, "fp32"), (True, "bf16")])
+def test_denoise_defaults_to_auto_which_follows_the_probe(denoise_run, monkeypatch, supported, precision):
+    import medvae.training.runtime as runtime
+
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: supported)
+    den = SliceDenoiser(denoise_run, DenoiseConfig(), torch.device("cpu"))
+    assert DenoiseConfig().amp == "auto" and precision_name(den.amp_dtype) == precision
+    out = den(np.random.default_rng(0).uniform(0, 1, (1, 16, 16)).astype(np.float32))
+    assert out.dtype == np.float32  # cast back before anything is written
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: False)
+    assert SliceDenoiser(denoise_run, DenoiseConfig(amp="bf16"), torch.device("cpu")).amp_dtype is torch.bfloat16
