@@ -18,12 +18,13 @@ import pytest
 import tifffile
 import torch
 
+import medvae.training.runtime as runtime
 from medvae.config import GenerateConfig
 from medvae.data.store import open_store, write_store
 from medvae.errors import InputError
 from medvae.files import sha256_file
 from medvae.synthesis import generate as gen
-from medvae.synthesis.sampling import latents
+from medvae.synthesis.sampling import decode_latents, latents
 from tests.factories import store_index
 
 SIZE = 32
@@ -107,6 +108,8 @@ def make_run(tmp_path, monkeypatch):
         info = {"store": str(store.path), "store_hash": store.content_hash}
         (run / "run.json").write_text(json.dumps(info))
         monkeypatch.setattr(gen, "_load_model", lambda path, device: (model, dict(info)))
+        # the expected values are the stub's float32 arithmetic: amp auto must not pick bf16 on a CPU with AMX
+        monkeypatch.setattr(runtime, "bf16_supported", lambda device: False)
         return run
 
     return make
@@ -368,3 +371,15 @@ def test_anchored_variants_of_a_store(make_run, tmp_path):
         np.testing.assert_allclose(np.load(tmp_path / "out" / rows[i]["path"]), want, atol=1e-5)
     with pytest.raises(InputError, match="needs --from"):
         gen.generate(run, tmp_path / "x", GenerateConfig(synthesis="neighbours"), device="cpu")
+
+
+def test_decoder_runs_under_auto_autocast_and_images_come_back_float32(make_run, tmp_path, monkeypatch):
+    run = make_run(StubModel())
+    cfg = GenerateConfig(prior="standard", n=4, format="npy")
+    assert gen.generate(run, tmp_path / "fp32", cfg, device="cpu")["precision"] == "fp32"
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: True)
+    assert gen.generate(run, tmp_path / "bf16", cfg, device="cpu")["precision"] == "bf16"
+    z = latents(0, 0, 4, 8)
+    ref, low = decode_latents(StubModel(), z), decode_latents(StubModel(), z, amp_dtype=torch.bfloat16)
+    assert low.dtype == torch.float32 and not torch.equal(low, ref)
+    torch.testing.assert_close(low, ref, rtol=0, atol=5e-2)
