@@ -2,7 +2,8 @@
 
 Writes a 16-slice 512² int16 NIfTI (noisy phantom-like disks in HU), trains nothing (weights do not
 change the cost), and times the whole `medvae denoise` path (read, normalize, model, map back,
-atomic NIfTI write) per slice with 1 torch thread and with all threads, against scikit-image's
+atomic NIfTI write) per slice in fp32 (amp off) with 1 torch thread and with all threads, and with
+1 thread in bf16 and in the default precision (amp auto: bf16 on a CPU with AMX), against scikit-image's
 non-local means (fast mode, σ estimated: the classical baseline of `medvae evaluate`) on the same
 slice. Prints seconds per slice and the ratio medvae / NLM (goal ≤ 1.0 with one thread). Run:
 ``.venv/bin/python benchmarks/bench_denoise_speed.py [--run RUN]`` (RUN: a trained denoise run;
@@ -60,16 +61,21 @@ def main() -> None:
     nib.save(nib.Nifti1Image(vol, np.diag([0.8, 0.8, 2.5, 1.0])), src)
     rows = []
     runs = [(threads, "off") for threads in sorted({1, os.cpu_count() or 1})]
-    if "amp" in DenoiseConfig.model_fields:
-        runs.append((1, "bf16"))  # the opt-in (amp: bf16): not the default, its outputs differ from fp32's
+    has_amp = "amp" in DenoiseConfig.model_fields  # a checkout from before the option: fp32 only
+    if has_amp:
+        runs += [(1, "bf16"), (1, "auto")]  # auto, the default: bf16 where the CPU has AMX / AVX-512 BF16
     for threads, amp in runs:
         torch.set_num_threads(threads)
-        cfg = DenoiseConfig(**({"amp": amp} if amp != "off" else {}))
+        cfg = DenoiseConfig(amp=amp) if has_amp else DenoiseConfig()
         dst = tmp / f"out_{threads}_{amp}.nii.gz"
         denoise_scans(run, src, tmp / f"warm_{threads}_{amp}.nii.gz", cfg, device="cpu")  # warm-up
         t0 = time.perf_counter()
         denoise_scans(run, src, dst, cfg, device="cpu")
-        label = f"medvae denoise, {threads} thread(s)" + (", amp bf16 (opt-in)" if amp != "off" else "")
+        label = f"medvae denoise, {threads} thread(s), amp {amp}"
+        if amp == "auto":  # what auto resolved to on this CPU
+            from medvae.training.runtime import precision_name, resolve_amp
+
+            label += f" ({precision_name(resolve_amp(amp, torch.device('cpu')))})"
         rows.append((label, (time.perf_counter() - t0) / args.slices))
     x01 = ((vol[..., 0].T.astype(np.float32) + 160) / 400).clip(0, 1)
     nlm = classical.seconds_per_slice("nlm", x01, repeats=3)
