@@ -9,32 +9,40 @@ from medvae.config import parse_model_config
 from medvae.metrics import images
 from medvae.metrics.elbo import elbo
 from medvae.models import build_model
+from medvae.training.runtime import autocast
 from medvae.training.validate import over_batches, validate
 from tests.factories import TINY_VAL, disc_store
 
 
-def test_validation_encodes_each_batch_once_and_matches_the_metrics_by_hand(tiny_store):
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_validation_encodes_each_batch_once_and_matches_the_metrics_by_hand(tiny_store, amp):
+    """Also under the trainer's bf16 autocast: the model runs in bf16, the ELBO and the distances
+    (SSIM's window matmuls, PSNR, MSE) are float32 arithmetic on its float32-cast outputs."""
+    cpu = torch.device("cpu")
     torch.manual_seed(0)
     model = build_model(parse_model_config(dict(image_size=64, channels=(8, 16, 32), latent_dim=16))).eval()
     calls = []
     encode = model.encode
     model.encode = lambda x: calls.append(len(x)) or encode(x)
-    got = validate(model, tiny_store, batch_size=6, max_batches=3, device=torch.device("cpu"), seed=3)
+    with autocast(cpu, amp):
+        got = validate(model, tiny_store, batch_size=6, max_batches=3, device=cpu, seed=3)
     assert calls == [6, 6, 4]  # 16 val patches in batches of 6: one encoder pass each
 
-    # by hand: the ELBO with its own encoder pass, the reconstruction decode(mu), same generator draws
+    # by hand: the ELBO with its own encoder pass, the reconstruction decode(mu), same generator draws;
+    # the model under the autocast, the distances after it
     model.encode = encode
     gen = torch.Generator().manual_seed(3)
     per: dict[str, list] = {k: [] for k in ("elbo", "nll", "kl", "ssim", "psnr", "mse")}
     rows = tiny_store.select("val")
-    with torch.no_grad():
-        for start in range(0, TINY_VAL, 6):
-            x = torch.from_numpy(tiny_store.get(rows[start:start + 6]))
+    for start in range(0, TINY_VAL, 6):
+        x = torch.from_numpy(tiny_store.get(rows[start:start + 6]))
+        with torch.no_grad(), autocast(cpu, amp):
             e, terms = elbo(model, x, generator=gen, return_terms=True)
-            recon = model.decode(model.encode(x)[0]).clamp(0, 1)
-            for k, v in (("elbo", e), ("nll", terms["nll"]), ("kl", terms["kl"]), ("ssim", images.ssim(recon, x)),
-                         ("psnr", images.psnr(recon, x)), ("mse", images.mse(recon, x))):
-                per[k].append(v)
+            recon = model.decode(model.encode(x)[0]).float().clamp(0, 1)
+        for k, v in (("elbo", e), ("nll", terms["nll"]), ("kl", terms["kl"]), ("ssim", images.ssim(recon, x)),
+                     ("psnr", images.psnr(recon, x)), ("mse", images.mse(recon, x))):
+            assert v.dtype == torch.float32, k
+            per[k].append(v)
     want = {k: float(torch.cat(v).double().mean()) for k, v in per.items()}
     assert set(got) == set(want)
     for k in want:
