@@ -39,5 +39,7 @@ def test_classical_baselines_see_the_same_noisy_patches(denoise_run, hu_store, t
     assert set(summary["seconds_per_512_slice"]) == {"medvae", *expected}
     csv = (tmp_path / "rep" / "metrics.csv").read_text().splitlines()
     assert csv[0] == "run,method,noise,level,patient_id,modality,split,metric,value,n"
-    assert "data:image/png;base64" in (tmp_path / "rep" / "report.html").read_text()
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "data:image/png;base64" in html
+    assert summary["train_precision"] == "fp32" and "the run trained in fp32" in html  # its run.json's
     assert json.loads((tmp_path / "rep" / "summary.json").read_text())["n_patches"] == 6
