@@ -155,7 +155,10 @@ def main() -> None:
     if args.fresh_features:
         shutil.rmtree(store / "features", ignore_errors=True)
     elif not (store / "features").exists():  # train the feature network once, outside the timed runs
-        evaluate(REPO, store, run, args.root / "warmup")
+        subprocess.run([sys.executable, "-c", "import sys; from medvae.config import EvaluateConfig; "
+                        "from medvae.data.store import open_store; from medvae.evaluation.features import feature_net; "
+                        "feature_net(open_store(sys.argv[1]), EvaluateConfig().feature_steps)", str(store)],
+                       check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     load = os.getloadavg()[0]
     runs = {}
     if args.ref:
