@@ -35,6 +35,9 @@ import csv
 import io
 import logging
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -71,11 +74,23 @@ _COMPARED = ("per_modality", "per_class", "per_split", "cohort", "checkpoint", "
 
 
 
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Adds the seconds the block takes to ``timings[stage]`` (summary.json ``timings``: where evaluation's time
+    goes, so a slow stage is visible without a profiler)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
 # --------------------------------------------------------------------------- per patch
 @torch.no_grad()
 def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: torch.device,
-                  iwae_rows: np.ndarray | None = None, seed: int = 0) -> tuple[dict[str, np.ndarray], dict]:
-    """Per-patch metrics of ``model`` on store rows ``rows``.
+                  iwae_rows: np.ndarray | None = None, seed: int = 0,
+                  timings: dict[str, float] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Per-patch metrics of ``model`` on store rows ``rows``; the IWAE's seconds added to ``timings["iwae"]``.
 
     Returns:
         ``(per_patch, codes)``: metric name -> (len(rows),) float64, with IWAE and bits/dim NaN
@@ -84,6 +99,7 @@ def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: t
         Reconstruction metrics compare the image channels (a joint model's mask channel is in the ELBO only).
     """
     gen = torch.Generator().manual_seed(seed)  # CPU generator: the same z on every device
+    timings = {} if timings is None else timings
     iwae_rows = rows if iwae_rows is None else iwae_rows
     out: dict[str, list] = {k: [] for k in PATCH_METRICS}
     mus = []
@@ -102,7 +118,8 @@ def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: t
         iw = torch.full((len(batch),), float("nan"), device=device)
         sel = torch.from_numpy(np.isin(batch, iwae_rows)).to(device)
         if sel.any():
-            with model.conditioned_on(None if ids is None else torch.from_numpy(ids[sel.cpu().numpy()]).to(device)):
+            sel_ids = None if ids is None else torch.from_numpy(ids[sel.cpu().numpy()]).to(device)
+            with timed(timings, "iwae"), model.conditioned_on(sel_ids):
                 iw[sel] = L.iwae_log_likelihood(model, x[sel], k=cfg.iwae_k, batch_chunk=4 * cfg.batch_size,
                                                 generator=gen, posterior=(mu[sel], logvar[sel]))
         out["iwae"].append(iw)
@@ -173,6 +190,7 @@ def cohort_metrics(store, rows: np.ndarray, samples: torch.Tensor, modality: str
 # --------------------------------------------------------------------------- one run
 def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_figures: bool = True) -> dict:
     """All metrics of one run on ``cfg.split`` of ``store``; figures data when ``with_figures``."""
+    start = time.perf_counter()
     ckpt = Path(run) if Path(run).is_file() else RunDir(run).checkpoint("best")  # a checkpoint file, or the run's
     model, meta = load_model(ckpt, device=device)
     name = Path(run).resolve().name if Path(run).is_dir() else Path(run).stem
@@ -189,7 +207,10 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
              len(set(pids)))
     groups = group_rows(pids)
     iwae_rows = _iwae_subset(groups, rows, IWAE_PER_PATIENT, cfg.iwae_max_patches)
-    per, codes = patch_metrics(model, store, rows, cfg, device, iwae_rows)
+    timings: dict[str, float] = {}
+    with timed(timings, "per_patch"):
+        per, codes = patch_metrics(model, store, rows, cfg, device, iwae_rows, timings=timings)
+    timings["per_patch"] -= timings.get("iwae", 0.0)  # the IWAE runs inside; its own row
 
     image_set = is_image_set(store)
     per_patient, per_modality = {}, {}
@@ -206,15 +227,20 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
                             "worst_patches": worst, "best_row": int(prow[order[-1]])}
     cohort, hists = {}, {}
     modalities = sorted(set(mods.tolist()))
-    by_prior = prior_samples(model, ckpt, store, modalities, cfg)
+    with timed(timings, "prior_samples"):
+        by_prior = prior_samples(model, ckpt, store, modalities, cfg)
     for mod in modalities:
         m = mods == mod
         per_modality[mod] = {"n_patches": int(m.sum()), "n_patients": len(set(pids[m])),
                              "metrics": {k: finite_stats(v[m]) for k, v in per.items()}}
-        cohort[mod], hists[mod] = cohort_metrics(store, rows[m], by_prior[mod]["standard"], mod, cfg, device)
+        with timed(timings, "mmd"):
+            cohort[mod], hists[mod] = cohort_metrics(store, rows[m], by_prior[mod]["standard"], mod, cfg, device)
     quality = {}
     if cfg.sample_metrics:
-        quality = sample_quality(store, {mod: rows[mods == mod] for mod in cohort}, by_prior, cfg, device)
+        with timed(timings, "sample_quality"):
+            quality = sample_quality(store, {mod: rows[mods == mod] for mod in cohort}, by_prior, cfg, device)
+    with timed(timings, "other_splits"):
+        per_split = split_stats(model, store, cfg, rows, per, device) if image_set else {}
 
     result = {"run": name, "checkpoint": str(ckpt), "step": meta.get("step"),
               "weights_sha256": weights_sha256(model),
@@ -225,11 +251,12 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
               "image_set": image_set,
               "per_patient": per_patient, "per_modality": per_modality,
               "per_class": class_stats(store, rows, per),
-              "per_split": split_stats(model, store, cfg, rows, per, device) if image_set else {},
+              "per_split": per_split,
               "cohort": cohort, "sample_quality": quality,
               "report_patients": [] if image_set else report_patients(per_patient, cfg.report_patients),
               "worst_images": worst_images(store, rows, per["ssim"], cfg.worst_images) if image_set else []}
     if with_figures:
+        fig_start = time.perf_counter()
         shown = {p: per_patient[p] for p in result["report_patients"]}
         result["_figures"] = _figure_data(model, store, shown, by_prior, hists, per, groups, codes, mods, device)
         result["_figures"]["latent_map"] = latent_map(store, rows, codes)
@@ -243,6 +270,9 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
             if classified:
                 result["_figures"]["class_samples"] = {"kind": "classified", "modality": modalities[0],
                                                        **classified}
+        timings["figures"] = time.perf_counter() - fig_start
+    timings["total"] = time.perf_counter() - start
+    result["timings"] = timings
     return result
 
 
@@ -421,6 +451,9 @@ def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compar
     summary["metric_info"] = {k: {"unit": m.unit, "direction": m.better} for k, m in ALL_METRICS.items()}
     summary["iwae_patches_per_patient"] = IWAE_PER_PATIENT
     summary["config"] = cfg.model_dump(mode="json")
+    # seconds per stage of the evaluation (compared runs: their own evaluation in ``compared_runs``), up to the
+    # report's rendering, which starts after summary.json is written (logged)
+    summary["timings"] = {**results[0]["timings"], "compared_runs": sum(r["timings"]["total"] for r in results[1:])}
     if compare:
         summary["compare"] = {"runs": [r["run"] for r in results], "table": compare_table(results),
                               "results": {r["run"]: {k: r[k] for k in _COMPARED}
@@ -428,5 +461,8 @@ def run_evaluation(run, store, out, config: EvaluateConfig | None = None, compar
                               "identical_weights": identical_weights(results)}
     if utility is not None:
         summary["utility"] = utility
+    start = time.perf_counter()
     report.write(buf.getvalue(), jsonable(summary), lambda path: write_report(summary, figures, path))
+    log.info("evaluation took %.1f s, its report %.1f s more", summary["timings"]["total"],
+             time.perf_counter() - start)
     return summary

@@ -124,6 +124,17 @@ def test_summary_groups_patients_and_modalities(evaluated):
     assert m["elbo"]["mean"] < m["iwae"]["mean"] + 1.0
 
 
+def test_summary_and_report_say_how_long_each_stage_took(evaluated):
+    out = evaluated[2]
+    timings = json.loads((out / "summary.json").read_text())["timings"]
+    stages = {"per_patch", "iwae", "prior_samples", "mmd", "sample_quality", "figures"}
+    assert set(timings) >= stages | {"total", "compared_runs"}
+    assert all(v >= 0 for v in timings.values())
+    assert sum(timings[k] for k in stages) <= timings["total"] + 1e-6  # the stages are parts of the total
+    html = (out / "report.html").read_text()
+    assert 'id="timings"' in html and "IWAE</td>" in html
+
+
 def test_report_is_self_contained_and_anonymous(evaluated):
     out = evaluated[2]
     html = (out / "report.html").read_text()
