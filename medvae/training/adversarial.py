@@ -35,6 +35,8 @@ class AdversarialStep(TrainStep):
     """
 
     norm_names = {**TrainStep.norm_names, "discriminator": "d_grad_norm"}
+    lr_names = {**TrainStep.lr_names, "discriminator": "disc_lr"}
+    unlogged = ("d_grad_norm",)  # guarded, not logged (as before the families)
     loss_names = (*TrainStep.loss_names, "d_loss")
 
     def __init__(self, model: VAEGAN, loss: Loss, tc: TrainConfig, device: torch.device, info: DistInfo,

@@ -60,6 +60,10 @@ class TrainStep:
 
     # the optimizers' log names of their gradient norms
     norm_names = {"generator": "grad_norm"}
+    # the optimizers' log names of their learning rates
+    lr_names = {"generator": "lr"}
+    # values the guard checks but the log leaves out
+    unlogged: tuple[str, ...] = ()
     # the loss terms the NaN guard checks (with the gradient norms)
     loss_names = ("loss",)
 
@@ -126,7 +130,7 @@ class TrainStep:
             the step's :class:`StepRecord`: the rank-mean loss terms, the gradient norms, ``lr`` (and
             ``disc_lr``), ``beta``, and (once settled) whether the step was skipped and why.
         """
-        extra = {"lr" if k == "generator" else "disc_lr": s.get_last_lr()[0] for k, s in self.schedulers.items()}
+        extra = {self.lr_names[k]: s.get_last_lr()[0] for k, s in self.schedulers.items()}
         extra["beta"] = beta = beta_at(step, self.tc.beta, self.tc.beta_warmup_steps)
         terms, norms = self.backward(x, step, beta, x if target is None else target, weight)
         names = [*terms, *(self.norm_names[k] for k in norms)]
@@ -138,7 +142,7 @@ class TrainStep:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             for s in self.schedulers.values():
                 s.step()
-        record = StepRecord(names, values, flags, extra)
+        record = StepRecord(names, values, flags, extra, self.unlogged)
         if not self.fused:
             record.settle(*flags.tolist())
         return record
@@ -226,8 +230,9 @@ class StepRecord:
     many steps at once) and :meth:`entry` (the values).
     """
 
-    def __init__(self, names: list[str], values: torch.Tensor, flags: torch.Tensor, extra: dict):
-        self.names, self.values, self.flags, self.extra = names, values, flags, extra
+    def __init__(self, names: list[str], values: torch.Tensor, flags: torch.Tensor, extra: dict,
+                 unlogged: tuple[str, ...] = ()):
+        self.names, self.values, self.flags, self.extra, self.unlogged = names, values, flags, extra, unlogged
         self.bad: bool | None = None  # None: not settled yet
         self.problem: str | None = None
         self.step = -1  # set by the trainer
@@ -241,9 +246,7 @@ class StepRecord:
         """The log entry: the loss terms, ``grad_norm``, ``lr``, ``beta``, ``skipped`` (``disc_lr``)."""
         if self.bad is None:
             self.settle(*self.flags.float().tolist())
-        out = dict(zip(self.names, self.values.tolist(), strict=True))
-        out.pop("d_grad_norm", None)
-        out.update(lr=self.extra["lr"], beta=self.extra["beta"], skipped=int(self.bad))
-        if "disc_lr" in self.extra:
-            out["disc_lr"] = self.extra["disc_lr"]
-        return out
+        out = {k: v for k, v in zip(self.names, self.values.tolist(), strict=True) if k not in self.unlogged}
+        rest = dict(self.extra)
+        out.update(lr=rest.pop("lr"), beta=rest.pop("beta"), skipped=int(self.bad))
+        return {**out, **rest}  # a second optimizer's learning rate (the critic's disc_lr) last
