@@ -501,8 +501,13 @@ class AugmentConfig(StrictModel):
     noise_std: float = Field(0.02, ge=0)  # on the [0, 1] scale
 
 
-ARMS = ("real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic")
-Arm = Literal["real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic"]
+# The utility study's arms (medvae.downstream.study): supervised on the labelled subset (real, +classical),
+# with synthetic images (+synthetic, synthetic), and semi-supervised, learning from the unlabelled train
+# images too (pseudo, fixmatch, latent, m2; medvae.downstream.semisupervised / medvae.downstream.latent).
+Arm = Literal["real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic",
+              "pseudo", "fixmatch", "latent", "m2", "pseudo+synthetic", "fixmatch+synthetic"]
+ARMS: tuple[str, ...] = Arm.__args__
+DEFAULT_ARMS = ("real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic")
 
 
 class UtilityConfig(StrictModel):
@@ -521,7 +526,7 @@ class UtilityConfig(StrictModel):
     fractions: list[float] = Field(default_factory=lambda: [0.05, 0.1, 1.0])  # of the train split, in (0, 1]
     labels_per_class: list[int] | None = None  # classify: labelled images per class, instead of fractions
     seeds: int = Field(3, ge=1)
-    arms: list[Arm] = Field(default_factory=lambda: list(ARMS))
+    arms: list[Arm] = Field(default_factory=lambda: list(DEFAULT_ARMS))
     # neighbours | interpolate: variants of each labelled image (medvae.synthesis.anchored);
     # prior: samples of the generator's mixture prior
     synthesis: Literal["neighbours", "interpolate", "prior"] = "neighbours"

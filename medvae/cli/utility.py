@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from medvae.cli.app import app, choices, config_with_options, user_errors
-from medvae.config import ARMS, TrainStageConfig, UtilityConfig, load_config
+from medvae.config import ARMS, DEFAULT_ARMS, TrainStageConfig, UtilityConfig, load_config
 from medvae.errors import ConfigError
 
 
@@ -38,7 +38,7 @@ def utility(
     labels_per_class: Optional[str] = typer.Option(
         None, help="Labelled images per class, instead of fractions (classify), e.g. 10,100."),
     arms: Optional[str] = typer.Option(
-        None, help="Comma-separated arms (default all): " + ", ".join(ARMS) + "."),
+        None, help="Comma-separated arms of " + ", ".join(ARMS) + " (default " + ",".join(DEFAULT_ARMS) + ")."),
     synthesis: Optional[str] = typer.Option(
         None, help="neighbours (default) | interpolate: variants of each labelled image; prior: prior samples."),
     unlabelled: Optional[str] = typer.Option(

@@ -149,6 +149,14 @@ class _Context:
             self.shared["pool"] = (pool, checkpoint)
         return self.shared["pool"]
 
+    def unlabelled(self) -> torch.Tensor:
+        """Every train image without its label, ``(N, C, H, W)`` float32: the semi-supervised arms' pool
+        (the same images the study's generator learns from with ``unlabelled: all``)."""
+        if "unlabelled" not in self.shared:
+            pool = synthetic_sets.unlabelled_store(self.store, self.out.unlabelled_store)
+            self.shared["unlabelled"] = torch.from_numpy(pool.get(pool.select()))
+        return self.shared["unlabelled"]
+
     def reference(self) -> audit.TrainReference:
         """The memorization audit's features of the real train split (computed once)."""
         if "reference" not in self.shared:

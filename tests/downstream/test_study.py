@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 import medvae.downstream.study as study
 from medvae.cli import app
-from medvae.config import ARMS, UtilityConfig, parse_config
+from medvae.config import DEFAULT_ARMS as ARMS
+from medvae.config import UtilityConfig, parse_config
 from medvae.downstream.subsets import labelled_rows
 from medvae.downstream.synthetic_sets import Candidates, generator_config, write_synthetic_store
 from medvae.errors import ConfigError, InputError
