@@ -110,14 +110,20 @@ def worker(store: str, run: str, out: str) -> None:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     spent: dict[str, float] = {label: 0.0 for label, _, _ in STAGES}
+    active: list[str] = []  # the stages running now: a stage inside another (the other splits' per-patch
+    #                         metrics) is the outer one's time, except IWAE, which per-patch metrics subtracts
 
     def timed(label, fn):
         def wrapper(*a, **kw):
+            if active and label != "IWAE":
+                return fn(*a, **kw)
+            active.append(label)
             t = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
                 spent[label] += time.perf_counter() - t
+                active.pop()
         return wrapper
 
     for label, mod, attr in STAGES:

@@ -230,13 +230,16 @@ def matched_monai_kl(size: int) -> tuple[tuple[int, ...], int, int, int]:
     return best
 
 
-def step_rate(store, cfg: TrainStageConfig, device, warmup: int, min_seconds: float, max_steps: int) -> dict:
-    """images/s of the trainer's step on one pre-made random batch on ``device``."""
+def step_rate(store, cfg: TrainStageConfig, device, warmup: int, min_seconds: float, max_steps: int,
+              task=None) -> dict:
+    """images/s of the trainer's step on one pre-made random batch on ``device`` (``task``: the training task,
+    a ReconstructTask when None)."""
     from medvae.data.loader import Batch
 
     cfg = resolve_config(cfg, store)
+    task = ReconstructTask(store, cfg.train.seed) if task is None else task
     with tempfile.TemporaryDirectory() as tmp:
-        tr = _Trainer(store, Path(tmp), cfg, device, DistInfo(), ReconstructTask(store, cfg.train.seed), resume=False)
+        tr = _Trainer(store, Path(tmp), cfg, device, DistInfo(), task, resume=False)
         b = cfg.train.batch_size
         x = torch.rand(b, cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size, device=device)
         if tr.channels_last:

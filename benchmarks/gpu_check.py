@@ -6,8 +6,11 @@ Sections (the default-sized ConvVAE of each patch size, ``channels`` left to the
 1. **precision modes**, at 128² and 256², batch 64: images/s of the trainer's own step
    (``_Trainer._train_step`` on a batch already on the GPU, between ``torch.cuda.synchronize()``
    calls, after warm-up steps) in fp32 eager, bf16 autocast + channels_last, and bf16 +
-   channels_last + ``torch.compile``, for the ConvVAE and the VAE–GAN (critic on); peak GPU memory
-   per row; the ratio over fp32 eager.
+   channels_last + ``torch.compile``, for every model family (issue #26 item 6): the ConvVAE, the
+   VAE–GAN (critic on), the denoisers dae and unet-vae (supervised denoise task) and MONAI's
+   VarAutoEncoder and AutoencoderKL; peak GPU memory per row; the ratio over fp32 eager, and per
+   family and size the fastest mode (whether compile wins). The compiled rows run after every eager
+   row, so a slow compilation only costs compiled rows.
 2. **trainer / bare loop**, at 128² and 256²: ``medvae.training.trainer.train`` (the trainer's
    defaults: bf16 + channels_last on CUDA) against a bare PyTorch loop with the same model, batch,
    precision and Adam settings (``benchmarks/bench_train.py``'s ``compare``: the marginal images/s
@@ -97,34 +100,67 @@ def timed(fn, device, warmup: int, min_seconds: float, max_calls: int) -> tuple[
 
 
 # --------------------------------------------------------------------------- 1. precision modes
+FAMILIES = ("vae", "vaegan", "dae", "unet-vae", "monai-vae", "monai-kl")  # every model family (issue #26 item 6)
+DENOISERS = ("dae", "unet-vae")  # trained on the denoise task (noisy input, clean target): whole slices
+
+
+def family_cfg(name: str, args, amp: str, channels_last: bool, compile_: bool):
+    """The trainer config of model family ``name`` (``args.channels``, ``args.latent``, ``args.batch``) in one
+    precision mode; a denoiser gets ``task: denoise`` (supervised, Gaussian noise), the others reconstruct."""
+    from bench_train import stage_cfg
+
+    from medvae.config import TrainStageConfig
+
+    cfg = stage_cfg(name if name not in DENOISERS else "vae", args.channels, 1, args.batch, amp, channels_last,
+                    compile_, 10**9)
+    if name in DENOISERS:  # their configs take neither latent_dim nor another family's keys
+        model = {"name": name, "res_units": 1} | ({} if args.channels is None else {"channels": list(args.channels)})
+        return TrainStageConfig.model_validate({"model": model, "train": cfg.train.model_dump(), "task": "denoise"})
+    cfg.model.latent_dim = args.latent if name != "monai-kl" else 64 * -(-args.latent // 64)  # its latent: x 64
+    return cfg
+
+
 def precision_rows(args, device, stores, deadline) -> list[dict]:
-    from bench_train import stage_cfg, step_rate
+    """images/s of every family at every size in each of MODES; the compiled rows last (compilation is the slow
+    part: the time budget skips those first)."""
+    import torch
+    from bench_train import step_rate
+
+    from medvae.denoising.selfsupervised import build_task
 
     rows = []
-    for size in args.sizes:
-        for label, amp, cl, comp in MODES:
-            for name in ("vae", "vaegan"):
-                row = {"section": "precision", "model": name, "size": size, "mode": label, "unit": "images/s"}
-                rows.append(row)
-                if time.monotonic() > deadline:
-                    row["note"] = "skipped: time budget"
-                    continue
-                if device.type != "cuda" and (cl or amp == "bf16") and not args.dry_run:
-                    row["note"] = "CUDA only"
-                    continue
-                cfg = stage_cfg(name, args.channels, 1, args.batch, amp, cl, comp, 10**9)
-                cfg.model.latent_dim = args.latent
-                warmup = args.warmup + (3 if comp else 0)  # compile: the first calls build the graphs
-                try:
-                    r = step_rate(stores[size], cfg, device, warmup, args.seconds, args.max_steps)
-                except Exception as err:  # noqa: BLE001 - one failing mode must not lose the table
-                    row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
-                    print(row["note"], file=sys.stderr)
-                    continue
-                row.update(value=r["images_per_s"], peak_gib=r["peak_gib"], steps=r["steps"],
-                           params_m=r["params"] / 1e6, bad_steps=r["bad_steps"])
-                print(f"precision {name:6s} {size}² {label:32s} {r['images_per_s']:9.1f} img/s "
-                      f"({r['params'] / 1e6:.1f} M params)", flush=True)
+    passes = [[m for m in MODES if not m[3]], [m for m in MODES if m[3]]]
+    for modes in passes:
+        for size in args.sizes:
+            for label, amp, cl, comp in modes:
+                for name in args.families:
+                    row = {"section": "precision", "model": name, "size": size, "mode": label, "unit": "images/s"}
+                    rows.append(row)
+                    if time.monotonic() > deadline:
+                        row["note"] = "skipped: time budget"
+                        continue
+                    if device.type != "cuda" and (cl or amp == "bf16") and not args.dry_run:
+                        row["note"] = "CUDA only"
+                        continue
+                    if args.dry_run and comp and name != args.families[0]:  # a CPU compile takes minutes
+                        row["note"] = f"skipped: the dry run compiles {args.families[0]} only"
+                        continue
+                    warmup = args.warmup + (3 if comp else 0)  # compile: the first calls build the graphs
+                    try:
+                        cfg = family_cfg(name, args, amp, cl, comp)
+                        task = build_task(stores[size], cfg) if name in DENOISERS else None
+                        r = step_rate(stores[size], cfg, device, warmup, args.seconds, args.max_steps, task=task)
+                    except Exception as err:  # noqa: BLE001 - one failing mode must not lose the table
+                        row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+                        print(f"precision {name} {size}² {label}: {row['note']}", file=sys.stderr)
+                        continue
+                    row.update(value=r["images_per_s"], peak_gib=r["peak_gib"], steps=r["steps"],
+                               params_m=r["params"] / 1e6, bad_steps=r["bad_steps"])
+                    print(f"precision {name:9s} {size}² {label:32s} {r['images_per_s']:9.1f} img/s "
+                          f"({r['params'] / 1e6:.1f} M params)", flush=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    rows.sort(key=lambda r: (r["size"], FAMILIES.index(r["model"]), [m[0] for m in MODES].index(r["mode"])))
     return rows
 
 
@@ -328,12 +364,31 @@ def print_table(results: dict) -> None:
     Console(width=180).print(t)
 
 
+def best_modes(rows: list[dict]) -> list[str]:
+    """Per family and size: the fastest precision mode, its ratio to fp32 eager, and whether compile wins over
+    the same mode eager."""
+    out = []
+    timed_rows = [r for r in rows if r["section"] == "precision" and r.get("value")]
+    for key in dict.fromkeys((r["model"], r["size"]) for r in timed_rows):
+        vals = {r["mode"]: r["value"] for r in timed_rows if (r["model"], r["size"]) == key}
+        best = max(vals, key=vals.get)
+        fp32 = vals.get(MODES[0][0])
+        line = f"{key[0]} {key[1]}²: fastest {best}" + (f", {vals[best] / fp32:.2f}x fp32" if fp32 else "")
+        eager, comp = vals.get(MODES[1][0]), vals.get(MODES[2][0])
+        if eager and comp:
+            line += f"; compile {'wins' if comp > eager else 'loses'} ({comp / eager:.2f}x bf16 eager)"
+        out.append(line)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="every section on the CPU, tiny sizes (~1 min)")
     ap.add_argument("--budget", type=float, default=390.0,
                     help="seconds after which what is left of sections 1-3 is skipped (default 390: < 8 min in all)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench_out")
+    ap.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                    help="model families of the precision section (default: all)")
     args = ap.parse_args()
     t_start = time.monotonic()
     if not args.dry_run:
@@ -371,6 +426,8 @@ def main() -> None:
         results["rows"] += evaluate_rows(args, device, stores[args.sizes[0]])
     results["wall_s"] = time.monotonic() - t_start
     print_table(results)
+    for line in best_modes(results["rows"]):
+        print(line)
     ratios = [r["value"] for r in results["rows"] if r["section"] == "trainer / bare loop" and r.get("value")]
     if ratios:
         print(f"trainer / bare loop: median {statistics.median(ratios):.3f} (goal >= 0.95)")

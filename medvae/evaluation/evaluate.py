@@ -120,7 +120,8 @@ def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: t
         if sel.any():
             sel_ids = None if ids is None else torch.from_numpy(ids[sel.cpu().numpy()]).to(device)
             with timed(timings, "iwae"), model.conditioned_on(sel_ids):
-                iw[sel] = L.iwae_log_likelihood(model, x[sel], k=cfg.iwae_k, batch_chunk=4 * cfg.batch_size,
+                # one batch of decodes per call: 4x that was 1.7x slower per decode on the CPU (cache-bound)
+                iw[sel] = L.iwae_log_likelihood(model, x[sel], k=cfg.iwae_k, batch_chunk=cfg.batch_size,
                                                 generator=gen, posterior=(mu[sel], logvar[sel]))
         out["iwae"].append(iw)
         out["bpd"].append(L.bits_per_dim(iw, x[0].numel()))
@@ -193,6 +194,8 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
     start = time.perf_counter()
     ckpt = Path(run) if Path(run).is_file() else RunDir(run).checkpoint("best")  # a checkpoint file, or the run's
     model, meta = load_model(ckpt, device=device)
+    if device.type in ("cpu", "cuda"):  # oneDNN's / cuDNN's own layout: IWAE's decodes ~1.5x faster on the CPU;
+        model = model.to(memory_format=torch.channels_last)  # the same arithmetic up to float rounding
     name = Path(run).resolve().name if Path(run).is_dir() else Path(run).stem
     if meta.get("store_hash") and meta["store_hash"] != store.content_hash:
         log.warning("%s was trained on another store (hash %s…, this store %s…); metrics are "
