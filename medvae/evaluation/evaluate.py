@@ -99,6 +99,8 @@ def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: t
         Reconstruction metrics compare the image channels (a joint model's mask channel is in the ELBO only).
     """
     gen = torch.Generator().manual_seed(seed)  # CPU generator: the same z on every device
+    # the IWAE's samples from their own stream: the ELBO's z do not move with iwae_k or the IWAE subset
+    iwae_gen = torch.Generator().manual_seed(seed + 1)
     timings = {} if timings is None else timings
     iwae_rows = rows if iwae_rows is None else iwae_rows
     out: dict[str, list] = {k: [] for k in PATCH_METRICS}
@@ -122,7 +124,7 @@ def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: t
             with timed(timings, "iwae"), model.conditioned_on(sel_ids):
                 # one batch of decodes per call: 4x that was 1.7x slower per decode on the CPU (cache-bound)
                 iw[sel] = L.iwae_log_likelihood(model, x[sel], k=cfg.iwae_k, batch_chunk=cfg.batch_size,
-                                                generator=gen, posterior=(mu[sel], logvar[sel]))
+                                                generator=iwae_gen, posterior=(mu[sel], logvar[sel]))
         out["iwae"].append(iw)
         out["bpd"].append(L.bits_per_dim(iw, x[0].numel()))
     return {k: torch.cat(v).double().cpu().numpy() for k, v in out.items()}, torch.cat(mus).numpy()
