@@ -101,8 +101,10 @@ def startup(out: Path, repeats: int = 5) -> dict:
 
 
 def reader_read(series: list[str], labels: list[str]) -> tuple[float, float]:
-    """medvae's own readers alone: (DICOM series via read_dicom_series, label NIfTIs via read_nifti)."""
+    """medvae's own readers alone, as prepare calls them: (DICOM series via read_dicom_series, label NIfTIs via
+    read_nifti in their stored dtype: medvae.data.normalize's label read, not the float32 Volume of load_volume)."""
     from medvae.io import load_volume
+    from medvae.io.nifti import read_nifti
 
     t = time.perf_counter()
     for s in series:
@@ -110,7 +112,7 @@ def reader_read(series: list[str], labels: list[str]) -> tuple[float, float]:
     t_img = time.perf_counter() - t
     t = time.perf_counter()
     for lab in labels:
-        load_volume(lab)
+        read_nifti(lab, keep_dtype=True)
     return t_img, time.perf_counter() - t
 
 
