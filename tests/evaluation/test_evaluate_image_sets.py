@@ -178,7 +178,8 @@ def test_per_split_and_worst_images(labelled):
     picked = store.select(split="train")[np.unique(np.linspace(0, 23, 12).round().astype(int))]
     model, _ = load_model(root / "run" / "checkpoints" / "best.pt")
     per, _ = patch_metrics(model, store, picked, CFG, torch.device("cpu"), iwae_rows=picked[:0])
-    assert train["metrics"]["ssim"]["mean"] == pytest.approx(per["ssim"].mean(), rel=1e-6)
+    # rel 1e-5: the evaluation's model is channels_last, this one contiguous (float32 sums in another order)
+    assert train["metrics"]["ssim"]["mean"] == pytest.approx(per["ssim"].mean(), rel=1e-5)
     test = default["per_split"]["test"]["image"]
     assert test["n_patches"] == test["n_split"] == 30
     assert test["metrics"]["ssim"]["mean"] == pytest.approx(default["per_modality"]["image"]["metrics"]["ssim"]["mean"])
