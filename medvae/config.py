@@ -390,7 +390,7 @@ class EvaluateConfig(StrictModel):
     prior_components: int = Field(10, ge=1)  # of the Gaussian-mixture prior compared with N(0, I)
     denoise_patches: int = 96  # denoise runs: evenly spaced patches of the split every method denoises
     # IWAE on at most this many patches (8 per patient, evenly thinned beyond; the report gives n and sd): k decodes
-    # each are evaluation's dominant cost (2000 took 3.7 min of a 1,000-image 32² split's 4 on a CPU core)
+    # each are evaluation's dominant cost (on all 1,000 images of a 32² split: 3.7 of its 4 minutes on a CPU core)
     iwae_max_patches: int = 200
     report_patients: int = 20  # report.html shows sections for at most this many patients (worst and best half)
     # Image sets (every patient one patch, evaluation.class_tables.is_image_set): per-image rows in metrics.csv and
