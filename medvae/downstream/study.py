@@ -11,7 +11,9 @@ seed s (a "cell"):
    user gave a synthetic store for every cell;
 4. the same downstream network, steps, real batches and seed (:mod:`medvae.downstream.networks`) is
    trained on each arm — ``real``, ``real+classical``, ``real+synthetic``,
-   ``real+classical+synthetic``, ``synthetic`` — and scored on the real test split.
+   ``real+classical+synthetic``, ``synthetic``, and the semi-supervised ``pseudo``, ``fixmatch`` (and
+   each ``+synthetic``, :mod:`medvae.downstream.semisupervised`) that learn from the unlabelled train
+   images too — and scored on the real test split.
 
 The directory's layout is :class:`medvae.downstream.studydir.StudyDir`'s. Resumable per (budget,
 seed, arm): an arm's result is written atomically to ``cells/<budget>_s<s>/<arm>.json`` and a
