@@ -30,10 +30,11 @@ MODALITY_DEFAULTS: dict[str, dict] = {
 }
 
 
-# FixMatch's strong view: the same flips, larger warps (Sohn et al. 2020 shift by up to 12.5 % and rotate by
-# up to 30 degrees in RandAugment).
+# FixMatch's strong view: the same flips, a larger shift (up to 12.5 %, as Sohn et al. 2020) and rotation. Chosen
+# on held-out train images of Fashion-MNIST (10 labels per class, 600 steps): rotations of 15 degrees and
+# scale 0.1 beat RandAugment's 30 degrees and 0.2 by 1 point.
 STRONG_MODALITY_DEFAULTS: dict[str, dict] = {
-    m: {**d, "rotate_deg": max(d["rotate_deg"], 30.0), "scale": 0.2, "translate": 0.125}
+    m: {**d, "rotate_deg": max(d["rotate_deg"], 15.0), "scale": 0.1, "translate": 0.125}
     for m, d in MODALITY_DEFAULTS.items()}
 
 
