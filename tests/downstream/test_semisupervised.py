@@ -22,7 +22,8 @@ FAST = {"seeds": 1, "downstream_steps": 6, "batch_size": 4, "lr": 3e-3, "unlabel
 
 
 def test_fixmatch_mask_excludes_low_confidence_images():
-    # softmax max of each weak row: e^5/(e^5+2) = 0.987, e^1/(e^1+2) = 0.576, e^4/(e^4+2) = 0.965, e^2.9/(e^2.9+2) = 0.901
+    # softmax max of each weak row: e^5/(e^5+2) = 0.987, e^1/(e^1+2) = 0.576, e^4/(e^4+2) = 0.965,
+    # e^2.9/(e^2.9+2) = 0.901
     weak = torch.tensor([[5.0, 0, 0], [1.0, 0, 0], [0, 4.0, 0], [0, 0, 2.9]])
     strong = torch.tensor([[0.2, 1.0, -0.5], [3.0, 0, 0], [1.0, 0.5, 2.0], [0, 0, 9.0]])
     seen = []
