@@ -590,6 +590,15 @@ class UtilityConfig(StrictModel):
             return data
         return {**data, "generator": {**generator, "model": {"name": study, **model}}}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _strong_defaults(cls, data):
+        """A ``strong:`` that names some fields keeps the strong view's defaults (STRONG_AUGMENT) for the others,
+        not the classical ones."""
+        if isinstance(data, dict) and isinstance(data.get("strong"), dict):
+            return {**data, "strong": {**STRONG_AUGMENT, **data["strong"]}}
+        return data
+
     def stable_dump(self, exclude: set[str] | None = None) -> dict:
         """``model_dump(mode="json", exclude=exclude)`` with the generator's config as
         :meth:`TrainStageConfig.stable_dump`: what a study's settings and a pipeline's utility key compare.

@@ -175,3 +175,9 @@ def test_the_semi_supervised_settings_stay_out_of_the_hash_at_their_defaults():
     assert "pseudo_threshold" not in dump and "strong" not in dump and "contrast_prob" not in dump["classical"]
     changed = UtilityConfig(pseudo_threshold=0.8, classical={"contrast_prob": 0.5}).stable_dump()
     assert changed["pseudo_threshold"] == 0.8 and changed["classical"]["contrast_prob"] == 0.5
+
+
+def test_a_partial_strong_view_keeps_the_strong_defaults_of_the_fields_it_leaves_out():
+    strong = UtilityConfig(strong={"rotate_deg": 5.0}).strong
+    assert strong.rotate_deg == 5.0 and strong.dropout_prob == 1.0 and strong.contrast_prob == 0.5
+    assert strong.elastic_magnitude == 2.0 and UtilityConfig(strong={}).strong == UtilityConfig().strong
