@@ -132,6 +132,18 @@ def row_store(path: str | os.PathLike, n: int = 50, c: int = 1, size: int = 8, d
     return store, x
 
 
+def relabelled_store(store: PatchStore, path: str | os.PathLike, keep_rows) -> PatchStore:
+    """``store`` with every train row outside ``keep_rows`` given the next class (cyclically): what a study
+    must not see, since those labels are outside its budget."""
+    classes = np.asarray(store.index["class"], dtype=object).copy()
+    names = store.classes
+    for r in np.setdiff1d(store.select("train"), keep_rows):
+        classes[r] = names[(names.index(classes[r]) + 1) % len(names)]
+    index = {k: np.asarray(v) for k, v in store.index.items()}
+    index["class"] = classes
+    return write_store(path, store.get(slice(None)), index, {"classes": names, "content_hash": "relabelled"})
+
+
 # ----------------------------------------------------------------------------------------- models and training
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,13 +125,17 @@ class _Stream:
 
 def train_downstream(task: str, data: LabelledSet, n_out: int, steps: int, batch_size: int, lr: float, seed: int,
                      device: torch.device | str = "cpu", synthetic: LabelledSet | None = None, share: float = 3.0,
-                     classical: AugmentConfig | None = None) -> torch.nn.Module:
+                     classical: AugmentConfig | None = None,
+                     unlabelled_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> torch.nn.Module:
     """Train the task's network for exactly ``steps`` Adam steps; returns it in eval mode.
 
     Args:
         data: the images in the role of the real set (``batch_size`` of them per step).
         synthetic: added to every batch, ``min(share · batch_size, len(synthetic))`` images per step.
         classical: the classical augmentation (else a random horizontal flip), on both.
+        unlabelled_loss: a term added to every step's loss, given the network (FixMatch's consistency on
+            unlabelled images, :mod:`medvae.downstream.semisupervised`); its draws must come from its own
+            generators.
 
     Initial weights, batch order and augmentation come from ``seed`` alone (the global RNG is left as it
     was); the ``data`` stream and its augmentation do not depend on ``synthetic``.
@@ -151,6 +156,8 @@ def train_downstream(task: str, data: LabelledSet, n_out: int, steps: int, batch
             sx, sy = _augmented(*extra.next(), task, extra.gen, classical)
             x, y = torch.cat([x, sx]), torch.cat([y, sy])
         loss = loss_fn(net(x.to(device)), y.to(device))
+        if unlabelled_loss is not None:
+            loss = loss + unlabelled_loss(net)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

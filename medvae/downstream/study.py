@@ -11,7 +11,9 @@ seed s (a "cell"):
    user gave a synthetic store for every cell;
 4. the same downstream network, steps, real batches and seed (:mod:`medvae.downstream.networks`) is
    trained on each arm — ``real``, ``real+classical``, ``real+synthetic``,
-   ``real+classical+synthetic``, ``synthetic`` — and scored on the real test split.
+   ``real+classical+synthetic``, ``synthetic``, and the semi-supervised ``pseudo``, ``fixmatch`` (and
+   each ``+synthetic``, :mod:`medvae.downstream.semisupervised`) that learn from the unlabelled train
+   images too — and scored on the real test split.
 
 The directory's layout is :class:`medvae.downstream.studydir.StudyDir`'s. Resumable per (budget,
 seed, arm): an arm's result is written atomically to ``cells/<budget>_s<s>/<arm>.json`` and a
@@ -43,7 +45,7 @@ import torch
 from medvae.config import UtilityConfig
 from medvae.data.store import PatchStore, open_store, store_complete
 from medvae.devices import select_device
-from medvae.downstream import synthetic_sets
+from medvae.downstream import semisupervised, synthetic_sets
 from medvae.downstream.augment import for_modality
 from medvae.downstream.intervals import summarize, t_interval
 from medvae.downstream.networks import LabelledSet, from_store, score_downstream, train_downstream
@@ -187,6 +189,11 @@ def _run_cell(cell: CellDir, fraction: float | None, per_class: int | None, seed
             nets["real"] = fit("real", real)
         return nets["real"]
 
+    def classical_net():  # the real+classical arm's network: also the pseudo arms' first teacher
+        if "real+classical" not in nets:
+            nets["real+classical"] = fit("real+classical", real)
+        return nets["real+classical"]
+
     for k, arm in enumerate(todo):
         done = len(results_of) - len(todo) + k
         if "synthetic" in arm or arm == FIDELITY:
@@ -202,10 +209,17 @@ def _run_cell(cell: CellDir, fraction: float | None, per_class: int | None, seed
                 metrics = {m: info.get(f"fidelity_{m}") for m in TASK_METRICS[task]}
             results[arm] = {"arm": arm, "seed": seed, "n_synthetic": len(syn), "metrics": metrics}
         else:
+            semi = {}
             if arm == "real":
                 net = real_net()
+            elif arm == "real+classical":
+                net = classical_net()
             elif arm == "synthetic":
                 net = fit(arm, syn)
+            elif arm in semisupervised.ARMS:  # pseudo, fixmatch (+synthetic): the unlabelled pool too
+                net, semi = semisupervised.train_arm(arm, real, ctx.unlabelled(), classical_net,
+                                                     syn if "synthetic" in arm else None, cfg, seed, ctx.n_out,
+                                                     ctx.device, ctx.classical, ctx.store.modalities[0])
             else:
                 net = fit(arm, real, syn if "synthetic" in arm else None)
             n_syn = len(syn) if "synthetic" in arm else 0
@@ -213,7 +227,7 @@ def _run_cell(cell: CellDir, fraction: float | None, per_class: int | None, seed
                             "steps": cfg.downstream_steps,
                             "real_images_seen": 0 if arm == "synthetic" else cfg.downstream_steps * min(
                                 cfg.batch_size, len(real)),
-                            "metrics": score_downstream(task, net, ctx.test, ctx.n_out)}
+                            "metrics": score_downstream(task, net, ctx.test, ctx.n_out), **semi}
         write_json(cell.result(arm), results[arm])
     return results
 

@@ -10,12 +10,13 @@ import torch
 import medvae.downstream.study as study
 import medvae.downstream.synthetic_sets as synthetic_sets
 from medvae.config import UtilityConfig
-from medvae.data.store import open_store, write_store
+from medvae.data.store import open_store
 from medvae.downstream.study import run_utility
 from medvae.downstream.subsets import SOURCE_ROW, subset_rows
 from medvae.synthesis import anchored
 from medvae.synthesis.sampling import decode_latents
 from medvae.training.checkpoint import load_model
+from tests.factories import relabelled_store
 
 TINY_GENERATOR = {"model": {"channels": [8, 16], "latent_dim": 8},
                   "train": {"batch_size": 8, "lr": 2e-3, "warmup_steps": 1, "beta_warmup_steps": 2,
@@ -72,25 +73,13 @@ def test_the_unlabelled_generator_sees_every_train_image_and_no_label(class_stor
     assert (tmp_path / "out/generator").name == "generator"  # one generator for the whole study
 
 
-def _relabelled(store, path, keep_rows):
-    """``store`` with every train row outside ``keep_rows`` given another class."""
-    classes = np.asarray(store.index["class"], dtype=object).copy()
-    names = store.classes
-    train = store.select("train")
-    for r in np.setdiff1d(train, keep_rows):
-        classes[r] = names[(names.index(classes[r]) + 1) % len(names)]
-    index = {k: np.asarray(v) for k, v in store.index.items()}
-    index["class"] = classes
-    return write_store(path, store.get(slice(None)), index, {"classes": names, "content_hash": "relabelled"})
-
-
 @pytest.mark.parametrize("synthesis_kind", ["neighbours", "prior"])
 def test_no_label_outside_the_budget_reaches_generator_or_filter(synthesis_kind, class_store, tmp_path,
                                                                 monkeypatch):
     """Two stores that differ only in the labels of train images outside the budget give the same
     generator, the same filtered synthetic set and the same scores."""
     rows = subset_rows(class_store, "classify", None, seed=0, per_class=3)
-    other = _relabelled(class_store, tmp_path / "relabelled", rows)
+    other = relabelled_store(class_store, tmp_path / "relabelled", rows)
     monkeypatch.setattr(study, "subset_rows", lambda *a, **k: rows)  # the same labelled rows in both stores
     cfg = UtilityConfig(labels_per_class=[3], synthesis=synthesis_kind, arms=["real", "real+synthetic"], **FAST)
     a = run_utility(class_store, tmp_path / "a", cfg, device="cpu")
