@@ -510,6 +510,22 @@ ARMS: tuple[str, ...] = Arm.__args__
 DEFAULT_ARMS = ("real", "real+classical", "real+synthetic", "real+classical+synthetic", "synthetic")
 
 
+class M2Config(StrictModel):
+    """The ``m2`` arm's and ``synthesis: m2``'s model (Kingma et al. 2014 M2, medvae.downstream.m2): a
+    class-conditional ConvVAE and the downstream classifier as q(y|x), trained per cell on its labelled
+    subset and the unlabelled pool."""
+
+    steps: int = Field(1000, ge=1)  # Adam steps (each: batch_size labelled + unlabelled_batch unlabelled images)
+    unlabelled_batch: int = Field(32, ge=1)  # unlabelled images per step (each decoded once per class)
+    alpha: float = Field(50.0, ge=0)  # weight of -log q(y|x) per labelled image, against the ELBO in nats
+    lr: float = Field(1e-3, gt=0)
+    latent_dim: int = Field(32, ge=1)
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64])
+    likelihood: LikelihoodName = "bernoulli"
+    per_image: int = Field(10, ge=0)  # synthesis m2: posterior variants per labelled image (decoded with its label)
+    prior_ratio: float = Field(1.0, ge=0)  # synthesis m2: class-balanced prior samples per labelled image
+
+
 class UtilityConfig(StrictModel):
     """`medvae utility`: does synthetic data help a downstream model trained on few labels?
 
@@ -529,7 +545,7 @@ class UtilityConfig(StrictModel):
     arms: list[Arm] = Field(default_factory=lambda: list(DEFAULT_ARMS))
     # neighbours | interpolate: variants of each labelled image (medvae.synthesis.anchored);
     # prior: samples of the generator's mixture prior
-    synthesis: Literal["neighbours", "interpolate", "prior"] = "neighbours"
+    synthesis: Literal["neighbours", "interpolate", "prior", "m2"] = "neighbours"  # m2: the cell's M2 model
     # all: the generator learns from every train image, without labels (classify; a segmentation
     # generator makes image + mask pairs and learns from the labelled patients only)
     unlabelled: Literal["all", "none"] = "all"
@@ -553,6 +569,10 @@ class UtilityConfig(StrictModel):
     lr: float = Field(1e-3, gt=0)  # downstream Adam learning rate
     classical: AugmentConfig = Field(default_factory=AugmentConfig)  # the +classical arms
     generator: TrainStageConfig = Field(default_factory=TrainStageConfig)  # model / train settings of generators
+    # the latent (M1) and m2 arms and synthesis m2 (medvae.downstream.latent, medvae.downstream.m2); left out of
+    # the settings hash while at their defaults, so a study made before them resumes
+    latent_encoder_lr: float = Field(1e-4, gt=0)  # latent arm: Adam lr of the fine-tuned encoder (the head: lr)
+    m2: M2Config = Field(default_factory=lambda: M2Config())
 
     @model_validator(mode="before")
     @classmethod
@@ -571,7 +591,12 @@ class UtilityConfig(StrictModel):
     def stable_dump(self, exclude: set[str] | None = None) -> dict:
         """``model_dump(mode="json", exclude=exclude)`` with the generator's config as
         :meth:`TrainStageConfig.stable_dump`: what a study's settings and a pipeline's utility key compare."""
-        return {**self.model_dump(mode="json", exclude=exclude), "generator": self.generator.stable_dump()}
+        out = {**self.model_dump(mode="json", exclude=exclude), "generator": self.generator.stable_dump()}
+        defaults = {"latent_encoder_lr": 1e-4, "m2": M2Config().model_dump(mode="json")}
+        for name, default in defaults.items():  # the latent / m2 settings: hashed once changed
+            if out.get(name) == default:
+                out.pop(name, None)
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> UtilityConfig:

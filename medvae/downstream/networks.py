@@ -124,22 +124,27 @@ class _Stream:
 
 def train_downstream(task: str, data: LabelledSet, n_out: int, steps: int, batch_size: int, lr: float, seed: int,
                      device: torch.device | str = "cpu", synthetic: LabelledSet | None = None, share: float = 3.0,
-                     classical: AugmentConfig | None = None) -> torch.nn.Module:
+                     classical: AugmentConfig | None = None, net: torch.nn.Module | None = None,
+                     param_groups: list[dict] | None = None) -> torch.nn.Module:
     """Train the task's network for exactly ``steps`` Adam steps; returns it in eval mode.
 
     Args:
         data: the images in the role of the real set (``batch_size`` of them per step).
         synthetic: added to every batch, ``min(share · batch_size, len(synthetic))`` images per step.
         classical: the classical augmentation (else a random horizontal flip), on both.
+        net: a network to train instead of the task's :func:`build_net` (the latent arm's encoder + head), with
+            the caller's initial weights, on ``device`` already.
+        param_groups: Adam's parameter groups (each may set its own ``lr``); None: every parameter at ``lr``.
 
     Initial weights, batch order and augmentation come from ``seed`` alone (the global RNG is left as it
     was); the ``data`` stream and its augmentation do not depend on ``synthetic``.
     """
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = build_net(task, data.images.shape[1], data.images.shape[-1], n_out).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    if net is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = build_net(task, data.images.shape[1], data.images.shape[-1], n_out).to(device)
+    opt = torch.optim.Adam(param_groups or net.parameters(), lr=lr)
     loss_fn = _loss(task)
     real = _Stream(data, batch_size, seed)
     real_aug = torch.Generator().manual_seed(seed + 1)
