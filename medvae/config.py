@@ -518,7 +518,9 @@ class M2Config(StrictModel):
     # sized for a 2-core CPU (~150 s per cell at 32²): each step decodes unlabelled_batch × classes images
     steps: int = Field(200, ge=1)  # Adam steps (each: batch_size labelled + unlabelled_batch unlabelled images)
     unlabelled_batch: int = Field(16, ge=1)  # unlabelled images per step (each decoded once per class)
-    alpha: float = Field(50.0, ge=0)  # weight of -log q(y|x) per labelled image, against the ELBO in nats
+    # weight of -log q(y|x) per labelled image against its ELBO in nats; 10 and 50 chosen between on 2,000 held-out
+    # Fashion-MNIST train images at 10 labels per class: 74.95 / 74.7 % (within noise)
+    alpha: float = Field(10.0, ge=0)
     lr: float = Field(1e-3, gt=0)
     latent_dim: int = Field(32, ge=1)
     channels: list[int] = Field(default_factory=lambda: [8, 16, 32])
@@ -572,7 +574,9 @@ class UtilityConfig(StrictModel):
     generator: TrainStageConfig = Field(default_factory=TrainStageConfig)  # model / train settings of generators
     # the latent (M1) and m2 arms and synthesis m2 (medvae.downstream.latent, medvae.downstream.m2); left out of
     # the settings hash while at their defaults, so a study made before them resumes
-    latent_encoder_lr: float = Field(1e-4, gt=0)  # latent arm: Adam lr of the fine-tuned encoder (the head: lr)
+    # latent arm: Adam lr of the fine-tuned encoder (the head's: lr); 1e-3 against 1e-4 on 2,000 held-out
+    # Fashion-MNIST train images at 10 labels per class: 74.3 / 73.0 %
+    latent_encoder_lr: float = Field(1e-3, gt=0)
     m2: M2Config = Field(default_factory=lambda: M2Config())
 
     @model_validator(mode="before")
@@ -593,7 +597,7 @@ class UtilityConfig(StrictModel):
         """``model_dump(mode="json", exclude=exclude)`` with the generator's config as
         :meth:`TrainStageConfig.stable_dump`: what a study's settings and a pipeline's utility key compare."""
         out = {**self.model_dump(mode="json", exclude=exclude), "generator": self.generator.stable_dump()}
-        defaults = {"latent_encoder_lr": 1e-4, "m2": M2Config().model_dump(mode="json")}
+        defaults = {"latent_encoder_lr": 1e-3, "m2": M2Config().model_dump(mode="json")}
         for name, default in defaults.items():  # the latent / m2 settings: hashed once changed
             if out.get(name) == default:
                 out.pop(name, None)

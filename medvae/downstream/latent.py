@@ -5,7 +5,8 @@ maps an image to its posterior mean μ(x); the arm's network is that encoder wit
 ``logits = W·μ(x) + b`` (:class:`LatentNet`), trained end to end by :func:`medvae.downstream.networks.train_downstream`
 with the same steps, seed, real batches and flips as every arm. Two learning rates in one phase: the
 head (initialised from the seed) at the study's ``lr``, the encoder fine-tuned at ``latent_encoder_lr``
-(smaller, so the first steps of a random head do not wreck the representation the pool paid for).
+(default 1e-3: on 2,000 held-out Fashion-MNIST train images at 10 labels per class it beat a gentler 1e-4,
+74.3 % against 73.0 %; the test split chose nothing).
 The decoder is kept (unused) so the network is the generator's own model; only the encoder learns.
 """
 

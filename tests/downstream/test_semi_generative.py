@@ -79,6 +79,6 @@ def test_a_study_with_latent_and_m2_runs_and_resumes(class_store, tmp_path, monk
 def test_the_new_settings_enter_the_hash_only_once_changed():
     base = UtilityConfig().stable_dump(exclude={"seeds"})
     assert "m2" not in base and "latent_encoder_lr" not in base
-    changed = UtilityConfig(m2={"alpha": 1.0}, latent_encoder_lr=1e-3).stable_dump(exclude={"seeds"})
-    assert changed["m2"]["alpha"] == 1.0 and changed["latent_encoder_lr"] == 1e-3
+    changed = UtilityConfig(m2={"alpha": 1.0}, latent_encoder_lr=1e-4).stable_dump(exclude={"seeds"})
+    assert changed["m2"]["alpha"] == 1.0 and changed["latent_encoder_lr"] == 1e-4
     assert sha256_json(base) != sha256_json(changed)
