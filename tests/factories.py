@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import shutil
 import struct
@@ -346,3 +347,54 @@ def dicom_series(folder: str | os.PathLike, pixels: np.ndarray, *, modality: str
             setattr(ds, keyword, value)
         ds.save_as(folder / (f"{k}.dcm" if names is None else names[k]), enforce_file_format=True)
     return positions
+
+
+# A utility study small enough for a test: a generator of a few steps and a few downstream steps
+TINY_GENERATOR = {"model": {"channels": [8, 16], "latent_dim": 8},
+                  "train": {"batch_size": 8, "lr": 2e-3, "warmup_steps": 1, "beta_warmup_steps": 2,
+                            "checkpoint_every": 2, "log_every": 1, "disc_start": 1, "amp": "off"}}
+FAST_STUDY = {"seeds": 1, "generator_steps": 4, "downstream_steps": 4, "batch_size": 8, "per_image": 3,
+        "generator": TINY_GENERATOR}
+
+
+# --------------------------------------------------------------------------- a VAE with an exact likelihood
+class PPCA(torch.nn.Module):
+    """Probabilistic PCA x = W z + sigma * eps as a model with the medvae interface (x: (B, 1, 4, 4))."""
+
+    def __init__(self, W, sigma, imperfect=False):
+        super().__init__()
+        self.W, self.sigma, self.imperfect = W, sigma, imperfect
+        self.latent_dim = W.shape[1]
+        # Orthogonal columns: the exact posterior is diagonal, so a diagonal encoder can be exact.
+        m = (W.T @ W).diagonal() + sigma**2
+        self.post_scale, self.post_var = 1 / m, sigma**2 / m
+
+    def encode(self, x):
+        mu = (x.flatten(1) @ self.W) * self.post_scale
+        logvar = self.post_var.log().expand_as(mu)
+        if self.imperfect:  # deliberately wrong posterior: IWAE must then improve with k
+            mu, logvar = 0.6 * mu + 0.3, logvar + 1.0
+        return mu, logvar
+
+    def decode(self, z):
+        return (z @ self.W.T).view(-1, 1, 4, 4)
+
+    def log_likelihood(self, x, x_hat):
+        d = x.flatten(1) - x_hat.flatten(1)
+        return -0.5 * (d.pow(2).sum(1) / self.sigma**2 + d.shape[1] * math.log(2 * math.pi * self.sigma**2))
+
+    def exact_log_px(self, x):
+        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(self.W.shape[0], dtype=self.W.dtype)
+        return torch.distributions.MultivariateNormal(torch.zeros(self.W.shape[0], dtype=self.W.dtype),
+                                                      cov).log_prob(x.flatten(1))
+
+
+def ppca_model(imperfect):
+    """A PPCA model (exact log p(x) known) and 64 images it explains: (model, (64, 1, 4, 4) float64)."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(16, 3, generator=g, dtype=torch.float64))
+    W = q * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    model = PPCA(W, 0.3, imperfect)
+    x = model.decode(torch.randn(64, 3, generator=g, dtype=torch.float64)) + 0.3 * torch.randn(
+        64, 1, 4, 4, generator=g, dtype=torch.float64)
+    return model, x

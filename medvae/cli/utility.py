@@ -40,7 +40,8 @@ def utility(
     arms: Optional[str] = typer.Option(
         None, help="Comma-separated arms of " + ", ".join(ARMS) + " (default " + ",".join(DEFAULT_ARMS) + ")."),
     synthesis: Optional[str] = typer.Option(
-        None, help="neighbours (default) | interpolate: variants of each labelled image; prior: prior samples."),
+        None, help="neighbours (default) | interpolate: variants of each labelled image; prior: prior samples; "
+                   "m2: the cell's M2 model's variants and class samples."),
     unlabelled: Optional[str] = typer.Option(
         None, help="all (default): the generator learns from every train image, without labels; none: the subset."),
     per_image: Optional[int] = typer.Option(None, help="Variants per labelled image (default 10)."),

@@ -125,7 +125,8 @@ class _Stream:
 
 def train_downstream(task: str, data: LabelledSet, n_out: int, steps: int, batch_size: int, lr: float, seed: int,
                      device: torch.device | str = "cpu", synthetic: LabelledSet | None = None, share: float = 3.0,
-                     classical: AugmentConfig | None = None,
+                     classical: AugmentConfig | None = None, net: torch.nn.Module | None = None,
+                     param_groups: list[dict] | None = None,
                      unlabelled_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> torch.nn.Module:
     """Train the task's network for exactly ``steps`` Adam steps; returns it in eval mode.
 
@@ -133,6 +134,9 @@ def train_downstream(task: str, data: LabelledSet, n_out: int, steps: int, batch
         data: the images in the role of the real set (``batch_size`` of them per step).
         synthetic: added to every batch, ``min(share · batch_size, len(synthetic))`` images per step.
         classical: the classical augmentation (else a random horizontal flip), on both.
+        net: a network to train instead of the task's :func:`build_net` (the latent arm's encoder + head), with
+            the caller's initial weights, on ``device`` already.
+        param_groups: Adam's parameter groups (each may set its own ``lr``); None: every parameter at ``lr``.
         unlabelled_loss: a term added to every step's loss, given the network (FixMatch's consistency on
             unlabelled images, :mod:`medvae.downstream.semisupervised`); its draws must come from its own
             generators.
@@ -141,10 +145,11 @@ def train_downstream(task: str, data: LabelledSet, n_out: int, steps: int, batch
     was); the ``data`` stream and its augmentation do not depend on ``synthetic``.
     """
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = build_net(task, data.images.shape[1], data.images.shape[-1], n_out).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    if net is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = build_net(task, data.images.shape[1], data.images.shape[-1], n_out).to(device)
+    opt = torch.optim.Adam(param_groups or net.parameters(), lr=lr)
     loss_fn = _loss(task)
     real = _Stream(data, batch_size, seed)
     real_aug = torch.Generator().manual_seed(seed + 1)

@@ -45,7 +45,7 @@ import torch
 from medvae.config import UtilityConfig
 from medvae.data.store import PatchStore, open_store, store_complete
 from medvae.devices import select_device
-from medvae.downstream import semisupervised, synthetic_sets
+from medvae.downstream import latent, m2, semisupervised, synthetic_sets
 from medvae.downstream.augment import for_modality
 from medvae.downstream.intervals import summarize, t_interval
 from medvae.downstream.networks import LabelledSet, from_store, score_downstream, train_downstream
@@ -220,6 +220,11 @@ def _run_cell(cell: CellDir, fraction: float | None, per_class: int | None, seed
                 net, semi = semisupervised.train_arm(arm, real, ctx.unlabelled(), classical_net,
                                                      syn if "synthetic" in arm else None, cfg, seed, ctx.n_out,
                                                      ctx.device, ctx.classical, ctx.store.modalities[0])
+            elif arm == "latent":  # M1: the unlabelled generator's encoder + a linear head
+                net = latent.train_latent(ctx.pool_generator()[1], real, ctx.n_out, cfg, seed, ctx.device)
+            elif arm == "m2":  # M2's q(y|x), learned from the cell's labels and the unlabelled pool
+                net = m2.cell_m2(cell.m2, real_store, ctx.unlabelled(), ctx.store.classes, cfg, seed,
+                                 ctx.device).classifier
             else:
                 net = fit(arm, real, syn if "synthetic" in arm else None)
             n_syn = len(syn) if "synthetic" in arm else 0
@@ -237,7 +242,9 @@ def _cell_synthetic(real_store: PatchStore, cell: CellDir, seed: int, ctx: _Cont
     """The cell's filtered synthetic set (written once to ``synthetic_store``)."""
     cfg, path = ctx.cfg, cell.synthetic_store
     if not store_complete(path):
-        if cfg.pools_unlabelled:
+        if cfg.synthesis == "m2":  # the cell's M2 model, not the study's generator
+            pool, checkpoint = None, cell.m2 / m2.MODEL_FILE
+        elif cfg.pools_unlabelled:
             pool, checkpoint = ctx.pool_generator()
         else:
             pool = None
@@ -246,6 +253,9 @@ def _cell_synthetic(real_store: PatchStore, cell: CellDir, seed: int, ctx: _Cont
         teacher = judge if cfg.task == "classify" else None  # segmentation candidates are not filtered by it
         if cfg.synthesis == "prior":
             cands = synthetic_sets.prior_candidates(checkpoint, real_store, pool, cfg, seed, teacher)
+        elif cfg.synthesis == "m2":
+            cands = m2.m2_candidates(m2.cell_m2(cell.m2, real_store, ctx.unlabelled(), ctx.store.classes, cfg, seed,
+                                                ctx.device), real_store, cfg, seed)
         else:
             cands = synthetic_sets.anchored_candidates(checkpoint, real_store, pool, cfg, seed)
         reference = ctx.reference() if cfg.drop_flagged else None

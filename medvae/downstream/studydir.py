@@ -28,6 +28,7 @@ class CellDir:
         self.real_store = path / "real_store"
         self.synthetic_store = path / "synthetic_store"
         self.generator = path / "generator"
+        self.m2 = path / "m2"  # the cell's M2 model (medvae.downstream.m2): the m2 arm and synthesis m2
 
     def result(self, arm: str) -> Path:
         """Where the arm's result is written once it is finished."""

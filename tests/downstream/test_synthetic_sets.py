@@ -16,13 +16,8 @@ from medvae.downstream.subsets import SOURCE_ROW, subset_rows
 from medvae.synthesis import anchored
 from medvae.synthesis.sampling import decode_latents
 from medvae.training.checkpoint import load_model
-from tests.factories import relabelled_store
-
-TINY_GENERATOR = {"model": {"channels": [8, 16], "latent_dim": 8},
-                  "train": {"batch_size": 8, "lr": 2e-3, "warmup_steps": 1, "beta_warmup_steps": 2,
-                            "checkpoint_every": 2, "log_every": 1, "disc_start": 1, "amp": "off"}}
-FAST = {"seeds": 1, "generator_steps": 4, "downstream_steps": 4, "batch_size": 8, "per_image": 3,
-        "generator": TINY_GENERATOR}
+from tests.factories import FAST_STUDY as FAST
+from tests.factories import TINY_GENERATOR, relabelled_store
 
 
 class _Stop(Exception):

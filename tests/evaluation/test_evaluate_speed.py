@@ -8,8 +8,7 @@ from medvae.config import EvaluateConfig, parse_model_config
 from medvae.evaluation.evaluate import IWAE_PER_PATIENT, _iwae_subset, group_rows, patch_metrics
 from medvae.metrics import elbo as L
 from medvae.models import build_model
-from tests.factories import patch_store
-from tests.metrics.test_images import _ppca
+from tests.factories import patch_store, ppca_model
 
 
 def test_the_default_iwae_budget_is_200_evenly_spaced_images_of_an_image_set():
@@ -26,7 +25,7 @@ def test_the_default_iwae_budget_is_200_evenly_spaced_images_of_an_image_set():
 def test_iwae_is_exact_with_the_exact_posterior_however_its_decodes_are_chunked():
     """Probabilistic PCA with its exact posterior: every importance weight is p(x), so the k-sample bound is the
     closed-form log p(x) (torch.distributions) whether one sample of every image or all k go per decoder call."""
-    model, x = _ppca(imperfect=False)  # 64 images
+    model, x = ppca_model(imperfect=False)  # 64 images
     exact = model.exact_log_px(x)
     for chunk in (64, 3 * 64, 16 * 64):  # 1, 3 (the last call 1) and all 16 samples per call
         got = L.iwae_log_likelihood(model, x, k=16, batch_chunk=chunk, generator=torch.Generator().manual_seed(2))

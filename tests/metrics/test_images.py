@@ -11,6 +11,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from medvae.metrics import elbo as L
 from medvae.metrics import images as M
+from tests.factories import ppca_model
 
 
 def _pairs():
@@ -90,56 +91,15 @@ def test_ms_ssim_single_scale_is_ssim():
 
 
 # --------------------------------------------------------------------------- ELBO / IWAE on PPCA
-class PPCA(torch.nn.Module):
-    """Probabilistic PCA x = W z + sigma * eps as a model with the medvae interface (x: (B, 1, 4, 4))."""
-
-    def __init__(self, W, sigma, imperfect=False):
-        super().__init__()
-        self.W, self.sigma, self.imperfect = W, sigma, imperfect
-        self.latent_dim = W.shape[1]
-        # Orthogonal columns: the exact posterior is diagonal, so a diagonal encoder can be exact.
-        m = (W.T @ W).diagonal() + sigma**2
-        self.post_scale, self.post_var = 1 / m, sigma**2 / m
-
-    def encode(self, x):
-        mu = (x.flatten(1) @ self.W) * self.post_scale
-        logvar = self.post_var.log().expand_as(mu)
-        if self.imperfect:  # deliberately wrong posterior: IWAE must then improve with k
-            mu, logvar = 0.6 * mu + 0.3, logvar + 1.0
-        return mu, logvar
-
-    def decode(self, z):
-        return (z @ self.W.T).view(-1, 1, 4, 4)
-
-    def log_likelihood(self, x, x_hat):
-        d = x.flatten(1) - x_hat.flatten(1)
-        return -0.5 * (d.pow(2).sum(1) / self.sigma**2 + d.shape[1] * math.log(2 * math.pi * self.sigma**2))
-
-    def exact_log_px(self, x):
-        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(self.W.shape[0], dtype=self.W.dtype)
-        return torch.distributions.MultivariateNormal(torch.zeros(self.W.shape[0], dtype=self.W.dtype),
-                                                      cov).log_prob(x.flatten(1))
-
-
-def _ppca(imperfect):
-    g = torch.Generator().manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(16, 3, generator=g, dtype=torch.float64))
-    W = q * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
-    model = PPCA(W, 0.3, imperfect)
-    x = model.decode(torch.randn(64, 3, generator=g, dtype=torch.float64)) + 0.3 * torch.randn(
-        64, 1, 4, 4, generator=g, dtype=torch.float64)
-    return model, x
-
-
 def test_iwae_exact_with_exact_posterior():
-    model, x = _ppca(imperfect=False)
+    model, x = ppca_model(imperfect=False)
     g = torch.Generator().manual_seed(1)
     torch.testing.assert_close(L.iwae_log_likelihood(model, x, k=1, generator=g), model.exact_log_px(x),
                                rtol=0, atol=1e-8)
 
 
 def test_iwae_converges_to_exact_log_likelihood():
-    model, x = _ppca(imperfect=True)
+    model, x = ppca_model(imperfect=True)
     exact = model.exact_log_px(x).mean().item()
     g = torch.Generator().manual_seed(1)
     elbo = L.elbo(model, x, generator=g).mean().item()
@@ -155,7 +115,7 @@ def test_iwae_converges_to_exact_log_likelihood():
 
 
 def test_elbo_terms_and_bits_per_dim():
-    model, x = _ppca(imperfect=False)
+    model, x = ppca_model(imperfect=False)
     out, terms = L.elbo(model, x, generator=torch.Generator().manual_seed(0), return_terms=True)
     torch.testing.assert_close(out, -terms["nll"] - terms["kl"])
     ll = torch.tensor([-100.0, 50.0])

@@ -78,10 +78,17 @@ class ConvVAE(VAEBase):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W) in [0, 1] -> mu, logvar: (B, D); logvar clamped to [-30, 20]."""
+        return self.posterior(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> the encoder's flattened feature map (B, F), before the condition joins it."""
         self._check_input(x)
-        h = self.encoder(x).reshape(x.shape[0], -1)
-        h = self._with_condition(h)
-        mu, logvar = self.to_stats(h).chunk(2, dim=1)
+        return self.encoder(x).reshape(x.shape[0], -1)
+
+    def posterior(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (B, F) -> mu, logvar (B, D) of q(z | x[, condition]); split from ``encode`` so a model that
+        asks for every class of one image (M2) runs the convolutions once."""
+        mu, logvar = self.to_stats(self._with_condition(h)).chunk(2, dim=1)
         return mu, logvar.clamp(-30.0, 20.0)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
