@@ -48,7 +48,8 @@ def test_the_exported_model_reloads_and_scores_as_in_the_study(finished, class_s
     rows = labelled_rows(class_store, "test", "classify")
     with torch.no_grad():
         pred = torch.jit.load(str(path))(torch.from_numpy(class_store.get(rows))).argmax(1).numpy()
-    assert accuracy_score(class_store.class_ids(rows), pred) == pytest.approx(results[best]["metrics"]["accuracy"], abs=1e-12)
+    want = results[best]["metrics"]["accuracy"]
+    assert accuracy_score(class_store.class_ids(rows), pred) == pytest.approx(want, abs=1e-12)
 
 
 def test_a_study_made_before_saved_networks_says_to_rerun_the_arm(finished, class_store, tmp_path):
