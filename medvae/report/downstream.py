@@ -50,15 +50,20 @@ def _error_bars(cells: list[dict]) -> list[list[float]]:
             [c["ci_high"] - c["mean"] if c["ci_high"] is not None else 0.0 for c in cells]]
 
 
-def _bars(ax, summary: dict, budget: str, metric: str) -> None:
-    """The arms at one budget as horizontal bars, best on top, with their 95 % intervals."""
+def _bars(ax, summary: dict, budget: str, metric: str, unitless: bool) -> None:
+    """The arms at one budget as horizontal bars, best on top, with their 95 % intervals; the axis spans the
+    intervals (arms differ by points, so bars from 0 would hide the differences)."""
     arms = rank_arms(summary, budget, metric)[::-1]  # barh draws the first at the bottom
     cells = [summary["arms"][a][budget][metric] for a in arms]
-    ax.barh(range(len(arms)), [c["mean"] for c in cells], xerr=_error_bars(cells), capsize=3,
+    lo, hi = _limits(min(c["ci_low"] if c["ci_low"] is not None else c["mean"] for c in cells),
+                     max(c["ci_high"] if c["ci_high"] is not None else c["mean"] for c in cells), unitless)
+    ax.barh(range(len(arms)), [c["mean"] - lo for c in cells], left=lo, xerr=_error_bars(cells), capsize=3,
             color=[ARM_COLORS.get(a, "#a0aec0") for a in arms], height=0.6)
+    ax.set_xlim(lo, hi)
     ax.set_yticks(range(len(arms)), arms)
     for i, c in enumerate(cells):
-        ax.annotate(f"{c['mean']:.3g}", (c["mean"], i), xytext=(4, 6), textcoords="offset points", fontsize=7)
+        ax.annotate(f"{c['mean']:.3f}", (lo, i), xytext=(3, -3), textcoords="offset points", fontsize=7,
+                    color="white")
 
 
 def _lines(ax, summary: dict, metric: str, xs: dict[str, float], xlabel: str) -> None:
@@ -84,7 +89,7 @@ def _lines(ax, summary: dict, metric: str, xs: dict[str, float], xlabel: str) ->
 def _limits(lo: float, hi: float, unitless: bool) -> tuple[float, float]:
     """The data's range with a margin (arms differ by points, not by the whole [0, 1]); few seeds give wide
     t intervals, so the axis stays within the metric's range ([0, 1] for fractions, >= 0 else)."""
-    pad = 0.05 * (hi - lo)
+    pad = 0.08 * (hi - lo) or 0.01
     return max(lo - pad, 0.0), (min(hi + pad, 1.02) if unitless else hi + pad)
 
 
@@ -95,15 +100,14 @@ def utility_figure(summary: dict) -> str:
     metrics = summary["metrics"]
     one = len(summary["budgets"]) == 1
     n_arms = len(summary["arms"])
-    size = (5.2, 0.9 + 0.32 * n_arms) if one else (5.6, 3.4)
+    size = (6.0, 1.1 + 0.36 * n_arms) if one else (6.4, 3.8)
     fig, axes = plt.subplots(1, len(metrics), figsize=(size[0] * len(metrics), max(size[1], 2.4)), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         info = summary["metric_info"][metric]
         label = f"{info['label']} ({info['unit']})"
         if one:
             budget = summary["budgets"][0]
-            _bars(ax, summary, budget["key"], metric)
-            ax.set_xlim(*_limits(*ax.get_xlim(), info["unit"] == "unitless"))
+            _bars(ax, summary, budget["key"], metric, info["unit"] == "unitless")
             ax.set_xlabel(label)
             ax.set_title(f"{info['label']} at {budget_label(budget)} ({info['better']} is better)", fontsize=9)
         else:
