@@ -19,6 +19,12 @@ ARM_COLORS = {"real": figures.ACCENT, "real+classical": "#718096", "real+synthet
               "pseudo+synthetic": "#b794f4", "fixmatch": "#c53030", "fixmatch+synthetic": "#fc8181",
               "latent": "#d69e2e", "m2": "#319795"}
 ON_TOP = "+synthetic"
+OLD_FIDELITY = "fidelity"  # a utility.json written before the verdict lists label fidelity among the arms
+
+
+def arms_of(summary: dict) -> list[str]:
+    """The study's arms in utility.json order (label fidelity, a property of the synthetic set, left out)."""
+    return [a for a in summary["arms"] if a != OLD_FIDELITY]
 
 
 def _x(summary: dict) -> tuple[dict[str, float], str]:
@@ -39,8 +45,8 @@ def budget_label(budget: dict) -> str:
 def rank_arms(summary: dict, budget: str, metric: str) -> list[str]:
     """The arms with a mean at ``budget``, best first by ``metric`` (ties in the study's arm order)."""
     higher = summary["metric_info"][metric]["better"] == "higher"
-    means = {a: by[budget][metric]["mean"] for a, by in summary["arms"].items()
-             if budget in by and (by[budget].get(metric) or {}).get("mean") is not None}
+    means = {a: summary["arms"][a][budget][metric]["mean"] for a in arms_of(summary)
+             if (summary["arms"][a].get(budget, {}).get(metric) or {}).get("mean") is not None}
     return sorted(means, key=lambda a: -means[a] if higher else means[a])
 
 
@@ -70,7 +76,7 @@ def _lines(ax, summary: dict, metric: str, xs: dict[str, float], xlabel: str) ->
     """Each arm's mean over the budgets (log axis), bars = 95 % CI, legend best first at the largest budget."""
     largest = summary["budgets"][-1]["key"]
     ranked = rank_arms(summary, largest, metric)
-    order = ranked + [a for a in summary["arms"] if a not in ranked]
+    order = ranked + [a for a in arms_of(summary) if a not in ranked]
     for j, arm in enumerate(order):
         by_budget = summary["arms"][arm]
         pts = [(xs[k], m[metric]) for k, m in by_budget.items() if (m.get(metric) or {}).get("mean") is not None]
@@ -99,7 +105,7 @@ def utility_figure(summary: dict) -> str:
     xs, xlabel = _x(summary)
     metrics = summary["metrics"]
     one = len(summary["budgets"]) == 1
-    n_arms = len(summary["arms"])
+    n_arms = len(arms_of(summary))
     size = (6.0, 1.1 + 0.36 * n_arms) if one else (6.4, 3.8)
     fig, axes = plt.subplots(1, len(metrics), figsize=(size[0] * len(metrics), max(size[1], 2.4)), squeeze=False)
     for ax, metric in zip(axes[0], metrics):

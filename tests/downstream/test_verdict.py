@@ -120,3 +120,18 @@ def test_one_budget_plots_ranked_bars():
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels[::-1] == summary["verdict"]["budgets"][0]["ranking"]  # best on top
     assert len(ax.patches) == 6
+
+
+def test_a_study_written_before_keeps_label_fidelity_out_of_the_ranking():
+    """utility.json of before listed label fidelity as an arm (and "fidelity - real"): the evaluation report's
+    tables and plot of such a study rank the arms only."""
+    from medvae.report.downstream import rank_arms, utility_tables
+
+    summary = hand_summary()
+    cell = {"mean": 0.99, "sd": 0.0, "n": 3, "ci_low": 0.99, "ci_high": 0.99}  # would rank first
+    old = {**summary, "arms": {**summary["arms"], "fidelity": {"10pc": {"accuracy": cell}}},
+           "paired_differences": {**summary["paired_differences"], "fidelity - real": {"10pc": {"accuracy": cell}}}}
+    old.pop("verdict")
+    assert rank_arms(old, "10pc", "accuracy") == verdict(summary)["budgets"][0]["ranking"]
+    assert "fidelity" not in next(iter(utility_tables(old).values()))
+    utility_figure(old)
