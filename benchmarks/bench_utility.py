@@ -66,6 +66,11 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def verdict_lines(summary: dict) -> list[str]:
+    """The study's verdict: per budget, its sentence and the command that trains the best arm."""
+    return [line for b in summary["verdict"]["budgets"] for line in (b["sentence"], "  " + b["command"])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", choices=("fmnist", "demo"), required=True)
@@ -80,7 +85,6 @@ def main() -> None:
     from medvae.data.store import store_complete
     from medvae.downstream.study import run_utility
     from medvae.pipeline import PipelineDir, load_pipeline, pipeline_path
-    from medvae.report.downstream import verdicts
 
     if args.study == "fmnist":
         cfg = load_pipeline(pipeline_path("fashion_mnist")).utility
@@ -101,7 +105,7 @@ def main() -> None:
     print(f"\nutility study '{args.study}' on {store} ({summary['n_test']} real test patches); mean ± 95% CI "
           f"half-width over {summary['seeds']} seeds\n")
     print(table(summary))
-    print("\n" + "\n".join(verdicts(summary)))
+    print("\n" + "\n".join(verdict_lines(summary)))
     print(f"\nwall time {wall:.0f} s (finished cells are skipped on a re-run); {os.cpu_count()} CPUs; report: "
           f"{out / 'report.html'}")
     (Path(out) / "bench_utility.json").write_text(json.dumps({"wall_s": wall, "study": args.study}, indent=1))

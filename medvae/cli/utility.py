@@ -60,14 +60,18 @@ def utility(
         None, "--synthetic", help="A labelled synthetic patch store to use at every fraction instead of generators."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with TrainStageConfig keys for the generators."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    export_model: Optional[Path] = typer.Option(
+        None, "--export-model", help="Write the best arm's network at the largest budget (seed 0) to this directory: "
+                                     "model.ts (TorchScript with MONAI metadata) and model.json (class names, input)."),
 ) -> None:
-    """Train a downstream model on real, classically augmented, real+synthetic and synthetic data at several
-    label budgets; the report says whether synthetic data helps."""
+    """Train a downstream model on real, classically augmented, semi-supervised, real+synthetic and synthetic
+    data at several label budgets; the verdict says which arm is best and whether synthetic data helps on top."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from medvae.data.store import open_store
+    from medvae.downstream.export import export_model as export
     from medvae.downstream.study import run_utility
     from medvae.downstream.studydir import StudyDir
-    from medvae.report.downstream import verdicts
 
     generator = load_config(config, TrainStageConfig).model_dump(mode="json")
     cfg = config_with_options(None, UtilityConfig, {
@@ -89,7 +93,9 @@ def utility(
             cells = ", ".join(f"{b}: {c[metric]['mean']:+.4g}" for b, c in by_budget.items()
                               if c[metric]["mean"] is not None)
             typer.echo(f"{name} {metric}: {cells}")
-    for line in verdicts(summary):
-        typer.echo(line)
+    for v in summary["verdict"]["budgets"]:
+        typer.echo(f"{v['sentence']}\n  train and export it: {v['command']}")
     study = StudyDir(out)
     typer.echo(f"-> {study.csv}, {study.json}, {study.report}")
+    if export_model is not None:
+        typer.echo(f"-> {export(study, open_store(store), export_model)} (the best arm at the largest budget, seed 0)")

@@ -1,8 +1,8 @@
 """Statistics over seeds: mean, standard deviation and a Student-t confidence interval, and paired
 differences between arms (paired by seed, which shares the real subset, the initial weights, the
 real batches and their augmentation, so the difference cancels what the arms have in common):
-each arm against ``real``, and ``real+classical+synthetic`` against ``real+classical`` (does
-synthetic data add anything on top of classical augmentation?).
+each arm against ``real``, and each ``X+synthetic`` against ``X`` (does synthetic data add anything
+on top of classical augmentation, of self-training, of FixMatch?).
 
 With n seeds the interval is ``mean ± t(0.975, n - 1) · sd / √n`` (sd with n - 1 in the
 denominator); with one seed sd and the interval are undefined and reported as None. Values that
@@ -17,8 +17,7 @@ from collections import defaultdict
 from medvae.metrics.stats import finite_stats
 
 BASELINE = "real"
-# (arm, the arm it is compared with): every arm against real, and synthesis on top of classical
-EXTRA_PAIRS = (("real+classical+synthetic", "real+classical"),)
+ON_TOP = "+synthetic"  # X+synthetic is compared with X: what synthetic images add on top of that arm
 
 
 def t_interval(values, level: float = 0.95) -> dict:
@@ -46,7 +45,9 @@ def summarize(rows: list[dict]) -> dict:
         values[r["arm"], str(r["budget"]), r["metric"]][r["seed"]] = r["value"]
     arms: dict = defaultdict(lambda: defaultdict(dict))
     diffs: dict = defaultdict(lambda: defaultdict(dict))
-    pairs = [(a, BASELINE) for a in dict.fromkeys(k[0] for k in values) if a != BASELINE] + list(EXTRA_PAIRS)
+    names = list(dict.fromkeys(k[0] for k in values))
+    pairs = [(a, BASELINE) for a in names if a != BASELINE] + [
+        (a, a.removesuffix(ON_TOP)) for a in names if a.endswith(ON_TOP) and a.removesuffix(ON_TOP) != BASELINE]
     for (arm, budget, metric), by_seed in values.items():
         arms[arm][budget][metric] = t_interval(by_seed.values())
     for arm, other in pairs:

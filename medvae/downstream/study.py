@@ -22,9 +22,14 @@ its store.json exists); a half-trained generator resumes from its ``last.pt``. `
 records the settings that results depend on (all but the budgets and seeds, which may grow), and a
 re-run with other settings in the same directory is refused.
 
+Each arm's trained network is saved as TorchScript next to its result (``cells/<budget>_s<s>/<arm>.pt``)
+for ``--export-model`` (:mod:`medvae.downstream.export`).
+
 Outputs in the study directory: ``utility.csv`` (``arm, budget, fraction, labels_per_class, seed,
-metric, value``), ``utility.json`` (:func:`medvae.downstream.intervals.summarize` plus what the filter kept
-and settings), ``utility.png`` and ``report.html`` (:mod:`medvae.report.downstream`).
+metric, value``; label fidelity as the rows of arm ``fidelity``), ``utility.json``
+(:func:`medvae.downstream.intervals.summarize` of the arms, the label fidelity and what the filter kept,
+the verdict of :mod:`medvae.downstream.verdict`, and settings), ``utility.png`` and ``report.html``
+(:mod:`medvae.report.downstream`).
 """
 
 from __future__ import annotations
@@ -47,10 +52,12 @@ from medvae.data.store import PatchStore, open_store, store_complete
 from medvae.devices import select_device
 from medvae.downstream import latent, m2, semisupervised, synthetic_sets
 from medvae.downstream.augment import for_modality
+from medvae.downstream.export import save_network
 from medvae.downstream.intervals import summarize, t_interval
 from medvae.downstream.networks import LabelledSet, from_store, score_downstream, train_downstream
 from medvae.downstream.studydir import CellDir, StudyDir
 from medvae.downstream.subsets import check_task, labelled_rows, subset_rows, write_subset_store
+from medvae.downstream.verdict import uses_synthetic, verdict
 from medvae.errors import InputError
 from medvae.files import atomic_open, atomic_path, write_json
 from medvae.metrics.table import TASK_METRICS, UTILITY_METRICS
@@ -60,8 +67,9 @@ from medvae.synthesis import audit
 log = logging.getLogger(__name__)
 # Label fidelity: the real arm's network scored on every synthetic candidate (before the filter)
 # against the label it was made with; near the real arm's test score, the synthetic labels are as
-# right as real ones. Kept as a pseudo-arm, so utility.csv, the intervals and the paired difference
-# to `real` cover it.
+# right as real ones. A property of the synthetic set, not an arm: computed per cell like one (and
+# kept in utility.csv under this name) where the study has a synthetic arm, but summarized apart
+# (utility.json ``label_fidelity``), never ranked or compared with the arms.
 FIDELITY = "fidelity"
 CSV_COLUMNS = ("arm", "budget", "fraction", "labels_per_class", "seed", "metric", "value")
 Progress = Callable[[int, int, str], None]  # (arms done, arms in all, what runs now)
@@ -95,7 +103,7 @@ def run_utility(store: PatchStore | str | os.PathLike, out: str | os.PathLike, c
     n_out = len(store.classes) if task == "classify" else int(np.max(store.labels)) + 1  # background + labels
     classical = for_modality(cfg.classical, store.modalities[0])
     ctx = _Context(cfg, store, out, n_out, str(select_device(device)), test, given, classical)
-    results_of = [*cfg.arms, FIDELITY]
+    results_of = [*cfg.arms, *([FIDELITY] if any(map(uses_synthetic, cfg.arms)) else [])]
     cells = [(b, s) for b in cfg.budgets for s in range(cfg.seeds)]
     total, rows, kept = len(cells) * len(results_of), [], {}
     n_train = len(labelled_rows(store, "train", task))
@@ -118,8 +126,10 @@ def run_utility(store: PatchStore | str | os.PathLike, out: str | os.PathLike, c
                "synthetic": str(user.path) if user is not None else None,
                "budgets": [{"key": k, "fraction": f, "labels_per_class": n} for k, f, n in cfg.budgets],
                "arms_run": list(cfg.arms), "seeds": cfg.seeds, "metrics": list(TASK_METRICS[task]),
-               "n_test": len(ctx.test), "metric_info": info, **summarize(rows), "filter": _filter_summary(kept),
+               "n_test": len(ctx.test), "metric_info": info, **summarize([r for r in rows if r["arm"] != FIDELITY]),
+               "label_fidelity": _label_fidelity(rows), "filter": _filter_summary(kept),
                "config": cfg.model_dump(mode="json")}
+    summary["verdict"] = verdict(summary)
     _write_outputs(out, rows, summary)
     return summary
 
@@ -233,6 +243,7 @@ def _run_cell(cell: CellDir, fraction: float | None, per_class: int | None, seed
                             "real_images_seen": 0 if arm == "synthetic" else cfg.downstream_steps * min(
                                 cfg.batch_size, len(real)),
                             "metrics": score_downstream(task, net, ctx.test, ctx.n_out), **semi}
+            save_network(cell.network(arm), net, ctx.test.images[:2])  # the export's source (downstream.export)
         write_json(cell.result(arm), results[arm])
     return results
 
@@ -281,6 +292,15 @@ def _filter_summary(kept: dict[str, list[dict]]) -> dict:
                     "flagged": t_interval([i.get("flagged") for i in infos if i.get("flagged") is not None]),
                     "fidelity": t_interval([i.get("fidelity") for i in infos if i.get("fidelity") is not None])}
     return out
+
+
+def _label_fidelity(rows: list[dict]) -> dict:
+    """Per budget and metric: the :func:`t_interval` over seeds of the label fidelity (``FIDELITY`` rows)."""
+    by: dict = {}
+    for r in rows:
+        if r["arm"] == FIDELITY:
+            by.setdefault(r["budget"], {}).setdefault(r["metric"], []).append(r["value"])
+    return {b: {m: t_interval(v) for m, v in ms.items()} for b, ms in by.items()}
 
 
 def _tell(progress: Progress | None, offset: int, total: int, done: int, what: str) -> None:

@@ -5,7 +5,8 @@
     DIR/unlabelled_store/          every train image without labels (``unlabelled: all``)
     DIR/generator/                 the study's one generator run (``unlabelled: all``)
     DIR/cells/<budget>_s<seed>/    one cell: ``real_store/``, ``synthetic_store/``, ``generator/`` (a cell's
-                                   own generator run) and ``<arm>.json`` per finished arm
+                                   own generator run), ``<arm>.json`` per finished arm and ``<arm>.pt``, its
+                                   network as TorchScript (studies made before have none)
 
 The study (:mod:`medvae.downstream.study`), ``medvae utility``, the pipeline and ``medvae evaluate
 --utility`` find these paths here.
@@ -33,6 +34,10 @@ class CellDir:
     def result(self, arm: str) -> Path:
         """Where the arm's result is written once it is finished."""
         return self.path / f"{arm}.json"
+
+    def network(self, arm: str) -> Path:
+        """Where the arm's trained network is saved (TorchScript, :mod:`medvae.downstream.export`)."""
+        return self.path / f"{arm}.pt"
 
 
 class StudyDir:

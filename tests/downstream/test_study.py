@@ -1,5 +1,5 @@
 """The study end to end with a given synthetic store (no generator): outputs, arms treated alike,
-resumption per (budget, seed, arm), the verdicts, and the command line's errors."""
+resumption per (budget, seed, arm), the verdict, and the command line's errors and export."""
 
 import csv
 import json
@@ -44,13 +44,18 @@ def test_outputs(classify_study):
     assert {r["arm"] for r in rows} == {*ARMS, "fidelity"}
     saved = json.loads((out / "utility.json").read_text())
     assert saved["metrics"] == ["accuracy", "macro_f1"] and saved["arms"]["real"]["0.5"]["accuracy"]["n"] == 2
-    assert set(saved["paired_differences"]) == {f"{a} - real" for a in (*ARMS[1:], "fidelity")} | {
+    # label fidelity is the synthetic set's, not an arm: no interval among the arms, no paired difference
+    assert set(saved["paired_differences"]) == {f"{a} - real" for a in ARMS[1:]} | {
         "real+classical+synthetic - real+classical"}
+    assert set(saved["arms"]) == set(ARMS) and set(saved["label_fidelity"]) == {"0.5", "1"}
+    assert [v["budget"] for v in saved["verdict"]["budgets"]] == ["0.5", "1"]
     assert (out / "utility.png").read_bytes()[:4] == b"\x89PNG"
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "real+classical+synthetic" in page and "http" not in page
-    assert "over classical augmentation" in page  # the verdict per budget
+    assert saved["verdict"]["budgets"][0]["sentence"] in page  # the verdict per budget
     assert summary["arms"] == saved["arms"]
+    for cell in (out / "cells").iterdir():  # every arm's network, saved for --export-model
+        assert sorted(p.stem for p in cell.glob("*.pt")) == sorted(ARMS)
 
 
 def test_synthetic_copy_of_the_subset_scores_as_the_real_arm(classify_study):
@@ -181,23 +186,17 @@ def test_label_fidelity_is_the_real_network_scored_on_the_synthetic_labels(class
     assert got == pytest.approx(want, abs=1e-9)
 
 
-def test_verdict_sentences():
-    from medvae.report.downstream import verdicts
-
-    def interval(mean, half):
-        return {"mean": mean, "sd": 1, "n": 3, "ci_low": mean - half, "ci_high": mean + half}
-
-    summary = {"metrics": ["accuracy"], "synthesis": "neighbours",
-               "metric_info": {"accuracy": {"label": "accuracy", "unit": "unitless", "better": "higher"}},
-               "budgets": [{"key": "10pc", "fraction": None, "labels_per_class": 10},
-                           {"key": "100pc", "fraction": None, "labels_per_class": 100}],
-               "paired_differences": {"real+classical+synthetic - real+classical": {
-                   "10pc": {"accuracy": interval(0.031, 0.012)}, "100pc": {"accuracy": interval(0.004, 0.01)}}}}
-    assert verdicts(summary) == [
-        "With 10 labels per class, neighbours synthesis adds 3.1 ± 1.2 points of accuracy over classical "
-        "augmentation.",
-        "With 100 labels per class, neighbours synthesis gives no measurable gain in accuracy over classical "
-        "augmentation (+0.4 ± 1.0 points)."]
+def test_cli_prints_the_verdict_and_exports_the_model(class_store, tmp_path):
+    res = _cli(class_store.path, "--out", tmp_path / "o", "--fractions", "1.0", "--seeds", 1, "--downstream-steps", 3,
+               "--arms", "real,real+classical", "--export-model", tmp_path / "model")
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "o/utility.json").read_text())
+    (v,) = saved["verdict"]["budgets"]
+    assert v["sentence"] in res.output and v["command"] in res.output
+    assert v["command"].startswith(f"medvae utility {class_store.path} --fractions 1 --arms {v['arm']} --seeds 1 "
+                                   "--downstream-steps 3 --out STUDY_DIR --export-model MODEL_DIR")
+    assert json.loads((tmp_path / "model/model.json").read_text())["arm"] == v["arm"]
+    assert (tmp_path / "model/model.ts").is_file()
 
 
 def test_a_default_study_keeps_the_settings_of_before_the_model_families():

@@ -116,7 +116,8 @@ def test_denoise_and_utility_pages_share_the_base_page_and_escape():
                            {"key": "1", "fraction": 1.0, "labels_per_class": None}], "metrics": ["accuracy"],
                "metric_info": {"accuracy": {"label": "accuracy", "unit": "unitless", "better": "higher"}},
                "arms": {"real": {"0.1": {"accuracy": interval}, "1": {"accuracy": {**interval, "n": 1, "sd": None,
-                                                                                   "ci_low": None, "ci_high": None}}}},
+                                                                                   "ci_low": None, "ci_high": None}}},
+                        "real+synthetic": {"0.1": {"accuracy": interval}}},
                "paired_differences": {"real+synthetic - real": {"0.1": {"accuracy": {**interval, "ci_low": 0.1}}}},
                "config": {"model": "vae", "generator_steps": 5, "ratio": 1.0, "downstream_steps": 4, "batch_size": 8,
                           "lr": 0.001, "generator_run": None, "per_image": 10, "filter_threshold": 0.5,
@@ -125,4 +126,5 @@ def test_denoise_and_utility_pages_share_the_base_page_and_escape():
     _self_contained(html)
     assert "&lt;s&gt;" in html and "<s>" not in html
     assert "0.6000 ± 0.2000" in html and '<td class="best">+0.6000 ± 0.2000' in html  # excludes 0: highlighted
-    assert "(n=1)" in html and html.count("<td>–</td>") == 1  # one seed: no interval; no difference at f = 1
+    assert "(n=1)" in html  # one seed: no interval
+    assert html.count("<td>–</td>") == 4  # the real rows (one per budget) have no difference to real or on top
