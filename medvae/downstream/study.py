@@ -1,4 +1,4 @@
-"""The utility study: does synthetic data help a downstream model trained on few labels?
+"""The utility study: the best downstream model from few labels and many images, and does synthetic data help?
 
 For each label budget (a fraction of the train split, or a number of labels per class) and each
 seed s (a "cell"):
@@ -11,9 +11,12 @@ seed s (a "cell"):
    user gave a synthetic store for every cell;
 4. the same downstream network, steps, real batches and seed (:mod:`medvae.downstream.networks`) is
    trained on each arm — ``real``, ``real+classical``, ``real+synthetic``,
-   ``real+classical+synthetic``, ``synthetic``, and the semi-supervised ``pseudo``, ``fixmatch`` (and
-   each ``+synthetic``, :mod:`medvae.downstream.semisupervised`) that learn from the unlabelled train
-   images too — and scored on the real test split.
+   ``real+classical+synthetic``, ``synthetic``, and the semi-supervised arms that learn from the
+   unlabelled train images too: ``pseudo``, ``fixmatch`` (and each ``+synthetic``,
+   :mod:`medvae.downstream.semisupervised`), ``latent`` (:mod:`medvae.downstream.latent`) and ``m2``
+   (:mod:`medvae.downstream.m2`) — and scored on the real test split;
+5. the verdict (:mod:`medvae.downstream.verdict`) names the best arm per budget and what synthetic images
+   add on top of the best arm without them.
 
 The directory's layout is :class:`medvae.downstream.studydir.StudyDir`'s. Resumable per (budget,
 seed, arm): an arm's result is written atomically to ``cells/<budget>_s<s>/<arm>.json`` and a
