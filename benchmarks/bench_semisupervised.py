@@ -19,8 +19,6 @@ Run: ``.venv/bin/python benchmarks/bench_semisupervised.py --study fmnist --stor
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import time
@@ -116,16 +114,9 @@ def main() -> None:
                           progress=lambda done, total, what: print(f"[{time.perf_counter() - t0:7.0f} s] "
                                                                   f"{done}/{total} {what}", flush=True))
     wall = time.perf_counter() - t0
-    from benchmarks.bench_utility import table, verdict_lines
+    from benchmarks.bench_utility import print_study
 
-    print(f"\n{args.study}: {summary['n_test']} real test patches; mean ± 95% CI half-width over "
-          f"{summary['seeds']} seeds\n")
-    print(table(summary))
-    print("\n" + "\n".join(verdict_lines(summary)))
-    print(f"\nwall time {wall:.0f} s (finished arms are skipped on a re-run); {os.cpu_count()} CPUs; "
-          f"report: {out / 'report.html'}")
-    (Path(out) / "bench_semisupervised.json").write_text(json.dumps({"wall_s": wall, "study": args.study}))
-
+    print_study(summary, args.study, wall, Path(out), "bench_semisupervised.json")
 
 if __name__ == "__main__":
     main()

@@ -71,6 +71,17 @@ def verdict_lines(summary: dict) -> list[str]:
     return [line for b in summary["verdict"]["budgets"] for line in (b["sentence"], "  " + b["command"])]
 
 
+def print_study(summary: dict, title: str, wall: float, out: Path, record: str) -> None:
+    """Print the study's table, verdict and wall time; write ``out/record`` with the wall time."""
+    print(f"\n{title} ({summary['n_test']} real test patches); mean ± 95% CI half-width over {summary['seeds']} "
+          "seeds\n")
+    print(table(summary))
+    print("\n" + "\n".join(verdict_lines(summary)))
+    print(f"\nwall time {wall:.0f} s (finished arms are skipped on a re-run); {os.cpu_count()} CPUs; report: "
+          f"{out / 'report.html'}")
+    (out / record).write_text(json.dumps({"wall_s": wall, "study": title}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", choices=("fmnist", "demo"), required=True)
@@ -102,14 +113,7 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = run_utility(store, out, cfg, device=args.device)
     wall = time.perf_counter() - t0
-    print(f"\nutility study '{args.study}' on {store} ({summary['n_test']} real test patches); mean ± 95% CI "
-          f"half-width over {summary['seeds']} seeds\n")
-    print(table(summary))
-    print("\n" + "\n".join(verdict_lines(summary)))
-    print(f"\nwall time {wall:.0f} s (finished cells are skipped on a re-run); {os.cpu_count()} CPUs; report: "
-          f"{out / 'report.html'}")
-    (Path(out) / "bench_utility.json").write_text(json.dumps({"wall_s": wall, "study": args.study}, indent=1))
-
+    print_study(summary, f"utility study '{args.study}' on {store}", wall, Path(out), "bench_utility.json")
 
 if __name__ == "__main__":
     main()
