@@ -30,7 +30,7 @@ import torch
 
 from medvae.config import UtilityConfig, VAEConfig
 from medvae.data.store import PatchStore
-from medvae.downstream.networks import LabelledSet, _flip, _Stream, build_net, from_store
+from medvae.downstream.networks import BatchStream, LabelledSet, build_net, flip, from_store
 from medvae.downstream.subsets import SOURCE_ROW
 from medvae.downstream.synthetic_sets import Candidates
 from medvae.errors import ConfigError
@@ -60,15 +60,14 @@ def train_m2(real: LabelledSet, unlabelled: torch.Tensor, classes: list[str], cf
     """M2 trained on the labelled ``real`` set and the ``unlabelled`` images (N, C, H, W); in eval mode."""
     model = build_m2(real.images.shape[1], real.images.shape[-1], classes, cfg, seed).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.m2.lr)
-    labelled, flips = _Stream(real, cfg.batch_size, seed), torch.Generator().manual_seed(seed + 1)
-    pool = _Stream(LabelledSet(unlabelled, torch.zeros(len(unlabelled), dtype=torch.long)),
-                   cfg.m2.unlabelled_batch, seed + 3)
+    labelled, flips = BatchStream(real, cfg.batch_size, seed), torch.Generator().manual_seed(seed + 1)
+    pool = BatchStream.unlabelled(unlabelled, cfg.m2.unlabelled_batch, seed + 3)
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 4)  # the reparameterization noise
         for _ in range(cfg.m2.steps):
-            x, y = _flip(*labelled.next(), "classify", flips)
-            u, _ = _flip(*pool.next(), "classify", pool.gen)
+            x, y = flip(*labelled.next(), "classify", flips)
+            u, _ = flip(*pool.next(), "classify", pool.gen)
             loss = model.labelled_loss(x.to(device), y.to(device), cfg.m2.alpha).mean() \
                 + model.unlabelled_loss(u.to(device)).mean()
             opt.zero_grad(set_to_none=True)

@@ -92,28 +92,34 @@ def _loss(task: str):
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
-def _flip(x: torch.Tensor, y: torch.Tensor, task: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def flip(x: torch.Tensor, y: torch.Tensor, task: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A random horizontal flip per image (label maps alike)."""
-    flip = torch.rand(len(x), generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    mirrored = torch.rand(len(x), generator=gen) < 0.5
+    x = torch.where(mirrored[:, None, None, None], x.flip(-1), x)
     if task == "segment":
-        y = torch.where(flip[:, None, None, None], y.flip(-1), y)
+        y = torch.where(mirrored[:, None, None, None], y.flip(-1), y)
     return x, y
 
 
 def _augmented(x, y, task: str, gen: torch.Generator, classical: AugmentConfig | None):
     if classical is None:
-        return _flip(x, y, task, gen)
+        return flip(x, y, task, gen)
     x, maps = augment(x, classical, gen, y if task == "segment" else None)
     return x, (maps if task == "segment" else y)
 
 
-class _Stream:
-    """Seeded epoch permutations of a labelled set, ``n`` items at a time."""
+class BatchStream:
+    """Seeded epoch permutations of a labelled set, ``n`` items at a time (each arm's real, synthetic and
+    unlabelled batches; ``gen`` also draws the stream's augmentation)."""
 
     def __init__(self, data: LabelledSet, n: int, seed: int):
         self.data, self.n, self.gen = data, min(n, len(data)), torch.Generator().manual_seed(seed)
         self.order, self.pos = torch.randperm(len(data), generator=self.gen), 0
+
+    @classmethod
+    def unlabelled(cls, images: torch.Tensor, n: int, seed: int) -> BatchStream:
+        """A stream of unlabelled ``images`` (N, C, H, W) (its targets are zeros, never read)."""
+        return cls(LabelledSet(images, torch.zeros(len(images), dtype=torch.long)), n, seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pos + self.n > len(self.order):
@@ -151,9 +157,9 @@ def train_downstream(task: str, data: LabelledSet, n_out: int, steps: int, batch
             net = build_net(task, data.images.shape[1], data.images.shape[-1], n_out).to(device)
     opt = torch.optim.Adam(param_groups or net.parameters(), lr=lr)
     loss_fn = _loss(task)
-    real = _Stream(data, batch_size, seed)
+    real = BatchStream(data, batch_size, seed)
     real_aug = torch.Generator().manual_seed(seed + 1)
-    extra = _Stream(synthetic, max(1, round(share * batch_size)), seed + 2) if synthetic is not None else None
+    extra = BatchStream(synthetic, max(1, round(share * batch_size)), seed + 2) if synthetic is not None else None
     net.train()
     for _ in range(steps):
         x, y = _augmented(*real.next(), task, real_aug, classical)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from medvae.config import AugmentConfig, UtilityConfig
 from medvae.downstream.augment import augment, for_modality
-from medvae.downstream.networks import LabelledSet, _Stream, probabilities, train_downstream
+from medvae.downstream.networks import BatchStream, LabelledSet, probabilities, train_downstream
 
 ARMS = ("pseudo", "fixmatch", "pseudo+synthetic", "fixmatch+synthetic")
 _CHUNK = 1024  # pool images labelled at a time (segmentation probabilities are per pixel)
@@ -106,7 +106,7 @@ class _Consistency:
     def __init__(self, pool: torch.Tensor, n: int, seed: int, weak: AugmentConfig, strong: AugmentConfig,
                  threshold: float, weight: float):
         # the pool's own stream and augmentation draws: the real batches are those of the other arms
-        self.stream = _Stream(LabelledSet(pool, torch.zeros(len(pool), dtype=torch.long)), n, seed)
+        self.stream = BatchStream.unlabelled(pool, n, seed)
         self.weak, self.strong, self.threshold, self.weight = weak, strong, threshold, weight
 
     def __call__(self, net: torch.nn.Module) -> torch.Tensor:
