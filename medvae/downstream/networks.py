@@ -138,7 +138,8 @@ def train_downstream(task: str, data: LabelledSet, n_out: int, steps: int, batch
 
     Args:
         data: the images in the role of the real set (``batch_size`` of them per step).
-        synthetic: added to every batch, ``min(share · batch_size, len(synthetic))`` images per step.
+        synthetic: added to every batch, ``min(share · batch_size, len(synthetic))`` images per step (none
+            when it is empty: the filter kept no candidate).
         classical: the classical augmentation (else a random horizontal flip), on both.
         net: a network to train instead of the task's :func:`build_net` (the latent arm's encoder + head), with
             the caller's initial weights, on ``device`` already.
@@ -159,7 +160,7 @@ def train_downstream(task: str, data: LabelledSet, n_out: int, steps: int, batch
     loss_fn = _loss(task)
     real = BatchStream(data, batch_size, seed)
     real_aug = torch.Generator().manual_seed(seed + 1)
-    extra = BatchStream(synthetic, max(1, round(share * batch_size)), seed + 2) if synthetic is not None else None
+    extra = BatchStream(synthetic, max(1, round(share * batch_size)), seed + 2) if synthetic is not None and len(synthetic) else None
     net.train()
     for _ in range(steps):
         x, y = _augmented(*real.next(), task, real_aug, classical)

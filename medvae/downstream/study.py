@@ -228,6 +228,10 @@ def _run_cell(cell: CellDir, fraction: float | None, per_class: int | None, seed
             elif arm == "real+classical":
                 net = classical_net()
             elif arm == "synthetic":
+                if not len(syn):
+                    raise InputError(f"{cell.synthetic_store}: the filter kept no synthetic image, so the synthetic "
+                                     "arm has nothing to train on; drop the arm, or set drop_flagged: false / a "
+                                     "lower filter_threshold in the utility config")
                 net = fit(arm, syn)
             elif arm in semisupervised.ARMS:  # pseudo, fixmatch (+synthetic): the unlabelled pool too
                 net, semi = semisupervised.train_arm(arm, real, ctx.unlabelled(), classical_net,

@@ -215,10 +215,10 @@ def filter_candidates(cands: Candidates, cfg: UtilityConfig, teacher: torch.nn.M
         info["flagged"] = int(flagged.sum())
         keep &= ~flagged
     info["kept"] = int(keep.sum())
-    if not keep.any():
-        log.warning("the filter kept none of %d synthetic candidates; the cell keeps them all", n)
-        keep[:] = True
-        info["kept_all_because_none_passed"] = True
+    if n and not keep.any():  # the +synthetic arms then train on the real images alone; never on rejects
+        log.warning("the filter kept none of %d synthetic candidates (%d flagged by the audit, %s below the "
+                    "confidence threshold): the +synthetic arms get no synthetic image", n, info.get("flagged", 0),
+                    info.get("below_threshold", 0))
     return cands.take(keep), info
 
 

@@ -11,9 +11,10 @@ import medvae.downstream.study as study
 import medvae.downstream.synthetic_sets as synthetic_sets
 from medvae.config import UtilityConfig
 from medvae.data.store import open_store
+from medvae.downstream.networks import LabelledSet, from_store, train_downstream
 from medvae.downstream.study import run_utility
 from medvae.downstream.subsets import SOURCE_ROW, subset_rows
-from medvae.synthesis import anchored
+from medvae.synthesis import anchored, audit
 from medvae.synthesis.sampling import decode_latents
 from medvae.training.checkpoint import load_model
 from tests.factories import FAST_STUDY as FAST
@@ -173,3 +174,20 @@ def test_a_trained_run_can_serve_as_the_unlabelled_generator(class_store, mask_s
     train(class_store, tmp_path / "class_run", conditional, device="cpu")
     with pytest.raises(InputError, match="may see no label"):
         synthetic_sets.given_generator(tmp_path / "class_run", class_store)
+
+
+def test_a_filter_that_keeps_nothing_adds_nothing(class_store):
+    """Candidates the audit flags all (exact copies of training images) are never trained on: the kept set is
+    empty and a +synthetic arm trains as its base arm, weight for weight."""
+    rows = class_store.select("train")
+    images = class_store.get(rows)
+    copies = synthetic_sets.Candidates(images, np.zeros(len(rows), dtype=np.int64), None, rows)
+    reference = audit.build_reference(class_store, torch.device("cpu"))
+    kept, info = synthetic_sets.filter_candidates(copies, UtilityConfig(drop_flagged=True), None, reference)
+    assert info["flagged"] == info["candidates"] == len(rows) and info["kept"] == len(kept.images) == 0
+    data = from_store(class_store, rows, "classify", class_store.classes)
+    empty = LabelledSet(torch.from_numpy(kept.images), torch.from_numpy(kept.classes))
+    base = train_downstream("classify", data, 3, 5, 8, 1e-3, seed=2)
+    with_none = train_downstream("classify", data, 3, 5, 8, 1e-3, seed=2, synthetic=empty)
+    for a, b in zip(base.state_dict().values(), with_none.state_dict().values()):
+        assert torch.equal(a, b)
