@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="study directory (default WORK/<study>)")
     ap.add_argument("--budgets", default=None, help="labels per class, e.g. 10,100 (classification)")
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--arms", default=None, help="comma-separated arms (default: the study's); a study grows by arms")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
@@ -100,6 +101,8 @@ def main() -> None:
         spec["labels_per_class"] = [int(b) for b in args.budgets.split(",")]
     if args.seeds:
         spec["seeds"] = args.seeds
+    if args.arms:
+        spec["arms"] = args.arms.split(",")
     if args.study == "digits":
         store = args.store or digits_store(args.work)
     elif args.study == "pancreas":

@@ -321,13 +321,18 @@ def _read_result(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+_GROWABLE = {"fractions", "labels_per_class", "seeds", "arms"}
+
+
 def _check_settings(out: StudyDir, store: PatchStore, cfg: UtilityConfig, user: PatchStore | None) -> None:
-    """Write ``study.json`` on the first run; refuse a re-run whose results would not be comparable."""
+    """Write ``study.json`` on the first run; refuse a re-run whose results would not be comparable. Budgets,
+    seeds and arms may change: each arm's result depends on its cell alone, so a study grows by any of them."""
     settings = {"store_hash": store.content_hash, "synthetic_hash": user.content_hash if user is not None else None,
-                "config": cfg.stable_dump(exclude={"fractions", "labels_per_class", "seeds"})}
+                "config": cfg.stable_dump(exclude=_GROWABLE)}
     path = out.settings
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
+        before.get("config", {}).pop("arms", None)  # studies written before arms could grow
         if before != json.loads(json.dumps(settings)):
             changed = sorted(k for k in settings if before.get(k) != settings[k])
             changed += sorted(f"config.{k}" for k in settings["config"]

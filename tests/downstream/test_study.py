@@ -92,6 +92,11 @@ def test_rerun_skips_finished_arms(classify_study, class_store, monkeypatch):
     with pytest.raises(InputError, match="config.downstream_steps"):
         study.run_utility(class_store, out, UtilityConfig(**{**SMALL, "downstream_steps": 3}), device="cpu",
                           synthetic=syn.path)
+    # a study grows by an arm: the new arm trains, the finished ones are read
+    calls.clear()
+    grown = study.run_utility(class_store, out, UtilityConfig(**SMALL, arms=[*UtilityConfig(**SMALL).arms, "pseudo"]),
+                              device="cpu", synthetic=syn.path)
+    assert {a: grown["arms"][a] for a in summary["arms"]} == summary["arms"] and "pseudo" in grown["arms"]
 
 
 def test_labels_per_class_budgets(class_store, tmp_path):
