@@ -160,7 +160,8 @@ def train_downstream(task: str, data: LabelledSet, n_out: int, steps: int, batch
     loss_fn = _loss(task)
     real = BatchStream(data, batch_size, seed)
     real_aug = torch.Generator().manual_seed(seed + 1)
-    extra = BatchStream(synthetic, max(1, round(share * batch_size)), seed + 2) if synthetic is not None and len(synthetic) else None
+    has_extra = synthetic is not None and len(synthetic) > 0
+    extra = BatchStream(synthetic, max(1, round(share * batch_size)), seed + 2) if has_extra else None
     net.train()
     for _ in range(steps):
         x, y = _augmented(*real.next(), task, real_aug, classical)
