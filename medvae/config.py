@@ -654,8 +654,6 @@ class UtilityConfig(StrictModel):
                 raise ValueError(f"labels_per_class must be positive counts, got {self.labels_per_class}")
         if not self.arms:
             raise ValueError("arms is empty; name at least one of " + ", ".join(ARMS))
-        if self.task != "classify" and {"fixmatch", "fixmatch+synthetic"} & set(self.arms):
-            raise ValueError("the fixmatch arms need task classify (segmentation: pseudo)")
         if self.condition not in (None, self.generator_condition):
             raise ValueError(f"task {self.task} with synthesis {self.synthesis} and unlabelled {self.unlabelled} "
                              f"trains a generator with condition {self.generator_condition}, not {self.condition}")

@@ -15,13 +15,13 @@ supervised arm — so they differ from it only in what they add:
   confidence would be the background's, and they would teach "nothing here" on unlabelled patients).
   The student trains on the real batches plus the pseudo set as the extra stream, as a ``+synthetic``
   arm adds its synthetic set (``synthetic_share · batch_size`` per step). ``pseudo_rounds`` rounds.
-- ``fixmatch`` (classify): each step also takes ``unlabelled_ratio · batch_size`` pool images from its own
+- ``fixmatch``: each step also takes ``unlabelled_ratio · batch_size`` pool images from its own
   seeded stream (the real stream is untouched): a weak view (the classical flips and a shift of up to
   12.5 %) predicts without gradient; a strong view (``UtilityConfig.strong``: larger affine, elastic,
   noise, contrast, coarse dropout) is trained by cross-entropy against the weak view's argmax where its
   probability is ≥ ``fixmatch_threshold``, summed over those images and divided by all of them (the
   paper's ℓ_u), weighted by ``unlabelled_weight``. Only the confident strong views go through the network
-  (the others add 0 to the loss and its gradient).
+  (the others add 0 to the loss and its gradient). Segment: the same per pixel (:class:`_Consistency`).
 - ``+synthetic``: the cell's filtered synthetic set joins the extra stream (pseudo: with the pseudo set).
 """
 
@@ -40,6 +40,7 @@ from medvae.downstream.networks import BatchStream, LabelledSet, probabilities, 
 
 ARMS = ("pseudo", "fixmatch", "pseudo+synthetic", "fixmatch+synthetic")
 _CHUNK = 1024  # pool images labelled at a time (segmentation probabilities are per pixel)
+IGNORE = -100  # F.cross_entropy's ignore_index: a FixMatch target below the confidence threshold
 
 
 def balanced_confident(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,41 +84,62 @@ def pseudo_set(teacher: torch.nn.Module, pool: torch.Tensor, task: str, threshol
     return functools.reduce(operator.add, parts)
 
 
-def fixmatch_loss(weak_logits: torch.Tensor, strong_logits: Callable[[torch.Tensor], torch.Tensor],
+def fixmatch_loss(weak_logits: torch.Tensor,
+                  strong_logits: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                   threshold: float) -> torch.Tensor:
-    """FixMatch's ℓ_u = (1/μB) Σ_b 1[max softmax(weak_b) ≥ τ] · CE(strong_b, argmax weak_b).
+    """FixMatch's ℓ_u = (1/μB) Σ_b 1[max softmax(weak_b) ≥ τ] · CE(strong_b, argmax weak_b); for label maps
+    the same per pixel, divided by all pixels (the masked cross-entropy of FixMatch for segmentation).
 
     Args:
-        weak_logits: ``(μB, K)`` logits of the weak views (no gradient needed).
-        strong_logits: given the ``(μB,)`` bool mask of confident images, the strong views' logits of those
-            images only ``(kept, K)`` (so the others never go through the network).
+        weak_logits: ``(μB, K)`` or ``(μB, K, H, W)`` logits of the weak views (no gradient needed).
+        strong_logits: given the ``(μB,)`` bool mask of the images with a confident prediction (classify: the
+            image; segment: at least one pixel) and their targets (``IGNORE`` where not confident), the strong
+            views' logits of those images only and the targets as the strong view sees them (segment: warped
+            alike), so the other images never go through the network.
         threshold: τ.
     """
     conf, target = torch.softmax(weak_logits.detach().float(), 1).max(1)
-    keep = conf >= threshold
+    target = torch.where(conf >= threshold, target, IGNORE)
+    keep = (target != IGNORE).flatten(1).any(1) if target.dim() > 1 else target != IGNORE
     if not keep.any():
         return weak_logits.new_zeros(())
-    return F.cross_entropy(strong_logits(keep).float(), target[keep], reduction="sum") / len(weak_logits)
+    logits, kept = strong_logits(keep, target[keep])
+    return F.cross_entropy(logits.float(), kept, ignore_index=IGNORE, reduction="sum") / target.numel()
 
 
 class _Consistency:
-    """FixMatch's unlabelled term of each step, given the network (``train_downstream``'s ``unlabelled_loss``)."""
+    """FixMatch's unlabelled term of each step, given the network (``train_downstream``'s ``unlabelled_loss``).
+    Classify: weak and strong views of each pool image. Segment: the strong view is drawn on top of the weak
+    one, its geometry applied to the weak view's label map (nearest), so a pixel's target stays its own;
+    pixels the warp brings in from outside the image are ignored."""
 
-    def __init__(self, pool: torch.Tensor, n: int, seed: int, weak: AugmentConfig, strong: AugmentConfig,
-                 threshold: float, weight: float):
+    def __init__(self, task: str, pool: torch.Tensor, n: int, seed: int, weak: AugmentConfig,
+                 strong: AugmentConfig, threshold: float, weight: float):
         # the pool's own stream and augmentation draws: the real batches are those of the other arms
         self.stream = BatchStream.unlabelled(pool, n, seed)
-        self.weak, self.strong, self.threshold, self.weight = weak, strong, threshold, weight
+        self.task, self.weak, self.strong, self.threshold, self.weight = task, weak, strong, threshold, weight
 
     def __call__(self, net: torch.nn.Module) -> torch.Tensor:
         u, _ = self.stream.next()
-        weak, _ = augment(u, self.weak, self.stream.gen)
-        strong, _ = augment(u, self.strong, self.stream.gen)
+        gen = self.stream.gen
+        weak, _ = augment(u, self.weak, gen)
         device = next(net.parameters()).device
+        if self.task == "classify":
+            strong, _ = augment(u, self.strong, gen)
+            with torch.no_grad():
+                weak_logits = net(weak.to(device))
+            return self.weight * fixmatch_loss(
+                weak_logits, lambda keep, t: (net(strong[keep.cpu()].to(device)), t), self.threshold)
+
+        def strong_maps(keep: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            shifted = torch.where(target == IGNORE, 0, target + 1)[:, None].cpu()  # 0: ignored, also the padding
+            x, maps = augment(weak[keep.cpu()], self.strong, gen, labels=shifted)
+            maps = maps[:, 0].to(device)
+            return net(x.to(device)), torch.where(maps == 0, IGNORE, maps - 1)
+
         with torch.no_grad():
             weak_logits = net(weak.to(device))
-        return self.weight * fixmatch_loss(weak_logits, lambda keep: net(strong[keep.cpu()].to(device)),
-                                           self.threshold)
+        return self.weight * fixmatch_loss(weak_logits, strong_maps, self.threshold)
 
 
 def weak_view(classical: AugmentConfig) -> AugmentConfig:
@@ -154,6 +176,6 @@ def train_arm(arm: str, real: LabelledSet, pool: torch.Tensor, teacher: Callable
             net = fit(extra if len(extra) else None)
         return net, {"n_pseudo": sizes}
     strong = for_modality(cfg.strong, modality, strong=True)
-    term = _Consistency(pool, cfg.unlabelled_ratio * cfg.batch_size, seed + 3, weak_view(classical), strong,
+    term = _Consistency(cfg.task, pool, cfg.unlabelled_ratio * cfg.batch_size, seed + 3, weak_view(classical), strong,
                         cfg.fixmatch_threshold, cfg.unlabelled_weight)
     return fit(synthetic, term), {"n_unlabelled": len(pool)}

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import medvae.downstream.study as study
 from medvae.config import AugmentConfig, UtilityConfig
 from medvae.downstream.augment import augment
-from medvae.downstream.semisupervised import ARMS, balanced_confident, confident_maps, fixmatch_loss
+from medvae.downstream.semisupervised import (ARMS, _Consistency, balanced_confident, confident_maps,
+                                              fixmatch_loss)
 from medvae.downstream.subsets import labelled_rows, subset_rows
 from medvae.downstream.synthetic_sets import Candidates, write_synthetic_store
 from tests.factories import relabelled_store
@@ -27,7 +28,7 @@ def test_fixmatch_mask_excludes_low_confidence_images():
     weak = torch.tensor([[5.0, 0, 0], [1.0, 0, 0], [0, 4.0, 0], [0, 0, 2.9]])
     strong = torch.tensor([[0.2, 1.0, -0.5], [3.0, 0, 0], [1.0, 0.5, 2.0], [0, 0, 9.0]])
     seen = []
-    loss = fixmatch_loss(weak, lambda keep: seen.append(keep) or strong[keep], 0.95)
+    loss = fixmatch_loss(weak, lambda keep, t: (seen.append(keep) or strong[keep], t), 0.95)
     assert seen[0].tolist() == [True, False, True, False]
     # the kept images' cross-entropy against the weak argmax (0 and 1), divided by all four images
     expected = F.cross_entropy(strong[[0, 2]], torch.tensor([0, 1]), reduction="sum") / 4
@@ -38,8 +39,28 @@ def test_fixmatch_mask_excludes_low_confidence_images():
 
 def test_fixmatch_loss_is_zero_without_a_confident_image():
     calls = []
-    loss = fixmatch_loss(torch.zeros(3, 4), lambda keep: calls.append(keep), 0.95)  # uniform: 0.25 each
+    loss = fixmatch_loss(torch.zeros(3, 4), lambda keep, t: calls.append(keep), 0.95)  # uniform: 0.25 each
     assert loss.item() == 0.0 and not calls  # no strong view goes through the network
+
+
+def test_segmentation_fixmatch_is_the_masked_pixel_cross_entropy_on_a_label_map_that_follows_the_view():
+    """A pixel-wise network (a 1×1 conv) and a strong view of flips only: the strong view's targets must be
+    its own pixels' weak predictions, so ℓ_u = Σ over confident pixels of −log max softmax / all pixels —
+    whatever the flips drew. A target map that did not follow the flips would add the cost of wrong pixels."""
+    net = torch.nn.Conv2d(1, 2, 1)
+    with torch.no_grad():
+        net.weight[:] = torch.tensor([[[[0.0]]], [[[12.0]]]])
+        net.bias[:] = torch.tensor([0.0, -6.0])  # logit of class 1: 12 (x − 0.5)
+    pool = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    still = AugmentConfig(flip_lr=False, flip_ud=False, rotate_deg=0, scale=0, translate=0, elastic_prob=0,
+                          noise_prob=0)
+    flips = still.model_copy(update={"flip_lr": True, "flip_ud": True})
+    term = _Consistency("segment", pool, 6, 3, still, flips, threshold=0.9, weight=1.0)
+    logp = torch.log_softmax(net(pool), 1).max(1).values  # every pool image once, in any order
+    confident = logp >= math.log(0.9)
+    assert 0 < confident.sum() < confident.numel()  # the mask excludes some pixels
+    expected = -(logp * confident).sum() / logp.numel()
+    assert term(net).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_pseudo_labels_are_the_most_confident_and_class_balanced():
@@ -157,17 +178,17 @@ def test_fixmatch_without_its_unlabelled_term_is_the_classical_arm(semi_study, c
     assert summary["arms"]["fixmatch"]
 
 
-def test_segmentation_pseudo_arm(mask_store, tmp_path):
+def test_segmentation_pseudo_and_fixmatch_arms(mask_store, tmp_path):
     rows = labelled_rows(mask_store, "train", "segment")
     syn = write_synthetic_store(tmp_path / "syn", Candidates(mask_store.get(rows), None,
                                                              np.asarray(mask_store.labels)[rows], rows), mask_store, {})
-    cfg = UtilityConfig(task="segment", fractions=[0.5], arms=["real", "pseudo", "pseudo+synthetic"],
+    cfg = UtilityConfig(task="segment", fractions=[0.5], arms=["real", "pseudo", "pseudo+synthetic", "fixmatch"],
                         **{**FAST, "pseudo_threshold": 0.0})
     study.run_utility(mask_store, tmp_path / "out", cfg, device="cpu", synthetic=syn.path)
     pseudo = json.loads((tmp_path / "out/cells/0.5_s0/pseudo.json").read_text())
     assert 0.0 <= pseudo["metrics"]["dice"] <= 1.0 and pseudo["n_pseudo"][0] >= 0
-    with pytest.raises(ValueError, match="fixmatch arms need task classify"):
-        UtilityConfig(task="segment", arms=["fixmatch"])
+    fixmatch = json.loads((tmp_path / "out/cells/0.5_s0/fixmatch.json").read_text())
+    assert 0.0 <= fixmatch["metrics"]["dice"] <= 1.0
 
 
 def test_the_semi_supervised_settings_stay_out_of_the_hash_at_their_defaults():
