@@ -12,8 +12,7 @@ import torch.nn.functional as F
 import medvae.downstream.study as study
 from medvae.config import AugmentConfig, UtilityConfig
 from medvae.downstream.augment import augment
-from medvae.downstream.semisupervised import (ARMS, _Consistency, balanced_confident, confident_maps,
-                                              fixmatch_loss)
+from medvae.downstream.semisupervised import ARMS, _Consistency, balanced_confident, confident_maps, fixmatch_loss
 from medvae.downstream.subsets import labelled_rows, subset_rows
 from medvae.downstream.synthetic_sets import Candidates, write_synthetic_store
 from tests.factories import relabelled_store
