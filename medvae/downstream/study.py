@@ -285,8 +285,15 @@ def _cell_synthetic(real_store: PatchStore, cell: CellDir, seed: int, ctx: _Cont
                 ctx.n_out).items()})
         info.update(seed=seed, synthesis=cfg.synthesis, checkpoint=str(checkpoint))
         synthetic_sets.write_synthetic_store(path, kept, real_store, info)
-    syn = open_store(path)
-    return from_store(syn, syn.select(), cfg.task, ctx.store.classes)
+    return synthetic_set(open_store(path), real_store, cfg.task, ctx.store.classes)
+
+
+def synthetic_set(syn: PatchStore, real: PatchStore, task: str, classes: list[str]) -> LabelledSet:
+    """A cell's synthetic store as a LabelledSet; an empty one (the filter kept nothing) has the real subset's
+    shapes (a store of no rows has no labels.npy)."""
+    if not len(syn):
+        return from_store(real, np.empty(0, dtype=np.int64), task, classes)
+    return from_store(syn, syn.select(), task, classes)
 
 
 def _filter_summary(kept: dict[str, list[dict]]) -> dict:

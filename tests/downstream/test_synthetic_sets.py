@@ -191,3 +191,14 @@ def test_a_filter_that_keeps_nothing_adds_nothing(class_store):
     with_none = train_downstream("classify", data, 3, 5, 8, 1e-3, seed=2, synthetic=empty)
     for a, b in zip(base.state_dict().values(), with_none.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_an_empty_synthetic_set_of_label_maps_reads_back_empty(mask_store, tmp_path):
+    """A segmentation cell whose filter kept nothing: its store has no rows (and so no labels.npy); the arms get
+    an empty set of the real images' and maps' shapes."""
+    h = mask_store.patches.shape[-1]
+    none = synthetic_sets.Candidates(np.zeros((0, 1, h, h), np.float32), None, np.zeros((0, 1, h, h), np.uint8),
+                                     np.zeros(0, np.int64))
+    syn = synthetic_sets.write_synthetic_store(tmp_path / "syn", none, mask_store, {"kept": 0})
+    got = study.synthetic_set(syn, mask_store, "segment", mask_store.classes)
+    assert got.images.shape == (0, 1, h, h) and got.targets.shape == (0, 1, h, h)
