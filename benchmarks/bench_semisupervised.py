@@ -42,7 +42,7 @@ STUDIES = {
                "generator_steps": 1000, "generator": SMALL_VAE, "synthesis": "neighbours", "per_image": 10,
                "downstream_steps": 600, "batch_size": 64},
     "pancreas": {"task": "segment", "model": "vae", "fractions": [0.25], "seeds": 3,
-                 "arms": ["real", "real+classical", "pseudo", "real+synthetic", "pseudo+synthetic"],
+                 "arms": ["real", "real+classical", "pseudo", "fixmatch", "real+synthetic", "pseudo+synthetic"],
                  "generator_steps": 300, "synthesis": "neighbours", "per_image": 3, "downstream_steps": 200,
                  "batch_size": 16, "lr": 2e-3,
                  "generator": {"model": {"name": "vae", "latent_dim": 64, "channels": [8, 16, 32, 64],
