@@ -22,6 +22,9 @@ For one run (and any ``--compare`` runs) on one split of a patch store:
   Wasserstein-1 distance between their intensity distributions in physical units. A
   modality-conditioned model is sampled per modality; an unconditional model's samples are
   compared with each modality's patches.
+- per modality (and the whole split when it has several): sharpness, the radially averaged power spectrum
+  of the real patches, their reconstructions and the prior samples (:mod:`medvae.evaluation.sharpness`;
+  the spectra of the per-patch pass's own images, nothing decoded again);
 - the test codes: a 2D PCA map of the posterior means, coloured by class, modality or patient.
 
 Writes ``metrics.csv`` (tidy: run, patient_id, modality, split, metric, value, n, prior; sd as
@@ -51,6 +54,7 @@ from medvae.devices import select_device
 from medvae.errors import InputError
 from medvae.evaluation.class_tables import class_stats, grouped_stats, is_image_set, split_rows, worst_images
 from medvae.evaluation.sample_quality import class_samples, classified_samples, prior_samples, sample_quality
+from medvae.evaluation.sharpness import SpectrumCollector, sharpness, spectrum_bands
 from medvae.evaluation.tables import CSV_COLUMNS, compare_table, identical_weights, jsonable, tidy_rows, weights_sha256
 from medvae.metrics import distances as D
 from medvae.metrics import elbo as L
@@ -70,7 +74,7 @@ TRAVERSAL_STEPS = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)  # prior standard devia
 HIST_BINS = 64
 # what summary.json keeps of each compared run
 _COMPARED = ("per_modality", "per_class", "per_split", "cohort", "checkpoint", "step", "weights_sha256",
-             "sample_quality")
+             "sample_quality", "spectrum")
 
 
 
@@ -89,8 +93,10 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 @torch.no_grad()
 def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: torch.device,
                   iwae_rows: np.ndarray | None = None, seed: int = 0,
-                  timings: dict[str, float] | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """Per-patch metrics of ``model`` on store rows ``rows``; the IWAE's seconds added to ``timings["iwae"]``.
+                  timings: dict[str, float] | None = None,
+                  spectra: SpectrumCollector | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Per-patch metrics of ``model`` on store rows ``rows``; the IWAE's seconds added to ``timings["iwae"]``;
+    each batch's images and reconstructions handed to ``spectra`` (its seconds in ``timings["spectrum"]``).
 
     Returns:
         ``(per_patch, codes)``: metric name -> (len(rows),) float64, with IWAE and bits/dim NaN
@@ -115,6 +121,9 @@ def patch_metrics(model, store, rows: np.ndarray, cfg: EvaluateConfig, device: t
         mus.append(mu.float().cpu())
         for name, fn in (("ssim", M.ssim), ("ms_ssim", M.ms_ssim), ("psnr", M.psnr), ("mse", M.mse), ("mae", M.mae)):
             out[name].append(fn(recon[:, :channels], x[:, :channels]))
+        if spectra is not None:
+            with timed(timings, "spectrum"):
+                spectra.add(x[:, :channels], recon[:, :channels])
         out["elbo"].append(bounds["elbo"])
         out["kl"].append(bounds["kl"])
         iw = torch.full((len(batch),), float("nan"), device=device)
@@ -213,9 +222,10 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
     groups = group_rows(pids)
     iwae_rows = _iwae_subset(groups, rows, IWAE_PER_PATIENT, cfg.iwae_max_patches)
     timings: dict[str, float] = {}
+    spectra = SpectrumCollector(spectrum_bands(int(store.meta["patch_size"])))
     with timed(timings, "per_patch"):
-        per, codes = patch_metrics(model, store, rows, cfg, device, iwae_rows, timings=timings)
-    timings["per_patch"] -= timings.get("iwae", 0.0)  # the IWAE runs inside; its own row
+        per, codes = patch_metrics(model, store, rows, cfg, device, iwae_rows, timings=timings, spectra=spectra)
+    timings["per_patch"] -= timings.get("iwae", 0.0) + timings.get("spectrum", 0.0)  # run inside; their own rows
 
     image_set = is_image_set(store)
     per_patient, per_modality = {}, {}
@@ -240,6 +250,8 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
                              "metrics": {k: finite_stats(v[m]) for k, v in per.items()}}
         with timed(timings, "mmd"):
             cohort[mod], hists[mod] = cohort_metrics(store, rows[m], by_prior[mod]["standard"], mod, cfg, device)
+    with timed(timings, "spectrum"):
+        spectrum = sharpness(spectra, mods, by_prior, int(store.meta["patch_size"]), cfg.batch_size, device)
     quality = {}
     if cfg.sample_metrics:
         with timed(timings, "sample_quality"):
@@ -257,7 +269,7 @@ def evaluate_run(run, store, cfg: EvaluateConfig, device: torch.device, with_fig
               "per_patient": per_patient, "per_modality": per_modality,
               "per_class": class_stats(store, rows, per),
               "per_split": per_split,
-              "cohort": cohort, "sample_quality": quality,
+              "cohort": cohort, "sample_quality": quality, "spectrum": spectrum,
               "report_patients": [] if image_set else report_patients(per_patient, cfg.report_patients),
               "worst_images": worst_images(store, rows, per["ssim"], cfg.worst_images) if image_set else []}
     if with_figures:

@@ -28,7 +28,8 @@ def tidy_rows(res: dict) -> list[tuple]:
 
     In order: per patient (an image set's per image only when evaluated with ``per_image``), per class
     (patient_id ``class:<name>``), per modality with the cohort and sample metrics (patient_id ``ALL``),
-    then an image set's other splits per modality (patient_id ``ALL``, their split).
+    the sharpness per modality (and modality ``ALL``: the whole split, when it has several), then an image
+    set's other splits per modality (patient_id ``ALL``, their split).
     """
     out = []
     run, split = res["run"], res["split"]
@@ -43,10 +44,22 @@ def tidy_rows(res: dict) -> list[tuple]:
                 for k in COHORT_METRICS]
         for prior, q in res.get("sample_quality", {}).get(mod, {}).items():
             out += [(run, ALL, mod, split, k, q[k], q["n"], prior) for k in (*SAMPLE_METRICS, "kid_sd")]
+    out += _spectrum_rows(run, split, res.get("spectrum", {}))
     for other, by_mod in res.get("per_split", {}).items():
         if other != split:  # the evaluated split's rows are the per-modality rows above
             for mod, p in by_mod.items():
                 out += _stat_rows(run, ALL, mod, other, p["metrics"])
+    return out
+
+
+def _spectrum_rows(run: str, split: str, spectrum: dict) -> list[tuple]:
+    """The real split's high-band share, and the reconstructions' and each prior's samples' high-band ratio."""
+    out = []
+    for mod, g in spectrum.get("groups", {}).items():
+        out += [(run, ALL, mod, split, "high_band_share", g["high_band_share"], g["n_real"], ""),
+                (run, ALL, mod, split, "high_band_ratio_recon", g["high_band_ratio_recon"], g["n_real"], "")]
+        out += [(run, ALL, mod, split, "high_band_ratio_samples", v, g["n_samples"][prior], prior)
+                for prior, v in g["high_band_ratio_samples"].items()]
     return out
 
 

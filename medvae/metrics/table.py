@@ -81,7 +81,19 @@ SAMPLE_METRICS = {  # per modality and prior, on the store's own feature network
                        "Fraction of real 5-NN balls holding at least one sample: diversity robust to outliers."),
 }
 
-ALL_METRICS = {**PATCH_METRICS, **COHORT_METRICS, **SAMPLE_METRICS}
+SPECTRUM_METRICS = {  # per modality: sharpness from the radially averaged power spectrum (medvae.metrics.spectrum)
+    "high_band_share": Metric("high-band share (real)", "fraction", 0,
+                              "Share of the real patches' power at or above 0.25 cycles/pixel (orthonormal DCT, "
+                              "each image's mean removed): how much fine detail the modality has."),
+    "high_band_ratio_recon": Metric("high-band ratio (reconstructions)", "ratio", 0,
+                                    "High-band share of the reconstructions decode(mu) over the real patches': "
+                                    "1.0 = as sharp as real, below 1 blurrier, above 1 noisier."),
+    "high_band_ratio_samples": Metric("high-band ratio (samples)", "ratio", 0,
+                                      "High-band share of the prior samples over the real patches': 1.0 = as "
+                                      "sharp as real, below 1 blurrier, above 1 noisier or with artefacts."),
+}
+
+ALL_METRICS = {**PATCH_METRICS, **COHORT_METRICS, **SAMPLE_METRICS, **SPECTRUM_METRICS}
 
 DENOISE_METRICS = {  # denoise runs (medvae.denoising.evaluate): each method's output against the clean patch
     "psnr": Metric("PSNR", "dB", +1, "10·log10(1 / MSE) of the denoised (clipped to [0, 1]) and the clean patch."),

@@ -169,3 +169,28 @@ def latent_map(points: np.ndarray, labels: list[str], by: str, explained: list[f
     if by and len(names) <= 20:
         ax.legend(frameon=False, fontsize=7, markerscale=2.5, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return to_png(fig)
+
+
+def spectrum(spec: dict, prior_labels: dict[str, str]) -> str:
+    """Log power against spatial frequency per band (summary.json ``spectrum``): real, reconstructions and each
+    prior's samples, a panel per modality (and the whole split), the high-band cutoff marked."""
+    edges = np.asarray(spec["band_edges"])
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    groups = spec["groups"]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.2), squeeze=False, sharey=True,
+                             layout="constrained")
+    styles = {"standard": {"ls": "-"}, "gmm": {"ls": "--"}}
+    for ax, (name, g) in zip(axes[0], groups.items()):
+        ax.semilogy(centres, g["real"], color=ACCENT, lw=2.2, label="real")
+        ax.semilogy(centres, g["reconstruction"], color="#2f855a", lw=1.6, label="reconstructions")
+        for prior, power in g["samples"].items():
+            ax.semilogy(centres, power, color=SYNTH, lw=1.4, label=f"samples {prior_labels.get(prior, prior)}",
+                        **styles.get(prior, {"ls": ":"}))
+        ax.axvline(spec["cutoff"], color="#718096", lw=1, ls=":")
+        ax.text(spec["cutoff"], 1.0, f" {spec['cutoff']:g} cycles/px", transform=ax.get_xaxis_transform(),
+                va="top", fontsize=7, color="#4a5568")
+        ax.set_xlabel("spatial frequency (cycles/pixel)")
+        ax.set_title("whole split" if name == "ALL" else name)
+    axes[0][0].set_ylabel("power per coefficient")
+    axes[0][-1].legend(frameon=False, fontsize=7)
+    return to_png(fig)

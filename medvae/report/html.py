@@ -42,6 +42,8 @@ def build_figures(summary: dict, fig: dict) -> dict:
     if summary.get("utility"):
         out["utility"] = utility_figure(summary["utility"])
         out["utility_tables"] = utility_tables(summary["utility"])
+    spec = summary.get("spectrum")
+    out["spectrum"] = figures.spectrum(spec, PRIOR_LABELS) if spec and spec.get("groups") else None
     lm = fig.get("latent_map")
     out["latent_map"] = figures.latent_map(lm["points"], lm["labels"], lm["by"], lm["explained"]) if lm else None
     worst = fig.get("worst")
@@ -70,7 +72,8 @@ def _class_sample_grids(cs: dict, norm: dict) -> dict[str, str]:
 # summary.json ``timings`` keys in the order the evaluation runs them, as the report's "Time taken" table names them
 TIMING_LABELS = {"per_patch": "per-image metrics (encode, ELBO, reconstruction)", "iwae": "IWAE",
                  "prior_samples": "prior samples", "mmd": "cohort MMD and intensity distance",
-                 "sample_quality": "sample quality (feature network)", "other_splits": "other splits",
+                 "spectrum": "sharpness (power spectra)", "sample_quality": "sample quality (feature network)",
+                 "other_splits": "other splits",
                  "figures": "figure data", "compared_runs": "compared runs", "total": "total (before the report)"}
 
 

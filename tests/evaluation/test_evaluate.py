@@ -13,7 +13,10 @@ from typer.testing import CliRunner
 from medvae.cli import app
 from medvae.config import EvaluateConfig, parse_model_config
 from medvae.evaluation.evaluate import cohort_metrics, run_evaluation
+from medvae.evaluation.sample_quality import prior_samples
+from medvae.evaluation.sharpness import spectrum_bands
 from medvae.evaluation.tables import CSV_COLUMNS
+from medvae.metrics.spectrum import high_band_ratio, high_band_share, radial_power
 from medvae.metrics.table import PATCH_METRICS
 from medvae.models import build_model
 from medvae.training.checkpoint import load_model, save_checkpoint
@@ -124,10 +127,39 @@ def test_summary_groups_patients_and_modalities(evaluated):
     assert m["elbo"]["mean"] < m["iwae"]["mean"] + 1.0
 
 
+def test_sharpness_rows_equal_the_spectrum_of_the_same_images(evaluated):
+    """metrics.csv's high-band rows equal medvae.metrics.spectrum called directly on the test patches, their
+    reconstructions decode(mu) and the prior samples the cohort metrics use; summary.json and the report
+    have the spectra."""
+    store, run_a, out, summary, rows = evaluated
+    model, _ = load_model(run_a / "checkpoints" / "best.pt")
+    test = store.select("test")
+    x = torch.from_numpy(store.get(test))
+    with torch.no_grad():
+        recon = model.decode(model.encode(x)[0])
+    samples = prior_samples(model, run_a / "checkpoints" / "best.pt", store, ["ct"], CFG)["ct"]
+    n_bands = spectrum_bands(64)
+    mine = {(r["metric"], r["prior"]): (float(r["value"]), int(r["n"])) for r in rows
+            if r["metric"].startswith("high_band") and r["patient_id"] == "ALL" and r["modality"] == "ct"}
+    assert set(mine) == {("high_band_share", ""), ("high_band_ratio_recon", ""),
+                         ("high_band_ratio_samples", "standard"), ("high_band_ratio_samples", "gmm")}
+    assert mine[("high_band_share", "")] == pytest.approx((high_band_share(x, 0.25, n_bands), 30), rel=1e-5)
+    assert mine[("high_band_ratio_recon", "")] == pytest.approx((high_band_ratio(recon, x, 0.25, n_bands), 30),
+                                                                rel=1e-4)
+    for prior in ("standard", "gmm"):
+        ref = high_band_ratio(samples[prior], x, 0.25, n_bands)
+        assert mine[("high_band_ratio_samples", prior)] == pytest.approx((ref, CFG.mmd_samples), rel=1e-5)
+    spec = json.loads((out / "summary.json").read_text())["spectrum"]
+    assert list(spec["groups"]) == ["ct"] and len(spec["band_edges"]) == n_bands + 1  # one modality: no ALL
+    np.testing.assert_allclose(spec["groups"]["ct"]["real"], radial_power(x, n_bands).numpy(), rtol=1e-5)
+    html = (out / "report.html").read_text()
+    assert 'id="sharpness"' in html and "as sharp as real" in html
+
+
 def test_summary_and_report_say_how_long_each_stage_took(evaluated):
     out = evaluated[2]
     timings = json.loads((out / "summary.json").read_text())["timings"]
-    stages = {"per_patch", "iwae", "prior_samples", "mmd", "sample_quality", "figures"}
+    stages = {"per_patch", "iwae", "prior_samples", "mmd", "spectrum", "sample_quality", "figures"}
     assert set(timings) >= stages | {"total", "compared_runs"}
     assert all(v >= 0 for v in timings.values())
     assert sum(timings[k] for k in stages) <= timings["total"] + 1e-6  # the stages are parts of the total

@@ -128,3 +128,22 @@ def test_denoise_and_utility_pages_share_the_base_page_and_escape():
     assert "0.6000 ± 0.2000" in html and '<td class="best">+0.6000 ± 0.2000' in html  # excludes 0: highlighted
     assert "(n=1)" in html  # one seed: no interval
     assert html.count("<td>–</td>") == 4  # the real rows (one per budget) have no difference to real or on top
+
+
+def test_sharpness_section_per_modality_and_whole_split():
+    """summary.json's spectrum: a table row per group with its ratios, one figure with the cutoff, the reading."""
+    def group(share, recon):
+        return {"n_real": 5, "real": [1.0, 0.1, 0.01, 0.001], "reconstruction": [1.0, 0.1, 1e-3, 1e-5],
+                "samples": {"standard": [0.9, 0.1, 1e-3, 1e-4]}, "n_samples": {"standard": 8},
+                "high_band_share": share, "high_band_ratio_recon": recon, "high_band_ratio_samples": {"standard": 0.25}}
+
+    summary = {**_result("a", 0.8), "spectrum": {"cutoff": 0.25, "band_edges": [0, 0.125, 0.25, 0.375, 0.5],
+                                                 "groups": {"ct": group(0.011, 0.0123), "ALL": group(0.02, 0.5)}}}
+    html = render_report(summary, _figs())
+    assert html.count("data:image/png;base64,") == 7  # test_report_is_self_contained...'s 6 + the spectra
+    section = re.search(r'<h3 id="sharpness">.*?</p>', html, re.S).group(0)
+    assert "as sharp as real" in section and "0.25 cycles/pixel" in section
+    rows = re.findall(r"<tr><td>(.*?)</td>.*?</tr>", section, re.S)
+    assert rows == ["ct", "whole split"]
+    assert _fmt(0.0123) in section and _fmt(0.5) in section and "Gaussian mixture" not in section
+    assert 'id="sharpness"' not in render_report(_result("a", 0.8), _figs())  # an older summary: no section
