@@ -15,6 +15,7 @@ from scipy import integrate, stats
 
 from medvae.config import DenoiseConfig, TrainStageConfig
 from medvae.denoising.apply import SliceDenoiser, denoise_scans, sd_path
+from medvae.denoising.evaluate import _medvae as evaluate_medvae
 from medvae.denoising.selfsupervised import BlindSpotTask, held_out_rows, resolve_noise_model, resolve_posterior
 from medvae.errors import ConfigError
 from medvae.models import build_model
@@ -103,6 +104,9 @@ def test_prior_dae_denoises_with_the_posterior_mean_of_its_prior_and_the_noisy_p
     nv, y = A * mu + B, x.double().numpy()
     np.testing.assert_allclose(mean.numpy(), (nv * mu + pv * y) / (nv + pv), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sd.numpy(), np.sqrt(nv * pv / (nv + pv)), rtol=1e-5)
+    # `medvae evaluate` scores the same posterior mean as `medvae denoise` writes
+    x4 = torch.from_numpy(_noisy(2, 9))
+    np.testing.assert_array_equal(evaluate_medvae(model, x4.numpy(), torch.device("cpu"), 2), model.denoise(x4).numpy())
     plain = build_model(cfg.model_copy(update={"prior": False}))
     with pytest.raises(ConfigError, match="deterministic"):
         plain.denoise(x, return_sd=True)
