@@ -9,7 +9,10 @@ wheel to ``--image``), or any 2D TIFF given to ``--image``. It is scaled to [0, 
 
 - test region: the right half (512 x 256); every method is scored there (PSNR / SSIM against the clean image,
   outputs clipped to [0, 1]).
-- ``n2v`` (N2V2 defaults: median replacement, blur-pool, no top skip; 1/16 of the pixels masked) and
+- ``n2v`` (N2V2 defaults: median replacement, blur-pool, no top skip; 1/16 of the pixels masked; no
+  posterior), ``n2v-posterior`` (the same network predicting a Gaussian prior, mean and log-variance, the
+  noise model calibrated from the noisy image as ``medvae train`` does; the estimate is the posterior mean
+  given each noisy pixel, Laine et al. 2019) and
   ``divnoising`` (unet-vae with the Poisson–Gaussian likelihood, the simulation's own (a, b); MMSE of
   ``--samples`` posterior samples)
   train per level on 64² tiles of the *noisy* image (all of it: the data a user has) and nothing else.
@@ -147,8 +150,12 @@ def configs(steps: int, photons: float) -> dict[str, TrainStageConfig]:
                       "input_residual": False, **small}, "train": _train_cfg(steps)}),
         # 1/16 of the pixels masked (N2V: 1/64): four times the loss pixels per step, for a short CPU budget
         "n2v": TrainStageConfig.model_validate({
-            "task": "denoise", "objective": "n2v", "blindspot": {"fraction": 1 / 16}, "model": small,
-            "train": _train_cfg(steps)}),
+            "task": "denoise", "objective": "n2v", "posterior": False, "blindspot": {"fraction": 1 / 16},
+            "model": small, "train": _train_cfg(steps)}),
+        # the noise model calibrated from the noisy image itself (model.noise_a / noise_b not given)
+        "n2v-posterior": TrainStageConfig.model_validate({
+            "task": "denoise", "objective": "n2v", "posterior": True, "blindspot": {"fraction": 1 / 16},
+            "model": small, "train": _train_cfg(steps)}),
         "divnoising": TrainStageConfig.model_validate({
             "task": "denoise", "objective": "divnoising",
             "model": {"channels": [16, 32, 64], "latent_channels": 16, "noise_a": 1 / photons,
@@ -212,7 +219,7 @@ def selfsupervised_rows(clean: np.ndarray, levels=(5.0, 20.0, 100.0), steps: int
                          "denoise_s": sec})
             log(f"  {photons:g} photons: supervised dae {rows[-1]['psnr']:.2f} dB after {train_s:.0f} s of training")
         store = None
-        for m in ("n2v", "divnoising"):
+        for m in ("n2v", "n2v-posterior", "divnoising"):
             if m not in methods:
                 continue
             if store is None:  # the noisy image, all of it: the only data a self-supervised model sees
@@ -223,7 +230,8 @@ def selfsupervised_rows(clean: np.ndarray, levels=(5.0, 20.0, 100.0), steps: int
             train_stage(store, run, configs(steps, photons)[m], device="cpu", resume=True)
             train_s = time.perf_counter() - t0
             den, sec = apply(run, noisy[:, w // 2:], samples if m == "divnoising" else 0)
-            name = f"{m} (MMSE of {samples})" if m == "divnoising" else "n2v (N2V2)"
+            name = {"divnoising": f"divnoising (MMSE of {samples})", "n2v": "n2v (N2V2)",
+                    "n2v-posterior": "n2v --posterior (N2V2)"}[m]
             rows.append({"method": name, "photons": photons, **scores(den, ref), "train_s": train_s,
                          "denoise_s": sec})
             log(f"  {photons:g} photons: {name} {rows[-1]['psnr']:.2f} dB after {train_s:.0f} s of training")

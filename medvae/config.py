@@ -200,6 +200,10 @@ class DAEConfig(_DenoiserBase):
     """``dae``: the deterministic denoising U-Net (always with skips)."""
 
     name: Literal["dae"] = "dae"
+    # n2v / n2s --posterior (Laine et al. 2019): the output is a Gaussian prior over the clean value, a mean and a
+    # log-variance per pixel (2 x in_channels output channels), trained with the likelihood poisson-gaussian as
+    # N(noisy; mean, prior variance + a·mean + b); `denoise` returns the posterior mean given the noisy pixel
+    prior: bool = False
 
 
 class UNetVAEConfig(_DenoiserBase):
@@ -325,6 +329,9 @@ class BlindSpotConfig(StrictModel):
     # values, no loss), for noise correlated along rows (horizontal) or columns (vertical); n2v only
     struct: Literal["none", "horizontal", "vertical"] = "none"
     struct_length: int = Field(5, ge=3, le=15)  # the line's length in pixels, the masked pixel in its middle
+    # early stopping without clean data: a store with no val split validates (and keeps best.pt) on this fixed share
+    # of its train patches, evenly spaced and never trained on; 0: no held-out patches (then no best.pt)
+    holdout: float = Field(1 / 16, ge=0, lt=0.5)
 
 
 # The model settings each denoise objective takes when the config does not name them: a model that can denoise
@@ -349,6 +356,11 @@ class TrainStageConfig(StrictModel):
     objective: Objective = "supervised"
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
     blindspot: BlindSpotConfig = Field(default_factory=BlindSpotConfig)
+    # n2v / n2s: the network predicts a Gaussian prior (mean, log-variance) and the estimate is the posterior mean
+    # under the Poisson–Gaussian noise model (model.noise_a / noise_b; calibrated from the noisy store when not
+    # given). None (auto): on when a noise model is given or can be calibrated; false: off (the plain blind-spot
+    # L2 network). The run's config.yaml records what was resolved.
+    posterior: bool | None = None
 
     def stable_dump(self) -> dict:
         """``model_dump(mode="json")`` with the model as the flat dict of medvae <= 0.3 (:func:`flat_model_dump`):
@@ -415,7 +427,9 @@ class DenoiseConfig(StrictModel):
     # unet-vae runs: 0 decodes the posterior mean code once; N > 0 returns the MMSE estimate, the mean of the clean
     # estimates of N posterior samples (DivNoising), drawn from a generator seeded with `seed` for every scan
     samples: int = Field(0, ge=0)
-    sd: bool = False  # also write each scan's per-pixel posterior sd (needs samples >= 2) as <stem>_sd beside it
+    # also write each scan's per-pixel posterior sd as <stem>_sd beside it: unet-vae runs the sd of `samples` >= 2
+    # posterior samples, n2v --posterior runs (dae with model.prior) the closed-form Gaussian posterior sd
+    sd: bool = False
     seed: int = 0
 
 

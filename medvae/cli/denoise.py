@@ -27,8 +27,9 @@ def denoise(
     samples: Optional[int] = typer.Option(
         None, help="unet-vae runs: the MMSE estimate, the mean of N posterior samples' clean estimates "
                    "(DivNoising; 0: the posterior mean code decoded once)."),
-    sd: Optional[bool] = typer.Option(None, "--sd/--no-sd", help="Also write the per-pixel posterior sd of the "
-                                                               "samples as <stem>_sd beside each output."),
+    sd: Optional[bool] = typer.Option(None, "--sd/--no-sd", help="Also write the per-pixel posterior sd as "
+                                                               "<stem>_sd beside each output (unet-vae: of the "
+                                                               "samples; n2v --posterior runs: closed form)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
 ) -> None:
     """Denoise every slice of every scan at native resolution (NIfTI keeps its affine, TIFF its µm

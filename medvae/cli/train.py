@@ -33,6 +33,9 @@ def train(
     objective: Optional[str] = typer.Option(
         None, help=f"denoise task: {choices(TrainStageConfig, 'objective')} (supervised: a clean store and simulated "
                    "noise; n2v, n2s, divnoising: a store of noisy scans as they are, no clean images)"),
+    posterior: Optional[bool] = typer.Option(
+        None, "--posterior/--no-posterior", help="denoise task, objective n2v / n2s: the network predicts a prior and "
+        "the estimate is the posterior mean under the noise model (default: on when one is given or calibrated)."),
     condition: Optional[str] = typer.Option(
         None, help=f"{choices(ModelConfigBase, 'condition')} (default auto: modality when the store has several; "
                    "mask: a joint image + label-map model)"),
@@ -47,7 +50,7 @@ def train(
     cfg = config_with_options(config, TrainStageConfig, {
         "model.name": model, "train.max_steps": max_steps, "train.epochs": epochs,
         "train.batch_size": batch_size, "train.checkpoint_every": checkpoint_every, "task": task,
-        "objective": objective, "noise.kind": noise, "model.condition": condition})
+        "objective": objective, "posterior": posterior, "noise.kind": noise, "model.condition": condition})
     if noise is not None and cfg.objective != "supervised":
         raise ConfigError(f"--noise does not apply to objective {cfg.objective}: it trains on the store's noisy scans "
                           "as they are; leave --noise out")

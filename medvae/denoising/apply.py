@@ -18,7 +18,9 @@ back in the input's own format and geometry.
 - unet-vae runs (DivNoising): ``samples`` N > 0 returns the MMSE estimate, the mean of N posterior
   samples' clean estimates (a generator seeded with ``seed`` anew for every scan), and ``sd`` also
   writes their per-pixel sample sd in physical units (float32) as ``<stem>_sd`` + the suffix beside
-  each output (0 outside a CT window). A scan is done when its output exists (the sd is written
+  each output (0 outside a CT window). n2v / n2s ``--posterior`` runs (a dae with ``model.prior``):
+  the output is the posterior mean given each noisy pixel, and ``sd`` writes the closed-form
+  posterior sd the same way (no samples). A scan is done when its output exists (the sd is written
   first).
 - Outputs: NIfTI with the input's affine and header (same data type), ImageJ TIFF with the input's
   µm spacing and dtype, DICOM series -> NIfTI (int16 HU, the series' RAS affine). Each file is
@@ -104,10 +106,12 @@ class SliceDenoiser:
         if not hasattr(self.model, "denoise"):
             raise InputError(f"{run}: model {name} is not fully convolutional; train --model dae or unet-vae "
                              "with --task denoise")
-        if (cfg.samples > 0 or cfg.sd) and not isinstance(self.model, UNetVAE):
+        # n2v --posterior: a dae predicting a prior, whose posterior sd is in closed form (no samples)
+        prior = bool(getattr(self.model.config, "prior", False))
+        if (cfg.samples > 0 or (cfg.sd and not prior)) and not isinstance(self.model, UNetVAE):
             raise ConfigError(f"{run}: model {name} is deterministic: posterior samples (--samples, --sd) need a "
-                              "unet-vae run (e.g. --objective divnoising)")
-        if cfg.sd and cfg.samples < 2:
+                              "unet-vae run (e.g. --objective divnoising); --sd alone also an n2v --posterior run")
+        if cfg.sd and not prior and cfg.samples < 2:
             raise ConfigError(f"--sd needs at least 2 posterior samples (--samples N), got {cfg.samples}")
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.store = run_dir.store() if run_dir.info() else None

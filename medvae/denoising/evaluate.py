@@ -47,9 +47,10 @@ ALL = "ALL"
 @torch.no_grad()
 def _medvae(model, noisy: np.ndarray, device, batch: int) -> np.ndarray:
     outs = []
+    prior = getattr(model.config, "prior", False)  # n2v --posterior: the posterior mean, as `medvae denoise` writes
     for i in range(0, len(noisy), batch):
         x = torch.from_numpy(noisy[i:i + batch]).to(device)
-        outs.append(model(x).x_hat.float().cpu().numpy())
+        outs.append((model.denoise(x) if prior else model(x).x_hat).float().cpu().numpy())
     return np.concatenate(outs)
 
 

@@ -6,8 +6,17 @@ store of the user's noisy scans as they are (no noise is added; ``noise`` does n
   per-pixel ``weight`` keeps only the masked pixels in the loss (Krull et al. 2019; Batson & Royer
   2019). Since the noise of a pixel is independent of its neighbours' and has mean zero, the
   network's best prediction of a hidden noisy pixel is its clean value. Validation: the same loss
-  on the val split with fixed masks, as ``blindspot_mse`` and ``blindspot_psnr`` = 10 log10(1 / mse)
+  on held-out noisy patches with fixed masks, as ``blindspot_mse`` and ``blindspot_psnr`` = 10 log10(1 / mse)
   (best.pt); both contain the noise variance, so they rank checkpoints, not the denoising quality.
+  The held-out patches are the val split, or, in a store without one (a user's noisy image alone),
+  ``blindspot.holdout`` of the train patches, evenly spaced and never trained on (``held_out``), so
+  best.pt is chosen by the objective itself and a longer budget cannot lose to a shorter one.
+- ``--posterior`` (``posterior``; auto: on when a noise model is given or calibrated): the network
+  (dae with ``model.prior``) predicts a Gaussian prior over each clean pixel, mean and log-variance,
+  trained by the blind-spot objective as the Gaussian likelihood of the masked noisy pixel under
+  prior ⊗ noise, N(y; μ, σ_p² + a·μ + b); ``medvae denoise`` returns the posterior mean given the
+  noisy pixel, (σ_n² μ + σ_p² y) / (σ_n² + σ_p²), and ``--sd`` its sd (Laine et al. 2019). Validation
+  adds ``blindspot_ll``, that likelihood per masked pixel (nats, higher is better), which keeps best.pt.
 - ``divnoising`` (:class:`DivNoisingTask`, Prakash et al. 2021): unet-vae without skips or input
   residual learns the noisy batch itself under a Poisson–Gaussian noise model as the decoder's
   likelihood (model.likelihood ``poisson-gaussian``, variance ``a·s + b``), so the latent must
@@ -17,7 +26,8 @@ store of the user's noisy scans as they are (no noise is added; ``noise`` does n
 
 :func:`check_config` refuses a config that cannot work before anything is trained;
 :func:`build_task` builds the task of any denoise objective (``supervised``: DenoiseTask).
-:func:`resolve_noise_model` calibrates divnoising's (a, b) from the store when the config has none.
+:func:`resolve_noise_model` calibrates divnoising's and the posterior's (a, b) from the store when the config
+has none, and resolves ``posterior``.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from medvae.training.tasks import TrainingPair
 from medvae.training.validate import over_batches, validate
 
 log = logging.getLogger(__name__)
+NO_NOISE = 1e-8  # a calibrated variance at mid-grey at or below this: a clean store (no posterior correction)
 
 
 def check_config(cfg: TrainStageConfig) -> None:
@@ -65,6 +76,9 @@ def check_config(cfg: TrainStageConfig) -> None:
                               f"not {m.likelihood}")
     if cfg.blindspot.struct != "none" and obj != "n2v":
         raise ConfigError(f"blindspot.struct {cfg.blindspot.struct} is a StructN2V mask: objective n2v only")
+    if cfg.posterior and (obj not in ("n2v", "n2s") or m.name != "dae"):
+        raise ConfigError(f"posterior is the blind-spot network's prior combined with the noisy pixel: objective "
+                          f"n2v or n2s with model dae, not {obj} with {m.name}; leave posterior out")
 
 
 def calibrate_noise_model(store: PatchStore, max_patches: int = 64) -> tuple[float, float]:
@@ -83,7 +97,9 @@ def calibrate_noise_model(store: PatchStore, max_patches: int = 64) -> tuple[flo
 
 def resolve_noise_model(store: PatchStore, cfg: TrainStageConfig) -> TrainStageConfig:
     """``cfg`` with ``model.noise_a`` / ``noise_b`` set when the likelihood is poisson-gaussian and the
-    config lacks them (:func:`calibrate_noise_model`); the run's config.yaml and checkpoints keep them."""
+    config lacks them (:func:`calibrate_noise_model`), and ``posterior`` resolved (:func:`resolve_posterior`);
+    the run's config.yaml and checkpoints keep them."""
+    cfg = resolve_posterior(store, cfg)
     m = cfg.model
     if m.likelihood != "poisson-gaussian" or (m.noise_a is not None and m.noise_b is not None):
         return cfg
@@ -95,6 +111,35 @@ def resolve_noise_model(store: PatchStore, cfg: TrainStageConfig) -> TrainStageC
     return cfg
 
 
+def resolve_posterior(store: PatchStore, cfg: TrainStageConfig) -> TrainStageConfig:
+    """``cfg`` with ``posterior`` True or False (a denoise n2v / n2s run of the dae; others as given). Auto
+    (None) is on when the model gives its noise model or one can be calibrated from the store, else off;
+    True without one calibrates it or refuses (ConfigError). On: the dae predicts a prior (``model.prior``)
+    under the likelihood poisson-gaussian with the noise model's (a, b)."""
+    m = cfg.model
+    if cfg.task != "denoise" or cfg.objective not in ("n2v", "n2s") or m.name != "dae" or cfg.posterior is False:
+        return cfg
+    a, b = m.noise_a, m.noise_b
+    if a is None or b is None:
+        try:
+            a, b = calibrate_noise_model(store)
+            a, b = max(a, 0.0), max(b, 0.0)  # the fit may cross 0 (a black level); the model's variance may not
+            if 0.5 * a + b <= NO_NOISE:
+                raise ConfigError(f"{store.path}: the calibrated noise variance is {0.5 * a + b:.3g} at mid-grey: "
+                                  "no noise to combine a prior with; set model.noise_a and model.noise_b")
+        except ConfigError:
+            if cfg.posterior:
+                raise
+            log.info("%s: no noise model could be calibrated; %s without posterior correction", store.path,
+                     cfg.objective)
+            return cfg.model_copy(update={"posterior": False})  # (assignment would re-run the config's validators)
+        log.info("noise model calibrated from %s: variance %.4g·s + %.4g; %s predicts a prior and denoises with "
+                 "the posterior mean (posterior: false turns it off)", store.path, a, b, cfg.objective)
+    model = m.model_copy(update={"prior": True, "likelihood": "poisson-gaussian", "noise_a": float(a),
+                                 "noise_b": float(b)})
+    return cfg.model_copy(update={"posterior": True, "model": model})
+
+
 def build_task(store: PatchStore, cfg: TrainStageConfig):
     """The training task of a denoise config's objective (:func:`check_config` first)."""
     check_config(cfg)
@@ -103,7 +148,17 @@ def build_task(store: PatchStore, cfg: TrainStageConfig):
         return DenoiseTask(store, cfg.noise, seed)
     if cfg.objective == "divnoising":
         return DivNoisingTask(store, seed, crop)
-    return BlindSpotTask(store, cfg.objective, cfg.blindspot, seed, crop)
+    return BlindSpotTask(store, cfg.objective, cfg.blindspot, seed, crop, posterior=bool(cfg.posterior))
+
+
+def held_out_rows(store: PatchStore, fraction: float) -> np.ndarray | None:
+    """The rows a blind-spot run validates on in place of a val split: None when the store has one (or
+    ``fraction`` is 0), else ``fraction`` of the train rows (at least one), evenly spaced (the same rows
+    every run and every resume), which the trainer leaves out of the training batches."""
+    if "val" in store.splits or fraction <= 0:
+        return None
+    rows = store.select(split="train") if "train" in store.splits else store.select()
+    return rows[even_positions(len(rows), max(1, round(fraction * len(rows))))]
 
 
 class BlindSpotTask:
@@ -118,13 +173,15 @@ class BlindSpotTask:
     """
 
     name = "denoise"
-    best_key = "blindspot_psnr"
     conditional = False
 
-    def __init__(self, store: PatchStore, objective: str, cfg, seed: int, crop: int = 0):
+    def __init__(self, store: PatchStore, objective: str, cfg, seed: int, crop: int = 0, posterior: bool = False):
         if objective not in ("n2v", "n2s"):
             raise ValueError(f"not a blind-spot objective: {objective!r}")
         self.store, self.objective, self.cfg, self.seed, self.crop = store, objective, cfg, int(seed), int(crop)
+        # best.pt: the objective itself on the held-out patches (the posterior's loss is its likelihood)
+        self.best_key = "blindspot_ll" if posterior else "blindspot_psnr"
+        self.held_out = held_out_rows(store, cfg.holdout)
 
     def masked(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(network input, mask)`` of the noisy batch ``x`` (:mod:`medvae.denoising.masks`)."""
@@ -141,21 +198,28 @@ class BlindSpotTask:
 
     def validate(self, model: torch.nn.Module, tc: TrainConfig, device: torch.device,
                  channels_last: bool = False) -> dict[str, float]:
-        """``blindspot_mse`` (mean over the val patches of the masked pixels' squared error against
-        their noisy values) and ``blindspot_psnr``, with the same masks every time."""
+        """``blindspot_mse`` (mean over the held-out patches of the masked pixels' squared error against
+        their noisy values) and ``blindspot_psnr``, with the same masks every time; a prior network also
+        ``blindspot_ll``: its training likelihood per masked pixel (nats)."""
 
         def batch_metrics(i: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
             x = torch.from_numpy(self.store.get(rows)).to(device)
             x_in, mask = self.masked(x, step_generator(self.seed + VAL_SEED_OFFSET, i, device))
-            out = model(x_in).x_hat.float()
+            out = model(x_in)
             m = mask.expand_as(x).float()
-            return {"blindspot_mse": ((out - x) ** 2 * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)}
+            n = m.flatten(1).sum(1).clamp_min(1)
+            metrics = {"blindspot_mse": ((out.x_hat.float() - x) ** 2 * m).flatten(1).sum(1) / n}
+            if getattr(out, "prior_logvar", None) is not None:  # the loss itself, on the masked pixels
+                ll = model.likelihood.log_prob(x, logits=out.logits, weight=m, prior_logvar=out.prior_logvar)
+                metrics["blindspot_ll"] = ll / n
+            return metrics
 
-        val = over_batches(model, self.store, tc.batch_size, tc.val_batches, batch_metrics, torch.float64)
+        val = over_batches(model, self.store, tc.batch_size, tc.val_batches, batch_metrics, torch.float64,
+                           rows=self.held_out)
         if not val:
             return {}
         mse = val["blindspot_mse"]
-        return {"blindspot_mse": mse, "blindspot_psnr": float(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))))}
+        return {**val, "blindspot_psnr": float(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))))}
 
 
 class DivNoisingTask:

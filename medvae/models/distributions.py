@@ -130,7 +130,7 @@ class Likelihood(nn.Module):
 
     def log_prob(
         self, x: torch.Tensor, *, mean: torch.Tensor | None = None, logits: torch.Tensor | None = None,
-        weight: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None, prior_logvar: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """log p(x | decoder output) summed over pixels, in nats (weighted by ``weight`` when given).
 
@@ -143,6 +143,9 @@ class Likelihood(nn.Module):
                 Bernoulli-type likelihoods are exact and stable on logits.
             weight: (B, C, H, W) or broadcastable, >= 0: each pixel's term is multiplied by it before
                 the sum (a blind-spot objective's loss on its masked pixels only); None: 1.
+            prior_logvar: ``poisson-gaussian`` only: (B, C, H, W) log-variance of a Gaussian prior over the
+                clean value whose mean is ``mean``; x is then scored by its marginal N(mean, prior variance +
+                a·mean + b) (the prior convolved with the noise: n2v --posterior, Laine et al. 2019).
 
         Returns:
             (B,) float32 log-likelihoods.
@@ -165,6 +168,8 @@ class Likelihood(nn.Module):
                 lp = -(x - m).abs() / b - math.log(2.0 * b)
             elif self.kind == "poisson-gaussian":
                 var = self.variance(m)
+                if prior_logvar is not None:
+                    var = var + prior_logvar.float().exp()
                 lp = -0.5 * (x - m) ** 2 / var - 0.5 * torch.log(var) - 0.5 * _LOG_2PI
             else:
                 if self.kind == "gaussian":
@@ -172,9 +177,22 @@ class Likelihood(nn.Module):
                 else:
                     log_sigma = torch.tensor(math.log(self.fixed_scale), device=x.device)
                 lp = -0.5 * ((x - m) * torch.exp(-log_sigma)) ** 2 - log_sigma - 0.5 * _LOG_2PI
+        if prior_logvar is not None and self.kind != "poisson-gaussian":
+            raise ValueError(f"a prior variance needs the poisson-gaussian likelihood, not {self.kind}")
         if weight is not None:
             lp = lp * weight.float()
         return lp.flatten(1).sum(1)
+
+
+def gaussian_posterior(prior_mean: torch.Tensor, prior_var: torch.Tensor, y: torch.Tensor,
+                       noise_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of the clean value s given the noisy y, for the prior s ~ N(prior_mean, prior_var)
+    and the noise y | s ~ N(s, noise_var) (the conjugate Gaussian pair; elementwise, float32):
+    mean = (noise_var·prior_mean + prior_var·y) / (noise_var + prior_var), variance = noise_var·prior_var /
+    (noise_var + prior_var). n2v --posterior evaluates noise_var = a·prior_mean + b (Laine et al. 2019)."""
+    m, pv, y, nv = (t.float() for t in (prior_mean, prior_var, y, noise_var))
+    total = (nv + pv).clamp_min(1e-12)
+    return (nv * m + pv * y) / total, nv * pv / total
 
 
 # --------------------------------------------------------------------------- KL

@@ -61,12 +61,14 @@ def denoiser_loss(x: torch.Tensor, out, likelihood: Likelihood, *,
 
     Args:
         x: (B, C, H, W) target (clean, or the noisy batch of a blind-spot objective) in [0, 1].
-        out: the denoiser's ``forward`` output (``logits``).
+        out: the denoiser's ``forward`` output (``logits``; ``prior_logvar`` of a prior network: x is scored
+            under the prior convolved with the noise, :meth:`Likelihood.log_prob`).
         likelihood: its pixel likelihood.
         weight: per-pixel weights of the NLL, or None (every pixel 1).
 
     Returns:
         ``(loss, {"nll": loss})``: the batch-mean NLL, nats per image.
     """
-    nll = -likelihood.log_prob(x, logits=out.logits, weight=weight).mean()
+    nll = -likelihood.log_prob(x, logits=out.logits, weight=weight,
+                               prior_logvar=getattr(out, "prior_logvar", None)).mean()
     return nll, {"nll": nll}

@@ -40,6 +40,9 @@ class Task(Protocol):
     name: the ``task`` of the TrainStageConfig it implements (``reconstruct`` | ``denoise``).
     best_key: the validation metric (higher is better) that selects ``best.pt``.
     conditional: whether models of this task take the store's class / modality condition.
+    held_out: optional (a task may lack it): store rows the task validates on in place of a val split, which
+        the trainer leaves out of the training batches (a blind-spot run on a store without a val split);
+        None or absent: none.
     """
 
     name: str

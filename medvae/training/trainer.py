@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import ValidationError
 
@@ -166,6 +167,9 @@ class _Trainer:
         self.batches = PatchBatches(store, "train", batch_size=t.batch_size, seed=t.seed,
                                     rank=info.rank, world_size=info.world_size, device=device,
                                     condition=(cfg.model.condition, tuple(cfg.model.condition_names)))
+        held_out = getattr(task, "held_out", None)  # the task validates on these train rows: never trained on
+        if held_out is not None:
+            self.batches.indices = np.setdiff1d(self.batches.indices, held_out)
         if len(self.batches) == 0:
             n = len(self.batches.indices) // info.world_size
             raise ConfigError(f"{store.path}: the train split has {n} patches per process, fewer than the "
@@ -256,7 +260,8 @@ class _Trainer:
             "store": str(self.store.path.resolve()), "store_hash": self.store.content_hash,
             "model": self.cfg.model.name, "task": self.task.name, "status": status, "step": self.step,
             "total_steps": self.total_steps, "world_size": self.info.world_size, "device": str(self.device),
-            "precision": precision_name(self.amp_dtype)})
+            "precision": precision_name(self.amp_dtype), "best_key": self.task.best_key,
+            "best_score": self.best_score if math.isfinite(self.best_score) else None})
 
     # ------------------------------------------------------------------ events of the loop
     def _train_step(self, batch: Batch) -> StepRecord:

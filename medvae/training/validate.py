@@ -47,7 +47,7 @@ def reconstruct(model: VariationalModel, x: torch.Tensor, ids: torch.Tensor | No
 @torch.no_grad()
 def over_batches(model: torch.nn.Module, store: PatchStore, batch_size: int, max_batches: int,
                  batch_metrics: Callable[[int, np.ndarray], dict[str, torch.Tensor]],
-                 sum_dtype: torch.dtype = torch.float32) -> dict[str, float]:
+                 sum_dtype: torch.dtype = torch.float32, rows: np.ndarray | None = None) -> dict[str, float]:
     """Every task's validation: mean per-image metrics over the first ``max_batches`` batches of the
     val split (store order), the model in eval mode and without gradients (the caller autocasts the
     model; each task computes its metrics, and makes its noise, in float32: ``full_precision``).
@@ -58,11 +58,13 @@ def over_batches(model: torch.nn.Module, store: PatchStore, batch_size: int, max
         sum_dtype: the dtype each batch's values are summed in before the float64 running total;
             the task's own (float32 for reconstruction, float64 for the denoisers), so best.pt and
             the logged values do not change with the scaffold.
+        rows: the store rows to validate on instead of the val split (a task's held-out train patches,
+            :attr:`medvae.training.tasks.Task.held_out`); None: the val split.
 
     Returns:
         ``{name: mean over the val patches}``; an empty dict when the store has no val split.
     """
-    rows = store.select("val")[: batch_size * max_batches]
+    rows = (store.select("val") if rows is None else np.asarray(rows, np.int64))[: batch_size * max_batches]
     if len(rows) == 0:
         if str(store.path) not in _WARNED:  # once per store, not at every checkpoint
             _WARNED.add(str(store.path))

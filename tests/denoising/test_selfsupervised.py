@@ -168,10 +168,12 @@ def test_blindspot_task_pairs_are_the_step_masks_and_weights(noisy_store):
 
 
 @pytest.mark.parametrize("objective", ["n2v", "n2s"])
-def test_blindspot_run_on_noisy_store_validates_and_denoises(noisy_store, tmp_path, objective):
-    summary = train_stage(noisy_store, tmp_path / objective, _cfg(objective), device="cpu")
+@pytest.mark.parametrize("posterior", [False, None])  # None: the default, on (a noise model is calibrated)
+def test_blindspot_run_on_noisy_store_validates_and_denoises(noisy_store, tmp_path, objective, posterior):
+    cfg = _cfg(objective).model_copy(update={"posterior": posterior})
+    summary = train_stage(noisy_store, tmp_path / objective, cfg, device="cpu")
     m = summary["metrics"]
-    assert set(m) == {"blindspot_mse", "blindspot_psnr"}
+    assert set(m) == {"blindspot_mse", "blindspot_psnr"} | ({"blindspot_ll"} if posterior is None else set())
     assert m["blindspot_psnr"] == pytest.approx(10 * math.log10(1 / m["blindspot_mse"]))
     assert (tmp_path / objective / "checkpoints" / "best.pt").exists()
     den = SliceDenoiser(tmp_path / objective, DenoiseConfig(), torch.device("cpu"))

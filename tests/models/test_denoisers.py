@@ -40,7 +40,8 @@ def test_unet_vae_latent_sampling_and_dae_has_none():
     assert no_skip(torch.rand(1, 1, 64, 64)).x_hat.shape == (1, 1, 64, 64)
     dae = _model("dae")
     assert not hasattr(dae, "encode") and not hasattr(dae, "latent_dim")  # a Denoiser, not a VAE
-    assert set(dae(torch.rand(3, 1, 64, 64))._fields) == {"x_hat", "logits"}
+    out = dae(torch.rand(3, 1, 64, 64))
+    assert set(out._fields) == {"x_hat", "logits", "prior_logvar"} and out.prior_logvar is None  # no latent
     with pytest.raises(ConfigError, match="deterministic"):
         sample_images(dae, 1)
 

@@ -15,10 +15,12 @@ from medvae.models.distributions import Likelihood
 
 class DenoiserOutput(NamedTuple):
     """The dae's ``forward``: x_hat ``(B, C, H, W)`` the denoised mean image in [0, 1]; logits: the
-    decoder's raw output (the likelihood's parameter)."""
+    decoder's raw output (the likelihood's parameter); prior_logvar: a prior network's (``model.prior``)
+    per-pixel log-variance of the clean value around x_hat, else None."""
 
     x_hat: torch.Tensor
     logits: torch.Tensor
+    prior_logvar: torch.Tensor | None = None
 
 
 class Denoiser(Protocol):
