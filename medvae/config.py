@@ -365,8 +365,18 @@ class TrainStageConfig(StrictModel):
     def stable_dump(self) -> dict:
         """``model_dump(mode="json")`` with the model as the flat dict of medvae <= 0.3 (:func:`flat_model_dump`):
         what up-to-date keys and saved settings compare, so runs and studies from before the model families
-        are not redone."""
-        return {**self.model_dump(mode="json"), "model": flat_model_dump(self.model)}
+        are not redone. The posterior correction's fields (``posterior``, ``blindspot.holdout``,
+        ``model.prior``) are left out at their defaults except in a blind-spot run, the one whose training
+        they change: other runs keep their keys, a blind-spot run from before them is redone."""
+        dump = {**self.model_dump(mode="json"), "model": flat_model_dump(self.model)}
+        if not (self.task == "denoise" and self.objective in ("n2v", "n2s")):
+            if self.posterior is None:
+                del dump["posterior"]
+            if self.blindspot.holdout == BlindSpotConfig().holdout:
+                del dump["blindspot"]["holdout"]
+            if not dump["model"]["prior"]:
+                del dump["model"]["prior"]
+        return dump
 
     @model_validator(mode="before")
     @classmethod
