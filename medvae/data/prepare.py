@@ -65,9 +65,10 @@ log = logging.getLogger(__name__)
 
 
 def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, threads))
+    """A worker's torch threads (the cores shared among the workers), where the forkserver loaded torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(max(1, threads))
 
 
 class _InProcess(Executor):

@@ -17,10 +17,11 @@
   cannot be decoded returns None, and the volume is then prepared whole, which skips that file,
   says so and re-plans the geometry (``read_dicom_series``'s contract).
 
-torch and the patch cutter are imported inside the items, not at module level: importing torch
-takes about a second, and a store that is up to date, a merge, or the parent of a multi-worker run
-never needs it. MONAI is not imported at all: :mod:`medvae.data.normalize` normalizes with the same
-values as the MONAI chain of :mod:`medvae.data.transforms`.
+The readers and the patch cutter are imported inside the items, not at module level; torch only by
+the whole-volume item (:func:`medvae.data.normalize.load_normalized`): importing it takes about a
+second, and a CT series' items, a store that is up to date, a merge, or the parent of a
+multi-worker run never need it. MONAI is not imported at all: :mod:`medvae.data.normalize`
+normalizes with the same values as the MONAI chain of :mod:`medvae.data.transforms`.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def start_volume(position: int, task: VolumeTask, digest: str, config: dict,
 
 def _plan_chunks(position: int, task: VolumeTask, digest: str, cfg: PrepareConfig,
                  tmpdir: str) -> SeriesChunks | None:
-    from medvae.data.normalize import _label, array_affine, spacing_zyx
+    from medvae.data.normalize import array_affine, read_label, spacing_zyx
     from medvae.io.dicom import plan_series
     from medvae.io.dicom_pixels import slice_reader
 
@@ -156,7 +157,7 @@ def _plan_chunks(position: int, task: VolumeTask, digest: str, cfg: PrepareConfi
     shape = reader.shape_zyx
     label_file = ""
     if task.label_path:
-        label = _label(task.label_path)[0].numpy()  # (Z, Y, X) class values in the file's type
+        label = read_label(task.label_path)  # (Z, Y, X) class values in the file's type
         if label.shape != shape:
             raise _label_mismatch(task, label.shape, shape)
         label_file = str(Path(tmpdir) / f"{position:06d}.label.npy")
@@ -173,10 +174,9 @@ def prepare_chunk(series: SeriesChunks, i: int, config: dict, tmpdir: str) -> Pa
     """Slices ``series.chunks[i]``: decoded, normalized and cut, as :func:`process_volume` does them.
 
     Returns None when a file of the range cannot be decoded (the caller prepares the volume whole).
+    In numpy throughout: a CT series is prepared without importing torch (about a second of start-up).
     """
-    import torch
-
-    from medvae.data.normalize import clip_scale_, foreground_mask, normalization_constants
+    from medvae.data.normalize import clip_scale_, foreground_threshold, normalization_constants
     from medvae.data.patches import extract_patches
 
     task = series.task
@@ -187,15 +187,12 @@ def prepare_chunk(series: SeriesChunks, i: int, config: dict, tmpdir: str) -> Pa
         if failed:
             log.debug("%s: cannot decode %s; preparing the series whole", task.path, failed)
             return None
-        image = torch.from_numpy(hu)[None]  # (1, n, Y, X), normalized in place below
-        fg = foreground_mask(image, "ct", cfg)  # from the HU values
-        norm = normalization_constants(image, "ct", cfg)
-        clip_scale_(image, norm["low"], norm["high"])
-        label = None
-        if series.label_file:
-            slab = np.load(series.label_file, mmap_mode="r")[z0:z1]
-            label = torch.from_numpy(np.array(slab))[None]  # a copy: torch wants a writable array
-        p = extract_patches(image, fg, cfg, series.spacing_yx, label)
+        # foreground_mask's predicate (HU > the body threshold, in float32), then the HU window in place
+        fg = np.greater(hu, np.float32(foreground_threshold(hu, "ct", cfg)))
+        norm = normalization_constants(hu, "ct", cfg)
+        clip_scale_(hu, norm["low"], norm["high"])
+        label = np.load(series.label_file, mmap_mode="r")[z0:z1] if series.label_file else None
+        p = extract_patches(hu[None], fg, cfg, series.spacing_yx, label)
         prefix = str(Path(tmpdir) / f"{series.position:06d}.{i:04d}")
         np.save(f"{prefix}.patches.npy", to_stored(p.images, cfg.dtype))
         if p.labels is not None:
