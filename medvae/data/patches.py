@@ -159,7 +159,9 @@ def extract_patches(image, foreground, config: PrepareConfig, spacing_yx: tuple[
         lab = (label if label.ndim == 4 else label[None])[:, ::step].transpose(1, 0, 2, 3)
     Y, X = img.shape[-2:]
     if config.mode in ("resize", "auto"):  # auto: volumes' slices are resized
-        frac = np.count_nonzero(fg, axis=(1, 2)).astype(np.float32) / np.float32(Y * X)  # (Z',)
+        # per slice: count_nonzero over a whole array is 8x faster than its reduction along axes
+        counts = np.fromiter((np.count_nonzero(f) for f in fg), dtype=np.int64, count=len(fg))
+        frac = counts.astype(np.float32) / np.float32(Y * X)  # (Z',)
         keep = np.flatnonzero(frac >= np.float32(thr))
         every = len(keep) == len(zs)  # no copy of the volume when all slices stay
         images = resize_slices(img if every else img[keep], size)

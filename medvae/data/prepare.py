@@ -169,8 +169,9 @@ def _drive(ex: Executor, tasks: dict[int, VolumeTask], digests: dict[int, str], 
         results[k] = result
         advance()
 
+    in_process = isinstance(ex, _InProcess)
     for k, t in tasks.items():
-        pending[ex.submit(start_volume, k, t, digests[k], cfg, tmpdir)] = ("start", k, -1)
+        pending[ex.submit(start_volume, k, t, digests[k], cfg, tmpdir, in_process)] = ("start", k, -1)
     while pending:
         done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
         for fut in done:

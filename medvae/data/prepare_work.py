@@ -110,6 +110,7 @@ class SeriesChunks:
     label_file: str  # the label map (Z, Y, X) as .npy in the run's temporary folder; "" without one
     spacing_yx: tuple[float, float]
     chunks: tuple[tuple[int, int], ...]  # volume slice ranges [z0, z1)
+    label: np.ndarray | None = None  # the label map itself instead, when the items run in this process
 
     @property
     def n_slices(self) -> int:
@@ -129,12 +130,15 @@ class PatchChunk:
     unit: str
 
 
-def start_volume(position: int, task: VolumeTask, digest: str, config: dict,
-                 tmpdir: str) -> SeriesChunks | PreparedVolume | str:
-    """A volume's first item: a CT series planned for slice items, else the whole volume prepared."""
+def start_volume(position: int, task: VolumeTask, digest: str, config: dict, tmpdir: str,
+                 in_process: bool = False) -> SeriesChunks | PreparedVolume | str:
+    """A volume's first item: a CT series planned for slice items, else the whole volume prepared.
+
+    ``in_process``: the slice items run in this process, so a label map stays in memory (no file).
+    """
     if task.format == "dicom" and task.modality == "ct":
         try:
-            planned = _plan_chunks(position, task, digest, PrepareConfig(**config), tmpdir)
+            planned = _plan_chunks(position, task, digest, PrepareConfig(**config), tmpdir, in_process)
         except Exception as err:  # noqa: BLE001 -- one bad volume must not stop the cohort
             return _failure(task, err)
         if planned is not None:
@@ -142,8 +146,8 @@ def start_volume(position: int, task: VolumeTask, digest: str, config: dict,
     return process_volume(position, task, digest, config, tmpdir)
 
 
-def _plan_chunks(position: int, task: VolumeTask, digest: str, cfg: PrepareConfig,
-                 tmpdir: str) -> SeriesChunks | None:
+def _plan_chunks(position: int, task: VolumeTask, digest: str, cfg: PrepareConfig, tmpdir: str,
+                 in_process: bool) -> SeriesChunks | None:
     from medvae.data.normalize import array_affine, read_label, spacing_zyx
     from medvae.io.dicom import plan_series
     from medvae.io.dicom_pixels import slice_reader
@@ -155,19 +159,22 @@ def _plan_chunks(position: int, task: VolumeTask, digest: str, cfg: PrepareConfi
     for w in plan.warnings:
         log.warning(w)
     shape = reader.shape_zyx
-    label_file = ""
+    label_file, label = "", None
     if task.label_path:
         label = read_label(task.label_path)  # (Z, Y, X) class values in the file's type
         if label.shape != shape:
             raise _label_mismatch(task, label.shape, shape)
         label_file = str(Path(tmpdir) / f"{position:06d}.label.npy")
-        np.save(label_file, label)
+        if not in_process:  # the workers memory-map their slices of it
+            np.save(label_file, label)
+            label = None
     geometry = types.SimpleNamespace(affine=plan.reorient.affine, spacing=plan.reorient.spacing_zyx)
     spacing = spacing_zyx(array_affine(geometry), geometry.spacing)  # as load_normalized gives it
     step = max(1, int(cfg.slice_step))
     size = -(-CHUNK_SLICES // step) * step  # ranges start on kept slices
     chunks = tuple((z, min(z + size, shape[0])) for z in range(0, shape[0], size))
-    return SeriesChunks(task, position, digest, reader, label_file, (float(spacing[1]), float(spacing[2])), chunks)
+    return SeriesChunks(task, position, digest, reader, label_file, (float(spacing[1]), float(spacing[2])), chunks,
+                        label)
 
 
 def prepare_chunk(series: SeriesChunks, i: int, config: dict, tmpdir: str) -> PatchChunk | str | None:
@@ -191,7 +198,9 @@ def prepare_chunk(series: SeriesChunks, i: int, config: dict, tmpdir: str) -> Pa
         fg = np.greater(hu, np.float32(foreground_threshold(hu, "ct", cfg)))
         norm = normalization_constants(hu, "ct", cfg)
         clip_scale_(hu, norm["low"], norm["high"])
-        label = np.load(series.label_file, mmap_mode="r")[z0:z1] if series.label_file else None
+        label = series.label if series.label is not None or not series.label_file else \
+            np.load(series.label_file, mmap_mode="r")
+        label = label[z0:z1] if label is not None else None
         p = extract_patches(hu[None], fg, cfg, series.spacing_yx, label)
         prefix = str(Path(tmpdir) / f"{series.position:06d}.{i:04d}")
         np.save(f"{prefix}.patches.npy", to_stored(p.images, cfg.dtype))
