@@ -149,7 +149,7 @@ def _run_tasks(tasks: dict[int, VolumeTask], digests: dict[int, str], config: Pr
         else:
             ctx = mp.get_context("forkserver")  # no fork of a parent holding OpenMP/torch threads
             ctx.set_forkserver_preload(["medvae.data.prepare_work", "medvae.data.normalize", "medvae.data.patches",
-                                        "medvae.io"])
+                                        "medvae.io", "medvae.io.dicom_pixels", "PIL.Image"])
             threads = max(1, (os.cpu_count() or 1) // workers)
             ex = stack.enter_context(ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                                          initargs=(threads,)))
