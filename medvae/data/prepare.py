@@ -169,23 +169,33 @@ def _drive(ex: Executor, tasks: dict[int, VolumeTask], digests: dict[int, str], 
         results[k] = result
         advance()
 
+    def died(k: int) -> str:
+        return f"{tasks[k].path}: worker process died while processing it (out of memory? try fewer --workers)"
+
+    def submit(kind: str, k: int, i: int, fn, *args) -> None:
+        try:
+            pending[ex.submit(fn, *args)] = (kind, k, i)
+        except BrokenProcessPool:  # a worker was killed (out of memory?): report, keep the rest
+            if k not in results:
+                finish(k, died(k))
+
     in_process = isinstance(ex, _InProcess)
     for k, t in tasks.items():
-        pending[ex.submit(start_volume, k, t, digests[k], cfg, tmpdir, in_process)] = ("start", k, -1)
+        submit("start", k, -1, start_volume, k, t, digests[k], cfg, tmpdir, in_process)
     while pending:
         done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
         for fut in done:
             kind, k, i = pending.pop(fut)
             try:
                 res = fut.result()
-            except BrokenProcessPool:  # a worker was killed (out of memory?): report, keep the rest
-                res = f"{tasks[k].path}: worker process died while processing it (out of memory? try fewer --workers)"
+            except BrokenProcessPool:
+                res = died(k)
             if k in results:  # the volume already failed in another of its chunks
                 continue
             if isinstance(res, SeriesChunks):
                 series[k], chunks[k] = res, {}
                 for j in range(len(res.chunks)):
-                    pending[ex.submit(prepare_chunk, res, j, cfg, tmpdir)] = ("chunk", k, j)
+                    submit("chunk", k, j, prepare_chunk, res, j, cfg, tmpdir)
             elif kind != "chunk" or isinstance(res, str):
                 finish(k, res)
             else:
@@ -193,7 +203,7 @@ def _drive(ex: Executor, tasks: dict[int, VolumeTask], digests: dict[int, str], 
                 if len(chunks[k]) == len(series[k].chunks):
                     parts = [chunks[k][j] for j in range(len(series[k].chunks))]
                     if any(p is None for p in parts):  # a file did not decode: the whole-volume read skips it
-                        pending[ex.submit(process_volume, k, tasks[k], digests[k], cfg, tmpdir)] = ("whole", k, -1)
+                        submit("whole", k, -1, process_volume, k, tasks[k], digests[k], cfg, tmpdir)
                     else:
                         finish(k, combine_chunks(series[k], parts))
     return results

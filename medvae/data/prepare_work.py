@@ -198,8 +198,9 @@ def prepare_chunk(series: SeriesChunks, i: int, config: dict, tmpdir: str) -> Pa
         fg = np.greater(hu, np.float32(foreground_threshold(hu, "ct", cfg)))
         norm = normalization_constants(hu, "ct", cfg)
         clip_scale_(hu, norm["low"], norm["high"])
-        label = series.label if series.label is not None or not series.label_file else \
-            np.load(series.label_file, mmap_mode="r")
+        label = series.label
+        if label is None and series.label_file:  # a worker: only its slices of the file are read
+            label = np.load(series.label_file, mmap_mode="r")
         label = label[z0:z1] if label is not None else None
         p = extract_patches(hu[None], fg, cfg, series.spacing_yx, label)
         prefix = str(Path(tmpdir) / f"{series.position:06d}.{i:04d}")
