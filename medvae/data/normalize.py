@@ -5,7 +5,9 @@ MONAI chain of :mod:`medvae.data.transforms` returns for it: the same float32 ``
 [0, 1], the foreground mask, the normalization constants and the spacing, value for value (a test
 checks it against the chain). It is what ``medvae prepare`` runs: three in-place tensor operations
 over the whole volume, and no import of MONAI, whose package loads every submodule (networks,
-losses, pyplot, scipy.stats; about 1.6 s) on its first import.
+losses, pyplot, scipy.stats; about 1.6 s) on its first import. torch is imported inside the
+functions that compute with it: prepare's CT slice items use the CT constants, :func:`clip_scale_`
+on numpy and :func:`read_label` without loading torch (about a second of a small prepare).
 
 The pieces (:func:`foreground_mask`, :func:`normalization_constants`, :func:`clip_scale_`) are also
 the steps of the MONAI chain, so both paths share one definition of each.
@@ -13,10 +15,14 @@ the steps of the MONAI chain, so both paths share one definition of each.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from medvae.config import PrepareConfig
+
+if TYPE_CHECKING:
+    import torch
 
 UNITS = {"ct": "HU", "mr": "a.u.", "microscopy": "counts", "image": "grey level"}
 # MR has no absolute intensity scale (unlike HU): it is normalized like microscopy, per volume by
@@ -31,6 +37,8 @@ def foreground_mask(img: torch.Tensor | np.ndarray, modality: str, config: Prepa
     CT: value > ``config.ct_body_hu`` (the body, not the air around it); microscopy / MR: value >
     the stack's Otsu threshold (:func:`otsu_threshold`); any channel above it counts.
     """
+    import torch
+
     t = torch.as_tensor(img)
     if t.ndim == 3:
         t = t[None]
@@ -51,7 +59,7 @@ def _above(t: torch.Tensor, thr: float) -> torch.Tensor:
 
 def otsu_threshold(img: torch.Tensor | np.ndarray) -> float:
     """Otsu threshold of the whole stack (skimage.filters.threshold_otsu); constant stack -> its value."""
-    arr = np.asarray(img.numpy() if isinstance(img, torch.Tensor) else img)
+    arr = np.asarray(img.numpy() if hasattr(img, "numpy") else img)  # a tensor, or numpy already
     lo, hi = float(arr.min()), float(arr.max())
     if lo == hi:
         return hi  # nothing above it: an empty stack has no foreground
@@ -64,6 +72,8 @@ def percentiles(t: torch.Tensor, q: tuple[float, float]) -> tuple[float, float]:
     """The ``q`` percentiles of the whole tensor, computed as MONAI's ``percentile`` does (numpy above a
     million values, ``torch.quantile`` below, the result in the tensor's dtype), so the constants equal
     those of ``ScaleIntensityRangePercentiles``."""
+    import torch
+
     qs = np.asarray(q, dtype=np.float64)
     if t.numel() > 1_000_000:  # MONAI's switch (pytorch#64947: quantile's size limit)
         res = torch.as_tensor(np.percentile(t.numpy(), qs)).to(t.dtype)
@@ -83,6 +93,8 @@ def normalization_constants(img, modality: str, config: PrepareConfig) -> dict:
         volume's ``config.microscopy_percentiles`` (computed as ScaleIntensityRangePercentiles does).
     """
     if modality in PERCENTILE_MODALITIES:
+        import torch
+
         t = torch.as_tensor(img)
         t = t.as_tensor() if hasattr(t, "as_tensor") else t  # MetaTensor -> plain
         low, high = percentiles(t, tuple(config.microscopy_percentiles))
@@ -91,11 +103,18 @@ def normalization_constants(img, modality: str, config: PrepareConfig) -> dict:
     return {"low": low, "high": high, "unit": UNITS.get(modality, "a.u.")}
 
 
-def clip_scale_(t: torch.Tensor, low: float, high: float) -> torch.Tensor:
+def clip_scale_(t: torch.Tensor | np.ndarray, low: float, high: float) -> torch.Tensor | np.ndarray:
     """``t -> (clip(t, low, high) - low) / (high - low)`` in place (``high == low`` maps to 0): the values
-    of MONAI's ``ScaleIntensityRange(low, high, 0, 1, clip=True)`` in three in-place operations."""
+    of MONAI's ``ScaleIntensityRange(low, high, 0, 1, clip=True)`` in three in-place operations. A numpy
+    array takes numpy's same operations (the Python scalars computed in the array's type, as torch does)."""
+    scale = 1.0 / (high - low) if high > low else 0.0
+    if isinstance(t, np.ndarray):
+        np.clip(t, low, high, out=t)
+        np.subtract(t, low, out=t)
+        np.multiply(t, scale, out=t)
+        return t
     t.clamp_(low, high).sub_(low)
-    t.mul_(1.0 / (high - low) if high > low else 0.0)
+    t.mul_(scale)
     return t
 
 
@@ -116,20 +135,30 @@ def array_affine(vol) -> np.ndarray:
 
 
 def _channels_first(vol) -> torch.Tensor:
+    import torch
+
     arr = np.asarray(vol.array, dtype=np.float32)
     t = torch.from_numpy(arr)
     return t if t.ndim == 4 else t[None]
 
 
-def _label(path: str) -> torch.Tensor:
-    """A label map ``(1, Z, Y, X)`` of class values; a NIfTI keeps its stored type (uint8 labels stay a
-    quarter of float32 through reorientation and patch cutting, and become the same uint8 patches)."""
+def read_label(path: str) -> np.ndarray:
+    """A label map ``(Z, Y, X)`` (or ``(C, Z, Y, X)``) of class values; a NIfTI keeps its stored type (uint8
+    labels stay a quarter of float32 through reorientation and patch cutting, and become the same uint8
+    patches)."""
     from medvae.io import load_volume
     from medvae.io.formats import scan_format
     from medvae.io.nifti import read_nifti
 
     vol = read_nifti(path, keep_dtype=True) if scan_format(path) == "nifti" else load_volume(path)
-    t = torch.from_numpy(np.ascontiguousarray(vol.array))
+    return np.ascontiguousarray(vol.array)
+
+
+def _label(path: str) -> torch.Tensor:
+    """:func:`read_label` as a ``(1, Z, Y, X)`` tensor."""
+    import torch
+
+    t = torch.from_numpy(read_label(path))
     return t if t.ndim == 4 else t[None]
 
 
@@ -143,6 +172,8 @@ def load_normalized(path: str, modality: str, config: PrepareConfig, label_path:
         "unit"}``; ``spacing``: ``(z, y, x)`` — as ``build_transforms(modality, config, with_label)``
         gives for ``{"image": path, "label": label_path}``.
     """
+    import torch
+
     from medvae.io import load_volume
 
     vol = load_volume(path)

@@ -1,4 +1,4 @@
-"""``medvae prepare``: manifest -> patch store (parallel per volume), shards and merging.
+"""``medvae prepare``: manifest -> patch store (parallel by volume and by slice range), shards and merging.
 
 Entry points: ``prepare``, ``merge_stores`` (the store format itself is ``medvae.data.store``).
 
@@ -7,10 +7,13 @@ Entry points: ``prepare``, ``merge_stores`` (the store format itself is ``medvae
   per row, vectorized over its images, each image its own patient with its class.
 - Rows with ``status=problem`` are skipped and reported; a volume that fails to load (corrupt
   file, label on another grid, ...) is reported with its file name and the rest still processed.
-- Each volume is one task (``--workers N`` processes); a task writes its patches as its own
-  ``.npy`` chunk in ``STORE/.prepare-<pid>/``, and the parent copies the chunks, in manifest
-  order, into the memory-mapped ``patches.npy`` (``np.lib.format.open_memmap``), so neither side
-  ever holds the whole store in memory. ``store.json`` is removed first and written last.
+- Work items (``--workers N`` processes, or this process with 1): a whole volume, or, for a CT
+  DICOM series of native single-frame files, a range of its slices (``medvae.data.prepare_work``:
+  the ranges depend on the series alone, so the store is byte for byte the same with any number
+  of workers). An item writes its patches as its own ``.npy`` chunk in ``STORE/.prepare-<pid>/``,
+  and the parent copies the chunks, in manifest and slice order, into the memory-mapped
+  ``patches.npy`` (``np.lib.format.open_memmap``), so neither side ever holds the whole store in
+  memory. ``store.json`` is removed first and written last.
 - Tasks, results and the content hash are in ``medvae.data.prepare_tasks``. Content hash: SHA-256 over
   the format version, the config (less ``workers``), and for each
   usable manifest row its patient id, modality, split, format and, for the image and label paths,
@@ -29,88 +32,52 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
 from medvae.config import PrepareConfig
-from medvae.data.manifest import IMAGE_SET_FORMATS, read_manifest
+from medvae.data.manifest import read_manifest
 from medvae.data.prepare_tasks import INDEX_ARRAYS, PreparedVolume, VolumeTask, content_hash, parse_shard
+from medvae.data.prepare_work import (
+    PatchChunk,
+    SeriesChunks,
+    combine_chunks,
+    prepare_chunk,
+    process_volume,
+    start_volume,
+)
 from medvae.data.store import (
     PatchStore,
     begin_store,
     open_store,
     store_complete,
-    to_stored,
     write_index,
     write_store_json,
 )
-from medvae.errors import ConfigError, InputError, MedvaeError, StoreError
+from medvae.errors import ConfigError, InputError, StoreError
 from medvae.files import atomic_path, sha256_json
 from medvae.io.images2d import convert_channels
 
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------- one volume (in a worker)
-# torch and the patch cutter are imported inside the worker functions, not at module level: importing
-# torch takes about a second, and a store that is up to date, a merge, or the parent of a multi-worker
-# run never needs it. MONAI is not imported at all: medvae.data.normalize loads and normalizes a volume
-# with the same values as the MONAI chain of medvae.data.transforms.
 def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, threads))
-
-
-def process_volume(position: int, task: VolumeTask, digest: str, config: dict,
-                   tmpdir: str) -> PreparedVolume | str:
-    """Load, normalize and cut one volume; write its chunk(s) to ``tmpdir``.
-
-    Never raises: a failure comes back as the message ``"<file>: <what>"``.
-    """
-    from medvae.data.normalize import load_normalized
-    from medvae.data.patches import extract_patches
-
-    try:
-        cfg = PrepareConfig(**config)
-        if task.format in IMAGE_SET_FORMATS:
-            return _process_image_set(position, task, digest, cfg, tmpdir)
-        d = load_normalized(task.path, task.modality, cfg, task.label_path)
-        image, label = d["image"], d.get("label")
-        if label is not None and label.shape[1:] != image.shape[1:]:
-            raise InputError(f"{task.label_path}: label shape {tuple(label.shape[1:])} differs from the "
-                             f"image's {tuple(image.shape[1:])} ({task.path}); check the label belongs to it")
-        p = extract_patches(image, d["foreground"], cfg, tuple(d["spacing"][1:]), label)
-        chunk = str(Path(tmpdir) / f"{position:06d}")
-        np.save(f"{chunk}.patches.npy", to_stored(p.images, cfg.dtype))
-        if p.labels is not None:
-            np.save(f"{chunk}.labels.npy", p.labels)
-        norm = d["normalization"]
-        return PreparedVolume(task, position, digest, chunk, len(p), int(image.shape[0]), int(image.shape[1]),
-                              p.labels is not None, list(p.spacing), norm["low"], norm["high"], norm["unit"],
-                              {c: getattr(p, c) for c in INDEX_ARRAYS})
-    except Exception as err:  # noqa: BLE001 -- one bad volume must not stop the cohort
-        log.debug("volume %s failed", task.path, exc_info=True)
-        what = str(err) if isinstance(err, MedvaeError) else f"{type(err).__name__}: {err}"
-        return what if task.path in what else f"{task.path}: {what}"
+    """A worker's torch threads (the cores shared among the workers), where the forkserver loaded torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(max(1, threads))
 
 
-def _process_image_set(position: int, task: VolumeTask, digest: str, cfg: PrepareConfig,
-                       tmpdir: str) -> PreparedVolume:
-    from medvae.data.image_patches import image_set_patches
+class _InProcess(Executor):
+    """``--workers 1``: each item runs when it is submitted, in this process (nothing pickled)."""
 
-    p = image_set_patches(task.format, task.path, task.label_path, task.split, task.patient_id, task.class_name,
-                          task.modality, cfg)
-    chunk = str(Path(tmpdir) / f"{position:06d}")
-    np.save(f"{chunk}.patches.npy", to_stored(p.images, cfg.dtype))
-    n = len(p.images)
-    index = {"slice_index": p.slice_index, "y": np.zeros(n, np.int64), "x": np.zeros(n, np.int64),
-             "foreground_fraction": p.foreground_fraction, "patient_id": p.patient_id, "class": p.classes}
-    return PreparedVolume(task, position, digest, chunk, n, int(p.images.shape[1]), n, False, list(p.spacing),
-                          p.low, p.high, p.unit, index, classes=p.class_names)
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        fut: Future = Future()
+        fut.set_result(fn(*args, **kwargs))  # the items never raise
+        return fut
 
 
 # --------------------------------------------------------------------------- prepare
@@ -174,30 +141,72 @@ def _run_tasks(tasks: dict[int, VolumeTask], digests: dict[int, str], config: Pr
     tmpdir.mkdir()
     cfg = config.model_dump(mode="json")
     workers = max(1, min(int(config.workers) or os.cpu_count() or 1, len(tasks)))  # 0: one per core
-    results: dict[int, PreparedVolume | str] = {}
     columns = (TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TextColumn("volumes"), TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=not sys.stderr.isatty()) as bar:
+    with Progress(*columns, transient=True, disable=not sys.stderr.isatty()) as bar, contextlib.ExitStack() as stack:
         job = bar.add_task("prepare", total=len(tasks))
         if workers == 1:
-            for k, t in tasks.items():
-                results[k] = process_volume(k, t, digests[k], cfg, str(tmpdir))
-                bar.advance(job)
+            ex: Executor = _InProcess()
         else:
             ctx = mp.get_context("forkserver")  # no fork of a parent holding OpenMP/torch threads
-            ctx.set_forkserver_preload(["medvae.data.prepare", "medvae.data.normalize", "medvae.data.patches",
-                                        "medvae.io"])
+            ctx.set_forkserver_preload(["medvae.data.prepare_work", "medvae.data.normalize", "medvae.data.patches",
+                                        "medvae.io", "medvae.io.dicom_pixels", "PIL.Image"])
             threads = max(1, (os.cpu_count() or 1) // workers)
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
-                futures = {ex.submit(process_volume, k, t, digests[k], cfg, str(tmpdir)): k for k, t in tasks.items()}
-                for fut in as_completed(futures):
-                    k = futures[fut]
-                    try:
-                        results[k] = fut.result()
-                    except BrokenProcessPool:  # a worker was killed (out of memory?): report, keep the rest
-                        results[k] = (f"{tasks[k].path}: worker process died while processing it "
-                                      "(out of memory? try fewer --workers)")
-                    bar.advance(job)
+            ex = stack.enter_context(ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                                         initargs=(threads,)))
+        results = _drive(ex, tasks, digests, cfg, str(tmpdir), lambda: bar.advance(job))
     return [results[k] for k in sorted(results)]
+
+
+def _drive(ex: Executor, tasks: dict[int, VolumeTask], digests: dict[int, str], cfg: dict, tmpdir: str,
+           advance) -> dict[int, PreparedVolume | str]:
+    """Run every volume's items on ``ex``: its first item, then its slice items as soon as it is planned."""
+    pending: dict[Future, tuple[str, int, int]] = {}
+    series: dict[int, SeriesChunks] = {}
+    chunks: dict[int, dict[int, PatchChunk | None]] = {}
+    results: dict[int, PreparedVolume | str] = {}
+
+    def finish(k: int, result: PreparedVolume | str) -> None:
+        results[k] = result
+        advance()
+
+    def died(k: int) -> str:
+        return f"{tasks[k].path}: worker process died while processing it (out of memory? try fewer --workers)"
+
+    def submit(kind: str, k: int, i: int, fn, *args) -> None:
+        try:
+            pending[ex.submit(fn, *args)] = (kind, k, i)
+        except BrokenProcessPool:  # a worker was killed (out of memory?): report, keep the rest
+            if k not in results:
+                finish(k, died(k))
+
+    in_process = isinstance(ex, _InProcess)
+    for k, t in tasks.items():
+        submit("start", k, -1, start_volume, k, t, digests[k], cfg, tmpdir, in_process)
+    while pending:
+        done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+        for fut in done:
+            kind, k, i = pending.pop(fut)
+            try:
+                res = fut.result()
+            except BrokenProcessPool:
+                res = died(k)
+            if k in results:  # the volume already failed in another of its chunks
+                continue
+            if isinstance(res, SeriesChunks):
+                series[k], chunks[k] = res, {}
+                for j in range(len(res.chunks)):
+                    submit("chunk", k, j, prepare_chunk, res, j, cfg, tmpdir)
+            elif kind != "chunk" or isinstance(res, str):
+                finish(k, res)
+            else:
+                chunks[k][i] = res
+                if len(chunks[k]) == len(series[k].chunks):
+                    parts = [chunks[k][j] for j in range(len(series[k].chunks))]
+                    if any(p is None for p in parts):  # a file did not decode: the whole-volume read skips it
+                        submit("whole", k, -1, process_volume, k, tasks[k], digests[k], cfg, tmpdir)
+                    else:
+                        finish(k, combine_chunks(series[k], parts))
+    return results
 
 
 def harmonize_channels(volumes: list[PreparedVolume]) -> tuple[int, list[PreparedVolume], list[str]]:
@@ -252,9 +261,11 @@ def _assemble(out: Path, volumes: list[PreparedVolume], meta: dict, dtype: str) 
         start = 0
         for v in volumes:
             v.first_row = start
-            pm[start : start + v.n] = convert_channels(v.arrays("patches"), c)
-            if lm is not None and v.has_label:
-                lm[start : start + v.n] = v.arrays("labels")
+            for kind, m in (("patches", pm), ("labels", lm if v.has_label else None)):
+                row = start
+                for part in v.parts(kind) if m is not None else ():
+                    m[row : row + len(part)] = convert_channels(part, c) if kind == "patches" else part
+                    row += len(part)
             start += v.n
         for m in (pm, lm):
             if m is not None:

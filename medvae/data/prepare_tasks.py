@@ -65,14 +65,15 @@ class VolumeTask:
 class PreparedVolume:
     """One volume's patches, ready to be copied into the store, and what store.json keeps of it.
 
-    ``source`` is where its arrays are: the path prefix of the worker's ``.npy`` chunk files, or
-    ``(store, first row)`` when merging shards. ``first_row`` is set when the store is assembled.
+    ``source`` is where its arrays are: the path prefix of the worker's ``.npy`` chunk files (a list
+    of prefixes, in slice order, for a series prepared by slice ranges), or ``(store, first row)``
+    when merging shards. ``first_row`` is set when the store is assembled.
     """
 
     task: VolumeTask
     position: int  # among the usable manifest rows: the store's volume order
     digest: str
-    source: str | tuple[PatchStore, int]
+    source: str | list[str] | tuple[PatchStore, int]
     n: int
     channels: int
     n_slices: int
@@ -102,13 +103,14 @@ class PreparedVolume:
                    rec["n_slices"], rec["has_label"], list(rec["spacing"]), rec["low"], rec["high"], rec["unit"],
                    {c: store.index[c][rows] for c in cols}, classes=list(rec.get("classes", [])))
 
-    def arrays(self, kind: str) -> np.ndarray:
-        """``patches`` or ``labels`` of this volume (memory-mapped)."""
+    def parts(self, kind: str) -> list[np.ndarray]:
+        """``patches`` or ``labels`` of this volume (memory-mapped), in pieces that follow one another."""
         if isinstance(self.source, tuple):
             store, first = self.source
             arr = store.patches if kind == "patches" else store.labels
-            return arr[first : first + self.n]
-        return np.load(f"{self.source}.{kind}.npy", mmap_mode="r")
+            return [arr[first : first + self.n]]
+        prefixes = [self.source] if isinstance(self.source, str) else self.source
+        return [np.load(f"{p}.{kind}.npy", mmap_mode="r") for p in prefixes]
 
 
 def _resolve(p: str | None, base: Path) -> str:

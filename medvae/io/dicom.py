@@ -1,10 +1,10 @@
 """DICOM series reading (pydicom): one CT/MR series of a directory -> ``Volume`` in HU.
 
 This module finds the files of a directory, picks the image series, decodes the pixels with
-pydicom (``pydicom.pixels.pixel_array``) and rescales them to HU exactly as pydicom's
-``apply_modality_lut`` does (in float32 in place where that is bit-identical, see
-:func:`_to_units`); the series geometry (slice order along the normal, gaps, duplicates,
-spacing, affine) is :mod:`medvae.io.dicom_geometry`. A series is single-frame files, or enhanced
+pydicom and rescales them to HU exactly as pydicom's ``apply_modality_lut`` does
+(:mod:`medvae.io.dicom_pixels`, which also decodes slice ranges in other processes); the series
+geometry (slice order along the normal, gaps, duplicates, spacing, affine) is
+:mod:`medvae.io.dicom_geometry`. A series is single-frame files, or enhanced
 multi-frame files (CT/MR with functional groups) whose frames are its slices, or both; a folder
 holding one enhanced file reads as a volume. A multi-frame file without any frame position is a
 stack of its frames in file order with an assumed spacing, named in a warning (the manifest's
@@ -22,7 +22,6 @@ and directories only: PatientName, PatientID and birth dates never appear in any
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_rescale, get_decoder, pixel_array
+from pydicom.pixels import get_decoder
 
 from medvae.errors import InputError
 from medvae.io.dicom_geometry import (
@@ -46,6 +45,7 @@ from medvae.io.dicom_geometry import (
     single_frame_slice,
     stacked_frames,
 )
+from medvae.io.dicom_pixels import decode, file_rescale, slice_reader, to_units
 from medvae.io.volume import Volume, VolumeInfo
 
 log = logging.getLogger(__name__)
@@ -247,91 +247,6 @@ def _check_decoder(plan: SeriesPlan) -> None:
         )
 
 
-def _decode(s: Slice, frames: dict[int, np.ndarray | Exception]) -> np.ndarray:
-    """Stored pixel values of one slice, ``(rows, cols)``, by pydicom's decoders.
-
-    ``view_only``: native (uncompressed) data comes back as a read-only view of the pixel bytes,
-    no copy; the caller copies it into the volume while applying the rescale. A multi-frame file
-    is decoded once, on its first frame, and kept in ``frames`` (by dataset id) until its last
-    frame is copied.
-    """
-    if s.frame is None:
-        arr = pixel_array(s.ds, view_only=True)
-        if arr.ndim != 2:
-            raise ValueError(f"expected one grayscale frame, got pixel array of shape {arr.shape}")
-        return arr
-    key = id(s.ds)
-    if key not in frames:
-        try:
-            frames[key] = pixel_array(s.ds, view_only=True)
-        except Exception as e:  # remembered, so the file's other frames fail fast
-            frames[key] = e
-    arr = frames[key]
-    if isinstance(arr, Exception):
-        raise arr
-    if arr.ndim == 2:  # a one-frame file
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise ValueError(f"expected grayscale frames, got pixel array of shape {arr.shape}")
-    return arr[s.frame]
-
-
-@functools.lru_cache(maxsize=256)
-def _float32_exact(dtype: np.dtype, slope: float, intercept: float) -> bool:
-    """True when ``stored * slope + intercept`` is exact in float32 for every value of ``dtype``.
-
-    Then float32 arithmetic gives the very values of pydicom's float64 ``apply_modality_lut`` cast
-    to float32: with q a power of two making ``slope * q`` and ``intercept * q`` integers, every
-    intermediate is an integer times 1/q below 2**24 in magnitude, exact in both precisions.
-    """
-    if dtype.kind not in "ui" or dtype.itemsize > 2:
-        return False
-    info = np.iinfo(dtype)
-    vmax = max(abs(int(info.min)), int(info.max))
-    for e in range(16):
-        q = 2.0**e
-        if (slope * q).is_integer() and (intercept * q).is_integer():
-            return vmax * abs(slope) * q + abs(intercept) * q < 2**24
-    return False
-
-
-def _rescale(ds: pydicom.Dataset) -> tuple[float, float] | None:
-    """The file's (RescaleSlope, RescaleIntercept) as pydicom applies them; None: a Modality LUT."""
-    if ds.get("ModalityLUTSequence"):
-        return None
-    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
-        return float(ds.RescaleSlope), float(ds.RescaleIntercept)
-    return 1.0, 0.0
-
-
-def _to_units(out: np.ndarray, raw: np.ndarray, s: Slice) -> None:
-    """``out[...] = raw * slope + intercept`` (HU for CT), equal to pydicom's ``apply_modality_lut``.
-
-    pydicom computes in float64 (a new array per slice); when that is exact in float32 (integer or
-    dyadic slope and intercept, 8/16-bit data: CT as written by scanners) the rescale runs in float32
-    in place in ``out``, several times faster and bit-identical. Otherwise pydicom's own float64 path
-    (and its Modality LUT) is used, then cast to float32.
-    """
-    rescale = s.rescale if s.rescale is not None else _rescale(s.ds)
-    if rescale is None:
-        out[...] = apply_rescale(raw, s.ds)
-        return
-    slope, intercept = rescale
-    if _float32_exact(raw.dtype, slope, intercept):
-        # integer -> float32 is exact below 2**24; the first operation converts as it computes (one pass
-        # instead of a copy and then an operation), with the same float32 result
-        if slope != 1.0:
-            np.multiply(raw, np.float32(slope), out=out, casting="unsafe")
-            if intercept != 0.0:
-                out += np.float32(intercept)
-        elif intercept != 0.0:
-            np.add(raw, np.float32(intercept), out=out, casting="unsafe")
-        else:
-            np.copyto(out, raw, casting="unsafe")
-    else:
-        out[...] = raw.astype(np.float64) * slope + intercept
-
-
 def read_dicom_series(directory: str | os.PathLike, patient_id: str | None = None) -> Volume:
     """Read the CT/MR image series of ``directory`` as a ``Volume`` in HU (CT) / stored units (MR).
 
@@ -353,27 +268,27 @@ def read_dicom_series(directory: str | os.PathLike, patient_id: str | None = Non
     """
     plan = _plan(directory)
     _check_decoder(plan)
+    return read_planned(plan, patient_id)
+
+
+def plan_series(directory: str | os.PathLike) -> SeriesPlan:
+    """The series ``read_dicom_series`` reads, from its headers (pixels not decoded); InputError as it."""
+    plan = _plan(directory)
+    _check_decoder(plan)
+    return plan
+
+
+def read_planned(plan: SeriesPlan, patient_id: str | None = None) -> Volume:
+    """:func:`read_dicom_series` of an already planned series."""
     rows, cols = plan.slices[0].shape
     stack = np.empty((len(plan.slices), rows, cols), dtype=np.float32)  # (k, j, i)
     ok = np.ones(len(plan.slices), dtype=bool)
-    failed: list[Path] = []
-    frames: dict[int, np.ndarray | Exception] = {}  # decoded multi-frame files, by dataset id
-    left = Counter(id(s.ds) for s in plan.slices)  # slices still to copy, per file
-    for k, s in enumerate(plan.slices):
-        try:
-            raw = _decode(s, frames)
-            if raw.shape != (rows, cols):
-                raise ValueError(f"pixel array shape {raw.shape} != ({rows}, {cols})")
-            _to_units(stack[k], raw, s)  # HU = stored * slope + intercept (or a Modality LUT)
-        except Exception as e:  # a truncated or corrupt file: skip it, say which
-            log.debug("cannot decode %s: %s", s.named, e)
-            ok[k] = False
-            failed.append(s.named)
-        left[id(s.ds)] -= 1
-        if not left[id(s.ds)]:  # free the pixel bytes early; the header stays for re-planning
-            frames.pop(id(s.ds), None)
-            if "PixelData" in s.ds:
-                del s.ds.PixelData
+    reader = slice_reader(plan)
+    if reader is not None:  # native single-frame files: pydicom's decoder on each file's pixel bytes
+        ok[reader.decode_into(stack, range(len(plan.slices)))] = False
+        failed = [s.named for s, good in zip(plan.slices, ok) if not good]
+    else:
+        failed = _decode_with_datasets(plan, stack, ok)
     if failed:
         if not ok.any():
             raise InputError(
@@ -401,3 +316,28 @@ def read_dicom_series(directory: str | os.PathLike, patient_id: str | None = Non
         warnings=list(plan.warnings),
         plane=plan.plane,
     )
+
+
+def _decode_with_datasets(plan: SeriesPlan, stack: np.ndarray, ok: np.ndarray) -> list[Path]:
+    """HU of every slice into ``stack`` through its dataset (compressed, multi-frame, LUT); failures in ``ok``."""
+    rows, cols = stack.shape[1:]
+    failed: list[Path] = []
+    frames: dict[int, np.ndarray | Exception] = {}  # decoded multi-frame files, by dataset id
+    left = Counter(id(s.ds) for s in plan.slices)  # slices still to copy, per file
+    for k, s in enumerate(plan.slices):
+        try:
+            raw = decode(s, frames)
+            if raw.shape != (rows, cols):
+                raise ValueError(f"pixel array shape {raw.shape} != ({rows}, {cols})")
+            rescale = s.rescale if s.rescale is not None else file_rescale(s.ds)
+            to_units(stack[k], raw, rescale, s.ds)  # HU = stored * slope + intercept (or a Modality LUT)
+        except Exception as e:  # a truncated or corrupt file: skip it, say which
+            log.debug("cannot decode %s: %s", s.named, e)
+            ok[k] = False
+            failed.append(s.named)
+        left[id(s.ds)] -= 1
+        if not left[id(s.ds)]:  # free the pixel bytes early; the header stays for re-planning
+            frames.pop(id(s.ds), None)
+            if "PixelData" in s.ds:
+                del s.ds.PixelData
+    return failed

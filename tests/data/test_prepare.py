@@ -1,6 +1,7 @@
 """prepare / merge / CLI on a small phantom cohort (128x128 CT, 20 slices) and hand-built NIfTIs."""
 
 import logging
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -160,3 +161,79 @@ def test_planted_voxel_label_aligned_across_orientations(tmp_path):
                 np.testing.assert_array_equal(labelled, bright)
             else:  # resized: the same place, within a pixel
                 np.testing.assert_allclose(np.argwhere(labelled).mean(0), np.argwhere(bright).mean(0), atol=1.0)
+
+
+@pytest.fixture(scope="module")
+def long_series(tmp_path_factory):
+    """Three CT series of 70 slices (three slice items each) with labels: more items than workers."""
+    root = tmp_path_factory.mktemp("long")
+    s = phantom_cohort(root, ct_patients=3, microscopy_stacks=0, seed=1, ct_size=64, ct_slices=70)
+    rows = [ManifestRow(c["patient_id"], "ct", "dicom", c["series"], c["label"], split="train") for c in s["ct"]]
+    return write_manifest(rows, root / "manifest.csv"), s
+
+
+@pytest.mark.parametrize("cfg", [PrepareConfig(patch_size=32, mode="resize", foreground_threshold=0.05),
+                                 PrepareConfig(patch_size=32, mode="tile", stride=16, slice_step=3,
+                                               dtype="uint16")], ids=["resize", "tile-step3"])
+def test_slice_items_give_the_whole_volume_store_with_any_workers(long_series, tmp_path, cfg):
+    """Series split into slice ranges: 1 and 2 workers write the same bytes, and each volume's patches equal
+    the whole-volume path (load_normalized + extract_patches on the full series: the reference)."""
+    from medvae.data.normalize import load_normalized
+    from medvae.data.patches import extract_patches
+    from medvae.data.prepare_work import CHUNK_SLICES
+    from medvae.data.store import to_stored
+
+    manifest, s = long_series
+    assert 70 > 2 * CHUNK_SLICES  # several items per series
+    one = prepare(manifest, tmp_path / "w1", cfg.model_copy(update={"workers": 1}))
+    two = prepare(manifest, tmp_path / "w2", cfg.model_copy(update={"workers": 2}))
+    for name in ("patches.npy", "labels.npy", "index.csv"):
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+    assert one.content_hash == two.content_hash
+    assert [v["first_row"] for v in one.meta["volumes"]] == [v["first_row"] for v in two.meta["volumes"]]
+    for c in s["ct"]:
+        d = load_normalized(c["series"], "ct", cfg, c["label"])
+        p = extract_patches(d["image"], d["foreground"], cfg, tuple(d["spacing"][1:]), d["label"])
+        rows = np.flatnonzero(one.index["patient_id"] == c["patient_id"])
+        assert len(rows) == len(p) > 0
+        np.testing.assert_array_equal(np.asarray(one.patches[rows]), to_stored(p.images, cfg.dtype))
+        np.testing.assert_array_equal(np.asarray(one.labels[rows]), p.labels)
+        for col in ("slice_index", "y", "x"):
+            np.testing.assert_array_equal(one.index[col][rows], getattr(p, col))
+        np.testing.assert_allclose(one.index["foreground_fraction"][rows], p.foreground_fraction, atol=1e-4)  # csv
+        vol = next(v for v in one.meta["volumes"] if v["patient_id"] == c["patient_id"])
+        assert vol["n_slices"] == 70 and vol["spacing"] == pytest.approx(list(p.spacing))
+
+
+def test_slice_item_that_cannot_decode_falls_back_to_the_whole_read(long_series, tmp_path, monkeypatch, caplog):
+    """A file unreadable when its range is decoded: the series is prepared whole, which skips that file and
+    names it (read_dicom_series' contract); the other series are untouched."""
+    from medvae.io import dicom_pixels
+
+    manifest, s = long_series
+    rows = [ManifestRow(c["patient_id"], "ct", "dicom", c["series"], split="train") for c in s["ct"]]  # no labels
+    manifest = write_manifest(rows, tmp_path / "m.csv")
+    cfg = PrepareConfig(patch_size=32, mode="resize", foreground_threshold=0.0, workers=1)
+    ref = prepare(manifest, tmp_path / "ref", cfg)
+    victim = sorted(Path(s["ct"][1]["series"]).iterdir())[5]
+    backup = victim.read_bytes()
+    real_read_z = dicom_pixels.SliceReader.read_z
+
+    def read_z(self, z0, z1):  # the file breaks between planning and decoding
+        if str(victim) in self.paths:
+            victim.write_bytes(backup[:150])
+        return real_read_z(self, z0, z1)
+
+    monkeypatch.setattr(dicom_pixels.SliceReader, "read_z", read_z)
+    try:
+        with caplog.at_level(logging.WARNING):
+            store = prepare(manifest, tmp_path / "s", cfg)
+    finally:
+        victim.write_bytes(backup)  # the cohort is shared by the module's tests
+    assert victim.name in caplog.text  # skipped and named by the whole-series read
+    p1 = s["ct"][1]["patient_id"]
+    assert (store.index["patient_id"] == p1).sum() == (ref.index["patient_id"] == p1).sum() - 1
+    for c in (s["ct"][0], s["ct"][2]):
+        a = np.flatnonzero(store.index["patient_id"] == c["patient_id"])
+        b = np.flatnonzero(ref.index["patient_id"] == c["patient_id"])
+        np.testing.assert_array_equal(np.asarray(store.patches[a]), np.asarray(ref.patches[b]))
