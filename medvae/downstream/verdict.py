@@ -77,7 +77,7 @@ def _sentence(b: dict, arm: str, best: dict, base: str | None, on_top: dict | No
     scale, unit, diff_unit = (100.0, " %", " points") if pct else (1.0, f" {info['unit']}", f" {info['unit']}")
     value = f"{_num(best['mean'] * scale)}{unit}"
     value += f" ± {_num((best['ci_high'] - best['mean']) * scale)}" if best["ci_high"] is not None else " (one seed)"
-    text = f"At {budget_label(b)} the best arm is {arm}, {value}"
+    text = f"At {budget_label(b)} the best arm is {arm}, {info['label']} {value}"
     if base is None:
         return text + "; every arm of the study uses synthetic images."
     it = "it" if base == arm else f"{base}, the best arm without them"

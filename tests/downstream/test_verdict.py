@@ -66,11 +66,11 @@ def test_the_sentences_and_the_command():
     small, large = hand_summary()["verdict"]["budgets"]
     # by hand: fixmatch+synthetic − fixmatch = 0.02, 0.025, 0.015 -> mean 2.0 points, sd 0.5, half-width
     # t(0.975, 2) · 0.5 / √3 = 4.303 · 0.2887 = 1.24 points; 86.0 % ± t · 0.005 / √3 = 1.24
-    assert small["sentence"] == ("At 10 labels per class the best arm is fixmatch+synthetic, 86.0 % ± 1.2; "
+    assert small["sentence"] == ("At 10 labels per class the best arm is fixmatch+synthetic, accuracy 86.0 % ± 1.2; "
                                  "synthetic images add +2.0 points on top of fixmatch, the best arm without them "
                                  "(+0.8 to +3.2: they help).")
     # at 100pc: −0.01, −0.005, −0.015 -> −1.0 ± 4.303 · 0.5 / √3 = 1.24 points; fixmatch 90.0 ± 4.303 · 1 / √3
-    assert large["sentence"] == ("At 100 labels per class the best arm is fixmatch, 90.0 % ± 2.5; synthetic images "
+    assert large["sentence"] == ("At 100 labels per class the best arm is fixmatch, accuracy 90.0 % ± 2.5; synthetic images "
                                  "add −1.0 points on top of it (−2.2 to +0.2: not shown to help).")
     assert small["command"] == ("medvae utility '/data/my store' --labels-per-class 10 --arms fixmatch+synthetic "
                                 "--seeds 1 --downstream-steps 300 --out STUDY_DIR --export-model MODEL_DIR")
@@ -83,7 +83,7 @@ def test_a_missing_synthetic_arm_and_one_seed_are_said_plainly():
     assert v["sentence"].endswith("the study ran no fixmatch+synthetic arm, so what synthetic images add on top of "
                                   "it is not measured.")
     one = hand_summary(seeds=1)["verdict"]["budgets"][0]
-    assert one["sentence"] == ("At 10 labels per class the best arm is fixmatch+synthetic, 86.0 % (one seed); "
+    assert one["sentence"] == ("At 10 labels per class the best arm is fixmatch+synthetic, accuracy 86.0 % (one seed); "
                                "synthetic images add +2.0 points on top of fixmatch, the best arm without them "
                                "(one seed: no interval).")
 
