@@ -70,8 +70,8 @@ def test_the_sentences_and_the_command():
                                  "synthetic images add +2.0 points on top of fixmatch, the best arm without them "
                                  "(+0.8 to +3.2: they help).")
     # at 100pc: −0.01, −0.005, −0.015 -> −1.0 ± 4.303 · 0.5 / √3 = 1.24 points; fixmatch 90.0 ± 4.303 · 1 / √3
-    assert large["sentence"] == ("At 100 labels per class the best arm is fixmatch, accuracy 90.0 % ± 2.5; synthetic images "
-                                 "add −1.0 points on top of it (−2.2 to +0.2: not shown to help).")
+    assert large["sentence"] == ("At 100 labels per class the best arm is fixmatch, accuracy 90.0 % ± 2.5; synthetic "
+                                 "images add −1.0 points on top of it (−2.2 to +0.2: not shown to help).")
     assert small["command"] == ("medvae utility '/data/my store' --labels-per-class 10 --arms fixmatch+synthetic "
                                 "--seeds 1 --downstream-steps 300 --out STUDY_DIR --export-model MODEL_DIR")
 
