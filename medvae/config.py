@@ -267,7 +267,10 @@ def flat_model_dump(cfg: ModelConfigBase) -> dict:
     keys that must not change with the families (a pipeline's train-stage key)."""
     flat = {k: list(f.default) if isinstance(f.default, tuple) else f.default
             for c in FAMILY_CONFIGS.values() for k, f in c.model_fields.items()}
-    return {**flat, **cfg.model_dump(mode="json")}
+    dump = {**flat, **cfg.model_dump(mode="json")}
+    if not dump["prior"]:  # added since (the dae's prior for n2v --posterior): out at its default
+        del dump["prior"]
+    return dump
 
 
 class TrainConfig(StrictModel):
@@ -365,17 +368,15 @@ class TrainStageConfig(StrictModel):
     def stable_dump(self) -> dict:
         """``model_dump(mode="json")`` with the model as the flat dict of medvae <= 0.3 (:func:`flat_model_dump`):
         what up-to-date keys and saved settings compare, so runs and studies from before the model families
-        are not redone. The posterior correction's fields (``posterior``, ``blindspot.holdout``,
-        ``model.prior``) are left out at their defaults except in a blind-spot run, the one whose training
-        they change: other runs keep their keys, a blind-spot run from before them is redone."""
+        are not redone. The posterior correction's fields (``posterior``, ``blindspot.holdout``; ``model.prior``
+        in :func:`flat_model_dump`) are left out at their defaults except in a blind-spot run, the one whose
+        training they change: other runs keep their keys, a blind-spot run from before them is redone."""
         dump = {**self.model_dump(mode="json"), "model": flat_model_dump(self.model)}
         if not (self.task == "denoise" and self.objective in ("n2v", "n2s")):
             if self.posterior is None:
                 del dump["posterior"]
             if self.blindspot.holdout == BlindSpotConfig().holdout:
                 del dump["blindspot"]["holdout"]
-            if not dump["model"]["prior"]:
-                del dump["model"]["prior"]
         return dump
 
     @model_validator(mode="before")

@@ -119,7 +119,6 @@ def test_pipeline_training_keys_do_not_change_with_the_defaults():
 
     cfg = TrainStageConfig()
     before = {**cfg.stable_dump(), "model": flat_model_dump(cfg.model)}
-    del before["model"]["prior"]  # (added after the channel defaults; left out at its default, below)
     before["model"]["channels"] = [32, 64, 128, 256]
     assert train_stage_key("h", cfg) == sha256_json(["h", before])
     # the keys the code before the posterior correction wrote (2026-12-07, 233d7ac): unchanged but for the

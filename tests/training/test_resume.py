@@ -45,7 +45,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_store, tmp_path, mo
     model, _, objective = model.partition(":")
     denoise = model in ("dae", "unet-vae")
     cfg = _denoise_config(model, objective or "supervised") if denoise else \
-        tiny_config(model, max_steps=N_STEPS, checkpoint_every=5, log_every=1, ema_decay=0.9, disc_start=3)
+        tiny_config(model, max_steps=N_STEPS, checkpoint_every=5, log_every=1, ema_decay=0.9, disc_start=3,
+                    amp="off")  # the CLI run below is a subprocess: conftest's fp32 for amp auto does not reach it
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
 
