@@ -12,7 +12,9 @@ wheel to ``--image``), or any 2D TIFF given to ``--image``. It is scaled to [0, 
 - ``n2v`` (N2V2 defaults: median replacement, blur-pool, no top skip; 1/16 of the pixels masked; no
   posterior), ``n2v-posterior`` (the same network predicting a Gaussian prior, mean and log-variance, the
   noise model calibrated from the noisy image as ``medvae train`` does; the estimate is the posterior mean
-  given each noisy pixel, Laine et al. 2019) and
+  given each noisy pixel, Laine et al. 2019), ``sure`` (n2v's network without a blind spot, trained by
+  PG-SURE with the noise model calibrated from the noisy image, ``medvae.denoising.sure``; best.pt by the
+  held-out SURE estimate) and
   ``divnoising`` (unet-vae with the Poisson–Gaussian likelihood, the simulation's own (a, b); MMSE of
   ``--samples`` posterior samples)
   train per level on 64² tiles of the *noisy* image (all of it: the data a user has) and nothing else.
@@ -136,8 +138,8 @@ def _train_cfg(steps: int, **extra) -> dict:
 
 
 def configs(steps: int, photons: float) -> dict[str, TrainStageConfig]:
-    """The three trainings at one level: n2v (N2V2 defaults), divnoising (the simulation's noise model), and the
-    supervised dae on clean tiles with that level's noise."""
+    """The trainings at one level: n2v (N2V2 defaults, without and with the posterior), sure (PG-SURE),
+    divnoising (the simulation's noise model), and the supervised dae on clean tiles with that level's noise."""
     small = {"channels": [16, 32, 64], "res_units": 1}  # bench_denoise.py's dae
     return {
         "supervised": TrainStageConfig.model_validate({
@@ -156,6 +158,9 @@ def configs(steps: int, photons: float) -> dict[str, TrainStageConfig]:
         "n2v-posterior": TrainStageConfig.model_validate({
             "task": "denoise", "objective": "n2v", "posterior": True, "blindspot": {"fraction": 1 / 16},
             "model": small, "train": _train_cfg(steps)}),
+        # PG-SURE: every pixel in view, the noise model calibrated from the noisy image (model.noise_a / b not given)
+        "sure": TrainStageConfig.model_validate({
+            "task": "denoise", "objective": "sure", "model": small, "train": _train_cfg(steps)}),
         "divnoising": TrainStageConfig.model_validate({
             "task": "denoise", "objective": "divnoising",
             "model": {"channels": [16, 32, 64], "latent_channels": 16, "noise_a": 1 / photons,
@@ -219,7 +224,7 @@ def selfsupervised_rows(clean: np.ndarray, levels=(5.0, 20.0, 100.0), steps: int
                          "denoise_s": sec})
             log(f"  {photons:g} photons: supervised dae {rows[-1]['psnr']:.2f} dB after {train_s:.0f} s of training")
         store = None
-        for m in ("n2v", "n2v-posterior", "divnoising"):
+        for m in ("n2v", "n2v-posterior", "sure", "divnoising"):
             if m not in methods:
                 continue
             if store is None:  # the noisy image, all of it: the only data a self-supervised model sees
@@ -231,7 +236,7 @@ def selfsupervised_rows(clean: np.ndarray, levels=(5.0, 20.0, 100.0), steps: int
             train_s = time.perf_counter() - t0
             den, sec = apply(run, noisy[:, w // 2:], samples if m == "divnoising" else 0)
             name = {"divnoising": f"divnoising (MMSE of {samples})", "n2v": "n2v (N2V2)",
-                    "n2v-posterior": "n2v --posterior (N2V2)"}[m]
+                    "n2v-posterior": "n2v --posterior (N2V2)", "sure": "sure (PG-SURE)"}[m]
             rows.append({"method": name, "photons": photons, **scores(den, ref), "train_s": train_s,
                          "denoise_s": sec})
             log(f"  {photons:g} photons: {name} {rows[-1]['psnr']:.2f} dB after {train_s:.0f} s of training")
