@@ -15,11 +15,12 @@ import yaml
 
 from medvae.config import DenoiseConfig, TrainStageConfig
 from medvae.denoising.apply import denoise_scans
-from medvae.denoising.selfsupervised import check_config, resolve_noise_model
+from medvae.denoising.selfsupervised import build_task, check_config, resolve_noise_model
 from medvae.denoising.sure import pg_sure, skewed_probe, sure
 from medvae.errors import ConfigError
 from medvae.pipeline import train_stage
 from medvae.training.checkpoint import load_checkpoint
+from medvae.training.trainer import train
 from tests.factories import disc_images, patch_store
 
 SIZE, DRAWS = 16, 4000
@@ -180,3 +181,34 @@ def test_sure_uses_a_given_noise_model_and_calibrates_a_missing_one(noisy_store)
 def test_check_config_refuses_what_sure_cannot_train(model, train, match):
     with pytest.raises(ConfigError, match=match):
         check_config(_cfg(model=model, **train))
+
+
+def test_sure_without_val_split_validates_on_held_out_rows_and_resumes_exactly(tmp_path):
+    """A user's noisy image alone (no val split): blindspot.holdout of the train patches are validated on, never
+    trained on; a run killed after step 2 and resumed ends with the same weights and held-out SURE (the probes
+    of step s come from (seed, s) alone)."""
+    rng = np.random.default_rng(5)
+    clean = disc_images(48, 32, seed=5, level=0.6, background=0.2)
+    noisy = ((rng.poisson(clean * PHOTONS) + READ * rng.standard_normal(clean.shape)) / PHOTONS).astype(np.float32)
+    store = patch_store(tmp_path / "store", noisy, patient_id=["P0"] * 48, split=["train"] * 48, source="phantom",
+                        content_hash="noisy-sure-train-only")
+    cfg = _cfg(steps=4, model={"noise_a": 1 / PHOTONS, "noise_b": READ**2 / PHOTONS**2}, checkpoint_every=2)
+    task = build_task(store, resolve_noise_model(store, cfg))
+    assert task.held_out.tolist() == [0, 24, 47]
+    seen = set()
+    original = task.training_pair
+
+    def recording(batch, step):
+        seen.update(batch.rows.tolist())
+        return original(batch, step)
+
+    task.training_pair = recording
+    full = train(store, tmp_path / "full", resolve_noise_model(store, cfg), device="cpu", task=task)
+    assert not seen & {0, 24, 47} and "sure_psnr" in full["metrics"]
+    part = tmp_path / "part"  # stopped after 2 steps (their LRs are the 4-step run's: warmup 1, cosine from 1.0)
+    train_stage(store, part, cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 2})}),
+                device="cpu")
+    resumed = train_stage(store, part, cfg, device="cpu", resume=True)
+    assert resumed["metrics"] == full["metrics"] and resumed["best_score"] == full["best_score"]
+    sa, sb = (load_checkpoint(r / "checkpoints" / "last.pt") for r in (tmp_path / "full", part))
+    assert all(torch.equal(sa["model_state"][k], sb["model_state"][k]) for k in sa["model_state"])
