@@ -172,6 +172,12 @@ def configs(steps: int, photons: float) -> dict[str, TrainStageConfig]:
             "train": _train_cfg(steps, beta_warmup_steps=max(steps // 4, 1), ema_decay=0.0)})}
 
 
+def _estimate(run: Path) -> dict:
+    """A sure run's own estimate of its PSNR, best.pt's held-out ``sure_psnr`` (no clean image), beside the true one."""
+    info = json.loads((run / "run.json").read_text())
+    return {"sure_psnr_estimate": info["best_score"]} if info.get("best_key") == "sure_psnr" else {}
+
+
 @torch.no_grad()
 def apply(run: Path, noisy: np.ndarray, samples: int = 0) -> tuple[np.ndarray, float]:
     """The run's best checkpoint on a whole noisy image; (denoised, seconds)."""
@@ -243,7 +249,7 @@ def selfsupervised_rows(clean: np.ndarray, levels=(5.0, 20.0, 100.0), steps: int
                     "n2v-posterior": "n2v --posterior (N2V2)", "sure": "sure (PG-SURE)",
                     "sure-known": "sure (PG-SURE, the true a, b)"}[m]
             rows.append({"method": name, "photons": photons, **scores(den, ref), "train_s": train_s,
-                         "denoise_s": sec})
+                         "denoise_s": sec, **_estimate(run)})
             log(f"  {photons:g} photons: {name} {rows[-1]['psnr']:.2f} dB after {train_s:.0f} s of training")
         if "careamics" in methods:
             try:
