@@ -14,7 +14,8 @@ wheel to ``--image``), or any 2D TIFF given to ``--image``. It is scaled to [0, 
   noise model calibrated from the noisy image as ``medvae train`` does; the estimate is the posterior mean
   given each noisy pixel, Laine et al. 2019), ``sure`` (n2v's network without a blind spot, trained by
   PG-SURE with the noise model calibrated from the noisy image, ``medvae.denoising.sure``; best.pt by the
-  held-out SURE estimate; ``sure-known``: with the simulation's own (a, b)) and
+  held-out SURE estimate; ``sure-known``: with the simulation's own (a, b); ``sure-topskip``: with the
+  full-resolution skip) and
   ``divnoising`` (unet-vae with the Poisson–Gaussian likelihood, the simulation's own (a, b); MMSE of
   ``--samples`` posterior samples)
   train per level on 64² tiles of the *noisy* image (all of it: the data a user has) and nothing else.
@@ -165,6 +166,9 @@ def configs(steps: int, photons: float) -> dict[str, TrainStageConfig]:
         "sure-known": TrainStageConfig.model_validate({
             "task": "denoise", "objective": "sure", "train": _train_cfg(steps),
             "model": {**small, "noise_a": 1 / photons, "noise_b": READ_NOISE**2 / photons**2}}),
+        # with the full-resolution skip N2V2 removes (a blind-spot network's checkerboard; sure has no blind spot)
+        "sure-topskip": TrainStageConfig.model_validate({
+            "task": "denoise", "objective": "sure", "model": {**small, "top_skip": True}, "train": _train_cfg(steps)}),
         "divnoising": TrainStageConfig.model_validate({
             "task": "denoise", "objective": "divnoising",
             "model": {"channels": [16, 32, 64], "latent_channels": 16, "noise_a": 1 / photons,
@@ -234,7 +238,7 @@ def selfsupervised_rows(clean: np.ndarray, levels=(5.0, 20.0, 100.0), steps: int
                          "denoise_s": sec})
             log(f"  {photons:g} photons: supervised dae {rows[-1]['psnr']:.2f} dB after {train_s:.0f} s of training")
         store = None
-        for m in ("n2v", "n2v-posterior", "sure", "sure-known", "divnoising"):
+        for m in ("n2v", "n2v-posterior", "sure", "sure-known", "sure-topskip", "divnoising"):
             if m not in methods:
                 continue
             if store is None:  # the noisy image, all of it: the only data a self-supervised model sees
@@ -247,7 +251,7 @@ def selfsupervised_rows(clean: np.ndarray, levels=(5.0, 20.0, 100.0), steps: int
             den, sec = apply(run, noisy[:, w // 2:], samples if m == "divnoising" else 0)
             name = {"divnoising": f"divnoising (MMSE of {samples})", "n2v": "n2v (N2V2)",
                     "n2v-posterior": "n2v --posterior (N2V2)", "sure": "sure (PG-SURE)",
-                    "sure-known": "sure (PG-SURE, the true a, b)"}[m]
+                    "sure-known": "sure (PG-SURE, the true a, b)", "sure-topskip": "sure (PG-SURE, top skip)"}[m]
             rows.append({"method": name, "photons": photons, **scores(den, ref), "train_s": train_s,
                          "denoise_s": sec, **_estimate(run)})
             log(f"  {photons:g} photons: {name} {rows[-1]['psnr']:.2f} dB after {train_s:.0f} s of training")
