@@ -24,6 +24,9 @@ store of the user's noisy scans as they are (no noise is added; ``noise`` does n
   ``medvae denoise --samples N`` averages N posterior samples (MMSE). Validation: the val ELBO
   (best.pt), NLL and KL.
 
+- ``sure`` (:class:`medvae.denoising.sure.SureTask`): a dae that sees every pixel, trained by PG-SURE with the
+  noise model (:func:`resolve_sure`: calibrated when not given, float32); best.pt by the held-out SURE.
+
 :func:`check_config` refuses a config that cannot work before anything is trained;
 :func:`build_task` builds the task of any denoise objective (``supervised``: DenoiseTask).
 :func:`resolve_noise_model` calibrates divnoising's and the posterior's (a, b) from the store when the config
