@@ -12,7 +12,10 @@ wheel to ``--image``), or any 2D TIFF given to ``--image``. It is scaled to [0, 
 - ``n2v`` (N2V2 defaults: median replacement, blur-pool, no top skip; 1/16 of the pixels masked; no
   posterior), ``n2v-posterior`` (the same network predicting a Gaussian prior, mean and log-variance, the
   noise model calibrated from the noisy image as ``medvae train`` does; the estimate is the posterior mean
-  given each noisy pixel, Laine et al. 2019) and
+  given each noisy pixel, Laine et al. 2019), ``sure`` (n2v's network without a blind spot, trained by
+  PG-SURE with the noise model calibrated from the noisy image, ``medvae.denoising.sure``; best.pt by the
+  held-out SURE estimate; ``sure-known``: with the simulation's own (a, b); ``sure-topskip``: with the
+  full-resolution skip) and
   ``divnoising`` (unet-vae with the Poisson–Gaussian likelihood, the simulation's own (a, b); MMSE of
   ``--samples`` posterior samples)
   train per level on 64² tiles of the *noisy* image (all of it: the data a user has) and nothing else.
@@ -136,8 +139,8 @@ def _train_cfg(steps: int, **extra) -> dict:
 
 
 def configs(steps: int, photons: float) -> dict[str, TrainStageConfig]:
-    """The three trainings at one level: n2v (N2V2 defaults), divnoising (the simulation's noise model), and the
-    supervised dae on clean tiles with that level's noise."""
+    """The trainings at one level: n2v (N2V2 defaults, without and with the posterior), sure (PG-SURE),
+    divnoising (the simulation's noise model), and the supervised dae on clean tiles with that level's noise."""
     small = {"channels": [16, 32, 64], "res_units": 1}  # bench_denoise.py's dae
     return {
         "supervised": TrainStageConfig.model_validate({
@@ -156,11 +159,27 @@ def configs(steps: int, photons: float) -> dict[str, TrainStageConfig]:
         "n2v-posterior": TrainStageConfig.model_validate({
             "task": "denoise", "objective": "n2v", "posterior": True, "blindspot": {"fraction": 1 / 16},
             "model": small, "train": _train_cfg(steps)}),
+        # PG-SURE: every pixel in view, the noise model calibrated from the noisy image (model.noise_a / b not given)
+        "sure": TrainStageConfig.model_validate({
+            "task": "denoise", "objective": "sure", "model": small, "train": _train_cfg(steps)}),
+        # the same with the simulation's own (a, b): what calibration costs
+        "sure-known": TrainStageConfig.model_validate({
+            "task": "denoise", "objective": "sure", "train": _train_cfg(steps),
+            "model": {**small, "noise_a": 1 / photons, "noise_b": READ_NOISE**2 / photons**2}}),
+        # with the full-resolution skip N2V2 removes (a blind-spot network's checkerboard; sure has no blind spot)
+        "sure-topskip": TrainStageConfig.model_validate({
+            "task": "denoise", "objective": "sure", "model": {**small, "top_skip": True}, "train": _train_cfg(steps)}),
         "divnoising": TrainStageConfig.model_validate({
             "task": "denoise", "objective": "divnoising",
             "model": {"channels": [16, 32, 64], "latent_channels": 16, "noise_a": 1 / photons,
                       "noise_b": READ_NOISE**2 / photons**2},
             "train": _train_cfg(steps, beta_warmup_steps=max(steps // 4, 1), ema_decay=0.0)})}
+
+
+def _estimate(run: Path) -> dict:
+    """A sure run's own estimate of its PSNR, best.pt's held-out ``sure_psnr`` (no clean image), beside the true one."""
+    info = json.loads((run / "run.json").read_text())
+    return {"sure_psnr_estimate": info["best_score"]} if info.get("best_key") == "sure_psnr" else {}
 
 
 @torch.no_grad()
@@ -219,7 +238,7 @@ def selfsupervised_rows(clean: np.ndarray, levels=(5.0, 20.0, 100.0), steps: int
                          "denoise_s": sec})
             log(f"  {photons:g} photons: supervised dae {rows[-1]['psnr']:.2f} dB after {train_s:.0f} s of training")
         store = None
-        for m in ("n2v", "n2v-posterior", "divnoising"):
+        for m in ("n2v", "n2v-posterior", "sure", "sure-known", "sure-topskip", "divnoising"):
             if m not in methods:
                 continue
             if store is None:  # the noisy image, all of it: the only data a self-supervised model sees
@@ -231,9 +250,10 @@ def selfsupervised_rows(clean: np.ndarray, levels=(5.0, 20.0, 100.0), steps: int
             train_s = time.perf_counter() - t0
             den, sec = apply(run, noisy[:, w // 2:], samples if m == "divnoising" else 0)
             name = {"divnoising": f"divnoising (MMSE of {samples})", "n2v": "n2v (N2V2)",
-                    "n2v-posterior": "n2v --posterior (N2V2)"}[m]
+                    "n2v-posterior": "n2v --posterior (N2V2)", "sure": "sure (PG-SURE)",
+                    "sure-known": "sure (PG-SURE, the true a, b)", "sure-topskip": "sure (PG-SURE, top skip)"}[m]
             rows.append({"method": name, "photons": photons, **scores(den, ref), "train_s": train_s,
-                         "denoise_s": sec})
+                         "denoise_s": sec, **_estimate(run)})
             log(f"  {photons:g} photons: {name} {rows[-1]['psnr']:.2f} dB after {train_s:.0f} s of training")
         if "careamics" in methods:
             try:

@@ -34,7 +34,7 @@ Task = Literal["reconstruct", "denoise"]
 # AVX-512 BF16, GPUs from Ampere), fp16 on older GPUs, float32 elsewhere; off is float32
 Amp = Literal["auto", "bf16", "fp16", "off"]
 # denoise task: supervised (clean store, simulated noise) or on the noisy store itself (medvae.denoising.selfsupervised)
-Objective = Literal["supervised", "n2v", "n2s", "divnoising"]
+Objective = Literal["supervised", "n2v", "n2s", "divnoising", "sure"]
 NoiseKind = Literal["gaussian", "poisson-gaussian", "ct-lowdose"]  # medvae.denoising.noise
 Prior = Literal["standard", "gmm"]
 SampleFormat = Literal["nifti", "tiff", "png", "npy"]
@@ -347,6 +347,8 @@ OBJECTIVE_MODEL_DEFAULTS: dict[str, dict] = {
     "n2s": {"name": "dae", "top_skip": False, "downsample": "blurpool", "likelihood": "l2", "input_residual": False},
     "divnoising": {"name": "unet-vae", "skip_connections": False, "input_residual": False,
                    "likelihood": "poisson-gaussian"},
+    # PG-SURE (medvae.denoising.sure): n2v's network without a blind spot (the likelihood is not its loss)
+    "sure": {"name": "dae", "top_skip": False, "downsample": "blurpool", "likelihood": "l2", "input_residual": False},
 }
 
 
@@ -355,7 +357,7 @@ class TrainStageConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     task: Task = "reconstruct"  # denoise: noisy input -> clean target
     # denoise task: supervised (the store is clean, `noise` corrupts it) or self-supervised on a store of noisy
-    # scans as they are (n2v, n2s, divnoising: `noise` does not apply)
+    # scans as they are (n2v, n2s, divnoising, sure: `noise` does not apply)
     objective: Objective = "supervised"
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
     blindspot: BlindSpotConfig = Field(default_factory=BlindSpotConfig)

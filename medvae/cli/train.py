@@ -32,7 +32,8 @@ def train(
         None, help=f"denoise task, objective supervised: {choices(NoiseConfig, 'kind')}"),
     objective: Optional[str] = typer.Option(
         None, help=f"denoise task: {choices(TrainStageConfig, 'objective')} (supervised: a clean store and simulated "
-                   "noise; n2v, n2s, divnoising: a store of noisy scans as they are, no clean images)"),
+                   "noise; n2v, n2s, divnoising, sure: a store of noisy scans as they are, no clean images; sure: "
+                   "PG-SURE with the calibrated noise model, a network that sees every pixel)"),
     posterior: Optional[bool] = typer.Option(
         None, "--posterior/--no-posterior", help="denoise task, objective n2v / n2s: the network predicts a prior and "
         "the estimate is the posterior mean under the noise model (default: on when one is given or calibrated)."),

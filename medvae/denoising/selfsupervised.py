@@ -24,6 +24,9 @@ store of the user's noisy scans as they are (no noise is added; ``noise`` does n
   ``medvae denoise --samples N`` averages N posterior samples (MMSE). Validation: the val ELBO
   (best.pt), NLL and KL.
 
+- ``sure`` (:class:`medvae.denoising.sure.SureTask`): a dae that sees every pixel, trained by PG-SURE with the
+  noise model (:func:`resolve_sure`: calibrated when not given, float32); best.pt by the held-out SURE.
+
 :func:`check_config` refuses a config that cannot work before anything is trained;
 :func:`build_task` builds the task of any denoise objective (``supervised``: DenoiseTask).
 :func:`resolve_noise_model` calibrates divnoising's and the posterior's (a, b) from the store when the config
@@ -43,6 +46,7 @@ from medvae.data.store import PatchStore, even_positions
 from medvae.denoising import calibration, masks
 from medvae.denoising.noise import step_generator
 from medvae.denoising.supervised import VAL_SEED_OFFSET, DenoiseTask, random_crop
+from medvae.denoising.sure import SureTask
 from medvae.errors import ConfigError
 from medvae.training.tasks import TrainingPair
 from medvae.training.validate import over_batches, validate
@@ -74,6 +78,14 @@ def check_config(cfg: TrainStageConfig) -> None:
         if m.likelihood != "poisson-gaussian":
             raise ConfigError(f"objective divnoising needs model.likelihood poisson-gaussian (the noise model), "
                               f"not {m.likelihood}")
+    if obj == "sure":
+        if m.name != "dae" or m.prior:
+            raise ConfigError(f"objective sure takes finite differences of the network's output: it needs the "
+                              f"deterministic model dae without model.prior, not {m.name}"
+                              f"{' with prior' if m.name == 'dae' else ''}; leave --model out")
+        if cfg.train.amp in ("bf16", "fp16"):
+            raise ConfigError(f"objective sure differences outputs 1e-3 apart, below {cfg.train.amp}'s resolution: "
+                              "set train.amp off (or auto, which trains sure in float32)")
     if cfg.blindspot.struct != "none" and obj != "n2v":
         raise ConfigError(f"blindspot.struct {cfg.blindspot.struct} is a StructN2V mask: objective n2v only")
     if cfg.posterior and (obj not in ("n2v", "n2s") or m.name != "dae"):
@@ -99,7 +111,7 @@ def resolve_noise_model(store: PatchStore, cfg: TrainStageConfig) -> TrainStageC
     """``cfg`` with ``model.noise_a`` / ``noise_b`` set when the likelihood is poisson-gaussian and the
     config lacks them (:func:`calibrate_noise_model`), and ``posterior`` resolved (:func:`resolve_posterior`);
     the run's config.yaml and checkpoints keep them."""
-    cfg = resolve_posterior(store, cfg)
+    cfg = resolve_sure(resolve_posterior(store, cfg), store)
     m = cfg.model
     if m.likelihood != "poisson-gaussian" or (m.noise_a is not None and m.noise_b is not None):
         return cfg
@@ -140,6 +152,27 @@ def resolve_posterior(store: PatchStore, cfg: TrainStageConfig) -> TrainStageCon
     return cfg.model_copy(update={"posterior": True, "model": model})
 
 
+def resolve_sure(cfg: TrainStageConfig, store: PatchStore) -> TrainStageConfig:
+    """``cfg`` of a denoise ``sure`` run with its noise model (``model.noise_a`` / ``noise_b`` calibrated from
+    the store as the posterior's are when not given; ConfigError when the store has no noise to estimate) and
+    ``train.amp`` auto as off (SURE's finite differences need float32); other configs as given."""
+    if cfg.task != "denoise" or cfg.objective != "sure":
+        return cfg
+    m, update = cfg.model, {}
+    if m.noise_a is None or m.noise_b is None:
+        a, b = calibrate_noise_model(store)
+        a, b = max(a, 0.0), max(b, 0.0)  # the fit may cross 0 (a black level); a variance may not
+        if 0.5 * a + b <= NO_NOISE:
+            raise ConfigError(f"{store.path}: the calibrated noise variance is {0.5 * a + b:.3g} at mid-grey: SURE "
+                              "needs the noise model; set model.noise_a and model.noise_b")
+        log.info("noise model calibrated from %s: variance %.4g·s + %.4g (set model.noise_a / noise_b to override)",
+                 store.path, a, b)
+        update["model"] = m.model_copy(update={"noise_a": float(a), "noise_b": float(b)})
+    if cfg.train.amp == "auto":
+        update["train"] = cfg.train.model_copy(update={"amp": "off"})
+    return cfg.model_copy(update=update) if update else cfg
+
+
 def build_task(store: PatchStore, cfg: TrainStageConfig):
     """The training task of a denoise config's objective (:func:`check_config` first)."""
     check_config(cfg)
@@ -148,6 +181,12 @@ def build_task(store: PatchStore, cfg: TrainStageConfig):
         return DenoiseTask(store, cfg.noise, seed)
     if cfg.objective == "divnoising":
         return DivNoisingTask(store, seed, crop)
+    if cfg.objective == "sure":
+        m = cfg.model
+        if m.noise_a is None or m.noise_b is None:
+            raise ConfigError("objective sure needs its noise model: model.noise_a and model.noise_b "
+                              "(resolve_noise_model calibrates them from the store)")
+        return SureTask(store, m.noise_a, m.noise_b, seed, crop, held_out_rows(store, cfg.blindspot.holdout))
     return BlindSpotTask(store, cfg.objective, cfg.blindspot, seed, crop, posterior=bool(cfg.posterior))
 
 

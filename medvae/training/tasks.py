@@ -43,6 +43,8 @@ class Task(Protocol):
     held_out: optional (a task may lack it): store rows the task validates on in place of a val split, which
         the trainer leaves out of the training batches (a blind-spot run on a store without a val split);
         None or absent: none.
+    loss: optional: the task's own :data:`medvae.training.step.Loss` in place of the model family's
+        (PG-SURE, whose estimate needs several outputs of the model: its input stacks them along the batch).
     """
 
     name: str

@@ -175,7 +175,8 @@ class _Trainer:
             raise ConfigError(f"{store.path}: the train split has {n} patches per process, fewer than the "
                               f"batch size {t.batch_size}; lower --batch-size or add training data")
         self.total_steps = t.max_steps if t.max_steps is not None else t.epochs * len(self.batches)
-        self.steps = build_step(self.model, t, device, info, self.amp_dtype, self.total_steps)
+        self.steps = build_step(self.model, t, device, info, self.amp_dtype, self.total_steps,
+                                getattr(task, "loss", None))
         self.eval_model = None  # a copy holding the EMA weights, built on first validation
         self.step = self.bad_steps = 0
         self.best_score = -math.inf
