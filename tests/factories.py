@@ -398,3 +398,29 @@ def ppca_model(imperfect):
     x = model.decode(torch.randn(64, 3, generator=g, dtype=torch.float64)) + 0.3 * torch.randn(
         64, 1, 4, 4, generator=g, dtype=torch.float64)
     return model, x
+
+
+# --------------------------------------------------------------------------------------------- training runs
+def best_is_the_logged_max(run: str | os.PathLike, key: str) -> dict[int, float]:
+    """Check that a run's best.pt, and run.json's best_key / best_score, are the maximum of ``val_<key>`` in its
+    train_log.jsonl (the log is the independent record); returns step -> logged score."""
+    from medvae.training.checkpoint import load_checkpoint
+
+    run = Path(run)
+    entries = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    scores = {e["step"]: e[f"val_{key}"] for e in entries if f"val_{key}" in e}
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["step"] == max(scores, key=scores.get) and best["best_score"] == max(scores.values())
+    info = json.loads((run / "run.json").read_text())
+    assert info["best_key"] == key and info["best_score"] == max(scores.values())
+    return scores
+
+
+def noisy_stack(path: str | os.PathLike, depth: int) -> np.ndarray:
+    """A (36, 40, depth) int16 NIfTI stack of uniform noise in 0..999 (0.5 × 0.5 × 2 mm) at ``path``; its data."""
+    import nibabel as nib
+
+    data = (np.random.default_rng(0).random((36, 40, depth)) * 1000).astype(np.int16)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.5, 2.0, 1.0])), str(path))
+    return data

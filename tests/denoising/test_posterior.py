@@ -23,7 +23,7 @@ from medvae.models.distributions import Likelihood, gaussian_posterior
 from medvae.pipeline import train_stage
 from medvae.training.checkpoint import load_checkpoint
 from medvae.training.trainer import train
-from tests.factories import disc_images, patch_store
+from tests.factories import best_is_the_logged_max, disc_images, noisy_stack, patch_store
 
 PHOTONS, READ = 20.0, 2.0
 A, B = 1 / PHOTONS, READ**2 / PHOTONS**2
@@ -144,17 +144,10 @@ def test_posterior_run_keeps_best_by_heldout_likelihood_and_denoise_writes_the_s
     # the held-out score is the training loss itself: the likelihood per masked pixel, recomputed here
     ck = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ck["model_config"]["prior"] and ck["model_config"]["likelihood"] == "poisson-gaussian"
-    entries = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    scores = {e["step"]: e["val_blindspot_ll"] for e in entries if "val_blindspot_ll" in e}
-    best = load_checkpoint(run / "checkpoints" / "best.pt")
-    assert best["step"] == max(scores, key=scores.get) and best["best_score"] == max(scores.values())
-    info = json.loads((run / "run.json").read_text())
-    assert info["best_key"] == "blindspot_ll" and info["best_score"] == max(scores.values())
+    best_is_the_logged_max(run, "blindspot_ll")
 
-    data = (np.random.default_rng(0).random((36, 40, 3)) * 1000).astype(np.int16)
     src = tmp_path / "in" / "stack.nii.gz"
-    src.parent.mkdir()
-    nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.5, 2.0, 1.0])), src)
+    data = noisy_stack(src, 3)
     denoise_scans(run, src, tmp_path / "out", DenoiseConfig(sd=True, amp="off", modality="microscopy"),
                   device="cpu")
     dst = tmp_path / "out" / "stack.nii.gz"

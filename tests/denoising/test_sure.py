@@ -21,7 +21,7 @@ from medvae.errors import ConfigError
 from medvae.pipeline import train_stage
 from medvae.training.checkpoint import load_checkpoint
 from medvae.training.trainer import train
-from tests.factories import disc_images, patch_store
+from tests.factories import best_is_the_logged_max, disc_images, noisy_stack, patch_store
 
 SIZE, DRAWS = 16, 4000
 KERNEL = torch.outer(*2 * [torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16])  # binomial 5x5 blur, sums to 1
@@ -148,17 +148,10 @@ def test_sure_run_keeps_best_by_the_heldout_estimate_and_denoises_as_trained(noi
     assert saved["model"]["name"] == "dae" and not saved["model"]["prior"]
     entries = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(e["sure_mse"]) for e in entries)
-    scores = {e["step"]: e["val_sure_psnr"] for e in entries if "val_sure_psnr" in e}
-    assert len(scores) == 4
-    best = load_checkpoint(run / "checkpoints" / "best.pt")
-    assert best["step"] == max(scores, key=scores.get) and best["best_score"] == max(scores.values())
-    info = json.loads((run / "run.json").read_text())
-    assert info["best_key"] == "sure_psnr" and info["best_score"] == max(scores.values())
+    assert len(best_is_the_logged_max(run, "sure_psnr")) == 4
     # medvae denoise: the network as trained, every pixel in view (no masks, no sd)
-    data = (np.random.default_rng(0).random((36, 40, 2)) * 1000).astype(np.int16)
     src = tmp_path / "in" / "stack.nii.gz"
-    src.parent.mkdir()
-    nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.5, 2.0, 1.0])), src)
+    data = noisy_stack(src, 2)
     denoise_scans(run, src, tmp_path / "out", DenoiseConfig(amp="off", modality="microscopy"), device="cpu")
     out = np.asarray(nib.load(tmp_path / "out" / "stack.nii.gz").dataobj)
     assert out.shape == data.shape and np.isfinite(out).all()

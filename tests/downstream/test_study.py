@@ -92,10 +92,12 @@ def test_rerun_skips_finished_arms(classify_study, class_store, monkeypatch):
     with pytest.raises(InputError, match="config.downstream_steps"):
         study.run_utility(class_store, out, UtilityConfig(**{**SMALL, "downstream_steps": 3}), device="cpu",
                           synthetic=syn.path)
-    # a study grows by an arm: the new arm trains, the finished ones are read
-    calls.clear()
+    # a study grows by an arm: the new arm trains, the finished ones are read (their results not rewritten)
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*.json")}
     grown = study.run_utility(class_store, out, UtilityConfig(**SMALL, arms=[*UtilityConfig(**SMALL).arms, "pseudo"]),
                               device="cpu", synthetic=syn.path)
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    assert sorted(p.name for p in out.glob("cells/*/pseudo.json")) == ["pseudo.json"] * len(list(out.glob("cells/*")))
     assert {a: grown["arms"][a] for a in summary["arms"]} == summary["arms"] and "pseudo" in grown["arms"]
 
 
