@@ -8,6 +8,7 @@ fields validate against it, and the code and the command line's help read the tu
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar, get_args
@@ -36,7 +37,7 @@ Amp = Literal["auto", "bf16", "fp16", "off"]
 # denoise task: supervised (clean store, simulated noise) or on the noisy store itself (medvae.denoising.selfsupervised)
 Objective = Literal["supervised", "n2v", "n2s", "divnoising", "sure"]
 NoiseKind = Literal["gaussian", "poisson-gaussian", "ct-lowdose"]  # medvae.denoising.noise
-Prior = Literal["standard", "gmm"]
+Prior = Literal["standard", "gmm", "diffusion"]
 SampleFormat = Literal["nifti", "tiff", "png", "npy"]
 UtilityTask = Literal["classify", "segment"]
 UtilityCondition = Literal["class", "mask", "none"]
@@ -168,6 +169,24 @@ class VAEConfig(ModelConfigBase):
     name: Literal["vae"] = "vae"
     latent_dim: int = 128
     condition_dim: int = 32  # width of the condition embedding (condition class / modality)
+    # vector: a latent_dim code from a linear layer on the 8x8 bottleneck. spatial: a spatial_channels x
+    # spatial_size² map from 1x1 convolutions, as in latent diffusion (4 channels at 1/8 of the image side, Stable
+    # Diffusion's; latent_dim unused): the latent a diffusion prior (prior: diffusion) models with a U-Net
+    latent: Literal["vector", "spatial"] = "vector"
+    spatial_channels: int = Field(4, ge=1)
+    spatial_size: int | None = Field(None, ge=1)  # None: image_size // 8
+
+    @model_validator(mode="after")
+    def _check_spatial(self):
+        ratio = self.image_size / self.resolved_spatial_size()
+        if self.latent == "spatial" and (ratio < 1 or ratio != 2 ** round(math.log2(ratio))):
+            raise ValueError(f"model.spatial_size={self.spatial_size} must be image_size ({self.image_size}) "
+                             "divided by a power of 2, e.g. image_size // 8")
+        return self
+
+    def resolved_spatial_size(self) -> int:
+        """The spatial latent's side: ``spatial_size``, else image_size // 8."""
+        return int(self.spatial_size or max(1, self.image_size // 8))
 
 
 class VAEGANConfig(VAEConfig):
@@ -268,9 +287,14 @@ def flat_model_dump(cfg: ModelConfigBase) -> dict:
     flat = {k: list(f.default) if isinstance(f.default, tuple) else f.default
             for c in FAMILY_CONFIGS.values() for k, f in c.model_fields.items()}
     dump = {**flat, **cfg.model_dump(mode="json")}
-    if not dump["prior"]:  # added since (the dae's prior for n2v --posterior): out at its default
-        del dump["prior"]
+    for key, default in _ADDED_MODEL_KEYS.items():  # out at their defaults: older keys stay as they were
+        if dump[key] == default:
+            del dump[key]
     return dump
+
+
+# Model keys added after the flat dict was frozen: the dae's prior (n2v --posterior), the ConvVAE's spatial latent
+_ADDED_MODEL_KEYS = {"prior": False, "latent": "vector", "spatial_channels": 4, "spatial_size": None}
 
 
 class TrainConfig(StrictModel):
@@ -403,6 +427,22 @@ class TrainStageConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------- evaluation / generation
+class DiffusionPriorConfig(StrictModel):
+    """The latent diffusion prior (``prior: diffusion``, medvae.synthesis.diffusion) of a spatial-latent model:
+    MONAI's DiffusionModelUNet on the frozen encoder's codes, DDIM sampling. Sized for a 2-core CPU at a
+    4 x 16 x 16 latent (128² images; ~0.5 s a step, 15 minutes); on a GPU raise steps and channels."""
+
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    ema_decay: float = Field(0.995, ge=0, lt=1)
+    channels: tuple[int, ...] = (32, 64, 64)  # per U-Net level (MONAI's attention sits at the middle block)
+    res_blocks: int = Field(1, ge=1)
+    train_timesteps: int = Field(1000, ge=2)
+    sample_steps: int = Field(50, ge=1)  # DDIM steps per sample
+    seed: int = 0
+
+
 class EvaluateConfig(StrictModel):
     split: str = "test"
     iwae_k: int = 64
@@ -413,6 +453,10 @@ class EvaluateConfig(StrictModel):
     sample_metrics: bool = True  # FID, KID, precision/recall, density/coverage on the store's feature network
     feature_steps: int = 400  # training steps of that network (cached in STORE/features/)
     prior_components: int = Field(10, ge=1)  # of the Gaussian-mixture prior compared with N(0, I)
+    # learned priors whose samples are measured beside N(0, I)'s (each needs a train split; diffusion a spatial
+    # latent, its fit takes minutes on a CPU)
+    priors: tuple[Literal["gmm", "diffusion"], ...] = ("gmm",)
+    diffusion: DiffusionPriorConfig = Field(default_factory=DiffusionPriorConfig)
     denoise_patches: int = 96  # denoise runs: evenly spaced patches of the split every method denoises
     # IWAE on at most this many patches (8 per patient, evenly thinned beyond; the report gives n and sd): k decodes
     # each are evaluation's dominant cost (on all 1,000 images of a 32² split: 3.7 of its 4 minutes on a CPU core)
@@ -455,8 +499,10 @@ class GenerateConfig(StrictModel):
     checkpoint: str = "best"
     audit_percentile: float = 1.0  # flag samples closer than this percentile of real-real NN distances
     drop_flagged: bool = False
-    prior: Prior = "gmm"  # N(0, I), or a Gaussian mixture fitted on the training codes
+    # N(0, I), a Gaussian mixture fitted on the training codes, or a diffusion model of them (a spatial latent)
+    prior: Prior = "gmm"
     prior_components: int = Field(10, ge=1)
+    diffusion: DiffusionPriorConfig = Field(default_factory=DiffusionPriorConfig)
     per_class: bool = False  # class / modality models: balanced over classes (default: the training proportions)
     # prior: samples of the prior; neighbours / interpolate: per_image variants of every image of a store's
     # split (generate(..., anchors=STORE); medvae.synthesis.anchored)
@@ -549,7 +595,7 @@ STRONG_AUGMENT = {"elastic_prob": 0.5, "elastic_magnitude": 2.0, "noise_prob": 0
                   "contrast_prob": 0.5, "dropout_prob": 1.0, "dropout_size": 0.125}
 _AUGMENT_STRONG_FIELDS = ("contrast_prob", "contrast_gamma", "dropout_prob", "dropout_holes", "dropout_size")
 _SEMI_FIELDS = ("pseudo_rounds", "pseudo_threshold", "fixmatch_threshold", "unlabelled_ratio", "unlabelled_weight",
-                "strong", "latent_encoder_lr", "m2")
+                "strong", "latent_encoder_lr", "m2", "diffusion")
 
 
 class M2Config(StrictModel):
@@ -608,6 +654,7 @@ class UtilityConfig(StrictModel):
     generator_run: str | None = None
     prior: Prior = "gmm"
     prior_components: int = Field(10, ge=1)
+    diffusion: DiffusionPriorConfig = Field(default_factory=DiffusionPriorConfig)  # prior: diffusion
     temperature: float = Field(1.0, gt=0)  # prior synthesis
     downstream_steps: int = Field(500, ge=1)  # the same for every arm
     batch_size: int = Field(32, ge=1)  # real images per downstream batch
@@ -656,8 +703,8 @@ class UtilityConfig(StrictModel):
     def stable_dump(self, exclude: set[str] | None = None) -> dict:
         """``model_dump(mode="json", exclude=exclude)`` with the generator's config as
         :meth:`TrainStageConfig.stable_dump`: what a study's settings and a pipeline's utility key compare.
-        Fields added with the semi-supervised arms are left out while at their default, so a study made
-        before them keeps its settings hash and resumes."""
+        Fields added with the semi-supervised arms (and the diffusion prior) are left out while at their default,
+        so a study made before them keeps its settings hash and resumes."""
         dump = {**self.model_dump(mode="json", exclude=exclude), "generator": self.generator.stable_dump()}
         for name in _SEMI_FIELDS:
             if name in dump and getattr(self, name) == type(self).model_fields[name].get_default(

@@ -25,6 +25,9 @@ def evaluate_command(
     utility: Optional[Path] = typer.Option(None, "--utility", help="A `medvae utility` study directory to include."),
     per_image: bool = typer.Option(False, "--per-image",
                                    help="Image sets: also a row per image in metrics.csv and summary.json."),
+    prior: Optional[list[str]] = typer.Option(
+        None, "--prior", help="A learned prior whose samples are measured beside N(0, I)'s: gmm | diffusion (a spatial "
+                              "latent; its fit takes minutes on a CPU); repeat for both (default: the config's, gmm)."),
 ) -> None:
     """Per-patient (image sets: per-class and per-split) and per-modality metrics, cohort MMD, and an offline
     HTML report."""
@@ -32,7 +35,8 @@ def evaluate_command(
     from medvae.evaluation.evaluate import run_evaluation
     from medvae.report.reportdir import ReportDir
 
-    cfg = config_with_options(config, EvaluateConfig, {"split": split, "per_image": per_image or None})
+    cfg = config_with_options(config, EvaluateConfig, {"split": split, "per_image": per_image or None,
+                                                         "priors": prior or None})
     compare = list(compare or [])
     for path in [run, *compare]:
         if not path.exists():

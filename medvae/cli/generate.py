@@ -26,7 +26,7 @@ def generate(
     checkpoint: Optional[str] = typer.Option(None, help="best | last | PATH (default best)"),
     prior: Optional[str] = typer.Option(
         None, help=f"{choices(GenerateConfig, 'prior')} (gmm, the default: a Gaussian mixture fitted on the training "
-                   "codes; standard: N(0, I))"),
+                   "codes; standard: N(0, I); diffusion: a latent diffusion model of the codes, for a spatial latent)"),
     drop_flagged: bool = typer.Option(False, "--drop-flagged", help="Do not write samples flagged by the audit."),
     per_class: bool = typer.Option(False, "--per-class",
                                    help="Class / modality models: balance the samples over classes (else the "

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from medvae.cli.app import app, choices, config_with_options, log, user_errors
-from medvae.config import ModelConfigBase, NoiseConfig, TrainStageConfig
+from medvae.config import ModelConfigBase, NoiseConfig, TrainStageConfig, VAEConfig
 
 
 @app.command()
@@ -40,6 +40,9 @@ def train(
     condition: Optional[str] = typer.Option(
         None, help=f"{choices(ModelConfigBase, 'condition')} (default auto: modality when the store has several; "
                    "mask: a joint image + label-map model)"),
+    latent: Optional[str] = typer.Option(
+        None, help=f"vae / vaegan: {choices(VAEConfig, 'latent')} (default vector; spatial: a 4 x size/8 x size/8 map, "
+                   "the latent a diffusion prior models: generate / evaluate --prior diffusion)"),
 ) -> None:
     """Train a model on a patch store (multi-GPU: torchrun --nproc_per_node N -m medvae train ...).
 
@@ -51,7 +54,8 @@ def train(
     cfg = config_with_options(config, TrainStageConfig, {
         "model.name": model, "train.max_steps": max_steps, "train.epochs": epochs,
         "train.batch_size": batch_size, "train.checkpoint_every": checkpoint_every, "task": task,
-        "objective": objective, "posterior": posterior, "noise.kind": noise, "model.condition": condition})
+        "objective": objective, "posterior": posterior, "noise.kind": noise, "model.condition": condition,
+        "model.latent": latent})
     if noise is not None and cfg.objective != "supervised":
         raise ConfigError(f"--noise does not apply to objective {cfg.objective}: it trains on the store's noisy scans "
                           "as they are; leave --noise out")

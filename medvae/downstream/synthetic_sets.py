@@ -177,7 +177,7 @@ def prior_candidates(checkpoint: str | os.PathLike, subset: PatchStore, pool: Pa
     model, meta = load_model(checkpoint)
     n = max(1, round(cfg.ratio * len(subset)))
     fit_on = pool if pool is not None else subset
-    prior = None if cfg.prior == "standard" else prior_for(checkpoint, model, fit_on, cfg.prior_components, seed)
+    prior = prior_for(checkpoint, model, fit_on, cfg.prior_components, seed, kind=cfg.prior, diffusion=cfg.diffusion)
     kind = model.config.condition
     names = list(model.config.condition_names) if kind == "class" else subset.classes
     conditions = balanced_conditions(n, len(names)) if kind == "class" else None

@@ -411,6 +411,7 @@ def _figure_data(model, store, per_patient, by_prior, hists, per, groups, codes,
             trav[mod], dims[mod] = next(iter(trav.values())), next(iter(dims.values()))
     return {"triptychs": tri, "samples": {m: by_prior[m]["standard"][:16].numpy() for m in mods},
             "samples_gmm": {m: by_prior[m]["gmm"][:16].numpy() for m in mods if "gmm" in by_prior[m]},
+            "samples_diffusion": {m: by_prior[m]["diffusion"][:16].numpy() for m in mods if "diffusion" in by_prior[m]},
             "traversal": trav, "conditional": kind,
             "traversal_dims": dims, "traversal_steps": TRAVERSAL_STEPS, "histograms": hists,
             "modalities": mods,

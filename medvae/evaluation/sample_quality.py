@@ -2,8 +2,9 @@
 
 Real held-out patches and model samples are embedded with the store's own feature network
 (:mod:`medvae.evaluation.features`, shared by every model evaluated on the store) and compared with
-:func:`medvae.metrics.samples.sample_metrics`, for samples from N(0, I) (``standard``) and from the
-Gaussian mixture fitted on the training codes (``gmm``, :mod:`medvae.synthesis.prior`). The same
+:func:`medvae.metrics.samples.sample_metrics`, for samples from N(0, I) (``standard``), from the
+Gaussian mixture fitted on the training codes (``gmm``, :mod:`medvae.synthesis.prior`) and, when asked, from a
+latent diffusion model of them (``diffusion``, :mod:`medvae.synthesis.diffusion`). The same
 metrics between two halves of the real patches (``real``) are the floor a perfect model reaches
 with that many samples.
 """
@@ -27,21 +28,32 @@ log = logging.getLogger(__name__)
 MIN_PER_HALF = 8  # density / coverage use 5-NN balls
 
 
+def sampling_priors(checkpoint, model, store: PatchStore, cfg: EvaluateConfig, seed: int = 0) -> dict:
+    """Prior name -> prior: ``standard`` (None: N(0, I)) and each of ``cfg.priors`` that applies (a learned prior
+    needs a train split to fit on, a diffusion prior a spatial latent: the others are left out with a warning)."""
+    priors = {"standard": None}
+    for kind in cfg.priors:
+        if store.select(split="train").size < 2:
+            log.warning("%s has no train split to fit the %s prior on: it is left out", store.path, kind)
+        elif kind == "diffusion" and getattr(model, "latent_shape", None) is None:
+            log.warning("%s: a vector latent has no diffusion prior (model.latent: spatial has): it is left out",
+                        checkpoint)
+        else:
+            priors[kind] = prior_for(checkpoint, model, store, cfg.prior_components, seed, kind=kind,
+                                     diffusion=cfg.diffusion)
+    return priors
+
+
 @torch.no_grad()
 def prior_samples(model, checkpoint, store: PatchStore, modalities: list[str], cfg: EvaluateConfig,
                   seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """``{modality: {"standard": (n, C, H, W), "gmm": (n, C, H, W)}}`` float32 CPU image samples (a joint
-    model's mask channel dropped), n = ``cfg.mmd_samples``.
+    """``{modality: {"standard": (n, C, H, W), "gmm": ..., "diffusion": ...}}`` (:func:`sampling_priors`) float32
+    CPU image samples (a joint model's mask channel dropped), n = ``cfg.mmd_samples``.
 
     A modality-conditioned model samples each modality under its own id; a class model samples classes
     in the training split's proportions; an unconditional model's samples are shared by every modality.
-    Without training patches (a store of one split) there is no mixture to fit: ``standard`` only.
     """
-    priors = {"standard": None}
-    if store.select(split="train").size >= 2:
-        priors["gmm"] = prior_for(checkpoint, model, store, cfg.prior_components, seed)
-    else:
-        log.warning("%s has no train split: samples from N(0, I) only", store.path)
+    priors = sampling_priors(checkpoint, model, store, cfg, seed)
     kind, names = model.config.condition, tuple(model.config.condition_names)
     channels, n = int(store.meta["channels"]), cfg.mmd_samples
     ids = None
@@ -71,9 +83,7 @@ def class_samples(model, checkpoint, store: PatchStore, cfg: EvaluateConfig, per
         ``{"standard": (K * per_class, C, H, W), "gmm": ...}`` float32 in [0, 1], class by class (no
         ``gmm`` without a train split to fit the mixture on).
     """
-    priors = {"standard": None}
-    if store.select(split="train").size >= 2:
-        priors["gmm"] = prior_for(checkpoint, model, store, cfg.prior_components, seed)
+    priors = sampling_priors(checkpoint, model, store, cfg, seed)
     channels = int(store.meta["channels"])
     out = {}
     for name, prior in priors.items():

@@ -77,11 +77,11 @@ def compare_table(results: list[dict]) -> list[dict]:
     """Side-by-side rows: one per (modality, metric, prior), values per run, best run marked.
 
     ``prior`` is ``""`` for reconstruction metrics, ``standard`` for MMD / W1 (N(0, I) samples) and
-    ``standard`` or ``gmm`` for the sample metrics.
+    ``standard``, ``gmm`` or ``diffusion`` for the sample metrics.
     """
     table = []
     keys = [(k, "") for k in PATCH_METRICS] + [(k, "standard") for k in COHORT_METRICS] + \
-        [(k, prior) for prior in ("standard", "gmm") for k in SAMPLE_METRICS]
+        [(k, prior) for prior in ("standard", "gmm", "diffusion") for k in SAMPLE_METRICS]
     for mod in sorted({m for r in results for m in r["per_modality"]}):
         for k, prior in keys:
             metric = ALL_METRICS[k]

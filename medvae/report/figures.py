@@ -179,7 +179,7 @@ def spectrum(spec: dict, prior_labels: dict[str, str]) -> str:
     groups = spec["groups"]
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.2), squeeze=False, sharey=True,
                              layout="constrained")
-    styles = {"standard": {"ls": "-"}, "gmm": {"ls": "--"}}
+    styles = {"standard": {"ls": "-"}, "gmm": {"ls": "--"}, "diffusion": {"ls": "-."}}
     for ax, (name, g) in zip(axes[0], groups.items()):
         ax.semilogy(centres, g["real"], color=ACCENT, lw=2.2, label="real")
         ax.semilogy(centres, g["reconstruction"], color="#2f855a", lw=1.6, label="reconstructions")

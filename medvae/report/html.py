@@ -15,23 +15,25 @@ from medvae.report import figures
 from medvae.report.downstream import utility_figure, utility_tables
 from medvae.report.render import render
 
-PRIOR_LABELS = {"": "", "real": "real vs real (floor)", "standard": "N(0, I)", "gmm": "Gaussian mixture"}
+PRIOR_LABELS = {"": "", "real": "real vs real (floor)", "standard": "N(0, I)", "gmm": "Gaussian mixture",
+                "diffusion": "latent diffusion"}
 TABLE_METRICS = ("ssim", "ms_ssim", "psnr", "mse", "mae", "elbo")  # the class and split tables' columns
 
 
 def build_figures(summary: dict, fig: dict) -> dict:
     """Render every figure the template shows; returns name -> base64 PNG (or nested dicts)."""
     norm = fig["normalization"]
-    out: dict = {"patients": {}, "samples": {}, "samples_gmm": {}, "traversal": {}, "histograms": {}}
+    out: dict = {"patients": {}, "samples": {}, "samples_gmm": {}, "samples_diffusion": {}, "traversal": {},
+                 "histograms": {}}
     for pid, items in fig["triptychs"].items():
         mod = summary["per_patient"][pid]["modality"]
         out["patients"][pid] = figures.triptych(items, mod, norm[mod])
     for mod in fig["modalities"]:
         lo, hi = float(norm[mod]["low"]), float(norm[mod]["high"])
         out["samples"][mod] = figures.image_grid(lo + np.asarray(fig["samples"][mod]) * (hi - lo), mod, norm[mod])
-        if mod in fig["samples_gmm"]:
-            out["samples_gmm"][mod] = figures.image_grid(lo + np.asarray(fig["samples_gmm"][mod]) * (hi - lo), mod,
-                                                   norm[mod])
+        for key in ("samples_gmm", "samples_diffusion"):  # a summary from before the diffusion prior has no key
+            if mod in fig.get(key, {}):
+                out[key][mod] = figures.image_grid(lo + np.asarray(fig[key][mod]) * (hi - lo), mod, norm[mod])
         labels = [f"z[{d}]" for d in fig["traversal_dims"][mod]]
         out["traversal"][mod] = figures.image_grid(lo + np.asarray(fig["traversal"][mod]) * (hi - lo), mod, norm[mod],
                                              ncols=len(fig["traversal_steps"]), row_labels=labels)
@@ -61,7 +63,7 @@ def _class_sample_grids(cs: dict, norm: dict) -> dict[str, str]:
     mod, names = cs["modality"], cs["names"]
     lo, hi = float(norm[mod]["low"]), float(norm[mod]["high"])
     out = {}
-    for prior in ("standard", "gmm"):
+    for prior in ("standard", "gmm", "diffusion"):
         if prior in cs:
             labels = names if "counts" not in cs else [f"{c} ({k})" for c, k in zip(names, cs["counts"][prior])]
             out[prior] = figures.image_grid(lo + np.asarray(cs[prior]) * (hi - lo), mod, norm[mod],

@@ -61,7 +61,7 @@ from medvae.errors import InputError
 from medvae.files import atomic_open, sha256_file, sha256_json, write_json
 from medvae.models import require_latent
 from medvae.synthesis import anchored, audit
-from medvae.synthesis.prior import GaussianMixturePrior, prior_for
+from medvae.synthesis.prior import SamplingPrior, prior_for
 from medvae.synthesis.sample_files import sample_files, write_sample
 from medvae.synthesis.sampling import decode_latents, latents, sample_conditions
 from medvae.training.rundir import RunDir
@@ -73,7 +73,7 @@ MANIFEST_COLUMNS = ("id", "modality", "class", "path", "mask", "preview", "seed"
                     "flagged", "source_row")
 PARAM_KEYS = ("checkpoint_sha256", "store_hash", "seed", "temperature", "format", "drop_flagged",
               "audit_percentile", "prior", "per_class", "synthesis", "per_image", "anchors_hash", "anchor_split",
-              "neighbour_range", "posterior_temperature")
+              "neighbour_range", "posterior_temperature", "diffusion")
 WRITE_THREADS = 4  # zlib / PNG encoding release the GIL: a batch's files are written in parallel
 
 
@@ -120,7 +120,7 @@ class _Source:
     store: PatchStore
     device: torch.device
     params: dict
-    prior: GaussianMixturePrior | None = None
+    prior: SamplingPrior | None = None
     anchors: anchored.Anchors | None = None
 
     @property
@@ -174,7 +174,8 @@ def _open_source(run: Path, config: GenerateConfig, device: str, anchors=None) -
               "store": str(store.path.resolve()), "store_hash": store.content_hash, "seed": config.seed,
               "n": config.n, "temperature": config.temperature, "format": config.format,
               "batch_size": config.batch_size, "drop_flagged": config.drop_flagged,
-              "audit_percentile": config.audit_percentile, "prior": config.prior, "per_class": config.per_class}
+              "audit_percentile": config.audit_percentile, "prior": config.prior, "per_class": config.per_class,
+              "diffusion": config.diffusion.model_dump(mode="json") if config.prior == "diffusion" else None}
     if config.per_class and model.config.condition not in ("class", "modality"):
         raise InputError(f"{ckpt_path}: --per-class needs a class- or modality-conditioned model (this one: "
                          f"condition {model.config.condition}); train with --condition class")
@@ -190,7 +191,7 @@ def _open_source(run: Path, config: GenerateConfig, device: str, anchors=None) -
         return _Source(model, store, dev, params, None, src_anchors)
     params.update(synthesis="prior", per_image=1, anchors_hash=None, anchor_split=None, neighbour_range=None,
                   posterior_temperature=None)
-    prior = prior_for(ckpt_path, model, store, config.prior_components) if config.prior == "gmm" else None
+    prior = prior_for(ckpt_path, model, store, config.prior_components, kind=config.prior, diffusion=config.diffusion)
     return _Source(model, store, dev, params, prior)
 
 

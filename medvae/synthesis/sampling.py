@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from medvae.models import require_latent
-from medvae.synthesis.prior import GaussianMixturePrior
+from medvae.synthesis.prior import SamplingPrior
 from medvae.training.runtime import autocast
 
 CHUNK = 256
@@ -24,7 +24,7 @@ def _chunk_seed(seed: int, chunk: int) -> int:
 
 
 def latents(seed: int, start: int, stop: int, dim: int, temperature: float = 1.0,
-            prior: GaussianMixturePrior | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
+            prior: SamplingPrior | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Prior latents of samples ``start..stop-1``: ``(stop - start, dim)`` float32 on the CPU.
 
     Each chunk's generator draws the standard normals ``eps`` first, then the uniforms that pick a
@@ -72,7 +72,7 @@ def decode_latents(model, z: torch.Tensor, ids: torch.Tensor | None = None,
 
 
 @torch.no_grad()
-def sample_images(model, n: int, *, seed: int = 0, prior: GaussianMixturePrior | None = None,
+def sample_images(model, n: int, *, seed: int = 0, prior: SamplingPrior | None = None,
                   conditions: torch.Tensor | None = None, temperature: float = 1.0,
                   batch_size: int = 256) -> torch.Tensor:
     """``n`` samples ``(n, C, H, W)`` float32 on the CPU in [0, 1]: latents from ``prior`` (None: N(0, I)),

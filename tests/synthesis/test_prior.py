@@ -41,7 +41,7 @@ def test_fit_recovers_a_two_component_mixture_and_samples_match_it():
     assert hi.double().mean().item() == pytest.approx(0.25, abs=0.01)
     assert z[hi].std(0).numpy() == pytest.approx([1.0, 0.3, 0.3], rel=0.05)
     # the moments of the fitted mixture: mean sum_k w_k mu_k, covariance sum_k w_k (L_k L_k' + mu_k mu_k') - m m'
-    w, mu, tril = prior.weights[0], prior.means[0], prior.scale_tril[0]
+    w, mu, tril = prior.weights[0], prior.means[0], prior.scale[0]
     mean = (w[:, None] * mu).sum(0)
     cov = (w[:, None, None] * (tril @ tril.transpose(1, 2) + mu[:, :, None] * mu[:, None, :])).sum(0) - mean.outer(mean)
     assert z.mean(0).numpy() == pytest.approx(mean.numpy(), abs=0.05)
@@ -64,7 +64,7 @@ def test_a_conditional_prior_fits_and_samples_each_condition_on_its_own_codes():
         assert z[want == c].mean(0).numpy() == pytest.approx(mine.mean(0), abs=0.05)
         assert z[want == c].std(0).numpy() == pytest.approx(mine.std(0), rel=0.05)
     sparse = fit_gmm(codes[ids != 1], components=1, ids=ids[ids != 1], n_conditions=3)  # no codes of 1: N(0, I)
-    assert torch.equal(sparse.means[1], torch.zeros(1, 2)) and torch.equal(sparse.scale_tril[1, 0], torch.eye(2))
+    assert torch.equal(sparse.means[1], torch.zeros(1, 2)) and torch.equal(sparse.scale[1, 0], torch.eye(2))
 
 
 def test_prior_file_per_checkpoint(tmp_path):
