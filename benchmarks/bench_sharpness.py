@@ -11,8 +11,9 @@ Runs ``pipelines/sharp128.yaml`` (``medvae run``) on two scan folders it writes 
 Per data set and model it prints, from the evaluation's summary.json (test split, the store's feature
 network): the samples' and reconstructions' high-band power ratio (1.0 = as sharp as the real split),
 FID, recall and coverage (mixture prior and N(0, I)), reconstruction SSIM, and the training seconds per
-step, then the issue's goals as VAE–GAN against VAE ratios. Run:
-``.venv/bin/python benchmarks/bench_sharpness.py [--work DIR] [--mni152 FILE] [--quick]``.
+step, then the issue's goals as VAE–GAN against VAE ratios. ``--pipeline latent_diffusion128`` runs that
+pipeline instead (a spatial-latent VAE–GAN; its N(0, I), mixture and diffusion priors side by side). Run:
+``.venv/bin/python benchmarks/bench_sharpness.py [--work DIR] [--mni152 FILE] [--pipeline NAME] [--quick]``.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def model_rows(run: Path) -> dict[str, dict]:
         row = {"modality": mod, "ssim": res["per_modality"][mod]["metrics"]["ssim"]["mean"],
                "ratio_recon": group["high_band_ratio_recon"], "train_s_per_step": None,
                "real_fid": quality.get("real", {}).get("fid")}
-        for prior in ("gmm", "standard"):
+        for prior in ("gmm", "standard", "diffusion"):
             row[f"ratio_{prior}"] = group["high_band_ratio_samples"].get(prior)
             for m in ("fid", "recall", "coverage"):
                 row[f"{m}_{prior}"] = quality.get(prior, {}).get(m)
@@ -98,6 +99,9 @@ def fmt(v, digits: int = 3) -> str:
 def print_table(data: str, rows: dict[str, dict]) -> None:
     cols = ["ratio_gmm", "ratio_standard", "ratio_recon", "fid_gmm", "fid_standard", "recall_gmm", "coverage_gmm",
             "ssim", "train_s_per_step"]
+    if any(r["fid_diffusion"] is not None for r in rows.values()):
+        cols[2:2] = ["ratio_diffusion"]
+        cols[6:6] = ["fid_diffusion", "recall_diffusion", "coverage_diffusion"]
     print(f"\n{data} ({next(iter(rows.values()))['modality']}, test split; real-vs-real FID floor "
           f"{fmt(next(iter(rows.values()))['real_fid'], 4)})")
     print("| model | " + " | ".join(cols) + " |")
@@ -124,6 +128,11 @@ def print_table(data: str, rows: dict[str, dict]) -> None:
         ]
         for text, value, ok in checks:
             print(f"  {'holds' if ok else 'MISSES'}: {text} ({fmt(value)})")
+    for name, r in rows.items():
+        if r["fid_diffusion"] is not None and r["fid_gmm"]:
+            q = r["fid_diffusion"] / r["fid_gmm"]
+            print(f"  {'holds' if q <= 0.7 else 'MISSES'}: {name}: diffusion prior FID ≤ 0.7× the mixture's on the "
+                  f"same decoder ({q:.3f})")
 
 
 def main() -> None:
@@ -132,6 +141,8 @@ def main() -> None:
     ap.add_argument("--mni152", type=Path, default=None, help="the MNI152 T1 NIfTI (default: nilearn's, if installed)")
     ap.add_argument("--data", nargs="+", default=["mni152", "ct"], choices=["mni152", "ct"])
     ap.add_argument("--quick", action="store_true", help="medvae run --quick: tiny counts, checks the path")
+    ap.add_argument("--pipeline", default="sharp128",
+                    help="sharp128 (VAE against VAE–GAN) or latent_diffusion128 (a spatial latent's priors)")
     args = ap.parse_args()
     template = args.mni152 or default_template()
     out = {}
@@ -145,14 +156,16 @@ def main() -> None:
         else:
             scans = ct_scans(args.work / "ct_scans")
         run = args.work / (f"quick_{data}" if args.quick else data)
+        if args.pipeline != "sharp128":
+            run = run.with_name(f"{run.name}_{args.pipeline}")
         t0 = time.perf_counter()
-        subprocess.run([*MEDVAE, "run", "sharp128", "--scans", str(scans), "--out", str(run),
+        subprocess.run([*MEDVAE, "run", args.pipeline, "--scans", str(scans), "--out", str(run),
                         *(["--quick"] if args.quick else [])], check=True)
         rows = model_rows(run)
         print_table(data, rows)
         print(f"  wall time {time.perf_counter() - t0:.0f} s")
         out[data] = rows
-    (args.work / "bench_sharpness.json").write_text(json.dumps(out, indent=1))
+    (args.work / f"bench_{args.pipeline}.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -249,6 +249,8 @@ def quick_config(config: PipelineConfig) -> PipelineConfig:
     config.evaluate.feature_steps = 20
     config.evaluate.denoise_patches = 4
     config.generate.n = 8
+    for diffusion in (config.evaluate.diffusion, config.generate.diffusion):
+        diffusion.steps, diffusion.sample_steps = 4, 2
     return config
 
 

@@ -97,6 +97,7 @@ class DiffusionPrior:
         return cls(net, shape, state["shift"], state["scale"], cfg, info)
 
 
+@torch.enable_grad()  # evaluation samples under no_grad
 def fit_diffusion(codes: np.ndarray, shape: tuple[int, int, int], cfg: DiffusionPriorConfig,
                   ids: np.ndarray | None = None, n_conditions: int = 1,
                   device: torch.device | str = "cpu") -> DiffusionPrior:

@@ -148,3 +148,19 @@ def test_load_model_round_trip(tmp_path, name):
     if name == "vaegan":  # the discriminator, not in the EMA, comes from model_state
         for p, q in zip(loaded_ema.discriminator.parameters(), m.discriminator.parameters()):
             assert torch.equal(p, q)
+
+
+def test_spatial_latent_is_a_map_at_an_eighth_of_the_side_and_takes_a_condition():
+    from medvae.config import VAEConfig, flat_model_dump
+
+    cfg = VAEConfig(image_size=64, channels=(8, 16), latent="spatial", condition="class", condition_names=("a", "b"))
+    model = build_model(cfg)
+    assert model.latent_shape == (4, 8, 8) and model.latent_dim == 256
+    x = torch.rand(3, 1, 64, 64)
+    with model.conditioned_on(torch.tensor([0, 1, 1])):
+        mu, logvar = model.encode(x)
+        assert mu.shape == logvar.shape == (3, 256)
+        assert model.decode(mu).shape == x.shape
+        # the condition reaches the decoder: the same codes decode differently under another class
+        assert not torch.allclose(model.decode(mu), model.decode(mu.flip(0)).flip(0))
+    assert "latent" not in flat_model_dump(VAEConfig()) and flat_model_dump(cfg)["latent"] == "spatial"

@@ -111,3 +111,19 @@ def test_generate_with_the_diffusion_prior_keeps_sample_i_fixed(tmp_path):
         generate(run, tmp_path / out, cfg, device="cpu")
         arrays.append(np.stack([np.load(p) for p in sorted((tmp_path / out).rglob("*.npy"))]))
     assert arrays[0].shape[0] == 3 and np.allclose(arrays[0], arrays[1][:3], atol=1e-5)
+
+
+def test_evaluation_measures_the_diffusion_prior_of_a_spatial_latent_only(tmp_path):
+    from medvae.config import EvaluateConfig
+    from medvae.evaluation.sample_quality import sampling_priors
+
+    store, model, ckpt = _spatial_run(tmp_path)
+    cfg = EvaluateConfig(priors=("gmm", "diffusion"), diffusion=TINY)
+    priors = sampling_priors(ckpt, model, store, cfg)
+    assert set(priors) == {"standard", "gmm", "diffusion"} and isinstance(priors["diffusion"], DiffusionPrior)
+    assert priors["gmm"].diagonal is False  # 512 dimensions: still full covariances
+    vcfg = parse_model_config(dict(image_size=64, channels=(8, 16, 32), latent_dim=4))
+    vector = build_model(vcfg)
+    vckpt = save_checkpoint(tmp_path / "vector" / "checkpoints" / "best.pt", {
+        "format_version": 1, "model_config": vcfg.model_dump(mode="json"), "model_state": vector.state_dict()})
+    assert set(sampling_priors(vckpt, vector, store, cfg)) == {"standard", "gmm"}  # no diffusion: a warning

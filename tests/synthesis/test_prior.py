@@ -87,3 +87,21 @@ def test_prior_file_per_checkpoint(tmp_path):
     save_checkpoint(ckpt, {"format_version": 1, "model_config": cfg.model_dump(mode="json"),
                            "model_state": build_model(cfg).state_dict(), "step": 2})
     assert RunDir(ckpt).prior_path(ckpt) != path  # another checkpoint content: another prior file
+
+
+def test_above_the_full_covariance_limit_the_mixture_is_diagonal(monkeypatch, tmp_path):
+    """Past FULL_MAX_DIM dimensions each component keeps its per-dimension variances (a 1-component fit: the
+    codes' own variances, numpy's), samples are mean + sd · eps, and the file reads back."""
+    import medvae.synthesis.prior as prior_module
+
+    monkeypatch.setattr(prior_module, "FULL_MAX_DIM", 2)
+    rng = np.random.default_rng(0)
+    codes = rng.normal([1.0, -2.0, 0.5], [0.5, 2.0, 1.0], size=(4000, 3))
+    prior = fit_gmm(codes, components=1)
+    assert prior.diagonal and prior.scale.shape == (1, 1, 3)
+    assert prior.scale[0, 0].numpy() ** 2 == pytest.approx(codes.var(0), rel=1e-3)
+    eps = torch.randn(5, 3)
+    assert torch.allclose(prior.transform(eps, torch.rand(5)), (prior.means[0, 0] + prior.scale[0, 0] * eps).float())
+    path = tmp_path / "p.pt"
+    torch.save(prior.state_dict(), path)
+    assert torch.equal(prior_module.load_prior(path).scale, prior.scale)
