@@ -293,6 +293,8 @@ def flat_model_dump(cfg: ModelConfigBase) -> dict:
     return dump
 
 
+# Train keys added since (the focal frequency loss): left out of keys at their defaults
+_ADDED_TRAIN_KEYS = {"frequency_weight": 0.0, "frequency_alpha": 1.0}
 # Model keys added after the flat dict was frozen: the dae's prior (n2v --posterior), the ConvVAE's spatial latent
 _ADDED_MODEL_KEYS = {"prior": False, "latent": "vector", "spatial_channels": 4, "spatial_size": None}
 
@@ -322,6 +324,10 @@ class TrainConfig(StrictModel):
     gan_loss: Literal["hinge", "lsgan"] = "hinge"
     adv_weight: float = 0.5  # multiplies the adaptive weight
     feature_matching_weight: float = 1.0
+    # vae / vaegan: the focal frequency loss of the reconstructions (Jiang et al. 2021; summed over frequencies
+    # like the NLL over pixels), a decoder loss against blur that needs no pretrained network; 0: off
+    frequency_weight: float = Field(0.0, ge=0)
+    frequency_alpha: float = Field(1.0, ge=0)
     disc_start: int = 500  # discriminator warm-up: adversarial terms start here
     r1_gamma: float = 0.0  # 0 disables R1 penalty
     val_batches: int = 8  # validation batches per epoch
@@ -398,6 +404,9 @@ class TrainStageConfig(StrictModel):
         in :func:`flat_model_dump`) are left out at their defaults except in a blind-spot run, the one whose
         training they change: other runs keep their keys, a blind-spot run from before them is redone."""
         dump = {**self.model_dump(mode="json"), "model": flat_model_dump(self.model)}
+        for key, default in _ADDED_TRAIN_KEYS.items():  # out at their defaults: older keys stay as they were
+            if dump["train"][key] == default:
+                del dump["train"][key]
         if not (self.task == "denoise" and self.objective in ("n2v", "n2s")):
             if self.posterior is None:
                 del dump["posterior"]

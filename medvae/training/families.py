@@ -25,6 +25,7 @@ def build_step(model: nn.Module, tc: TrainConfig, device: torch.device, info: Di
             return losses.denoiser_loss(x, out, model.likelihood, weight=weight)
     else:
         def loss(x, out, beta, weight):
-            return losses.vae_loss(x, out, model.likelihood, beta=beta, free_bits=tc.free_bits, weight=weight)
+            return losses.vae_loss(x, out, model.likelihood, beta=beta, free_bits=tc.free_bits, weight=weight,
+                                   frequency_weight=tc.frequency_weight, frequency_alpha=tc.frequency_alpha)
     step = AdversarialStep if isinstance(model, VAEGAN) else TrainStep
     return step(model, loss, tc, device, info, amp_dtype, total_steps)

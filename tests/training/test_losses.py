@@ -185,3 +185,25 @@ def test_losses_do_not_read_the_config():
     tree = ast.parse(inspect.getsource(medvae.training.losses))
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "medvae.config" not in imported
+
+
+def test_focal_frequency_loss_against_numpy_fft():
+    """alpha 0: the squared error summed over pixels (Parseval); alpha 1: numpy's FFT with the focal weights
+    computed here; the term joins the VAE loss with its weight."""
+    import numpy as np
+
+    from medvae.training.losses import focal_frequency_loss
+
+    x, x_hat = (torch.rand(3, 2, 8, 6, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+    torch.testing.assert_close(focal_frequency_loss(x_hat, x, 0.0), ((x_hat - x) ** 2).sum((1, 2, 3)).mean())
+    d = np.fft.fft2(x_hat.double().numpy(), norm="ortho") - np.fft.fft2(x.double().numpy(), norm="ortho")
+    w = np.abs(d) / np.abs(d).max(axis=(-2, -1), keepdims=True)
+    want = (w * np.abs(d) ** 2).sum((1, 2, 3)).mean()
+    assert float(focal_frequency_loss(x_hat, x, 1.0)) == pytest.approx(want, rel=1e-5)
+    logits = torch.logit(x_hat.clamp(1e-4, 1 - 1e-4))
+    mu = torch.zeros(3, 4)
+    out, lik = VAEOutput(torch.sigmoid(logits), mu, mu, mu, logits), Likelihood("gaussian", 2, 0.1)
+    want = float(focal_frequency_loss(out.x_hat, x, 1.0))
+    base, _ = vae_loss(x, out, lik, beta=1.0)
+    with_freq, terms = vae_loss(x, out, lik, beta=1.0, frequency_weight=3.0)
+    assert float(with_freq - base) == pytest.approx(3.0 * want, rel=1e-4) and "freq" in terms

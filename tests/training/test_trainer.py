@@ -91,7 +91,18 @@ def test_vaegan_step_changes_both_networks(tiny_store, tmp_path):
     assert any(k.startswith("encoder") for k in changed) and any(k.startswith("decoder") for k in changed)
     assert set(ckpt["optimizer_states"]) == {"generator", "discriminator"}
     entry = read_log(tmp_path / "run")[0]
-    assert {"adv", "fm", "adv_weight", "d_loss", "d_real", "d_fake"} <= set(entry)
+    assert {"adv", "fm", "adv_weight", "d_loss", "d_real", "d_fake"} <= set(entry) and "freq" not in entry
+
+
+def test_frequency_loss_is_logged_and_keys_stay_without_it(tiny_store, tmp_path):
+    from medvae.pipeline import train_stage_key
+
+    cfg = tiny_config("vaegan", max_steps=1, disc_start=0, warmup_steps=0, checkpoint_every=1, frequency_weight=10.0)
+    train(tiny_store, tmp_path / "run", cfg, device="cpu")
+    assert read_log(tmp_path / "run")[0]["freq"] > 0
+    off = tiny_config("vaegan")
+    assert "frequency_weight" not in off.stable_dump()["train"]
+    assert train_stage_key("h", off) != train_stage_key("h", tiny_config("vaegan", frequency_weight=10.0))
 
 
 def test_vaegan_best_checkpoint_is_chosen_after_the_critic_started(tiny_store, tmp_path):
