@@ -5,8 +5,8 @@ spatial latent (``model.latent: spatial``, monai-kl, unet-vae) of thousands of d
 diagonal covariances only and loses the codes' spatial structure. Here MONAI's ``DiffusionModelUNet`` learns
 to denoise the frozen encoder's posterior means of the training split (standardised per channel, as latent
 diffusion scales its latents), with the noise schedule of MONAI's ``DDIMScheduler`` (``scaled_linear_beta``,
-LDM's betas; velocity prediction), and samples by DDIM with ``eta = 0``: a deterministic map from the initial noise, so a sample
-still depends only on ``(seed, i)`` (:mod:`medvae.synthesis.sampling` draws that noise). A class / modality
+LDM's betas; velocity prediction), and samples by DDIM with ``eta = 0``: a deterministic map from the initial
+noise, so a sample still depends only on ``(seed, i)`` (:mod:`medvae.synthesis.sampling` draws that noise). A class / modality
 model's prior takes the condition id as the U-Net's class embedding.
 
 Fitting is seeded: a fit that is killed starts again and ends where it would have. The fitted prior is a

@@ -22,8 +22,8 @@ import os
 import numpy as np
 import torch
 
-from medvae.data.conditions import model_inputs
 from medvae.config import DiffusionPriorConfig
+from medvae.data.conditions import model_inputs
 from medvae.data.store import PatchStore
 from medvae.errors import CheckpointError, InputError
 from medvae.files import atomic_path, sha256_json
