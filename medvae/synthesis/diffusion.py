@@ -6,8 +6,8 @@ diagonal covariances only and loses the codes' spatial structure. Here MONAI's `
 to denoise the frozen encoder's posterior means of the training split (standardised per channel, as latent
 diffusion scales its latents), with the noise schedule of MONAI's ``DDIMScheduler`` (``scaled_linear_beta``,
 LDM's betas; velocity prediction), and samples by DDIM with ``eta = 0``: a deterministic map from the initial
-noise, so a sample still depends only on ``(seed, i)`` (:mod:`medvae.synthesis.sampling` draws that noise). A class / modality
-model's prior takes the condition id as the U-Net's class embedding.
+noise, so a sample still depends only on ``(seed, i)`` (:mod:`medvae.synthesis.sampling` draws that noise).
+A class / modality model's prior takes the condition id as the U-Net's class embedding.
 
 Fitting is seeded: a fit that is killed starts again and ends where it would have. The fitted prior is a
 dict of tensors and plain values (``torch.load(weights_only=True)``), saved beside the mixtures in the run's
