@@ -77,8 +77,9 @@ def model_rows(run: Path) -> dict[str, dict]:
         mod = next(iter(res["per_modality"]))
         quality = res.get("sample_quality", {}).get(mod, {})
         group = res["spectrum"]["groups"][mod]
-        steps = res.get("step") or json.loads((Path(path) / "run.json").read_text())["step"]
+        steps = json.loads((run / "models" / name / "run.json").read_text())["step"]  # trained, not best.pt's
         row = {"modality": mod, "ssim": res["per_modality"][mod]["metrics"]["ssim"]["mean"],
+               "best_step": res.get("step"),  # the evaluated checkpoint (best.pt by val ELBO)
                "ratio_recon": group["high_band_ratio_recon"], "train_s_per_step": None,
                "real_fid": quality.get("real", {}).get("fid")}
         for prior in ("gmm", "standard", "diffusion"):
@@ -97,12 +98,12 @@ def ratio(a, b):
 
 
 def fmt(v, digits: int = 3) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
+    return "—" if v is None else str(v) if isinstance(v, int) else f"{v:.{digits}f}"
 
 
 def print_table(data: str, rows: dict[str, dict]) -> None:
     cols = ["ratio_gmm", "ratio_standard", "ratio_recon", "fid_gmm", "fid_standard", "recall_gmm", "coverage_gmm",
-            "ssim", "train_s_per_step"]
+            "ssim", "best_step", "train_s_per_step"]
     if any(r["fid_diffusion"] is not None for r in rows.values()):
         cols[2:2] = ["ratio_diffusion"]
         cols[6:6] = ["fid_diffusion", "recall_diffusion", "coverage_diffusion"]
