@@ -44,7 +44,7 @@ def test_packaged_pipelines_by_name(tmp_path, monkeypatch):
     own = tmp_path / "demo.yaml"
     own.write_text("models: {}\n")
     assert pipeline_path("demo.yaml") == Path("demo.yaml")  # a file of that name here wins
-    packaged = "ct_lowdose, demo, fashion_mnist, fashion_mnist_sweep, microscopy"
+    packaged = "ct_lowdose, demo, fashion_mnist, fashion_mnist_sweep, latent_diffusion128, microscopy"
     with pytest.raises(ConfigError, match=f"nope: pipeline YAML not found.*{packaged}"):
         pipeline_path("nope")
 
