@@ -186,7 +186,7 @@ class VAEConfig(ModelConfigBase):
 
     def resolved_spatial_size(self) -> int:
         """The spatial latent's side: ``spatial_size``, else image_size // 8."""
-        return int(self.spatial_size or max(1, self.image_size // 8))
+        return int(self.spatial_size or self.image_size // 8)
 
 
 class VAEGANConfig(VAEConfig):
@@ -286,17 +286,18 @@ def flat_model_dump(cfg: ModelConfigBase) -> dict:
     keys that must not change with the families (a pipeline's train-stage key)."""
     flat = {k: list(f.default) if isinstance(f.default, tuple) else f.default
             for c in FAMILY_CONFIGS.values() for k, f in c.model_fields.items()}
-    dump = {**flat, **cfg.model_dump(mode="json")}
-    for key, default in _ADDED_MODEL_KEYS.items():  # out at their defaults: older keys stay as they were
-        if dump[key] == default:
-            del dump[key]
-    return dump
+    return _without_defaults({**flat, **cfg.model_dump(mode="json")}, _ADDED_MODEL_KEYS, flat)
 
 
-# Train keys added since (the focal frequency loss): left out of keys at their defaults
-_ADDED_TRAIN_KEYS = {"frequency_weight": 0.0, "frequency_alpha": 1.0}
+def _without_defaults(dump: dict, keys: tuple[str, ...], defaults: dict) -> dict:
+    """``dump`` without those of ``keys`` that hold their value in ``defaults``: keys added to a config since its
+    dumps were first hashed, so the hashes of configs that leave them at their defaults stay as they were."""
+    return {k: v for k, v in dump.items() if not (k in keys and v == defaults[k])}
+
+
 # Model keys added after the flat dict was frozen: the dae's prior (n2v --posterior), the ConvVAE's spatial latent
-_ADDED_MODEL_KEYS = {"prior": False, "latent": "vector", "spatial_channels": 4, "spatial_size": None}
+_ADDED_MODEL_KEYS = ("prior", "latent", "spatial_channels", "spatial_size")
+_ADDED_TRAIN_KEYS = ("frequency_weight", "frequency_alpha")  # the focal frequency loss
 
 
 class TrainConfig(StrictModel):
@@ -404,9 +405,7 @@ class TrainStageConfig(StrictModel):
         in :func:`flat_model_dump`) are left out at their defaults except in a blind-spot run, the one whose
         training they change: other runs keep their keys, a blind-spot run from before them is redone."""
         dump = {**self.model_dump(mode="json"), "model": flat_model_dump(self.model)}
-        for key, default in _ADDED_TRAIN_KEYS.items():  # out at their defaults: older keys stay as they were
-            if dump["train"][key] == default:
-                del dump["train"][key]
+        dump["train"] = _without_defaults(dump["train"], _ADDED_TRAIN_KEYS, TrainConfig().model_dump(mode="json"))
         if not (self.task == "denoise" and self.objective in ("n2v", "n2s")):
             if self.posterior is None:
                 del dump["posterior"]

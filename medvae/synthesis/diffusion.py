@@ -108,34 +108,33 @@ def fit_diffusion(codes: np.ndarray, shape: tuple[int, int, int], cfg: Diffusion
     estimates of x0, a velocity's is not (an undertrained eps-network's samples had 10x the codes' spread)."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the U-Net's initial weights
     x = torch.as_tensor(codes, dtype=torch.float32).reshape(len(codes), *shape)
     shift = x.mean(dim=(0, 2, 3))
     scale = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
     x = ((x - shift[None, :, None, None]) / scale[None, :, None, None]).to(device)
     labels = None if ids is None else torch.as_tensor(ids, dtype=torch.long).to(device)
-    net = build_unet(shape, cfg, n_conditions if ids is not None else 0).to(device)
+    with torch.random.fork_rng(devices=[]):  # the U-Net's initial weights from cfg.seed, the caller's RNG untouched
+        torch.manual_seed(cfg.seed)
+        net = build_unet(shape, cfg, n_conditions if ids is not None else 0).to(device)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
     lr = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     sched = scheduler(cfg)
     losses = []
     for _ in range(cfg.steps):
-        rows = torch.randint(len(x), (cfg.batch_size,), generator=gen)
+        rows = torch.randint(len(x), (cfg.batch_size,), generator=gen).to(device)
         noise = torch.randn((cfg.batch_size, *shape), generator=gen).to(device)
         t = torch.randint(cfg.train_timesteps, (cfg.batch_size,), generator=gen).to(device)
-        noisy = sched.add_noise(x[rows.to(device)], noise, t)
-        target = sched.get_velocity(x[rows.to(device)], noise, t)
-        loss = F.mse_loss(net(noisy, timesteps=t, class_labels=None if labels is None else labels[rows.to(device)]),
-                          target)
+        x0 = x[rows]
+        out = net(sched.add_noise(x0, noise, t), timesteps=t, class_labels=None if labels is None else labels[rows])
+        loss = F.mse_loss(out, sched.get_velocity(x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         lr.step()
         ema.update_parameters(net)
-        losses.append(float(loss.detach()))
-    tail = losses[-max(1, len(losses) // 10):]
-    info = {"n_fit": int(len(codes)), "final_loss": float(np.mean(tail))}
+        losses.append(loss.detach())  # on the device: no sync per step
+    info = {"n_fit": int(len(codes)), "final_loss": float(torch.stack(losses[-max(1, len(losses) // 10):]).mean())}
     log.info("fitted a diffusion prior on %d codes of shape %s: %d steps, final loss %.4f", len(codes), shape,
              cfg.steps, info["final_loss"])
     return DiffusionPrior(ema.module.cpu(), shape, shift, scale, cfg, info)

@@ -84,9 +84,10 @@ def test_prior_file_is_kept_per_checkpoint_and_config(tmp_path):
     prior = prior_for(ckpt, model, store, kind="diffusion", diffusion=TINY)
     files = sorted((tmp_path / "run" / "priors").glob("*diffusion*.pt"))
     assert len(files) == 1 and prior.info["n_fit"] == 64  # the train split's codes
+    mtime = files[0].stat().st_mtime_ns
     eps = torch.randn(3, 512)
     again = prior_for(ckpt, model, store, kind="diffusion", diffusion=TINY)  # loaded, not refitted
-    assert torch.equal(again.transform(eps), prior.transform(eps))
+    assert files[0].stat().st_mtime_ns == mtime and torch.equal(again.transform(eps), prior.transform(eps))
     prior_for(ckpt, model, store, kind="diffusion", diffusion=TINY.model_copy(update={"steps": 5}))
     assert len(list((tmp_path / "run" / "priors").glob("*diffusion*.pt"))) == 2  # another config: another file
 
