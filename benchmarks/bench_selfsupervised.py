@@ -38,6 +38,13 @@ pins torchvision/lightning versions of its own, so it runs in a separate venv (`
         "microssim<=0.0.5" "pydantic>=2.11,<=2.14.1" "torchmetrics>0.7,<1.9" "zarr>=3,<4"
         matplotlib pillow psutil pyyaml scikit-image tifffile      # (one line)
 
+The peers ``deepinv-sure-pg``, ``deepinv-n2n``, ``deepinv-r2r`` (``--peer``): deepinv 0.5.0's SurePGLoss,
+Neighbor2Neighbor and R2RLoss training n2v's own network with the same steps and batch
+(``benchmarks/deepinv_peer.py``; the simulation's (a, b)), in a venv of their own (``--deepinv-python``)::
+
+    python3 -m venv venv-deepinv
+    venv-deepinv/bin/pip install torch==2.13.0 deepinv==0.5.0 pydantic pyyaml
+
 (careamics 0.3.5 requires torchvision<=0.26, i.e. torch 2.11, so ``pip install torch==2.13.0
 careamics==0.3.5`` is refused; N2V never calls torchvision, and careamics_peer.py stands in an empty
 package for it.) Arrays travel as ``.npy`` files in a temporary directory.
@@ -65,7 +72,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # medvae and tests.factories of this checkout
 
-from medvae.config import TrainStageConfig  # noqa: E402
+from medvae.config import OBJECTIVE_MODEL_DEFAULTS, TrainStageConfig  # noqa: E402
 from medvae.denoising import classical  # noqa: E402
 from medvae.metrics import images as M  # noqa: E402
 from medvae.pipeline import train_stage  # noqa: E402
@@ -74,7 +81,10 @@ from medvae.training.rundir import RunDir  # noqa: E402
 from tests.factories import patch_store  # noqa: E402
 
 READ_NOISE = 2.0
-PEER_PYTHON = ".venv-careamics/bin/python"
+PEER_PYTHON = {"careamics": ".venv-careamics/bin/python", "deepinv": "venv-deepinv/bin/python"}
+DEEPINV_PEERS = ("deepinv-sure-pg", "deepinv-n2n", "deepinv-r2r")
+# divnoising only when named: 1.9 / 0.8 / 0.5 dB below n2v at 5 / 20 / 100 photons (150 steps, docs/denoising.md)
+DEFAULT_METHODS = ("supervised", "n2v", "n2v-posterior", "sure")
 STARDIST_IMAGE = "stardist/data/images/img2d.tif"
 
 
@@ -141,34 +151,33 @@ def _train_cfg(steps: int, **extra) -> dict:
 def configs(steps: int, photons: float) -> dict[str, TrainStageConfig]:
     """The trainings at one level: n2v (N2V2 defaults, without and with the posterior), sure (PG-SURE),
     divnoising (the simulation's noise model), and the supervised dae on clean tiles with that level's noise."""
-    small = {"channels": [16, 32, 64], "res_units": 1}  # bench_denoise.py's dae
+    # every self-supervised objective trains the product's default network (config.OBJECTIVE_MODEL_DEFAULTS: 16/32/64,
+    # no GroupNorm, N2V2's blur-pool and no top skip); the supervised dae trains the same network: only the
+    # objective differs. The dae's default input residual (sigmoid(logit(noisy) + f)) starts from the noisy image,
+    # which at 5 photons is mostly 0 or above 1, and 150 steps do not undo it (18.4 dB measured)
     return {
         "supervised": TrainStageConfig.model_validate({
             "task": "denoise", "noise": {"kind": "poisson-gaussian", "levels": [photons, photons],
                                          "read_noise": READ_NOISE, "crop": 64},
-            # n2v's network (N2V2: no top skip, blur-pool, no input residual): only the objective differs. The
-            # dae's default input residual (sigmoid(logit(noisy) + f)) starts from the noisy image, which at 5
-            # photons is mostly 0 or above 1, and 150 steps do not undo it (18.4 dB measured)
-            "model": {"name": "dae", "likelihood": "l2", "top_skip": False, "downsample": "blurpool",
-                      "input_residual": False, **small}, "train": _train_cfg(steps)}),
+            "model": dict(OBJECTIVE_MODEL_DEFAULTS["n2v"]), "train": _train_cfg(steps)}),
         # 1/16 of the pixels masked (N2V: 1/64): four times the loss pixels per step, for a short CPU budget
         "n2v": TrainStageConfig.model_validate({
             "task": "denoise", "objective": "n2v", "posterior": False, "blindspot": {"fraction": 1 / 16},
-            "model": small, "train": _train_cfg(steps)}),
+            "train": _train_cfg(steps)}),
         # the noise model calibrated from the noisy image itself (model.noise_a / noise_b not given)
         "n2v-posterior": TrainStageConfig.model_validate({
             "task": "denoise", "objective": "n2v", "posterior": True, "blindspot": {"fraction": 1 / 16},
-            "model": small, "train": _train_cfg(steps)}),
+            "train": _train_cfg(steps)}),
         # PG-SURE: every pixel in view, the noise model calibrated from the noisy image (model.noise_a / b not given)
         "sure": TrainStageConfig.model_validate({
-            "task": "denoise", "objective": "sure", "model": small, "train": _train_cfg(steps)}),
+            "task": "denoise", "objective": "sure", "train": _train_cfg(steps)}),
         # the same with the simulation's own (a, b): what calibration costs
         "sure-known": TrainStageConfig.model_validate({
             "task": "denoise", "objective": "sure", "train": _train_cfg(steps),
-            "model": {**small, "noise_a": 1 / photons, "noise_b": READ_NOISE**2 / photons**2}}),
+            "model": {"noise_a": 1 / photons, "noise_b": READ_NOISE**2 / photons**2}}),
         # with the full-resolution skip N2V2 removes (a blind-spot network's checkerboard; sure has no blind spot)
         "sure-topskip": TrainStageConfig.model_validate({
-            "task": "denoise", "objective": "sure", "model": {**small, "top_skip": True}, "train": _train_cfg(steps)}),
+            "task": "denoise", "objective": "sure", "model": {"top_skip": True}, "train": _train_cfg(steps)}),
         "divnoising": TrainStageConfig.model_validate({
             "task": "denoise", "objective": "divnoising",
             "model": {"channels": [16, 32, 64], "latent_channels": 16, "noise_a": 1 / photons,
@@ -203,7 +212,7 @@ def scores(out: np.ndarray, clean: np.ndarray) -> dict[str, float]:
 
 def selfsupervised_rows(clean: np.ndarray, levels=(5.0, 20.0, 100.0), steps: int = 500,
                         out: Path = Path("bench_out/selfsupervised"), samples: int = 16,
-                        methods=("n2v", "divnoising", "supervised"), references=classical.METHODS,
+                        methods=DEFAULT_METHODS, references=classical.METHODS,
                         log=print) -> list[dict]:
     """Train and score every method at every level on ``clean`` (module docstring).
 
@@ -255,36 +264,43 @@ def selfsupervised_rows(clean: np.ndarray, levels=(5.0, 20.0, 100.0), steps: int
             rows.append({"method": name, "photons": photons, **scores(den, ref), "train_s": train_s,
                          "denoise_s": sec, **_estimate(run)})
             log(f"  {photons:g} photons: {name} {rows[-1]['psnr']:.2f} dB after {train_s:.0f} s of training")
-        if "careamics" in methods:
-            try:
-                den, info = careamics_peer(noisy, noisy[:, w // 2:], steps, PEER_PYTHON)
-            except Exception as e:  # noqa: BLE001 - the peer's failure is reported, the bench goes on
-                log(f"  {photons:g} photons: careamics failed: {e}")
+        for peer in ("careamics", *DEEPINV_PEERS):
+            if peer not in methods:
                 continue
-            rows.append({"method": "careamics n2v (N2V2)", "photons": photons, **scores(den, ref),
-                         "train_s": info["train_s"], "denoise_s": info["denoise_s"], "peer": info})
-            log(f"  {photons:g} photons: careamics {rows[-1]['psnr']:.2f} dB after {info['train_s']:.0f} s of "
+            if peer == "careamics":
+                script, extra, name = "careamics_peer.py", [], "careamics n2v (N2V2)"
+            else:
+                loss = peer.removeprefix("deepinv-")
+                script, name = "deepinv_peer.py", f"deepinv {loss} (n2v's network)"
+                extra = ["--loss", loss, "--gain", str(1 / photons), "--sigma", str(READ_NOISE / photons)]
+            try:
+                den, info = run_peer(script, PEER_PYTHON[peer.split("-")[0]], noisy, noisy[:, w // 2:], steps, extra)
+            except Exception as e:  # noqa: BLE001 - the peer's failure is reported, the bench goes on
+                log(f"  {photons:g} photons: {peer} failed: {e}")
+                continue
+            rows.append({"method": name, "photons": photons, **scores(den, ref), "train_s": info["train_s"],
+                         "denoise_s": info["denoise_s"], "peer": info})
+            log(f"  {photons:g} photons: {name} {rows[-1]['psnr']:.2f} dB after {info['train_s']:.0f} s of "
                 f"training ({info['steps']} steps)")
     return rows
 
 
-def careamics_peer(noisy: np.ndarray, region: np.ndarray, steps: int, python: str = PEER_PYTHON,
-                   batch_size: int = 16) -> tuple[np.ndarray, dict]:
-    """CAREamics N2V2 trained on ``noisy`` for ``steps`` steps of ``batch_size`` 64² patches, applied to
-    ``region`` (benchmarks/careamics_peer.py in the peer venv); (denoised region, its JSON line)."""
-    script = Path(__file__).resolve().parent / "careamics_peer.py"
+def run_peer(script: str, python: str, noisy: np.ndarray, region: np.ndarray, steps: int, extra: list[str],
+             batch_size: int = 16) -> tuple[np.ndarray, dict]:
+    """A peer (``benchmarks/<script>`` run by its own venv's ``python``) trained on ``noisy`` for ``steps`` steps of
+    ``batch_size`` 64² patches and applied to ``region``; (denoised region, the peer's JSON line)."""
+    path = Path(__file__).resolve().parent / script
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         np.save(t / "noisy.npy", noisy)
         np.save(t / "region.npy", region)
-        proc = subprocess.run([python, str(script), "--train", str(t / "noisy.npy"), "--predict",
+        proc = subprocess.run([python, str(path), "--train", str(t / "noisy.npy"), "--predict",
                                str(t / "region.npy"), "--out", str(t / "out.npy"), "--steps", str(steps),
-                               "--batch-size", str(batch_size), "--threads", str(torch.get_num_threads())],
+                               "--batch-size", str(batch_size), "--threads", str(torch.get_num_threads()), *extra],
                               capture_output=True, text=True)
         if proc.returncode:
-            raise RuntimeError(f"careamics_peer.py exited {proc.returncode}: {proc.stderr[-2000:]}")
-        info = json.loads(proc.stdout.strip().splitlines()[-1])
-        return np.load(t / "out.npy"), info
+            raise RuntimeError(f"{script} exited {proc.returncode}: {proc.stderr[-2000:]}")
+        return np.load(t / "out.npy"), json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[dict]) -> str:
@@ -308,10 +324,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--samples", type=int, default=16, help="divnoising posterior samples (MMSE)")
     ap.add_argument("--levels", type=float, nargs="*", default=[5.0, 20.0, 100.0])
-    ap.add_argument("--methods", nargs="*", default=["n2v", "divnoising", "supervised"])
-    ap.add_argument("--peer", nargs="*", default=[], choices=["careamics"],
-                    help="peers trained on the same noisy image with the same steps (careamics: its own venv)")
-    ap.add_argument("--peer-python", default=".venv-careamics/bin/python", help="the CAREamics venv's python")
+    ap.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS))
+    ap.add_argument("--peer", nargs="*", default=[], choices=["careamics", *DEEPINV_PEERS],
+                    help="peers trained on the same noisy image with the same steps (each in its own venv)")
+    ap.add_argument("--peer-python", default=PEER_PYTHON["careamics"], help="the CAREamics venv's python")
+    ap.add_argument("--deepinv-python", default=PEER_PYTHON["deepinv"], help="the deepinv venv's python")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="10 steps, 2 samples: checks the script only")
     ap.add_argument("--out", type=Path, default=Path("bench_out/selfsupervised"))
@@ -321,7 +338,7 @@ def main() -> None:
     steps, samples = (10, 2) if args.quick else (args.steps, args.samples)
     out = args.out / ("quick" if args.quick else f"steps{steps}")
     t0 = time.perf_counter()
-    globals()["PEER_PYTHON"] = args.peer_python
+    PEER_PYTHON.update(careamics=args.peer_python, deepinv=args.deepinv_python)
     rows = selfsupervised_rows(clean, args.levels, steps, out, samples, [*args.methods, *args.peer])
     total = time.perf_counter() - t0
     print(f"\nclean reference: {source} {clean.shape}; scored on the right half; {steps} steps per training, "

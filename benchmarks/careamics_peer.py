@@ -40,7 +40,7 @@ class _Stub:
         return _Stub(f"{self.name}.{attr}")
 
 
-def _torchvision_stub() -> None:
+def torchvision_stub() -> None:
     """CAREamics 0.3.5 pins torchvision<=0.26 (torch 2.11) and imports it at module level for its LVAE code,
     as torchmetrics and lightning do for features N2V never uses; the index has no CPU torchvision for torch
     2.13, so an empty stand-in package (every ``torchvision.*`` module, every attribute a :class:`_Stub`) is
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
 
-    _torchvision_stub()
+    torchvision_stub()
     import careamics
     import torch
     from careamics import CAREamist

@@ -125,7 +125,7 @@ class ModelConfigBase(StrictModel):
     # widths per resolution; None: sized to the patch (default_channels; resolved into the run's config)
     channels: tuple[int, ...] | None = None
     res_units: int = 1  # residual units per stage
-    norm_groups: int = 8
+    norm_groups: int = Field(8, ge=1)  # GroupNorm groups
     upsample: Literal["nearest", "pixelshuffle", "transpose"] = "nearest"
     likelihood: LikelihoodName = "gaussian"
     fixed_scale: float = 0.1  # sigma for l1/l2 (Laplace/Gaussian with fixed scale)
@@ -213,6 +213,10 @@ class _DenoiserBase(ModelConfigBase):
     top_skip: bool = True
     downsample: Literal["conv", "blurpool"] = "conv"
     input_residual: bool = True  # output = sigmoid(logit(input) + f(input)); off for divnoising (no copy path)
+    # 0: no normalization. GroupNorm's statistics of a 64² training patch are not those of a whole 512² slice,
+    # and the norm before the output conv removes the image's mean level (a flat image comes out near one level
+    # whatever its own)
+    norm_groups: int = Field(8, ge=0)
 
 
 class DAEConfig(_DenoiserBase):
@@ -370,16 +374,21 @@ class BlindSpotConfig(StrictModel):
 
 # The model settings each denoise objective takes when the config does not name them: a model that can denoise
 # whole slices (dae; unet-vae for divnoising), N2V2's architecture, an L2 loss and no input residual (N2V's
-# plain U-Net) for the blind-spot objectives, and DivNoising's VAE: no path from the noisy input to the output
-# but the latent.
+# plain U-Net) for the self-supervised objectives, and DivNoising's VAE: no path from the noisy input to the
+# output but the latent. The self-supervised dae is sized for a CPU (16/32/64: 1,500 steps of 16 64² patches
+# in ~5 min on 2 cores, 5x the 32/64/128/256 default) and has no GroupNorm: without an input residual the norm
+# before its output conv removed the image's mean level (a flat image came out near one level whatever its own)
+# and darkened the second row and column of whole slices (docs/denoising.md)
+_SELF_SUPERVISED_DAE = {"name": "dae", "top_skip": False, "downsample": "blurpool", "likelihood": "l2",
+                        "input_residual": False, "channels": (16, 32, 64), "norm_groups": 0}
 OBJECTIVE_MODEL_DEFAULTS: dict[str, dict] = {
     "supervised": {"name": "dae"},
-    "n2v": {"name": "dae", "top_skip": False, "downsample": "blurpool", "likelihood": "l2", "input_residual": False},
-    "n2s": {"name": "dae", "top_skip": False, "downsample": "blurpool", "likelihood": "l2", "input_residual": False},
+    "n2v": _SELF_SUPERVISED_DAE,
+    "n2s": _SELF_SUPERVISED_DAE,
     "divnoising": {"name": "unet-vae", "skip_connections": False, "input_residual": False,
                    "likelihood": "poisson-gaussian"},
     # PG-SURE (medvae.denoising.sure): n2v's network without a blind spot (the likelihood is not its loss)
-    "sure": {"name": "dae", "top_skip": False, "downsample": "blurpool", "likelihood": "l2", "input_residual": False},
+    "sure": _SELF_SUPERVISED_DAE,
 }
 
 

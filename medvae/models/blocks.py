@@ -12,9 +12,13 @@ import torch
 from torch import nn
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= ``groups`` that divides ``channels``."""
-    g = math.gcd(channels, max(1, groups))
+def group_norm(channels: int, groups: int) -> nn.Module:
+    """GroupNorm with the largest group count <= ``groups`` that divides ``channels``; ``groups`` 0: no
+    normalization (a fully convolutional denoiser applied to whole images: GroupNorm's statistics of a
+    training patch are not those of the image, and the last one removes the image's mean level)."""
+    if groups == 0:
+        return nn.Identity()
+    g = math.gcd(channels, groups)
     return nn.GroupNorm(g, channels, eps=1e-6)
 
 

@@ -19,6 +19,7 @@ from medvae.denoising.evaluate import _medvae as evaluate_medvae
 from medvae.denoising.selfsupervised import BlindSpotTask, held_out_rows, resolve_noise_model, resolve_posterior
 from medvae.errors import ConfigError
 from medvae.models import build_model
+from medvae.models.denoisers.unet import BORDER_MARGIN, pad_to_multiple
 from medvae.models.distributions import Likelihood, gaussian_posterior
 from medvae.pipeline import train_stage
 from medvae.training.checkpoint import load_checkpoint
@@ -97,10 +98,11 @@ def test_prior_dae_denoises_with_the_posterior_mean_of_its_prior_and_the_noisy_p
     x = torch.from_numpy(_noisy(2, 9))[..., :30, :27]  # not a multiple of the network's stride: padded inside
     mean, sd = model.denoise(x, return_sd=True)
     assert torch.equal(model.denoise(x), mean) and mean.shape == sd.shape == x.shape
+    xp, (rows, cols) = pad_to_multiple(x, model.multiple, BORDER_MARGIN)  # what denoise pads to
     with torch.no_grad():
-        out = model(torch.nn.functional.pad(x, (0, 1, 0, 0), mode="reflect"))  # what denoise pads to (multiple 2)
-    mu = out.x_hat[..., :30, :27].double().numpy()
-    pv = out.prior_logvar[..., :30, :27].double().exp().numpy()
+        out = model(xp)
+    mu = out.x_hat[..., rows, cols].double().numpy()
+    pv = out.prior_logvar[..., rows, cols].double().exp().numpy()
     nv, y = A * mu + B, x.double().numpy()
     np.testing.assert_allclose(mean.numpy(), (nv * mu + pv * y) / (nv + pv), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sd.numpy(), np.sqrt(nv * pv / (nv + pv)), rtol=1e-5)

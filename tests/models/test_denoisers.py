@@ -48,9 +48,14 @@ def test_unet_vae_latent_sampling_and_dae_has_none():
 
 def test_pad_to_multiple_reflects_and_keeps_size():
     x = torch.arange(30.0).reshape(1, 1, 5, 6)
-    p, (h, w) = pad_to_multiple(x, 4)
-    assert p.shape == (1, 1, 8, 8) and (h, w) == (5, 6)
-    assert torch.equal(p[..., :5, :6], x)
+    p, (rows, cols) = pad_to_multiple(x, 4)
+    assert p.shape == (1, 1, 8, 8) and torch.equal(p[..., rows, cols], x)
+    assert torch.equal(p[..., 5, :6], x[..., 3, :])  # mirrored, not repeated
+    # a mirrored margin on every side, the total still a multiple
+    x = torch.arange(42.0).reshape(1, 1, 7, 6)
+    p, (rows, cols) = pad_to_multiple(x, 4, margin=2)
+    assert p.shape == (1, 1, 12, 12) and torch.equal(p[..., rows, cols], x)
+    assert torch.equal(p[..., 2:9, :2], x[..., :, [2, 1]])
 
 
 @pytest.mark.parametrize("name", ["unet-vae", "dae"])

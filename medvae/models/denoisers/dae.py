@@ -17,7 +17,7 @@ from torch import nn
 from medvae.config import DAEConfig
 from medvae.errors import ConfigError
 from medvae.models.denoisers.interface import DenoiserOutput
-from medvae.models.denoisers.unet import _IN_CLAMP, UNetLayers, pad_to_multiple
+from medvae.models.denoisers.unet import _IN_CLAMP, BORDER_MARGIN, UNetLayers, pad_to_multiple
 from medvae.models.distributions import Likelihood, gaussian_posterior
 
 PRIOR_LOGVAR_RANGE = (-20.0, 2.0)  # the prior's log-variance on the [0, 1] scale: sd from 5e-5 to 2.7
@@ -82,11 +82,11 @@ class DAE(UNetLayers, nn.Module):
         if samples > 0 or (return_sd and not self.config.prior):
             raise ConfigError("the dae model is deterministic: it has no posterior to sample; train unet-vae (or "
                               "n2v --posterior for a posterior sd)")
-        xp, (h, w) = pad_to_multiple(x, self.multiple)
+        xp, (rows, cols) = pad_to_multiple(x, self.multiple, BORDER_MARGIN)
         out = self.forward(xp)
         if not self.config.prior:
-            return out.x_hat[..., :h, :w]
+            return out.x_hat[..., rows, cols]
         mean, var = gaussian_posterior(out.x_hat, out.prior_logvar.float().exp(), xp,
                                        self.likelihood.variance(out.x_hat))
-        mean, sd = mean[..., :h, :w].to(out.x_hat.dtype), var[..., :h, :w].sqrt().to(out.x_hat.dtype)
+        mean, sd = mean[..., rows, cols].to(out.x_hat.dtype), var[..., rows, cols].sqrt().to(out.x_hat.dtype)
         return (mean, sd) if return_sd else mean

@@ -12,7 +12,7 @@ import torch
 
 from medvae.config import UNetVAEConfig
 from medvae.errors import ConfigError
-from medvae.models.denoisers.unet import UNetLayers, pad_to_multiple
+from medvae.models.denoisers.unet import BORDER_MARGIN, UNetLayers, pad_to_multiple
 from medvae.models.distributions import reparameterize, standard_normal
 from medvae.models.vae.base import VAEBase
 from medvae.models.vae.interface import VAEOutput
@@ -81,11 +81,11 @@ class UNetVAE(UNetLayers, VAEBase):
         ``return_sd`` also their per-pixel sample sd (N - 1 in the denominator; zeros for N = 1):
         returns ``(mean, sd)``.
         """
-        xp, (h, w) = pad_to_multiple(x, self.multiple)
+        xp, (rows, cols) = pad_to_multiple(x, self.multiple, BORDER_MARGIN)
         if samples <= 0:
             if return_sd:
                 raise ConfigError("a posterior sd needs posterior samples: give samples >= 2 (unet-vae)")
-            return self.forward(xp).x_hat[..., :h, :w]
+            return self.forward(xp).x_hat[..., rows, cols]
         mean = m2 = None
         for k, s in enumerate(self.posterior_samples(xp, samples, generator), start=1):
             s = s.float()
@@ -95,8 +95,8 @@ class UNetVAE(UNetLayers, VAEBase):
                 delta = s - mean
                 mean += delta / k
                 m2 += delta * (s - mean)
-        mean = mean[..., :h, :w].to(x.dtype)
+        mean = mean[..., rows, cols].to(x.dtype)
         if not return_sd:
             return mean
-        sd = (m2 / max(samples - 1, 1)).sqrt()[..., :h, :w].to(x.dtype)
+        sd = (m2 / max(samples - 1, 1)).sqrt()[..., rows, cols].to(x.dtype)
         return mean, sd
