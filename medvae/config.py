@@ -214,8 +214,8 @@ class _DenoiserBase(ModelConfigBase):
     downsample: Literal["conv", "blurpool"] = "conv"
     input_residual: bool = True  # output = sigmoid(logit(input) + f(input)); off for divnoising (no copy path)
     # 0: no normalization. GroupNorm's statistics of a 64² training patch are not those of a whole 512² slice,
-    # and the norm before the output conv removes the image's mean level (a flat image comes out near one level
-    # whatever its own)
+    # and the norm before the output conv pulls a flat image toward one level; without it the levels come back,
+    # but training is less stable (sure collapses at 5 photons; docs/denoising.md)
     norm_groups: int = Field(8, ge=0)
 
 
@@ -375,12 +375,12 @@ class BlindSpotConfig(StrictModel):
 # The model settings each denoise objective takes when the config does not name them: a model that can denoise
 # whole slices (dae; unet-vae for divnoising), N2V2's architecture, an L2 loss and no input residual (N2V's
 # plain U-Net) for the self-supervised objectives, and DivNoising's VAE: no path from the noisy input to the
-# output but the latent. The self-supervised dae is sized for a CPU (16/32/64: 1,500 steps of 16 64² patches
-# in ~5 min on 2 cores, 5x the 32/64/128/256 default) and has no GroupNorm: without an input residual the norm
-# before its output conv removed the image's mean level (a flat image came out near one level whatever its own)
-# and darkened the second row and column of whole slices (docs/denoising.md)
+# output but the latent. The self-supervised dae is sized for a CPU: 16/32/64 (1,500 steps of 16 64² patches in
+# ~4.6 min on 2 cores, 4.8x faster than 32/64/128/256 and +0.06 dB). It keeps GroupNorm, though the norm before
+# its output conv pulls a flat image toward one level (norm_groups 0 removes that, but sure collapses without
+# it at 5 photons and n2v trails by 1 dB at 150 steps; docs/denoising.md)
 _SELF_SUPERVISED_DAE = {"name": "dae", "top_skip": False, "downsample": "blurpool", "likelihood": "l2",
-                        "input_residual": False, "channels": (16, 32, 64), "norm_groups": 0}
+                        "input_residual": False, "channels": (16, 32, 64)}
 OBJECTIVE_MODEL_DEFAULTS: dict[str, dict] = {
     "supervised": {"name": "dae"},
     "n2v": _SELF_SUPERVISED_DAE,
