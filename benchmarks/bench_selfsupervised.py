@@ -152,9 +152,9 @@ def configs(steps: int, photons: float) -> dict[str, TrainStageConfig]:
     """The trainings at one level: n2v (N2V2 defaults, without and with the posterior), sure (PG-SURE),
     divnoising (the simulation's noise model), and the supervised dae on clean tiles with that level's noise."""
     # every self-supervised objective trains the product's default network (config.OBJECTIVE_MODEL_DEFAULTS: 16/32/64,
-    # no GroupNorm, N2V2's blur-pool and no top skip); the supervised dae trains the same network: only the
-    # objective differs. The dae's default input residual (sigmoid(logit(noisy) + f)) starts from the noisy image,
-    # which at 5 photons is mostly 0 or above 1, and 150 steps do not undo it (18.4 dB measured)
+    # N2V2's blur-pool and no top skip); the supervised dae trains the same network: only the objective differs.
+    # The dae's default input residual (sigmoid(logit(noisy) + f)) starts from the noisy image, which at 5 photons
+    # is mostly 0 or above 1, and 150 steps do not undo it (18.4 dB measured)
     return {
         "supervised": TrainStageConfig.model_validate({
             "task": "denoise", "noise": {"kind": "poisson-gaussian", "levels": [photons, photons],
