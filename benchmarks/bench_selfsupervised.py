@@ -159,7 +159,7 @@ def configs(steps: int, photons: float) -> dict[str, TrainStageConfig]:
         "supervised": TrainStageConfig.model_validate({
             "task": "denoise", "noise": {"kind": "poisson-gaussian", "levels": [photons, photons],
                                          "read_noise": READ_NOISE, "crop": 64},
-            "model": dict(OBJECTIVE_MODEL_DEFAULTS["n2v"]), "train": _train_cfg(steps)}),
+            "model": OBJECTIVE_MODEL_DEFAULTS["n2v"], "train": _train_cfg(steps)}),
         # 1/16 of the pixels masked (N2V: 1/64): four times the loss pixels per step, for a short CPU budget
         "n2v": TrainStageConfig.model_validate({
             "task": "denoise", "objective": "n2v", "posterior": False, "blindspot": {"fraction": 1 / 16},

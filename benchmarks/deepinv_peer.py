@@ -67,8 +67,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     noisy = torch.from_numpy(np.load(args.train).astype(np.float32))
     region = torch.from_numpy(np.load(args.predict).astype(np.float32))
-    net = DAE(DAEConfig(**{k: v for k, v in OBJECTIVE_MODEL_DEFAULTS["n2v"].items() if k != "name"},
-                        image_size=args.patch))
+    net = DAE(DAEConfig(**OBJECTIVE_MODEL_DEFAULTS["n2v"], image_size=args.patch))
     physics = dinv.physics.Denoising(noise_model=dinv.physics.PoissonGaussianNoise(gain=args.gain, sigma=args.sigma))
 
     model = _Net(net)
@@ -126,7 +125,7 @@ def main() -> None:
 
 
 class _Net:
-    """medvae's dae as the ``model(y, physics)`` deepinv's R2R model wraps."""
+    """medvae's dae as the ``model(y, physics)`` deepinv's losses call (and R2R's model wraps)."""
 
     def __init__(self, net) -> None:
         self.net = net
