@@ -302,6 +302,7 @@ def _without_defaults(dump: dict, keys: tuple[str, ...], defaults: dict) -> dict
 # Model keys added after the flat dict was frozen: the dae's prior (n2v --posterior), the ConvVAE's spatial latent
 _ADDED_MODEL_KEYS = ("prior", "latent", "spatial_channels", "spatial_size")
 _ADDED_TRAIN_KEYS = ("frequency_weight", "frequency_alpha")  # the focal frequency loss
+_ADDED_NOISE_KEYS = ("flips", "target")  # the supervised denoise task's symmetries and Noise2Noise target
 
 
 class TrainConfig(StrictModel):
@@ -350,6 +351,11 @@ class NoiseConfig(StrictModel):
     ct_photons: float = 2.0e7  # ct-lowdose: incident photons per detector bin at full dose
     ct_angles: int = 0  # ct-lowdose: projection angles over 180 degrees; 0 = one per patch row
     crop: int = 0  # train on random crops of this size, cut after the noise (unet-vae / dae); 0 = whole patches
+    # supervised: each training pair turned by one of the square's 8 symmetries (flips, 90° turns), drawn per step
+    flips: bool = False
+    # supervised: the target is the clean patch, or (noisy: Noise2Noise, Lehtinen et al. 2018) a second noisy copy
+    # of it at the same level, drawn independently: needs no clean image, only two independent acquisitions
+    target: Literal["clean", "noisy"] = "clean"
 
 
 class BlindSpotConfig(StrictModel):
@@ -415,6 +421,7 @@ class TrainStageConfig(StrictModel):
         training they change: other runs keep their keys, a blind-spot run from before them is redone."""
         dump = {**self.model_dump(mode="json"), "model": flat_model_dump(self.model)}
         dump["train"] = _without_defaults(dump["train"], _ADDED_TRAIN_KEYS, TrainConfig().model_dump(mode="json"))
+        dump["noise"] = _without_defaults(dump["noise"], _ADDED_NOISE_KEYS, NoiseConfig().model_dump(mode="json"))
         if not (self.task == "denoise" and self.objective in ("n2v", "n2s")):
             if self.posterior is None:
                 del dump["posterior"]

@@ -61,6 +61,15 @@ def random_crop(size: int, gen: torch.Generator, *xs: torch.Tensor) -> tuple[tor
     return tuple(x[..., y0:y0 + size, x0:x0 + size] for x in xs)
 
 
+def random_symmetry(gen: torch.Generator, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of ``xs`` ``(B, C, H, W)`` turned by the same one of the square's 8 symmetries (k quarter turns, then
+    a transpose or not), drawn from ``gen``: ``noise.flips``. CT noise simulated over 180° of parallel-beam
+    projections and Poisson-Gaussian noise have no preferred orientation, so every turn is a plausible patch."""
+    k = int(torch.randint(0, 8, (1,), generator=gen, device=gen.device))
+    out = tuple(torch.rot90(x, k % 4, dims=(-2, -1)) for x in xs)
+    return tuple(x.transpose(-2, -1) for x in out) if k >= 4 else out
+
+
 class DenoiseTask:
     """Corrupts training batches and validates denoising; one per training run. best.pt is the best
     val PSNR; denoisers take no class / modality condition.
@@ -93,13 +102,16 @@ class DenoiseTask:
         return noisy.to(x.dtype), levels
 
     def training_pair(self, batch: Batch, step: int) -> TrainingPair:
-        """``(noisy input, clean target)`` of training step ``step`` for the clean ``batch``; with
-        ``noise.crop`` both are the same random crop (the noise is made on the whole patch, so CT
-        streaks keep their geometry)."""
+        """``(noisy input, clean target)`` of training step ``step`` for the clean ``batch`` (``noise.target``
+        noisy: a second noisy copy at the same levels as the target); with ``noise.crop`` both are the same random
+        crop (the noise is made on the whole patch, so CT streaks keep their geometry), with ``noise.flips`` the
+        same symmetry."""
         x = batch.x
         gen = noise.step_generator(self.seed, step, x.device)
-        noisy = self.corrupt(x, batch.rows, gen)[0]
-        return TrainingPair(*random_crop(self.cfg.crop, gen, noisy, x))
+        noisy, levels = self.corrupt(x, batch.rows, gen)
+        target = self.corrupt(x, batch.rows, gen, levels)[0] if self.cfg.target == "noisy" else x
+        pair = random_crop(self.cfg.crop, gen, noisy, target)
+        return TrainingPair(*(random_symmetry(gen, *pair) if self.cfg.flips else pair))
 
     def validate(self, model: torch.nn.Module, tc: TrainConfig, device: torch.device,
                  channels_last: bool = False) -> dict[str, float]:
