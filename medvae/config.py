@@ -370,9 +370,10 @@ class BlindSpotConfig(StrictModel):
     radius: int = Field(2, ge=1, le=5)
     grid: int = Field(4, ge=2, le=8)  # n2s: J-invariant grid masking, one of grid² phases masked per patch
     # StructN2V (Broaddus et al. 2020): also hide the pixels along a line through each masked pixel (given random
-    # values, no loss), for noise correlated along rows (horizontal) or columns (vertical); n2v only
-    struct: Literal["none", "horizontal", "vertical"] = "none"
-    struct_length: int = Field(5, ge=3, le=15)  # the line's length in pixels, the masked pixel in its middle
+    # values, no loss), for noise correlated along rows (horizontal) or columns (vertical), or in a square around
+    # it (box: noise correlated with its near neighbours in every direction, as filtered back-projection's); n2v only
+    struct: Literal["none", "horizontal", "vertical", "box"] = "none"
+    struct_length: int = Field(5, ge=3, le=15)  # the line's (box's side's) length in pixels, the masked pixel in its middle
     # early stopping without clean data: a store with no val split validates (and keeps best.pt) on this fixed share
     # of its train patches, evenly spaced and never trained on; 0: no held-out patches (then no best.pt)
     holdout: float = Field(1 / 16, ge=0, lt=0.5)

@@ -8,7 +8,8 @@ the masked pixels' own values appear nowhere, and the mask says which pixels the
   masked pixel's value is in no position of the input: the network's output there cannot depend
   on it, whatever its receptive field (checked with autograd in tests/denoising/test_masks.py).
   With ``struct`` (StructN2V, Broaddus et al. 2020) the ``struct_length - 1`` pixels along a row
-  (horizontal) or column (vertical) through each masked pixel are hidden as well, with values
+  (horizontal) or column (vertical) through each masked pixel (or the square of that side around it: box) are
+  hidden as well, with values
   uniform in [0, 1] (the store's scale, independent of the data), so noise correlated along
   that line cannot be predicted from the line either; the loss stays on the centres.
 - ``n2s`` (Batson & Royer 2019): J-invariant grid masking; of the ``grid²`` phases of a grid one,
@@ -53,10 +54,10 @@ def stratified(b: int, h: int, w: int, fraction: float, gen: torch.Generator) ->
 
 def struct_hidden(mask: torch.Tensor, struct: str, length: int) -> torch.Tensor:
     """The pixels StructN2V hides beside each masked pixel: ``length // 2`` either side along a row
-    (``horizontal``) or column (``vertical``), the masked pixels themselves excluded."""
+    (``horizontal``), a column (``vertical``) or both (``box``), the masked pixels themselves excluded."""
     half = length // 2
-    k = (1, 2 * half + 1) if struct == "horizontal" else (2 * half + 1, 1)
-    pad = (half, half, 0, 0) if struct == "horizontal" else (0, 0, half, half)
+    rows, cols = (half if struct != "horizontal" else 0), (half if struct != "vertical" else 0)
+    k, pad = (2 * rows + 1, 2 * cols + 1), (cols, cols, rows, rows)
     line = F.max_pool2d(F.pad(mask.float(), pad), kernel_size=k, stride=1) > 0
     return line & ~mask
 

@@ -1,6 +1,7 @@
 """Blind-spot masks: a masked pixel's own value reaches no output at that pixel (autograd through the
 masking and a real denoiser), J-invariance of Noise2Self's grid, N2V's stratification."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,7 +32,7 @@ def _grad_at(model, x, x_in, b, y, xx):
 
 
 @pytest.mark.parametrize("replace", ["random", "median"])
-@pytest.mark.parametrize("struct", ["none", "horizontal", "vertical"])
+@pytest.mark.parametrize("struct", ["none", "horizontal", "vertical", "box"])
 @pytest.mark.parametrize("name", ["dae", "unet-vae"])
 def test_n2v_output_at_a_masked_pixel_has_zero_gradient_wrt_its_input(replace, struct, name):
     model, x = _net(name, channels=2), _noisy(c=2)
@@ -43,8 +44,9 @@ def test_n2v_output_at_a_masked_pixel_has_zero_gradient_wrt_its_input(replace, s
     for k in range(0, len(b), 23):  # a spread of the masked pixels, border ones included
         g = _grad_at(model, x, x_in, b[k], ys[k], xs[k])
         assert torch.all(g[b[k], :, ys[k], xs[k]] == 0), (replace, struct, k)  # the pixel never sees itself
-        line = hidden[b[k], 0] & (torch.zeros_like(hidden[0, 0]).index_fill_(0, ys[k], True) if struct == "horizontal"
-                                  else torch.zeros_like(hidden[0, 0]).index_fill_(1, xs[k], True))
+        line = hidden[b[k], 0] & {"horizontal": torch.zeros_like(hidden[0, 0]).index_fill_(0, ys[k], True),
+                                  "vertical": torch.zeros_like(hidden[0, 0]).index_fill_(1, xs[k], True),
+                                  "box": torch.ones_like(hidden[0, 0]), "none": hidden[0, 0]}[struct]
         if struct != "none":  # nor the pixels along its correlation line
             assert torch.all(g[b[k]][:, line] == 0)
         assert g[b[k]].abs().sum() > 0  # it does see its unmasked surroundings
@@ -90,3 +92,14 @@ def test_stratified_mask_one_pixel_per_cell_and_loss_weight():
     assert torch.all(w[~mask] == 0)
     odd = masks.stratified(2, 30, 30, 1 / 16, torch.Generator().manual_seed(1))  # cells cut by the border
     assert 49 <= int(odd.sum()) // 2 <= 64 and masks.grid_side(1 / 16) == 4
+
+
+@pytest.mark.parametrize("struct,shape", [("horizontal", (1, 5)), ("vertical", (5, 1)), ("box", (5, 5))])
+def test_struct_hidden_is_the_masks_dilation_by_the_line_or_square_as_scipy_makes_it(struct, shape):
+    from scipy.ndimage import binary_dilation
+
+    mask = masks.stratified(2, 24, 24, 1 / 16, torch.Generator().manual_seed(5))
+    hidden = masks.struct_hidden(mask, struct, 5)
+    for b in range(2):
+        m = mask[b, 0].numpy()
+        assert np.array_equal(hidden[b, 0].numpy(), binary_dilation(m, np.ones(shape, bool)) & ~m)
