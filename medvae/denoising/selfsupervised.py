@@ -58,7 +58,8 @@ NO_NOISE = 1e-8  # a calibrated variance at mid-grey at or below this: a clean s
 def check_config(cfg: TrainStageConfig) -> None:
     """Raise ConfigError for a config whose run could not give a denoiser (before the first step):
     an objective without the denoise task, a model that cannot denoise whole slices, divnoising
-    with a path from the noisy input to the output besides the latent, struct masks outside n2v."""
+    with a path from the noisy input to the output besides the latent, struct masks outside n2v, the supervised
+    task's noise.flips / noise.target on a self-supervised objective."""
     m, obj = cfg.model, cfg.objective
     if cfg.task != "denoise":
         if obj != "supervised":
@@ -86,6 +87,9 @@ def check_config(cfg: TrainStageConfig) -> None:
         if cfg.train.amp in ("bf16", "fp16"):
             raise ConfigError(f"objective sure differences outputs 1e-3 apart, below {cfg.train.amp}'s resolution: "
                               "set train.amp off (or auto, which trains sure in float32)")
+    if obj != "supervised" and (cfg.noise.flips or cfg.noise.target != "clean"):
+        raise ConfigError(f"noise.flips and noise.target shape the supervised objective's (noisy, clean) pairs; "
+                          f"objective {obj} trains on the noisy store as it is: leave them out")
     if cfg.blindspot.struct != "none" and obj != "n2v":
         raise ConfigError(f"blindspot.struct {cfg.blindspot.struct} is a StructN2V mask: objective n2v only")
     if cfg.posterior and (obj not in ("n2v", "n2s") or m.name != "dae"):

@@ -72,6 +72,8 @@ def test_denoise_defaults_to_a_denoiser_per_objective():
     ({"task": "denoise", "objective": "divnoising", "model": {"skip_connections": True}}, "skip_connections"),
     ({"objective": "n2v"}, "give --task denoise"),
     ({"task": "denoise", "objective": "n2s", "blindspot": {"struct": "horizontal"}}, "n2v only"),
+    ({"task": "denoise", "objective": "n2v", "noise": {"flips": True}}, "supervised objective"),
+    ({"task": "denoise", "objective": "sure", "noise": {"target": "noisy"}}, "supervised objective"),
 ])
 def test_configs_that_cannot_denoise_are_refused(data, match):
     with pytest.raises(ConfigError, match=match):
