@@ -373,7 +373,7 @@ class BlindSpotConfig(StrictModel):
     # values, no loss), for noise correlated along rows (horizontal) or columns (vertical), or in a square around
     # it (box: noise correlated with its near neighbours in every direction, as filtered back-projection's); n2v only
     struct: Literal["none", "horizontal", "vertical", "box"] = "none"
-    struct_length: int = Field(5, ge=3, le=15)  # the line's (box's side's) length in pixels, the masked pixel in its middle
+    struct_length: int = Field(5, ge=3, le=15)  # the line's (square's side) in pixels, masked pixel in the middle
     # early stopping without clean data: a store with no val split validates (and keeps best.pt) on this fixed share
     # of its train patches, evenly spaced and never trained on; 0: no held-out patches (then no best.pt)
     holdout: float = Field(1 / 16, ge=0, lt=0.5)

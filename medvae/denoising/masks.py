@@ -62,6 +62,13 @@ def struct_hidden(mask: torch.Tensor, struct: str, length: int) -> torch.Tensor:
     return line & ~mask
 
 
+def hidden_share(fraction: float, struct: str, length: int) -> float:
+    """The share of an n2v input's pixels masked or hidden (``struct``): one per grid cell times the masked pixel
+    and its line (``length``) or square (``length²``)."""
+    per_mask = {"none": 1, "horizontal": length, "vertical": length, "box": length * length}[struct]
+    return per_mask / grid_side(fraction) ** 2
+
+
 def _neighbour_offsets(radius: int, device) -> torch.Tensor:
     r = torch.arange(-radius, radius + 1, device=device)
     dy, dx = torch.meshgrid(r, r, indexing="ij")

@@ -103,3 +103,6 @@ def test_struct_hidden_is_the_masks_dilation_by_the_line_or_square_as_scipy_make
     for b in range(2):
         m = mask[b, 0].numpy()
         assert np.array_equal(hidden[b, 0].numpy(), binary_dilation(m, np.ones(shape, bool)) & ~m)
+    # hidden_share is what they would cover without overlaps: an upper bound, near the share at length 3
+    share = float((masks.struct_hidden(mask, struct, 3) | mask).float().mean())
+    assert 0.6 * masks.hidden_share(1 / 16, struct, 3) <= share <= masks.hidden_share(1 / 16, struct, 3)

@@ -73,6 +73,8 @@ def test_denoise_defaults_to_a_denoiser_per_objective():
     ({"objective": "n2v"}, "give --task denoise"),
     ({"task": "denoise", "objective": "n2s", "blindspot": {"struct": "horizontal"}}, "n2v only"),
     ({"task": "denoise", "objective": "n2v", "noise": {"flips": True}}, "supervised objective"),
+    ({"task": "denoise", "objective": "n2v", "blindspot": {"struct": "box", "struct_length": 3, "fraction": 1 / 16}},
+     "hides 56% of every input.*at most 0.02778"),
     ({"task": "denoise", "objective": "sure", "noise": {"target": "noisy"}}, "supervised objective"),
 ])
 def test_configs_that_cannot_denoise_are_refused(data, match):
