@@ -126,7 +126,7 @@ def scores(out: np.ndarray, clean: np.ndarray) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", choices=("real", "phantom"), default="real")
-    ap.add_argument("--steps", type=int, default=2000, help="supervised / noise2noise steps")
+    ap.add_argument("--steps", type=int, default=3000, help="supervised / noise2noise steps")
     ap.add_argument("--n2v-steps", type=int, default=500, help="n2v steps per dose")
     ap.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--batch", type=int, default=16)
