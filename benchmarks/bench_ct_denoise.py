@@ -53,16 +53,16 @@ from medvae.data.manifest import write_manifest  # noqa: E402
 from medvae.data.prepare import prepare  # noqa: E402
 from medvae.data.store import even_positions, open_store  # noqa: E402
 from medvae.denoising import classical  # noqa: E402
+from medvae.denoising.evaluate import EVAL_SEED, _medvae, _scores  # noqa: E402
 from medvae.denoising.noise import step_generator  # noqa: E402
 from medvae.denoising.supervised import DenoiseTask  # noqa: E402
-from medvae.metrics import images as M  # noqa: E402
 from medvae.pipeline import train_stage  # noqa: E402
 from medvae.training.checkpoint import load_model  # noqa: E402
 from medvae.training.rundir import RunDir  # noqa: E402
 from tests.factories import patch_store, phantom_cohort  # noqa: E402
 
 DOSES = (0.05, 0.112, 0.25)
-TEST_SEED = 2024
+CLASSICAL = ("tv", "nlm", "bm3d")
 
 
 def clean_store(data: str, root: Path):
@@ -83,7 +83,7 @@ def held_out_tiles(store, n: int = 48) -> tuple[np.ndarray, dict[float, np.ndarr
     rows = rows[even_positions(len(rows), n)] if len(rows) > n else rows
     clean = store.get(rows).astype(np.float32)
     task = DenoiseTask(store, NoiseConfig(kind="ct-lowdose"), 0)
-    noisy = {d: task.corrupt(torch.from_numpy(clean), rows, step_generator(TEST_SEED, i),
+    noisy = {d: task.corrupt(torch.from_numpy(clean), rows, step_generator(EVAL_SEED, i),
                              torch.full((len(rows),), d))[0].numpy() for i, d in enumerate(DOSES)}
     return clean, noisy
 
@@ -110,17 +110,15 @@ def n2v_cfg(steps: int, batch: int, struct: str) -> TrainStageConfig:
         "blindspot": {"fraction": fraction, "struct": struct, "struct_length": 3}, "train": _train(steps, batch)})
 
 
-@torch.no_grad()
 def apply(run: Path, noisy: np.ndarray) -> np.ndarray:
-    """best.pt on the noisy tiles, the way ``medvae evaluate`` applies it (the tile as it is)."""
+    """best.pt on the noisy tiles, as ``medvae evaluate`` applies it."""
     model, _ = load_model(RunDir(run).checkpoint("best"), device="cpu")
-    return np.concatenate([model(torch.from_numpy(noisy[i:i + 16])).x_hat.float().numpy()
-                           for i in range(0, len(noisy), 16)])
+    return _medvae(model, noisy, torch.device("cpu"), 16)
 
 
 def scores(out: np.ndarray, clean: np.ndarray) -> dict[str, float]:
-    o, c = torch.from_numpy(np.clip(out, 0, 1).astype(np.float32)), torch.from_numpy(clean)
-    return {"psnr": float(M.psnr(o, c).mean()), "ssim": float(M.ssim(o, c).mean())}
+    """Mean PSNR / SSIM / MAE over the tiles, as ``medvae evaluate`` scores them (outputs clipped to [0, 1])."""
+    return {k: float(v.mean()) for k, v in _scores(out, clean).items()}
 
 
 def main() -> None:
@@ -141,7 +139,7 @@ def main() -> None:
     clean, noisy = held_out_tiles(store)
     rows: dict[str, dict] = {str(d): {"noisy": scores(noisy[d], clean)} for d in DOSES}
     seconds: dict[str, float] = {}
-    for m in ("tv", "nlm", "bm3d"):
+    for m in CLASSICAL:
         if classical.available(m):
             t0 = time.perf_counter()
             for d in DOSES:
@@ -161,7 +159,7 @@ def main() -> None:
                 lowdose = patch_store(out / f"lowdose-{d}", noisy[d], patient_id=["test"] * n, modality="ct",
                                       split=["train"] * n, content_hash=f"ct-lowdose-test-{args.data}-{d}")
                 run = out / "runs" / f"{method}-{d}"
-                batch = min(args.batch, n * 15 // 16)  # one slice's 12 tiles, 1/16 held out (best.pt)
+                batch = min(args.batch, n * 15 // 16)  # 1/16 of the tiles held out (best.pt); one real slice has 12
                 train_stage(lowdose.path, run, n2v_cfg(args.n2v_steps, batch, "box" if method == "n2v-box" else "none"),
                             device="auto", resume=True)
                 rows[str(d)][method] = scores(apply(run, noisy[d]), clean)
@@ -172,7 +170,7 @@ def main() -> None:
     print("| dose | noisy | " + " | ".join(methods) + " | best trained − bm3d |")
     for d in DOSES:
         r = rows[str(d)]
-        trained = [m for m in methods if m not in ("tv", "nlm", "bm3d")]
+        trained = [m for m in methods if m not in CLASSICAL]
         gap = max(r[m]["psnr"] for m in trained) - r["bm3d"]["psnr"] if trained and "bm3d" in r else float("nan")
         print(f"| {d} | {r['noisy']['psnr']:.2f} | " + " | ".join(f"{r[m]['psnr']:.2f} / {r[m]['ssim']:.3f}"
                                                              for m in methods) + f" | {gap:+.2f} |")
